@@ -1,0 +1,278 @@
+//! A small mock of the OpenAI HTTP API.
+//!
+//! It serves three masters: the proxy's integration tests (in-process, as a
+//! library), `scripts/smoke.sh` (as the `mock-upstream` binary) and the
+//! benchmark (as a fast upstream, with recording switched off). Behaviour is
+//! steered by `x-mock-*` request headers so that a test can drive the mock
+//! *through* the proxy without any side channel.
+//!
+//! | header               | effect                                                   |
+//! |----------------------|----------------------------------------------------------|
+//! | `x-mock-status`      | answer with that status and an OpenAI-style error body   |
+//! | `x-mock-delay-ms`    | wait that long before sending the response headers       |
+//! | `x-mock-chunks`      | number of content events in a streamed chat (default 5)  |
+//! | `x-mock-interval-ms` | pause between streamed events (default 10)               |
+
+mod handlers;
+mod sse;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use tokio::net::TcpSocket;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use warp::Filter;
+
+/// How long [`MockUpstream::shutdown`] waits for in-flight responses (a slow
+/// stream, a long `x-mock-delay-ms`) before it gives up on them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// One request as the mock received it.
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    pub method: String,
+    /// Raw path as received, still percent-encoded, e.g. `/v1/chat/completions`.
+    pub path: String,
+    /// Raw query string without the leading `?`.
+    pub query: Option<String>,
+    /// Lower-case names with lossy UTF-8 values. Repeated headers are all
+    /// kept; hyper groups the values of one name together, so the order is
+    /// "first appearance of each name", then that name's values in order.
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl RecordedRequest {
+    /// First value of a header; `name` is matched case-insensitively.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of a header, in the order received.
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// The body parsed as JSON, or `None` if it is not JSON.
+    pub fn json(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+}
+
+/// State shared by the server and the [`MockUpstream`] handle.
+pub(crate) struct State {
+    /// Off for the benchmark, so a long run does not grow memory (and skips
+    /// the per-event copy into `last_stream`).
+    pub(crate) record: bool,
+    pub(crate) requests: Mutex<Vec<RecordedRequest>>,
+    pub(crate) models_fetches: AtomicUsize,
+    pub(crate) streams_started: AtomicUsize,
+    pub(crate) streams_completed: AtomicUsize,
+    pub(crate) streams_cancelled: AtomicUsize,
+    /// Numbers streams so that only the most recently started one writes
+    /// into `last_stream` when several run concurrently.
+    pub(crate) stream_seq: AtomicU64,
+    pub(crate) last_stream: Mutex<LastStream>,
+}
+
+pub(crate) struct LastStream {
+    /// 0 until the first stream starts.
+    pub(crate) id: u64,
+    pub(crate) bytes: BytesMut,
+}
+
+impl State {
+    fn new(record: bool) -> State {
+        State {
+            record,
+            requests: Mutex::new(Vec::new()),
+            models_fetches: AtomicUsize::new(0),
+            streams_started: AtomicUsize::new(0),
+            streams_completed: AtomicUsize::new(0),
+            streams_cancelled: AtomicUsize::new(0),
+            stream_seq: AtomicU64::new(0),
+            last_stream: Mutex::new(LastStream {
+                id: 0,
+                bytes: BytesMut::new(),
+            }),
+        }
+    }
+}
+
+/// A running mock upstream. Dropping it stops the server (see [`Drop`]);
+/// [`MockUpstream::shutdown`] does the same and waits for it.
+pub struct MockUpstream {
+    addr: SocketAddr,
+    state: Arc<State>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+}
+
+impl MockUpstream {
+    /// Starts on `127.0.0.1:0` with recording on.
+    ///
+    /// # Panics
+    ///
+    /// If no port can be bound, which in a test is not worth handling.
+    pub async fn start() -> MockUpstream {
+        MockUpstream::start_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .await
+            .expect("mock-upstream: cannot bind 127.0.0.1:0")
+    }
+
+    /// Starts on `addr` with recording on.
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<MockUpstream> {
+        MockUpstream::spawn(addr, true).await
+    }
+
+    /// Starts on `addr` without keeping requests or stream bytes, for long
+    /// benchmark runs. Counters still work; `requests()` stays empty and
+    /// `last_stream_bytes()` stays `None`.
+    pub async fn start_without_recording_on(addr: SocketAddr) -> std::io::Result<MockUpstream> {
+        MockUpstream::spawn(addr, false).await
+    }
+
+    async fn spawn(addr: SocketAddr, record: bool) -> std::io::Result<MockUpstream> {
+        let listener = bind(addr)?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State::new(record));
+
+        let query = warp::query::raw()
+            .map(Some)
+            .or(warp::any().map(|| None))
+            .unify();
+        let with_state = {
+            let state = state.clone();
+            warp::any().map(move || state.clone())
+        };
+        // One catch-all filter that routes by hand: cheaper than a tree of
+        // `or`s, and every request has to be recorded the same way anyway.
+        let routes = warp::method()
+            .and(warp::path::full())
+            .and(query)
+            .and(warp::header::headers_cloned())
+            .and(warp::body::bytes())
+            .and(with_state)
+            .then(handlers::handle);
+
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(
+            warp::serve(routes)
+                .incoming(listener)
+                .graceful(async move {
+                    // A dropped sender means the handle is gone: stop as well.
+                    let _ = stop_rx.await;
+                })
+                .run(),
+        );
+
+        Ok(MockUpstream {
+            addr,
+            state,
+            stop: Some(stop_tx),
+            server: Some(server),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://IP:PORT`, without a trailing slash.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.state.requests.lock().clone()
+    }
+
+    pub fn last_request(&self) -> Option<RecordedRequest> {
+        self.state.requests.lock().last().cloned()
+    }
+
+    /// `GET /v1/models` requests served, whatever their status.
+    pub fn models_fetches(&self) -> usize {
+        self.state.models_fetches.load(Ordering::SeqCst)
+    }
+
+    pub fn streams_started(&self) -> usize {
+        self.state.streams_started.load(Ordering::SeqCst)
+    }
+
+    /// Streams whose final `data: [DONE]` event was handed to the server.
+    pub fn streams_completed(&self) -> usize {
+        self.state.streams_completed.load(Ordering::SeqCst)
+    }
+
+    /// Streams dropped before their final event, i.e. the client went away.
+    pub fn streams_cancelled(&self) -> usize {
+        self.state.streams_cancelled.load(Ordering::SeqCst)
+    }
+
+    /// The bytes of the most recently started SSE body, as far as it has been
+    /// produced (all events concatenated). `None` before any stream, or when
+    /// recording is off.
+    pub fn last_stream_bytes(&self) -> Option<Bytes> {
+        let last = self.state.last_stream.lock();
+        (last.id != 0).then(|| Bytes::copy_from_slice(&last.bytes))
+    }
+
+    /// Stops accepting, closes idle connections and waits (up to a few
+    /// seconds) for in-flight responses to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(mut server) = self.server.take()
+            && tokio::time::timeout(SHUTDOWN_GRACE, &mut server)
+                .await
+                .is_err()
+        {
+            server.abort();
+        }
+    }
+}
+
+impl Drop for MockUpstream {
+    /// Asks the server to stop without waiting: the listener closes and idle
+    /// connections are shut once the server task runs again. Responses
+    /// already in flight are allowed to finish. Use [`MockUpstream::shutdown`]
+    /// when the port must be closed before going on.
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Binds through `TcpSocket` rather than `TcpListener::bind` to set socket
+/// options that warp gives no hook for: `TCP_NODELAY` (inherited by accepted
+/// sockets on Linux) so small SSE events are not held back by Nagle, and
+/// `SO_REUSEADDR` so the binary can be restarted on the same port at once.
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    // Best effort: not every platform accepts it on a listening socket.
+    let _ = socket.set_nodelay(true);
+    socket.bind(addr)?;
+    socket.listen(1024)
+}

@@ -1,0 +1,179 @@
+//! `mock-upstream [--host 127.0.0.1] [--port 0] [--no-record]`
+//!
+//! Prints one line, `mock-upstream listening on http://HOST:PORT`, once the
+//! port is bound (scripts wait for it to learn the port), then serves until
+//! SIGTERM or Ctrl-C.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use mock_upstream::MockUpstream;
+
+const USAGE: &str = "usage: mock-upstream [--host HOST] [--port PORT] [--no-record]
+  --host HOST    address to bind (default 127.0.0.1)
+  --port PORT    port to bind, 0 for any free port (default 0)
+  --no-record    do not keep requests in memory (for long benchmarks)";
+
+struct Args {
+    host: String,
+    port: u16,
+    record: bool,
+}
+
+enum Parsed {
+    Run(Args),
+    Help,
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Parsed, String> {
+    let mut parsed = Args {
+        host: "127.0.0.1".to_owned(),
+        port: 0,
+        record: true,
+    };
+    while let Some(arg) = args.next() {
+        // Both `--flag value` and `--flag=value`.
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => {
+                (flag.to_owned(), Some(value.to_owned()))
+            }
+            _ => (arg, None),
+        };
+        let mut value = |name: &str| {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match flag.as_str() {
+            "--host" => parsed.host = value("--host")?,
+            "--port" => {
+                let raw = value("--port")?;
+                parsed.port = raw.parse().map_err(|_| format!("invalid port {raw:?}"))?;
+            }
+            "--no-record" if inline.is_none() => parsed.record = false,
+            "-h" | "--help" => return Ok(Parsed::Help),
+            other => return Err(format!("unexpected argument {other:?}")),
+        }
+    }
+    Ok(Parsed::Run(parsed))
+}
+
+async fn resolve(host: &str, port: u16) -> std::io::Result<SocketAddr> {
+    // `[::1]` is how people write IPv6 next to a port; accept it bare too.
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    tokio::net::lookup_host((host, port))
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("{host} resolves to no address")))
+}
+
+async fn wait_for_stop() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(Parsed::Run(args)) => args,
+        Ok(Parsed::Help) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            eprintln!("mock-upstream: {err}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+
+    let addr = match resolve(&args.host, args.port).await {
+        Ok(addr) => addr,
+        Err(err) => {
+            eprintln!("mock-upstream: cannot resolve {}: {err}", args.host);
+            return ExitCode::from(2);
+        }
+    };
+    let started = if args.record {
+        MockUpstream::start_on(addr).await
+    } else {
+        MockUpstream::start_without_recording_on(addr).await
+    };
+    let mock = match started {
+        Ok(mock) => mock,
+        Err(err) => {
+            eprintln!("mock-upstream: cannot listen on {addr}: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let mut stdout = std::io::stdout().lock();
+    // A script reading this line may be gone already; that is not our failure.
+    let _ = writeln!(stdout, "mock-upstream listening on {}", mock.base_url());
+    let _ = stdout.flush();
+    drop(stdout);
+
+    wait_for_stop().await;
+    mock.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Parsed, String> {
+        parse_args(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn defaults() {
+        let Ok(Parsed::Run(args)) = parse(&[]) else {
+            panic!("expected defaults to parse");
+        };
+        assert_eq!(args.host, "127.0.0.1");
+        assert_eq!(args.port, 0);
+        assert!(args.record);
+    }
+
+    #[test]
+    fn all_flags_both_forms() {
+        let Ok(Parsed::Run(args)) = parse(&["--host", "0.0.0.0", "--port=8080", "--no-record"])
+        else {
+            panic!("expected flags to parse");
+        };
+        assert_eq!(args.host, "0.0.0.0");
+        assert_eq!(args.port, 8080);
+        assert!(!args.record);
+    }
+
+    #[test]
+    fn bad_args() {
+        assert!(parse(&["--port"]).is_err());
+        assert!(parse(&["--port", "70000"]).is_err());
+        assert!(parse(&["--bogus"]).is_err());
+        assert!(parse(&["--no-record=1"]).is_err());
+        assert!(matches!(parse(&["--help"]), Ok(Parsed::Help)));
+    }
+}

@@ -1,0 +1,324 @@
+//! Configuration from the environment, then `.env.local`, then `.env` (the real environment wins).
+//!
+//! Loading and validation are separate from the process environment (`Config::from_lookup`) so tests
+//! can build any configuration without touching global state.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use reqwest::Url;
+use warp::http::HeaderName;
+
+use crate::secret::Secret;
+
+pub const DEFAULT_TARGET_HOST: &str = "https://api.example.com";
+pub const DEFAULT_PORT: u16 = 8080;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Error,
+}
+
+impl LogLevel {
+    pub fn as_filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Error => log::LevelFilter::Error,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Upstream base URL without a trailing slash; request paths are appended to it as they are.
+    pub target_host: String,
+    pub auth_bearer: Secret,
+    pub port: u16,
+    pub log_level: LogLevel,
+    pub debug_mode: bool,
+    pub auth_validation: bool,
+    pub allowed_tokens: Vec<Secret>,
+    pub auth_header: HeaderName,
+    pub admin_token: Option<Secret>,
+}
+
+/// A configuration problem, always naming the variable so the operator knows what to fix.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub variable: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.variable, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn invalid(variable: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        variable: variable.to_string(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Reads the process environment, then `.env.local`, then `.env` in the working directory.
+    pub fn load() -> Result<Config, ConfigError> {
+        let mut files = HashMap::new();
+        // `.env` first so that `.env.local` overrides it; the real environment overrides both below.
+        for file in [".env", ".env.local"] {
+            files.extend(read_env_file(Path::new(file))?);
+        }
+        Config::from_lookup(|name| {
+            std::env::var(name)
+                .ok()
+                .or_else(|| files.get(name).cloned())
+        })
+    }
+
+    /// Builds and validates a configuration from any source of variables.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        // An empty value means "not set": `docker run -e ADMIN_TOKEN=` should not enable anything.
+        let get = |name: &str| {
+            lookup(name)
+                .map(|value| value.trim().to_string())
+                .filter(|value| !value.is_empty())
+        };
+
+        let target_host = parse_target_host(get("TARGET_HOST").as_deref())?;
+
+        let auth_bearer = get("AUTH_BEARER")
+            .ok_or_else(|| invalid("AUTH_BEARER", "is required: set it to the upstream API key"))?;
+        if warp::http::HeaderValue::from_str(&format!("Bearer {auth_bearer}")).is_err() {
+            return Err(invalid(
+                "AUTH_BEARER",
+                "contains characters that cannot be sent in an HTTP header",
+            ));
+        }
+
+        let port = match get("PROXY_PORT") {
+            None => DEFAULT_PORT,
+            Some(value) => value.parse::<u16>().map_err(|_| {
+                invalid(
+                    "PROXY_PORT",
+                    format!("{value:?} is not a port number (accepted: 0-65535)"),
+                )
+            })?,
+        };
+
+        let log_level = match get("LOG_LEVEL").map(|v| v.to_ascii_lowercase()).as_deref() {
+            None | Some("info") => LogLevel::Info,
+            Some("debug") => LogLevel::Debug,
+            Some("error") => LogLevel::Error,
+            Some(other) => {
+                return Err(invalid(
+                    "LOG_LEVEL",
+                    format!("{other:?} is not a log level (accepted: debug, info, error)"),
+                ));
+            }
+        };
+
+        let debug_mode = parse_bool("DEBUG_MODE", get("DEBUG_MODE"))?;
+        let auth_validation = parse_bool("AUTH_VALIDATION", get("AUTH_VALIDATION"))?;
+
+        let allowed_tokens: Vec<Secret> = get("ALLOWED_TOKENS")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|token| !token.is_empty())
+            .map(Secret::new)
+            .collect();
+        if auth_validation && allowed_tokens.is_empty() {
+            return Err(invalid(
+                "ALLOWED_TOKENS",
+                "is empty but AUTH_VALIDATION is on: list the client tokens, comma-separated, \
+                 or set AUTH_VALIDATION=false",
+            ));
+        }
+
+        let auth_header = match get("DEFAULT_AUTH_HEADER") {
+            None => warp::http::header::AUTHORIZATION,
+            Some(name) => HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                invalid(
+                    "DEFAULT_AUTH_HEADER",
+                    format!("{name:?} is not a valid HTTP header name"),
+                )
+            })?,
+        };
+
+        let admin_token = get("ADMIN_TOKEN").map(Secret::new);
+
+        Ok(Config {
+            target_host,
+            auth_bearer: Secret::new(auth_bearer),
+            port,
+            log_level,
+            debug_mode,
+            auth_validation,
+            allowed_tokens,
+            auth_header,
+            admin_token,
+        })
+    }
+}
+
+fn parse_target_host(value: Option<&str>) -> Result<String, ConfigError> {
+    const ACCEPTED: &str = "must be an absolute http:// or https:// URL, optionally with a path \
+                            prefix, such as https://api.openai.com or https://host/openai";
+    let raw = value.unwrap_or(DEFAULT_TARGET_HOST);
+    // The value is not echoed back: a URL may carry credentials.
+    let url = Url::parse(raw).map_err(|_| invalid("TARGET_HOST", ACCEPTED))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(invalid("TARGET_HOST", ACCEPTED));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid(
+            "TARGET_HOST",
+            "must not contain user:password@; put the upstream key in AUTH_BEARER",
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid(
+            "TARGET_HOST",
+            "must not contain a query string or fragment",
+        ));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_string())
+}
+
+fn parse_bool(variable: &str, value: Option<String>) -> Result<bool, ConfigError> {
+    match value.map(|v| v.to_ascii_lowercase()).as_deref() {
+        None | Some("false" | "0" | "no" | "off") => Ok(false),
+        Some("true" | "1" | "yes" | "on") => Ok(true),
+        Some(other) => Err(invalid(
+            variable,
+            format!("{other:?} is not a boolean (accepted: true, false, 1, 0)"),
+        )),
+    }
+}
+
+fn read_env_file(path: &Path) -> Result<HashMap<String, String>, ConfigError> {
+    if !path.exists() {
+        return Ok(HashMap::new());
+    }
+    let name = path.display().to_string();
+    let entries = dotenvy::from_path_iter(path)
+        .map_err(|err| invalid(&name, format!("cannot be read: {err}")))?;
+    entries
+        .map(|entry| entry.map_err(|err| invalid(&name, format!("cannot be parsed: {err}"))))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    fn error_variable(vars: &[(&str, &str)]) -> String {
+        config(vars)
+            .expect_err("configuration should be rejected")
+            .variable
+    }
+
+    #[test]
+    fn defaults_match_the_documented_contract() {
+        let config = config(&[("AUTH_BEARER", "sk-upstream")]).unwrap();
+        assert_eq!(config.target_host, "https://api.example.com");
+        assert_eq!(config.port, 8080);
+        assert_eq!(config.log_level, LogLevel::Info);
+        assert!(!config.debug_mode);
+        assert!(!config.auth_validation);
+        assert!(config.allowed_tokens.is_empty());
+        assert_eq!(config.auth_header, "authorization");
+        assert!(config.admin_token.is_none());
+    }
+
+    #[test]
+    fn allowed_tokens_are_split_and_trimmed() {
+        let config = config(&[
+            ("AUTH_BEARER", "k"),
+            ("AUTH_VALIDATION", "true"),
+            ("ALLOWED_TOKENS", " a , b,,c "),
+        ])
+        .unwrap();
+        let tokens: Vec<&str> = config.allowed_tokens.iter().map(Secret::expose).collect();
+        assert_eq!(tokens, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn target_host_keeps_its_path_prefix_without_trailing_slash() {
+        let config = config(&[
+            ("AUTH_BEARER", "k"),
+            ("TARGET_HOST", "http://127.0.0.1:9000/openai/"),
+        ])
+        .unwrap();
+        assert_eq!(config.target_host, "http://127.0.0.1:9000/openai");
+    }
+
+    #[test]
+    fn every_bad_value_names_its_variable() {
+        assert_eq!(error_variable(&[]), "AUTH_BEARER");
+        assert_eq!(error_variable(&[("AUTH_BEARER", "  ")]), "AUTH_BEARER");
+        let bearer = ("AUTH_BEARER", "k");
+        assert_eq!(
+            error_variable(&[bearer, ("PROXY_PORT", "http")]),
+            "PROXY_PORT"
+        );
+        assert_eq!(
+            error_variable(&[bearer, ("PROXY_PORT", "70000")]),
+            "PROXY_PORT"
+        );
+        assert_eq!(
+            error_variable(&[bearer, ("TARGET_HOST", "ftp://x")]),
+            "TARGET_HOST"
+        );
+        assert_eq!(
+            error_variable(&[bearer, ("TARGET_HOST", "api.openai.com")]),
+            "TARGET_HOST"
+        );
+        assert_eq!(
+            error_variable(&[bearer, ("TARGET_HOST", "https://u:p@host")]),
+            "TARGET_HOST"
+        );
+        assert_eq!(
+            error_variable(&[bearer, ("LOG_LEVEL", "loud")]),
+            "LOG_LEVEL"
+        );
+        assert_eq!(
+            error_variable(&[bearer, ("DEBUG_MODE", "maybe")]),
+            "DEBUG_MODE"
+        );
+        assert_eq!(
+            error_variable(&[bearer, ("AUTH_VALIDATION", "true")]),
+            "ALLOWED_TOKENS"
+        );
+        assert_eq!(
+            error_variable(&[bearer, ("DEFAULT_AUTH_HEADER", "bad header")]),
+            "DEFAULT_AUTH_HEADER"
+        );
+    }
+
+    #[test]
+    fn errors_do_not_echo_secrets_or_urls() {
+        let err = config(&[
+            ("AUTH_BEARER", "sk-secret\n"),
+            ("TARGET_HOST", "https://u:pw@h"),
+        ])
+        .unwrap_err();
+        assert!(!err.to_string().contains("pw"), "{err}");
+    }
+}

@@ -1,0 +1,17 @@
+//! An OpenAI-compatible API proxy: checks the caller's token, swaps in the upstream key, forwards
+//! requests and streams byte for byte, and caches the model list.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+mod filters;
+pub mod models_cache;
+pub mod secret;
+pub mod server;
+pub mod state;
+pub mod upstream;
+
+pub use config::Config;
+pub use filters::routes;
+pub use server::serve;
+pub use state::AppState;

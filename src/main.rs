@@ -1,0 +1,83 @@
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::ExitCode;
+
+use llm_proxy::{AppState, Config};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = match Config::load() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("configuration error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    log::info!("configuration: {config:?}");
+
+    let port = config.port;
+    let state = match AppState::new(config) {
+        Ok(state) => state,
+        Err(err) => {
+            log::error!("start-up failed: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let address = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let listener = match tokio::net::TcpListener::bind(address).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            log::error!("cannot listen on {address} (PROXY_PORT): {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match listener.local_addr() {
+        Ok(bound) => log::info!("listening on {bound}"),
+        Err(_) => log::info!("listening on {address}"),
+    }
+    llm_proxy::serve(listener, state, shutdown_signal()).await;
+    log::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+/// Our own crate logs at the configured level; dependencies only at `warn`, because their debug
+/// output is noise to an operator and is not reviewed for secrets the way ours is.
+fn init_logging(config: &Config) {
+    let level = if config.debug_mode {
+        log::LevelFilter::Debug
+    } else {
+        config.log_level.as_filter()
+    };
+    pretty_env_logger::formatted_timed_builder()
+        .filter_level(log::LevelFilter::Warn.min(level))
+        .filter_module("llm_proxy", level)
+        .init();
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            log::error!("cannot listen for Ctrl-C: {err}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                log::error!("cannot listen for SIGTERM: {err}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => log::info!("Ctrl-C received"),
+        () = terminate => log::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,202 @@
+//! The accept loop: our own rather than `warp::serve`, to set `TCP_NODELAY` on every connection
+//! (streamed chunks are small writes that Nagle's algorithm would hold back), to bound the drain
+//! on shutdown, and to write one access line per request.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::service::Service as _;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use warp::http::{Method, Request, Response, StatusCode, Uri};
+
+use crate::filters::routes;
+use crate::state::AppState;
+
+/// How long in-flight requests and streams may run on after a shutdown signal.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Serves the proxy on `listener` until `shutdown` completes, then drains in-flight requests
+/// (idle keep-alive connections are closed at once) for at most `SHUTDOWN_GRACE`.
+pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future<Output = ()>) {
+    let service = TowerToHyperService::new(warp::service(routes(state)));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The timer enables hyper's header read timeout (30 s), which also bounds idle keep-alive.
+    builder.http1().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(connection) => connection,
+                Err(err) => {
+                    // Usually EMFILE: back off briefly instead of spinning on the error.
+                    log::error!("accept failed: {err}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        if let Err(err) = stream.set_nodelay(true) {
+            log::debug!("could not set TCP_NODELAY: {err}");
+        }
+        let service = service.clone();
+        let per_request = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let record = AccessRecord::start(&request);
+            let response = service.call(request);
+            async move {
+                let response: Response<_> = response.await?;
+                let record = record.with_status(response.status());
+                Ok::<_, Infallible>(response.map(|body| AccessLogBody {
+                    inner: body,
+                    record,
+                }))
+            }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), per_request)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                log::debug!("connection ended with an error: {err}");
+            }
+        });
+    }
+
+    drop(listener);
+    log::info!(
+        "shutting down: draining in-flight requests for up to {}s",
+        SHUTDOWN_GRACE.as_secs()
+    );
+    tokio::select! {
+        () = graceful.shutdown() => log::info!("all connections drained"),
+        () = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            log::warn!("shutdown grace period over: closing the remaining connections");
+        }
+    }
+}
+
+static NEXT_REQUEST_ID: AtomicU64 = AtomicU64::new(1);
+
+/// What the access line says about one request; written when the response body is dropped,
+/// which is when the last byte went out or the client went away.
+struct AccessRecord {
+    id: u64,
+    method: Method,
+    uri: Uri,
+    status: StatusCode,
+    started: Instant,
+    first_byte: Option<Duration>,
+    bytes: u64,
+    completed: bool,
+    failed: bool,
+}
+
+impl AccessRecord {
+    fn start<B>(request: &Request<B>) -> AccessRecord {
+        AccessRecord {
+            id: NEXT_REQUEST_ID.fetch_add(1, Ordering::Relaxed),
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            status: StatusCode::OK,
+            started: Instant::now(),
+            first_byte: None,
+            bytes: 0,
+            completed: false,
+            failed: false,
+        }
+    }
+
+    fn with_status(mut self, status: StatusCode) -> AccessRecord {
+        self.status = status;
+        self
+    }
+}
+
+impl Drop for AccessRecord {
+    fn drop(&mut self) {
+        let outcome = if self.completed || self.method == Method::HEAD {
+            "complete"
+        } else if self.failed {
+            "upstream_failed"
+        } else {
+            "client_gone"
+        };
+        let millis = |duration: Duration| duration.as_secs_f64() * 1000.0;
+        // The path only: query strings are the caller's business and may carry secrets.
+        log::info!(
+            "{} {} status={} duration_ms={:.1} ttfb_ms={:.1} bytes={} outcome={} req={:x}",
+            self.method,
+            self.uri.path(),
+            self.status.as_u16(),
+            millis(self.started.elapsed()),
+            self.first_byte.map_or(-1.0, millis),
+            self.bytes,
+            outcome,
+            self.id,
+        );
+    }
+}
+
+/// A response body that counts what passes through it for the access line, untouched.
+struct AccessLogBody<B> {
+    inner: B,
+    record: AccessRecord,
+}
+
+impl<B> Body for AccessLogBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let record = &mut this.record;
+        match &polled {
+            Poll::Pending => {}
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    record.bytes += data.len() as u64;
+                }
+                record
+                    .first_byte
+                    .get_or_insert_with(|| record.started.elapsed());
+            }
+            Poll::Ready(Some(Err(_))) => record.failed = true,
+            Poll::Ready(None) => {
+                record.completed = true;
+                record
+                    .first_byte
+                    .get_or_insert_with(|| record.started.elapsed());
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

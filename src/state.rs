@@ -1,0 +1,111 @@
+//! Shared application state, injected into filters.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use warp::http::{HeaderMap, HeaderName, HeaderValue, header};
+
+use crate::auth::TokenSet;
+use crate::config::Config;
+use crate::models_cache::ModelsCache;
+
+/// How long `/v1/models` answers are kept.
+pub const MODELS_CACHE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// Connecting to the upstream; an unreachable upstream must give a quick 502, not a hung client.
+pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Cloning is shallow: every clone shares one configuration, connection pool and cache.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+pub struct Inner {
+    pub config: Config,
+    pub client: reqwest::Client,
+    pub models: ModelsCache,
+    pub client_tokens: TokenSet,
+    /// `None` when `ADMIN_TOKEN` is unset: the admin routes then do not exist.
+    pub admin_tokens: Option<TokenSet>,
+    /// `Bearer <AUTH_BEARER>`, built once and marked sensitive so hyper never logs or indexes it.
+    pub upstream_authorization: HeaderValue,
+}
+
+impl Deref for AppState {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(config: Config) -> Result<AppState, String> {
+        let client = reqwest::Client::builder()
+            // A followed redirect would send the upstream key wherever `Location` points.
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(UPSTREAM_CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()
+            .map_err(|err| format!("cannot build the HTTP client: {err}"))?;
+        let mut upstream_authorization =
+            HeaderValue::from_str(&format!("Bearer {}", config.auth_bearer.expose()))
+                .map_err(|_| "AUTH_BEARER: not a valid header value".to_string())?;
+        upstream_authorization.set_sensitive(true);
+        Ok(AppState(Arc::new(Inner {
+            client_tokens: TokenSet::new(&config.allowed_tokens),
+            admin_tokens: config
+                .admin_token
+                .as_ref()
+                .map(std::iter::once)
+                .map(TokenSet::new),
+            models: ModelsCache::new(MODELS_CACHE_TTL),
+            upstream_authorization,
+            client,
+            config,
+        })))
+    }
+}
+
+impl AppState {
+    /// Replaces every configured secret found in `text` by `***`, for debug logs of bodies.
+    pub fn mask(&self, text: &str) -> String {
+        let config = &self.config;
+        let secrets = std::iter::once(&config.auth_bearer)
+            .chain(&config.allowed_tokens)
+            .chain(&config.admin_token);
+        let mut masked = text.to_string();
+        for secret in secrets {
+            if masked.contains(secret.expose()) {
+                masked = masked.replace(secret.expose(), "***");
+            }
+        }
+        masked
+    }
+
+    /// Headers as `name: value` pairs for debug logs, credentials shown as `***`.
+    pub fn describe_headers(&self, headers: &HeaderMap) -> String {
+        let credential_headers = [
+            header::AUTHORIZATION,
+            header::PROXY_AUTHORIZATION,
+            header::COOKIE,
+            header::SET_COOKIE,
+            HeaderName::from_static("x-api-key"),
+            HeaderName::from_static("api-key"),
+        ];
+        headers
+            .iter()
+            .map(|(name, value)| {
+                if credential_headers.contains(name) || name == self.config.auth_header {
+                    format!("{name}: ***")
+                } else {
+                    format!(
+                        "{name}: {}",
+                        self.mask(&String::from_utf8_lossy(value.as_bytes()))
+                    )
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}

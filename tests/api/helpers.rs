@@ -1,0 +1,140 @@
+//! Spawning the proxy on 127.0.0.1:0 in front of a mock upstream, as a real listener.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use llm_proxy::{AppState, Config};
+use mock_upstream::MockUpstream;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+pub const UPSTREAM_KEY: &str = "sk-upstream-secret-key";
+pub const CLIENT_TOKEN: &str = "client-token-1";
+pub const ADMIN_TOKEN: &str = "admin-token-xyz";
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub upstream: MockUpstream,
+    pub client: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn begin_shutdown(&mut self) -> tokio::task::JoinHandle<()> {
+        if let Some(signal) = self.shutdown.take() {
+            let _ = signal.send(());
+        }
+        self.server.take().expect("server already shut down")
+    }
+
+    pub async fn chat(&self, token: &str, body: serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .expect("request to the proxy failed")
+    }
+}
+
+/// The proxy with validation on (token `CLIENT_TOKEN`), an admin token, and `extra` on top.
+pub async fn spawn_app(extra: &[(&str, &str)]) -> TestApp {
+    let upstream = MockUpstream::start().await;
+    let target = upstream.base_url();
+    let mut vars = vec![
+        ("TARGET_HOST", target.as_str()),
+        ("AUTH_BEARER", UPSTREAM_KEY),
+        ("AUTH_VALIDATION", "true"),
+        ("ALLOWED_TOKENS", CLIENT_TOKEN),
+        ("ADMIN_TOKEN", ADMIN_TOKEN),
+    ];
+    vars.extend_from_slice(extra);
+    spawn_app_with_upstream(upstream, &vars).await
+}
+
+/// The proxy configured with exactly `vars` (later entries win), in front of `upstream`.
+pub async fn spawn_app_with_upstream(upstream: MockUpstream, vars: &[(&str, &str)]) -> TestApp {
+    let config = config_from(vars);
+    let state = AppState::new(config).expect("state");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let (shutdown, signal) = oneshot::channel::<()>();
+    let server = tokio::spawn(llm_proxy::serve(listener, state, async move {
+        let _ = signal.await;
+    }));
+    TestApp {
+        addr,
+        upstream,
+        client: reqwest::Client::new(),
+        shutdown: Some(shutdown),
+        server: Some(server),
+    }
+}
+
+pub fn config_from(vars: &[(&str, &str)]) -> Config {
+    Config::from_lookup(|name| {
+        vars.iter()
+            .rev()
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| value.to_string())
+    })
+    .expect("valid test configuration")
+}
+
+/// A listener-backed server for one test's own misbehaving or recording upstream.
+pub async fn spawn_server<F>(filter: F) -> SocketAddr
+where
+    F: warp::Filter + Clone + Send + Sync + 'static,
+    F::Extract: warp::Reply,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(warp::serve(filter).incoming(listener).run());
+    addr
+}
+
+/// Polls `condition` every 10 ms for up to `limit`.
+pub async fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    condition()
+}
+
+pub fn assert_rfc3339(time: &str) {
+    assert!(
+        humantime::parse_rfc3339(time).is_ok(),
+        "{time:?} is not an RFC 3339 timestamp"
+    );
+}
+
+/// Asserts the proxy's own JSON error shape, exactly.
+pub async fn assert_json_error(
+    response: reqwest::Response,
+    status: u16,
+    code: &str,
+    message: &str,
+) {
+    assert_eq!(response.status().as_u16(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/json",
+        "error bodies are JSON"
+    );
+    let body: serde_json::Value = response.json().await.expect("JSON body");
+    let object = body.as_object().expect("an object");
+    assert_eq!(object.len(), 3, "exactly error, message and time: {body}");
+    assert_eq!(body["error"], code);
+    assert_eq!(body["message"], message);
+    assert_rfc3339(body["time"].as_str().expect("time is a string"));
+}

@@ -1,0 +1,10 @@
+//! Integration tests: the proxy on a real listener, a mock upstream on 127.0.0.1.
+
+mod admin;
+mod auth;
+mod filters;
+mod forwarding;
+mod helpers;
+mod models;
+mod process;
+mod streaming;

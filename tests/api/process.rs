@@ -1,0 +1,231 @@
+//! The real binary: configuration errors, signals and what ends up in its logs.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use futures::StreamExt;
+use mock_upstream::MockUpstream;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::helpers::*;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_llm-proxy");
+
+/// Runs the binary in an empty directory (no `.env` files) with only `vars` set.
+fn run_with(vars: &[(&str, &str)]) -> std::process::Output {
+    let dir = std::env::temp_dir().join(format!("llm-proxy-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    Command::new(BINARY)
+        .env_clear()
+        .envs(vars.iter().copied())
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("binary runs")
+}
+
+#[test]
+fn bad_configuration_stops_start_up_naming_the_variable() {
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[], "AUTH_BEARER"),
+        (
+            &[("AUTH_BEARER", "k"), ("PROXY_PORT", "eighty")],
+            "PROXY_PORT",
+        ),
+        (
+            &[("AUTH_BEARER", "k"), ("TARGET_HOST", "not a url")],
+            "TARGET_HOST",
+        ),
+        (
+            &[("AUTH_BEARER", "k"), ("AUTH_VALIDATION", "true")],
+            "ALLOWED_TOKENS",
+        ),
+        (
+            &[("AUTH_BEARER", "k"), ("LOG_LEVEL", "verbose")],
+            "LOG_LEVEL",
+        ),
+    ];
+    for (vars, variable) in cases {
+        let output = run_with(vars);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{vars:?} must not start");
+        assert!(stderr.contains(variable), "{vars:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one message: {stderr}");
+    }
+}
+
+#[test]
+fn env_files_are_read_and_the_environment_wins() {
+    let dir = std::env::temp_dir().join(format!("llm-proxy-dotenv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join(".env"),
+        "AUTH_BEARER=k\nPROXY_PORT=1\nLOG_LEVEL=info\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join(".env.local"), "PROXY_PORT=eighty\n").unwrap();
+    let run = |vars: &[(&str, &str)]| {
+        Command::new(BINARY)
+            .env_clear()
+            .envs(vars.iter().copied())
+            .current_dir(&dir)
+            .output()
+            .unwrap()
+    };
+    let output = run(&[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("PROXY_PORT"),
+        ".env.local overrides .env: {stderr}"
+    );
+
+    let output = run(&[("LOG_LEVEL", "verbose"), ("PROXY_PORT", "0")]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("LOG_LEVEL"),
+        "the environment overrides both files: {stderr}"
+    );
+}
+
+struct RunningProxy {
+    child: tokio::process::Child,
+    port: u16,
+    log: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+async fn start_binary(vars: &[(&str, &str)]) -> RunningProxy {
+    let mut child = tokio::process::Command::new(BINARY)
+        .env_clear()
+        .envs(vars.iter().copied())
+        .env("PROXY_PORT", "0")
+        .current_dir(std::env::temp_dir())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (sender, mut log) = tokio::sync::mpsc::unbounded_channel();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = sender.send(line);
+        }
+    });
+    let port = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let line = log.recv().await.expect("the proxy exited before listening");
+            if let Some((_, port)) = line.split_once("listening on 0.0.0.0:") {
+                return port.trim().parse().unwrap();
+            }
+        }
+    })
+    .await
+    .expect("the proxy did not start listening");
+    RunningProxy { child, port, log }
+}
+
+fn drain(log: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
+    let mut all = String::new();
+    while let Ok(line) = log.try_recv() {
+        all.push_str(&line);
+        all.push('\n');
+    }
+    all
+}
+
+#[tokio::test]
+async fn sigterm_lets_a_running_stream_finish_then_exits_zero() {
+    let upstream = MockUpstream::start().await;
+    let target = upstream.base_url();
+    let mut proxy = start_binary(&[("TARGET_HOST", &target), ("AUTH_BEARER", UPSTREAM_KEY)]).await;
+    let response = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{}/v1/chat/completions",
+            proxy.port
+        ))
+        .header("x-mock-chunks", "10")
+        .header("x-mock-interval-ms", "100")
+        .json(&serde_json::json!({"stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let mut body = response.bytes_stream();
+    let mut all = body.next().await.unwrap().unwrap().to_vec();
+
+    let pid = proxy.child.id().unwrap().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+
+    while let Some(chunk) = body.next().await {
+        all.extend_from_slice(&chunk.expect("stream cut by SIGTERM"));
+    }
+    assert!(all.ends_with(b"data: [DONE]\n\n"));
+    let status = tokio::time::timeout(Duration::from_secs(5), proxy.child.wait())
+        .await
+        .expect("the proxy exits after draining")
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    let log = drain(&mut proxy.log);
+    assert!(log.contains("SIGTERM"), "{log}");
+}
+
+#[tokio::test]
+async fn no_secret_reaches_the_logs_even_in_debug_mode() {
+    let upstream = MockUpstream::start().await;
+    let target = upstream.base_url();
+    let mut proxy = start_binary(&[
+        ("TARGET_HOST", &target),
+        ("AUTH_BEARER", UPSTREAM_KEY),
+        ("AUTH_VALIDATION", "true"),
+        ("ALLOWED_TOKENS", CLIENT_TOKEN),
+        ("ADMIN_TOKEN", ADMIN_TOKEN),
+        ("LOG_LEVEL", "debug"),
+        ("DEBUG_MODE", "true"),
+    ])
+    .await;
+    let base = format!("http://127.0.0.1:{}", proxy.port);
+    let client = reqwest::Client::new();
+    let chat = |stream: bool| {
+        client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(CLIENT_TOKEN)
+            .header("x-api-key", UPSTREAM_KEY)
+            .json(&serde_json::json!({"stream": stream, "note": CLIENT_TOKEN}))
+            .send()
+    };
+    assert_eq!(chat(false).await.unwrap().status(), 200);
+    let streamed = chat(true).await.unwrap().text().await.unwrap();
+    assert!(streamed.contains("[DONE]"));
+    let models = client
+        .get(format!("{base}/v1/models"))
+        .bearer_auth(CLIENT_TOKEN)
+        .send();
+    assert_eq!(models.await.unwrap().status(), 200);
+    let wrong = client
+        .get(format!("{base}/v1/models"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send();
+    assert_eq!(wrong.await.unwrap().status(), 401);
+    let clear = client
+        .post(format!("{base}/admin/cache/clear"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send();
+    assert_eq!(clear.await.unwrap().status(), 200);
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = drain(&mut proxy.log);
+    assert!(
+        log.contains("request body chunk"),
+        "debug mode logs bodies: {log}"
+    );
+    assert!(
+        log.contains("POST /v1/chat/completions status=200"),
+        "access lines: {log}"
+    );
+    for secret in [UPSTREAM_KEY, CLIENT_TOKEN, ADMIN_TOKEN] {
+        assert!(
+            !log.contains(secret),
+            "{secret} leaked into the log:\n{log}"
+        );
+    }
+}
