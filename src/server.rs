@@ -58,7 +58,7 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
             let response = service.call(request);
             async move {
                 let response: Response<_> = response.await?;
-                let record = record.with_status(response.status());
+                let record = record.for_response(&response);
                 Ok::<_, Infallible>(response.map(|body| AccessLogBody {
                     inner: body,
                     record,
@@ -101,6 +101,9 @@ struct AccessRecord {
     started: Instant,
     first_byte: Option<Duration>,
     bytes: u64,
+    /// hyper stops polling a body once it has written a declared `Content-Length`, so reaching
+    /// that length counts as complete even though the end of the body is never polled.
+    declared_length: Option<u64>,
     completed: bool,
     failed: bool,
 }
@@ -115,20 +118,29 @@ impl AccessRecord {
             started: Instant::now(),
             first_byte: None,
             bytes: 0,
+            declared_length: None,
             completed: false,
             failed: false,
         }
     }
 
-    fn with_status(mut self, status: StatusCode) -> AccessRecord {
-        self.status = status;
+    fn for_response<B: Body>(mut self, response: &Response<B>) -> AccessRecord {
+        self.status = response.status();
+        self.declared_length = response
+            .headers()
+            .get(warp::http::header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok()?.parse().ok())
+            .or_else(|| response.body().size_hint().exact());
         self
     }
 }
 
 impl Drop for AccessRecord {
     fn drop(&mut self) {
-        let outcome = if self.completed || self.method == Method::HEAD {
+        let outcome = if self.completed
+            || self.declared_length == Some(self.bytes)
+            || self.method == Method::HEAD
+        {
             "complete"
         } else if self.failed {
             "upstream_failed"
