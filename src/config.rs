@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
+use std::time::Duration;
 
 use reqwest::Url;
 use warp::http::HeaderName;
@@ -44,6 +45,37 @@ pub struct Config {
     pub allowed_tokens: Vec<Secret>,
     pub auth_header: HeaderName,
     pub admin_token: Option<Secret>,
+    pub limits: Limits,
+}
+
+/// Timeouts and size limits: what keeps one bad peer from holding the proxy's resources.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub upstream_connect_timeout: Duration,
+    /// From sending the request to the upstream's response headers.
+    pub upstream_timeout: Duration,
+    /// Longest silence between two chunks of an upstream body.
+    pub stream_idle_timeout: Duration,
+    /// How long a client has to send its request headers; also how long an idle keep-alive
+    /// connection is kept, since hyper starts the same clock while waiting for the next request.
+    pub header_read_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub max_body_bytes: u64,
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            upstream_connect_timeout: Duration::from_secs(10),
+            upstream_timeout: Duration::from_secs(600),
+            stream_idle_timeout: Duration::from_secs(300),
+            header_read_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(30),
+            max_body_bytes: 32 * 1024 * 1024,
+            max_concurrent_requests: 1024,
+        }
+    }
 }
 
 /// A configuration problem, always naming the variable so the operator knows what to fix.
@@ -155,6 +187,33 @@ impl Config {
 
         let admin_token = get("ADMIN_TOKEN").map(Secret::new);
 
+        let defaults = Limits::default();
+        let seconds = |name: &str, default: Duration| {
+            positive(name, get(name), default.as_secs()).map(Duration::from_secs)
+        };
+        let limits = Limits {
+            upstream_connect_timeout: seconds(
+                "UPSTREAM_CONNECT_TIMEOUT_SECS",
+                defaults.upstream_connect_timeout,
+            )?,
+            upstream_timeout: seconds("UPSTREAM_TIMEOUT_SECS", defaults.upstream_timeout)?,
+            stream_idle_timeout: seconds("STREAM_IDLE_TIMEOUT_SECS", defaults.stream_idle_timeout)?,
+            header_read_timeout: seconds("HEADER_READ_TIMEOUT_SECS", defaults.header_read_timeout)?,
+            shutdown_grace: seconds("SHUTDOWN_GRACE_SECS", defaults.shutdown_grace)?,
+            max_body_bytes: positive(
+                "MAX_BODY_BYTES",
+                get("MAX_BODY_BYTES"),
+                defaults.max_body_bytes,
+            )?,
+            max_concurrent_requests: positive(
+                "MAX_CONCURRENT_REQUESTS",
+                get("MAX_CONCURRENT_REQUESTS"),
+                defaults.max_concurrent_requests as u64,
+            )?
+            .try_into()
+            .map_err(|_| invalid("MAX_CONCURRENT_REQUESTS", "is too large"))?,
+        };
+
         Ok(Config {
             target_host,
             auth_bearer: Secret::new(auth_bearer),
@@ -165,6 +224,7 @@ impl Config {
             allowed_tokens,
             auth_header,
             admin_token,
+            limits,
         })
     }
 }
@@ -191,6 +251,21 @@ fn parse_target_host(value: Option<&str>) -> Result<String, ConfigError> {
         ));
     }
     Ok(url.as_str().trim_end_matches('/').to_string())
+}
+
+/// A whole number of at least 1 (seconds, bytes or requests): zero would disable a safety limit
+/// by accident.
+fn positive(variable: &str, value: Option<String>, default: u64) -> Result<u64, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(value) => match value.parse::<u64>() {
+            Ok(number) if number >= 1 => Ok(number),
+            _ => Err(invalid(
+                variable,
+                format!("{value:?} is not a whole number of at least 1"),
+            )),
+        },
+    }
 }
 
 fn parse_bool(variable: &str, value: Option<String>) -> Result<bool, ConfigError> {
@@ -245,6 +320,38 @@ mod tests {
         assert!(config.allowed_tokens.is_empty());
         assert_eq!(config.auth_header, "authorization");
         assert!(config.admin_token.is_none());
+        assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.limits.max_body_bytes, 33_554_432);
+        assert_eq!(config.limits.max_concurrent_requests, 1024);
+        assert_eq!(config.limits.upstream_timeout, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn limits_are_read_and_must_be_positive() {
+        let config = config(&[
+            ("AUTH_BEARER", "k"),
+            ("STREAM_IDLE_TIMEOUT_SECS", "7"),
+            ("MAX_BODY_BYTES", "1024"),
+        ])
+        .unwrap();
+        assert_eq!(config.limits.stream_idle_timeout, Duration::from_secs(7));
+        assert_eq!(config.limits.max_body_bytes, 1024);
+        for variable in [
+            "UPSTREAM_CONNECT_TIMEOUT_SECS",
+            "UPSTREAM_TIMEOUT_SECS",
+            "STREAM_IDLE_TIMEOUT_SECS",
+            "HEADER_READ_TIMEOUT_SECS",
+            "SHUTDOWN_GRACE_SECS",
+            "MAX_BODY_BYTES",
+            "MAX_CONCURRENT_REQUESTS",
+        ] {
+            for bad in ["0", "-1", "ten", "1.5"] {
+                assert_eq!(
+                    error_variable(&[("AUTH_BEARER", "k"), (variable, bad)]),
+                    variable
+                );
+            }
+        }
     }
 
     #[test]

@@ -18,6 +18,10 @@ pub enum ProxyError {
     BadGateway,
     /// The upstream did not answer with headers in time.
     GatewayTimeout,
+    /// The request body is larger than `MAX_BODY_BYTES`, declared or as it streamed in.
+    PayloadTooLarge,
+    /// A path with dot segments or backslashes, which the upstream could resolve outside `/v1`.
+    InvalidPath,
 }
 
 impl Reject for ProxyError {}
@@ -39,6 +43,16 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT,
                 "gateway_timeout",
                 "The upstream server did not answer in time",
+            ),
+            ProxyError::PayloadTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "The request body is larger than this proxy accepts",
+            ),
+            ProxyError::InvalidPath => (
+                StatusCode::BAD_REQUEST,
+                "invalid_path",
+                "The request path contains dot segments or backslashes",
             ),
         }
     }
@@ -100,13 +114,6 @@ pub async fn handle_rejection(rejection: Rejection) -> Result<warp::reply::Respo
             .headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("POST"));
         return Ok(response);
-    }
-    if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
-        return Ok(json_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "The request body is too large",
-        ));
     }
     if rejection.find::<warp::reject::LengthRequired>().is_some() {
         return Ok(json_error(

@@ -9,6 +9,7 @@ pub mod models_cache;
 pub mod secret;
 pub mod server;
 pub mod state;
+pub mod streams;
 pub mod upstream;
 
 pub use config::Config;

@@ -35,7 +35,9 @@ async fn main() -> ExitCode {
         Ok(bound) => log::info!("listening on {bound}"),
         Err(_) => log::info!("listening on {address}"),
     }
-    llm_proxy::serve(listener, state, shutdown_signal()).await;
+    let (trigger, shutdown) = llm_proxy::server::shutdown_channel();
+    tokio::spawn(forward_signals(trigger));
+    llm_proxy::serve(listener, state, shutdown).await;
     log::info!("stopped");
     ExitCode::SUCCESS
 }
@@ -54,30 +56,39 @@ fn init_logging(config: &Config) {
         .init();
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            log::error!("cannot listen for Ctrl-C: {err}");
-            std::future::pending::<()>().await;
-        }
-    };
+/// Turns every SIGTERM or Ctrl-C into a shutdown request: the first drains, the second stops.
+async fn forward_signals(trigger: llm_proxy::server::ShutdownTrigger) {
     #[cfg(unix)]
-    let terminate = async {
+    let mut terminate =
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
+            Ok(signal) => Some(signal),
             Err(err) => {
                 log::error!("cannot listen for SIGTERM: {err}");
-                std::future::pending::<()>().await;
+                None
             }
+        };
+    loop {
+        #[cfg(unix)]
+        let sigterm = async {
+            match terminate.as_mut() {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let sigterm = std::future::pending::<()>();
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => {
+                if let Err(err) = result {
+                    log::error!("cannot listen for Ctrl-C: {err}");
+                    std::future::pending::<()>().await;
+                }
+                log::info!("Ctrl-C received");
+            }
+            () = sigterm => log::info!("SIGTERM received"),
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => log::info!("Ctrl-C received"),
-        () = terminate => log::info!("SIGTERM received"),
+        trigger.trigger();
     }
 }

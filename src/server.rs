@@ -3,13 +3,14 @@
 //! on shutdown, and to write one access line per request.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::future::Either;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::Service as _;
@@ -18,23 +19,65 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use warp::http::{Method, Request, Response, StatusCode, Uri};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use warp::http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+
+use crate::error::json_error;
 
 use crate::filters::routes;
 use crate::state::AppState;
 
-/// How long in-flight requests and streams may run on after a shutdown signal.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Largest request header section hyper buffers before answering 431, in bytes.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
 
-/// Serves the proxy on `listener` until `shutdown` completes, then drains in-flight requests
-/// (idle keep-alive connections are closed at once) for at most `SHUTDOWN_GRACE`.
-pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future<Output = ()>) {
+/// Counts shutdown requests (SIGTERM, Ctrl-C, or a test): the first starts the drain, the second
+/// ends it at once.
+#[derive(Clone)]
+pub struct ShutdownTrigger(Arc<watch::Sender<u32>>);
+
+impl ShutdownTrigger {
+    pub fn trigger(&self) {
+        self.0.send_modify(|requests| *requests += 1);
+    }
+}
+
+pub struct ShutdownSignal(watch::Receiver<u32>);
+
+impl ShutdownSignal {
+    async fn requested(&mut self, times: u32) {
+        if self
+            .0
+            .wait_for(|requests| *requests >= times)
+            .await
+            .is_err()
+        {
+            // Every trigger is gone: nobody can ask any more, so this never resolves.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+pub fn shutdown_channel() -> (ShutdownTrigger, ShutdownSignal) {
+    let (sender, receiver) = watch::channel(0);
+    (ShutdownTrigger(Arc::new(sender)), ShutdownSignal(receiver))
+}
+
+/// Serves the proxy on `listener` until the first shutdown request, then stops accepting, closes
+/// idle keep-alive connections, and lets in-flight requests and streams finish for at most
+/// `SHUTDOWN_GRACE_SECS` or until a second shutdown request; whatever remains is then closed.
+pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: ShutdownSignal) {
+    let limits = state.config.limits.clone();
+    let in_flight = Arc::new(Semaphore::new(limits.max_concurrent_requests));
     let service = TowerToHyperService::new(warp::service(routes(state)));
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // The timer enables hyper's header read timeout (30 s), which also bounds idle keep-alive.
-    builder.http1().timer(TokioTimer::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_HEADER_BYTES);
     let graceful = GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
+    let mut connections = JoinSet::new();
 
     loop {
         let (stream, _peer) = tokio::select! {
@@ -47,21 +90,40 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
                     continue;
                 }
             },
-            () = &mut shutdown => break,
+            () = shutdown.requested(1) => break,
         };
+        // Reap finished connection tasks so the set only holds live connections.
+        while connections.try_join_next().is_some() {}
         if let Err(err) = stream.set_nodelay(true) {
             log::debug!("could not set TCP_NODELAY: {err}");
         }
         let service = service.clone();
+        let in_flight = in_flight.clone();
         let per_request = hyper::service::service_fn(move |request: Request<Incoming>| {
             let record = AccessRecord::start(&request);
-            let response = service.call(request);
+            let mut permit = None;
+            let refusal = if request.method() == Method::CONNECT {
+                Some(refuse_connect())
+            } else {
+                match in_flight.clone().try_acquire_owned() {
+                    Ok(acquired) => {
+                        permit = Some(acquired);
+                        None
+                    }
+                    Err(_) => Some(overloaded()),
+                }
+            };
+            let response = match refusal {
+                Some(refusal) => Either::Left(std::future::ready(Ok(refusal))),
+                None => Either::Right(service.call(request)),
+            };
             async move {
                 let response: Response<_> = response.await?;
                 let record = record.for_response(&response);
                 Ok::<_, Infallible>(response.map(|body| AccessLogBody {
                     inner: body,
                     record,
+                    _permit: permit,
                 }))
             }
         });
@@ -69,7 +131,7 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
             .serve_connection(TokioIo::new(stream), per_request)
             .into_owned();
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(err) = connection.await {
                 log::debug!("connection ended with an error: {err}");
             }
@@ -78,15 +140,45 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
 
     drop(listener);
     log::info!(
-        "shutting down: draining in-flight requests for up to {}s",
-        SHUTDOWN_GRACE.as_secs()
+        "shutting down: draining {} connections for up to {}s",
+        connections.len(),
+        limits.shutdown_grace.as_secs()
     );
     tokio::select! {
         () = graceful.shutdown() => log::info!("all connections drained"),
-        () = tokio::time::sleep(SHUTDOWN_GRACE) => {
-            log::warn!("shutdown grace period over: closing the remaining connections");
+        () = tokio::time::sleep(limits.shutdown_grace) => {
+            log::warn!("shutdown grace period over: closing {} connections", connections.len());
+        }
+        () = shutdown.requested(2) => {
+            log::warn!("second shutdown request: closing {} connections", connections.len());
         }
     }
+    connections.shutdown().await;
+}
+
+fn refuse_connect() -> warp::reply::Response {
+    let mut response = json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "CONNECT is not supported: this is not a forward proxy",
+    );
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// Answered at once, without queueing: a client that is told to retry later can go elsewhere.
+fn overloaded() -> warp::reply::Response {
+    let mut response = json_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        "Too many requests in flight; retry shortly",
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
 static NEXT_REQUEST_ID: AtomicU64 = AtomicU64::new(1);
@@ -167,6 +259,8 @@ impl Drop for AccessRecord {
 struct AccessLogBody<B> {
     inner: B,
     record: AccessRecord,
+    /// A place in `MAX_CONCURRENT_REQUESTS`, given back when the last byte went out.
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl<B> Body for AccessLogBody<B>

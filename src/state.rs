@@ -12,8 +12,6 @@ use crate::models_cache::ModelsCache;
 
 /// How long `/v1/models` answers are kept.
 pub const MODELS_CACHE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
-/// Connecting to the upstream; an unreachable upstream must give a quick 502, not a hung client.
-pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Cloning is shallow: every clone shares one configuration, connection pool and cache.
 #[derive(Clone)]
@@ -43,7 +41,7 @@ impl AppState {
         let client = reqwest::Client::builder()
             // A followed redirect would send the upstream key wherever `Location` points.
             .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(UPSTREAM_CONNECT_TIMEOUT)
+            .connect_timeout(config.limits.upstream_connect_timeout)
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
             .build()

@@ -1,19 +1,17 @@
 //! Talking to the upstream: header hygiene, the key swap, sending, and forwarding the answer.
 
 use std::error::Error as _;
-use std::time::Duration;
+use std::pin::Pin;
 
+use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
 use warp::Buf;
 use warp::Reply;
-use warp::http::{HeaderMap, HeaderName, Method, header};
+use warp::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 
 use crate::error::ProxyError;
 use crate::state::AppState;
-
-/// From sending the request to the upstream's response headers. Generous because a model may
-/// think for minutes before its first byte; the body itself has no overall limit.
-pub const UPSTREAM_HEADERS_TIMEOUT: Duration = Duration::from_secs(600);
+use crate::streams::{GuardedBody, LimitedBody, SecretMask, caused_by_body_limit, mask_secret};
 
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1, plus the older
 /// proxy-* ones): they are dropped in both directions, as are any names listed in `Connection`.
@@ -56,9 +54,12 @@ fn end_to_end(source: &HeaderMap, extra: usize, keep: impl Fn(&HeaderName) -> bo
 
 /// The headers sent upstream: the caller's end-to-end headers without its credentials or `Host`,
 /// plus the upstream key.
-pub fn request_headers(state: &AppState, incoming: &HeaderMap) -> HeaderMap {
+pub fn request_headers(
+    incoming: &HeaderMap,
+    caller_token_header: &HeaderName,
+    upstream_authorization: &HeaderValue,
+) -> HeaderMap {
     let chunked = incoming.contains_key(header::TRANSFER_ENCODING);
-    let caller_token_header = &state.config.auth_header;
     let mut headers = end_to_end(incoming, 1, |name| {
         name != header::HOST
             && name != header::AUTHORIZATION
@@ -70,13 +71,54 @@ pub fn request_headers(state: &AppState, incoming: &HeaderMap) -> HeaderMap {
             // cannot honour it towards the upstream.
             && name != header::EXPECT
     });
-    headers.insert(header::AUTHORIZATION, state.upstream_authorization.clone());
+    headers.insert(header::AUTHORIZATION, upstream_authorization.clone());
     headers
 }
 
-/// The headers sent back to the caller: the upstream's, less the hop-by-hop ones.
-pub fn response_headers(upstream: &HeaderMap) -> HeaderMap {
-    end_to_end(upstream, 1, |_| true)
+/// The headers sent back to the caller: the upstream's, less the hop-by-hop ones, with the
+/// upstream key masked wherever an upstream echoed it.
+pub fn response_headers(upstream: &HeaderMap, upstream_key: &[u8]) -> HeaderMap {
+    let mut headers = end_to_end(upstream, 1, |_| true);
+    for value in headers.values_mut() {
+        if let Some(masked) = mask_secret(value.as_bytes(), upstream_key) {
+            *value = HeaderValue::from_maybe_shared(masked.freeze())
+                .unwrap_or_else(|_| HeaderValue::from_static("***"));
+        }
+    }
+    headers
+}
+
+/// `TARGET_HOST` + the caller's path + its query string, exactly as received.
+///
+/// Paths with `.`/`..` segments (plain or percent-encoded) or backslashes are refused: URL
+/// normalisation here or upstream would resolve them, and `/v1/../x` must not reach anything
+/// outside the prefix with our key attached.
+pub fn upstream_url(
+    target_host: &str,
+    path: &str,
+    query: Option<&str>,
+) -> Result<String, ProxyError> {
+    if !path.starts_with('/') || path.split('/').any(is_dot_segment) || has_backslash(path) {
+        return Err(ProxyError::InvalidPath);
+    }
+    let mut url =
+        String::with_capacity(target_host.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+    url.push_str(target_host);
+    url.push_str(path);
+    if let Some(query) = query {
+        url.push('?');
+        url.push_str(query);
+    }
+    Ok(url)
+}
+
+fn is_dot_segment(segment: &str) -> bool {
+    let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+    decoded == "." || decoded == ".."
+}
+
+fn has_backslash(path: &str) -> bool {
+    path.contains('\\') || path.to_ascii_lowercase().contains("%5c")
 }
 
 /// Whether a request carries a body worth streaming upstream. Without one, no body is sent at all,
@@ -88,13 +130,26 @@ pub fn has_body(headers: &HeaderMap) -> bool {
             .is_some_and(|length| length.as_bytes() != b"0")
 }
 
-/// Streams the caller's body upstream as it arrives.
+/// The caller's declared `Content-Length`, if any.
+pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Streams the caller's body upstream as it arrives, cut off past `MAX_BODY_BYTES`.
 pub fn request_body<S, B>(state: &AppState, body: S) -> reqwest::Body
 where
     S: Stream<Item = Result<B, warp::Error>> + Send + Sync + 'static,
     B: Buf + Send,
 {
-    let body = body.map_ok(|mut chunk| chunk.copy_to_bytes(chunk.remaining()));
+    let body = LimitedBody::new(
+        Box::pin(body.map_ok(|mut chunk| chunk.copy_to_bytes(chunk.remaining()))),
+        state.config.limits.max_body_bytes,
+    );
     if state.config.debug_mode {
         let state = state.clone();
         reqwest::Body::wrap_stream(body.inspect_ok(move |chunk| {
@@ -112,37 +167,34 @@ where
 pub async fn send(
     state: &AppState,
     method: Method,
-    path: &str,
-    query: Option<&str>,
+    url: String,
     headers: HeaderMap,
     body: Option<reqwest::Body>,
 ) -> Result<reqwest::Response, ProxyError> {
-    let mut url = String::with_capacity(
-        state.config.target_host.len() + path.len() + query.map_or(0, |q| q.len() + 1),
-    );
-    url.push_str(&state.config.target_host);
-    url.push_str(path);
-    if let Some(query) = query {
-        url.push('?');
-        url.push_str(query);
-    }
     if log::log_enabled!(log::Level::Debug) {
         log::debug!(
-            "upstream request: {method} {path} headers: {}",
+            "upstream request: {method} {} headers: {}",
+            url.strip_prefix(state.config.target_host.as_str())
+                .unwrap_or(""),
             state.describe_headers(&headers)
         );
     }
+    let timeout = state.config.limits.upstream_timeout;
     let mut request = state.client.request(method, url).headers(headers);
     if let Some(body) = body {
         request = request.body(body);
     }
-    match tokio::time::timeout(UPSTREAM_HEADERS_TIMEOUT, request.send()).await {
+    match tokio::time::timeout(timeout, request.send()).await {
         Err(_) => {
             log::error!(
-                "upstream sent no response headers within {}s",
-                UPSTREAM_HEADERS_TIMEOUT.as_secs()
+                "upstream sent no response headers within {}s (UPSTREAM_TIMEOUT_SECS)",
+                timeout.as_secs()
             );
             Err(ProxyError::GatewayTimeout)
+        }
+        Ok(Err(err)) if caused_by_body_limit(&err) => {
+            log::info!("request body over MAX_BODY_BYTES: upstream request aborted");
+            Err(ProxyError::PayloadTooLarge)
         }
         Ok(Err(err)) => {
             log::error!("upstream request failed: {}", error_chain(&err));
@@ -156,31 +208,46 @@ pub async fn send(
     }
 }
 
+/// warp needs response streams to be `Sync` as well as `Send`.
+type UpstreamBody = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send + Sync>>;
+
 /// The upstream's answer as the caller's response: same status, end-to-end headers, and the
-/// body forwarded chunk by chunk as it arrives, bytes untouched.
+/// body forwarded chunk by chunk as it arrives, bytes untouched, under the idle watchdog.
+/// Non-2xx bodies go through the key mask: an upstream may echo the credentials it rejected.
 pub fn into_reply(state: &AppState, upstream: reqwest::Response) -> warp::reply::Response {
     let status = upstream.status();
-    let headers = response_headers(upstream.headers());
+    let upstream_key = state.config.auth_bearer.expose().as_bytes();
+    let headers = response_headers(upstream.headers(), upstream_key);
     if log::log_enabled!(log::Level::Debug) {
         log::debug!(
             "upstream response: {status} headers: {}",
             state.describe_headers(&headers)
         );
     }
-    let body = upstream.bytes_stream();
-    let mut reply = if state.config.debug_mode {
+    let sse = headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"text/event-stream"))
+        // An error event cannot be added to a body whose length was declared.
+        && !headers.contains_key(header::CONTENT_LENGTH);
+    let mut headers = headers;
+    let mut body: UpstreamBody = Box::pin(upstream.bytes_stream());
+    if !status.is_success() {
+        // Masking may change the length.
+        headers.remove(header::CONTENT_LENGTH);
+        body = Box::pin(SecretMask::new(body, Bytes::copy_from_slice(upstream_key)));
+    }
+    if state.config.debug_mode {
         let state = state.clone();
-        warp::reply::stream(body.inspect(move |chunk| match chunk {
+        body = Box::pin(body.inspect(move |chunk| match chunk {
             Ok(chunk) => log::debug!(
                 "response body chunk: {}",
                 state.mask(&String::from_utf8_lossy(chunk))
             ),
             Err(err) => log::debug!("response body failed: {}", error_chain(err)),
-        }))
-        .into_response()
-    } else {
-        warp::reply::stream(body).into_response()
-    };
+        }));
+    }
+    let idle = state.config.limits.stream_idle_timeout;
+    let mut reply = warp::reply::stream(GuardedBody::new(body, idle, sse)).into_response();
     *reply.status_mut() = status;
     *reply.headers_mut() = headers;
     reply

@@ -9,6 +9,7 @@ use warp::{Filter, Rejection};
 use super::{auth, raw_query, with_state};
 use crate::models_cache::{CacheStatus, CachedResponse, FetchResult};
 use crate::state::AppState;
+use crate::streams::mask_secret;
 use crate::upstream;
 
 const CACHE_STATUS_HEADER: &str = "x-proxy-cache";
@@ -55,18 +56,28 @@ async fn fetch_models(state: AppState) -> FetchResult {
     let mut headers = warp::http::HeaderMap::with_capacity(2);
     headers.insert(header::AUTHORIZATION, state.upstream_authorization.clone());
     headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-    let response = upstream::send(&state, Method::GET, "/v1/models", None, headers, None).await?;
+    let url = format!("{}/v1/models", state.config.target_host);
+    let response = upstream::send(&state, Method::GET, url, headers, None).await?;
     let status = response.status();
-    let mut headers = upstream::response_headers(response.headers());
+    let mut headers = upstream::response_headers(
+        response.headers(),
+        state.config.auth_bearer.expose().as_bytes(),
+    );
     // Cookies are per caller; a shared answer must not hand one out to everybody.
     headers.remove(header::SET_COOKIE);
-    let body = response.bytes().await.map_err(|err| {
+    let mut body = response.bytes().await.map_err(|err| {
         log::error!(
             "reading the upstream model list failed: {}",
             upstream::error_chain(&err)
         );
         crate::error::ProxyError::BadGateway
     })?;
+    if !status.is_success()
+        && let Some(masked) = mask_secret(&body, state.config.auth_bearer.expose().as_bytes())
+    {
+        headers.remove(header::CONTENT_LENGTH);
+        body = masked.freeze();
+    }
     Ok(Arc::new(CachedResponse {
         status,
         headers,

@@ -8,6 +8,7 @@ use warp::http::{HeaderMap, Method};
 use warp::{Buf, Filter, Rejection};
 
 use super::{auth, raw_query, with_state};
+use crate::error::ProxyError;
 use crate::state::AppState;
 use crate::upstream;
 
@@ -37,21 +38,38 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Send + Sync + 'static,
     B: Buf + Send,
 {
-    let upstream_body = upstream::has_body(&headers).then(|| upstream::request_body(&state, body));
-    let upstream_headers = upstream::request_headers(&state, &headers);
+    // Errors are answered here rather than rejected, so warp never tries another route.
     Ok(
-        match upstream::send(
-            &state,
-            method,
-            path.as_str(),
-            query.as_deref(),
-            upstream_headers,
-            upstream_body,
-        )
-        .await
-        {
+        match call_upstream(headers, method, &path, query.as_deref(), body, &state).await {
             Ok(response) => upstream::into_reply(&state, response),
             Err(error) => error.into_response(),
         },
     )
+}
+
+async fn call_upstream<S, B>(
+    headers: HeaderMap,
+    method: Method,
+    path: &FullPath,
+    query: Option<&str>,
+    body: S,
+    state: &AppState,
+) -> Result<reqwest::Response, ProxyError>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send + Sync + 'static,
+    B: Buf + Send,
+{
+    let url = upstream::upstream_url(&state.config.target_host, path.as_str(), query)?;
+    // A declared length over the limit is refused before the upstream hears of the request.
+    let max_body = state.config.limits.max_body_bytes;
+    if upstream::declared_length(&headers).is_some_and(|length| length > max_body) {
+        return Err(ProxyError::PayloadTooLarge);
+    }
+    let body = upstream::has_body(&headers).then(|| upstream::request_body(state, body));
+    let headers = upstream::request_headers(
+        &headers,
+        &state.config.auth_header,
+        &state.upstream_authorization,
+    );
+    upstream::send(state, method, url, headers, body).await
 }

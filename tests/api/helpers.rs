@@ -3,10 +3,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use llm_proxy::server::{ShutdownTrigger, shutdown_channel};
 use llm_proxy::{AppState, Config};
 use mock_upstream::MockUpstream;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 
 pub const UPSTREAM_KEY: &str = "sk-upstream-secret-key";
 pub const CLIENT_TOKEN: &str = "client-token-1";
@@ -16,7 +16,7 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub upstream: MockUpstream,
     pub client: reqwest::Client,
-    shutdown: Option<oneshot::Sender<()>>,
+    pub shutdown: ShutdownTrigger,
     server: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -25,10 +25,9 @@ impl TestApp {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// Asks the server to drain; the handle resolves when it has stopped.
     pub fn begin_shutdown(&mut self) -> tokio::task::JoinHandle<()> {
-        if let Some(signal) = self.shutdown.take() {
-            let _ = signal.send(());
-        }
+        self.shutdown.trigger();
         self.server.take().expect("server already shut down")
     }
 
@@ -64,15 +63,13 @@ pub async fn spawn_app_with_upstream(upstream: MockUpstream, vars: &[(&str, &str
     let state = AppState::new(config).expect("state");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
-    let (shutdown, signal) = oneshot::channel::<()>();
-    let server = tokio::spawn(llm_proxy::serve(listener, state, async move {
-        let _ = signal.await;
-    }));
+    let (shutdown, signal) = shutdown_channel();
+    let server = tokio::spawn(llm_proxy::serve(listener, state, signal));
     TestApp {
         addr,
         upstream,
         client: reqwest::Client::new(),
-        shutdown: Some(shutdown),
+        shutdown,
         server: Some(server),
     }
 }

@@ -1,0 +1,422 @@
+//! Stream adapters on the body paths: a size cap on what callers upload, an idle watchdog with an
+//! honest failure on what the upstream sends, and masking of the upstream key in error bodies.
+//!
+//! None of them copies, splits or merges chunks on the success path: bytes pass through as the
+//! same `Bytes` handles.
+
+use std::error::Error;
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::Stream;
+use tokio::time::{Instant, Sleep};
+
+/// The caller's body went past `MAX_BODY_BYTES`.
+#[derive(Debug)]
+pub struct BodyTooLarge;
+
+impl fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("request body larger than MAX_BODY_BYTES")
+    }
+}
+
+impl Error for BodyTooLarge {}
+
+/// Whether `BodyTooLarge` is anywhere in an error's chain of causes.
+pub fn caused_by_body_limit(err: &(dyn Error + 'static)) -> bool {
+    let mut cause = Some(err);
+    while let Some(current) = cause {
+        if current.is::<BodyTooLarge>() {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
+}
+
+/// Fails with `BodyTooLarge` as soon as more than `limit` bytes have streamed through, which
+/// aborts the upstream request before the upstream has a complete body to act on.
+pub struct LimitedBody<S> {
+    inner: S,
+    remaining: u64,
+}
+
+impl<S> LimitedBody<S> {
+    pub fn new(inner: S, limit: u64) -> Self {
+        LimitedBody {
+            inner,
+            remaining: limit,
+        }
+    }
+}
+
+impl<S, E> Stream for LimitedBody<S>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: Into<Box<dyn Error + Send + Sync>>,
+{
+    type Item = Result<Bytes, Box<dyn Error + Send + Sync>>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+            Some(Ok(chunk)) => match self.remaining.checked_sub(chunk.len() as u64) {
+                Some(remaining) => {
+                    self.remaining = remaining;
+                    Poll::Ready(Some(Ok(chunk)))
+                }
+                None => Poll::Ready(Some(Err(Box::new(BodyTooLarge)))),
+            },
+            Some(Err(err)) => Poll::Ready(Some(Err(err.into()))),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+/// Why an upstream body ended early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamFailure {
+    Stalled,
+    Interrupted,
+}
+
+impl StreamFailure {
+    pub fn code(self) -> &'static str {
+        match self {
+            StreamFailure::Stalled => "upstream_stream_stalled",
+            StreamFailure::Interrupted => "upstream_stream_interrupted",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            StreamFailure::Stalled => {
+                "The upstream stopped sending data; the response is incomplete"
+            }
+            StreamFailure::Interrupted => {
+                "The upstream connection broke; the response is incomplete"
+            }
+        }
+    }
+
+    /// An OpenAI-style error event, so SDKs reading the stream raise instead of stopping quietly.
+    fn sse_event(self) -> Bytes {
+        let event = serde_json::json!({
+            "error": {"message": self.message(), "type": "proxy_error", "code": self.code()}
+        });
+        Bytes::from(format!("data: {event}\n\n"))
+    }
+}
+
+impl fmt::Display for StreamFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+impl Error for StreamFailure {}
+
+enum Phase {
+    Streaming,
+    /// The error event has been sent; the next poll fails the body so hyper ends the response
+    /// abnormally (no final chunk), and raw HTTP clients see a truncated transfer.
+    Failing(StreamFailure),
+    Done,
+}
+
+/// Watches an upstream body: more than `idle` without a chunk, or a broken connection, ends the
+/// response abnormally after (for SSE) one final error event.
+pub struct GuardedBody<S> {
+    inner: S,
+    idle: Duration,
+    /// Armed lazily: a chunk only records the time, and the timer is re-armed when it fires
+    /// early, so the hot path never touches the timer wheel.
+    deadline: Pin<Box<Sleep>>,
+    last_chunk: Instant,
+    sse: bool,
+    ended_on_event_boundary: bool,
+    phase: Phase,
+}
+
+impl<S> GuardedBody<S> {
+    pub fn new(inner: S, idle: Duration, sse: bool) -> Self {
+        let now = Instant::now();
+        GuardedBody {
+            inner,
+            idle,
+            deadline: Box::pin(tokio::time::sleep_until(now + idle)),
+            last_chunk: now,
+            sse,
+            ended_on_event_boundary: true,
+            phase: Phase::Streaming,
+        }
+    }
+
+    fn fail(&mut self, failure: StreamFailure) -> Poll<Option<Result<Bytes, StreamFailure>>> {
+        log::error!("upstream body ended early: {failure}");
+        if !self.sse {
+            self.phase = Phase::Done;
+            return Poll::Ready(Some(Err(failure)));
+        }
+        self.phase = Phase::Failing(failure);
+        let event = failure.sse_event();
+        if self.ended_on_event_boundary {
+            return Poll::Ready(Some(Ok(event)));
+        }
+        // Close the half-sent event first so the error arrives as an event of its own.
+        let mut separated = BytesMut::with_capacity(event.len() + 2);
+        separated.extend_from_slice(b"\n\n");
+        separated.extend_from_slice(&event);
+        Poll::Ready(Some(Ok(separated.freeze())))
+    }
+}
+
+impl<S, E> Stream for GuardedBody<S>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: fmt::Display,
+{
+    type Item = Result<Bytes, StreamFailure>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        match this.phase {
+            Phase::Done => return Poll::Ready(None),
+            Phase::Failing(failure) => {
+                this.phase = Phase::Done;
+                return Poll::Ready(Some(Err(failure)));
+            }
+            Phase::Streaming => {}
+        }
+        match Pin::new(&mut this.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                this.last_chunk = Instant::now();
+                if !chunk.is_empty() {
+                    this.ended_on_event_boundary = chunk.ends_with(b"\n\n");
+                }
+                return Poll::Ready(Some(Ok(chunk)));
+            }
+            Poll::Ready(Some(Err(err))) => {
+                log::debug!("upstream body error: {err}");
+                return this.fail(StreamFailure::Interrupted);
+            }
+            Poll::Ready(None) => {
+                this.phase = Phase::Done;
+                return Poll::Ready(None);
+            }
+            Poll::Pending => {}
+        }
+        loop {
+            ready!(this.deadline.as_mut().poll(cx));
+            let due = this.last_chunk + this.idle;
+            if due <= Instant::now() {
+                return this.fail(StreamFailure::Stalled);
+            }
+            this.deadline.as_mut().reset(due);
+        }
+    }
+}
+
+/// Replaces every occurrence of `secret` in a byte stream by `***`, including occurrences split
+/// across chunks: the last `secret.len() - 1` bytes are held back until the next chunk shows
+/// whether they start a match.
+pub struct SecretMask<S> {
+    inner: S,
+    secret: Bytes,
+    held: BytesMut,
+    finished: bool,
+}
+
+impl<S> SecretMask<S> {
+    pub fn new(inner: S, secret: Bytes) -> Self {
+        SecretMask {
+            inner,
+            secret,
+            held: BytesMut::new(),
+            finished: false,
+        }
+    }
+
+    /// Masks what is held; keeps back a possible partial match unless the stream has ended.
+    fn release(&mut self, at_end: bool) -> Bytes {
+        let masked = mask_all(&self.held, &self.secret);
+        let keep = if at_end {
+            0
+        } else {
+            self.secret
+                .len()
+                .saturating_sub(1)
+                .min(masked.unmatched_tail)
+        };
+        let mut output = masked.bytes;
+        let tail = output.split_off(output.len() - keep);
+        self.held = tail;
+        output.freeze()
+    }
+}
+
+struct Masked {
+    bytes: BytesMut,
+    /// Bytes at the end that come from input after the last replacement.
+    unmatched_tail: usize,
+}
+
+fn mask_all(input: &[u8], secret: &[u8]) -> Masked {
+    let mut bytes = BytesMut::with_capacity(input.len());
+    let mut rest = input;
+    if !secret.is_empty() {
+        while let Some(at) = memchr::memmem::find(rest, secret) {
+            bytes.extend_from_slice(&rest[..at]);
+            bytes.extend_from_slice(b"***");
+            rest = &rest[at + secret.len()..];
+        }
+    }
+    bytes.extend_from_slice(rest);
+    Masked {
+        bytes,
+        unmatched_tail: rest.len(),
+    }
+}
+
+/// `value` with every occurrence of `secret` replaced by `***`, or `None` if it has none.
+pub fn mask_secret(value: &[u8], secret: &[u8]) -> Option<BytesMut> {
+    if secret.is_empty() || memchr::memmem::find(value, secret).is_none() {
+        return None;
+    }
+    Some(mask_all(value, secret).bytes)
+}
+
+impl<S, E> Stream for SecretMask<S>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+{
+    type Item = Result<Bytes, E>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if self.finished {
+                return Poll::Ready(None);
+            }
+            match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+                Some(Ok(chunk)) => {
+                    self.held.extend_from_slice(&chunk);
+                    let output = self.release(false);
+                    if !output.is_empty() {
+                        return Poll::Ready(Some(Ok(output)));
+                    }
+                }
+                Some(Err(err)) => return Poll::Ready(Some(Err(err))),
+                None => {
+                    self.finished = true;
+                    let output = self.release(true);
+                    if !output.is_empty() {
+                        return Poll::Ready(Some(Ok(output)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use std::convert::Infallible;
+
+    async fn masked(chunks: &[&'static str], secret: &'static str) -> String {
+        let stream = futures::stream::iter(
+            chunks
+                .iter()
+                .map(|chunk| Ok::<_, Infallible>(Bytes::from_static(chunk.as_bytes()))),
+        );
+        let out: Vec<Bytes> = SecretMask::new(stream, Bytes::from_static(secret.as_bytes()))
+            .map(|chunk| chunk.unwrap())
+            .collect()
+            .await;
+        String::from_utf8(out.concat()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn secret_is_masked_even_across_chunk_boundaries() {
+        assert_eq!(masked(&["key sk-abc here"], "sk-abc").await, "key *** here");
+        assert_eq!(
+            masked(&["key sk-", "abc here"], "sk-abc").await,
+            "key *** here"
+        );
+        assert_eq!(
+            masked(&["s", "k", "-", "a", "b", "c"], "sk-abc").await,
+            "***"
+        );
+        assert_eq!(
+            masked(&["sk-absk-abc", "sk-ab"], "sk-abc").await,
+            "sk-ab***sk-ab"
+        );
+        assert_eq!(
+            masked(&["nothing", " secret"], "sk-abc").await,
+            "nothing secret"
+        );
+        assert_eq!(masked(&[], "sk-abc").await, "");
+    }
+
+    #[test]
+    fn header_values_are_masked_only_when_needed() {
+        assert!(mask_secret(b"plain", b"sk").is_none());
+        assert_eq!(
+            &mask_secret(b"Bearer sk-1", b"sk-1").unwrap()[..],
+            b"Bearer ***"
+        );
+    }
+
+    #[tokio::test]
+    async fn body_limit_counts_across_chunks() {
+        let chunks = || {
+            futures::stream::iter(
+                ["abc", "def"].map(|c| Ok::<_, Infallible>(Bytes::from_static(c.as_bytes()))),
+            )
+        };
+        let fits: Vec<_> = LimitedBody::new(chunks(), 6).collect().await;
+        assert!(fits.iter().all(Result::is_ok));
+        let too_big: Vec<_> = LimitedBody::new(chunks(), 5).collect().await;
+        let err = too_big[1].as_ref().unwrap_err();
+        assert!(caused_by_body_limit(err.as_ref()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_stream_fails_with_an_error_event_then_an_error() {
+        let silent =
+            futures::stream::iter([Ok::<_, Infallible>(Bytes::from_static(b"data: 1\n\n"))])
+                .chain(futures::stream::pending());
+        let mut guarded = GuardedBody::new(silent, Duration::from_secs(5), true);
+        assert_eq!(guarded.next().await.unwrap().unwrap(), "data: 1\n\n");
+        let event = guarded.next().await.unwrap().unwrap();
+        assert!(event.starts_with(b"data: {\"error\""));
+        assert!(String::from_utf8_lossy(&event).contains("upstream_stream_stalled"));
+        assert_eq!(
+            guarded.next().await.unwrap().unwrap_err(),
+            StreamFailure::Stalled
+        );
+        assert!(guarded.next().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_but_steady_stream_is_never_cut() {
+        let ticks = futures::stream::unfold(0, |n| async move {
+            if n == 20 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            Some((
+                Ok::<_, Infallible>(Bytes::from_static(b"data: x\n\n")),
+                n + 1,
+            ))
+        });
+        let guarded = GuardedBody::new(Box::pin(ticks), Duration::from_secs(5), true);
+        let all: Vec<_> = guarded.collect().await;
+        assert_eq!(all.len(), 20);
+        assert!(all.iter().all(Result::is_ok));
+    }
+}
