@@ -121,9 +121,11 @@ impl Error for StreamFailure {}
 
 enum Phase {
     Streaming,
-    /// The error event has been sent; the next poll fails the body so hyper ends the response
-    /// abnormally (no final chunk), and raw HTTP clients see a truncated transfer.
+    /// The error event has been handed out. One poll answers `Pending` (and wakes itself) so
+    /// hyper flushes the event before the next poll fails the body; hyper then ends the response
+    /// abnormally (no final chunk) and raw HTTP clients see a truncated transfer.
     Failing(StreamFailure),
+    Flushed(StreamFailure),
     Done,
 }
 
@@ -186,6 +188,11 @@ where
         match this.phase {
             Phase::Done => return Poll::Ready(None),
             Phase::Failing(failure) => {
+                this.phase = Phase::Flushed(failure);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Phase::Flushed(failure) => {
                 this.phase = Phase::Done;
                 return Poll::Ready(Some(Err(failure)));
             }

@@ -1,6 +1,8 @@
 //! Spawning the proxy on 127.0.0.1:0 in front of a mock upstream, as a real listener.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use llm_proxy::server::{ShutdownTrigger, shutdown_channel};
@@ -134,4 +136,76 @@ pub async fn assert_json_error(
     assert_eq!(body["error"], code);
     assert_eq!(body["message"], message);
     assert_rfc3339(body["time"].as_str().expect("time is a string"));
+}
+
+/// What a raw client saw: everything the server sent, and whether it closed the connection.
+pub struct RawReply {
+    pub text: String,
+    pub closed: bool,
+}
+
+impl RawReply {
+    pub fn status(&self) -> u16 {
+        self.text
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Writes raw bytes to `addr` and reads until the server closes or `wait` passes without new
+/// data, for requests no well-behaved client would send.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8], wait: Duration) -> RawReply {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    // The server may answer and close before reading everything; that is not a test failure.
+    let _ = stream.write_all(request).await;
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 8192];
+    let closed = loop {
+        match tokio::time::timeout(wait, stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(read)) => received.extend_from_slice(&buffer[..read]),
+            Err(_) => break false,
+        }
+    };
+    RawReply {
+        text: String::from_utf8_lossy(&received).into_owned(),
+        closed,
+    }
+}
+
+/// An upstream written against raw sockets, for misbehaviour no HTTP library would produce.
+/// `handle` gets each accepted connection after its request headers were read.
+pub async fn spawn_raw_upstream<F, Fut>(handle: F) -> (String, Arc<AtomicUsize>)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use tokio::io::AsyncReadExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counter = requests.clone();
+    let handle = Arc::new(handle);
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let counter = counter.clone();
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(read) => head.extend_from_slice(&buffer[..read]),
+                    }
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                handle(socket).await;
+            });
+        }
+    });
+    (format!("http://{addr}"), requests)
 }
