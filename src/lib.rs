@@ -5,6 +5,8 @@ pub mod auth;
 pub mod config;
 pub mod error;
 mod filters;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod models_cache;
 pub mod secret;
 pub mod server;

@@ -4,6 +4,7 @@ mod admin;
 mod auth;
 mod filters;
 mod forwarding;
+mod fuzz_corpus;
 mod hardening;
 mod helpers;
 mod models;
