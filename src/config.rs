@@ -274,7 +274,7 @@ fn parse_bool(variable: &str, value: Option<String>) -> Result<bool, ConfigError
         Some("true" | "1" | "yes" | "on") => Ok(true),
         Some(other) => Err(invalid(
             variable,
-            format!("{other:?} is not a boolean (accepted: true, false, 1, 0)"),
+            format!("{other:?} is not a boolean (accepted: true/false, 1/0, yes/no, on/off)"),
         )),
     }
 }

@@ -115,13 +115,6 @@ pub async fn handle_rejection(rejection: Rejection) -> Result<warp::reply::Respo
             .insert(header::ALLOW, HeaderValue::from_static("POST"));
         return Ok(response);
     }
-    if rejection.find::<warp::reject::LengthRequired>().is_some() {
-        return Ok(json_error(
-            StatusCode::LENGTH_REQUIRED,
-            "length_required",
-            "A Content-Length header is required",
-        ));
-    }
     log::error!("unhandled rejection: {rejection:?}");
     Ok(json_error(
         StatusCode::INTERNAL_SERVER_ERROR,

@@ -140,9 +140,10 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
 
     drop(listener);
     log::info!(
-        "shutting down: draining {} connections for up to {}s",
-        connections.len(),
-        limits.shutdown_grace.as_secs()
+        "shutting down: no new connections; idle ones close now, in-flight requests get up to {}s \
+         (open connections: {})",
+        limits.shutdown_grace.as_secs(),
+        connections.len()
     );
     tokio::select! {
         () = graceful.shutdown() => log::info!("all connections drained"),
@@ -241,13 +242,17 @@ impl Drop for AccessRecord {
         };
         let millis = |duration: Duration| duration.as_secs_f64() * 1000.0;
         // The path only: query strings are the caller's business and may carry secrets.
+        // `ttfb_ms=-` when no body byte was ever sent.
+        let ttfb = self
+            .first_byte
+            .map_or_else(|| "-".to_string(), |ttfb| format!("{:.1}", millis(ttfb)));
         log::info!(
-            "{} {} status={} duration_ms={:.1} ttfb_ms={:.1} bytes={} outcome={} req={:x}",
+            "{} {} status={} duration_ms={:.1} ttfb_ms={} bytes={} outcome={} req={:x}",
             self.method,
             self.uri.path(),
             self.status.as_u16(),
             millis(self.started.elapsed()),
-            self.first_byte.map_or(-1.0, millis),
+            ttfb,
             self.bytes,
             outcome,
             self.id,

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
 use warp::Buf;
 use warp::Reply;
-use warp::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
+use warp::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 
 use crate::error::ProxyError;
 use crate::state::AppState;
@@ -214,7 +214,7 @@ type UpstreamBody = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send + S
 /// The upstream's answer as the caller's response: same status, end-to-end headers, and the
 /// body forwarded chunk by chunk as it arrives, bytes untouched, under the idle watchdog.
 /// Non-2xx bodies go through the key mask: an upstream may echo the credentials it rejected.
-pub fn into_reply(state: &AppState, upstream: reqwest::Response) -> warp::reply::Response {
+pub async fn into_reply(state: &AppState, upstream: reqwest::Response) -> warp::reply::Response {
     let status = upstream.status();
     let upstream_key = state.config.auth_bearer.expose().as_bytes();
     let headers = response_headers(upstream.headers(), upstream_key);
@@ -230,6 +230,11 @@ pub fn into_reply(state: &AppState, upstream: reqwest::Response) -> warp::reply:
         // An error event cannot be added to a body whose length was declared.
         && !headers.contains_key(header::CONTENT_LENGTH);
     let mut headers = headers;
+    if !status.is_success()
+        && declared_length(&headers).is_some_and(|length| length <= SMALL_ERROR_BODY)
+    {
+        return small_error_reply(state, status, headers, upstream).await;
+    }
     let mut body: UpstreamBody = Box::pin(upstream.bytes_stream());
     if !status.is_success() {
         // Masking may change the length.
@@ -248,6 +253,47 @@ pub fn into_reply(state: &AppState, upstream: reqwest::Response) -> warp::reply:
     }
     let idle = state.config.limits.stream_idle_timeout;
     let mut reply = warp::reply::stream(GuardedBody::new(body, idle, sse)).into_response();
+    *reply.status_mut() = status;
+    *reply.headers_mut() = headers;
+    reply
+}
+
+/// Error bodies up to this size are read whole, so that when they hold no secret they go out
+/// exactly as the upstream framed them, `Content-Length` included.
+const SMALL_ERROR_BODY: u64 = 64 * 1024;
+
+async fn small_error_reply(
+    state: &AppState,
+    status: StatusCode,
+    mut headers: HeaderMap,
+    upstream: reqwest::Response,
+) -> warp::reply::Response {
+    let read = tokio::time::timeout(state.config.limits.stream_idle_timeout, upstream.bytes());
+    let mut body = match read.await {
+        Ok(Ok(body)) => body,
+        Ok(Err(err)) => {
+            log::error!(
+                "reading an upstream error body failed: {}",
+                error_chain(&err)
+            );
+            return ProxyError::BadGateway.into_response();
+        }
+        Err(_) => {
+            log::error!("the upstream stalled while sending an error body");
+            return ProxyError::GatewayTimeout.into_response();
+        }
+    };
+    if let Some(masked) = mask_secret(&body, state.config.auth_bearer.expose().as_bytes()) {
+        headers.remove(header::CONTENT_LENGTH);
+        body = masked.freeze();
+    }
+    if state.config.debug_mode {
+        log::debug!(
+            "response body: {}",
+            state.mask(&String::from_utf8_lossy(&body))
+        );
+    }
+    let mut reply = warp::reply::Response::new(body.into());
     *reply.status_mut() = status;
     *reply.headers_mut() = headers;
     reply

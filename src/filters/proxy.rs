@@ -41,7 +41,7 @@ where
     // Errors are answered here rather than rejected, so warp never tries another route.
     Ok(
         match call_upstream(headers, method, &path, query.as_deref(), body, &state).await {
-            Ok(response) => upstream::into_reply(&state, response),
+            Ok(response) => upstream::into_reply(&state, response).await,
             Err(error) => error.into_response(),
         },
     )

@@ -122,10 +122,9 @@ async fn upstream_errors_pass_through_with_status_headers_and_body() {
             .body("{}")
             .send()
             .await
-            .unwrap()
-            .bytes()
-            .await
             .unwrap();
+        let direct_length = direct.headers()["content-length"].clone();
+        let direct = direct.bytes().await.unwrap();
         let response = app
             .client
             .post(app.url("/v1/chat/completions"))
@@ -142,6 +141,7 @@ async fn upstream_errors_pass_through_with_status_headers_and_body() {
         assert_eq!(headers["x-ratelimit-remaining-requests"], "0");
         assert_eq!(headers["x-request-id"], "req_mock_error");
         assert_eq!(headers["openai-processing-ms"], "1");
+        assert_eq!(headers["content-length"], direct_length, "framing kept for status {status}");
         assert_eq!(response.bytes().await.unwrap(), direct, "status {status}");
     }
 }
