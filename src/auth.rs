@@ -1,7 +1,7 @@
 //! Caller tokens: extraction from the configured header and constant-time matching.
 
 use sha2::{Digest, Sha256};
-use subtle::{Choice, ConstantTimeEq};
+use subtle::{Choice, ConditionallySelectable, ConstantTimeEq};
 use warp::http::HeaderValue;
 
 use crate::secret::Secret;
@@ -26,12 +26,29 @@ impl TokenSet {
     }
 
     pub fn contains(&self, candidate: &[u8]) -> bool {
-        let candidate = digest(candidate);
-        let found = self.digests.iter().fold(Choice::from(0), |found, known| {
-            found | known.ct_eq(&candidate)
-        });
-        found.into()
+        self.position(candidate).is_some()
     }
+
+    /// Which entry `candidate` is, compared against every entry without branching on the result.
+    pub fn position(&self, candidate: &[u8]) -> Option<usize> {
+        let candidate = digest(candidate);
+        let mut found = Choice::from(0);
+        let mut position = 0u64;
+        for (index, known) in self.digests.iter().enumerate() {
+            let matches = known.ct_eq(&candidate);
+            position.conditional_assign(&(index as u64), matches);
+            found |= matches;
+        }
+        bool::from(found).then_some(position as usize)
+    }
+}
+
+/// A short, non-reversible label for a token: the first 8 hex digits of its SHA-256.
+pub fn token_label(token: &Secret) -> String {
+    digest(token.expose().as_bytes())[..4]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 fn digest(bytes: &[u8]) -> [u8; 32] {
@@ -65,6 +82,15 @@ mod tests {
         assert!(!set.contains(b"alph"));
         assert!(!set.contains(b""));
         assert!(!tokens(&[]).contains(b""));
+        assert_eq!(set.position(b"beta"), Some(1));
+        assert_eq!(set.position(b"alpha"), Some(0));
+        assert_eq!(set.position(b"gamma"), None);
+    }
+
+    #[test]
+    fn token_labels_are_short_hashes() {
+        // SHA-256("alpha") starts 8ed3f6ad.
+        assert_eq!(token_label(&Secret::new("alpha")), "8ed3f6ad");
     }
 
     #[test]

@@ -42,10 +42,52 @@ pub struct Config {
     pub log_level: LogLevel,
     pub debug_mode: bool,
     pub auth_validation: bool,
-    pub allowed_tokens: Vec<Secret>,
+    pub allowed_tokens: Vec<ClientToken>,
     pub auth_header: HeaderName,
     pub admin_token: Option<Secret>,
+    /// Protects `/metrics`; falls back to `admin_token`, and `/metrics` is open without either.
+    pub metrics_token: Option<Secret>,
+    pub log_format: LogFormat,
     pub limits: Limits,
+}
+
+/// One `ALLOWED_TOKENS` entry: `token`, or `name:token` to give the client a readable label in
+/// metrics and logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientToken {
+    pub name: Option<String>,
+    pub token: Secret,
+}
+
+impl ClientToken {
+    fn parse(entry: &str) -> ClientToken {
+        match entry.split_once(':') {
+            Some((name, token)) if is_client_name(name) && !token.trim().is_empty() => {
+                ClientToken {
+                    name: Some(name.to_string()),
+                    token: Secret::new(token.trim()),
+                }
+            }
+            _ => ClientToken {
+                name: None,
+                token: Secret::new(entry),
+            },
+        }
+    }
+}
+
+/// Names become metric labels: short, and from a character set no dashboard has to escape.
+fn is_client_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'-' | b'.'))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Timeouts and size limits: what keeps one bad peer from holding the proxy's resources.
@@ -160,12 +202,12 @@ impl Config {
         let debug_mode = parse_bool("DEBUG_MODE", get("DEBUG_MODE"))?;
         let auth_validation = parse_bool("AUTH_VALIDATION", get("AUTH_VALIDATION"))?;
 
-        let allowed_tokens: Vec<Secret> = get("ALLOWED_TOKENS")
+        let allowed_tokens: Vec<ClientToken> = get("ALLOWED_TOKENS")
             .unwrap_or_default()
             .split(',')
             .map(str::trim)
             .filter(|token| !token.is_empty())
-            .map(Secret::new)
+            .map(ClientToken::parse)
             .collect();
         if auth_validation && allowed_tokens.is_empty() {
             return Err(invalid(
@@ -186,6 +228,18 @@ impl Config {
         };
 
         let admin_token = get("ADMIN_TOKEN").map(Secret::new);
+        let metrics_token = get("METRICS_TOKEN").map(Secret::new);
+
+        let log_format = match get("LOG_FORMAT").map(|v| v.to_ascii_lowercase()).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(invalid(
+                    "LOG_FORMAT",
+                    format!("{other:?} is not a log format (accepted: text, json)"),
+                ));
+            }
+        };
 
         let defaults = Limits::default();
         let seconds = |name: &str, default: Duration| {
@@ -224,6 +278,8 @@ impl Config {
             allowed_tokens,
             auth_header,
             admin_token,
+            metrics_token,
+            log_format,
             limits,
         })
     }
@@ -362,8 +418,35 @@ mod tests {
             ("ALLOWED_TOKENS", " a , b,,c "),
         ])
         .unwrap();
-        let tokens: Vec<&str> = config.allowed_tokens.iter().map(Secret::expose).collect();
+        let tokens: Vec<&str> = config
+            .allowed_tokens
+            .iter()
+            .map(|client| client.token.expose())
+            .collect();
         assert_eq!(tokens, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn allowed_tokens_may_carry_a_client_name() {
+        let config = config(&[
+            ("AUTH_BEARER", "k"),
+            ("ALLOWED_TOKENS", "alice: sk-a ,sk-plain, bad name:tok,:x"),
+        ])
+        .unwrap();
+        let entries: Vec<(Option<&str>, &str)> = config
+            .allowed_tokens
+            .iter()
+            .map(|client| (client.name.as_deref(), client.token.expose()))
+            .collect();
+        assert_eq!(
+            entries,
+            [
+                (Some("alice"), "sk-a"),
+                (None, "sk-plain"),
+                (None, "bad name:tok"),
+                (None, ":x")
+            ]
+        );
     }
 
     #[test]

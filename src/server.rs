@@ -1,17 +1,13 @@
 //! The accept loop: our own rather than `warp::serve`, to set `TCP_NODELAY` on every connection
 //! (streamed chunks are small writes that Nagle's algorithm would hold back), to bound the drain
-//! on shutdown, and to write one access line per request.
+//! on shutdown, to refuse work beyond `MAX_CONCURRENT_REQUESTS`, and to hang the access log and
+//! request ids on every request.
 
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::Bytes;
 use futures::future::Either;
-use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::Service as _;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -19,12 +15,14 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
-use warp::http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use warp::http::{HeaderValue, Method, Request, Response, StatusCode, header};
 
+use crate::access::{
+    AccessLogBody, AccessRecord, CountingBody, PROXY_REQUEST_ID, REQUEST_ID, request_id,
+};
 use crate::error::json_error;
-
 use crate::filters::routes;
 use crate::state::AppState;
 
@@ -69,7 +67,7 @@ pub fn shutdown_channel() -> (ShutdownTrigger, ShutdownSignal) {
 pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: ShutdownSignal) {
     let limits = state.config.limits.clone();
     let in_flight = Arc::new(Semaphore::new(limits.max_concurrent_requests));
-    let service = TowerToHyperService::new(warp::service(routes(state)));
+    let service = TowerToHyperService::new(warp::service(routes(state.clone())));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -99,8 +97,18 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
         }
         let service = service.clone();
         let in_flight = in_flight.clone();
+        let state = state.clone();
         let per_request = hyper::service::service_fn(move |request: Request<Incoming>| {
-            let record = AccessRecord::start(&request);
+            let id = request_id(request.headers());
+            let (record, bytes_in) = AccessRecord::start(
+                &request,
+                id.clone(),
+                state.metrics.clone(),
+                state.config.log_format,
+            );
+            let mut request = request.map(|body| CountingBody::new(body, bytes_in));
+            // The upstream gets the same id, through the ordinary header forwarding.
+            request.headers_mut().insert(REQUEST_ID, id);
             let mut permit = None;
             let refusal = if request.method() == Method::CONNECT {
                 Some(refuse_connect())
@@ -118,12 +126,15 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
                 None => Either::Right(service.call(request)),
             };
             async move {
-                let response: Response<_> = response.await?;
+                let mut response: Response<_> = response.await?;
                 let record = record.for_response(&response);
+                response
+                    .headers_mut()
+                    .insert(PROXY_REQUEST_ID, record.id().clone());
                 Ok::<_, Infallible>(response.map(|body| AccessLogBody {
                     inner: body,
                     record,
-                    _permit: permit,
+                    permit,
                 }))
             }
         });
@@ -139,6 +150,7 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
     }
 
     drop(listener);
+    state.begin_draining();
     log::info!(
         "shutting down: no new connections; idle ones close now, in-flight requests get up to {}s \
          (open connections: {})",
@@ -180,134 +192,4 @@ fn overloaded() -> warp::reply::Response {
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     response
-}
-
-static NEXT_REQUEST_ID: AtomicU64 = AtomicU64::new(1);
-
-/// What the access line says about one request; written when the response body is dropped,
-/// which is when the last byte went out or the client went away.
-struct AccessRecord {
-    id: u64,
-    method: Method,
-    uri: Uri,
-    status: StatusCode,
-    started: Instant,
-    first_byte: Option<Duration>,
-    bytes: u64,
-    /// hyper stops polling a body once it has written a declared `Content-Length`, so reaching
-    /// that length counts as complete even though the end of the body is never polled.
-    declared_length: Option<u64>,
-    completed: bool,
-    failed: bool,
-}
-
-impl AccessRecord {
-    fn start<B>(request: &Request<B>) -> AccessRecord {
-        AccessRecord {
-            id: NEXT_REQUEST_ID.fetch_add(1, Ordering::Relaxed),
-            method: request.method().clone(),
-            uri: request.uri().clone(),
-            status: StatusCode::OK,
-            started: Instant::now(),
-            first_byte: None,
-            bytes: 0,
-            declared_length: None,
-            completed: false,
-            failed: false,
-        }
-    }
-
-    fn for_response<B: Body>(mut self, response: &Response<B>) -> AccessRecord {
-        self.status = response.status();
-        self.declared_length = response
-            .headers()
-            .get(warp::http::header::CONTENT_LENGTH)
-            .and_then(|value| value.to_str().ok()?.parse().ok())
-            .or_else(|| response.body().size_hint().exact());
-        self
-    }
-}
-
-impl Drop for AccessRecord {
-    fn drop(&mut self) {
-        let outcome = if self.completed
-            || self.declared_length == Some(self.bytes)
-            || self.method == Method::HEAD
-        {
-            "complete"
-        } else if self.failed {
-            "upstream_failed"
-        } else {
-            "client_gone"
-        };
-        let millis = |duration: Duration| duration.as_secs_f64() * 1000.0;
-        // The path only: query strings are the caller's business and may carry secrets.
-        // `ttfb_ms=-` when no body byte was ever sent.
-        let ttfb = self
-            .first_byte
-            .map_or_else(|| "-".to_string(), |ttfb| format!("{:.1}", millis(ttfb)));
-        log::info!(
-            "{} {} status={} duration_ms={:.1} ttfb_ms={} bytes={} outcome={} req={:x}",
-            self.method,
-            self.uri.path(),
-            self.status.as_u16(),
-            millis(self.started.elapsed()),
-            ttfb,
-            self.bytes,
-            outcome,
-            self.id,
-        );
-    }
-}
-
-/// A response body that counts what passes through it for the access line, untouched.
-struct AccessLogBody<B> {
-    inner: B,
-    record: AccessRecord,
-    /// A place in `MAX_CONCURRENT_REQUESTS`, given back when the last byte went out.
-    _permit: Option<OwnedSemaphorePermit>,
-}
-
-impl<B> Body for AccessLogBody<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        let record = &mut this.record;
-        match &polled {
-            Poll::Pending => {}
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    record.bytes += data.len() as u64;
-                }
-                record
-                    .first_byte
-                    .get_or_insert_with(|| record.started.elapsed());
-            }
-            Poll::Ready(Some(Err(_))) => record.failed = true,
-            Poll::Ready(None) => {
-                record.completed = true;
-                record
-                    .first_byte
-                    .get_or_insert_with(|| record.started.elapsed());
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }

@@ -2,12 +2,14 @@
 
 use std::ops::Deref;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use warp::http::{HeaderMap, HeaderName, HeaderValue, header};
 
-use crate::auth::TokenSet;
+use crate::auth::{TokenSet, token_label};
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::models_cache::ModelsCache;
 
 /// How long `/v1/models` answers are kept.
@@ -19,11 +21,18 @@ pub struct AppState(Arc<Inner>);
 
 pub struct Inner {
     pub config: Config,
+    pub metrics: Metrics,
+    /// The `client` label of each `ALLOWED_TOKENS` entry, in the same order.
+    pub client_labels: Vec<Arc<str>>,
+    /// Set once shutdown has begun: `/readyz` then answers 503.
+    pub draining: AtomicBool,
     pub client: reqwest::Client,
     pub models: ModelsCache,
     pub client_tokens: TokenSet,
     /// `None` when `ADMIN_TOKEN` is unset: the admin routes then do not exist.
     pub admin_tokens: Option<TokenSet>,
+    /// `METRICS_TOKEN`, else `ADMIN_TOKEN`; `None`: `/metrics` is open.
+    pub metrics_tokens: Option<TokenSet>,
     /// `Bearer <AUTH_BEARER>`, built once and marked sensitive so hyper never logs or indexes it.
     pub upstream_authorization: HeaderValue,
 }
@@ -50,11 +59,28 @@ impl AppState {
             HeaderValue::from_str(&format!("Bearer {}", config.auth_bearer.expose()))
                 .map_err(|_| "AUTH_BEARER: not a valid header value".to_string())?;
         upstream_authorization.set_sensitive(true);
+        let client_labels = config
+            .allowed_tokens
+            .iter()
+            .map(|client| match &client.name {
+                Some(name) => Arc::from(name.as_str()),
+                None => Arc::from(token_label(&client.token)),
+            })
+            .collect();
         Ok(AppState(Arc::new(Inner {
-            client_tokens: TokenSet::new(&config.allowed_tokens),
+            client_tokens: TokenSet::new(config.allowed_tokens.iter().map(|client| &client.token)),
+            client_labels,
+            metrics: Metrics::new(),
+            draining: AtomicBool::new(false),
             admin_tokens: config
                 .admin_token
                 .as_ref()
+                .map(std::iter::once)
+                .map(TokenSet::new),
+            metrics_tokens: config
+                .metrics_token
+                .as_ref()
+                .or(config.admin_token.as_ref())
                 .map(std::iter::once)
                 .map(TokenSet::new),
             models: ModelsCache::new(MODELS_CACHE_TTL),
@@ -66,12 +92,21 @@ impl AppState {
 }
 
 impl AppState {
+    pub fn begin_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     /// Replaces every configured secret found in `text` by `***`, for debug logs of bodies.
     pub fn mask(&self, text: &str) -> String {
         let config = &self.config;
         let secrets = std::iter::once(&config.auth_bearer)
-            .chain(&config.allowed_tokens)
-            .chain(&config.admin_token);
+            .chain(config.allowed_tokens.iter().map(|client| &client.token))
+            .chain(&config.admin_token)
+            .chain(&config.metrics_token);
         let mut masked = text.to_string();
         for secret in secrets {
             if masked.contains(secret.expose()) {

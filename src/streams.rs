@@ -14,6 +14,8 @@ use bytes::{Bytes, BytesMut};
 use futures::Stream;
 use tokio::time::{Instant, Sleep};
 
+use crate::metrics::{Metrics, UpstreamFailure};
+
 /// The caller's body went past `MAX_BODY_BYTES`.
 #[derive(Debug)]
 pub struct BodyTooLarge;
@@ -141,10 +143,11 @@ pub struct GuardedBody<S> {
     sse: bool,
     ended_on_event_boundary: bool,
     phase: Phase,
+    metrics: Metrics,
 }
 
 impl<S> GuardedBody<S> {
-    pub fn new(inner: S, idle: Duration, sse: bool) -> Self {
+    pub fn new(inner: S, idle: Duration, sse: bool, metrics: Metrics) -> Self {
         let now = Instant::now();
         GuardedBody {
             inner,
@@ -154,11 +157,16 @@ impl<S> GuardedBody<S> {
             sse,
             ended_on_event_boundary: true,
             phase: Phase::Streaming,
+            metrics,
         }
     }
 
     fn fail(&mut self, failure: StreamFailure) -> Poll<Option<Result<Bytes, StreamFailure>>> {
         log::error!("upstream body ended early: {failure}");
+        self.metrics.upstream_failure(match failure {
+            StreamFailure::Stalled => UpstreamFailure::Timeout,
+            StreamFailure::Interrupted => UpstreamFailure::Reset,
+        });
         if !self.sse {
             self.phase = Phase::Done;
             return Poll::Ready(Some(Err(failure)));
@@ -397,7 +405,7 @@ mod tests {
         let silent =
             futures::stream::iter([Ok::<_, Infallible>(Bytes::from_static(b"data: 1\n\n"))])
                 .chain(futures::stream::pending());
-        let mut guarded = GuardedBody::new(silent, Duration::from_secs(5), true);
+        let mut guarded = GuardedBody::new(silent, Duration::from_secs(5), true, Metrics::new());
         assert_eq!(guarded.next().await.unwrap().unwrap(), "data: 1\n\n");
         let event = guarded.next().await.unwrap().unwrap();
         assert!(event.starts_with(b"data: {\"error\""));
@@ -421,7 +429,12 @@ mod tests {
                 n + 1,
             ))
         });
-        let guarded = GuardedBody::new(Box::pin(ticks), Duration::from_secs(5), true);
+        let guarded = GuardedBody::new(
+            Box::pin(ticks),
+            Duration::from_secs(5),
+            true,
+            Metrics::new(),
+        );
         let all: Vec<_> = guarded.collect().await;
         assert_eq!(all.len(), 20);
         assert!(all.iter().all(Result::is_ok));

@@ -2,6 +2,7 @@
 
 use std::error::Error as _;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
@@ -10,8 +11,10 @@ use warp::Reply;
 use warp::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 
 use crate::error::ProxyError;
+use crate::metrics::UpstreamFailure;
 use crate::state::AppState;
 use crate::streams::{GuardedBody, LimitedBody, SecretMask, caused_by_body_limit, mask_secret};
+use crate::usage::UsageMeter;
 
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1, plus the older
 /// proxy-* ones): they are dropped in both directions, as are any names listed in `Connection`.
@@ -190,6 +193,7 @@ pub async fn send(
                 "upstream sent no response headers within {}s (UPSTREAM_TIMEOUT_SECS)",
                 timeout.as_secs()
             );
+            state.metrics.upstream_failure(UpstreamFailure::Timeout);
             Err(ProxyError::GatewayTimeout)
         }
         Ok(Err(err)) if caused_by_body_limit(&err) => {
@@ -198,13 +202,29 @@ pub async fn send(
         }
         Ok(Err(err)) => {
             log::error!("upstream request failed: {}", error_chain(&err));
-            Err(if err.is_timeout() {
-                ProxyError::GatewayTimeout
+            let (kind, error) = if err.is_timeout() {
+                (UpstreamFailure::Timeout, ProxyError::GatewayTimeout)
+            } else if err.is_connect() {
+                (UpstreamFailure::Connect, ProxyError::BadGateway)
             } else {
-                ProxyError::BadGateway
-            })
+                (UpstreamFailure::Reset, ProxyError::BadGateway)
+            };
+            state.metrics.upstream_failure(kind);
+            Err(error)
         }
-        Ok(Ok(response)) => Ok(response),
+        Ok(Ok(response)) => {
+            record_status(state, response.status());
+            Ok(response)
+        }
+    }
+}
+
+/// Counts upstream answers that are errors.
+fn record_status(state: &AppState, status: StatusCode) {
+    if status.is_server_error() {
+        state.metrics.upstream_failure(UpstreamFailure::Status5xx);
+    } else if status.is_client_error() {
+        state.metrics.upstream_failure(UpstreamFailure::Status4xx);
     }
 }
 
@@ -214,7 +234,12 @@ type UpstreamBody = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send + S
 /// The upstream's answer as the caller's response: same status, end-to-end headers, and the
 /// body forwarded chunk by chunk as it arrives, bytes untouched, under the idle watchdog.
 /// Non-2xx bodies go through the key mask: an upstream may echo the credentials it rejected.
-pub async fn into_reply(state: &AppState, upstream: reqwest::Response) -> warp::reply::Response {
+/// With `usage_client`, the `usage` object of a successful answer is counted for that client.
+pub async fn into_reply(
+    state: &AppState,
+    upstream: reqwest::Response,
+    usage_client: Option<Arc<str>>,
+) -> warp::reply::Response {
     let status = upstream.status();
     let upstream_key = state.config.auth_bearer.expose().as_bytes();
     let headers = response_headers(upstream.headers(), upstream_key);
@@ -240,6 +265,8 @@ pub async fn into_reply(state: &AppState, upstream: reqwest::Response) -> warp::
         // Masking may change the length.
         headers.remove(header::CONTENT_LENGTH);
         body = Box::pin(SecretMask::new(body, Bytes::copy_from_slice(upstream_key)));
+    } else if let Some(client) = usage_client {
+        body = Box::pin(UsageMeter::new(body, state.metrics.clone(), client));
     }
     if state.config.debug_mode {
         let state = state.clone();
@@ -252,7 +279,8 @@ pub async fn into_reply(state: &AppState, upstream: reqwest::Response) -> warp::
         }));
     }
     let idle = state.config.limits.stream_idle_timeout;
-    let mut reply = warp::reply::stream(GuardedBody::new(body, idle, sse)).into_response();
+    let guarded = GuardedBody::new(body, idle, sse, state.metrics.clone());
+    let mut reply = warp::reply::stream(guarded).into_response();
     *reply.status_mut() = status;
     *reply.headers_mut() = headers;
     reply

@@ -4,6 +4,7 @@
 mod admin;
 mod auth;
 mod models;
+mod ops;
 mod proxy;
 
 use std::convert::Infallible;
@@ -17,7 +18,13 @@ use crate::state::AppState;
 pub fn routes(
     state: AppState,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone {
-    admin::clear_cache(state.clone())
+    ops::healthz()
+        .or(ops::readyz(state.clone()))
+        .unify()
+        .or(ops::metrics(state.clone()))
+        .unify()
+        .or(admin::clear_cache(state.clone()))
+        .unify()
         .or(models::list(state.clone()))
         .unify()
         .or(proxy::forward(state))

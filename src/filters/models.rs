@@ -2,11 +2,14 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Instant;
 
 use warp::http::{HeaderValue, Method, header};
 use warp::{Filter, Rejection};
 
-use super::{auth, raw_query, with_state};
+use super::auth::{self, Caller};
+use super::{raw_query, with_state};
+use crate::exchange::Exchange;
 use crate::models_cache::{CacheStatus, CachedResponse, FetchResult};
 use crate::state::AppState;
 use crate::streams::mask_secret;
@@ -35,24 +38,43 @@ pub fn list(
 
 async fn list_models(
     _caller_headers: warp::http::HeaderMap,
+    caller: Caller,
     state: AppState,
 ) -> Result<warp::reply::Response, Infallible> {
     let fetch_state = state.clone();
+    let asked = Instant::now();
     let (result, cache_status) = state
         .models
         .get_or_fetch(move || fetch_models(fetch_state))
         .await;
+    let upstream_wait = match cache_status {
+        CacheStatus::Hit => {
+            state.metrics.cache_hit();
+            None
+        }
+        CacheStatus::Miss => {
+            state.metrics.cache_miss();
+            Some(asked.elapsed())
+        }
+    };
     // Errors are answered here rather than rejected: a rejection would make warp try the next
     // route and send the request upstream a second time.
-    Ok(match result {
+    let mut reply = match result {
         Ok(cached) => cached_reply(&cached, cache_status),
         Err(error) => error.into_response(),
-    })
+    };
+    reply.extensions_mut().insert(Exchange {
+        client: caller.label,
+        upstream_wait,
+        stream: false,
+    });
+    Ok(reply)
 }
 
 /// One upstream fetch shared by every waiting caller, so it carries no caller's headers: only the
 /// upstream key. In particular no `Accept-Encoding`, or one caller's gzip would be served to all.
 async fn fetch_models(state: AppState) -> FetchResult {
+    state.metrics.cache_fetch();
     let mut headers = warp::http::HeaderMap::with_capacity(2);
     headers.insert(header::AUTHORIZATION, state.upstream_authorization.clone());
     headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));

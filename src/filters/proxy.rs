@@ -1,14 +1,17 @@
 //! Everything else under `/v1/`: chat completions, embeddings, files, audio, ... forwarded as is.
 
 use std::convert::Infallible;
+use std::time::Instant;
 
 use futures::Stream;
 use warp::filters::path::FullPath;
 use warp::http::{HeaderMap, Method};
 use warp::{Buf, Filter, Rejection};
 
-use super::{auth, raw_query, with_state};
+use super::auth::{self, Caller};
+use super::{raw_query, with_state};
 use crate::error::ProxyError;
+use crate::exchange::Exchange;
 use crate::state::AppState;
 use crate::upstream;
 
@@ -28,6 +31,7 @@ pub fn forward(
 
 async fn forward_request<S, B>(
     headers: HeaderMap,
+    caller: Caller,
     method: Method,
     path: FullPath,
     query: Option<String>,
@@ -38,13 +42,42 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Send + Sync + 'static,
     B: Buf + Send,
 {
+    let asked = Instant::now();
+    let upstream = call_upstream(headers, method, &path, query.as_deref(), body, &state).await;
+    let upstream_wait = asked.elapsed();
     // Errors are answered here rather than rejected, so warp never tries another route.
-    Ok(
-        match call_upstream(headers, method, &path, query.as_deref(), body, &state).await {
-            Ok(response) => upstream::into_reply(&state, response).await,
-            Err(error) => error.into_response(),
-        },
-    )
+    let mut reply = match upstream {
+        Ok(response) => {
+            let usage = reports_usage(path.as_str()).then(|| caller.label.clone());
+            upstream::into_reply(&state, response, usage).await
+        }
+        Err(error) => error.into_response(),
+    };
+    let stream = reply
+        .headers()
+        .get(warp::http::header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"text/event-stream"));
+    reply.extensions_mut().insert(Exchange {
+        client: caller.label,
+        upstream_wait: Some(upstream_wait),
+        stream,
+    });
+    Ok(reply)
+}
+
+/// The endpoints whose answers carry a `usage` object worth counting.
+fn reports_usage(path: &str) -> bool {
+    [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+    ]
+    .iter()
+    .any(|endpoint| {
+        path.strip_prefix(endpoint)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
 }
 
 async fn call_upstream<S, B>(

@@ -141,7 +141,10 @@ async fn upstream_errors_pass_through_with_status_headers_and_body() {
         assert_eq!(headers["x-ratelimit-remaining-requests"], "0");
         assert_eq!(headers["x-request-id"], "req_mock_error");
         assert_eq!(headers["openai-processing-ms"], "1");
-        assert_eq!(headers["content-length"], direct_length, "framing kept for status {status}");
+        assert_eq!(
+            headers["content-length"], direct_length,
+            "framing kept for status {status}"
+        );
         assert_eq!(response.bytes().await.unwrap(), direct, "status {status}");
     }
 }

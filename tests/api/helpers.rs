@@ -16,6 +16,8 @@ pub const ADMIN_TOKEN: &str = "admin-token-xyz";
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The state the server runs with (shared: it sees the server's metrics and drain flag).
+    pub state: AppState,
     pub upstream: MockUpstream,
     pub client: reqwest::Client,
     pub shutdown: ShutdownTrigger,
@@ -66,9 +68,10 @@ pub async fn spawn_app_with_upstream(upstream: MockUpstream, vars: &[(&str, &str
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     let (shutdown, signal) = shutdown_channel();
-    let server = tokio::spawn(llm_proxy::serve(listener, state, signal));
+    let server = tokio::spawn(llm_proxy::serve(listener, state.clone(), signal));
     TestApp {
         addr,
+        state,
         upstream,
         client: reqwest::Client::new(),
         shutdown,

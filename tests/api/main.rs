@@ -8,5 +8,6 @@ mod fuzz_corpus;
 mod hardening;
 mod helpers;
 mod models;
+mod observability;
 mod process;
 mod streaming;

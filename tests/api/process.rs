@@ -114,8 +114,9 @@ async fn start_binary(vars: &[(&str, &str)]) -> RunningProxy {
     let port = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             let line = log.recv().await.expect("the proxy exited before listening");
-            if let Some((_, port)) = line.split_once("listening on 0.0.0.0:") {
-                return port.trim().parse().unwrap();
+            if let Some((_, rest)) = line.split_once("listening on 0.0.0.0:") {
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                return digits.parse().unwrap();
             }
         }
     })
@@ -228,4 +229,70 @@ async fn no_secret_reaches_the_logs_even_in_debug_mode() {
             "{secret} leaked into the log:\n{log}"
         );
     }
+}
+
+#[tokio::test]
+async fn every_log_line_is_json_with_log_format_json() {
+    let upstream = MockUpstream::start().await;
+    let target = upstream.base_url();
+    let mut proxy = start_binary(&[
+        ("TARGET_HOST", &target),
+        ("AUTH_BEARER", UPSTREAM_KEY),
+        ("AUTH_VALIDATION", "true"),
+        ("ALLOWED_TOKENS", "alice:tok-alice"),
+        ("LOG_FORMAT", "json"),
+    ])
+    .await;
+    let base = format!("http://127.0.0.1:{}", proxy.port);
+    let client = reqwest::Client::new();
+    let chat = client
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth("tok-alice")
+        .header("x-request-id", "json-test-1")
+        .json(&serde_json::json!({"stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert!(chat.text().await.unwrap().ends_with("[DONE]\n\n"));
+    let rejected = client
+        .get(format!("{base}/v1/models"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rejected.status(), 401);
+
+    let pid = proxy.child.id().unwrap().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    proxy.child.wait().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = drain(&mut proxy.log);
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+        .collect();
+    assert!(lines.len() >= 5, "{log}");
+    for line in &lines {
+        assert!(
+            line["time"].is_string() && line["level"].is_string(),
+            "{line}"
+        );
+    }
+    let access: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|line| line["target"] == "access")
+        .collect();
+    assert_eq!(access.len(), 2, "{log}");
+    let stream = access[0];
+    assert_eq!(stream["request_id"], "json-test-1");
+    assert_eq!(stream["client"], "alice");
+    assert_eq!(stream["status"], 200);
+    assert_eq!(stream["stream"], true);
+    assert_eq!(stream["upstream_request_id"], "req_mock_stream");
+    assert_eq!(stream["outcome"], "complete");
+    assert!(stream["bytes_in"].as_u64().unwrap() > 0 && stream["bytes_out"].as_u64().unwrap() > 0);
+    assert_eq!(access[1]["status"], 401);
+
+    let failed = run_with(&[("LOG_FORMAT", "json")]);
+    let line: serde_json::Value = serde_json::from_slice(&failed.stderr).expect("JSON error line");
+    assert_eq!(line["variable"], "AUTH_BEARER");
 }

@@ -1,0 +1,331 @@
+//! One access line and one set of metric observations per request, written when the response
+//! body is dropped: after its last byte went out, or when the client went away.
+
+use std::hash::{BuildHasher, RandomState};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use serde_json::json;
+use tokio::sync::OwnedSemaphorePermit;
+use warp::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
+
+use crate::config::LogFormat;
+use crate::exchange::Exchange;
+use crate::metrics::{Metrics, Route};
+
+/// The log target of access lines; the JSON log format recognises it.
+pub const ACCESS_TARGET: &str = "llm_proxy::access";
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const PROXY_REQUEST_ID: HeaderName = HeaderName::from_static("x-proxy-request-id");
+const MAX_REQUEST_ID: usize = 128;
+
+/// The caller's `X-Request-Id` when it is short and plain, or a new random one. It is what the
+/// upstream receives as `X-Request-Id` and what the caller gets back as `X-Proxy-Request-Id`.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(given) = headers.get(&REQUEST_ID)
+        && (1..=MAX_REQUEST_ID).contains(&given.len())
+        && given
+            .as_bytes()
+            .iter()
+            .all(|&byte| byte.is_ascii_alphanumeric() || b"-_.:/+=".contains(&byte))
+    {
+        return given.clone();
+    }
+    let random = RandomState::new().hash_one(NEXT_LOCAL_ID.fetch_add(1, Ordering::Relaxed));
+    HeaderValue::from_str(&format!("{random:016x}")).unwrap_or(HeaderValue::from_static("-"))
+}
+
+static NEXT_LOCAL_ID: AtomicU64 = AtomicU64::new(0);
+
+/// nginx's convention for a request whose client left before any response.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+pub struct AccessRecord {
+    id: HeaderValue,
+    method: Method,
+    uri: Uri,
+    route: Route,
+    started: Instant,
+    status: Option<StatusCode>,
+    headers_ready: Option<Duration>,
+    first_byte: Option<Duration>,
+    bytes_out: u64,
+    bytes_in: Arc<AtomicU64>,
+    /// hyper stops polling a body once it has written a declared `Content-Length`, so reaching
+    /// that length counts as complete even though the end of the body is never polled.
+    declared_length: Option<u64>,
+    completed: bool,
+    failed: bool,
+    exchange: Option<Exchange>,
+    upstream_request_id: Option<HeaderValue>,
+    metrics: Metrics,
+    format: LogFormat,
+}
+
+impl AccessRecord {
+    /// Starts the record; the returned counter is for the request body's bytes.
+    pub fn start<B>(
+        request: &Request<B>,
+        id: HeaderValue,
+        metrics: Metrics,
+        format: LogFormat,
+    ) -> (AccessRecord, Arc<AtomicU64>) {
+        metrics.requests_in_flight().inc();
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        let record = AccessRecord {
+            id,
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            route: Route::of(request.uri().path()),
+            started: Instant::now(),
+            status: None,
+            headers_ready: None,
+            first_byte: None,
+            bytes_out: 0,
+            bytes_in: bytes_in.clone(),
+            declared_length: None,
+            completed: false,
+            failed: false,
+            exchange: None,
+            upstream_request_id: None,
+            metrics,
+            format,
+        };
+        (record, bytes_in)
+    }
+
+    pub fn id(&self) -> &HeaderValue {
+        &self.id
+    }
+
+    pub fn for_response<B: Body>(mut self, response: &Response<B>) -> AccessRecord {
+        self.status = Some(response.status());
+        self.headers_ready = Some(self.started.elapsed());
+        let headers = response.headers();
+        self.declared_length = headers
+            .get(warp::http::header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok()?.parse().ok())
+            .or_else(|| response.body().size_hint().exact());
+        self.upstream_request_id = headers.get(&REQUEST_ID).cloned();
+        self.exchange = response.extensions().get::<Exchange>().cloned();
+        if self.is_stream() {
+            self.metrics.streams_in_flight().inc();
+        }
+        self
+    }
+
+    fn is_stream(&self) -> bool {
+        self.exchange
+            .as_ref()
+            .is_some_and(|exchange| exchange.stream)
+    }
+
+    fn outcome(&self) -> &'static str {
+        if self.status.is_none() {
+            "client_gone"
+        } else if self.completed
+            || self.declared_length == Some(self.bytes_out)
+            || self.method == Method::HEAD
+        {
+            "complete"
+        } else if self.failed {
+            "upstream_failed"
+        } else {
+            "client_gone"
+        }
+    }
+
+    /// Time to response headers spent in the proxy, the upstream's wait taken out.
+    fn overhead(&self) -> Option<Duration> {
+        let ready = self.headers_ready?;
+        let waited = self
+            .exchange
+            .as_ref()
+            .and_then(|exchange| exchange.upstream_wait)
+            .unwrap_or_default();
+        Some(ready.saturating_sub(waited))
+    }
+
+    fn write_line(&self, duration: Duration) {
+        let status = self
+            .status
+            .map_or(CLIENT_CLOSED_REQUEST, |status| status.as_u16());
+        let client = self
+            .exchange
+            .as_ref()
+            .map_or("-", |exchange| &*exchange.client);
+        let upstream_id = self
+            .upstream_request_id
+            .as_ref()
+            .and_then(|id| id.to_str().ok())
+            .unwrap_or("-");
+        let id = self.id.to_str().unwrap_or("-");
+        let millis = |duration: Duration| duration.as_secs_f64() * 1000.0;
+        let bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        // The path only: query strings are the caller's business and may carry secrets.
+        match self.format {
+            LogFormat::Json => log::info!(
+                target: ACCESS_TARGET,
+                "{}",
+                json!({
+                    "request_id": id,
+                    "client": client,
+                    "method": self.method.as_str(),
+                    "path": self.uri.path(),
+                    "route": self.route.as_str(),
+                    "status": status,
+                    "duration_ms": round(millis(duration)),
+                    "ttfb_ms": self.first_byte.map(|ttfb| round(millis(ttfb))),
+                    "bytes_in": bytes_in,
+                    "bytes_out": self.bytes_out,
+                    "stream": self.is_stream(),
+                    "outcome": self.outcome(),
+                    "upstream_request_id": self.upstream_request_id.as_ref().and_then(|id| id.to_str().ok()),
+                })
+            ),
+            LogFormat::Text => {
+                // `ttfb_ms=-` when no body byte was ever sent.
+                let ttfb = self
+                    .first_byte
+                    .map_or_else(|| "-".to_string(), |ttfb| format!("{:.1}", millis(ttfb)));
+                log::info!(
+                    target: ACCESS_TARGET,
+                    "{} {} status={status} duration_ms={:.1} ttfb_ms={ttfb} bytes_in={bytes_in} \
+                     bytes_out={} stream={} client={client} outcome={} req={id} upstream_req={upstream_id}",
+                    self.method,
+                    self.uri.path(),
+                    millis(duration),
+                    self.bytes_out,
+                    self.is_stream(),
+                    self.outcome(),
+                );
+            }
+        }
+    }
+}
+
+fn round(millis: f64) -> f64 {
+    (millis * 10.0).round() / 10.0
+}
+
+impl Drop for AccessRecord {
+    fn drop(&mut self) {
+        let duration = self.started.elapsed();
+        self.metrics.requests_in_flight().dec();
+        if self.is_stream() {
+            self.metrics.streams_in_flight().dec();
+        }
+        let status = self.status.unwrap_or(
+            StatusCode::from_u16(CLIENT_CLOSED_REQUEST).unwrap_or(StatusCode::BAD_REQUEST),
+        );
+        self.metrics.record_request(
+            self.route,
+            &self.method,
+            status,
+            duration,
+            self.first_byte,
+            self.overhead(),
+        );
+        if log::log_enabled!(target: ACCESS_TARGET, log::Level::Info) {
+            self.write_line(duration);
+        }
+    }
+}
+
+/// A response body that counts what passes through it, untouched.
+pub struct AccessLogBody<B> {
+    pub inner: B,
+    pub record: AccessRecord,
+    /// A place in `MAX_CONCURRENT_REQUESTS`, given back when the last byte went out.
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+impl<B> Body for AccessLogBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let record = &mut this.record;
+        match &polled {
+            Poll::Pending => {}
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    record.bytes_out += data.len() as u64;
+                }
+                record
+                    .first_byte
+                    .get_or_insert_with(|| record.started.elapsed());
+            }
+            Poll::Ready(Some(Err(_))) => record.failed = true,
+            Poll::Ready(None) => {
+                record.completed = true;
+                record
+                    .first_byte
+                    .get_or_insert_with(|| record.started.elapsed());
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body that counts the bytes the caller sent.
+pub struct CountingBody<B> {
+    inner: B,
+    bytes: Arc<AtomicU64>,
+}
+
+impl<B> CountingBody<B> {
+    pub fn new(inner: B, bytes: Arc<AtomicU64>) -> Self {
+        CountingBody { inner, bytes }
+    }
+}
+
+impl<B> Body for CountingBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,371 @@
+//! Prometheus metrics. Every label comes from a small fixed set (routes, methods, status classes,
+//! failure kinds) or from the configured client list: never a raw token, path or message.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+
+/// The `Content-Type` of `Metrics::encode`.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use warp::http::{Method, StatusCode};
+
+/// Which part of the API a request was for.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Route {
+    Chat,
+    Models,
+    Admin,
+    Passthrough,
+    Health,
+    Metrics,
+    /// Unknown paths (404s) and refused requests.
+    Other,
+}
+
+impl Route {
+    pub fn of(path: &str) -> Route {
+        if path == "/v1/chat/completions" {
+            Route::Chat
+        } else if path == "/v1/models" {
+            Route::Models
+        } else if path.starts_with("/v1/") || path == "/v1" {
+            Route::Passthrough
+        } else if path.starts_with("/admin/") {
+            Route::Admin
+        } else if path == "/healthz" || path == "/readyz" {
+            Route::Health
+        } else if path == "/metrics" {
+            Route::Metrics
+        } else {
+            Route::Other
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Chat => "chat",
+            Route::Models => "models",
+            Route::Admin => "admin",
+            Route::Passthrough => "passthrough",
+            Route::Health => "health",
+            Route::Metrics => "metrics",
+            Route::Other => "other",
+        }
+    }
+}
+
+/// How an upstream exchange failed.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    Connect,
+    Timeout,
+    Reset,
+    Status5xx,
+    Status4xx,
+}
+
+impl UpstreamFailure {
+    fn as_str(self) -> &'static str {
+        match self {
+            UpstreamFailure::Connect => "connect",
+            UpstreamFailure::Timeout => "timeout",
+            UpstreamFailure::Reset => "reset",
+            UpstreamFailure::Status5xx => "status_5xx",
+            UpstreamFailure::Status4xx => "status_4xx",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum TokenKind {
+    Prompt,
+    Completion,
+    Total,
+}
+
+impl TokenKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            TokenKind::Prompt => "prompt",
+            TokenKind::Completion => "completion",
+            TokenKind::Total => "total",
+        }
+    }
+}
+
+macro_rules! label_value_as_str {
+    ($($kind:ty),*) => {$(
+        impl EncodeLabelValue for $kind {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                encoder.write_str(self.as_str())
+            }
+        }
+    )*};
+}
+label_value_as_str!(Route, UpstreamFailure, TokenKind);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: Route,
+    method: &'static str,
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: Route,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    kind: UpstreamFailure,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    client: Arc<str>,
+    kind: TokenKind,
+}
+
+fn latency_histogram() -> Histogram {
+    // From a cached model list (sub-millisecond) to a long generation (minutes).
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        120.0, 300.0,
+    ])
+}
+
+fn overhead_histogram() -> Histogram {
+    Histogram::new([
+        0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05,
+    ])
+}
+
+/// All metric families, registered once. Cloning is shallow.
+#[derive(Clone)]
+pub struct Metrics(Arc<Families>);
+
+struct Families {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<RouteLabels, Histogram>,
+    time_to_first_byte: Family<RouteLabels, Histogram>,
+    overhead: Family<RouteLabels, Histogram>,
+    requests_in_flight: Gauge,
+    streams_in_flight: Gauge,
+    upstream_failures: Family<FailureLabels, Counter>,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    cache_fetches: Counter,
+    tokens: Family<TokenLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("llm_proxy");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by route, method and status class",
+            requests.clone(),
+        );
+        let duration = Family::<RouteLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Whole exchange, from request to the last byte of the response",
+            duration.clone(),
+        );
+        let time_to_first_byte = Family::<RouteLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "time_to_first_byte_seconds",
+            "From request to the first response body byte",
+            time_to_first_byte.clone(),
+        );
+        let overhead = Family::<RouteLabels, Histogram>::new_with_constructor(
+            overhead_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "overhead_seconds",
+            "Time to response headers spent in the proxy itself, upstream wait excluded",
+            overhead.clone(),
+        );
+        let requests_in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Requests being answered, streams included",
+            requests_in_flight.clone(),
+        );
+        let streams_in_flight = Gauge::default();
+        registry.register(
+            "streams_in_flight",
+            "Server-sent-event responses being forwarded",
+            streams_in_flight.clone(),
+        );
+        let upstream_failures = Family::<FailureLabels, Counter>::default();
+        registry.register(
+            "upstream_failures",
+            "Upstream exchanges that failed, by kind",
+            upstream_failures.clone(),
+        );
+        let cache_hits = Counter::default();
+        registry.register(
+            "models_cache_hits",
+            "GET /v1/models answered from the cache",
+            cache_hits.clone(),
+        );
+        let cache_misses = Counter::default();
+        registry.register(
+            "models_cache_misses",
+            "GET /v1/models that found no fresh entry",
+            cache_misses.clone(),
+        );
+        let cache_fetches = Counter::default();
+        registry.register(
+            "models_cache_fetches",
+            "Upstream fetches of the model list",
+            cache_fetches.clone(),
+        );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "tokens",
+            "Tokens reported in upstream usage objects, by client and kind",
+            tokens.clone(),
+        );
+        Metrics(Arc::new(Families {
+            registry,
+            requests,
+            duration,
+            time_to_first_byte,
+            overhead,
+            requests_in_flight,
+            streams_in_flight,
+            upstream_failures,
+            cache_hits,
+            cache_misses,
+            cache_fetches,
+            tokens,
+        }))
+    }
+
+    /// The Prometheus text exposition (format 0.0.4) of every family.
+    pub fn encode(&self) -> String {
+        let mut text = String::with_capacity(8 * 1024);
+        if let Err(err) = prometheus_text::encode(&mut text, &self.0.registry) {
+            log::error!("encoding metrics failed: {err}");
+        }
+        text
+    }
+
+    pub fn record_request(
+        &self,
+        route: Route,
+        method: &Method,
+        status: StatusCode,
+        duration: Duration,
+        time_to_first_byte: Option<Duration>,
+        overhead: Option<Duration>,
+    ) {
+        let families = &self.0;
+        let labels = RequestLabels {
+            route,
+            method: method_label(method),
+            status_class: status_class(status),
+        };
+        families.requests.get_or_create(&labels).inc();
+        let route = RouteLabels { route };
+        families
+            .duration
+            .get_or_create(&route)
+            .observe(duration.as_secs_f64());
+        if let Some(ttfb) = time_to_first_byte {
+            families
+                .time_to_first_byte
+                .get_or_create(&route)
+                .observe(ttfb.as_secs_f64());
+        }
+        if let Some(overhead) = overhead {
+            families
+                .overhead
+                .get_or_create(&route)
+                .observe(overhead.as_secs_f64());
+        }
+    }
+
+    pub fn requests_in_flight(&self) -> &Gauge {
+        &self.0.requests_in_flight
+    }
+
+    pub fn streams_in_flight(&self) -> &Gauge {
+        &self.0.streams_in_flight
+    }
+
+    pub fn upstream_failure(&self, kind: UpstreamFailure) {
+        self.0
+            .upstream_failures
+            .get_or_create(&FailureLabels { kind })
+            .inc();
+    }
+
+    pub fn cache_hit(&self) {
+        self.0.cache_hits.inc();
+    }
+
+    pub fn cache_miss(&self) {
+        self.0.cache_misses.inc();
+    }
+
+    pub fn cache_fetch(&self) {
+        self.0.cache_fetches.inc();
+    }
+
+    pub fn tokens(&self, client: &Arc<str>, kind: TokenKind, count: u64) {
+        self.0
+            .tokens
+            .get_or_create(&TokenLabels {
+                client: client.clone(),
+                kind,
+            })
+            .inc_by(count);
+    }
+}
+
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

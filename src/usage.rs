@@ -1,0 +1,308 @@
+//! Token usage read from upstream bodies as they stream past, without buffering them: a scanner
+//! looks for `"usage":{` and captures only that object, in plain JSON answers and in the final
+//! usage event of a stream (`stream_options.include_usage`) alike.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::Stream;
+use serde::Deserialize;
+
+use crate::metrics::{Metrics, TokenKind};
+
+const KEY: &[u8] = b"\"usage\"";
+/// A usage object is a handful of numbers; anything longer is not one.
+const MAX_OBJECT: usize = 4096;
+
+/// Token counts as the OpenAI APIs report them; the Responses API says input/output where chat
+/// completions say prompt/completion.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt: u64,
+    pub completion: u64,
+    pub total: u64,
+}
+
+#[derive(Deserialize)]
+struct RawUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+}
+
+impl RawUsage {
+    fn into_usage(self) -> Option<Usage> {
+        let prompt = self.prompt_tokens.or(self.input_tokens);
+        let completion = self.completion_tokens.or(self.output_tokens);
+        if prompt.is_none() && completion.is_none() && self.total_tokens.is_none() {
+            return None;
+        }
+        let (prompt, completion) = (prompt.unwrap_or(0), completion.unwrap_or(0));
+        Some(Usage {
+            prompt,
+            completion,
+            total: self.total_tokens.unwrap_or(prompt + completion),
+        })
+    }
+}
+
+enum State {
+    Searching,
+    /// After the key: waiting for `:` and then `{` (anything else, such as `null`, is not usage).
+    AfterKey {
+        colon: bool,
+    },
+    Capturing(Capture),
+}
+
+#[derive(Default)]
+struct Capture {
+    object: Vec<u8>,
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl Capture {
+    /// Takes bytes of the object; returns how many were consumed once the object closed.
+    fn take(&mut self, bytes: &[u8]) -> Option<usize> {
+        for (index, &byte) in bytes.iter().enumerate() {
+            self.object.push(byte);
+            if self.in_string {
+                match byte {
+                    _ if self.escaped => self.escaped = false,
+                    b'\\' => self.escaped = true,
+                    b'"' => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match byte {
+                b'"' => self.in_string = true,
+                b'{' => self.depth += 1,
+                b'}' => {
+                    self.depth -= 1;
+                    if self.depth == 0 {
+                        return Some(index + 1);
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+}
+
+/// Feed it every body chunk in order; `usage()` is the last usage object seen.
+pub struct UsageScanner {
+    state: State,
+    /// The end of the previous chunk, in case the key is split across two chunks.
+    carry: Vec<u8>,
+    last: Option<Usage>,
+}
+
+impl Default for UsageScanner {
+    fn default() -> Self {
+        UsageScanner {
+            state: State::Searching,
+            carry: Vec::with_capacity(KEY.len()),
+            last: None,
+        }
+    }
+}
+
+impl UsageScanner {
+    pub fn usage(&self) -> Option<Usage> {
+        self.last
+    }
+
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() {
+            match &mut self.state {
+                State::Searching => match self.find_key(chunk) {
+                    Some(after_key) => {
+                        self.state = State::AfterKey { colon: false };
+                        chunk = &chunk[after_key..];
+                    }
+                    None => return,
+                },
+                State::AfterKey { colon } => {
+                    let byte = chunk[0];
+                    match byte {
+                        b' ' | b'\t' | b'\r' | b'\n' => chunk = &chunk[1..],
+                        b':' if !*colon => {
+                            *colon = true;
+                            chunk = &chunk[1..];
+                        }
+                        b'{' if *colon => self.state = State::Capturing(Capture::default()),
+                        _ => self.state = State::Searching,
+                    }
+                }
+                State::Capturing(capture) => match capture.take(chunk) {
+                    Some(consumed) => {
+                        let object = std::mem::take(&mut capture.object);
+                        if let Some(usage) = serde_json::from_slice::<RawUsage>(&object)
+                            .ok()
+                            .and_then(RawUsage::into_usage)
+                        {
+                            self.last = Some(usage);
+                        }
+                        self.state = State::Searching;
+                        chunk = &chunk[consumed..];
+                    }
+                    None => {
+                        if capture.object.len() > MAX_OBJECT {
+                            self.state = State::Searching;
+                        }
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Where the key ends in `chunk` (it may have begun in the carry), or `None` after keeping
+    /// the chunk's tail for the next call.
+    fn find_key(&mut self, chunk: &[u8]) -> Option<usize> {
+        if !self.carry.is_empty() {
+            // Only a key that starts in the carry can end in the first KEY.len() - 1 bytes.
+            let carried = self.carry.len();
+            let take = chunk.len().min(KEY.len() - 1);
+            self.carry.extend_from_slice(&chunk[..take]);
+            if let Some(at) = memchr::memmem::find(&self.carry, KEY) {
+                self.carry.clear();
+                return Some(at + KEY.len() - carried);
+            }
+            if take == chunk.len() {
+                let excess = self.carry.len().saturating_sub(KEY.len() - 1);
+                self.carry.drain(..excess);
+                return None;
+            }
+            self.carry.clear();
+        }
+        if let Some(at) = memchr::memmem::find(chunk, KEY) {
+            return Some(at + KEY.len());
+        }
+        let keep = chunk.len().min(KEY.len() - 1);
+        self.carry.extend_from_slice(&chunk[chunk.len() - keep..]);
+        None
+    }
+}
+
+/// Passes a body through untouched while scanning it; counts the usage it saw when dropped, which
+/// is when the body ended or the client went away.
+pub struct UsageMeter<S> {
+    inner: S,
+    scanner: UsageScanner,
+    metrics: Metrics,
+    client: Arc<str>,
+}
+
+impl<S> UsageMeter<S> {
+    pub fn new(inner: S, metrics: Metrics, client: Arc<str>) -> Self {
+        UsageMeter {
+            inner,
+            scanner: UsageScanner::default(),
+            metrics,
+            client,
+        }
+    }
+}
+
+impl<S, E> Stream for UsageMeter<S>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+{
+    type Item = Result<Bytes, E>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_next(cx);
+        if let Poll::Ready(Some(Ok(chunk))) = &polled {
+            this.scanner.feed(chunk);
+        }
+        polled
+    }
+}
+
+impl<S> Drop for UsageMeter<S> {
+    fn drop(&mut self) {
+        if let Some(usage) = self.scanner.usage() {
+            self.metrics
+                .tokens(&self.client, TokenKind::Prompt, usage.prompt);
+            self.metrics
+                .tokens(&self.client, TokenKind::Completion, usage.completion);
+            self.metrics
+                .tokens(&self.client, TokenKind::Total, usage.total);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan_in_pieces(body: &[u8], piece: usize) -> Option<Usage> {
+        let mut scanner = UsageScanner::default();
+        for chunk in body.chunks(piece) {
+            scanner.feed(chunk);
+        }
+        scanner.usage()
+    }
+
+    const CHAT: &[u8] = br#"{"id":"x","choices":[{"message":{"content":"say \"usage\":{\"prompt_tokens\":99}"}}],"usage":{"prompt_tokens":7,"completion_tokens":6,"total_tokens":13,"prompt_tokens_details":{"cached_tokens":0}}}"#;
+
+    #[test]
+    fn plain_answer_usage_is_found_however_the_body_is_split() {
+        let expected = Some(Usage {
+            prompt: 7,
+            completion: 6,
+            total: 13,
+        });
+        for piece in 1..CHAT.len() {
+            assert_eq!(scan_in_pieces(CHAT, piece), expected, "pieces of {piece}");
+        }
+    }
+
+    #[test]
+    fn stream_usage_is_the_final_usage_event() {
+        let stream = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n\
+            data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":5,\"total_tokens\":8}}\n\n\
+            data: [DONE]\n\n";
+        for piece in [1, 2, 7, 16, 64, stream.len()] {
+            assert_eq!(
+                scan_in_pieces(stream, piece),
+                Some(Usage {
+                    prompt: 3,
+                    completion: 5,
+                    total: 8
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn responses_api_names_are_understood() {
+        let body =
+            br#"{"response":{"usage":{"input_tokens":10,"output_tokens":4,"total_tokens":14}}}"#;
+        assert_eq!(
+            scan_in_pieces(body, 5),
+            Some(Usage {
+                prompt: 10,
+                completion: 4,
+                total: 14
+            })
+        );
+    }
+
+    #[test]
+    fn no_usage_means_none() {
+        assert_eq!(scan_in_pieces(b"{\"usage\": null}", 3), None);
+        assert_eq!(scan_in_pieces(b"{\"data\":[1,2,3]}", 4), None);
+        assert_eq!(scan_in_pieces(b"", 4), None);
+    }
+}
