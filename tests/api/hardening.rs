@@ -28,18 +28,12 @@ async fn read_stream(response: reqwest::Response) -> (String, bool) {
     (String::from_utf8_lossy(&received).into_owned(), false)
 }
 
-fn stream_chat(app: &TestApp) -> reqwest::RequestBuilder {
-    app.client
-        .post(app.url("/v1/chat/completions"))
-        .bearer_auth(CLIENT_TOKEN)
-        .json(&serde_json::json!({"model": "gpt-mock", "stream": true}))
-}
-
 #[tokio::test]
 async fn no_response_headers_in_time_is_a_504() {
     let app = spawn_app(&[("UPSTREAM_TIMEOUT_SECS", "1")]).await;
     let started = Instant::now();
-    let response = stream_chat(&app)
+    let response = app
+        .stream_chat(5, 10)
         .header("x-mock-delay-ms", "4000")
         .send()
         .await
@@ -65,7 +59,7 @@ async fn a_stalled_stream_ends_with_an_error_event_and_a_truncated_transfer() {
     .await;
     let app = spawn_app(&[("TARGET_HOST", &target), ("STREAM_IDLE_TIMEOUT_SECS", "1")]).await;
     let started = Instant::now();
-    let (received, truncated) = read_stream(stream_chat(&app).send().await.unwrap()).await;
+    let (received, truncated) = read_stream(app.stream_chat(5, 10).send().await.unwrap()).await;
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(
         received.starts_with("data: {\"choices\":[]}\n\n"),
@@ -91,7 +85,7 @@ async fn an_upstream_reset_mid_stream_is_not_reported_as_complete() {
     })
     .await;
     let app = spawn_app(&[("TARGET_HOST", &target)]).await;
-    let (received, truncated) = read_stream(stream_chat(&app).send().await.unwrap()).await;
+    let (received, truncated) = read_stream(app.stream_chat(5, 10).send().await.unwrap()).await;
     assert!(truncated);
     assert!(
         received.contains("data: {\"partial\n\ndata: {\"error\""),
@@ -106,12 +100,7 @@ async fn an_upstream_reset_mid_stream_is_not_reported_as_complete() {
 #[tokio::test]
 async fn a_long_stream_with_short_gaps_is_never_cut() {
     let app = spawn_app(&[("STREAM_IDLE_TIMEOUT_SECS", "1")]).await;
-    let response = stream_chat(&app)
-        .header("x-mock-chunks", "12")
-        .header("x-mock-interval-ms", "300")
-        .send()
-        .await
-        .unwrap();
+    let response = app.stream_chat(12, 300).send().await.unwrap();
     let (received, truncated) = read_stream(response).await;
     assert!(!truncated);
     assert!(received.ends_with("data: [DONE]\n\n"));
@@ -241,12 +230,7 @@ async fn a_chunked_body_over_the_limit_is_413_and_never_completes_upstream() {
 #[tokio::test]
 async fn beyond_max_concurrent_requests_callers_get_503_at_once() {
     let app = spawn_app(&[("MAX_CONCURRENT_REQUESTS", "2")]).await;
-    let slow = |_: u8| {
-        stream_chat(&app)
-            .header("x-mock-chunks", "3")
-            .header("x-mock-interval-ms", "400")
-            .send()
-    };
+    let slow = |_: u8| app.stream_chat(3, 400).send();
     let first = slow(1).await.unwrap();
     let second = slow(2).await.unwrap();
     let started = Instant::now();
@@ -459,12 +443,7 @@ async fn shutdown_closes_idle_keep_alive_connections_at_once() {
 #[tokio::test]
 async fn a_second_shutdown_request_closes_what_remains() {
     let mut app = spawn_app(&[]).await;
-    let response = stream_chat(&app)
-        .header("x-mock-chunks", "100")
-        .header("x-mock-interval-ms", "100")
-        .send()
-        .await
-        .unwrap();
+    let response = app.stream_chat(100, 100).send().await.unwrap();
     let server = app.begin_shutdown();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!server.is_finished(), "the stream is still being drained");
@@ -480,12 +459,7 @@ async fn a_second_shutdown_request_closes_what_remains() {
 #[tokio::test]
 async fn the_grace_period_bounds_the_drain() {
     let mut app = spawn_app(&[("SHUTDOWN_GRACE_SECS", "1")]).await;
-    let response = stream_chat(&app)
-        .header("x-mock-chunks", "100")
-        .header("x-mock-interval-ms", "100")
-        .send()
-        .await
-        .unwrap();
+    let response = app.stream_chat(100, 100).send().await.unwrap();
     let started = Instant::now();
     let server = app.begin_shutdown();
     tokio::time::timeout(Duration::from_secs(3), server)

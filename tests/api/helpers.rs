@@ -35,6 +35,22 @@ impl TestApp {
         self.server.take().expect("server already shut down")
     }
 
+    /// A streamed chat request as `CLIENT_TOKEN`: the mock sends `chunks` content events
+    /// `interval_ms` apart, and a final usage event.
+    pub fn stream_chat(&self, chunks: u32, interval_ms: u32) -> reqwest::RequestBuilder {
+        self.client
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(CLIENT_TOKEN)
+            .header("x-mock-chunks", chunks.to_string())
+            .header("x-mock-interval-ms", interval_ms.to_string())
+            .json(&serde_json::json!({
+                "model": "gpt-mock",
+                "stream": true,
+                "stream_options": {"include_usage": true},
+                "messages": [{"role": "user", "content": "hi"}]
+            }))
+    }
+
     pub async fn chat(&self, token: &str, body: serde_json::Value) -> reqwest::Response {
         self.client
             .post(self.url("/v1/chat/completions"))

@@ -185,16 +185,7 @@ async fn traffic_moves_the_counters_by_exactly_what_happened() {
 #[tokio::test]
 async fn in_flight_gauges_count_open_streams() {
     let app = spawn_app(&[]).await;
-    let response = app
-        .client
-        .post(app.url("/v1/chat/completions"))
-        .bearer_auth(CLIENT_TOKEN)
-        .header("x-mock-chunks", "10")
-        .header("x-mock-interval-ms", "100")
-        .json(&serde_json::json!({"stream": true}))
-        .send()
-        .await
-        .unwrap();
+    let response = app.stream_chat(10, 100).send().await.unwrap();
     let during = scrape(&app).await;
     assert_eq!(during["llm_proxy_streams_in_flight"], 1.0);
     assert_eq!(
@@ -294,16 +285,7 @@ async fn health_endpoints_need_no_token_and_readiness_ends_with_the_drain() {
         let response = app.client.get(app.url(path)).send().await.unwrap();
         assert_eq!(response.status(), 200, "{path}");
     }
-    let stream = app
-        .client
-        .post(app.url("/v1/chat/completions"))
-        .bearer_auth(CLIENT_TOKEN)
-        .header("x-mock-chunks", "10")
-        .header("x-mock-interval-ms", "100")
-        .json(&serde_json::json!({"stream": true}))
-        .send()
-        .await
-        .unwrap();
+    let stream = app.stream_chat(10, 100).send().await.unwrap();
     let routes = llm_proxy::routes(app.state.clone());
     let server = app.begin_shutdown();
     assert!(eventually(Duration::from_secs(2), || app.state.is_draining()).await);

@@ -5,24 +5,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::*;
 
-fn stream_request(app: &TestApp, chunks: u32, interval_ms: u32) -> reqwest::RequestBuilder {
-    app.client
-        .post(app.url("/v1/chat/completions"))
-        .bearer_auth(CLIENT_TOKEN)
-        .header("x-mock-chunks", chunks.to_string())
-        .header("x-mock-interval-ms", interval_ms.to_string())
-        .json(&serde_json::json!({
-            "model": "gpt-mock",
-            "stream": true,
-            "stream_options": {"include_usage": true},
-            "messages": [{"role": "user", "content": "hi"}]
-        }))
-}
-
 #[tokio::test]
 async fn stream_is_forwarded_chunk_by_chunk() {
     let app = spawn_app(&[]).await;
-    let response = stream_request(&app, 5, 150).send().await.unwrap();
+    let response = app.stream_chat(5, 150).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let mut body = response.bytes_stream();
@@ -144,7 +130,7 @@ async fn client_disconnect_before_response_headers_cancels_the_upstream_request(
 #[tokio::test]
 async fn graceful_shutdown_lets_a_running_stream_finish() {
     let mut app = spawn_app(&[]).await;
-    let response = stream_request(&app, 8, 100).send().await.unwrap();
+    let response = app.stream_chat(8, 100).send().await.unwrap();
     let mut body = response.bytes_stream();
     let first = body.next().await.unwrap().unwrap();
 
