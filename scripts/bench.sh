@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Benchmark: llm-proxy against nginx doing the same job, and against the upstream itself.
+#
+#   scripts/bench.sh            # about 4-5 minutes on a 2-core machine (plus the release build)
+#
+# One command, loopback only, every load bounded in count and time. It installs what it lacks
+# (nginx and wrk from Debian packages; the streaming load generator is Python 3 standard library),
+# builds the release binaries, then runs scripts/bench/run.py, which measures side by side:
+#   direct  -- load straight at mock-upstream (--no-record): the floor;
+#   nginx   -- nginx as the equivalent proxy (token `map`, key swap, HTTP/1.1 keep-alive pool,
+#              proxy_buffering off; config from scripts/bench/nginx.conf.template);
+#   proxy   -- target/release/llm-proxy with AUTH_VALIDATION=true, LOG_LEVEL=info, its log
+#              (access lines included) written to a file, as an operator would.
+# It prints a table with PASS/FAIL per target and writes JSON to target/bench/results.json.
+# Exit status: non-zero only when the benchmark itself could not run, never for a missed target.
+#
+# Settings (environment):
+#   BENCH_SECONDS=5              measured seconds of one plain run (wrk)
+#   BENCH_ROUNDS=3               plain rounds per target and concurrency, targets interleaved
+#   BENCH_WARMUP_SECONDS=2       unmeasured wrk run per target before each concurrency
+#   BENCH_STREAM_SECONDS=8       seconds during which new streams start, per streaming run
+#   BENCH_STREAM_ROUNDS=2        streaming rounds per target and concurrency, interleaved
+#   BENCH_PLAIN_CONCURRENCY=1,32 BENCH_STREAM_CONCURRENCY=200,1000   ("none" skips the phase)
+#   BENCH_CHUNKS=20 BENCH_INTERVAL_MS=50   the SSE stream the mock sends
+#   BENCH_STARTUP_TRIES=10       fresh starts for start-up time and idle RSS
+#   BENCH_PIN=split|none         CPU pinning, see below (default split)
+#   BENCH_WORKERS=2              nginx worker_processes and llm-proxy's TOKIO_WORKER_THREADS
+#   BENCH_PROXY_LOG=file|discard llm-proxy's stderr log to a file (default) or /dev/null
+#   BENCH_ACCESS_LOG=file|off    nginx access_log (default file, for parity with the proxy's line)
+#   BENCH_OUT=path               JSON output (default target/bench/results.json)
+#   BENCH_SKIP_BUILD=1           use the binaries already in target/release
+#   BENCH_NO_INSTALL=1           never call apt-get (fail if nginx or wrk is missing)
+#   BENCH_KEEP_WORKDIR=1         keep the temp dir with configs and logs
+#   BENCH_NICE=-10               scheduling weight of the benchmark's own session (autogroup)
+#                                against other work on the machine; 0 leaves it alone
+#   BENCH_PROXY_ENV="K=V ..."    extra environment for llm-proxy, for experiments
+#                                (e.g. LD_PRELOAD=.../libjemalloc.so.2, MALLOC_ARENA_MAX=2)
+# Defaults take about 4 minutes for the measurements on a 2-core machine.
+#
+# Pinning (BENCH_PIN=split, the default). With 2 cores there is no clean answer; the choice:
+#   CPU 0: the load generator alone (wrk -t1, or the single-threaded Python SSE client);
+#   CPU 1: the mock upstream and the proxy under test (nginx or llm-proxy; for "direct", the
+#          upstream alone).
+# So the load generator never steals CPU from what it measures, every target shares one core with
+# the same upstream (req/s at c=32 reads as "one core of upstream + proxy"), and no core sits idle
+# to be woken with an IPI for each event. Both proxies keep 2 workers, as deployed on this box:
+# TOKIO_WORKER_THREADS=2 (tokio would otherwise size itself from the 1-CPU affinity mask) and
+# nginx `worker_processes 2`. Caveats: the two workers time-share a core (any multi-worker
+# overhead, e.g. tokio waking a second worker that finds nothing to do, is paid in full and shows
+# as CPU time, but cross-core wake-up latency is not measured); and the absolute req/s are a
+# 1-core figure. BENCH_PIN=none runs everything unpinned instead (closer to production, noisier).
+#
+# Noise: the targets run interleaved in rounds (order rotated each round), so a burst of outside
+# load hits all of them alike; counts and CPU are pooled, percentiles are the median of the rounds.
+# The benchmark's session gets a higher scheduling weight (BENCH_NICE), and each run records the
+# CPU that other processes used meanwhile (column bg); the table warns when it was high.
+#
+# Logging parity: both proxies write one access line per request to a file, unbuffered (nginx's
+# default combined format; llm-proxy's info-level access line through its logger on stderr).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+started=$(date +%s)
+
+say() { printf '[bench] %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+# --- prerequisites ---------------------------------------------------------------------------
+need_pkgs=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_pkgs+=(nginx-light)
+command -v wrk >/dev/null 2>&1 || need_pkgs+=(wrk)
+command -v taskset >/dev/null 2>&1 || need_pkgs+=(util-linux)
+command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    [ "${BENCH_NO_INSTALL:-}" = 1 ] && die "missing: ${need_pkgs[*]} (BENCH_NO_INSTALL=1)"
+    command -v apt-get >/dev/null 2>&1 || die "missing ${need_pkgs[*]} and no apt-get to install them"
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    say "installing ${need_pkgs[*]} (Debian packages)"
+    $SUDO apt-get update -qq >/dev/null || die "apt-get update failed"
+    # Keep the package from starting a system nginx on 0.0.0.0:80: Debian's policy-rc.d hook,
+    # in place only for the install and only if the machine has none of its own.
+    policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        policy=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null && $SUDO chmod +x "$policy"
+    fi
+    install_rc=0
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+        "${need_pkgs[@]}" >/dev/null || install_rc=$?
+    [ -n "$policy" ] && $SUDO rm -f "$policy"
+    [ "$install_rc" -eq 0 ] || die "apt-get install ${need_pkgs[*]} failed"
+fi
+NGINX_BIN="$(command -v nginx || echo /usr/sbin/nginx)"
+[ -x "$NGINX_BIN" ] || die "nginx not found after install"
+export BENCH_NGINX_BIN="$NGINX_BIN"
+
+# --- build -----------------------------------------------------------------------------------
+if [ "${BENCH_SKIP_BUILD:-}" != 1 ]; then
+    say "building release binaries (lto=fat: a few minutes from scratch, quick when up to date)"
+    cargo build --release --workspace --bin llm-proxy --bin mock-upstream --quiet \
+        || die "cargo build failed"
+fi
+for bin in llm-proxy mock-upstream; do
+    [ -x "target/release/$bin" ] || die "target/release/$bin is missing"
+done
+built=$(date +%s)
+
+# --- limits ----------------------------------------------------------------------------------
+# 1000 streams: 1000 client sockets in the generator, 1000 accepted plus 1000 upstream sockets in
+# the proxy, 1000 more in the upstream.
+want_nofile=20000
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$want_nofile" ]; then
+    ulimit -n "$want_nofile" 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+fi
+say "open files limit: $(ulimit -n)"
+
+# --- run -------------------------------------------------------------------------------------
+# run.py moves itself into its own session (see BENCH_NICE), out of reach of the terminal's
+# Ctrl-C: forward it.
+python3 "$ROOT/scripts/bench/run.py" &
+driver=$!
+trap 'kill -INT "$driver" 2>/dev/null' INT TERM
+rc=0
+wait "$driver" || rc=$?
+# A trapped signal interrupts the first wait; collect the real status.
+if kill -0 "$driver" 2>/dev/null; then wait "$driver" || rc=$?; fi
+trap - INT TERM
+ended=$(date +%s)
+say "build $((built - started)) s, benchmark $((ended - built)) s, total $((ended - started)) s"
+exit "$rc"
