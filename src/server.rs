@@ -144,7 +144,7 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
         let connection = graceful.watch(connection);
         connections.spawn(async move {
             if let Err(err) = connection.await {
-                log::debug!("connection ended with an error: {err}");
+                log_connection_error(&*err);
             }
         });
     }
@@ -167,6 +167,22 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
         }
     }
     connections.shutdown().await;
+}
+
+/// Requests hyper refused before they reached the route table (malformed or oversized headers,
+/// a header read timeout) have no access line, so they are logged here.
+fn log_connection_error(err: &(dyn std::error::Error + 'static)) {
+    match err.downcast_ref::<hyper::Error>() {
+        Some(err) if err.is_parse_too_large() => {
+            log::info!("refused a request: header section too large (431)");
+        }
+        Some(err) if err.is_parse() => log::info!("refused a malformed request (400): {err}"),
+        // Debug only: an idle keep-alive connection ends the same way, every time.
+        Some(err) if err.is_timeout() => {
+            log::debug!("closed a connection idle or slow past HEADER_READ_TIMEOUT_SECS");
+        }
+        _ => log::debug!("connection ended with an error: {err}"),
+    }
 }
 
 fn refuse_connect() -> warp::reply::Response {

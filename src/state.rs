@@ -21,6 +21,8 @@ pub struct AppState(Arc<Inner>);
 
 pub struct Inner {
     pub config: Config,
+    /// `TARGET_HOST`, parsed once; each request only sets path and query on a copy.
+    pub target_url: reqwest::Url,
     pub metrics: Metrics,
     /// The `client` label of each `ALLOWED_TOKENS` entry, in the same order.
     pub client_labels: Vec<Arc<str>>,
@@ -52,7 +54,10 @@ impl AppState {
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(config.limits.upstream_connect_timeout)
             .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
+            // Enough warm connections for a burst; without a cap every connection of a peak (one
+            // per concurrent stream) would stay open, buffers and all, for the idle timeout.
+            .pool_max_idle_per_host(256)
+            .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|err| format!("cannot build the HTTP client: {err}"))?;
         let mut upstream_authorization =
@@ -67,7 +72,10 @@ impl AppState {
                 None => Arc::from(token_label(&client.token)),
             })
             .collect();
+        let target_url = reqwest::Url::parse(&config.target_host)
+            .map_err(|_| "TARGET_HOST: not a valid URL".to_string())?;
         Ok(AppState(Arc::new(Inner {
+            target_url,
             client_tokens: TokenSet::new(config.allowed_tokens.iter().map(|client| &client.token)),
             client_labels,
             metrics: Metrics::new(),

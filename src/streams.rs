@@ -136,9 +136,10 @@ enum Phase {
 pub struct GuardedBody<S> {
     inner: S,
     idle: Duration,
-    /// Armed lazily: a chunk only records the time, and the timer is re-armed when it fires
-    /// early, so the hot path never touches the timer wheel.
-    deadline: Pin<Box<Sleep>>,
+    /// Created the first time the upstream makes us wait (a small answer often never does); after
+    /// that a chunk only records the time and the timer is re-armed when it fires early, so the
+    /// per-chunk path never touches the timer wheel.
+    deadline: Option<Pin<Box<Sleep>>>,
     last_chunk: Instant,
     sse: bool,
     ended_on_event_boundary: bool,
@@ -152,7 +153,7 @@ impl<S> GuardedBody<S> {
         GuardedBody {
             inner,
             idle,
-            deadline: Box::pin(tokio::time::sleep_until(now + idle)),
+            deadline: None,
             last_chunk: now,
             sse,
             ended_on_event_boundary: true,
@@ -224,13 +225,17 @@ where
             }
             Poll::Pending => {}
         }
+        let due = this.last_chunk + this.idle;
+        let deadline = this
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
         loop {
-            ready!(this.deadline.as_mut().poll(cx));
+            ready!(deadline.as_mut().poll(cx));
             let due = this.last_chunk + this.idle;
             if due <= Instant::now() {
                 return this.fail(StreamFailure::Stalled);
             }
-            this.deadline.as_mut().reset(due);
+            deadline.as_mut().reset(due);
         }
     }
 }

@@ -78,11 +78,11 @@ async fn fetch_models(state: AppState) -> FetchResult {
     let mut headers = warp::http::HeaderMap::with_capacity(2);
     headers.insert(header::AUTHORIZATION, state.upstream_authorization.clone());
     headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-    let url = format!("{}/v1/models", state.config.target_host);
-    let response = upstream::send(&state, Method::GET, url, headers, None).await?;
+    let url = upstream::upstream_url(&state.target_url, "/v1/models", None)?;
+    let mut response = upstream::send(&state, Method::GET, url, headers, None).await?;
     let status = response.status();
     let mut headers = upstream::response_headers(
-        response.headers(),
+        std::mem::take(response.headers_mut()),
         state.config.auth_bearer.expose().as_bytes(),
     );
     // Cookies are per caller; a shared answer must not hand one out to everybody.

@@ -92,7 +92,7 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Send + Sync + 'static,
     B: Buf + Send,
 {
-    let url = upstream::upstream_url(&state.config.target_host, path.as_str(), query)?;
+    let url = upstream::upstream_url(&state.target_url, path.as_str(), query)?;
     // A declared length over the limit is refused before the upstream hears of the request.
     let max_body = state.config.limits.max_body_bytes;
     if upstream::declared_length(&headers).is_some_and(|length| length > max_body) {
@@ -100,7 +100,7 @@ where
     }
     let body = upstream::has_body(&headers).then(|| upstream::request_body(state, body));
     let headers = upstream::request_headers(
-        &headers,
+        headers,
         &state.config.auth_header,
         &state.upstream_authorization,
     );
