@@ -238,7 +238,7 @@ pub async fn into_reply(
     usage_client: Option<Arc<str>>,
 ) -> warp::reply::Response {
     let status = upstream.status();
-    let upstream_key = state.config.auth_bearer.expose().as_bytes();
+    let upstream_key = state.key_to_mask();
     let headers = response_headers(std::mem::take(upstream.headers_mut()), upstream_key);
     if log::log_enabled!(log::Level::Debug) {
         log::debug!(
@@ -308,7 +308,7 @@ async fn small_error_reply(
             return ProxyError::GatewayTimeout.into_response();
         }
     };
-    if let Some(masked) = mask_secret(&body, state.config.auth_bearer.expose().as_bytes()) {
+    if let Some(masked) = mask_secret(&body, state.key_to_mask()) {
         headers.remove(header::CONTENT_LENGTH);
         body = masked.freeze();
     }

@@ -81,10 +81,8 @@ async fn fetch_models(state: AppState) -> FetchResult {
     let url = upstream::upstream_url(&state.target_url, "/v1/models", None)?;
     let mut response = upstream::send(&state, Method::GET, url, headers, None).await?;
     let status = response.status();
-    let mut headers = upstream::response_headers(
-        std::mem::take(response.headers_mut()),
-        state.config.auth_bearer.expose().as_bytes(),
-    );
+    let mut headers =
+        upstream::response_headers(std::mem::take(response.headers_mut()), state.key_to_mask());
     // Cookies are per caller; a shared answer must not hand one out to everybody.
     headers.remove(header::SET_COOKIE);
     let mut body = response.bytes().await.map_err(|err| {
@@ -95,7 +93,7 @@ async fn fetch_models(state: AppState) -> FetchResult {
         crate::error::ProxyError::BadGateway
     })?;
     if !status.is_success()
-        && let Some(masked) = mask_secret(&body, state.config.auth_bearer.expose().as_bytes())
+        && let Some(masked) = mask_secret(&body, state.key_to_mask())
     {
         headers.remove(header::CONTENT_LENGTH);
         body = masked.freeze();

@@ -470,3 +470,16 @@ async fn the_grace_period_bounds_the_drain() {
     let (received, truncated) = read_stream(response).await;
     assert!(truncated && !received.contains("[DONE]"));
 }
+
+#[tokio::test]
+async fn a_key_too_short_to_be_real_is_not_searched_for_in_answers() {
+    let upstream = mock_upstream::MockUpstream::start().await;
+    let target = upstream.base_url();
+    let app = spawn_app_with_upstream(
+        upstream,
+        &[("TARGET_HOST", &target), ("AUTH_BEARER", "mock")],
+    )
+    .await;
+    let response = app.chat("t", serde_json::json!({})).await;
+    assert_eq!(response.headers()["x-request-id"], "req_mock_chat");
+}
