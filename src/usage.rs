@@ -70,8 +70,17 @@ struct Capture {
 impl Capture {
     /// Takes bytes of the object; returns how many were consumed once the object closed.
     fn take(&mut self, bytes: &[u8]) -> Option<usize> {
+        let closed = self.find_end(bytes);
+        // One copy of the object's bytes, not a push per byte.
+        self.object
+            .extend_from_slice(&bytes[..closed.unwrap_or(bytes.len())]);
+        closed
+    }
+
+    /// Where the object closes in `bytes` (one past its final brace), tracking strings so that
+    /// braces inside them do not count.
+    fn find_end(&mut self, bytes: &[u8]) -> Option<usize> {
         for (index, &byte) in bytes.iter().enumerate() {
-            self.object.push(byte);
             if self.in_string {
                 match byte {
                     _ if self.escaped => self.escaped = false,
@@ -109,7 +118,8 @@ impl Default for UsageScanner {
     fn default() -> Self {
         UsageScanner {
             state: State::Searching,
-            carry: Vec::with_capacity(KEY.len()),
+            // Allocated only if a chunk ends without the key, which most plain answers never do.
+            carry: Vec::new(),
             last: None,
         }
     }
@@ -138,7 +148,12 @@ impl UsageScanner {
                             *colon = true;
                             chunk = &chunk[1..];
                         }
-                        b'{' if *colon => self.state = State::Capturing(Capture::default()),
+                        b'{' if *colon => {
+                            self.state = State::Capturing(Capture {
+                                object: Vec::with_capacity(256),
+                                ..Capture::default()
+                            });
+                        }
                         _ => self.state = State::Searching,
                     }
                 }
