@@ -19,6 +19,7 @@ use warp::http::{Method, StatusCode};
 
 /// Which part of the API a request was for.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+#[repr(usize)]
 pub enum Route {
     Chat,
     Models,
@@ -166,6 +167,17 @@ struct Families {
     cache_misses: Counter,
     cache_fetches: Counter,
     tokens: Family<TokenLabels, Counter>,
+    /// Per-route histogram handles, indexed by `Route as usize`: a family lookup hashes the
+    /// labels under a lock on every request; the handles share the family's storage, so the
+    /// exposition is unchanged.
+    cached: [RouteHandles; 7],
+}
+
+#[derive(Default)]
+struct RouteHandles {
+    duration: std::sync::OnceLock<Histogram>,
+    ttfb: std::sync::OnceLock<Histogram>,
+    overhead: std::sync::OnceLock<Histogram>,
 }
 
 impl Default for Metrics {
@@ -262,6 +274,7 @@ impl Metrics {
             cache_misses,
             cache_fetches,
             tokens,
+            cached: Default::default(),
         }))
     }
 
@@ -290,21 +303,22 @@ impl Metrics {
             status_class: status_class(status),
         };
         families.requests.get_or_create(&labels).inc();
-        let route = RouteLabels { route };
-        families
+        let handles = &families.cached[route as usize];
+        let labels = RouteLabels { route };
+        handles
             .duration
-            .get_or_create(&route)
+            .get_or_init(|| families.duration.get_or_create(&labels).clone())
             .observe(duration.as_secs_f64());
         if let Some(ttfb) = time_to_first_byte {
-            families
-                .time_to_first_byte
-                .get_or_create(&route)
+            handles
+                .ttfb
+                .get_or_init(|| families.time_to_first_byte.get_or_create(&labels).clone())
                 .observe(ttfb.as_secs_f64());
         }
         if let Some(overhead) = overhead {
-            families
+            handles
                 .overhead
-                .get_or_create(&route)
+                .get_or_init(|| families.overhead.get_or_create(&labels).clone())
                 .observe(overhead.as_secs_f64());
         }
     }

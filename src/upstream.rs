@@ -47,8 +47,21 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    // One pass over the names present, then removals only for those found: most requests carry
+    // none of these, and a removal is a hash lookup.
+    let hop = HOP_BY_HOP;
+    let mut present = [false; 9];
+    for key in headers.keys() {
+        for (index, name) in hop.iter().enumerate() {
+            if key == name {
+                present[index] = true;
+            }
+        }
+    }
+    for (index, name) in hop.into_iter().enumerate() {
+        if present[index] {
+            headers.remove(name);
+        }
     }
 }
 
@@ -114,12 +127,33 @@ pub fn upstream_url(target: &Url, path: &str, query: Option<&str>) -> Result<Url
 }
 
 fn is_dot_segment(segment: &str) -> bool {
-    let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-    decoded == "." || decoded == ".."
+    // "." or ".." with any dot optionally written as %2e / %2E; at most 6 bytes.
+    let mut rest = segment.as_bytes();
+    if rest.is_empty() || rest.len() > 6 {
+        return false;
+    }
+    let mut dots = 0;
+    while !rest.is_empty() {
+        if rest[0] == b'.' {
+            rest = &rest[1..];
+        } else if rest.len() >= 3 && rest[0] == b'%' && rest[1] == b'2' && (rest[2] | 0x20) == b'e'
+        {
+            rest = &rest[3..];
+        } else {
+            return false;
+        }
+        dots += 1;
+    }
+    dots <= 2
 }
 
 fn has_backslash(path: &str) -> bool {
-    path.contains('\\') || path.to_ascii_lowercase().contains("%5c")
+    let bytes = path.as_bytes();
+    memchr::memchr2(b'\\', b'%', bytes).is_some()
+        && (bytes.contains(&b'\\')
+            || bytes
+                .windows(3)
+                .any(|w| w[0] == b'%' && w[1] == b'5' && (w[2] | 0x20) == b'c'))
 }
 
 /// Whether a request carries a body worth streaming upstream. Without one, no body is sent at all,
@@ -337,4 +371,21 @@ pub fn error_chain(err: &reqwest::Error) -> String {
         source = cause.source();
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_segments_are_recognised_in_every_spelling() {
+        for dots in [".", "..", "%2e", "%2E", "%2e%2E", ".%2e", "%2e."] {
+            assert!(is_dot_segment(dots), "{dots}");
+        }
+        for name in ["", "...", "a.", ".a", "%2e%2e%2e", "%2f", "%2", "v1"] {
+            assert!(!is_dot_segment(name), "{name}");
+        }
+        assert!(has_backslash("/v1/a\\b") && has_backslash("/v1/%5Cb") && has_backslash("/%5c"));
+        assert!(!has_backslash("/v1/%5b/%25c") && !has_backslash("/v1/models"));
+    }
 }

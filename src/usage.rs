@@ -13,6 +13,9 @@ use serde::Deserialize;
 use crate::metrics::{Metrics, TokenKind};
 
 const KEY: &[u8] = b"\"usage\"";
+/// Built once: constructing a searcher per chunk cost more than the search itself.
+static KEY_FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(KEY));
 /// A usage object is a handful of numbers; anything longer is not one.
 const MAX_OBJECT: usize = 4096;
 
@@ -188,7 +191,7 @@ impl UsageScanner {
             let carried = self.carry.len();
             let take = chunk.len().min(KEY.len() - 1);
             self.carry.extend_from_slice(&chunk[..take]);
-            if let Some(at) = memchr::memmem::find(&self.carry, KEY) {
+            if let Some(at) = KEY_FINDER.find(&self.carry) {
                 self.carry.clear();
                 return Some(at + KEY.len() - carried);
             }
@@ -199,7 +202,7 @@ impl UsageScanner {
             }
             self.carry.clear();
         }
-        if let Some(at) = memchr::memmem::find(chunk, KEY) {
+        if let Some(at) = KEY_FINDER.find(chunk) {
             return Some(at + KEY.len());
         }
         let keep = chunk.len().min(KEY.len() - 1);
