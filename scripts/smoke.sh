@@ -12,6 +12,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/lib/processes.sh
+source "$ROOT/scripts/lib/processes.sh"
 PROFILE="${SMOKE_PROFILE:-release}"
 case "$PROFILE" in
     release) PROFILE_FLAG=(--release) ;;
@@ -41,18 +43,6 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/llm-proxy-smoke.XXXXXX")"
 MOCK_PID=""
 PROXY_PID=""
 
-stop() {
-    local pid="$1"
-    [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
 cleanup() {
     local status=$?
     stop "$PROXY_PID"
@@ -72,21 +62,6 @@ fail() {
 }
 
 # Waits up to $3 seconds for a line matching the regex $2 in file $1, prints its first match.
-wait_for_line() {
-    local file="$1" pattern="$2" seconds="$3" pid="$4" line
-    for _ in $(seq $((seconds * 10))); do
-        # Colour codes are stripped in case the logger decided it writes to a terminal.
-        line="$(sed -e 's/\x1b\[[0-9;]*m//g' "$file" 2>/dev/null | grep -m1 -E "$pattern" || true)"
-        if [[ -n "$line" ]]; then
-            printf '%s\n' "$line"
-            return 0
-        fi
-        kill -0 "$pid" 2>/dev/null || return 1
-        sleep 0.1
-    done
-    return 1
-}
-
 echo "==> starting mock-upstream on 127.0.0.1"
 (cd "$WORK" && exec "$BIN/mock-upstream" --host 127.0.0.1 --port 0) \
     >"$WORK/mock.out" 2>"$WORK/mock.err" </dev/null &

@@ -53,6 +53,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/lib/processes.sh
+source "$ROOT/scripts/lib/processes.sh"
 HERE="$ROOT/scripts/soak"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 
@@ -100,18 +102,6 @@ MOCK_PID=""
 PROXY_PID=""
 LOADGEN_PID=""
 
-stop() {
-    local pid="$1"
-    [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
@@ -142,20 +132,6 @@ show_proxy_log() {
 }
 
 # Waits up to $3 seconds for a line matching the regex $2 in file $1 while process $4 lives.
-wait_for_line() {
-    local file="$1" pattern="$2" seconds="$3" pid="$4" line
-    for _ in $(seq $((seconds * 10))); do
-        line="$(strip_colour "$file" 2>/dev/null | grep -m1 -E "$pattern" || true)"
-        if [[ -n "$line" ]]; then
-            printf '%s\n' "$line"
-            return 0
-        fi
-        kill -0 "$pid" 2>/dev/null || return 1
-        sleep 0.1
-    done
-    return 1
-}
-
 if [[ "${SOAK_SKIP_BUILD:-0}" != 1 ]]; then
     echo "==> building llm-proxy and mock-upstream (release)"
     (cd "$ROOT" && cargo build --release --bin llm-proxy --bin mock-upstream)
