@@ -112,6 +112,10 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
             let mut permit = None;
             let refusal = if request.method() == Method::CONNECT {
                 Some(refuse_connect())
+            } else if is_operator_probe(request.uri().path()) {
+                // Probes must answer under overload: a liveness check that gets 503 because
+                // traffic is high would have the orchestrator restart a healthy proxy.
+                None
             } else {
                 match in_flight.clone().try_acquire_owned() {
                     Ok(acquired) => {
@@ -167,6 +171,10 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
         }
     }
     connections.shutdown().await;
+}
+
+fn is_operator_probe(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics")
 }
 
 /// Requests hyper refused before they reached the route table (malformed or oversized headers,

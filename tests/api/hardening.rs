@@ -251,6 +251,15 @@ async fn beyond_max_concurrent_requests_callers_get_503_at_once() {
     )
     .await;
 
+    for probe in ["/healthz", "/readyz"] {
+        let answered = app.client.get(app.url(probe)).send().await.unwrap();
+        assert_eq!(
+            answered.status(),
+            200,
+            "{probe} answers even when the proxy is full"
+        );
+    }
+
     let (one, _) = read_stream(first).await;
     let (two, _) = read_stream(second).await;
     assert!(one.ends_with("[DONE]\n\n") && two.ends_with("[DONE]\n\n"));
