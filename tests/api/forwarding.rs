@@ -286,12 +286,7 @@ async fn unreachable_upstream_gives_a_quick_502() {
     )
     .await;
 
-    let models = app
-        .client
-        .get(app.url("/v1/models"))
-        .bearer_auth(CLIENT_TOKEN)
-        .send()
-        .await;
+    let models = app.models().await;
     assert_json_error(
         models.unwrap(),
         502,

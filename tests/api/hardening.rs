@@ -161,12 +161,7 @@ async fn a_slow_header_sender_is_disconnected_and_others_are_served() {
             (reply, started.elapsed())
         }
     });
-    let served = app
-        .client
-        .get(app.url("/v1/models"))
-        .bearer_auth(CLIENT_TOKEN)
-        .send()
-        .await;
+    let served = app.models().await;
     assert_eq!(served.unwrap().status(), 200);
     let (reply, elapsed) = slow.await.unwrap();
     assert!(reply.closed, "the slow client was not disconnected");
@@ -234,13 +229,7 @@ async fn beyond_max_concurrent_requests_callers_get_503_at_once() {
     let first = slow(1).await.unwrap();
     let second = slow(2).await.unwrap();
     let started = Instant::now();
-    let third = app
-        .client
-        .get(app.url("/v1/models"))
-        .bearer_auth(CLIENT_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let third = app.models().await.unwrap();
     assert!(started.elapsed() < Duration::from_millis(500));
     assert_eq!(third.headers()["retry-after"], "1");
     assert_json_error(
@@ -264,12 +253,7 @@ async fn beyond_max_concurrent_requests_callers_get_503_at_once() {
     let (two, _) = read_stream(second).await;
     assert!(one.ends_with("[DONE]\n\n") && two.ends_with("[DONE]\n\n"));
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let after = app
-        .client
-        .get(app.url("/v1/models"))
-        .bearer_auth(CLIENT_TOKEN)
-        .send()
-        .await;
+    let after = app.models().await;
     assert_eq!(
         after.unwrap().status(),
         200,
@@ -296,12 +280,7 @@ async fn oversized_header_sections_are_refused_and_the_server_keeps_serving() {
     let reply = raw_exchange(app.addr, many.as_bytes(), Duration::from_secs(2)).await;
     assert!(matches!(reply.status(), 431 | 400), "{}", reply.text);
 
-    let served = app
-        .client
-        .get(app.url("/v1/models"))
-        .bearer_auth(CLIENT_TOKEN)
-        .send()
-        .await;
+    let served = app.models().await;
     assert_eq!(served.unwrap().status(), 200);
     assert!(
         app.upstream.requests().len() <= 1,

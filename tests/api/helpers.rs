@@ -51,6 +51,15 @@ impl TestApp {
             }))
     }
 
+    /// GET /v1/models as `CLIENT_TOKEN`.
+    pub async fn models(&self) -> reqwest::Result<reqwest::Response> {
+        self.client
+            .get(self.url("/v1/models"))
+            .bearer_auth(CLIENT_TOKEN)
+            .send()
+            .await
+    }
+
     pub async fn chat(&self, token: &str, body: serde_json::Value) -> reqwest::Response {
         self.client
             .post(self.url("/v1/chat/completions"))

@@ -20,13 +20,7 @@ async fn models_are_fetched_once_and_then_served_from_cache() {
 
     let mut answers = Vec::new();
     for _ in 0..3 {
-        let response = app
-            .client
-            .get(app.url("/v1/models"))
-            .bearer_auth(CLIENT_TOKEN)
-            .send()
-            .await
-            .unwrap();
+        let response = app.models().await.unwrap();
         assert_eq!(response.status(), 200);
         assert_eq!(response.headers()["content-type"], "application/json");
         let cache = response.headers()["x-proxy-cache"]
