@@ -1,4 +1,5 @@
-//! Every error the proxy itself produces, and the single place that turns them into JSON responses.
+//! The one error table: every answer the proxy produces itself, with its status, code, message
+//! and headers, and the single `recover` that turns rejections into those answers.
 //!
 //! Upstream errors are not here: they are forwarded untouched. Messages are fixed strings chosen
 //! here, never echoes of request data, so no token can leak into an error body.
@@ -14,6 +15,15 @@ use warp::reject::{Reject, Rejection};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProxyError {
     Unauthorized,
+    NotFound,
+    /// A route the proxy answers itself was asked with another method; carries the `Allow` value.
+    MethodNotAllowed {
+        allow: &'static str,
+    },
+    /// `CONNECT`: this is not a forward proxy, and the connection is closed after the answer.
+    ConnectNotSupported,
+    /// More than `MAX_CONCURRENT_REQUESTS` in flight.
+    Overloaded,
     /// The upstream could not be reached or broke before sending response headers.
     BadGateway,
     /// The upstream did not answer with headers in time.
@@ -22,48 +32,110 @@ pub enum ProxyError {
     PayloadTooLarge,
     /// A path with dot segments or backslashes, which the upstream could resolve outside `/v1`.
     InvalidPath,
+    /// A rejection no route accounts for: a bug, logged where it is turned into this.
+    Internal,
 }
 
 impl Reject for ProxyError {}
 
+/// One row of the table.
+struct Answer {
+    status: StatusCode,
+    code: &'static str,
+    message: &'static str,
+    headers: &'static [(header::HeaderName, &'static str)],
+}
+
 impl ProxyError {
-    fn parts(self) -> (StatusCode, &'static str, &'static str) {
+    fn answer(self) -> Answer {
+        use ProxyError::*;
+        let row = |status, code, message, headers| Answer {
+            status,
+            code,
+            message,
+            headers,
+        };
         match self {
-            ProxyError::Unauthorized => (
+            Unauthorized => row(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "Invalid or missing authorization token",
+                &[(header::WWW_AUTHENTICATE, "Bearer")],
             ),
-            ProxyError::BadGateway => (
+            NotFound => row(StatusCode::NOT_FOUND, "not_found", "No such route", &[]),
+            // `Allow` depends on the route and is added in `into_response`.
+            MethodNotAllowed { .. } => row(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "This route does not accept that HTTP method",
+                &[],
+            ),
+            ConnectNotSupported => row(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "CONNECT is not supported: this is not a forward proxy",
+                &[(header::CONNECTION, "close")],
+            ),
+            Overloaded => row(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "Too many requests in flight; retry shortly",
+                // Answered at once, without queueing: a client told to retry can go elsewhere.
+                &[(header::RETRY_AFTER, "1")],
+            ),
+            BadGateway => row(
                 StatusCode::BAD_GATEWAY,
                 "bad_gateway",
                 "The upstream server could not be reached",
+                &[],
             ),
-            ProxyError::GatewayTimeout => (
+            GatewayTimeout => row(
                 StatusCode::GATEWAY_TIMEOUT,
                 "gateway_timeout",
                 "The upstream server did not answer in time",
+                &[],
             ),
-            ProxyError::PayloadTooLarge => (
+            PayloadTooLarge => row(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
                 "The request body is larger than this proxy accepts",
+                &[],
             ),
-            ProxyError::InvalidPath => (
+            InvalidPath => row(
                 StatusCode::BAD_REQUEST,
                 "invalid_path",
                 "The request path contains dot segments or backslashes",
+                &[],
+            ),
+            Internal => row(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "The proxy failed to handle the request",
+                &[],
             ),
         }
     }
 
+    pub fn status(self) -> StatusCode {
+        self.answer().status
+    }
+
+    /// The proxy's own error shape: `{"error":"<code>","message":"<text>","time":"<RFC 3339>"}`.
     pub fn into_response(self) -> warp::reply::Response {
-        let (status, code, message) = self.parts();
-        let mut response = json_error(status, code, message);
-        if self == ProxyError::Unauthorized {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        let answer = self.answer();
+        let body = ErrorBody {
+            error: answer.code,
+            message: answer.message,
+            time: rfc3339_now(),
+        };
+        let mut response =
+            warp::reply::with_status(warp::reply::json(&body), answer.status).into_response();
+        let headers = response.headers_mut();
+        for (name, value) in answer.headers {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+        if let ProxyError::MethodNotAllowed { allow } = self {
+            headers.insert(header::ALLOW, HeaderValue::from_static(allow));
         }
         response
     }
@@ -81,44 +153,18 @@ pub fn rfc3339_now() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
-/// The proxy's own error shape: `{"error":"<code>","message":"<text>","time":"<RFC 3339>"}`.
-pub fn json_error(status: StatusCode, code: &str, message: &str) -> warp::reply::Response {
-    let body = ErrorBody {
-        error: code,
-        message,
-        time: rfc3339_now(),
-    };
-    warp::reply::with_status(warp::reply::json(&body), status).into_response()
-}
-
-/// The one `recover` of the route tree: maps every rejection to a JSON error.
+/// The one `recover` of the route tree. Our own rejections win over warp's: a route that matched
+/// its path and refused (a token, a method) explains the refusal better than "no such route".
 pub async fn handle_rejection(rejection: Rejection) -> Result<warp::reply::Response, Infallible> {
-    if let Some(error) = rejection.find::<ProxyError>() {
-        return Ok(error.into_response());
-    }
-    if rejection.is_not_found() {
-        return Ok(json_error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "No such route",
-        ));
-    }
-    if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
-        let mut response = json_error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "This route does not accept that HTTP method",
-        );
-        // The admin route is the only one the proxy answers itself with a method filter.
-        response
-            .headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("POST"));
-        return Ok(response);
-    }
-    log::error!("unhandled rejection: {rejection:?}");
-    Ok(json_error(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal_error",
-        "The proxy failed to handle the request",
-    ))
+    let error = if let Some(error) = rejection.find::<ProxyError>() {
+        *error
+    } else if rejection.is_not_found() {
+        ProxyError::NotFound
+    } else {
+        // Every route the proxy answers itself checks its method with `routes::allow`, which
+        // rejects with the route's own `Allow`; anything else reaching here is a routing bug.
+        log::error!("unhandled rejection: {rejection:?}");
+        ProxyError::Internal
+    };
+    Ok(error.into_response())
 }

@@ -1,24 +1,40 @@
 //! An OpenAI-compatible API proxy: checks the caller's token, swaps in the upstream key, forwards
 //! requests and streams byte for byte, and caches the model list.
+//!
+//! # Layout
+//!
+//! The folders follow a request through the proxy:
+//!
+//! 1. [`config`]: before any request, the environment and `.env` files are read, validated and
+//!    parsed once (base URL, upstream key header, token sets); secrets are wrapped so they
+//!    cannot be printed.
+//! 2. [`server`]: the accept loop takes the connection (`TCP_NODELAY`, header timeout), admission
+//!    refuses what is over `MAX_CONCURRENT_REQUESTS`, and the drain ends it all on shutdown.
+//! 3. [`ops`]: the request gets its id and an access record, which writes the access line and
+//!    the metrics when the response's last byte has gone.
+//! 4. [`routes`]: the warp route table; [`routes::Route`] is the one classification of paths
+//!    that metrics, admission and the access line share.
+//! 5. [`auth`]: after its path matched, the route checks the caller's token and learns the
+//!    caller's label; all masking of secrets lives here too.
+//! 6. [`proxy`]: the [`proxy::Upstream`] handle sends the request with the key swapped in and
+//!    shapes the answer: headers cleaned, the body passed through adapters (idle watchdog, usage
+//!    tap, key mask) as it streams, or the model list served from its cache.
+//! 7. [`error`]: every answer the proxy makes itself, in one table.
+//!
+//! [`state::AppState`] is where these parts are put together; each route hands its handler only
+//! the part it needs.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod access;
 pub mod auth;
 pub mod config;
 pub mod error;
-pub mod exchange;
-mod filters;
-#[doc(hidden)]
-pub mod fuzzing;
-pub mod metrics;
-pub mod models_cache;
-pub mod secret;
+pub mod ops;
+pub mod proxy;
+pub mod routes;
 pub mod server;
 pub mod state;
-pub mod streams;
-pub mod upstream;
-pub mod usage;
 
 pub use config::Config;
-pub use filters::routes;
+pub use routes::routes;
 pub use server::serve;
 pub use state::AppState;

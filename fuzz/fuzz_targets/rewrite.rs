@@ -1,7 +1,10 @@
 //! Request-to-upstream rewriting (URL, request and response headers) against its invariants;
-//! see `llm_proxy::fuzzing`.
+//! see `fuzz/invariants/rewrite.rs`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| llm_proxy::fuzzing::check_rewrite(data));
+#[path = "../invariants/rewrite.rs"]
+mod rewrite;
+
+fuzz_target!(|data: &[u8]| rewrite::check_rewrite(data));

@@ -109,3 +109,38 @@ async fn admin_clear_makes_the_next_models_request_refetch() {
     assert_eq!(response.headers()["x-proxy-cache"], "MISS");
     assert_eq!(app.upstream.models_fetches(), 2);
 }
+
+#[tokio::test]
+async fn every_405_names_the_methods_of_its_own_route() {
+    let app = spawn_app(&[]).await;
+    let cases = [
+        (reqwest::Method::POST, "/healthz", "GET"),
+        (reqwest::Method::DELETE, "/healthz", "GET"),
+        (reqwest::Method::POST, "/readyz", "GET"),
+        (reqwest::Method::PUT, "/readyz", "GET"),
+        (reqwest::Method::POST, "/metrics", "GET"),
+        (reqwest::Method::GET, "/admin/cache/clear", "POST"),
+        (reqwest::Method::DELETE, "/admin/cache/clear", "POST"),
+    ];
+    for (method, path, allow) in cases {
+        let response = app
+            .client
+            .request(method.clone(), app.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["allow"], allow, "{method} {path}");
+        assert_json_error(
+            response,
+            405,
+            "method_not_allowed",
+            "This route does not accept that HTTP method",
+        )
+        .await;
+    }
+    assert!(
+        app.upstream.requests().is_empty(),
+        "a refused method never reaches the upstream"
+    );
+}

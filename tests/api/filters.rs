@@ -15,7 +15,7 @@ fn routes(
         ("ALLOWED_TOKENS", CLIENT_TOKEN),
     ];
     vars.extend_from_slice(extra);
-    llm_proxy::routes(AppState::new(config_from(&vars)).unwrap())
+    llm_proxy::routes(AppState::new(config_from(&vars)))
 }
 
 fn json(body: &[u8]) -> serde_json::Value {

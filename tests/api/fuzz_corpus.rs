@@ -1,4 +1,7 @@
-//! Replays the fuzzer's saved corpus, so every input it ever kept stays checked by `cargo test`.
+//! Replays the fuzzers' saved corpora, so every input they ever kept stays checked by `cargo test`.
+
+#[path = "../../fuzz/invariants/rewrite.rs"]
+mod rewrite_invariants;
 
 #[test]
 fn rewrite_corpus_holds_every_invariant() {
@@ -7,7 +10,7 @@ fn rewrite_corpus_holds_every_invariant() {
     for entry in std::fs::read_dir(&dir).expect("the corpus directory exists") {
         let path = entry.unwrap().path();
         let input = std::fs::read(&path).unwrap();
-        let outcome = std::panic::catch_unwind(|| llm_proxy::fuzzing::check_rewrite(&input));
+        let outcome = std::panic::catch_unwind(|| rewrite_invariants::check_rewrite(&input));
         assert!(
             outcome.is_ok(),
             "corpus entry {} breaks an invariant",

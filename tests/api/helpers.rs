@@ -89,7 +89,7 @@ pub async fn spawn_app(extra: &[(&str, &str)]) -> TestApp {
 /// The proxy configured with exactly `vars` (later entries win), in front of `upstream`.
 pub async fn spawn_app_with_upstream(upstream: MockUpstream, vars: &[(&str, &str)]) -> TestApp {
     let config = config_from(vars);
-    let state = AppState::new(config).expect("state");
+    let state = AppState::new(config);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     let (shutdown, signal) = shutdown_channel();

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use llm_proxy::auth::token_label;
-use llm_proxy::secret::Secret;
+use llm_proxy::config::Secret;
 use tokio::io::AsyncWriteExt;
 
 use crate::helpers::*;

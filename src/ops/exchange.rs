@@ -14,6 +14,3 @@ pub struct Exchange {
     /// Whether the answer is a server-sent-event stream.
     pub stream: bool,
 }
-
-/// The label of callers when `AUTH_VALIDATION` is off: any token goes, so none can be a label.
-pub const ANONYMOUS: &str = "anonymous";

@@ -1,17 +1,25 @@
-//! Configuration from the environment, then `.env.local`, then `.env` (the real environment wins).
+//! Configuration from the environment, then `.env.local`, then `.env` (the real environment wins):
+//! loaded, validated and parsed once, so that what is built from it cannot fail.
 //!
 //! Loading and validation are separate from the process environment (`Config::from_lookup`) so tests
 //! can build any configuration without touching global state.
 
+mod secret;
+mod values;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::Url;
-use warp::http::HeaderName;
+use warp::http::{HeaderName, HeaderValue};
 
-use crate::secret::Secret;
+use crate::auth::{TokenSet, token_label};
+pub use secret::Secret;
+use values::invalid;
+pub use values::is_client_name;
 
 pub const DEFAULT_TARGET_HOST: &str = "https://api.example.com";
 pub const DEFAULT_PORT: u16 = 8080;
@@ -33,22 +41,51 @@ impl LogLevel {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Upstream base URL without a trailing slash; request paths are appended to it as they are.
-    pub target_host: String,
-    pub auth_bearer: Secret,
+    pub upstream: UpstreamConfig,
     pub port: u16,
     pub log_level: LogLevel,
     pub debug_mode: bool,
+    pub log_format: LogFormat,
     pub auth_validation: bool,
-    pub allowed_tokens: Vec<ClientToken>,
+    /// The header callers put their token in (`DEFAULT_AUTH_HEADER`).
     pub auth_header: HeaderName,
+    pub allowed_tokens: Vec<ClientToken>,
+    /// `allowed_tokens` as digests with their labels, built once.
+    pub client_tokens: TokenSet,
     pub admin_token: Option<Secret>,
     /// Protects `/metrics`; falls back to `admin_token`, and `/metrics` is open without either.
     pub metrics_token: Option<Secret>,
-    pub log_format: LogFormat,
     pub limits: Limits,
+}
+
+/// Where requests go and with which key, parsed once.
+#[derive(Clone)]
+pub struct UpstreamConfig {
+    /// `TARGET_HOST` without a trailing slash; request paths are appended to its path as they are.
+    pub base_url: Url,
+    pub key: Secret,
+    /// `Bearer <AUTH_BEARER>`, marked sensitive so hyper never logs or indexes it.
+    pub authorization: HeaderValue,
+    /// The connection pool, built here because its TLS and timeout settings are configuration:
+    /// whatever fails about them fails at start-up, naming the variable.
+    pub client: reqwest::Client,
+}
+
+impl fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("base_url", &self.base_url.as_str())
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One `ALLOWED_TOKENS` entry: `token`, or `name:token` to give the client a readable label in
@@ -74,20 +111,14 @@ impl ClientToken {
             },
         }
     }
-}
 
-/// Names become metric labels: short, and from a character set no dashboard has to escape.
-fn is_client_name(name: &str) -> bool {
-    (1..=32).contains(&name.len())
-        && name
-            .bytes()
-            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'-' | b'.'))
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
+    /// The name, or a short hash of the token for an unnamed entry.
+    pub fn label(&self) -> Arc<str> {
+        match &self.name {
+            Some(name) => Arc::from(name.as_str()),
+            None => Arc::from(token_label(&self.token)),
+        }
+    }
 }
 
 /// Timeouts and size limits: what keeps one bad peer from holding the proxy's resources.
@@ -135,20 +166,13 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn invalid(variable: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        variable: variable.to_string(),
-        message: message.into(),
-    }
-}
-
 impl Config {
     /// Reads the process environment, then `.env.local`, then `.env` in the working directory.
     pub fn load() -> Result<Config, ConfigError> {
         let mut files = HashMap::new();
         // `.env` first so that `.env.local` overrides it; the real environment overrides both below.
         for file in [".env", ".env.local"] {
-            files.extend(read_env_file(Path::new(file))?);
+            files.extend(values::env_file(Path::new(file))?);
         }
         Config::from_lookup(|name| {
             std::env::var(name)
@@ -166,16 +190,17 @@ impl Config {
                 .filter(|value| !value.is_empty())
         };
 
-        let target_host = parse_target_host(get("TARGET_HOST").as_deref())?;
+        let base_url = values::target_host(get("TARGET_HOST").as_deref(), DEFAULT_TARGET_HOST)?;
 
-        let auth_bearer = get("AUTH_BEARER")
+        let key = get("AUTH_BEARER")
             .ok_or_else(|| invalid("AUTH_BEARER", "is required: set it to the upstream API key"))?;
-        if warp::http::HeaderValue::from_str(&format!("Bearer {auth_bearer}")).is_err() {
-            return Err(invalid(
+        let mut authorization = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+            invalid(
                 "AUTH_BEARER",
                 "contains characters that cannot be sent in an HTTP header",
-            ));
-        }
+            )
+        })?;
+        authorization.set_sensitive(true);
 
         let port = match get("PROXY_PORT") {
             None => DEFAULT_PORT,
@@ -199,8 +224,8 @@ impl Config {
             }
         };
 
-        let debug_mode = parse_bool("DEBUG_MODE", get("DEBUG_MODE"))?;
-        let auth_validation = parse_bool("AUTH_VALIDATION", get("AUTH_VALIDATION"))?;
+        let debug_mode = values::boolean("DEBUG_MODE", get("DEBUG_MODE"))?;
+        let auth_validation = values::boolean("AUTH_VALIDATION", get("AUTH_VALIDATION"))?;
 
         let allowed_tokens: Vec<ClientToken> = get("ALLOWED_TOKENS")
             .unwrap_or_default()
@@ -216,6 +241,11 @@ impl Config {
                  or set AUTH_VALIDATION=false",
             ));
         }
+        let client_tokens = TokenSet::new(
+            allowed_tokens
+                .iter()
+                .map(|client| (client.label(), &client.token)),
+        );
 
         let auth_header = match get("DEFAULT_AUTH_HEADER") {
             None => warp::http::header::AUTHORIZATION,
@@ -243,7 +273,7 @@ impl Config {
 
         let defaults = Limits::default();
         let seconds = |name: &str, default: Duration| {
-            positive(name, get(name), default.as_secs()).map(Duration::from_secs)
+            values::positive(name, get(name), default.as_secs()).map(Duration::from_secs)
         };
         let limits = Limits {
             upstream_connect_timeout: seconds(
@@ -254,12 +284,12 @@ impl Config {
             stream_idle_timeout: seconds("STREAM_IDLE_TIMEOUT_SECS", defaults.stream_idle_timeout)?,
             header_read_timeout: seconds("HEADER_READ_TIMEOUT_SECS", defaults.header_read_timeout)?,
             shutdown_grace: seconds("SHUTDOWN_GRACE_SECS", defaults.shutdown_grace)?,
-            max_body_bytes: positive(
+            max_body_bytes: values::positive(
                 "MAX_BODY_BYTES",
                 get("MAX_BODY_BYTES"),
                 defaults.max_body_bytes,
             )?,
-            max_concurrent_requests: positive(
+            max_concurrent_requests: values::positive(
                 "MAX_CONCURRENT_REQUESTS",
                 get("MAX_CONCURRENT_REQUESTS"),
                 defaults.max_concurrent_requests as u64,
@@ -268,83 +298,55 @@ impl Config {
             .map_err(|_| invalid("MAX_CONCURRENT_REQUESTS", "is too large"))?,
         };
 
+        let client = http_client(&limits)?;
+
         Ok(Config {
-            target_host,
-            auth_bearer: Secret::new(auth_bearer),
+            upstream: UpstreamConfig {
+                base_url,
+                key: Secret::new(key),
+                authorization,
+                client,
+            },
             port,
             log_level,
             debug_mode,
+            log_format,
             auth_validation,
-            allowed_tokens,
             auth_header,
+            allowed_tokens,
+            client_tokens,
             admin_token,
             metrics_token,
-            log_format,
             limits,
         })
     }
-}
 
-fn parse_target_host(value: Option<&str>) -> Result<String, ConfigError> {
-    const ACCEPTED: &str = "must be an absolute http:// or https:// URL, optionally with a path \
-                            prefix, such as https://api.openai.com or https://host/openai";
-    let raw = value.unwrap_or(DEFAULT_TARGET_HOST);
-    // The value is not echoed back: a URL may carry credentials.
-    let url = Url::parse(raw).map_err(|_| invalid("TARGET_HOST", ACCEPTED))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(invalid("TARGET_HOST", ACCEPTED));
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(invalid(
-            "TARGET_HOST",
-            "must not contain user:password@; put the upstream key in AUTH_BEARER",
-        ));
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(invalid(
-            "TARGET_HOST",
-            "must not contain a query string or fragment",
-        ));
-    }
-    Ok(url.as_str().trim_end_matches('/').to_string())
-}
-
-/// A whole number of at least 1 (seconds, bytes or requests): zero would disable a safety limit
-/// by accident.
-fn positive(variable: &str, value: Option<String>, default: u64) -> Result<u64, ConfigError> {
-    match value {
-        None => Ok(default),
-        Some(value) => match value.parse::<u64>() {
-            Ok(number) if number >= 1 => Ok(number),
-            _ => Err(invalid(
-                variable,
-                format!("{value:?} is not a whole number of at least 1"),
-            )),
-        },
+    /// Every secret the configuration holds, for redaction.
+    pub fn secrets(&self) -> impl Iterator<Item = &Secret> {
+        std::iter::once(&self.upstream.key)
+            .chain(self.allowed_tokens.iter().map(|client| &client.token))
+            .chain(&self.admin_token)
+            .chain(&self.metrics_token)
     }
 }
 
-fn parse_bool(variable: &str, value: Option<String>) -> Result<bool, ConfigError> {
-    match value.map(|v| v.to_ascii_lowercase()).as_deref() {
-        None | Some("false" | "0" | "no" | "off") => Ok(false),
-        Some("true" | "1" | "yes" | "on") => Ok(true),
-        Some(other) => Err(invalid(
-            variable,
-            format!("{other:?} is not a boolean (accepted: true/false, 1/0, yes/no, on/off)"),
-        )),
-    }
-}
-
-fn read_env_file(path: &Path) -> Result<HashMap<String, String>, ConfigError> {
-    if !path.exists() {
-        return Ok(HashMap::new());
-    }
-    let name = path.display().to_string();
-    let entries = dotenvy::from_path_iter(path)
-        .map_err(|err| invalid(&name, format!("cannot be read: {err}")))?;
-    entries
-        .map(|entry| entry.map_err(|err| invalid(&name, format!("cannot be parsed: {err}"))))
-        .collect()
+fn http_client(limits: &Limits) -> Result<reqwest::Client, ConfigError> {
+    reqwest::Client::builder()
+        // A followed redirect would send the upstream key wherever `Location` points.
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(limits.upstream_connect_timeout)
+        .tcp_nodelay(true)
+        // Enough warm connections for a burst; without a cap every connection of a peak (one
+        // per concurrent stream) would stay open, buffers and all, for the idle timeout.
+        .pool_max_idle_per_host(256)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|err| {
+            invalid(
+                "TARGET_HOST",
+                format!("no HTTP client can be built for the upstream: {err}"),
+            )
+        })
 }
 
 #[cfg(test)]
@@ -368,7 +370,10 @@ mod tests {
     #[test]
     fn defaults_match_the_documented_contract() {
         let config = config(&[("AUTH_BEARER", "sk-upstream")]).unwrap();
-        assert_eq!(config.target_host, "https://api.example.com");
+        assert_eq!(
+            config.upstream.base_url.as_str(),
+            "https://api.example.com/"
+        );
         assert_eq!(config.port, 8080);
         assert_eq!(config.log_level, LogLevel::Info);
         assert!(!config.debug_mode);
@@ -456,7 +461,10 @@ mod tests {
             ("TARGET_HOST", "http://127.0.0.1:9000/openai/"),
         ])
         .unwrap();
-        assert_eq!(config.target_host, "http://127.0.0.1:9000/openai");
+        assert_eq!(
+            config.upstream.base_url.as_str(),
+            "http://127.0.0.1:9000/openai"
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Stream adapters on the body paths: a size cap on what callers upload, an idle watchdog with an
-//! honest failure on what the upstream sends, and masking of the upstream key in error bodies.
+//! Stream adapters on the body paths: a size cap on what callers upload, and an idle watchdog
+//! with an honest failure on what the upstream sends (key masking is in `auth::redact`).
 //!
 //! None of them copies, splits or merges chunks on the success path: bytes pass through as the
 //! same `Bytes` handles.
@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 use futures::Stream;
 use tokio::time::{Instant, Sleep};
 
-use crate::metrics::{Metrics, UpstreamFailure};
+use crate::ops::metrics::{Metrics, UpstreamFailure};
 
 /// The caller's body went past `MAX_BODY_BYTES`.
 #[derive(Debug)]
@@ -141,21 +141,23 @@ pub struct GuardedBody<S> {
     /// per-chunk path never touches the timer wheel.
     deadline: Option<Pin<Box<Sleep>>>,
     last_chunk: Instant,
-    sse: bool,
+    /// Whether a failure is told with a final SSE error event (an event stream of undeclared
+    /// length) or only by ending the body abnormally.
+    error_event: bool,
     ended_on_event_boundary: bool,
     phase: Phase,
     metrics: Metrics,
 }
 
 impl<S> GuardedBody<S> {
-    pub fn new(inner: S, idle: Duration, sse: bool, metrics: Metrics) -> Self {
+    pub fn new(inner: S, idle: Duration, error_event: bool, metrics: Metrics) -> Self {
         let now = Instant::now();
         GuardedBody {
             inner,
             idle,
             deadline: None,
             last_chunk: now,
-            sse,
+            error_event,
             ended_on_event_boundary: true,
             phase: Phase::Streaming,
             metrics,
@@ -168,7 +170,7 @@ impl<S> GuardedBody<S> {
             StreamFailure::Stalled => UpstreamFailure::Timeout,
             StreamFailure::Interrupted => UpstreamFailure::Reset,
         });
-        if !self.sse {
+        if !self.error_event {
             self.phase = Phase::Done;
             return Poll::Ready(Some(Err(failure)));
         }
@@ -240,156 +242,11 @@ where
     }
 }
 
-/// Replaces every occurrence of `secret` in a byte stream by `***`, including occurrences split
-/// across chunks: the last `secret.len() - 1` bytes are held back until the next chunk shows
-/// whether they start a match.
-pub struct SecretMask<S> {
-    inner: S,
-    secret: Bytes,
-    held: BytesMut,
-    finished: bool,
-}
-
-impl<S> SecretMask<S> {
-    pub fn new(inner: S, secret: Bytes) -> Self {
-        SecretMask {
-            inner,
-            secret,
-            held: BytesMut::new(),
-            finished: false,
-        }
-    }
-
-    /// Masks what is held; keeps back a possible partial match unless the stream has ended.
-    fn release(&mut self, at_end: bool) -> Bytes {
-        let masked = mask_all(&self.held, &self.secret);
-        let keep = if at_end {
-            0
-        } else {
-            self.secret
-                .len()
-                .saturating_sub(1)
-                .min(masked.unmatched_tail)
-        };
-        let mut output = masked.bytes;
-        let tail = output.split_off(output.len() - keep);
-        self.held = tail;
-        output.freeze()
-    }
-}
-
-struct Masked {
-    bytes: BytesMut,
-    /// Bytes at the end that come from input after the last replacement.
-    unmatched_tail: usize,
-}
-
-fn mask_all(input: &[u8], secret: &[u8]) -> Masked {
-    let mut bytes = BytesMut::with_capacity(input.len());
-    let mut rest = input;
-    if !secret.is_empty() {
-        while let Some(at) = memchr::memmem::find(rest, secret) {
-            bytes.extend_from_slice(&rest[..at]);
-            bytes.extend_from_slice(b"***");
-            rest = &rest[at + secret.len()..];
-        }
-    }
-    bytes.extend_from_slice(rest);
-    Masked {
-        bytes,
-        unmatched_tail: rest.len(),
-    }
-}
-
-/// `value` with every occurrence of `secret` replaced by `***`, or `None` if it has none.
-pub fn mask_secret(value: &[u8], secret: &[u8]) -> Option<BytesMut> {
-    if secret.is_empty() || memchr::memmem::find(value, secret).is_none() {
-        return None;
-    }
-    Some(mask_all(value, secret).bytes)
-}
-
-impl<S, E> Stream for SecretMask<S>
-where
-    S: Stream<Item = Result<Bytes, E>> + Unpin,
-{
-    type Item = Result<Bytes, E>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        loop {
-            if self.finished {
-                return Poll::Ready(None);
-            }
-            match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
-                Some(Ok(chunk)) => {
-                    self.held.extend_from_slice(&chunk);
-                    let output = self.release(false);
-                    if !output.is_empty() {
-                        return Poll::Ready(Some(Ok(output)));
-                    }
-                }
-                Some(Err(err)) => return Poll::Ready(Some(Err(err))),
-                None => {
-                    self.finished = true;
-                    let output = self.release(true);
-                    if !output.is_empty() {
-                        return Poll::Ready(Some(Ok(output)));
-                    }
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use futures::StreamExt;
     use std::convert::Infallible;
-
-    async fn masked(chunks: &[&'static str], secret: &'static str) -> String {
-        let stream = futures::stream::iter(
-            chunks
-                .iter()
-                .map(|chunk| Ok::<_, Infallible>(Bytes::from_static(chunk.as_bytes()))),
-        );
-        let out: Vec<Bytes> = SecretMask::new(stream, Bytes::from_static(secret.as_bytes()))
-            .map(|chunk| chunk.unwrap())
-            .collect()
-            .await;
-        String::from_utf8(out.concat()).unwrap()
-    }
-
-    #[tokio::test]
-    async fn secret_is_masked_even_across_chunk_boundaries() {
-        assert_eq!(masked(&["key sk-abc here"], "sk-abc").await, "key *** here");
-        assert_eq!(
-            masked(&["key sk-", "abc here"], "sk-abc").await,
-            "key *** here"
-        );
-        assert_eq!(
-            masked(&["s", "k", "-", "a", "b", "c"], "sk-abc").await,
-            "***"
-        );
-        assert_eq!(
-            masked(&["sk-absk-abc", "sk-ab"], "sk-abc").await,
-            "sk-ab***sk-ab"
-        );
-        assert_eq!(
-            masked(&["nothing", " secret"], "sk-abc").await,
-            "nothing secret"
-        );
-        assert_eq!(masked(&[], "sk-abc").await, "");
-    }
-
-    #[test]
-    fn header_values_are_masked_only_when_needed() {
-        assert!(mask_secret(b"plain", b"sk").is_none());
-        assert_eq!(
-            &mask_secret(b"Bearer sk-1", b"sk-1").unwrap()[..],
-            b"Bearer ***"
-        );
-    }
 
     #[tokio::test]
     async fn body_limit_counts_across_chunks() {

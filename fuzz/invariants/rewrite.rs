@@ -1,12 +1,14 @@
 //! The invariants of request rewriting, as one function a fuzzer can drive with arbitrary bytes
-//! and `cargo test` can replay over the saved corpus (`fuzz/corpus/rewrite`).
+//! and `cargo test` can replay over the saved corpus (`fuzz/corpus/rewrite`). Test support, not
+//! library code: the fuzz target and `tests/api/fuzz_corpus.rs` include this file by `#[path]`.
 
 use std::str::FromStr;
 
 use warp::http::uri::PathAndQuery;
 use warp::http::{HeaderMap, HeaderName, HeaderValue, header};
 
-use crate::upstream::{request_headers, response_headers, upstream_url};
+use llm_proxy::proxy::headers::{request_headers, response_headers};
+use llm_proxy::proxy::request::upstream_url;
 
 const TARGET_HOST: &str = "https://upstream.test/prefix";
 const UPSTREAM_KEY: &str = "sk-fuzz-upstream-key";

@@ -17,51 +17,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use warp::http::{Method, StatusCode};
 
-/// Which part of the API a request was for.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-#[repr(usize)]
-pub enum Route {
-    Chat,
-    Models,
-    Admin,
-    Passthrough,
-    Health,
-    Metrics,
-    /// Unknown paths (404s) and refused requests.
-    Other,
-}
-
-impl Route {
-    pub fn of(path: &str) -> Route {
-        if path == "/v1/chat/completions" {
-            Route::Chat
-        } else if path == "/v1/models" {
-            Route::Models
-        } else if path.starts_with("/v1/") || path == "/v1" {
-            Route::Passthrough
-        } else if path.starts_with("/admin/") {
-            Route::Admin
-        } else if path == "/healthz" || path == "/readyz" {
-            Route::Health
-        } else if path == "/metrics" {
-            Route::Metrics
-        } else {
-            Route::Other
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Route::Chat => "chat",
-            Route::Models => "models",
-            Route::Admin => "admin",
-            Route::Passthrough => "passthrough",
-            Route::Health => "health",
-            Route::Metrics => "metrics",
-            Route::Other => "other",
-        }
-    }
-}
+use crate::routes::Route;
 
 /// How an upstream exchange failed.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -111,18 +67,20 @@ macro_rules! label_value_as_str {
         }
     )*};
 }
-label_value_as_str!(Route, UpstreamFailure, TokenKind);
+label_value_as_str!(UpstreamFailure, TokenKind);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    route: Route,
+    /// `Route::label`: the two health probes share one value, so the label set is keyed by the
+    /// label, not by the route.
+    route: &'static str,
     method: &'static str,
     status_class: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
-    route: Route,
+    route: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -170,7 +128,7 @@ struct Families {
     /// Per-route histogram handles, indexed by `Route as usize`: a family lookup hashes the
     /// labels under a lock on every request; the handles share the family's storage, so the
     /// exposition is unchanged.
-    cached: [RouteHandles; 7],
+    cached: [RouteHandles; Route::COUNT],
 }
 
 #[derive(Default)]
@@ -298,13 +256,15 @@ impl Metrics {
     ) {
         let families = &self.0;
         let labels = RequestLabels {
-            route,
+            route: route.label(),
             method: method_label(method),
             status_class: status_class(status),
         };
         families.requests.get_or_create(&labels).inc();
         let handles = &families.cached[route as usize];
-        let labels = RouteLabels { route };
+        let labels = RouteLabels {
+            route: route.label(),
+        };
         handles
             .duration
             .get_or_init(|| families.duration.get_or_create(&labels).clone())

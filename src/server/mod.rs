@@ -3,8 +3,10 @@
 //! on shutdown, to refuse work beyond `MAX_CONCURRENT_REQUESTS`, and to hang the access log and
 //! request ids on every request.
 
+mod admission;
+mod shutdown;
+
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::Either;
@@ -15,58 +17,25 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
-use warp::http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use warp::http::{Request, Response};
 
-use crate::access::{
-    AccessLogBody, AccessRecord, CountingBody, PROXY_REQUEST_ID, REQUEST_ID, request_id,
-};
-use crate::error::json_error;
-use crate::filters::routes;
+use crate::ops::access::{AccessLogBody, AccessRecord, CountingBody};
+use crate::ops::request_id::{PROXY_REQUEST_ID, REQUEST_ID, request_id};
+use crate::routes::{Route, routes};
 use crate::state::AppState;
+use admission::Admission;
+pub use shutdown::{ShutdownSignal, ShutdownTrigger, shutdown_channel};
 
 /// Largest request header section hyper buffers before answering 431, in bytes.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
-
-/// Counts shutdown requests (SIGTERM, Ctrl-C, or a test): the first starts the drain, the second
-/// ends it at once.
-#[derive(Clone)]
-pub struct ShutdownTrigger(Arc<watch::Sender<u32>>);
-
-impl ShutdownTrigger {
-    pub fn trigger(&self) {
-        self.0.send_modify(|requests| *requests += 1);
-    }
-}
-
-pub struct ShutdownSignal(watch::Receiver<u32>);
-
-impl ShutdownSignal {
-    async fn requested(&mut self, times: u32) {
-        if self
-            .0
-            .wait_for(|requests| *requests >= times)
-            .await
-            .is_err()
-        {
-            // Every trigger is gone: nobody can ask any more, so this never resolves.
-            std::future::pending::<()>().await;
-        }
-    }
-}
-
-pub fn shutdown_channel() -> (ShutdownTrigger, ShutdownSignal) {
-    let (sender, receiver) = watch::channel(0);
-    (ShutdownTrigger(Arc::new(sender)), ShutdownSignal(receiver))
-}
 
 /// Serves the proxy on `listener` until the first shutdown request, then stops accepting, closes
 /// idle keep-alive connections, and lets in-flight requests and streams finish for at most
 /// `SHUTDOWN_GRACE_SECS` or until a second shutdown request; whatever remains is then closed.
 pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: ShutdownSignal) {
     let limits = state.config.limits.clone();
-    let in_flight = Arc::new(Semaphore::new(limits.max_concurrent_requests));
+    let admission = Admission::new(limits.max_concurrent_requests);
     let service = TowerToHyperService::new(warp::service(routes(state.clone())));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -96,12 +65,14 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
             log::debug!("could not set TCP_NODELAY: {err}");
         }
         let service = service.clone();
-        let in_flight = in_flight.clone();
+        let admission = admission.clone();
         let state = state.clone();
         let per_request = hyper::service::service_fn(move |request: Request<Incoming>| {
             let id = request_id(request.headers());
+            let route = Route::of(request.uri().path());
             let (record, bytes_in) = AccessRecord::start(
                 &request,
+                route,
                 id.clone(),
                 state.metrics.clone(),
                 state.config.log_format,
@@ -109,25 +80,12 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
             let mut request = request.map(|body| CountingBody::new(body, bytes_in));
             // The upstream gets the same id, through the ordinary header forwarding.
             request.headers_mut().insert(REQUEST_ID, id);
-            let mut permit = None;
-            let refusal = if request.method() == Method::CONNECT {
-                Some(refuse_connect())
-            } else if is_operator_probe(request.uri().path()) {
-                // Probes must answer under overload: a liveness check that gets 503 because
-                // traffic is high would have the orchestrator restart a healthy proxy.
-                None
-            } else {
-                match in_flight.clone().try_acquire_owned() {
-                    Ok(acquired) => {
-                        permit = Some(acquired);
-                        None
-                    }
-                    Err(_) => Some(overloaded()),
-                }
-            };
-            let response = match refusal {
-                Some(refusal) => Either::Left(std::future::ready(Ok(refusal))),
-                None => Either::Right(service.call(request)),
+            let (response, permit) = match admission.admit(request.method(), route) {
+                Ok(permit) => (Either::Right(service.call(request)), permit),
+                Err(refusal) => (
+                    Either::Left(std::future::ready(Ok(refusal.into_response()))),
+                    None,
+                ),
             };
             async move {
                 let mut response: Response<_> = response.await?;
@@ -173,10 +131,6 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
     connections.shutdown().await;
 }
 
-fn is_operator_probe(path: &str) -> bool {
-    matches!(path, "/healthz" | "/readyz" | "/metrics")
-}
-
 /// Requests hyper refused before they reached the route table (malformed or oversized headers,
 /// a header read timeout) have no access line, so they are logged here.
 fn log_connection_error(err: &(dyn std::error::Error + 'static)) {
@@ -191,29 +145,4 @@ fn log_connection_error(err: &(dyn std::error::Error + 'static)) {
         }
         _ => log::debug!("connection ended with an error: {err}"),
     }
-}
-
-fn refuse_connect() -> warp::reply::Response {
-    let mut response = json_error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "CONNECT is not supported: this is not a forward proxy",
-    );
-    response
-        .headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    response
-}
-
-/// Answered at once, without queueing: a client that is told to retry later can go elsewhere.
-fn overloaded() -> warp::reply::Response {
-    let mut response = json_error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "overloaded",
-        "Too many requests in flight; retry shortly",
-    );
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    response
 }

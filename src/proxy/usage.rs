@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures::Stream;
 use serde::Deserialize;
 
-use crate::metrics::{Metrics, TokenKind};
+use crate::ops::metrics::{Metrics, TokenKind};
 
 const KEY: &[u8] = b"\"usage\"";
 /// Built once: constructing a searcher per chunk cost more than the search itself.

@@ -1,19 +1,18 @@
 //! Operator endpoints for orchestrators and scrapers: liveness, readiness, metrics.
 
 use serde_json::json;
-use warp::http::{HeaderMap, HeaderValue, StatusCode, header};
+use warp::http::{HeaderValue, StatusCode, header};
 use warp::{Filter, Rejection, Reply};
 
-use super::with_state;
-use crate::auth::presented_token;
-use crate::error::ProxyError;
-use crate::metrics;
+use super::{Route, allow, with};
+use crate::auth::filters::scraper;
+use crate::ops::metrics::{self, Metrics};
 use crate::state::AppState;
 
 /// GET /healthz: 200 while the process serves, no token needed.
 pub fn healthz() -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
     warp::path!("healthz")
-        .and(warp::get())
+        .and(allow(Route::Healthz))
         .map(|| warp::reply::json(&json!({"status": "ok"})).into_response())
 }
 
@@ -22,8 +21,8 @@ pub fn readyz(
     state: AppState,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
     warp::path!("readyz")
-        .and(warp::get())
-        .and(with_state(state))
+        .and(allow(Route::Readyz))
+        .and(with(state))
         .map(|state: AppState| {
             let (status, word) = if state.is_draining() {
                 (StatusCode::SERVICE_UNAVAILABLE, "draining")
@@ -36,25 +35,16 @@ pub fn readyz(
 }
 
 /// GET /metrics: Prometheus text format. Needs `METRICS_TOKEN` when set, else `ADMIN_TOKEN` when
-/// set, in `Authorization` (Bearer or bare, as Prometheus' `authorization` setting sends it);
-/// open when neither is set.
+/// set; open when neither is set.
 pub fn metrics(
     state: AppState,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
     warp::path!("metrics")
-        .and(warp::get())
-        .and(warp::header::headers_cloned())
-        .and(with_state(state))
-        .map(|headers: HeaderMap, state: AppState| {
-            if let Some(tokens) = &state.metrics_tokens {
-                let allowed = headers
-                    .get(header::AUTHORIZATION)
-                    .is_some_and(|value| tokens.contains(presented_token(value)));
-                if !allowed {
-                    return ProxyError::Unauthorized.into_response();
-                }
-            }
-            let mut reply = warp::reply::Response::new(state.metrics.encode().into());
+        .and(allow(Route::Metrics))
+        .and(scraper(state.auth.clone()))
+        .and(with(state.metrics.clone()))
+        .map(|metrics: Metrics| {
+            let mut reply = warp::reply::Response::new(metrics.encode().into());
             reply.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static(metrics::CONTENT_TYPE),

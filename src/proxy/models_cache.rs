@@ -2,12 +2,14 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use parking_lot::RwLock;
+// tokio's clock rather than std's, so that tests with paused time can step over the TTL.
+use tokio::time::Instant;
 use warp::http::{HeaderMap, StatusCode};
 
 use crate::error::ProxyError;
@@ -198,15 +200,22 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn entries_expire_after_the_ttl() {
-        let cache = ModelsCache::new(Duration::from_millis(20));
+        let cache = ModelsCache::new(Duration::from_secs(24 * 60 * 60));
         cache
             .get_or_fetch(|| async { answer(200, "old") })
             .await
             .0
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(40)).await;
+        tokio::time::advance(Duration::from_secs(24 * 60 * 60 - 1)).await;
+        let (result, status) = cache.get_or_fetch(|| async { answer(200, "new") }).await;
+        assert_eq!(
+            (result.unwrap().body.as_ref(), status),
+            (&b"old"[..], CacheStatus::Hit),
+            "a second before the TTL the entry is still fresh"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
         let (result, status) = cache.get_or_fetch(|| async { answer(200, "new") }).await;
         assert_eq!(
             (result.unwrap().body.as_ref(), status),

@@ -1,45 +1,72 @@
-//! Caller tokens: extraction from the configured header and constant-time matching.
+//! Accepted tokens, kept only as SHA-256 digests with the label each one stands for, and the
+//! token a request presents.
+
+use std::fmt;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use subtle::{Choice, ConditionallySelectable, ConstantTimeEq};
 use warp::http::HeaderValue;
 
-use crate::secret::Secret;
+use crate::config::Secret;
 
-/// A set of accepted tokens, kept only as SHA-256 digests.
+/// A set of accepted tokens and their labels (the name in logs and metrics).
 ///
 /// Comparing fixed-size digests, and always comparing against every entry, means neither the
 /// length of a valid token nor which entry matched can be learnt from response timing.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct TokenSet {
-    digests: Vec<[u8; 32]>,
+    entries: Vec<([u8; 32], Arc<str>)>,
 }
 
 impl TokenSet {
-    pub fn new<'a>(tokens: impl IntoIterator<Item = &'a Secret>) -> TokenSet {
+    pub fn new<'a>(tokens: impl IntoIterator<Item = (Arc<str>, &'a Secret)>) -> TokenSet {
         TokenSet {
-            digests: tokens
+            entries: tokens
                 .into_iter()
-                .map(|token| digest(token.expose().as_bytes()))
+                .map(|(label, token)| (digest(token.expose().as_bytes()), label))
                 .collect(),
         }
     }
 
-    pub fn contains(&self, candidate: &[u8]) -> bool {
-        self.position(candidate).is_some()
+    /// One token with a fixed label, such as the admin token.
+    pub fn single(label: &str, token: &Secret) -> TokenSet {
+        TokenSet::new([(Arc::from(label), token)])
     }
 
-    /// Which entry `candidate` is, compared against every entry without branching on the result.
-    pub fn position(&self, candidate: &[u8]) -> Option<usize> {
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn contains(&self, candidate: &[u8]) -> bool {
+        self.find(candidate).is_some()
+    }
+
+    /// The label of the entry `candidate` is, compared against every entry without branching on
+    /// the result.
+    pub fn find(&self, candidate: &[u8]) -> Option<&Arc<str>> {
         let candidate = digest(candidate);
         let mut found = Choice::from(0);
         let mut position = 0u64;
-        for (index, known) in self.digests.iter().enumerate() {
+        for (index, (known, _)) in self.entries.iter().enumerate() {
             let matches = known.ct_eq(&candidate);
             position.conditional_assign(&(index as u64), matches);
             found |= matches;
         }
-        bool::from(found).then_some(position as usize)
+        if bool::from(found) {
+            self.entries.get(position as usize).map(|(_, label)| label)
+        } else {
+            None
+        }
+    }
+}
+
+/// Labels only: digests of tokens are not for logs either.
+impl fmt::Debug for TokenSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.entries.iter().map(|(_, label)| label))
+            .finish()
     }
 }
 
@@ -71,20 +98,33 @@ mod tests {
 
     fn tokens(list: &[&str]) -> TokenSet {
         let secrets: Vec<Secret> = list.iter().map(|t| Secret::new(*t)).collect();
-        TokenSet::new(&secrets)
+        TokenSet::new(
+            secrets
+                .iter()
+                .map(|secret| (Arc::from(format!("label-{}", secret.expose())), secret)),
+        )
     }
 
     #[test]
-    fn matches_only_listed_tokens() {
+    fn matches_only_listed_tokens_and_names_their_label() {
         let set = tokens(&["alpha", "beta"]);
         assert!(set.contains(b"alpha"));
         assert!(set.contains(b"beta"));
         assert!(!set.contains(b"alph"));
         assert!(!set.contains(b""));
         assert!(!tokens(&[]).contains(b""));
-        assert_eq!(set.position(b"beta"), Some(1));
-        assert_eq!(set.position(b"alpha"), Some(0));
-        assert_eq!(set.position(b"gamma"), None);
+        assert_eq!(set.find(b"beta").map(|label| &**label), Some("label-beta"));
+        assert_eq!(
+            set.find(b"alpha").map(|label| &**label),
+            Some("label-alpha")
+        );
+        assert_eq!(set.find(b"gamma"), None);
+    }
+
+    #[test]
+    fn debug_output_shows_labels_only() {
+        let set = tokens(&["alpha"]);
+        assert_eq!(format!("{set:?}"), "[\"label-alpha\"]");
     }
 
     #[test]

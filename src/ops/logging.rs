@@ -1,0 +1,74 @@
+//! Logging: our own crate at the configured level, text or one JSON object per line, and the one
+//! line a configuration error gets before logging is set up.
+
+use std::io::Write as _;
+
+use super::access::ACCESS_TARGET;
+use crate::config::{Config, ConfigError, LogFormat};
+
+/// One line on stderr; a JSON object when `LOG_FORMAT=json` was asked for, so a log pipeline
+/// that expects JSON sees this line too.
+pub fn report_configuration_error(err: &ConfigError) {
+    let json =
+        std::env::var("LOG_FORMAT").is_ok_and(|format| format.trim().eq_ignore_ascii_case("json"));
+    if json {
+        let line = serde_json::json!({
+            "time": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+            "level": "ERROR",
+            "target": "llm_proxy",
+            "message": format!("configuration error: {err}"),
+            "variable": err.variable,
+        });
+        eprintln!("{line}");
+    } else {
+        eprintln!("configuration error: {err}");
+    }
+}
+
+/// Our own crate logs at the configured level; dependencies only at `warn`, because their debug
+/// output is noise to an operator and is not reviewed for secrets the way ours is.
+pub fn init_logging(config: &Config) {
+    let level = if config.debug_mode {
+        log::LevelFilter::Debug
+    } else {
+        config.log_level.as_filter()
+    };
+    let mut builder = match config.log_format {
+        LogFormat::Text => pretty_env_logger::formatted_timed_builder(),
+        LogFormat::Json => {
+            let mut builder = pretty_env_logger::env_logger::Builder::new();
+            builder.format(write_json_line);
+            builder
+        }
+    };
+    builder
+        .filter_level(log::LevelFilter::Warn.min(level))
+        .filter_module("llm_proxy", level)
+        .init();
+}
+
+/// `LOG_FORMAT=json`: one JSON object per line. Access lines arrive as JSON objects already and
+/// are spliced in, so their fields sit at the top level next to time and level.
+fn write_json_line(
+    out: &mut pretty_env_logger::env_logger::fmt::Formatter,
+    record: &log::Record,
+) -> std::io::Result<()> {
+    let time = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+    let message = record.args().to_string();
+    if record.target() == ACCESS_TARGET
+        && let Some(fields) = message.strip_prefix('{')
+    {
+        return writeln!(
+            out,
+            "{{\"time\":\"{time}\",\"level\":\"{}\",\"target\":\"access\",{fields}",
+            record.level()
+        );
+    }
+    let line = serde_json::json!({
+        "time": time.to_string(),
+        "level": record.level().as_str(),
+        "target": record.target(),
+        "message": message,
+    });
+    writeln!(out, "{line}")
+}

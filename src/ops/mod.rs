@@ -1,0 +1,7 @@
+//! What operators see of each request: the access line, request ids, metrics and the log setup.
+
+pub mod access;
+pub mod exchange;
+pub mod logging;
+pub mod metrics;
+pub mod request_id;

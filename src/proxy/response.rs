@@ -1,0 +1,120 @@
+//! The upstream's answer as the caller's response: same status, end-to-end headers, and the body
+//! forwarded chunk by chunk as it arrives, bytes untouched, under the idle watchdog.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use warp::Reply;
+use warp::http::{HeaderMap, StatusCode, header};
+
+use super::Upstream;
+use super::body::GuardedBody;
+use super::headers::{declared_length, is_event_stream, response_headers};
+use super::usage::UsageMeter;
+use crate::auth::redact::{SecretMask, error_chain, mask_secret};
+use crate::error::ProxyError;
+
+/// warp needs response streams to be `Sync` as well as `Send`.
+type UpstreamBody = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send + Sync>>;
+
+/// Error bodies up to this size are read whole, so that when they hold no secret they go out
+/// exactly as the upstream framed them, `Content-Length` included.
+const SMALL_ERROR_BODY: u64 = 64 * 1024;
+
+/// A response for the caller, and whether it is a server-sent-event stream.
+pub struct Forwarded {
+    pub response: warp::reply::Response,
+    pub stream: bool,
+}
+
+impl Upstream {
+    /// Non-2xx bodies go through the key mask: an upstream may echo the credentials it rejected.
+    /// With `usage_client`, the `usage` object of a successful answer is counted for that client.
+    pub async fn into_reply(
+        &self,
+        mut upstream: reqwest::Response,
+        usage_client: Option<Arc<str>>,
+    ) -> Forwarded {
+        let status = upstream.status();
+        let mut headers =
+            response_headers(std::mem::take(upstream.headers_mut()), self.key_to_mask());
+        if log::log_enabled!(log::Level::Debug) {
+            log::debug!(
+                "upstream response: {status} headers: {}",
+                self.0.redactor.describe_headers(&headers)
+            );
+        }
+        let stream = is_event_stream(&headers);
+        if !status.is_success()
+            && declared_length(&headers).is_some_and(|length| length <= SMALL_ERROR_BODY)
+        {
+            let response = self.small_error_reply(status, headers, upstream).await;
+            return Forwarded { response, stream };
+        }
+        // An error event cannot be added to a body whose length was declared.
+        let error_event = stream && !headers.contains_key(header::CONTENT_LENGTH);
+        let mut body: UpstreamBody = Box::pin(upstream.bytes_stream());
+        if !status.is_success() {
+            // Masking may change the length.
+            headers.remove(header::CONTENT_LENGTH);
+            body = Box::pin(SecretMask::new(
+                body,
+                Bytes::copy_from_slice(self.key_to_mask()),
+            ));
+        } else if let Some(client) = usage_client {
+            body = Box::pin(UsageMeter::new(body, self.0.metrics.clone(), client));
+        }
+        if let Some(redactor) = self.body_log() {
+            body = Box::pin(body.inspect(move |chunk| match chunk {
+                Ok(chunk) => log::debug!("response body chunk: {}", redactor.mask_bytes(chunk)),
+                Err(err) => log::debug!("response body failed: {}", error_chain(err)),
+            }));
+        }
+        let guarded = GuardedBody::new(
+            body,
+            self.0.stream_idle_timeout,
+            error_event,
+            self.0.metrics.clone(),
+        );
+        let mut response = warp::reply::stream(guarded).into_response();
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        Forwarded { response, stream }
+    }
+
+    async fn small_error_reply(
+        &self,
+        status: StatusCode,
+        mut headers: HeaderMap,
+        upstream: reqwest::Response,
+    ) -> warp::reply::Response {
+        let read = tokio::time::timeout(self.0.stream_idle_timeout, upstream.bytes());
+        let mut body = match read.await {
+            Ok(Ok(body)) => body,
+            Ok(Err(err)) => {
+                log::error!(
+                    "reading an upstream error body failed: {}",
+                    error_chain(&err)
+                );
+                return ProxyError::BadGateway.into_response();
+            }
+            Err(_) => {
+                log::error!("the upstream stalled while sending an error body");
+                return ProxyError::GatewayTimeout.into_response();
+            }
+        };
+        if let Some(masked) = mask_secret(&body, self.key_to_mask()) {
+            headers.remove(header::CONTENT_LENGTH);
+            body = masked.freeze();
+        }
+        if self.0.log_bodies {
+            log::debug!("response body: {}", self.0.redactor.mask_bytes(&body));
+        }
+        let mut response = warp::reply::Response::new(body.into());
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        response
+    }
+}

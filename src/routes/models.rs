@@ -1,0 +1,82 @@
+//! The cached model list.
+
+use std::convert::Infallible;
+use std::time::Instant;
+
+use warp::http::{HeaderMap, HeaderValue};
+use warp::{Filter, Rejection};
+
+use super::{raw_query, with};
+use crate::auth::Caller;
+use crate::auth::filters::caller;
+use crate::ops::exchange::Exchange;
+use crate::proxy::models_cache::{CacheStatus, CachedResponse};
+use crate::state::AppState;
+
+const CACHE_STATUS_HEADER: &str = "x-proxy-cache";
+
+/// GET /v1/models (with a query string, or another method, it is not cached and goes through
+/// the generic proxy)
+pub fn list(
+    state: AppState,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
+    warp::path!("v1" / "models")
+        .and(warp::get())
+        .and(raw_query())
+        .and_then(|query: Option<String>| async move {
+            match query {
+                None => Ok(()),
+                Some(_) => Err(warp::reject::not_found()),
+            }
+        })
+        .untuple_one()
+        .and(caller(state.auth.clone()))
+        .and(with(state))
+        .and_then(list_models)
+}
+
+async fn list_models(
+    _caller_headers: HeaderMap,
+    caller: Caller,
+    state: AppState,
+) -> Result<warp::reply::Response, Infallible> {
+    let upstream = state.upstream.clone();
+    let asked = Instant::now();
+    let (result, cache_status) = state
+        .models
+        .get_or_fetch(move || upstream.fetch_models())
+        .await;
+    let upstream_wait = match cache_status {
+        CacheStatus::Hit => {
+            state.metrics.cache_hit();
+            None
+        }
+        CacheStatus::Miss => {
+            state.metrics.cache_miss();
+            Some(asked.elapsed())
+        }
+    };
+    // Errors are answered here rather than rejected: a rejection would make warp try the next
+    // route and send the request upstream a second time.
+    let mut reply = match result {
+        Ok(cached) => cached_reply(&cached, cache_status),
+        Err(error) => error.into_response(),
+    };
+    reply.extensions_mut().insert(Exchange {
+        client: caller.label,
+        upstream_wait,
+        stream: false,
+    });
+    Ok(reply)
+}
+
+fn cached_reply(cached: &CachedResponse, cache_status: CacheStatus) -> warp::reply::Response {
+    let mut reply = warp::reply::Response::new(cached.body.clone().into());
+    *reply.status_mut() = cached.status;
+    *reply.headers_mut() = cached.headers.clone();
+    reply.headers_mut().insert(
+        CACHE_STATUS_HEADER,
+        HeaderValue::from_static(cache_status.as_str()),
+    );
+    reply
+}
