@@ -5,6 +5,7 @@ use warp::http::HeaderMap;
 use warp::{Filter, Rejection};
 
 use super::{Authenticator, Caller};
+use crate::error::ProxyError;
 
 /// Passes the request headers and the caller on when the caller may use the API.
 pub fn caller(
@@ -41,19 +42,23 @@ pub fn admin_enabled(auth: Authenticator) -> impl Filter<Extract = (), Error = R
 
 /// Lets the request through only with `ADMIN_TOKEN`.
 pub fn admin(auth: Authenticator) -> impl Filter<Extract = (), Error = Rejection> + Clone {
-    warp::header::headers_cloned()
-        .and_then(move |headers: HeaderMap| {
-            let checked = auth.check_admin(&headers);
-            async move { checked.map_err(warp::reject::custom) }
-        })
-        .untuple_one()
+    passes(auth, Authenticator::check_admin)
 }
 
 /// Lets a metrics scrape through when it holds the metrics token, or when none is configured.
 pub fn scraper(auth: Authenticator) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    passes(auth, Authenticator::check_scraper)
+}
+
+type Check = fn(&Authenticator, &HeaderMap) -> Result<(), ProxyError>;
+
+fn passes(
+    auth: Authenticator,
+    check: Check,
+) -> impl Filter<Extract = (), Error = Rejection> + Clone {
     warp::header::headers_cloned()
         .and_then(move |headers: HeaderMap| {
-            let checked = auth.check_scraper(&headers);
+            let checked = check(&auth, &headers);
             async move { checked.map_err(warp::reject::custom) }
         })
         .untuple_one()

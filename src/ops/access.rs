@@ -231,17 +231,27 @@ impl Drop for AccessRecord {
     }
 }
 
-/// A response body that counts what passes through it, untouched.
-pub struct AccessLogBody<B> {
-    pub inner: B,
-    pub record: AccessRecord,
-    /// A place in `MAX_CONCURRENT_REQUESTS`, given back when the last byte went out.
-    pub permit: Option<OwnedSemaphorePermit>,
+/// What a [`Tapped`] body reports each poll of its inner body to.
+pub trait Tap {
+    fn observe<E>(&mut self, polled: &Poll<Option<Result<Frame<Bytes>, E>>>);
 }
 
-impl<B> Body for AccessLogBody<B>
+/// A body passed through untouched while `tap` watches every poll.
+pub struct Tapped<B, T> {
+    inner: B,
+    tap: T,
+}
+
+impl<B, T> Tapped<B, T> {
+    pub fn new(inner: B, tap: T) -> Self {
+        Tapped { inner, tap }
+    }
+}
+
+impl<B, T> Body for Tapped<B, T>
 where
     B: Body<Data = Bytes> + Unpin,
+    T: Tap + Unpin,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -252,8 +262,30 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        let record = &mut this.record;
-        match &polled {
+        this.tap.observe(&polled);
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The response side: the access record, and the request's place in `MAX_CONCURRENT_REQUESTS`,
+/// both given up when the body is dropped (its last byte went out, or the client left).
+pub struct ResponseTap {
+    pub record: AccessRecord,
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Tap for ResponseTap {
+    fn observe<E>(&mut self, polled: &Poll<Option<Result<Frame<Bytes>, E>>>) {
+        let record = &mut self.record;
+        match polled {
             Poll::Pending => {}
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -271,55 +303,18 @@ where
                     .get_or_insert_with(|| record.started.elapsed());
             }
         }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
-/// A request body that counts the bytes the caller sent.
-pub struct CountingBody<B> {
-    inner: B,
-    bytes: Arc<AtomicU64>,
-}
+/// The request side: the bytes the caller sent.
+pub struct RequestTap(pub Arc<AtomicU64>);
 
-impl<B> CountingBody<B> {
-    pub fn new(inner: B, bytes: Arc<AtomicU64>) -> Self {
-        CountingBody { inner, bytes }
-    }
-}
-
-impl<B> Body for CountingBody<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
+impl Tap for RequestTap {
+    fn observe<E>(&mut self, polled: &Poll<Option<Result<Frame<Bytes>, E>>>) {
+        if let Poll::Ready(Some(Ok(frame))) = polled
             && let Some(data) = frame.data_ref()
         {
-            self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            self.0.fetch_add(data.len() as u64, Ordering::Relaxed);
         }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }

@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use warp::http::{Request, Response};
 
-use crate::ops::access::{AccessLogBody, AccessRecord, CountingBody};
+use crate::ops::access::{AccessRecord, RequestTap, ResponseTap, Tapped};
 use crate::ops::request_id::{PROXY_REQUEST_ID, REQUEST_ID, request_id};
 use crate::routes::{Route, routes};
 use crate::state::AppState;
@@ -77,7 +77,7 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
                 state.metrics.clone(),
                 state.config.log_format,
             );
-            let mut request = request.map(|body| CountingBody::new(body, bytes_in));
+            let mut request = request.map(|body| Tapped::new(body, RequestTap(bytes_in)));
             // The upstream gets the same id, through the ordinary header forwarding.
             request.headers_mut().insert(REQUEST_ID, id);
             let (response, permit) = match admission.admit(request.method(), route) {
@@ -93,11 +93,9 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
                 response
                     .headers_mut()
                     .insert(PROXY_REQUEST_ID, record.id().clone());
-                Ok::<_, Infallible>(response.map(|body| AccessLogBody {
-                    inner: body,
-                    record,
-                    permit,
-                }))
+                Ok::<_, Infallible>(
+                    response.map(|body| Tapped::new(body, ResponseTap { record, permit })),
+                )
             }
         });
         let connection = builder
