@@ -1,13 +1,34 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
+use llm_proxy::cli::{self, Command};
 use llm_proxy::ops::logging::{init_logging, report_configuration_error};
+use llm_proxy::server::{descriptors, listener};
 use llm_proxy::{AppState, Config};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    match cli::parse(std::env::args().skip(1)) {
+        Ok(Command::Serve) => serve().await,
+        Ok(Command::Help) => {
+            print!("{}", cli::help());
+            ExitCode::SUCCESS
+        }
+        Ok(Command::Version) => {
+            println!("{}", cli::version());
+            ExitCode::SUCCESS
+        }
+        Ok(Command::Healthcheck) => cli::healthcheck().await,
+        Err(err) => {
+            eprintln!("{err}; see --help");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn serve() -> ExitCode {
     let config = match Config::load() {
         Ok(config) => config,
         Err(err) => {
@@ -17,14 +38,15 @@ async fn main() -> ExitCode {
     };
     init_logging(&config);
     log::info!("configuration: {config:?}");
+    warn_about_risky_settings(&config);
+    descriptors::raise_limit(config.limits.max_concurrent_requests);
 
-    let port = config.port;
+    let address = SocketAddr::new(config.host, config.port);
     let state = AppState::new(config);
-    let address = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    let listener = match tokio::net::TcpListener::bind(address).await {
+    let listener = match listener::bind(address) {
         Ok(listener) => listener,
         Err(err) => {
-            log::error!("cannot listen on {address} (PROXY_PORT): {err}");
+            log::error!("cannot listen on {address} (PROXY_HOST, PROXY_PORT): {err}");
             return ExitCode::FAILURE;
         }
     };
@@ -37,6 +59,27 @@ async fn main() -> ExitCode {
     llm_proxy::serve(listener, state, shutdown).await;
     log::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// One warning per line for what is probably a mistake: a misspelt variable (ignored, so the
+/// setting it was meant for keeps its default) and an open proxy reachable from the network.
+fn warn_about_risky_settings(config: &Config) {
+    let mut names: Vec<String> = std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .collect();
+    if let Ok(files) = llm_proxy::config::env_files() {
+        names.extend(files.into_keys());
+    }
+    for (name, meant) in cli::misspelt_variables(names) {
+        log::warn!("{name} is not a setting of this proxy and is ignored; did you mean {meant}?");
+    }
+    if !config.auth_validation && !listener::is_loopback_only(config.host) {
+        log::warn!(
+            "AUTH_VALIDATION is off while listening on {} (PROXY_HOST): anyone who can reach \
+             this port spends the upstream key",
+            config.host
+        );
+    }
 }
 
 /// Turns every SIGTERM or Ctrl-C into a shutdown request: the first drains, the second stops.

@@ -6,9 +6,11 @@
 
 mod secret;
 mod values;
+pub mod variables;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +52,8 @@ pub enum LogFormat {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub upstream: UpstreamConfig,
+    /// `PROXY_HOST`: `0.0.0.0` (all IPv4 interfaces), `::` (IPv4 and IPv6), or one address.
+    pub host: IpAddr,
     pub port: u16,
     pub log_level: LogLevel,
     pub debug_mode: bool,
@@ -166,29 +170,72 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// The variables of `.env` and `.env.local` in the working directory, `.env.local` winning.
+pub fn env_files() -> Result<HashMap<String, String>, ConfigError> {
+    let mut files = HashMap::new();
+    // `.env` first so that `.env.local` overrides it; the real environment overrides both.
+    for file in [".env", ".env.local"] {
+        files.extend(values::env_file(Path::new(file))?);
+    }
+    Ok(files)
+}
+
+/// A variable from the process environment, else from the files.
+pub fn lookup_in(files: &HashMap<String, String>) -> impl Fn(&str) -> Option<String> + '_ {
+    |name| {
+        std::env::var(name)
+            .ok()
+            .or_else(|| files.get(name).cloned())
+    }
+}
+
+/// Values trimmed; an empty value means "not set": `docker run -e ADMIN_TOKEN=` should not
+/// enable anything.
+pub fn non_empty(lookup: impl Fn(&str) -> Option<String>) -> impl Fn(&str) -> Option<String> {
+    move |name| {
+        lookup(name)
+            .map(|value| value.trim().to_string())
+            .filter(|value| !value.is_empty())
+    }
+}
+
+/// `PROXY_HOST` and `PROXY_PORT`, read on their own by `healthcheck`, which must not need the
+/// rest of the configuration.
+pub fn listen_address(get: &impl Fn(&str) -> Option<String>) -> Result<SocketAddr, ConfigError> {
+    let host = match get("PROXY_HOST") {
+        None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        Some(value) => value.parse::<IpAddr>().map_err(|_| {
+            invalid(
+                "PROXY_HOST",
+                format!(
+                    "{value:?} is not an IP address (accepted: 0.0.0.0, ::, 127.0.0.1, ::1, \
+                     or one address of this machine)"
+                ),
+            )
+        })?,
+    };
+    let port = match get("PROXY_PORT") {
+        None => DEFAULT_PORT,
+        Some(value) => value.parse::<u16>().map_err(|_| {
+            invalid(
+                "PROXY_PORT",
+                format!("{value:?} is not a port number (accepted: 0-65535)"),
+            )
+        })?,
+    };
+    Ok(SocketAddr::new(host, port))
+}
+
 impl Config {
     /// Reads the process environment, then `.env.local`, then `.env` in the working directory.
     pub fn load() -> Result<Config, ConfigError> {
-        let mut files = HashMap::new();
-        // `.env` first so that `.env.local` overrides it; the real environment overrides both below.
-        for file in [".env", ".env.local"] {
-            files.extend(values::env_file(Path::new(file))?);
-        }
-        Config::from_lookup(|name| {
-            std::env::var(name)
-                .ok()
-                .or_else(|| files.get(name).cloned())
-        })
+        let files = env_files()?;
+        Config::from_lookup(lookup_in(&files))
     }
 
     /// Builds and validates a configuration from any source of variables.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        // An empty value means "not set": `docker run -e ADMIN_TOKEN=` should not enable anything.
-        let get = |name: &str| {
-            lookup(name)
-                .map(|value| value.trim().to_string())
-                .filter(|value| !value.is_empty())
-        };
+        let get = non_empty(lookup);
 
         let base_url = values::target_host(get("TARGET_HOST").as_deref(), DEFAULT_TARGET_HOST)?;
 
@@ -202,15 +249,7 @@ impl Config {
         })?;
         authorization.set_sensitive(true);
 
-        let port = match get("PROXY_PORT") {
-            None => DEFAULT_PORT,
-            Some(value) => value.parse::<u16>().map_err(|_| {
-                invalid(
-                    "PROXY_PORT",
-                    format!("{value:?} is not a port number (accepted: 0-65535)"),
-                )
-            })?,
-        };
+        let listen = listen_address(&get)?;
 
         let log_level = match get("LOG_LEVEL").map(|v| v.to_ascii_lowercase()).as_deref() {
             None | Some("info") => LogLevel::Info,
@@ -307,7 +346,8 @@ impl Config {
                 authorization,
                 client,
             },
-            port,
+            host: listen.ip(),
+            port: listen.port(),
             log_level,
             debug_mode,
             log_format,

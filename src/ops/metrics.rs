@@ -23,6 +23,8 @@ use crate::routes::Route;
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum UpstreamFailure {
     Connect,
+    /// This process ran out of file descriptors: not the upstream's fault.
+    LocalLimit,
     Timeout,
     Reset,
     Status5xx,
@@ -33,6 +35,7 @@ impl UpstreamFailure {
     fn as_str(self) -> &'static str {
         match self {
             UpstreamFailure::Connect => "connect",
+            UpstreamFailure::LocalLimit => "local_limit",
             UpstreamFailure::Timeout => "timeout",
             UpstreamFailure::Reset => "reset",
             UpstreamFailure::Status5xx => "status_5xx",

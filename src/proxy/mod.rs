@@ -22,6 +22,7 @@ use crate::auth::redact::{Redactor, error_chain, searchable};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::ops::metrics::{Metrics, UpstreamFailure};
+use crate::server::descriptors::is_out_of_descriptors;
 use body::caused_by_body_limit;
 
 /// Everything the upstream code needs, and nothing else. Cloning is shallow.
@@ -131,6 +132,14 @@ impl Upstream {
             Ok(Err(err)) if caused_by_body_limit(&err) => {
                 log::info!("request body over MAX_BODY_BYTES: upstream request aborted");
                 Err(ProxyError::PayloadTooLarge)
+            }
+            Ok(Err(err)) if is_out_of_descriptors(&err) => {
+                log::error!(
+                    "cannot open an upstream connection: this process is out of file descriptors \
+                     (a local resource limit, not an upstream failure); answering 503"
+                );
+                metrics.upstream_failure(UpstreamFailure::LocalLimit);
+                Err(ProxyError::Overloaded)
             }
             Ok(Err(err)) => {
                 log::error!("upstream request failed: {}", error_chain(&err));

@@ -4,6 +4,8 @@
 //! request ids on every request.
 
 mod admission;
+pub mod descriptors;
+pub mod listener;
 mod shutdown;
 
 use std::convert::Infallible;
@@ -51,8 +53,16 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
             accepted = listener.accept() => match accepted {
                 Ok(connection) => connection,
                 Err(err) => {
-                    // Usually EMFILE: back off briefly instead of spinning on the error.
-                    log::error!("accept failed: {err}");
+                    // Usually EMFILE: back off briefly instead of spinning on the error. The
+                    // connection waits in the backlog meanwhile; it is not lost.
+                    if descriptors::is_out_of_descriptors(&err) {
+                        log::error!(
+                            "accept failed: out of file descriptors (a local resource limit); \
+                             retrying in 100 ms"
+                        );
+                    } else {
+                        log::error!("accept failed: {err}");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }

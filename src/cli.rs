@@ -1,0 +1,130 @@
+//! The command line: serving is the default; `--help`, `--version` and `healthcheck` need no
+//! configuration beyond the listen address.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::config::{self, variables};
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    Serve,
+    Help,
+    Version,
+    Healthcheck,
+}
+
+/// The command the arguments (program name excluded) ask for; anything unknown is an error, so a
+/// typo never starts a server the operator did not mean to start.
+pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
+    let args: Vec<String> = args.into_iter().collect();
+    match args.as_slice() {
+        [] => Ok(Command::Serve),
+        [one] => match one.as_str() {
+            "-h" | "--help" | "help" => Ok(Command::Help),
+            "-V" | "--version" => Ok(Command::Version),
+            "healthcheck" => Ok(Command::Healthcheck),
+            other => Err(format!("unknown argument {other:?}")),
+        },
+        _ => Err(format!("unexpected arguments {args:?}")),
+    }
+}
+
+pub fn help() -> String {
+    variables::help_text()
+}
+
+pub fn version() -> String {
+    format!("{} {}", env!("CARGO_PKG_NAME"), env!("CARGO_PKG_VERSION"))
+}
+
+/// Asks the proxy listening on `PROXY_HOST`:`PROXY_PORT` for `/healthz`: exit 0 when it answers
+/// 200 within a few seconds, 1 otherwise. For a `HEALTHCHECK` in an image with no other program.
+pub async fn healthcheck() -> ExitCode {
+    let address = match config::env_files()
+        .and_then(|files| config::listen_address(&config::non_empty(config::lookup_in(&files))))
+    {
+        Ok(address) => probe_address(address),
+        Err(err) => {
+            eprintln!("healthcheck: configuration error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let url = format!("http://{address}/healthz");
+    let client = match reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(3))
+        .build()
+    {
+        Ok(client) => client,
+        Err(err) => {
+            eprintln!("healthcheck: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match client.get(&url).send().await {
+        Ok(response) if response.status().is_success() => {
+            println!("healthy: {url}");
+            ExitCode::SUCCESS
+        }
+        Ok(response) => {
+            eprintln!("unhealthy: {url} answered {}", response.status());
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("unhealthy: {url}: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A wildcard listener is asked on loopback of its own family.
+fn probe_address(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
+}
+
+/// The names in the environment and the `.env` files that are not ours but look meant to be,
+/// each with the variable it most likely misspells.
+pub fn misspelt_variables(names: impl IntoIterator<Item = String>) -> Vec<(String, &'static str)> {
+    let mut found: Vec<(String, &'static str)> = names
+        .into_iter()
+        .filter_map(|name| variables::likely_meant(&name).map(|meant| (name, meant)))
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Result<Command, String> {
+        parse(list.iter().map(|arg| arg.to_string()))
+    }
+
+    #[test]
+    fn arguments_choose_a_command_and_nothing_else_starts_the_server() {
+        assert_eq!(args(&[]), Ok(Command::Serve));
+        assert_eq!(args(&["--help"]), Ok(Command::Help));
+        assert_eq!(args(&["-h"]), Ok(Command::Help));
+        assert_eq!(args(&["--version"]), Ok(Command::Version));
+        assert_eq!(args(&["healthcheck"]), Ok(Command::Healthcheck));
+        assert!(args(&["--port=80"]).is_err());
+        assert!(args(&["healthcheck", "now"]).is_err());
+    }
+
+    #[test]
+    fn wildcard_listeners_are_probed_on_loopback() {
+        let probe = |listen: &str| probe_address(listen.parse().unwrap()).to_string();
+        assert_eq!(probe("0.0.0.0:8080"), "127.0.0.1:8080");
+        assert_eq!(probe("[::]:8080"), "[::1]:8080");
+        assert_eq!(probe("10.1.2.3:9"), "10.1.2.3:9");
+    }
+}

@@ -1,0 +1,225 @@
+//! Every variable the proxy reads, with its default and a one-line meaning: the list behind
+//! `--help` and the check for misspelt names at start-up.
+
+/// One setting of the public contract.
+pub struct Variable {
+    pub name: &'static str,
+    /// As shown by `--help`; `unset` when there is none.
+    pub default: &'static str,
+    pub meaning: &'static str,
+}
+
+const fn var(name: &'static str, default: &'static str, meaning: &'static str) -> Variable {
+    Variable {
+        name,
+        default,
+        meaning,
+    }
+}
+
+pub const VARIABLES: &[Variable] = &[
+    var(
+        "TARGET_HOST",
+        "https://api.example.com",
+        "upstream base URL; a path prefix is kept",
+    ),
+    var("AUTH_BEARER", "required", "upstream API key"),
+    var(
+        "PROXY_HOST",
+        "0.0.0.0",
+        "address to listen on (:: for IPv4 and IPv6)",
+    ),
+    var("PROXY_PORT", "8080", "port to listen on"),
+    var("LOG_LEVEL", "info", "debug, info or error"),
+    var("LOG_FORMAT", "text", "text or json"),
+    var(
+        "DEBUG_MODE",
+        "false",
+        "log request and response details, secrets masked",
+    ),
+    var(
+        "AUTH_VALIDATION",
+        "false",
+        "callers must present a token from ALLOWED_TOKENS",
+    ),
+    var(
+        "ALLOWED_TOKENS",
+        "unset",
+        "client tokens, comma-separated; name:token gives a label",
+    ),
+    var(
+        "DEFAULT_AUTH_HEADER",
+        "Authorization",
+        "header callers put their token in",
+    ),
+    var(
+        "ADMIN_TOKEN",
+        "unset",
+        "token for /admin/*; unset: no admin routes",
+    ),
+    var(
+        "METRICS_TOKEN",
+        "unset",
+        "token for /metrics; unset: ADMIN_TOKEN, else open",
+    ),
+    var(
+        "UPSTREAM_CONNECT_TIMEOUT_SECS",
+        "10",
+        "connecting to the upstream",
+    ),
+    var(
+        "UPSTREAM_TIMEOUT_SECS",
+        "600",
+        "from sending a request to the upstream's response headers",
+    ),
+    var(
+        "STREAM_IDLE_TIMEOUT_SECS",
+        "300",
+        "longest silence in an upstream body or a WebSocket tunnel",
+    ),
+    var(
+        "HEADER_READ_TIMEOUT_SECS",
+        "10",
+        "time to send request headers; idle keep-alive",
+    ),
+    var("SHUTDOWN_GRACE_SECS", "30", "the drain after SIGTERM"),
+    var("MAX_BODY_BYTES", "33554432", "largest request body"),
+    var(
+        "MAX_CONCURRENT_REQUESTS",
+        "1024",
+        "requests in flight, streams and tunnels included",
+    ),
+];
+
+/// Prefixes of our names: an unknown name with one of them is almost surely meant for us.
+const PREFIXES: &[&str] = &[
+    "AUTH_",
+    "PROXY_",
+    "TARGET_",
+    "UPSTREAM_",
+    "STREAM_",
+    "HEADER_",
+    "SHUTDOWN_",
+    "MAX_",
+    "ADMIN_",
+    "METRICS_",
+    "ALLOWED_",
+    "DEFAULT_AUTH",
+    "DEBUG_",
+];
+
+pub fn is_known(name: &str) -> bool {
+    VARIABLES.iter().any(|variable| variable.name == name)
+}
+
+/// For a name that is not ours: the variable it most likely misspells, if any. Close means an
+/// edit distance of at most 2 (3 for long names), or one of our prefixes with an unknown rest.
+pub fn likely_meant(name: &str) -> Option<&'static str> {
+    if is_known(name) {
+        return None;
+    }
+    let upper = name.to_ascii_uppercase();
+    if is_known(&upper) {
+        return VARIABLES
+            .iter()
+            .find(|variable| variable.name == upper)
+            .map(|variable| variable.name);
+    }
+    let (closest, distance) = VARIABLES
+        .iter()
+        .map(|variable| (variable.name, edit_distance(&upper, variable.name)))
+        .min_by_key(|(_, distance)| *distance)?;
+    let allowed = if closest.len() >= 12 { 3 } else { 2 };
+    if distance <= allowed {
+        return Some(closest);
+    }
+    PREFIXES
+        .iter()
+        .any(|prefix| upper.starts_with(prefix))
+        .then_some(closest)
+}
+
+/// Levenshtein distance over bytes (our names are ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    let mut current = vec![0; b.len() + 1];
+    for (i, &left) in a.iter().enumerate() {
+        current[0] = i + 1;
+        for (j, &right) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(left != right);
+            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        std::mem::swap(&mut previous, &mut current);
+    }
+    previous[b.len()]
+}
+
+/// `--help`: what the program is and every variable with its default.
+pub fn help_text() -> String {
+    let mut text = format!(
+        "{name} {version}: {description}\n\n\
+         Usage:\n  {name}               serve (configured by environment variables, then .env.local, then .env)\n  \
+         {name} healthcheck   ask the running proxy's /healthz; exit 0 when healthy, 1 otherwise\n  \
+         {name} --help        this text\n  {name} --version     the name and version\n\n\
+         Variables (default):\n",
+        name = env!("CARGO_PKG_NAME"),
+        version = env!("CARGO_PKG_VERSION"),
+        description = env!("CARGO_PKG_DESCRIPTION"),
+    );
+    let width = VARIABLES
+        .iter()
+        .map(|variable| variable.name.len())
+        .max()
+        .unwrap_or(0);
+    for variable in VARIABLES {
+        text.push_str(&format!(
+            "  {:width$}  {} [default: {}]\n",
+            variable.name, variable.meaning, variable.default
+        ));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn misspellings_point_at_the_variable_meant() {
+        assert_eq!(likely_meant("AUTH_VALIDATON"), Some("AUTH_VALIDATION"));
+        assert_eq!(likely_meant("auth_validation"), Some("AUTH_VALIDATION"));
+        assert_eq!(likely_meant("TARGET_HOTS"), Some("TARGET_HOST"));
+        assert_eq!(
+            likely_meant("MAX_CONCURENT_REQUESTS"),
+            Some("MAX_CONCURRENT_REQUESTS")
+        );
+        assert!(likely_meant("PROXY_TIMEOUT").is_some(), "a known prefix");
+    }
+
+    #[test]
+    fn other_programs_variables_are_left_alone() {
+        for name in [
+            "PATH",
+            "HOME",
+            "HOSTNAME",
+            "HTTPS_PROXY",
+            "NO_PROXY",
+            "RUST_LOG",
+            "TERM",
+            "AUTH_BEARER",
+            "LANG",
+            "CARGO_HOME",
+        ] {
+            assert_eq!(likely_meant(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn help_lists_every_variable() {
+        let help = help_text();
+        for variable in VARIABLES {
+            assert!(help.contains(variable.name), "{}", variable.name);
+        }
+    }
+}

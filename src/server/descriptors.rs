@@ -1,0 +1,89 @@
+//! Open-file descriptors: the soft limit is raised to the hard one at start-up, and running out
+//! of them is told apart from an upstream that cannot be reached.
+
+use std::error::Error;
+
+/// Descriptors a proxied request holds: the caller's connection and the upstream's.
+const PER_REQUEST: u64 = 2;
+/// The listener, log files, the runtime's own, and idle keep-alive connections on both sides.
+const HEADROOM: u64 = 256;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, logs the limit in effect, and warns when it
+/// cannot carry `max_concurrent_requests`.
+pub fn raise_limit(max_concurrent_requests: usize) {
+    let (soft, hard) = match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok(limits) => limits,
+        Err(err) => {
+            log::warn!("cannot read the open-file limit: {err}");
+            return;
+        }
+    };
+    let in_effect = if soft < hard {
+        match rlimit::setrlimit(rlimit::Resource::NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(err) => {
+                log::warn!("cannot raise the open-file limit from {soft} to {hard}: {err}");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    log::info!("open-file limit: {in_effect} (raised from {soft})");
+    let needed = needed_for(max_concurrent_requests);
+    if in_effect < needed {
+        log::warn!(
+            "the open-file limit {in_effect} is too low for MAX_CONCURRENT_REQUESTS={max_concurrent_requests} \
+             (about {needed} needed: {PER_REQUEST} per request plus {HEADROOM}); beyond it requests \
+             get 503 overloaded. Raise the hard limit (ulimit -Hn, LimitNOFILE=, docker --ulimit \
+             nofile=) or lower MAX_CONCURRENT_REQUESTS"
+        );
+    }
+}
+
+fn needed_for(max_concurrent_requests: usize) -> u64 {
+    (max_concurrent_requests as u64).saturating_mul(PER_REQUEST) + HEADROOM
+}
+
+/// Whether an error, or any of its causes, is this process running out of descriptors (EMFILE,
+/// or ENFILE for the whole system): a local limit, not a fault of the peer.
+pub fn is_out_of_descriptors(err: &(dyn Error + 'static)) -> bool {
+    let mut cause = Some(err);
+    while let Some(current) = cause {
+        if let Some(io) = current.downcast_ref::<std::io::Error>()
+            && io
+                .raw_os_error()
+                .is_some_and(|errno| errno == libc::EMFILE || errno == libc::ENFILE)
+        {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_out_of_descriptors_is_recognised_through_the_chain() {
+        #[derive(Debug)]
+        struct Wrapper(std::io::Error);
+        impl std::fmt::Display for Wrapper {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("connect failed")
+            }
+        }
+        impl Error for Wrapper {
+            fn source(&self) -> Option<&(dyn Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let emfile = Wrapper(std::io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(is_out_of_descriptors(&emfile));
+        let refused = Wrapper(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(!is_out_of_descriptors(&refused));
+        assert_eq!(needed_for(1024), 2304);
+    }
+}
