@@ -7,10 +7,11 @@ mod tokens;
 
 use std::sync::Arc;
 
-use warp::http::{HeaderMap, HeaderName, header};
+use warp::http::{HeaderMap, HeaderName, Method, header};
 
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::proxy::upgrade::{is_websocket_upgrade, subprotocol_token};
 pub use tokens::{TokenSet, presented_token, token_label};
 
 /// The label of callers when `AUTH_VALIDATION` is off: any token goes, so none can be a label.
@@ -70,7 +71,10 @@ impl Authenticator {
                 label: self.0.anonymous.clone(),
             });
         }
-        match self.presented_in(&self.0.header, headers, &self.0.clients) {
+        let found = self
+            .presented_in(&self.0.header, headers, &self.0.clients)
+            .or_else(|| self.presented_as_subprotocol(headers));
+        match found {
             Some(label) => Ok(Caller {
                 label: label.clone(),
             }),
@@ -113,6 +117,14 @@ impl Authenticator {
         tokens: &'a TokenSet,
     ) -> Option<&'a Arc<str>> {
         tokens.find(presented_token(headers.get(name)?))
+    }
+
+    /// A browser's WebSocket cannot carry headers, so its token may come as a subprotocol.
+    fn presented_as_subprotocol(&self, headers: &HeaderMap) -> Option<&Arc<str>> {
+        if !is_websocket_upgrade(&Method::GET, headers) {
+            return None;
+        }
+        self.0.clients.find(subprotocol_token(headers)?)
     }
 
     fn refuse(&self) -> ProxyError {

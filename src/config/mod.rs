@@ -81,6 +81,9 @@ pub struct UpstreamConfig {
     /// The connection pool, built here because its TLS and timeout settings are configuration:
     /// whatever fails about them fails at start-up, naming the variable.
     pub client: reqwest::Client,
+    /// HTTP/1.1 only: a WebSocket upgrade cannot ride on an HTTP/2 connection that ALPN may
+    /// pick for the pool above.
+    pub tunnel_client: reqwest::Client,
 }
 
 impl fmt::Debug for UpstreamConfig {
@@ -337,7 +340,8 @@ impl Config {
             .map_err(|_| invalid("MAX_CONCURRENT_REQUESTS", "is too large"))?,
         };
 
-        let client = http_client(&limits)?;
+        let client = http_client(&limits, Protocols::Negotiated)?;
+        let tunnel_client = http_client(&limits, Protocols::Http1Only)?;
 
         Ok(Config {
             upstream: UpstreamConfig {
@@ -345,6 +349,7 @@ impl Config {
                 key: Secret::new(key),
                 authorization,
                 client,
+                tunnel_client,
             },
             host: listen.ip(),
             port: listen.port(),
@@ -370,8 +375,18 @@ impl Config {
     }
 }
 
-fn http_client(limits: &Limits) -> Result<reqwest::Client, ConfigError> {
-    reqwest::Client::builder()
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocols {
+    Negotiated,
+    Http1Only,
+}
+
+fn http_client(limits: &Limits, protocols: Protocols) -> Result<reqwest::Client, ConfigError> {
+    let mut builder = reqwest::Client::builder();
+    if protocols == Protocols::Http1Only {
+        builder = builder.http1_only();
+    }
+    builder
         // A followed redirect would send the upstream key wherever `Location` points.
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(limits.upstream_connect_timeout)

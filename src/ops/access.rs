@@ -40,6 +40,8 @@ pub struct AccessRecord {
     declared_length: Option<u64>,
     completed: bool,
     failed: bool,
+    /// How a WebSocket tunnel ended (`closed`, `idle`, `failed`, `drained`).
+    tunnel_outcome: Option<&'static str>,
     exchange: Option<Exchange>,
     upstream_request_id: Option<HeaderValue>,
     metrics: Metrics,
@@ -71,6 +73,7 @@ impl AccessRecord {
             declared_length: None,
             completed: false,
             failed: false,
+            tunnel_outcome: None,
             exchange: None,
             upstream_request_id: None,
             metrics,
@@ -99,6 +102,14 @@ impl AccessRecord {
         self
     }
 
+    /// A WebSocket tunnel ended: its bytes each way join the request's, and it is complete when
+    /// both sides closed.
+    pub fn tunnel_ended(&mut self, to_upstream: u64, to_caller: u64, outcome: &'static str) {
+        self.bytes_in.fetch_add(to_upstream, Ordering::Relaxed);
+        self.bytes_out += to_caller;
+        self.tunnel_outcome = Some(outcome);
+    }
+
     fn is_stream(&self) -> bool {
         self.exchange
             .as_ref()
@@ -106,7 +117,9 @@ impl AccessRecord {
     }
 
     fn outcome(&self) -> &'static str {
-        if self.status.is_none() {
+        if let Some(outcome) = self.tunnel_outcome {
+            outcome
+        } else if self.status.is_none() {
             "client_gone"
         } else if self.completed
             || self.declared_length == Some(self.bytes_out)
@@ -277,14 +290,18 @@ where
 
 /// The response side: the access record, and the request's place in `MAX_CONCURRENT_REQUESTS`,
 /// both given up when the body is dropped (its last byte went out, or the client left).
+///
+/// A WebSocket tunnel takes both out: the record and the place then last as long as the tunnel.
 pub struct ResponseTap {
-    pub record: AccessRecord,
+    pub record: Option<AccessRecord>,
     pub permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Tap for ResponseTap {
     fn observe<E>(&mut self, polled: &Poll<Option<Result<Frame<Bytes>, E>>>) {
-        let record = &mut self.record;
+        let Some(record) = &mut self.record else {
+            return;
+        };
         match polled {
             Poll::Pending => {}
             Poll::Ready(Some(Ok(frame))) => {

@@ -7,6 +7,7 @@ pub mod models;
 pub mod models_cache;
 pub mod request;
 pub mod response;
+pub mod upgrade;
 pub mod usage;
 
 use std::sync::Arc;
@@ -31,6 +32,7 @@ pub struct Upstream(Arc<Inner>);
 
 struct Inner {
     client: reqwest::Client,
+    tunnel_client: reqwest::Client,
     base_url: Url,
     authorization: HeaderValue,
     /// The upstream key as searched for in answers (empty: not searched for).
@@ -51,6 +53,7 @@ impl Upstream {
         let upstream = &config.upstream;
         Upstream(Arc::new(Inner {
             client: upstream.client.clone(),
+            tunnel_client: upstream.tunnel_client.clone(),
             base_url: upstream.base_url.clone(),
             authorization: upstream.authorization.clone(),
             key_to_mask: searchable(&upstream.key),
@@ -107,6 +110,18 @@ impl Upstream {
         headers: HeaderMap,
         body: Option<reqwest::Body>,
     ) -> Result<reqwest::Response, ProxyError> {
+        self.send_with(&self.0.client, method, url, headers, body)
+            .await
+    }
+
+    async fn send_with(
+        &self,
+        client: &reqwest::Client,
+        method: Method,
+        url: Url,
+        headers: HeaderMap,
+        body: Option<reqwest::Body>,
+    ) -> Result<reqwest::Response, ProxyError> {
         if log::log_enabled!(log::Level::Debug) {
             log::debug!(
                 "upstream request: {method} {} headers: {}",
@@ -116,7 +131,7 @@ impl Upstream {
         }
         let timeout = self.0.upstream_timeout;
         let metrics = &self.0.metrics;
-        let mut request = self.0.client.request(method, url).headers(headers);
+        let mut request = client.request(method, url).headers(headers);
         if let Some(body) = body {
             request = request.body(body);
         }

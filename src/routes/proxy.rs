@@ -14,6 +14,7 @@ use crate::auth::filters::caller;
 use crate::ops::exchange::Exchange;
 use crate::proxy::Upstream;
 use crate::proxy::response::Forwarded;
+use crate::proxy::upgrade::is_websocket_upgrade;
 
 /// ANY /v1/... (POST /v1/chat/completions among them)
 pub fn forward(
@@ -43,24 +44,31 @@ where
     B: Buf + Send,
 {
     let asked = Instant::now();
-    let answer = upstream
-        .forward(headers, method, path.as_str(), query.as_deref(), body)
-        .await;
+    let forwarded = if is_websocket_upgrade(&method, &headers) {
+        upstream
+            .open_tunnel(headers, path.as_str(), query.as_deref())
+            .await
+    } else {
+        match upstream
+            .forward(headers, method, path.as_str(), query.as_deref(), body)
+            .await
+        {
+            Ok(answer) => {
+                let usage = reports_usage(path.as_str()).then(|| caller.label.clone());
+                Ok(upstream.into_reply(answer, usage).await)
+            }
+            Err(error) => Err(error),
+        }
+    };
     let upstream_wait = asked.elapsed();
     // Errors are answered here rather than rejected, so warp never tries another route.
     let Forwarded {
         mut response,
         stream,
-    } = match answer {
-        Ok(answer) => {
-            let usage = reports_usage(path.as_str()).then(|| caller.label.clone());
-            upstream.into_reply(answer, usage).await
-        }
-        Err(error) => Forwarded {
-            response: error.into_response(),
-            stream: false,
-        },
-    };
+    } = forwarded.unwrap_or_else(|error| Forwarded {
+        response: error.into_response(),
+        stream: false,
+    });
     response.extensions_mut().insert(Exchange {
         client: caller.label,
         upstream_wait: Some(upstream_wait),

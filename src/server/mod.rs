@@ -9,6 +9,7 @@ pub mod listener;
 mod shutdown;
 
 use std::convert::Infallible;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::future::Either;
@@ -24,6 +25,7 @@ use warp::http::{Request, Response};
 
 use crate::ops::access::{AccessRecord, RequestTap, ResponseTap, Tapped};
 use crate::ops::request_id::{PROXY_REQUEST_ID, REQUEST_ID, request_id};
+use crate::proxy::upgrade::{PendingTunnel, Tunnels, is_websocket_upgrade};
 use crate::routes::{Route, routes};
 use crate::state::AppState;
 use admission::Admission;
@@ -46,6 +48,7 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(MAX_HEADER_BYTES);
     let graceful = GracefulShutdown::new();
+    let tunnels = Tunnels::default();
     let mut connections = JoinSet::new();
 
     loop {
@@ -77,8 +80,13 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
         let service = service.clone();
         let admission = admission.clone();
         let state = state.clone();
-        let per_request = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let tunnels = tunnels.clone();
+        let per_request = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             let id = request_id(request.headers());
+            // Taken before the request moves on: only this layer can hand the caller's
+            // connection to a tunnel once the upstream agreed to the upgrade.
+            let caller_upgrade = is_websocket_upgrade(request.method(), request.headers())
+                .then(|| hyper::upgrade::on(&mut request));
             let route = Route::of(request.uri().path());
             let (record, bytes_in) = AccessRecord::start(
                 &request,
@@ -97,19 +105,41 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
                     None,
                 ),
             };
+            let tunnels = tunnels.clone();
+            let idle = state.config.limits.stream_idle_timeout;
             async move {
                 let mut response: Response<_> = response.await?;
                 let record = record.for_response(&response);
                 response
                     .headers_mut()
                     .insert(PROXY_REQUEST_ID, record.id().clone());
-                Ok::<_, Infallible>(
-                    response.map(|body| Tapped::new(body, ResponseTap { record, permit })),
-                )
+                let pending = response.extensions_mut().remove::<PendingTunnel>();
+                let mut tap = ResponseTap {
+                    record: Some(record),
+                    permit,
+                };
+                if let (Some(caller), Some(upstream)) =
+                    (caller_upgrade, pending.and_then(|pending| pending.take()))
+                {
+                    // The access line and the place in MAX_CONCURRENT_REQUESTS now last as long
+                    // as the tunnel.
+                    let (record, permit) = (tap.record.take(), tap.permit.take());
+                    tunnels.open(caller, upstream, idle, move |end, bytes| {
+                        let _place = permit;
+                        if let Some(mut record) = record {
+                            record.tunnel_ended(
+                                bytes.to_upstream.load(Ordering::Relaxed),
+                                bytes.to_caller.load(Ordering::Relaxed),
+                                end.as_str(),
+                            );
+                        }
+                    });
+                }
+                Ok::<_, Infallible>(response.map(|body| Tapped::new(body, tap)))
             }
         });
         let connection = builder
-            .serve_connection(TokioIo::new(stream), per_request)
+            .serve_connection_with_upgrades(TokioIo::new(stream), per_request)
             .into_owned();
         let connection = graceful.watch(connection);
         connections.spawn(async move {
@@ -127,15 +157,30 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
         limits.shutdown_grace.as_secs(),
         connections.len()
     );
+    // Upgraded connections have left hyper's watch: the drain waits for their tunnels too.
+    tunnels.stop_accepting();
+    let drained = async {
+        graceful.shutdown().await;
+        tunnels.wait().await;
+    };
     tokio::select! {
-        () = graceful.shutdown() => log::info!("all connections drained"),
+        () = drained => log::info!("all connections drained"),
         () = tokio::time::sleep(limits.shutdown_grace) => {
-            log::warn!("shutdown grace period over: closing {} connections", connections.len());
+            log::warn!(
+                "shutdown grace period over: closing {} connections and {} WebSocket tunnels",
+                connections.len(),
+                tunnels.open_count()
+            );
         }
         () = shutdown.requested(2) => {
-            log::warn!("second shutdown request: closing {} connections", connections.len());
+            log::warn!(
+                "second shutdown request: closing {} connections and {} WebSocket tunnels",
+                connections.len(),
+                tunnels.open_count()
+            );
         }
     }
+    tunnels.close_all().await;
     connections.shutdown().await;
 }
 

@@ -1,0 +1,340 @@
+//! WebSocket tunnels (the Realtime API at `GET /v1/realtime`): the upgrade request is authorised
+//! like any other `/v1` request, forwarded with its upgrade headers and the key swapped in, and
+//! once the upstream answers 101 the two connections are joined byte for byte, not re-framed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use warp::Reply;
+use warp::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+
+use super::Upstream;
+use super::headers::{request_headers, response_headers};
+use super::request::upstream_url;
+use super::response::Forwarded;
+use crate::error::ProxyError;
+
+/// Browsers cannot set headers on a WebSocket, so Realtime clients there send their token as
+/// this subprotocol; it is read like the token header and never forwarded.
+const TOKEN_SUBPROTOCOL: &str = "openai-insecure-api-key.";
+const READ_BUFFER: usize = 16 * 1024;
+
+/// Whether a request asks to become a WebSocket (`GET` with `Upgrade: websocket`).
+pub fn is_websocket_upgrade(method: &Method, headers: &HeaderMap) -> bool {
+    method == Method::GET
+        && headers
+            .get_all(header::UPGRADE)
+            .iter()
+            .any(|value| value.as_bytes().eq_ignore_ascii_case(b"websocket"))
+}
+
+/// The token a browser client put in `Sec-WebSocket-Protocol`, if any.
+pub fn subprotocol_token(headers: &HeaderMap) -> Option<&[u8]> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
+        .map(<[u8]>::trim_ascii)
+        .find_map(|protocol| protocol.strip_prefix(TOKEN_SUBPROTOCOL.as_bytes()))
+}
+
+/// `Sec-WebSocket-Protocol` without the token entry; removed entirely when nothing else is left.
+fn drop_token_subprotocol(headers: &mut HeaderMap) {
+    if !headers.contains_key(header::SEC_WEBSOCKET_PROTOCOL) {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|protocol| !protocol.is_empty() && !protocol.starts_with(TOKEN_SUBPROTOCOL))
+        .map(str::to_string)
+        .collect();
+    headers.remove(header::SEC_WEBSOCKET_PROTOCOL);
+    if !kept.is_empty()
+        && let Ok(value) = HeaderValue::from_str(&kept.join(", "))
+    {
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, value);
+    }
+}
+
+/// The upstream's 101, kept in the response's extensions until the server has the caller's
+/// upgraded connection to join it with.
+#[derive(Clone)]
+pub struct PendingTunnel(Arc<Mutex<Option<reqwest::Response>>>);
+
+impl PendingTunnel {
+    pub fn take(&self) -> Option<reqwest::Response> {
+        self.0.lock().take()
+    }
+}
+
+impl Upstream {
+    /// Sends the upgrade request upstream. A 101 becomes the caller's 101 (with a
+    /// `PendingTunnel`); any other answer, a refusal of the upgrade, is passed through as is.
+    pub async fn open_tunnel(
+        &self,
+        headers: HeaderMap,
+        path: &str,
+        query: Option<&str>,
+    ) -> Result<Forwarded, ProxyError> {
+        let url = upstream_url(&self.0.base_url, path, query)?;
+        let upgrade = headers
+            .get(header::UPGRADE)
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("websocket"));
+        let mut headers =
+            request_headers(headers, &self.0.caller_token_header, &self.0.authorization);
+        drop_token_subprotocol(&mut headers);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, upgrade);
+        let mut answer = self
+            .send_with(&self.0.tunnel_client, Method::GET, url, headers, None)
+            .await?;
+        if answer.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(self.into_reply(answer, None).await);
+        }
+        let mut headers =
+            response_headers(std::mem::take(answer.headers_mut()), self.key_to_mask());
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        let mut response = warp::reply::Response::default();
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        *response.headers_mut() = headers;
+        response
+            .extensions_mut()
+            .insert(PendingTunnel(Arc::new(Mutex::new(Some(answer)))));
+        Ok(Forwarded {
+            response: response.into_response(),
+            stream: false,
+        })
+    }
+}
+
+/// Every open tunnel: the drain waits for them as it waits for connections, and closes what is
+/// left at the end of the grace period. Cloning is shallow.
+#[derive(Clone, Default)]
+pub struct Tunnels {
+    tracker: TaskTracker,
+    close: CancellationToken,
+}
+
+/// How a tunnel ended, for its access line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelEnd {
+    /// Both sides closed their connection.
+    Closed,
+    /// Neither side sent anything for `STREAM_IDLE_TIMEOUT_SECS`.
+    Idle,
+    /// A connection broke, or an upgrade never completed.
+    Failed,
+    /// Still open at the end of the drain's grace period.
+    Drained,
+}
+
+impl TunnelEnd {
+    /// The access line's `outcome`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TunnelEnd::Closed => "closed",
+            TunnelEnd::Idle => "idle",
+            TunnelEnd::Failed => "failed",
+            TunnelEnd::Drained => "drained",
+        }
+    }
+}
+
+/// What a tunnel moved, each way.
+#[derive(Debug, Default)]
+pub struct TunnelBytes {
+    pub to_upstream: AtomicU64,
+    pub to_caller: AtomicU64,
+}
+
+impl Tunnels {
+    /// Joins the caller's upgraded connection with the upstream's, in a task of its own;
+    /// `finished` is called once with how it ended and what it moved.
+    pub fn open<F>(
+        &self,
+        caller: hyper::upgrade::OnUpgrade,
+        upstream: reqwest::Response,
+        idle: Duration,
+        finished: F,
+    ) where
+        F: FnOnce(TunnelEnd, &TunnelBytes) + Send + 'static,
+    {
+        let close = self.close.clone();
+        self.tracker.spawn(async move {
+            let bytes = TunnelBytes::default();
+            let end = tokio::select! {
+                end = join(caller, upstream, idle, &bytes) => end,
+                () = close.cancelled() => TunnelEnd::Drained,
+            };
+            finished(end, &bytes);
+        });
+    }
+
+    /// No new tunnels from now on; `wait` then resolves once the open ones have ended.
+    pub fn stop_accepting(&self) {
+        self.tracker.close();
+    }
+
+    pub async fn wait(&self) {
+        self.tracker.wait().await;
+    }
+
+    /// Ends every open tunnel and waits for their access lines.
+    pub async fn close_all(&self) {
+        self.close.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    pub fn open_count(&self) -> usize {
+        self.tracker.len()
+    }
+}
+
+async fn join(
+    caller: hyper::upgrade::OnUpgrade,
+    upstream: reqwest::Response,
+    idle: Duration,
+    bytes: &TunnelBytes,
+) -> TunnelEnd {
+    let (caller, upstream) = match tokio::join!(caller, upstream.upgrade()) {
+        (Ok(caller), Ok(upstream)) => (hyper_util::rt::TokioIo::new(caller), upstream),
+        (Err(err), _) => {
+            log::info!("the caller's upgrade did not complete: {err}");
+            return TunnelEnd::Failed;
+        }
+        (_, Err(err)) => {
+            log::error!("the upstream's upgrade did not complete: {err}");
+            return TunnelEnd::Failed;
+        }
+    };
+    let activity = Activity::new();
+    let (caller_read, caller_write) = tokio::io::split(caller);
+    let (upstream_read, upstream_write) = tokio::io::split(upstream);
+    let both = async {
+        tokio::try_join!(
+            pump(caller_read, upstream_write, &bytes.to_upstream, &activity),
+            pump(upstream_read, caller_write, &bytes.to_caller, &activity),
+        )
+    };
+    tokio::select! {
+        joined = both => match joined {
+            Ok(_) => TunnelEnd::Closed,
+            Err(err) => {
+                log::debug!("tunnel connection broke: {err}");
+                TunnelEnd::Failed
+            }
+        },
+        () = activity.silent_for(idle) => {
+            log::info!("closed a WebSocket tunnel silent for {}s (STREAM_IDLE_TIMEOUT_SECS)", idle.as_secs());
+            TunnelEnd::Idle
+        }
+    }
+}
+
+/// Copies one direction until its end, then closes the other side's write half so that the
+/// peer sees the end too; bytes are passed on as read, never re-framed.
+async fn pump(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    moved: &AtomicU64,
+    activity: &Activity,
+) -> std::io::Result<()> {
+    let mut buffer = vec![0u8; READ_BUFFER];
+    loop {
+        let read = from.read(&mut buffer).await?;
+        if read == 0 {
+            to.shutdown().await?;
+            return Ok(());
+        }
+        to.write_all(&buffer[..read]).await?;
+        to.flush().await?;
+        moved.fetch_add(read as u64, Ordering::Relaxed);
+        activity.touch();
+    }
+}
+
+/// When either direction last moved a byte, as milliseconds since the tunnel opened.
+struct Activity {
+    opened: Instant,
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            opened: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let now = self.opened.elapsed().as_millis() as u64;
+        self.last.store(now, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `idle`; sleeps until the earliest moment that could
+    /// be true rather than polling.
+    async fn silent_for(&self, idle: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let due = self.opened + last + idle;
+            if due <= Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_subprotocol_is_read_and_never_forwarded() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(
+                "realtime, openai-insecure-api-key.tok-1, openai-beta.realtime-v1",
+            ),
+        );
+        assert_eq!(subprotocol_token(&headers), Some(&b"tok-1"[..]));
+        drop_token_subprotocol(&mut headers);
+        assert_eq!(
+            headers[header::SEC_WEBSOCKET_PROTOCOL],
+            "realtime, openai-beta.realtime-v1"
+        );
+
+        let mut only_token = HeaderMap::new();
+        only_token.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("openai-insecure-api-key.tok-1"),
+        );
+        drop_token_subprotocol(&mut only_token);
+        assert!(only_token.get(header::SEC_WEBSOCKET_PROTOCOL).is_none());
+    }
+
+    #[test]
+    fn only_a_get_with_upgrade_websocket_is_a_websocket_upgrade() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::UPGRADE, HeaderValue::from_static("WebSocket"));
+        assert!(is_websocket_upgrade(&Method::GET, &headers));
+        assert!(!is_websocket_upgrade(&Method::POST, &headers));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(!is_websocket_upgrade(&Method::GET, &headers));
+    }
+}
