@@ -131,7 +131,6 @@ show_proxy_log() {
     strip_colour "$WORK/proxy.log" | tail -n "$lines" | sed -e 's/^/    /'
 }
 
-# Waits up to $3 seconds for a line matching the regex $2 in file $1 while process $4 lives.
 if [[ "${SOAK_SKIP_BUILD:-0}" != 1 ]]; then
     echo "==> building llm-proxy and mock-upstream (release)"
     (cd "$ROOT" && cargo build --release --bin llm-proxy --bin mock-upstream)
@@ -141,42 +140,17 @@ for binary in llm-proxy mock-upstream; do
 done
 
 echo "==> starting mock-upstream on 127.0.0.1 (--no-record)"
-(cd "$WORK" && exec "$BIN/mock-upstream" --host 127.0.0.1 --port 0 --no-record) \
-    >"$WORK/mock.out" 2>"$WORK/mock.err" </dev/null &
-MOCK_PID=$!
-if ! line="$(wait_for_line "$WORK/mock.out" '^mock-upstream listening on http://127\.0\.0\.1:[0-9]+$' 10 "$MOCK_PID")"; then
-    echo "mock-upstream did not start:" >&2
-    cat "$WORK/mock.out" "$WORK/mock.err" >&2
-    exit 1
-fi
-MOCK_URL="${line#mock-upstream listening on }"
-MOCK_PORT="${MOCK_URL##*:}"
-echo "    $line"
+start_mock "$WORK" "$BIN" --no-record || exit 1
 
-# A clean environment: nothing from the caller's shell (proxies, other limits) leaks into the
-# run, and the empty work directory has no .env file.
 echo "==> starting llm-proxy (MAX_BODY_BYTES=$MAX_BODY, LOG_LEVEL=$LOG_LEVEL)"
-(
-    cd "$WORK"
-    exec env -i PATH="$PATH" \
-        TARGET_HOST="$MOCK_URL" \
-        AUTH_BEARER="$UPSTREAM_KEY" \
-        PROXY_PORT=0 \
-        LOG_LEVEL="$LOG_LEVEL" \
-        AUTH_VALIDATION=true \
-        ALLOWED_TOKENS="$CLIENT_TOKEN" \
-        MAX_BODY_BYTES="$MAX_BODY" \
-        SHUTDOWN_GRACE_SECS=2 \
-        NO_PROXY="127.0.0.1,localhost" \
-        "$BIN/llm-proxy"
-) >"$WORK/proxy.out" 2>"$WORK/proxy.log" </dev/null &
-PROXY_PID=$!
-if ! line="$(wait_for_line "$WORK/proxy.log" 'listening on [0-9.]+:[0-9]+' 10 "$PROXY_PID")"; then
-    echo "llm-proxy did not start:" >&2
-    cat "$WORK/proxy.log" >&2
-    exit 1
-fi
-PROXY_PORT="$(grep -oE '[0-9]+$' <<<"$line")"
+start_proxy "$WORK" "$BIN" \
+    TARGET_HOST="$MOCK_URL" \
+    AUTH_BEARER="$UPSTREAM_KEY" \
+    LOG_LEVEL="$LOG_LEVEL" \
+    AUTH_VALIDATION=true \
+    ALLOWED_TOKENS="$CLIENT_TOKEN" \
+    MAX_BODY_BYTES="$MAX_BODY" \
+    SHUTDOWN_GRACE_SECS=2 || exit 1
 # The readings must be of the proxy itself, not of a wrapper process.
 [[ "$(readlink "/proc/$PROXY_PID/exe")" == */llm-proxy ]] ||
     usage_error "PID $PROXY_PID is $(readlink "/proc/$PROXY_PID/exe"), not llm-proxy"
