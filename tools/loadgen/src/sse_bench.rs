@@ -394,7 +394,7 @@ struct Gaps {
     worst_per_stream_p50: Option<f64>,
 }
 
-/// The fields scripts/bench/run.py reads, with the names sse_load.py gave them.
+/// The fields scripts/bench/run.py reads (the names the Python generator this replaced used).
 #[derive(Serialize)]
 struct Report {
     concurrency: usize,
