@@ -12,15 +12,17 @@ RUN apk add --no-cache gcc musl-dev
 WORKDIR /src
 
 # Dependencies first, against stub sources, so this layer is rebuilt only when a manifest or
-# Cargo.lock changes. The stubs of the test suite and of mock-upstream (a workspace member, and
-# only a dev-dependency: nothing of it is compiled here) stay: cargo needs the files to exist, and
+# Cargo.lock changes. The stubs of the test suite, of mock-upstream (a workspace member, and
+# only a dev-dependency: nothing of it is compiled here) and of tools/loadgen stay: cargo needs the files to exist, and
 # leaving them out of the image keeps test edits from rebuilding it.
 COPY Cargo.toml Cargo.lock ./
 COPY mock-upstream/Cargo.toml mock-upstream/
-RUN mkdir -p src tests/api mock-upstream/src \
+COPY tools/loadgen/Cargo.toml tools/loadgen/
+RUN mkdir -p src tests/api mock-upstream/src tools/loadgen/src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs tests/api/main.rs mock-upstream/src/lib.rs \
     && echo 'fn main() {}' > mock-upstream/src/main.rs \
+    && echo 'fn main() {}' > tools/loadgen/src/main.rs \
     && cargo build --release --locked --bin llm-proxy \
     && rm -rf src
 

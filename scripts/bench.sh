@@ -4,8 +4,9 @@
 #   scripts/bench.sh            # about 4-5 minutes on a 2-core machine (plus the release build)
 #
 # One command, loopback only, every load bounded in count and time. It installs what it lacks
-# (nginx and wrk from Debian packages; the streaming load generator is Python 3 standard library),
-# builds the release binaries, then runs scripts/bench/run.py, which measures side by side:
+# (nginx and wrk from Debian packages), builds the release binaries (the proxy, the mock upstream
+# and tools/loadgen, whose `loadgen sse` is the streaming load generator; all in
+# ${CARGO_TARGET_DIR:-target}/release), then runs scripts/bench/run.py, which measures side by side:
 #   direct  -- load straight at mock-upstream (--no-record): the floor;
 #   nginx   -- nginx as the equivalent proxy (token `map`, key swap, HTTP/1.1 keep-alive pool,
 #              proxy_buffering off; config from scripts/bench/nginx.conf.template);
@@ -28,7 +29,7 @@
 #   BENCH_PROXY_LOG=file|discard llm-proxy's stderr log to a file (default) or /dev/null
 #   BENCH_ACCESS_LOG=file|off    nginx access_log (default file, for parity with the proxy's line)
 #   BENCH_OUT=path               JSON output (default target/bench/results.json)
-#   BENCH_SKIP_BUILD=1           use the binaries already in target/release
+#   BENCH_SKIP_BUILD=1           use the binaries already in ${CARGO_TARGET_DIR:-target}/release
 #   BENCH_NO_INSTALL=1           never call apt-get (fail if nginx or wrk is missing)
 #   BENCH_KEEP_WORKDIR=1         keep the temp dir with configs and logs
 #   BENCH_NICE=-10               scheduling weight of the benchmark's own session (autogroup)
@@ -38,7 +39,7 @@
 # Defaults take about 4 minutes for the measurements on a 2-core machine.
 #
 # Pinning (BENCH_PIN=split, the default). With 2 cores there is no clean answer; the choice:
-#   CPU 0: the load generator alone (wrk -t1, or the single-threaded Python SSE client);
+#   CPU 0: the load generator alone (wrk -t1, or the single-threaded `loadgen sse`);
 #   CPU 1: the mock upstream and the proxy under test (nginx or llm-proxy; for "direct", the
 #          upstream alone).
 # So the load generator never steals CPU from what it measures, every target shares one core with
@@ -101,10 +102,18 @@ if [ "${BENCH_SKIP_BUILD:-}" != 1 ]; then
     say "building release binaries (lto=fat: a few minutes from scratch, quick when up to date)"
     cargo build --release --workspace --bin llm-proxy --bin mock-upstream --quiet \
         || die "cargo build failed"
+    # Not a default member of the workspace, so named on its own.
+    cargo build --release -p loadgen --quiet || die "cargo build -p loadgen failed"
 fi
-for bin in llm-proxy mock-upstream; do
-    [ -x "target/release/$bin" ] || die "target/release/$bin is missing"
+BIN="${CARGO_TARGET_DIR:-target}/release"
+case "$BIN" in /*) ;; *) BIN="$ROOT/$BIN" ;; esac
+for bin in llm-proxy mock-upstream loadgen; do
+    [ -x "$BIN/$bin" ] || die "$BIN/$bin is missing"
 done
+# run.py finds the binaries through these (it respects CARGO_TARGET_DIR too when run on its own).
+export BENCH_PROXY_BIN="${BENCH_PROXY_BIN:-$BIN/llm-proxy}"
+export BENCH_MOCK_BIN="${BENCH_MOCK_BIN:-$BIN/mock-upstream}"
+export BENCH_LOADGEN_BIN="${BENCH_LOADGEN_BIN:-$BIN/loadgen}"
 built=$(date +%s)
 
 # --- limits ----------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ echo "==> building llm-proxy and mock-upstream ($PROFILE)"
 (cd "$ROOT" && cargo build "${PROFILE_FLAG[@]}" -p llm-proxy -p mock-upstream \
     --bin llm-proxy --bin mock-upstream)
 
-# Both processes run in an empty temporary directory, so no .env or .env.local is read.
+# Both processes run in an empty temporary directory, so no .env or .env.local is read, and the
+# proxy gets a clean environment (start_proxy in scripts/lib/processes.sh).
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/llm-proxy-smoke.XXXXXX")"
 MOCK_PID=""
 PROXY_PID=""
@@ -61,44 +62,21 @@ fail() {
     FAILURES=$((FAILURES + 1))
 }
 
-# Waits up to $3 seconds for a line matching the regex $2 in file $1, prints its first match.
 echo "==> starting mock-upstream on 127.0.0.1"
-(cd "$WORK" && exec "$BIN/mock-upstream" --host 127.0.0.1 --port 0) \
-    >"$WORK/mock.out" 2>"$WORK/mock.err" </dev/null &
-MOCK_PID=$!
-if ! line="$(wait_for_line "$WORK/mock.out" '^mock-upstream listening on http://' 10 "$MOCK_PID")"; then
-    echo "mock-upstream did not start:" >&2
-    cat "$WORK/mock.out" "$WORK/mock.err" >&2
-    exit 1
-fi
-MOCK_URL="${line#mock-upstream listening on }"
-echo "    $line"
+start_mock "$WORK" "$BIN" || exit 1
 
-# PROXY_PORT=0 lets the kernel pick a free port; the proxy logs the one it got.
 echo "==> starting llm-proxy in front of it"
-(
-    cd "$WORK"
-    exec env \
-        TARGET_HOST="$MOCK_URL" \
-        AUTH_BEARER="$UPSTREAM_KEY" \
-        PROXY_PORT=0 \
-        LOG_LEVEL=info \
-        DEBUG_MODE=false \
-        AUTH_VALIDATION=true \
-        ALLOWED_TOKENS="$CLIENT_TOKEN" \
-        DEFAULT_AUTH_HEADER=Authorization \
-        ADMIN_TOKEN="$ADMIN_TOKEN" \
-        "$BIN/llm-proxy"
-) >"$WORK/proxy.out" 2>"$WORK/proxy.log" </dev/null &
-PROXY_PID=$!
-if ! line="$(wait_for_line "$WORK/proxy.log" 'listening on [0-9.]+:[0-9]+' 10 "$PROXY_PID")"; then
-    echo "llm-proxy did not start:" >&2
-    cat "$WORK/proxy.log" >&2
-    exit 1
-fi
-PORT="$(sed -E 's/.*listening on [0-9.]+:([0-9]+).*/\1/' <<<"$line")"
-PROXY="http://127.0.0.1:$PORT"
-echo "    $(sed -E 's/.*(listening on .*)/\1/' <<<"$line") -> $PROXY"
+start_proxy "$WORK" "$BIN" \
+    TARGET_HOST="$MOCK_URL" \
+    AUTH_BEARER="$UPSTREAM_KEY" \
+    LOG_LEVEL=info \
+    DEBUG_MODE=false \
+    AUTH_VALIDATION=true \
+    ALLOWED_TOKENS="$CLIENT_TOKEN" \
+    DEFAULT_AUTH_HEADER=Authorization \
+    ADMIN_TOKEN="$ADMIN_TOKEN" || exit 1
+PROXY="http://127.0.0.1:$PROXY_PORT"
+echo "    $PROXY_LISTEN -> $PROXY"
 
 # Ready once it answers HTTP at all; an unknown path gives the proxy's own 404 without
 # touching the upstream (and without warming the models cache).

@@ -10,7 +10,7 @@
 # goes through, runs a warm-up of the same mix (so allocator and connection-pool warm-up is not
 # counted as growth), lets the proxy settle and takes the "start" reading, runs the mix for
 # SOAK_SECONDS, lets it settle again (the load generator has exited, so every client connection
-# is closed) and takes the "end" reading. The mix, from scripts/soak/loadgen.py: plain chat,
+# is closed) and takes the "end" reading. The mix, from `loadgen soak` (tools/loadgen): plain chat,
 # streamed chat, streams cancelled after the first event (RST or FIN), oversized bodies (declared
 # and chunked, 413), requests without a valid token (401), malformed HTTP (400) and the model
 # list. Every request has an expected answer; one that does not get it is "lost".
@@ -49,7 +49,8 @@
 #
 # Everything listens on and talks to 127.0.0.1 only, except that the proxy itself binds
 # 0.0.0.0 (it has no bind-address setting); its port is an ephemeral one picked by the kernel and
-# every request needs a token that exists only for this run. Needs: cargo, python3 (stdlib).
+# every request needs a token that exists only for this run. Needs: cargo, python3 (stdlib, for
+# scripts/soak/procinfo.py and the report).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -57,6 +58,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/lib/processes.sh"
 HERE="$ROOT/scripts/soak"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+LOADGEN="$BIN/loadgen"
 
 SECONDS_RUN="${SOAK_SECONDS:-60}"
 WORKERS="${SOAK_WORKERS:-32}"
@@ -131,52 +133,27 @@ show_proxy_log() {
     strip_colour "$WORK/proxy.log" | tail -n "$lines" | sed -e 's/^/    /'
 }
 
-# Waits up to $3 seconds for a line matching the regex $2 in file $1 while process $4 lives.
 if [[ "${SOAK_SKIP_BUILD:-0}" != 1 ]]; then
-    echo "==> building llm-proxy and mock-upstream (release)"
-    (cd "$ROOT" && cargo build --release --bin llm-proxy --bin mock-upstream)
+    echo "==> building llm-proxy, mock-upstream and loadgen (release)"
+    (cd "$ROOT" && cargo build --release --bin llm-proxy --bin mock-upstream &&
+        cargo build --release -p loadgen)
 fi
-for binary in llm-proxy mock-upstream; do
+for binary in llm-proxy mock-upstream loadgen; do
     [[ -x "$BIN/$binary" ]] || usage_error "$BIN/$binary is missing (unset SOAK_SKIP_BUILD)"
 done
 
 echo "==> starting mock-upstream on 127.0.0.1 (--no-record)"
-(cd "$WORK" && exec "$BIN/mock-upstream" --host 127.0.0.1 --port 0 --no-record) \
-    >"$WORK/mock.out" 2>"$WORK/mock.err" </dev/null &
-MOCK_PID=$!
-if ! line="$(wait_for_line "$WORK/mock.out" '^mock-upstream listening on http://127\.0\.0\.1:[0-9]+$' 10 "$MOCK_PID")"; then
-    echo "mock-upstream did not start:" >&2
-    cat "$WORK/mock.out" "$WORK/mock.err" >&2
-    exit 1
-fi
-MOCK_URL="${line#mock-upstream listening on }"
-MOCK_PORT="${MOCK_URL##*:}"
-echo "    $line"
+start_mock "$WORK" "$BIN" --no-record || exit 1
 
-# A clean environment: nothing from the caller's shell (proxies, other limits) leaks into the
-# run, and the empty work directory has no .env file.
 echo "==> starting llm-proxy (MAX_BODY_BYTES=$MAX_BODY, LOG_LEVEL=$LOG_LEVEL)"
-(
-    cd "$WORK"
-    exec env -i PATH="$PATH" \
-        TARGET_HOST="$MOCK_URL" \
-        AUTH_BEARER="$UPSTREAM_KEY" \
-        PROXY_PORT=0 \
-        LOG_LEVEL="$LOG_LEVEL" \
-        AUTH_VALIDATION=true \
-        ALLOWED_TOKENS="$CLIENT_TOKEN" \
-        MAX_BODY_BYTES="$MAX_BODY" \
-        SHUTDOWN_GRACE_SECS=2 \
-        NO_PROXY="127.0.0.1,localhost" \
-        "$BIN/llm-proxy"
-) >"$WORK/proxy.out" 2>"$WORK/proxy.log" </dev/null &
-PROXY_PID=$!
-if ! line="$(wait_for_line "$WORK/proxy.log" 'listening on [0-9.]+:[0-9]+' 10 "$PROXY_PID")"; then
-    echo "llm-proxy did not start:" >&2
-    cat "$WORK/proxy.log" >&2
-    exit 1
-fi
-PROXY_PORT="$(grep -oE '[0-9]+$' <<<"$line")"
+start_proxy "$WORK" "$BIN" \
+    TARGET_HOST="$MOCK_URL" \
+    AUTH_BEARER="$UPSTREAM_KEY" \
+    LOG_LEVEL="$LOG_LEVEL" \
+    AUTH_VALIDATION=true \
+    ALLOWED_TOKENS="$CLIENT_TOKEN" \
+    MAX_BODY_BYTES="$MAX_BODY" \
+    SHUTDOWN_GRACE_SECS=2 || exit 1
 # The readings must be of the proxy itself, not of a wrapper process.
 [[ "$(readlink "/proc/$PROXY_PID/exe")" == */llm-proxy ]] ||
     usage_error "PID $PROXY_PID is $(readlink "/proc/$PROXY_PID/exe"), not llm-proxy"
@@ -185,7 +162,7 @@ echo "    pid $PROXY_PID, listening on port $PROXY_PORT; the load goes to 127.0.
 # Runs the load generator in the background and waits for it, so that a signal to this script
 # is handled at once (bash defers traps until a foreground child exits) and the trap can stop it.
 loadgen() {
-    python3 "$HERE/loadgen.py" --host 127.0.0.1 --port "$PROXY_PORT" --token "$CLIENT_TOKEN" \
+    "$LOADGEN" soak --host 127.0.0.1 --port "$PROXY_PORT" --token "$CLIENT_TOKEN" \
         --max-body "$MAX_BODY" --timeout "$TIMEOUT" --workers "$WORKERS" \
         --max-requests "$MAX_REQUESTS" --pid "$PROXY_PID" "$@" </dev/null &
     LOADGEN_PID=$!
@@ -294,7 +271,7 @@ print(f'{s["sent"]} requests in {s["seconds"]:.1f}s = {s["rps"]:.0f} req/s; CPU 
       f'proxy {(p1 - p0) / tick / secs:.2f}, mock {(m1 - m0) / tick / secs:.2f}, '
       f'load generator {s["loadgen_cpu_core"]:.2f} (of {cores})')
 if s["loadgen_cpu_core"] >= 0.9:
-    print("    note: the load generator (one Python thread) used about a full core: the request "
+    print("    note: the load generator (one thread) used about a full core: the request "
           "rate above is its limit, not the proxy's")
 EOF
 )" || summary_line="(no figures: $soak_json unreadable)"

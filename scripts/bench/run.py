@@ -9,7 +9,7 @@ Phases, each target measured back to back in the same run:
      -> first HTTP response, a 401 that needs no upstream) and idle RSS/PSS of fresh instances;
   2. plain chat completions with wrk at each BENCH_PLAIN_CONCURRENCY (1 and 32): req/s, latency
      p50/p99, added latency versus direct, CPU time per request of the proxy under test;
-  3. SSE streams with scripts/bench/sse_load.py at each BENCH_STREAM_CONCURRENCY (200 and 1000):
+  3. SSE streams with `loadgen sse` (tools/loadgen) at each BENCH_STREAM_CONCURRENCY (200 and 1000):
      time to first chunk, gaps between chunks, CPU time per forwarded chunk, peak RSS, errors.
 Then it checks the targets (ratios against nginx measured in the same run), prints a table to
 stdout and writes everything to BENCH_OUT (default target/bench/results.json).
@@ -31,8 +31,8 @@ CPU pinning (BENCH_PIN, default "split") -- only 2 cores, so a compromise:
     real 2-core box the proxy would also pay inter-processor wake-ups (see "none"). At 1000
     streams (~21k events/s) the upstream and the proxy together need about a core, so CPU 1 is at
     or near saturation: time to first chunk and gaps there include queueing for that core (CPU
-    per chunk and RSS do not). The load generator's own core is not saturated (column gen), but
-    its event loop adds a few ms at 1000 streams: that is in the "direct" floor too.
+    per chunk and RSS do not). The load generator's own core should not be saturated (column
+    gen); whatever its single-threaded runtime adds to the times is in the "direct" floor too.
   * "none": no pinning; everything floats over both cores (closest to an operator's box, noisier:
     the load generator and the upstream take CPU from the proxy, differently for each target).
 BENCH_WORKERS overrides the worker count of both proxies (nginx worker_processes and
@@ -116,8 +116,11 @@ SETTINGS = {
     "nice": env_int("BENCH_NICE", -10),
     "keep_workdir": os.environ.get("BENCH_KEEP_WORKDIR", "") not in ("", "0", "false"),
 }
-PROXY_BIN = os.environ.get("BENCH_PROXY_BIN") or os.path.join(ROOT, "target", "release", "llm-proxy")
-MOCK_BIN = os.environ.get("BENCH_MOCK_BIN") or os.path.join(ROOT, "target", "release", "mock-upstream")
+# Where cargo put the release build (bench.sh also passes the paths explicitly).
+RELEASE_DIR = os.path.join(os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR") or "target"), "release")
+PROXY_BIN = os.environ.get("BENCH_PROXY_BIN") or os.path.join(RELEASE_DIR, "llm-proxy")
+MOCK_BIN = os.environ.get("BENCH_MOCK_BIN") or os.path.join(RELEASE_DIR, "mock-upstream")
+LOADGEN_BIN = os.environ.get("BENCH_LOADGEN_BIN") or os.path.join(RELEASE_DIR, "loadgen")
 NGINX_BIN = os.environ.get("BENCH_NGINX_BIN") or shutil.which("nginx") or "/usr/sbin/nginx"
 WRK_BIN = os.environ.get("BENCH_WRK_BIN") or shutil.which("wrk") or "wrk"
 
@@ -592,8 +595,8 @@ def run_wrk(port, concurrency, seconds, cpus):
 def run_sse(port, concurrency, seconds, cpus, rss_pids):
     cmd = pinned(
         [
-            sys.executable,
-            os.path.join(HERE, "sse_load.py"),
+            LOADGEN_BIN,
+            "sse",
             "--port",
             str(port),
             "--concurrency",
@@ -613,7 +616,7 @@ def run_sse(port, concurrency, seconds, cpus, rss_pids):
     env = dict(os.environ, BENCH_CLIENT_TOKEN=CLIENT_TOKEN)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 120)
     if proc.returncode != 0:
-        raise BenchError("sse_load.py failed (%d): %s" % (proc.returncode, proc.stderr.strip()[-2000:]))
+        raise BenchError("loadgen sse failed (%d): %s" % (proc.returncode, proc.stderr.strip()[-2000:]))
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -673,7 +676,7 @@ def main():
     priority = boost_priority()
     plan = cpu_plan()
     workers = SETTINGS["workers"]
-    for path, what in ((PROXY_BIN, "llm-proxy"), (MOCK_BIN, "mock-upstream"), (NGINX_BIN, "nginx")):
+    for path, what in ((PROXY_BIN, "llm-proxy"), (MOCK_BIN, "mock-upstream"), (LOADGEN_BIN, "loadgen"), (NGINX_BIN, "nginx")):
         if not os.access(path, os.X_OK):
             raise BenchError("%s not found at %s" % (what, path))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -1130,7 +1133,7 @@ def print_table(r):
             fmt(add.get("p50"), "%d"), fmt(add.get("p99"), "%d"), fmt(e["cpu_us_per_request"]),
             fmt(e["upstream_cpu_us_per_request"]), e["errors"], e["non_2xx"], e["window"]["background_cpu_util"] or 0))
     print()
-    print("SSE streams (sse_load.py; %d chunks %d ms apart = %d events per stream; %d rounds of %gs of new streams per target;"
+    print("SSE streams (loadgen sse; %d chunks %d ms apart = %d events per stream; %d rounds of %gs of new streams per target;"
           " percentiles = median of rounds, max = max)" % (
         SETTINGS["stream_chunks"], SETTINGS["stream_interval_ms"], SETTINGS["stream_chunks"] + 3,
         SETTINGS["stream_rounds"], SETTINGS["stream_seconds"]))
