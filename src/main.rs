@@ -75,8 +75,8 @@ fn warn_about_risky_settings(config: &Config) {
     }
     if !config.auth_validation && !listener::is_loopback_only(config.host) {
         log::warn!(
-            "AUTH_VALIDATION is off while listening on {} (PROXY_HOST): anyone who can reach \
-             this port spends the upstream key",
+            "AUTH_VALIDATION is off and PROXY_HOST={} is not loopback-only: anyone who can \
+             reach this port spends the upstream key",
             config.host
         );
     }

@@ -223,15 +223,25 @@ async fn join(
     let activity = Activity::new();
     let (caller_read, caller_write) = tokio::io::split(caller);
     let (upstream_read, upstream_write) = tokio::io::split(upstream);
+    // The upstream's end is the tunnel's end: a WebSocket server closes the TCP connection
+    // first after the close handshake (RFC 6455 7.1.1), and a caller that keeps its end open
+    // has nothing left to talk to. The caller's end only closes the way up and waits for the
+    // upstream to finish.
+    let up = pump(caller_read, upstream_write, &bytes.to_upstream, &activity);
+    let down = pump(upstream_read, caller_write, &bytes.to_caller, &activity);
+    tokio::pin!(up, down);
     let both = async {
-        tokio::try_join!(
-            pump(caller_read, upstream_write, &bytes.to_upstream, &activity),
-            pump(upstream_read, caller_write, &bytes.to_caller, &activity),
-        )
+        tokio::select! {
+            ended = &mut down => ended,
+            ended = &mut up => match ended {
+                Ok(()) => down.await,
+                Err(err) => Err(err),
+            },
+        }
     };
     tokio::select! {
         joined = both => match joined {
-            Ok(_) => TunnelEnd::Closed,
+            Ok(()) => TunnelEnd::Closed,
             Err(err) => {
                 log::debug!("tunnel connection broke: {err}");
                 TunnelEnd::Failed

@@ -10,4 +10,6 @@ mod helpers;
 mod models;
 mod observability;
 mod process;
+mod runtime;
 mod streaming;
+mod websocket;

@@ -9,10 +9,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::helpers::*;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_llm-proxy");
+pub const BINARY: &str = env!("CARGO_BIN_EXE_llm-proxy");
 
 /// Runs the binary in an empty directory (no `.env` files) with only `vars` set.
-fn run_with(vars: &[(&str, &str)]) -> std::process::Output {
+pub fn run_with(vars: &[(&str, &str)]) -> std::process::Output {
     let dir = std::env::temp_dir().join(format!("llm-proxy-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     Command::new(BINARY)
@@ -87,17 +87,43 @@ fn env_files_are_read_and_the_environment_wins() {
     );
 }
 
-struct RunningProxy {
-    child: tokio::process::Child,
-    port: u16,
-    log: tokio::sync::mpsc::UnboundedReceiver<String>,
+pub struct RunningProxy {
+    pub child: tokio::process::Child,
+    pub port: u16,
+    /// Where it listens, as its log says.
+    pub addr: std::net::SocketAddr,
+    /// The lines up to and including "listening on".
+    pub startup_log: String,
+    pub log: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
-async fn start_binary(vars: &[(&str, &str)]) -> RunningProxy {
-    let mut child = tokio::process::Command::new(BINARY)
+impl RunningProxy {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn terminate(&self) {
+        let pid = self.child.id().unwrap().to_string();
+        let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(killed.success());
+    }
+}
+
+/// The binary on an ephemeral port with only `vars` set, its log lines collected.
+pub async fn start_binary(vars: &[(&str, &str)]) -> RunningProxy {
+    start_command(tokio::process::Command::new(BINARY), vars).await
+}
+
+/// `command` (the binary, perhaps with limits set for it) in a clean environment with
+/// `PROXY_PORT=0` and then `vars`; resolves once it listens.
+pub async fn start_command(
+    mut command: tokio::process::Command,
+    vars: &[(&str, &str)],
+) -> RunningProxy {
+    let mut child = command
         .env_clear()
-        .envs(vars.iter().copied())
         .env("PROXY_PORT", "0")
+        .envs(vars.iter().copied())
         .current_dir(std::env::temp_dir())
         .stderr(Stdio::piped())
         .stdout(Stdio::piped())
@@ -111,21 +137,34 @@ async fn start_binary(vars: &[(&str, &str)]) -> RunningProxy {
             let _ = sender.send(line);
         }
     });
-    let port = tokio::time::timeout(Duration::from_secs(10), async {
+    let mut startup_log = String::new();
+    let addr: std::net::SocketAddr = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             let line = log.recv().await.expect("the proxy exited before listening");
-            if let Some((_, rest)) = line.split_once("listening on 0.0.0.0:") {
-                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-                return digits.parse().unwrap();
+            startup_log.push_str(&line);
+            startup_log.push('\n');
+            if let Some((_, rest)) = line.split_once("listening on ") {
+                // The address ends where the line, a JSON string or a colour code does.
+                let address: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'))
+                    .collect();
+                return address.parse().unwrap();
             }
         }
     })
     .await
     .expect("the proxy did not start listening");
-    RunningProxy { child, port, log }
+    RunningProxy {
+        child,
+        port: addr.port(),
+        addr,
+        startup_log,
+        log,
+    }
 }
 
-fn drain(log: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
+pub fn drain(log: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
     let mut all = String::new();
     while let Ok(line) = log.try_recv() {
         all.push_str(&line);
