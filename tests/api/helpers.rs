@@ -180,6 +180,15 @@ impl RawReply {
             .and_then(|code| code.parse().ok())
             .unwrap_or(0)
     }
+
+    /// First value of a response header, `name` in lower case (hyper writes them so).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let head = self.text.split("\r\n\r\n").next()?;
+        head.lines().skip(1).find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name).then(|| value.trim())
+        })
+    }
 }
 
 /// Writes raw bytes to `addr` and reads until the server closes or `wait` passes without new
