@@ -17,7 +17,13 @@ fn chunk(data: &str) -> Vec<u8> {
 /// Reads a streamed response to its end and returns the bytes received and whether it ended
 /// in an error (a truncated transfer) rather than cleanly.
 async fn read_stream(response: reqwest::Response) -> (String, bool) {
-    let mut body = response.bytes_stream();
+    read_rest(response.bytes_stream()).await
+}
+
+/// [`read_stream`] for a body already partly read.
+async fn read_rest(
+    mut body: impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
+) -> (String, bool) {
     let mut received = Vec::new();
     while let Some(chunk) = body.next().await {
         match chunk {
@@ -205,9 +211,20 @@ async fn a_chunked_body_over_the_limit_is_413_and_never_completes_upstream() {
         "The request body is larger than this proxy accepts",
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The body is streamed, so the upstream has begun the request; what must not happen is
+    // that it gets all of it. Once it has given up on the request, it can no longer.
     assert!(
-        app.upstream.requests().is_empty(),
+        eventually(Duration::from_secs(5), || app.upstream.requests_abandoned()
+            == 1)
+        .await,
+        "the upstream was not left with a cut-off request: started {}, answered {}",
+        app.upstream.requests_started(),
+        app.upstream.requests_answered()
+    );
+    assert_eq!(app.upstream.requests_started(), 1);
+    assert_eq!(
+        app.upstream.requests_answered(),
+        0,
         "the upstream received a complete body"
     );
 
@@ -239,6 +256,11 @@ async fn beyond_max_concurrent_requests_callers_get_503_at_once() {
         "Too many requests in flight; retry shortly",
     )
     .await;
+    assert_eq!(
+        app.upstream.requests_started(),
+        2,
+        "the refused request never reached the upstream"
+    );
 
     for probe in ["/healthz", "/readyz"] {
         let answered = app.client.get(app.url(probe)).send().await.unwrap();
@@ -252,7 +274,14 @@ async fn beyond_max_concurrent_requests_callers_get_503_at_once() {
     let (one, _) = read_stream(first).await;
     let (two, _) = read_stream(second).await;
     assert!(one.ends_with("[DONE]\n\n") && two.ends_with("[DONE]\n\n"));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The place is given back with the response body, right after the gauge drops: once the
+    // gauge reads zero, the next request cannot find the proxy full.
+    let in_flight = || app.state.metrics.requests_in_flight().get();
+    assert!(
+        eventually(Duration::from_secs(5), || in_flight() == 0).await,
+        "still {} in flight",
+        in_flight()
+    );
     let after = app.models().await;
     assert_eq!(
         after.unwrap().status(),
@@ -443,7 +472,7 @@ async fn doubled_slashes_match_no_route_rather_than_the_admin_one() {
 
 #[tokio::test]
 async fn a_request_the_upstream_may_have_received_is_never_repeated() {
-    let (target, requests) = spawn_raw_upstream(|socket| async move {
+    let (target, heads) = spawn_raw_upstream(|socket| async move {
         // Read the request, then hang up without answering.
         drop(socket);
     })
@@ -453,8 +482,20 @@ async fn a_request_the_upstream_may_have_received_is_never_repeated() {
         .chat(CLIENT_TOKEN, serde_json::json!({"model": "m"}))
         .await;
     assert_eq!(response.status(), 502);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // A retry would go out before the 502. A marker sent after it, and answered (so recorded),
+    // must therefore be the second and last request the upstream saw.
+    let marker = app
+        .chat_request()
+        .header("x-marker", "after")
+        .json(&serde_json::json!({"model": "m"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(marker.status(), 502);
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2, "{heads:#?}");
+    assert!(!heads[0].contains("x-marker"), "{heads:#?}");
+    assert!(heads[1].contains("x-marker: after"), "{heads:#?}");
 }
 
 #[tokio::test]
@@ -481,15 +522,22 @@ async fn a_second_shutdown_request_closes_what_remains() {
     let mut app = spawn_app(&[]).await;
     let response = app.stream_chat(100, 100).send().await.unwrap();
     let server = app.begin_shutdown();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut body = response.bytes_stream();
+    let mut received = Vec::new();
+    // Events still arriving after the first request is the drain at work.
+    while !String::from_utf8_lossy(&received).contains("chunk-2 ") {
+        let chunk = body.next().await.expect("the stream ended").unwrap();
+        received.extend_from_slice(&chunk);
+    }
     assert!(!server.is_finished(), "the stream is still being drained");
     app.shutdown.trigger();
     tokio::time::timeout(Duration::from_secs(2), server)
         .await
         .expect("forced stop")
         .unwrap();
-    let (_, truncated) = read_stream(response).await;
+    let (rest, truncated) = read_rest(body).await;
     assert!(truncated, "the remaining stream was cut");
+    assert!(!rest.contains("[DONE]"), "{rest}");
 }
 
 #[tokio::test]

@@ -1,8 +1,7 @@
 //! Spawning the proxy on 127.0.0.1:0 in front of a mock upstream, as a real listener.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use llm_proxy::server::{ShutdownTrigger, shutdown_channel};
@@ -35,12 +34,32 @@ impl TestApp {
         self.server.take().expect("server already shut down")
     }
 
+    /// `method path` as `token`, to be finished by the caller.
+    pub fn request_as(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, self.url(path))
+            .bearer_auth(token)
+    }
+
+    /// `method path` as `CLIENT_TOKEN`, to be finished by the caller.
+    pub fn authorised(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.request_as(CLIENT_TOKEN, method, path)
+    }
+
+    /// `POST /v1/chat/completions` as `CLIENT_TOKEN`, without a body yet.
+    pub fn chat_request(&self) -> reqwest::RequestBuilder {
+        self.authorised(reqwest::Method::POST, "/v1/chat/completions")
+    }
+
     /// A streamed chat request as `CLIENT_TOKEN`: the mock sends `chunks` content events
     /// `interval_ms` apart, and a final usage event.
     pub fn stream_chat(&self, chunks: u32, interval_ms: u32) -> reqwest::RequestBuilder {
-        self.client
-            .post(self.url("/v1/chat/completions"))
-            .bearer_auth(CLIENT_TOKEN)
+        self.chat_request()
             .header("x-mock-chunks", chunks.to_string())
             .header("x-mock-interval-ms", interval_ms.to_string())
             .json(&serde_json::json!({
@@ -53,17 +72,13 @@ impl TestApp {
 
     /// GET /v1/models as `CLIENT_TOKEN`.
     pub async fn models(&self) -> reqwest::Result<reqwest::Response> {
-        self.client
-            .get(self.url("/v1/models"))
-            .bearer_auth(CLIENT_TOKEN)
+        self.authorised(reqwest::Method::GET, "/v1/models")
             .send()
             .await
     }
 
     pub async fn chat(&self, token: &str, body: serde_json::Value) -> reqwest::Response {
-        self.client
-            .post(self.url("/v1/chat/completions"))
-            .bearer_auth(token)
+        self.request_as(token, reqwest::Method::POST, "/v1/chat/completions")
             .json(&body)
             .send()
             .await
@@ -213,9 +228,12 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8], wait: Duration) -> R
     }
 }
 
+/// The request heads a raw upstream has read, in the order it finished reading them.
+pub type RawHeads = Arc<Mutex<Vec<String>>>;
+
 /// An upstream written against raw sockets, for misbehaviour no HTTP library would produce.
-/// `handle` gets each accepted connection after its request headers were read.
-pub async fn spawn_raw_upstream<F, Fut>(handle: F) -> (String, Arc<AtomicUsize>)
+/// `handle` gets each accepted connection after its request head was read and recorded.
+pub async fn spawn_raw_upstream<F, Fut>(handle: F) -> (String, RawHeads)
 where
     F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -223,12 +241,12 @@ where
     use tokio::io::AsyncReadExt;
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
-    let requests = Arc::new(AtomicUsize::new(0));
-    let counter = requests.clone();
+    let heads = RawHeads::default();
+    let recorded = heads.clone();
     let handle = Arc::new(handle);
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
-            let counter = counter.clone();
+            let recorded = recorded.clone();
             let handle = handle.clone();
             tokio::spawn(async move {
                 let mut head = Vec::new();
@@ -239,10 +257,13 @@ where
                         Ok(read) => head.extend_from_slice(&buffer[..read]),
                     }
                 }
-                counter.fetch_add(1, Ordering::SeqCst);
+                recorded
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&head).into_owned());
                 handle(socket).await;
             });
         }
     });
-    (format!("http://{addr}"), requests)
+    (format!("http://{addr}"), heads)
 }

@@ -114,12 +114,20 @@ async fn client_disconnect_before_response_headers_cancels_the_upstream_request(
     let app = spawn_app(&[]).await;
     let socket = open_raw_stream(&app, "x-mock-delay-ms: 1500\r\n").await;
     assert!(
-        eventually(Duration::from_secs(2), || app.upstream.requests().len()
+        eventually(Duration::from_secs(2), || app.upstream.requests_started()
             == 1)
         .await
     );
     drop(socket);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Abandoned, not answered after its delay: the proxy hung up on the upstream as well.
+    assert!(
+        eventually(Duration::from_secs(5), || app.upstream.requests_abandoned()
+            == 1)
+        .await,
+        "the upstream request was not dropped: answered {}",
+        app.upstream.requests_answered()
+    );
+    assert_eq!(app.upstream.requests_answered(), 0);
     assert_eq!(
         app.upstream.streams_started(),
         0,
