@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use llm_proxy::server::{ShutdownTrigger, shutdown_channel};
 use llm_proxy::{AppState, Config};
 use mock_upstream::MockUpstream;
@@ -266,4 +267,24 @@ where
         }
     });
     (format!("http://{addr}"), heads)
+}
+
+/// Reads a streamed response to its end and returns the bytes received and whether it ended
+/// in an error (a truncated transfer) rather than cleanly.
+pub async fn read_stream(response: reqwest::Response) -> (String, bool) {
+    read_rest(response.bytes_stream()).await
+}
+
+/// [`read_stream`] for a body already partly read.
+pub async fn read_rest(
+    mut body: impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
+) -> (String, bool) {
+    let mut received = Vec::new();
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(chunk) => received.extend_from_slice(&chunk),
+            Err(_) => return (String::from_utf8_lossy(&received).into_owned(), true),
+        }
+    }
+    (String::from_utf8_lossy(&received).into_owned(), false)
 }

@@ -44,31 +44,24 @@ async fn stream_is_forwarded_chunk_by_chunk() {
 #[tokio::test]
 async fn streamed_bytes_are_identical_to_the_upstream() {
     let app = spawn_app(&[]).await;
-    let direct = app
-        .client
-        .post(format!("{}/v1/chat/completions", app.upstream.base_url()))
-        .header("x-mock-chunks", "30")
-        .header("x-mock-interval-ms", "1")
-        .json(&serde_json::json!({"model": "gpt-mock", "stream": true}))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let proxied = app
-        .client
-        .post(app.url("/v1/chat/completions"))
-        .bearer_auth(CLIENT_TOKEN)
-        .header("x-mock-chunks", "30")
-        .header("x-mock-interval-ms", "1")
-        .json(&serde_json::json!({"model": "gpt-mock", "stream": true}))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let thirty_events = |request: reqwest::RequestBuilder| async move {
+        request
+            .header("x-mock-chunks", "30")
+            .header("x-mock-interval-ms", "1")
+            .json(&serde_json::json!({"model": "gpt-mock", "stream": true}))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+    };
+    let direct = thirty_events(
+        app.client
+            .post(format!("{}/v1/chat/completions", app.upstream.base_url())),
+    )
+    .await;
+    let proxied = thirty_events(app.chat_request()).await;
     assert_eq!(proxied, direct);
     assert_eq!(Some(proxied), app.upstream.last_stream_bytes());
 }
