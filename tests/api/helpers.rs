@@ -197,7 +197,7 @@ impl RawReply {
             .unwrap_or(0)
     }
 
-    /// First value of a response header, `name` in lower case (hyper writes them so).
+    /// First value of a response header; `name` is matched case-insensitively.
     pub fn header(&self, name: &str) -> Option<&str> {
         let head = self.text.split("\r\n\r\n").next()?;
         head.lines().skip(1).find_map(|line| {
