@@ -13,7 +13,7 @@ use warp::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use warp::path::FullPath;
 use warp::reply::Response;
 
-use crate::{RecordedRequest, State, sse};
+use crate::{InFlight, RecordedRequest, State, sse};
 
 const DEFAULT_CHAT_MODEL: &str = "gpt-mock";
 const DEFAULT_EMBEDDING_MODEL: &str = "text-embedding-mock";
@@ -31,6 +31,20 @@ const MAX_CHUNKS: usize = 10_000_000;
 const MAX_WAIT_MS: u64 = 3_600_000;
 
 pub(crate) async fn handle(
+    method: Method,
+    path: FullPath,
+    query: Option<String>,
+    headers: HeaderMap,
+    in_flight: InFlight,
+    body: Bytes,
+    state: Arc<State>,
+) -> Response {
+    let response = respond(method, path, query, headers, body, state).await;
+    in_flight.answered();
+    response
+}
+
+async fn respond(
     method: Method,
     path: FullPath,
     query: Option<String>,

@@ -12,6 +12,10 @@
 //! | `x-mock-delay-ms`    | wait that long before sending the response headers       |
 //! | `x-mock-chunks`      | number of content events in a streamed chat (default 5)  |
 //! | `x-mock-interval-ms` | pause between streamed events (default 10)               |
+//!
+//! Besides recording, it counts requests from their headers on (started,
+//! then answered or abandoned), so a test can wait for the upstream to be
+//! done with a request instead of sleeping and hoping.
 
 mod handlers;
 mod sse;
@@ -78,6 +82,9 @@ pub(crate) struct State {
     pub(crate) record: bool,
     pub(crate) requests: Mutex<Vec<RecordedRequest>>,
     pub(crate) models_fetches: AtomicUsize,
+    pub(crate) requests_started: AtomicUsize,
+    pub(crate) requests_answered: AtomicUsize,
+    pub(crate) requests_abandoned: AtomicUsize,
     pub(crate) streams_started: AtomicUsize,
     pub(crate) streams_completed: AtomicUsize,
     pub(crate) streams_cancelled: AtomicUsize,
@@ -99,6 +106,9 @@ impl State {
             record,
             requests: Mutex::new(Vec::new()),
             models_fetches: AtomicUsize::new(0),
+            requests_started: AtomicUsize::new(0),
+            requests_answered: AtomicUsize::new(0),
+            requests_abandoned: AtomicUsize::new(0),
             streams_started: AtomicUsize::new(0),
             streams_completed: AtomicUsize::new(0),
             streams_cancelled: AtomicUsize::new(0),
@@ -157,12 +167,19 @@ impl MockUpstream {
             let state = state.clone();
             warp::any().map(move || state.clone())
         };
+        // Taken before the body is read, so that a request whose body never
+        // arrives in full still shows up, as started and then abandoned.
+        let in_flight = {
+            let state = state.clone();
+            warp::any().map(move || InFlight::start(state.clone()))
+        };
         // One catch-all filter that routes by hand: cheaper than a tree of
         // `or`s, and every request has to be recorded the same way anyway.
         let routes = warp::method()
             .and(warp::path::full())
             .and(query)
             .and(warp::header::headers_cloned())
+            .and(in_flight)
             .and(warp::body::bytes())
             .and(with_state)
             .then(handlers::handle);
@@ -209,6 +226,25 @@ impl MockUpstream {
         self.state.models_fetches.load(Ordering::SeqCst)
     }
 
+    /// Requests whose headers have arrived, counted before the body is read.
+    pub fn requests_started(&self) -> usize {
+        self.state.requests_started.load(Ordering::SeqCst)
+    }
+
+    /// Requests the handler produced a response for (for a stream: its
+    /// head; the events follow, see [`MockUpstream::streams_completed`]).
+    pub fn requests_answered(&self) -> usize {
+        self.state.requests_answered.load(Ordering::SeqCst)
+    }
+
+    /// Requests dropped before a response was produced: the body was cut
+    /// off or the client went away, for instance during `x-mock-delay-ms`.
+    /// Once `requests_answered() + requests_abandoned()` equals
+    /// `requests_started()`, nothing is in flight any more.
+    pub fn requests_abandoned(&self) -> usize {
+        self.state.requests_abandoned.load(Ordering::SeqCst)
+    }
+
     pub fn streams_started(&self) -> usize {
         self.state.streams_started.load(Ordering::SeqCst)
     }
@@ -243,6 +279,36 @@ impl MockUpstream {
                 .is_err()
         {
             server.abort();
+        }
+    }
+}
+
+/// One request from its headers on: counted as answered if the handler gets
+/// to produce a response, as abandoned if it is dropped before that.
+pub(crate) struct InFlight {
+    state: Arc<State>,
+    answered: bool,
+}
+
+impl InFlight {
+    fn start(state: Arc<State>) -> InFlight {
+        state.requests_started.fetch_add(1, Ordering::SeqCst);
+        InFlight {
+            state,
+            answered: false,
+        }
+    }
+
+    pub(crate) fn answered(mut self) {
+        self.answered = true;
+        self.state.requests_answered.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.state.requests_abandoned.fetch_add(1, Ordering::SeqCst);
         }
     }
 }

@@ -609,3 +609,42 @@ fn binary_prints_its_address_and_stops_on_sigterm() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("usage:"));
 }
+
+#[tokio::test]
+async fn requests_are_counted_from_their_headers_to_their_answer() {
+    let mock = MockUpstream::start().await;
+    let res = send(mock.addr(), "GET", "/v1/models", &[], b"").await;
+    assert_eq!(res.status, 200);
+    assert_eq!(mock.requests_started(), 1);
+    assert_eq!(mock.requests_answered(), 1);
+    assert_eq!(mock.requests_abandoned(), 0);
+
+    // Headers and part of a declared body, then silence: started, not yet answered.
+    let mut cut = TcpStream::connect(mock.addr()).await.expect("connect");
+    cut.write_all(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\npart")
+        .await
+        .expect("write");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while mock.requests_started() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        mock.requests_started(),
+        2,
+        "counted before the body arrived"
+    );
+    assert_eq!(mock.requests_answered() + mock.requests_abandoned(), 1);
+    drop(cut);
+
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while mock.requests_abandoned() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(mock.requests_abandoned(), 1, "a cut-off body is abandoned");
+    assert_eq!(mock.requests_answered(), 1);
+    assert_eq!(
+        mock.requests().len(),
+        1,
+        "an incomplete request is not recorded"
+    );
+}

@@ -48,7 +48,11 @@ impl RawUsage {
         Some(Usage {
             prompt,
             completion,
-            total: self.total_tokens.unwrap_or(prompt + completion),
+            // Saturating: the numbers are the upstream's to choose, and an overflow must neither
+            // panic nor wrap to a small total.
+            total: self
+                .total_tokens
+                .unwrap_or(prompt.saturating_add(completion)),
         })
     }
 }
@@ -70,14 +74,36 @@ struct Capture {
     escaped: bool,
 }
 
+/// What [`Capture::take`] made of a chunk.
+enum Taken {
+    /// The object closed after this many bytes of the chunk.
+    Closed(usize),
+    /// The whole chunk belongs to the object, which goes on.
+    Open,
+    /// The object reached `MAX_OBJECT` bytes, the last of them this many into the chunk, without
+    /// closing: it is not usage, and the search resumes after those bytes.
+    TooLong(usize),
+}
+
 impl Capture {
-    /// Takes bytes of the object; returns how many were consumed once the object closed.
-    fn take(&mut self, bytes: &[u8]) -> Option<usize> {
-        let closed = self.find_end(bytes);
-        // One copy of the object's bytes, not a push per byte.
-        self.object
-            .extend_from_slice(&bytes[..closed.unwrap_or(bytes.len())]);
-        closed
+    /// Takes bytes of the object, at most up to `MAX_OBJECT` in all. The cut-off is counted in
+    /// object bytes, not checked per chunk, so that where the chunks happen to split the body
+    /// cannot decide whether a long object counts or where the search resumes.
+    fn take(&mut self, bytes: &[u8]) -> Taken {
+        let room = MAX_OBJECT - self.object.len();
+        let window = &bytes[..bytes.len().min(room)];
+        match self.find_end(window) {
+            Some(end) => {
+                // One copy of the object's bytes, not a push per byte.
+                self.object.extend_from_slice(&window[..end]);
+                Taken::Closed(end)
+            }
+            None if window.len() == room => Taken::TooLong(room),
+            None => {
+                self.object.extend_from_slice(window);
+                Taken::Open
+            }
+        }
     }
 
     /// Where the object closes in `bytes` (one past its final brace), tracking strings so that
@@ -161,7 +187,7 @@ impl UsageScanner {
                     }
                 }
                 State::Capturing(capture) => match capture.take(chunk) {
-                    Some(consumed) => {
+                    Taken::Closed(consumed) => {
                         let object = std::mem::take(&mut capture.object);
                         if let Some(usage) = serde_json::from_slice::<RawUsage>(&object)
                             .ok()
@@ -172,11 +198,10 @@ impl UsageScanner {
                         self.state = State::Searching;
                         chunk = &chunk[consumed..];
                     }
-                    None => {
-                        if capture.object.len() > MAX_OBJECT {
-                            self.state = State::Searching;
-                        }
-                        return;
+                    Taken::Open => return,
+                    Taken::TooLong(consumed) => {
+                        self.state = State::Searching;
+                        chunk = &chunk[consumed..];
                     }
                 },
             }
@@ -315,6 +340,50 @@ mod tests {
                 total: 14
             })
         );
+    }
+
+    #[test]
+    fn token_counts_near_u64_max_saturate_instead_of_overflowing() {
+        let body = br#"{"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":1}}"#;
+        assert_eq!(
+            scan_in_pieces(body, body.len()),
+            Some(Usage {
+                prompt: u64::MAX,
+                completion: 1,
+                total: u64::MAX
+            })
+        );
+    }
+
+    #[test]
+    fn an_object_over_the_cap_is_ignored_however_the_body_is_split() {
+        // Found by the fuzzer: whole, such an object used to count; in pieces it did not, and
+        // the search resumed at whichever chunk boundary came next.
+        let mut body = br#"{"usage":{"prompt_tokens":1,"note":""#.to_vec();
+        body.resize(MAX_OBJECT + 100, b'a');
+        body.extend_from_slice(br#""}}"#);
+        for piece in [1, 7, 1000, body.len()] {
+            assert_eq!(scan_in_pieces(&body, piece), None, "pieces of {piece}");
+        }
+    }
+
+    #[test]
+    fn an_object_of_exactly_the_cap_still_counts() {
+        let mut body = br#"{"usage":{"prompt_tokens":3,"note":""#.to_vec();
+        let head = body.len() - br#"{"usage":"#.len();
+        body.resize(body.len() + MAX_OBJECT - head - 2, b'a');
+        body.extend_from_slice(br#""}}"#);
+        for piece in [1, 64, body.len()] {
+            assert_eq!(
+                scan_in_pieces(&body, piece),
+                Some(Usage {
+                    prompt: 3,
+                    completion: 0,
+                    total: 3
+                }),
+                "pieces of {piece}"
+            );
+        }
     }
 
     #[test]

@@ -55,9 +55,7 @@ async fn admin_routes_do_not_exist_without_admin_token() {
     let app = spawn_app(&[("ADMIN_TOKEN", "")]).await;
     for method in [reqwest::Method::POST, reqwest::Method::GET] {
         let response = app
-            .client
-            .request(method, app.url("/admin/cache/clear"))
-            .bearer_auth("anything")
+            .request_as("anything", method, "/admin/cache/clear")
             .send()
             .await
             .unwrap();
@@ -69,9 +67,7 @@ async fn admin_routes_do_not_exist_without_admin_token() {
 async fn admin_clear_with_the_wrong_method_is_405() {
     let app = spawn_app(&[]).await;
     let response = app
-        .client
-        .get(app.url("/admin/cache/clear"))
-        .bearer_auth(ADMIN_TOKEN)
+        .request_as(ADMIN_TOKEN, reqwest::Method::GET, "/admin/cache/clear")
         .send()
         .await
         .unwrap();
@@ -88,24 +84,16 @@ async fn admin_clear_with_the_wrong_method_is_405() {
 #[tokio::test]
 async fn admin_clear_makes_the_next_models_request_refetch() {
     let app = spawn_app(&[]).await;
-    let models = || {
-        app.client
-            .get(app.url("/v1/models"))
-            .bearer_auth(CLIENT_TOKEN)
-            .send()
-    };
-    models().await.unwrap();
-    models().await.unwrap();
+    app.models().await.unwrap();
+    app.models().await.unwrap();
     assert_eq!(app.upstream.models_fetches(), 1);
     let cleared = app
-        .client
-        .post(app.url("/admin/cache/clear"))
-        .bearer_auth(ADMIN_TOKEN)
+        .request_as(ADMIN_TOKEN, reqwest::Method::POST, "/admin/cache/clear")
         .send()
         .await
         .unwrap();
     assert_eq!(cleared.status(), 200);
-    let response = models().await.unwrap();
+    let response = app.models().await.unwrap();
     assert_eq!(response.headers()["x-proxy-cache"], "MISS");
     assert_eq!(app.upstream.models_fetches(), 2);
 }

@@ -8,10 +8,7 @@ use crate::helpers::*;
 #[tokio::test]
 async fn chat_is_forwarded_with_the_upstream_key_and_the_query_string() {
     let app = spawn_app(&[]).await;
-    let response = app
-        .client
-        .post(app.url("/v1/chat/completions?api-version=2024-06-01&x=a%20b"))
-        .bearer_auth(CLIENT_TOKEN)
+    let response = app.authorised(reqwest::Method::POST, "/v1/chat/completions?api-version=2024-06-01&x=a%20b")
         .json(&serde_json::json!({"model": "gpt-mock", "messages": [{"role": "user", "content": "hi"}]}))
         .send()
         .await
@@ -42,9 +39,7 @@ async fn chat_is_forwarded_with_the_upstream_key_and_the_query_string() {
 async fn hop_by_hop_headers_and_client_credentials_are_dropped() {
     let app = spawn_app(&[]).await;
     let response = app
-        .client
-        .post(app.url("/v1/chat/completions"))
-        .bearer_auth(CLIENT_TOKEN)
+        .chat_request()
         .header("connection", "keep-alive, x-connection-scoped")
         .header("x-connection-scoped", "1")
         .header("keep-alive", "timeout=5")
@@ -126,9 +121,7 @@ async fn upstream_errors_pass_through_with_status_headers_and_body() {
         let direct_length = direct.headers()["content-length"].clone();
         let direct = direct.bytes().await.unwrap();
         let response = app
-            .client
-            .post(app.url("/v1/chat/completions"))
-            .bearer_auth(CLIENT_TOKEN)
+            .chat_request()
             .header("x-mock-status", status.to_string())
             .body("{}")
             .send()
@@ -153,9 +146,7 @@ async fn upstream_errors_pass_through_with_status_headers_and_body() {
 async fn other_v1_endpoints_are_forwarded() {
     let app = spawn_app(&[]).await;
     let embeddings = app
-        .client
-        .post(app.url("/v1/embeddings"))
-        .bearer_auth(CLIENT_TOKEN)
+        .authorised(reqwest::Method::POST, "/v1/embeddings")
         .json(&serde_json::json!({"model": "text-embedding-mock", "input": ["a", "b"]}))
         .send()
         .await
@@ -166,12 +157,7 @@ async fn other_v1_endpoints_are_forwarded() {
 
     for method in ["GET", "PUT", "DELETE", "PATCH"] {
         let response = app
-            .client
-            .request(
-                method.parse().unwrap(),
-                app.url("/v1/files/file-1/content?limit=2"),
-            )
-            .bearer_auth(CLIENT_TOKEN)
+            .authorised(method.parse().unwrap(), "/v1/files/file-1/content?limit=2")
             .send()
             .await
             .unwrap();
@@ -207,9 +193,7 @@ async fn multipart_uploads_and_chunked_bodies_arrive_intact() {
     multipart.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
 
     let response = app
-        .client
-        .post(app.url("/v1/audio/transcriptions"))
-        .bearer_auth(CLIENT_TOKEN)
+        .authorised(reqwest::Method::POST, "/v1/audio/transcriptions")
         .header(
             "content-type",
             format!("multipart/form-data; boundary={boundary}"),
@@ -231,9 +215,7 @@ async fn multipart_uploads_and_chunked_bodies_arrive_intact() {
         .map(|c| Ok(c.to_vec()))
         .collect();
     let response = app
-        .client
-        .post(app.url("/v1/uploads/part"))
-        .bearer_auth(CLIENT_TOKEN)
+        .authorised(reqwest::Method::POST, "/v1/uploads/part")
         .body(reqwest::Body::wrap_stream(futures::stream::iter(pieces)))
         .send()
         .await

@@ -2,15 +2,19 @@
 
 #[path = "../../fuzz/invariants/rewrite.rs"]
 mod rewrite_invariants;
+#[path = "../../fuzz/invariants/usage.rs"]
+mod usage_invariants;
 
-#[test]
-fn rewrite_corpus_holds_every_invariant() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/rewrite");
+/// Runs `check` on every file of `fuzz/corpus/<target>` and returns how many there were.
+fn replay(target: &str, check: fn(&[u8])) -> usize {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
     let mut replayed = 0;
     for entry in std::fs::read_dir(&dir).expect("the corpus directory exists") {
         let path = entry.unwrap().path();
         let input = std::fs::read(&path).unwrap();
-        let outcome = std::panic::catch_unwind(|| rewrite_invariants::check_rewrite(&input));
+        let outcome = std::panic::catch_unwind(|| check(&input));
         assert!(
             outcome.is_ok(),
             "corpus entry {} breaks an invariant",
@@ -18,5 +22,17 @@ fn rewrite_corpus_holds_every_invariant() {
         );
         replayed += 1;
     }
+    replayed
+}
+
+#[test]
+fn rewrite_corpus_holds_every_invariant() {
+    let replayed = replay("rewrite", rewrite_invariants::check_rewrite);
+    assert!(replayed >= 5, "only {replayed} corpus entries found");
+}
+
+#[test]
+fn usage_corpus_holds_every_invariant() {
+    let replayed = replay("usage", usage_invariants::check_usage);
     assert!(replayed >= 5, "only {replayed} corpus entries found");
 }

@@ -1,10 +1,10 @@
 //! Spawning the proxy on 127.0.0.1:0 in front of a mock upstream, as a real listener.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use llm_proxy::server::{ShutdownTrigger, shutdown_channel};
 use llm_proxy::{AppState, Config};
 use mock_upstream::MockUpstream;
@@ -35,12 +35,32 @@ impl TestApp {
         self.server.take().expect("server already shut down")
     }
 
+    /// `method path` as `token`, to be finished by the caller.
+    pub fn request_as(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, self.url(path))
+            .bearer_auth(token)
+    }
+
+    /// `method path` as `CLIENT_TOKEN`, to be finished by the caller.
+    pub fn authorised(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.request_as(CLIENT_TOKEN, method, path)
+    }
+
+    /// `POST /v1/chat/completions` as `CLIENT_TOKEN`, without a body yet.
+    pub fn chat_request(&self) -> reqwest::RequestBuilder {
+        self.authorised(reqwest::Method::POST, "/v1/chat/completions")
+    }
+
     /// A streamed chat request as `CLIENT_TOKEN`: the mock sends `chunks` content events
     /// `interval_ms` apart, and a final usage event.
     pub fn stream_chat(&self, chunks: u32, interval_ms: u32) -> reqwest::RequestBuilder {
-        self.client
-            .post(self.url("/v1/chat/completions"))
-            .bearer_auth(CLIENT_TOKEN)
+        self.chat_request()
             .header("x-mock-chunks", chunks.to_string())
             .header("x-mock-interval-ms", interval_ms.to_string())
             .json(&serde_json::json!({
@@ -53,17 +73,13 @@ impl TestApp {
 
     /// GET /v1/models as `CLIENT_TOKEN`.
     pub async fn models(&self) -> reqwest::Result<reqwest::Response> {
-        self.client
-            .get(self.url("/v1/models"))
-            .bearer_auth(CLIENT_TOKEN)
+        self.authorised(reqwest::Method::GET, "/v1/models")
             .send()
             .await
     }
 
     pub async fn chat(&self, token: &str, body: serde_json::Value) -> reqwest::Response {
-        self.client
-            .post(self.url("/v1/chat/completions"))
-            .bearer_auth(token)
+        self.request_as(token, reqwest::Method::POST, "/v1/chat/completions")
             .json(&body)
             .send()
             .await
@@ -180,6 +196,15 @@ impl RawReply {
             .and_then(|code| code.parse().ok())
             .unwrap_or(0)
     }
+
+    /// First value of a response header; `name` is matched case-insensitively.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let head = self.text.split("\r\n\r\n").next()?;
+        head.lines().skip(1).find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name).then(|| value.trim())
+        })
+    }
 }
 
 /// Writes raw bytes to `addr` and reads until the server closes or `wait` passes without new
@@ -204,9 +229,12 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8], wait: Duration) -> R
     }
 }
 
+/// The request heads a raw upstream has read, in the order it finished reading them.
+pub type RawHeads = Arc<Mutex<Vec<String>>>;
+
 /// An upstream written against raw sockets, for misbehaviour no HTTP library would produce.
-/// `handle` gets each accepted connection after its request headers were read.
-pub async fn spawn_raw_upstream<F, Fut>(handle: F) -> (String, Arc<AtomicUsize>)
+/// `handle` gets each accepted connection after its request head was read and recorded.
+pub async fn spawn_raw_upstream<F, Fut>(handle: F) -> (String, RawHeads)
 where
     F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -214,12 +242,12 @@ where
     use tokio::io::AsyncReadExt;
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
-    let requests = Arc::new(AtomicUsize::new(0));
-    let counter = requests.clone();
+    let heads = RawHeads::default();
+    let recorded = heads.clone();
     let handle = Arc::new(handle);
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
-            let counter = counter.clone();
+            let recorded = recorded.clone();
             let handle = handle.clone();
             tokio::spawn(async move {
                 let mut head = Vec::new();
@@ -230,10 +258,33 @@ where
                         Ok(read) => head.extend_from_slice(&buffer[..read]),
                     }
                 }
-                counter.fetch_add(1, Ordering::SeqCst);
+                recorded
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&head).into_owned());
                 handle(socket).await;
             });
         }
     });
-    (format!("http://{addr}"), requests)
+    (format!("http://{addr}"), heads)
+}
+
+/// Reads a streamed response to its end and returns the bytes received and whether it ended
+/// in an error (a truncated transfer) rather than cleanly.
+pub async fn read_stream(response: reqwest::Response) -> (String, bool) {
+    read_rest(response.bytes_stream()).await
+}
+
+/// [`read_stream`] for a body already partly read.
+pub async fn read_rest(
+    mut body: impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
+) -> (String, bool) {
+    let mut received = Vec::new();
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(chunk) => received.extend_from_slice(&chunk),
+            Err(_) => return (String::from_utf8_lossy(&received).into_owned(), true),
+        }
+    }
+    (String::from_utf8_lossy(&received).into_owned(), false)
 }

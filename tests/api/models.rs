@@ -83,12 +83,7 @@ async fn flaky_models_upstream(failures: usize, delay: Duration) -> (String, Arc
 async fn models_errors_are_passed_through_and_not_cached() {
     let (target, fetches) = flaky_models_upstream(1, Duration::ZERO).await;
     let app = spawn_app(&[("TARGET_HOST", target.as_str())]).await;
-    let get = || {
-        app.client
-            .get(app.url("/v1/models"))
-            .bearer_auth(CLIENT_TOKEN)
-            .send()
-    };
+    let get = || app.models();
 
     let failed = get().await.unwrap();
     assert_eq!(failed.status(), 503);
@@ -108,12 +103,7 @@ async fn models_errors_are_passed_through_and_not_cached() {
 async fn concurrent_cold_misses_make_one_upstream_fetch() {
     let (target, fetches) = flaky_models_upstream(0, Duration::from_millis(300)).await;
     let app = spawn_app(&[("TARGET_HOST", target.as_str())]).await;
-    let requests = (0..40).map(|_| {
-        app.client
-            .get(app.url("/v1/models"))
-            .bearer_auth(CLIENT_TOKEN)
-            .send()
-    });
+    let requests = (0..40).map(|_| app.models());
     for response in futures::future::join_all(requests).await {
         assert_eq!(response.unwrap().status(), 200);
     }
@@ -125,9 +115,7 @@ async fn models_with_a_query_string_bypass_the_cache() {
     let app = spawn_app(&[]).await;
     for _ in 0..2 {
         let response = app
-            .client
-            .get(app.url("/v1/models?owned_by=mock"))
-            .bearer_auth(CLIENT_TOKEN)
+            .authorised(reqwest::Method::GET, "/v1/models?owned_by=mock")
             .send()
             .await
             .unwrap();

@@ -44,31 +44,24 @@ async fn stream_is_forwarded_chunk_by_chunk() {
 #[tokio::test]
 async fn streamed_bytes_are_identical_to_the_upstream() {
     let app = spawn_app(&[]).await;
-    let direct = app
-        .client
-        .post(format!("{}/v1/chat/completions", app.upstream.base_url()))
-        .header("x-mock-chunks", "30")
-        .header("x-mock-interval-ms", "1")
-        .json(&serde_json::json!({"model": "gpt-mock", "stream": true}))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let proxied = app
-        .client
-        .post(app.url("/v1/chat/completions"))
-        .bearer_auth(CLIENT_TOKEN)
-        .header("x-mock-chunks", "30")
-        .header("x-mock-interval-ms", "1")
-        .json(&serde_json::json!({"model": "gpt-mock", "stream": true}))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let thirty_events = |request: reqwest::RequestBuilder| async move {
+        request
+            .header("x-mock-chunks", "30")
+            .header("x-mock-interval-ms", "1")
+            .json(&serde_json::json!({"model": "gpt-mock", "stream": true}))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+    };
+    let direct = thirty_events(
+        app.client
+            .post(format!("{}/v1/chat/completions", app.upstream.base_url())),
+    )
+    .await;
+    let proxied = thirty_events(app.chat_request()).await;
     assert_eq!(proxied, direct);
     assert_eq!(Some(proxied), app.upstream.last_stream_bytes());
 }
@@ -114,12 +107,20 @@ async fn client_disconnect_before_response_headers_cancels_the_upstream_request(
     let app = spawn_app(&[]).await;
     let socket = open_raw_stream(&app, "x-mock-delay-ms: 1500\r\n").await;
     assert!(
-        eventually(Duration::from_secs(2), || app.upstream.requests().len()
+        eventually(Duration::from_secs(2), || app.upstream.requests_started()
             == 1)
         .await
     );
     drop(socket);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Abandoned, not answered after its delay: the proxy hung up on the upstream as well.
+    assert!(
+        eventually(Duration::from_secs(5), || app.upstream.requests_abandoned()
+            == 1)
+        .await,
+        "the upstream request was not dropped: answered {}",
+        app.upstream.requests_answered()
+    );
+    assert_eq!(app.upstream.requests_answered(), 0);
     assert_eq!(
         app.upstream.streams_started(),
         0,
