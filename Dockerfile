@@ -13,8 +13,8 @@ WORKDIR /src
 
 # Dependencies first, against stub sources, so this layer is rebuilt only when a manifest or
 # Cargo.lock changes. The stubs of the test suite, of mock-upstream (a workspace member, and
-# only a dev-dependency: nothing of it is compiled here) and of tools/loadgen stay: cargo needs the files to exist, and
-# leaving them out of the image keeps test edits from rebuilding it.
+# only a dev-dependency: nothing of it is compiled here) and of tools/loadgen stay: cargo needs
+# the files to exist, and leaving them out of the image keeps test edits from rebuilding it.
 COPY Cargo.toml Cargo.lock ./
 COPY mock-upstream/Cargo.toml mock-upstream/
 COPY tools/loadgen/Cargo.toml tools/loadgen/
@@ -54,4 +54,8 @@ USER 65532:65532
 EXPOSE 8080
 # SIGTERM drains in-flight requests for up to 30 s: give `docker stop` that long (-t 35).
 STOPSIGNAL SIGTERM
+# The image has no shell or curl: the binary asks its own /healthz (on loopback for a wildcard
+# PROXY_HOST, on PROXY_PORT from the same environment) and exits 0 or 1.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \
+    CMD ["/llm-proxy", "healthcheck"]
 ENTRYPOINT ["/llm-proxy"]
