@@ -109,6 +109,20 @@ impl RunningProxy {
     }
 }
 
+/// The binary in front of a fresh mock upstream with the test key, `extra` on top; the mock
+/// comes back too, since it stops when dropped.
+pub async fn start_binary_with_mock(extra: &[(&str, &str)]) -> (MockUpstream, RunningProxy) {
+    let upstream = MockUpstream::start().await;
+    let target = upstream.base_url();
+    let mut vars = vec![
+        ("TARGET_HOST", target.as_str()),
+        ("AUTH_BEARER", UPSTREAM_KEY),
+    ];
+    vars.extend_from_slice(extra);
+    let proxy = start_binary(&vars).await;
+    (upstream, proxy)
+}
+
 /// The binary on an ephemeral port with only `vars` set, its log lines collected.
 pub async fn start_binary(vars: &[(&str, &str)]) -> RunningProxy {
     start_command(tokio::process::Command::new(BINARY), vars).await
@@ -175,9 +189,7 @@ pub fn drain(log: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
 
 #[tokio::test]
 async fn sigterm_lets_a_running_stream_finish_then_exits_zero() {
-    let upstream = MockUpstream::start().await;
-    let target = upstream.base_url();
-    let mut proxy = start_binary(&[("TARGET_HOST", &target), ("AUTH_BEARER", UPSTREAM_KEY)]).await;
+    let (_upstream, mut proxy) = start_binary_with_mock(&[]).await;
     let response = reqwest::Client::new()
         .post(format!(
             "http://127.0.0.1:{}/v1/chat/completions",
@@ -211,11 +223,7 @@ async fn sigterm_lets_a_running_stream_finish_then_exits_zero() {
 
 #[tokio::test]
 async fn no_secret_reaches_the_logs_even_in_debug_mode() {
-    let upstream = MockUpstream::start().await;
-    let target = upstream.base_url();
-    let mut proxy = start_binary(&[
-        ("TARGET_HOST", &target),
-        ("AUTH_BEARER", UPSTREAM_KEY),
+    let (_upstream, mut proxy) = start_binary_with_mock(&[
         ("AUTH_VALIDATION", "true"),
         ("ALLOWED_TOKENS", CLIENT_TOKEN),
         ("ADMIN_TOKEN", ADMIN_TOKEN),
@@ -272,11 +280,7 @@ async fn no_secret_reaches_the_logs_even_in_debug_mode() {
 
 #[tokio::test]
 async fn every_log_line_is_json_with_log_format_json() {
-    let upstream = MockUpstream::start().await;
-    let target = upstream.base_url();
-    let mut proxy = start_binary(&[
-        ("TARGET_HOST", &target),
-        ("AUTH_BEARER", UPSTREAM_KEY),
+    let (_upstream, mut proxy) = start_binary_with_mock(&[
         ("AUTH_VALIDATION", "true"),
         ("ALLOWED_TOKENS", "alice:tok-alice"),
         ("LOG_FORMAT", "json"),

@@ -9,7 +9,9 @@ use mock_upstream::MockUpstream;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::helpers::*;
-use crate::process::{BINARY, RunningProxy, drain, run_with, start_binary, start_command};
+use crate::process::{
+    BINARY, RunningProxy, drain, run_with, start_binary, start_binary_with_mock, start_command,
+};
 
 fn run_args(args: &[&str], vars: &[(&str, &str)]) -> std::process::Output {
     Command::new(BINARY)
@@ -76,9 +78,7 @@ fn a_listen_address_that_is_not_an_ip_stops_start_up_naming_proxy_host() {
 
 #[tokio::test]
 async fn healthcheck_exits_zero_for_a_running_proxy_and_one_for_a_stopped_one() {
-    let upstream = MockUpstream::start().await;
-    let target = upstream.base_url();
-    let mut proxy = start_binary(&[("TARGET_HOST", &target), ("AUTH_BEARER", UPSTREAM_KEY)]).await;
+    let (_upstream, mut proxy) = start_binary_with_mock(&[]).await;
     let port = proxy.port.to_string();
     let check = |port: String| {
         tokio::task::spawn_blocking(move || run_args(&["healthcheck"], &[("PROXY_PORT", &port)]))
@@ -95,14 +95,7 @@ async fn healthcheck_exits_zero_for_a_running_proxy_and_one_for_a_stopped_one() 
 
 #[tokio::test]
 async fn a_misspelt_variable_is_warned_about_naming_the_one_meant() {
-    let upstream = MockUpstream::start().await;
-    let target = upstream.base_url();
-    let mut proxy = start_binary(&[
-        ("TARGET_HOST", &target),
-        ("AUTH_BEARER", UPSTREAM_KEY),
-        ("AUTH_VALIDATON", "true"),
-    ])
-    .await;
+    let (_upstream, mut proxy) = start_binary_with_mock(&[("AUTH_VALIDATON", "true")]).await;
     proxy.terminate();
     proxy.child.wait().await.unwrap();
     let log = proxy.startup_log.clone();
@@ -124,62 +117,30 @@ async fn status_at(url: &str) -> Option<u16> {
     Some(client.get(url).send().await.ok()?.status().as_u16())
 }
 
-async fn listening_on(host: &str) -> RunningProxy {
-    let upstream = MockUpstream::start().await;
-    let target = upstream.base_url();
-    // The mock lives as long as the process it serves; leaking it keeps the test short.
-    std::mem::forget(upstream);
-    start_binary(&[
-        ("TARGET_HOST", &target),
-        ("AUTH_BEARER", UPSTREAM_KEY),
-        ("PROXY_HOST", host),
-    ])
-    .await
-}
-
 #[tokio::test]
-async fn a_loopback_ipv4_listener_takes_no_ipv6_connections() {
-    let proxy = listening_on("127.0.0.1").await;
-    assert_eq!(proxy.addr.ip().to_string(), "127.0.0.1");
-    let port = proxy.port;
-    assert_eq!(
-        status_at(&format!("http://127.0.0.1:{port}/healthz")).await,
-        Some(200)
-    );
-    assert_eq!(
-        status_at(&format!("http://[::1]:{port}/healthz")).await,
-        None
-    );
-}
-
-#[tokio::test]
-async fn an_ipv6_loopback_listener_takes_no_ipv4_connections() {
-    let proxy = listening_on("::1").await;
-    assert_eq!(proxy.addr.ip().to_string(), "::1");
-    let port = proxy.port;
-    assert_eq!(
-        status_at(&format!("http://[::1]:{port}/healthz")).await,
-        Some(200)
-    );
-    assert_eq!(
-        status_at(&format!("http://127.0.0.1:{port}/healthz")).await,
-        None
-    );
-}
-
-#[tokio::test]
-async fn a_dual_stack_listener_takes_ipv4_and_ipv6() {
-    let proxy = listening_on("::").await;
-    assert_eq!(proxy.addr.ip().to_string(), "::");
-    let port = proxy.port;
-    assert_eq!(
-        status_at(&format!("http://[::1]:{port}/healthz")).await,
-        Some(200)
-    );
-    assert_eq!(
-        status_at(&format!("http://127.0.0.1:{port}/healthz")).await,
-        Some(200)
-    );
+async fn each_listen_address_takes_exactly_its_own_families() {
+    // (PROXY_HOST, answers on 127.0.0.1, answers on ::1)
+    let cases = [
+        ("127.0.0.1", true, false),
+        ("::1", false, true),
+        ("::", true, true),
+    ];
+    for (host, ipv4, ipv6) in cases {
+        let (_upstream, proxy) = start_binary_with_mock(&[("PROXY_HOST", host)]).await;
+        assert_eq!(proxy.addr.ip().to_string(), host);
+        let port = proxy.port;
+        let expect = |answers: bool| answers.then_some(200);
+        assert_eq!(
+            status_at(&format!("http://127.0.0.1:{port}/healthz")).await,
+            expect(ipv4),
+            "{host} over IPv4"
+        );
+        assert_eq!(
+            status_at(&format!("http://[::1]:{port}/healthz")).await,
+            expect(ipv6),
+            "{host} over IPv6"
+        );
+    }
 }
 
 /// The binary with its open-file limits set to `soft`/`hard` before it runs.
