@@ -31,8 +31,30 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
     }
 }
 
+/// `--help`: what the program is and every variable with its default.
 pub fn help() -> String {
-    variables::help_text()
+    let mut text = format!(
+        "{name} {version}: {description}\n\n\
+         Usage:\n  {name}               serve (configured by environment variables, then .env.local, then .env)\n  \
+         {name} healthcheck   ask the running proxy's /healthz; exit 0 when healthy, 1 otherwise\n  \
+         {name} --help        this text\n  {name} --version     the name and version\n\n\
+         Variables (default):\n",
+        name = env!("CARGO_PKG_NAME"),
+        version = env!("CARGO_PKG_VERSION"),
+        description = env!("CARGO_PKG_DESCRIPTION"),
+    );
+    let width = variables::VARIABLES
+        .iter()
+        .map(|variable| variable.name.len())
+        .max()
+        .unwrap_or(0);
+    for variable in variables::VARIABLES {
+        text.push_str(&format!(
+            "  {:width$}  {} [default: {}]\n",
+            variable.name, variable.meaning, variable.default
+        ));
+    }
+    text
 }
 
 pub fn version() -> String {
@@ -118,6 +140,14 @@ mod tests {
         assert_eq!(args(&["healthcheck"]), Ok(Command::Healthcheck));
         assert!(args(&["--port=80"]).is_err());
         assert!(args(&["healthcheck", "now"]).is_err());
+    }
+
+    #[test]
+    fn help_lists_every_variable() {
+        let help = help();
+        for variable in variables::VARIABLES {
+            assert!(help.contains(variable.name), "{}", variable.name);
+        }
     }
 
     #[test]
