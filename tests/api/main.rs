@@ -10,4 +10,5 @@ mod helpers;
 mod models;
 mod observability;
 mod process;
+mod providers;
 mod streaming;
