@@ -13,3 +13,4 @@ mod observability;
 mod process;
 mod providers;
 mod streaming;
+mod tls;
