@@ -7,6 +7,7 @@ mod forwarding;
 mod fuzz_corpus;
 mod hardening;
 mod helpers;
+mod keepalive;
 mod key_pool;
 mod models;
 mod observability;
