@@ -118,10 +118,13 @@ impl Upstream {
         if declared.is_some_and(|length| length > max_body) {
             return Err(ProxyError::PayloadTooLarge);
         }
-        let body = if headers::has_body(&headers) {
+        let body = if !headers::has_body(&headers) {
+            RequestBody::None
+        } else if self.0.keys.len() > 1 {
             RequestBody::prepare(body, declared, max_body, self.body_log()).await?
         } else {
-            RequestBody::None
+            // One key: there is no other key to retry on, so the body streams on as it arrives.
+            RequestBody::streamed(body, max_body, self.body_log())
         };
         let headers =
             headers::request_headers(headers, &self.0.caller_token_header, &self.0.key_header);

@@ -162,6 +162,20 @@ impl RequestBody {
         Ok(RequestBody::Kept(kept))
     }
 
+    /// The caller's body streamed on as it arrives, never kept.
+    pub(crate) fn streamed<S, B>(
+        body: S,
+        max_body_bytes: u64,
+        body_log: Option<Arc<Redactor>>,
+    ) -> RequestBody
+    where
+        S: Stream<Item = Result<B, warp::Error>> + Send + Sync + 'static,
+        B: Buf + Send,
+    {
+        let body = Box::pin(body.map_ok(|mut chunk| chunk.copy_to_bytes(chunk.remaining())));
+        RequestBody::once(body, max_body_bytes, body_log)
+    }
+
     fn once<S>(body: S, max_body_bytes: u64, body_log: Option<Arc<Redactor>>) -> RequestBody
     where
         S: Stream<Item = Result<Bytes, warp::Error>> + Send + Sync + Unpin + 'static,
