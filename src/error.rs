@@ -32,6 +32,15 @@ pub enum ProxyError {
     PayloadTooLarge,
     /// A path with dot segments or backslashes, which the upstream could resolve outside `/v1`.
     InvalidPath,
+    /// Every upstream key rests after a 429 and no request was sent; carries the seconds until the
+    /// first is usable again, sent as `Retry-After`.
+    KeysResting {
+        retry_after: u64,
+    },
+    /// The upstream refused every key of `AUTH_BEARER` (401/403); only the operator can fix that.
+    KeysRefused,
+    /// The caller's body broke off before its end, while it was being read for a possible retry.
+    IncompleteBody,
     /// A rejection no route accounts for: a bug, logged where it is turned into this.
     Internal,
 }
@@ -107,6 +116,25 @@ impl ProxyError {
                 "The request path contains dot segments or backslashes",
                 &[],
             ),
+            // `Retry-After` depends on the rests and is added in `into_response`.
+            KeysResting { .. } => row(
+                StatusCode::TOO_MANY_REQUESTS,
+                "upstream_keys_rate_limited",
+                "Every upstream key is rate-limited; retry after the time in Retry-After",
+                &[],
+            ),
+            KeysRefused => row(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_keys_refused",
+                "The upstream refused every key this proxy holds",
+                &[],
+            ),
+            IncompleteBody => row(
+                StatusCode::BAD_REQUEST,
+                "incomplete_body",
+                "The request body ended before it was complete",
+                &[],
+            ),
             Internal => row(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",
@@ -136,6 +164,9 @@ impl ProxyError {
         }
         if let ProxyError::MethodNotAllowed { allow } = self {
             headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        if let ProxyError::KeysResting { retry_after } = self {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
         }
         response
     }

@@ -16,9 +16,10 @@
 //!    that metrics, admission and the access line share.
 //! 5. [`auth`]: after its path matched, the route checks the caller's token and learns the
 //!    caller's label; all masking of secrets lives here too.
-//! 6. [`proxy`]: the [`proxy::Upstream`] handle sends the request with the key swapped in and
-//!    shapes the answer: headers cleaned, the body passed through adapters (idle watchdog, usage
-//!    tap, key mask) as it streams, or the model list served from its cache.
+//! 6. [`proxy`]: the [`proxy::Upstream`] handle sends the request with a key from the pool
+//!    ([`proxy::keys`]) swapped in, on to the next key while the upstream refuses it, and shapes
+//!    the answer: headers cleaned, the body passed through adapters (idle watchdog with SSE
+//!    keep-alive, usage tap, key mask) as it streams, or the model list served from its cache.
 //! 7. [`error`]: every answer the proxy makes itself, in one table.
 //!
 //! [`state::AppState`] is where these parts are put together; each route hands its handler only

@@ -54,7 +54,8 @@ pub fn check_rewrite(input: &[u8]) {
 
 fn check_url(path: &str, query: Option<&str>) {
     let target = reqwest::Url::parse(TARGET_HOST).expect("valid target");
-    let Ok(parsed) = upstream_url(&target, path, query) else {
+    // The base URL stands for the caller's `/v1`.
+    let Ok(parsed) = upstream_url(&target, path, query, None) else {
         return;
     };
     let url = parsed.as_str();
@@ -91,16 +92,23 @@ fn check_request_headers(selector: u8, incoming: &HeaderMap) {
     } else {
         HeaderName::from_static("x-api-key")
     };
-    let upstream_authorization =
-        HeaderValue::from_str(&format!("Bearer {UPSTREAM_KEY}")).expect("valid value");
-    let sent = request_headers(incoming.clone(), &token_header, &upstream_authorization);
-
+    // UPSTREAM_AUTH_HEADER: Authorization, or Azure's api-key.
+    let key_header = if selector & 2 == 0 {
+        header::AUTHORIZATION
+    } else {
+        HeaderName::from_static("api-key")
+    };
+    let mut sent = request_headers(incoming.clone(), &token_header, &key_header);
+    assert!(
+        !sent.contains_key(&key_header),
+        "the caller's own {key_header} reached the upstream"
+    );
+    let upstream_key = HeaderValue::from_str(&format!("Bearer {UPSTREAM_KEY}")).expect("valid");
+    sent.insert(&key_header, upstream_key.clone());
     assert_eq!(
-        sent.get_all(header::AUTHORIZATION)
-            .iter()
-            .collect::<Vec<_>>(),
-        [&upstream_authorization],
-        "exactly one Authorization, ours"
+        sent.get_all(&key_header).iter().collect::<Vec<_>>(),
+        [&upstream_key],
+        "exactly one {key_header}, ours"
     );
     for forbidden in [
         token_header.clone(),
@@ -113,7 +121,7 @@ fn check_request_headers(selector: u8, incoming: &HeaderMap) {
         header::EXPECT,
         HeaderName::from_static("keep-alive"),
     ] {
-        if forbidden != header::AUTHORIZATION {
+        if forbidden != key_header {
             assert!(
                 !sent.contains_key(&forbidden),
                 "{forbidden} reached the upstream"
@@ -121,7 +129,7 @@ fn check_request_headers(selector: u8, incoming: &HeaderMap) {
         }
     }
     for named in connection_tokens(incoming) {
-        if named != "authorization" {
+        if named != key_header.as_str() {
             assert!(
                 !sent.contains_key(named.as_str()),
                 "{named} is named in Connection"
@@ -136,7 +144,7 @@ fn check_request_headers(selector: u8, incoming: &HeaderMap) {
 }
 
 fn check_response_headers(upstream: &HeaderMap) {
-    let returned = response_headers(upstream.clone(), UPSTREAM_KEY.as_bytes());
+    let returned = response_headers(upstream.clone(), &[UPSTREAM_KEY.as_bytes()]);
     for (name, value) in &returned {
         assert!(
             memchr::memmem::find(value.as_bytes(), UPSTREAM_KEY.as_bytes()).is_none(),

@@ -52,7 +52,19 @@ async fn respond(
     body: Bytes,
     state: Arc<State>,
 ) -> Response {
-    let path = path.as_str();
+    let full_path = path.as_str();
+    // The API as mounted: what stands for `/v1` is put back, so routing below is one table.
+    let mounted;
+    let path = match state.options.mount.as_deref() {
+        None => full_path,
+        Some(mount) => match full_path.strip_prefix(mount) {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => {
+                mounted = format!("/v1{rest}");
+                mounted.as_str()
+            }
+            _ => "/not-mounted",
+        },
+    };
 
     // Counted on arrival, like recording, so a test can tell that a request
     // reached the upstream even if the client gave up during a delay.
@@ -60,7 +72,52 @@ async fn respond(
         state.models_fetches.fetch_add(1, Ordering::SeqCst);
     }
     if state.record {
-        record(&state, &method, path, query.as_deref(), &headers, &body);
+        record(
+            &state,
+            &method,
+            full_path,
+            query.as_deref(),
+            &headers,
+            &body,
+        );
+    }
+
+    if state.options.azure {
+        if !headers.contains_key("api-key") {
+            return error_response(
+                StatusCode::UNAUTHORIZED,
+                "Access denied due to missing subscription key",
+                "invalid_request_error",
+                Some("401"),
+            );
+        }
+        let has_version = query.as_deref().is_some_and(|query| {
+            query
+                .split('&')
+                .any(|pair| pair.starts_with("api-version="))
+        });
+        if !has_version {
+            return bad_request("Missing required query parameter: api-version");
+        }
+    }
+
+    if let Some(answer) = key_answer(&state, &headers) {
+        let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+        let mut res = error_response(
+            status,
+            &format!("mock upstream answer for this key: {}", answer.status),
+            "requests",
+            None,
+        );
+        for (name, value) in &answer.headers {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
+                res.headers_mut().insert(name, value);
+            }
+        }
+        return res;
     }
 
     if let Some(ms) = header_parse::<u64>(&headers, "x-mock-delay-ms").filter(|&ms| ms > 0) {
@@ -110,6 +167,20 @@ fn record(
         body: body.clone(),
     };
     state.requests.lock().push(recorded);
+}
+
+/// The fixed answer for the request's key, if the test set one.
+fn key_answer(state: &State, headers: &HeaderMap) -> Option<crate::KeyAnswer> {
+    let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    let key = text("authorization")
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .or_else(|| text("api-key"))?;
+    state
+        .key_answers
+        .lock()
+        .iter()
+        .find(|(known, _)| known == key)
+        .map(|(_, answer)| answer.clone())
 }
 
 fn lossy(value: &HeaderValue) -> String {

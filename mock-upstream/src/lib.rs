@@ -16,6 +16,10 @@
 //! Besides recording, it counts requests from their headers on (started,
 //! then answered or abandoned), so a test can wait for the upstream to be
 //! done with a request instead of sleeping and hoping.
+//!
+//! [`MockOptions`] mounts the API under another base path (as Zhipu's `/api/paas/v4` or an Azure
+//! deployment), and [`MockUpstream::answer_key`] makes one upstream key always get one answer
+//! (a key pool's rate-limited or revoked key).
 
 mod handlers;
 mod sse;
@@ -52,6 +56,13 @@ pub struct RecordedRequest {
 }
 
 impl RecordedRequest {
+    /// The upstream key the request carried: a bearer token, else the `api-key` value.
+    pub fn key(&self) -> Option<&str> {
+        self.header("authorization")
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .or_else(|| self.header("api-key"))
+    }
+
     /// First value of a header; `name` is matched case-insensitively.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
@@ -75,8 +86,29 @@ impl RecordedRequest {
     }
 }
 
+/// Where and how the mock serves the API.
+#[derive(Clone, Debug, Default)]
+pub struct MockOptions {
+    /// The base path standing for `/v1`: `/api/paas/v4` serves chat at
+    /// `/api/paas/v4/chat/completions`; anything outside it is a 404.
+    pub mount: Option<String>,
+    /// Azure-like: only the `api-key` header is accepted as the key (401 without it, even with
+    /// `Authorization`), and an `api-version` query parameter is required (400 without).
+    pub azure: bool,
+}
+
+/// A fixed answer for every request made with one key.
+#[derive(Clone, Debug)]
+pub(crate) struct KeyAnswer {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(String, String)>,
+}
+
 /// State shared by the server and the [`MockUpstream`] handle.
 pub(crate) struct State {
+    pub(crate) options: MockOptions,
+    /// By key (as sent: the bearer token, or the `api-key` value).
+    pub(crate) key_answers: Mutex<Vec<(String, KeyAnswer)>>,
     /// Off for the benchmark, so a long run does not grow memory (and skips
     /// the per-event copy into `last_stream`).
     pub(crate) record: bool,
@@ -101,8 +133,10 @@ pub(crate) struct LastStream {
 }
 
 impl State {
-    fn new(record: bool) -> State {
+    fn new(record: bool, options: MockOptions) -> State {
         State {
+            options,
+            key_answers: Mutex::new(Vec::new()),
             record,
             requests: Mutex::new(Vec::new()),
             models_fetches: AtomicUsize::new(0),
@@ -144,20 +178,50 @@ impl MockUpstream {
 
     /// Starts on `addr` with recording on.
     pub async fn start_on(addr: SocketAddr) -> std::io::Result<MockUpstream> {
-        MockUpstream::spawn(addr, true).await
+        MockUpstream::spawn(addr, true, MockOptions::default()).await
+    }
+
+    /// Starts on `127.0.0.1:0` with recording on, serving as `options` say.
+    ///
+    /// # Panics
+    ///
+    /// If no port can be bound.
+    pub async fn start_with(options: MockOptions) -> MockUpstream {
+        MockUpstream::spawn(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), true, options)
+            .await
+            .expect("mock-upstream: cannot bind 127.0.0.1:0")
+    }
+
+    /// Every later request made with `key` gets `status` with an OpenAI-style error body and
+    /// `headers` (e.g. `retry-after`), whatever it asks for. It is still recorded.
+    pub fn answer_key(&self, key: &str, status: u16, headers: &[(&str, &str)]) {
+        let answer = KeyAnswer {
+            status,
+            headers: headers
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+                .collect(),
+        };
+        let mut answers = self.state.key_answers.lock();
+        answers.retain(|(known, _)| known != key);
+        answers.push((key.to_string(), answer));
     }
 
     /// Starts on `addr` without keeping requests or stream bytes, for long
     /// benchmark runs. Counters still work; `requests()` stays empty and
     /// `last_stream_bytes()` stays `None`.
     pub async fn start_without_recording_on(addr: SocketAddr) -> std::io::Result<MockUpstream> {
-        MockUpstream::spawn(addr, false).await
+        MockUpstream::spawn(addr, false, MockOptions::default()).await
     }
 
-    async fn spawn(addr: SocketAddr, record: bool) -> std::io::Result<MockUpstream> {
+    async fn spawn(
+        addr: SocketAddr,
+        record: bool,
+        options: MockOptions,
+    ) -> std::io::Result<MockUpstream> {
         let listener = bind(addr)?;
         let addr = listener.local_addr()?;
-        let state = Arc::new(State::new(record));
+        let state = Arc::new(State::new(record, options));
 
         let query = warp::query::raw()
             .map(Some)

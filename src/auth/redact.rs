@@ -50,8 +50,10 @@ impl Redactor {
             HeaderName::from_static("x-api-key"),
             HeaderName::from_static("api-key"),
         ];
-        if !credential_headers.contains(&config.auth_header) {
-            credential_headers.push(config.auth_header.clone());
+        for name in [&config.auth_header, &config.upstream.auth_header] {
+            if !credential_headers.contains(name) {
+                credential_headers.push(name.clone());
+            }
         }
         Redactor {
             secrets: config.secrets().cloned().collect(),

@@ -21,7 +21,7 @@ use warp::http::{HeaderName, HeaderValue};
 use crate::auth::{TokenSet, token_label};
 pub use secret::Secret;
 use values::invalid;
-pub use values::is_client_name;
+pub use values::{UpstreamQuery, is_client_name};
 
 pub const DEFAULT_TARGET_HOST: &str = "https://api.example.com";
 pub const DEFAULT_PORT: u16 = 8080;
@@ -70,14 +70,18 @@ pub struct Config {
     pub limits: Limits,
 }
 
-/// Where requests go and with which key, parsed once.
+/// Where requests go and with which keys, parsed once.
 #[derive(Clone)]
 pub struct UpstreamConfig {
-    /// `TARGET_HOST` without a trailing slash; request paths are appended to its path as they are.
+    /// What the caller's `/v1` is replaced by, without a trailing slash: `TARGET_HOST` + `/v1`,
+    /// or `TARGET_BASE_URL` as it is (the meaning the OpenAI SDKs give `base_url`).
     pub base_url: Url,
-    pub key: Secret,
-    /// `Bearer <AUTH_BEARER>`, marked sensitive so hyper never logs or indexes it.
-    pub authorization: HeaderValue,
+    /// `AUTH_BEARER`: one key, or a pool of keys used in turn, in the order given.
+    pub keys: Vec<UpstreamKey>,
+    /// `UPSTREAM_AUTH_HEADER`: the header the key goes in.
+    pub auth_header: HeaderName,
+    /// `UPSTREAM_QUERY`: parameters added to every upstream request.
+    pub query: Option<UpstreamQuery>,
     /// The connection pool, built here because its TLS and timeout settings are configuration:
     /// whatever fails about them fails at start-up, naming the variable.
     pub client: reqwest::Client,
@@ -86,11 +90,22 @@ pub struct UpstreamConfig {
     pub tunnel_client: reqwest::Client,
 }
 
+/// One upstream key and the header value it is sent as.
+#[derive(Clone)]
+pub struct UpstreamKey {
+    pub key: Secret,
+    /// `Bearer <key>` for `Authorization`, else the bare key; marked sensitive so hyper never
+    /// logs or indexes it.
+    pub header_value: HeaderValue,
+}
+
 impl fmt::Debug for UpstreamConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UpstreamConfig")
             .field("base_url", &self.base_url.as_str())
-            .field("key", &self.key)
+            .field("keys", &self.keys.len())
+            .field("auth_header", &self.auth_header)
+            .field("query", &self.query)
             .finish_non_exhaustive()
     }
 }
@@ -142,6 +157,8 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     pub max_body_bytes: u64,
     pub max_concurrent_requests: usize,
+    /// `SSE_KEEPALIVE_SECS`: silence after which a comment line goes to an SSE client (`None`: off).
+    pub sse_keepalive: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -154,6 +171,7 @@ impl Default for Limits {
             shutdown_grace: Duration::from_secs(30),
             max_body_bytes: 32 * 1024 * 1024,
             max_concurrent_requests: 1024,
+            sse_keepalive: None,
         }
     }
 }
@@ -240,17 +258,38 @@ impl Config {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let get = non_empty(lookup);
 
-        let base_url = values::target_host(get("TARGET_HOST").as_deref(), DEFAULT_TARGET_HOST)?;
+        let base_url = match (get("TARGET_HOST"), get("TARGET_BASE_URL")) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "TARGET_BASE_URL",
+                    "cannot be set together with TARGET_HOST: set TARGET_BASE_URL to the base URL \
+                     your provider documents (the client's /v1/<rest> goes to \
+                     TARGET_BASE_URL/<rest>), or TARGET_HOST to a host whose API is under /v1",
+                ));
+            }
+            (None, Some(base)) => values::upstream_base(
+                "TARGET_BASE_URL",
+                &base,
+                "https://api.openai.com/v1 or https://open.bigmodel.cn/api/paas/v4",
+            )?,
+            (host, None) => {
+                let mut url = values::upstream_base(
+                    "TARGET_HOST",
+                    host.as_deref().unwrap_or(DEFAULT_TARGET_HOST),
+                    "https://api.openai.com or https://host/openai",
+                )?;
+                let path = format!("{}/v1", url.path().trim_end_matches('/'));
+                url.set_path(&path);
+                url
+            }
+        };
 
-        let key = get("AUTH_BEARER")
-            .ok_or_else(|| invalid("AUTH_BEARER", "is required: set it to the upstream API key"))?;
-        let mut authorization = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
-            invalid(
-                "AUTH_BEARER",
-                "contains characters that cannot be sent in an HTTP header",
-            )
-        })?;
-        authorization.set_sensitive(true);
+        let auth_header_upstream = match get("UPSTREAM_AUTH_HEADER") {
+            None => warp::http::header::AUTHORIZATION,
+            Some(name) => values::header_name("UPSTREAM_AUTH_HEADER", &name)?,
+        };
+        let keys = upstream_keys(get("AUTH_BEARER"), &auth_header_upstream)?;
+        let query = values::upstream_query(get("UPSTREAM_QUERY"))?;
 
         let listen = listen_address(&get)?;
 
@@ -291,12 +330,7 @@ impl Config {
 
         let auth_header = match get("DEFAULT_AUTH_HEADER") {
             None => warp::http::header::AUTHORIZATION,
-            Some(name) => HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                invalid(
-                    "DEFAULT_AUTH_HEADER",
-                    format!("{name:?} is not a valid HTTP header name"),
-                )
-            })?,
+            Some(name) => values::header_name("DEFAULT_AUTH_HEADER", &name)?,
         };
 
         let admin_token = get("ADMIN_TOKEN").map(Secret::new);
@@ -338,16 +372,22 @@ impl Config {
             )?
             .try_into()
             .map_err(|_| invalid("MAX_CONCURRENT_REQUESTS", "is too large"))?,
+            sse_keepalive: values::seconds_or_off("SSE_KEEPALIVE_SECS", get("SSE_KEEPALIVE_SECS"))?,
         };
 
-        let client = http_client(&limits, Protocols::Negotiated)?;
-        let tunnel_client = http_client(&limits, Protocols::Http1Only)?;
+        let extra_roots = match get("UPSTREAM_CA_FILE") {
+            None => Vec::new(),
+            Some(path) => values::ca_file(&path)?,
+        };
+        let client = http_client(&limits, &extra_roots, Protocols::Negotiated)?;
+        let tunnel_client = http_client(&limits, &extra_roots, Protocols::Http1Only)?;
 
         Ok(Config {
             upstream: UpstreamConfig {
                 base_url,
-                key: Secret::new(key),
-                authorization,
+                keys,
+                auth_header: auth_header_upstream,
+                query,
                 client,
                 tunnel_client,
             },
@@ -368,11 +408,56 @@ impl Config {
 
     /// Every secret the configuration holds, for redaction.
     pub fn secrets(&self) -> impl Iterator<Item = &Secret> {
-        std::iter::once(&self.upstream.key)
+        self.upstream
+            .keys
+            .iter()
+            .map(|key| &key.key)
             .chain(self.allowed_tokens.iter().map(|client| &client.token))
             .chain(&self.admin_token)
             .chain(&self.metrics_token)
     }
+}
+
+/// `AUTH_BEARER`: keys separated by commas, trimmed, at least one, each sendable in a header.
+fn upstream_keys(
+    value: Option<String>,
+    header: &HeaderName,
+) -> Result<Vec<UpstreamKey>, ConfigError> {
+    let value = value.ok_or_else(|| {
+        invalid(
+            "AUTH_BEARER",
+            "is required: set it to the upstream API key, or several keys separated by commas",
+        )
+    })?;
+    let bearer = header == warp::http::header::AUTHORIZATION;
+    let mut keys = Vec::new();
+    for (index, key) in value.split(',').map(str::trim).enumerate() {
+        let position = index + 1;
+        if key.is_empty() {
+            return Err(invalid(
+                "AUTH_BEARER",
+                format!("key {position} is empty: separate keys by single commas"),
+            ));
+        }
+        let text = if bearer {
+            format!("Bearer {key}")
+        } else {
+            key.to_string()
+        };
+        // The key is not echoed, only its position.
+        let mut header_value = HeaderValue::from_str(&text).map_err(|_| {
+            invalid(
+                "AUTH_BEARER",
+                format!("key {position} contains characters that cannot be sent in an HTTP header"),
+            )
+        })?;
+        header_value.set_sensitive(true);
+        keys.push(UpstreamKey {
+            key: Secret::new(key),
+            header_value,
+        });
+    }
+    Ok(keys)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -381,10 +466,20 @@ enum Protocols {
     Http1Only,
 }
 
-fn http_client(limits: &Limits, protocols: Protocols) -> Result<reqwest::Client, ConfigError> {
+fn http_client(
+    limits: &Limits,
+    extra_roots: &[reqwest::Certificate],
+    protocols: Protocols,
+) -> Result<reqwest::Client, ConfigError> {
+    let from_file = !extra_roots.is_empty();
     let mut builder = reqwest::Client::builder();
     if protocols == Protocols::Http1Only {
         builder = builder.http1_only();
+    }
+    // Trusted: the compiled-in Mozilla roots, the machine's store where it has one (read by
+    // rustls-native-certs, which honours SSL_CERT_FILE and SSL_CERT_DIR), and UPSTREAM_CA_FILE.
+    for certificate in extra_roots {
+        builder = builder.add_root_certificate(certificate.clone());
     }
     builder
         // A followed redirect would send the upstream key wherever `Location` points.
@@ -398,7 +493,11 @@ fn http_client(limits: &Limits, protocols: Protocols) -> Result<reqwest::Client,
         .build()
         .map_err(|err| {
             invalid(
-                "TARGET_HOST",
+                if from_file {
+                    "UPSTREAM_CA_FILE"
+                } else {
+                    "TARGET_HOST"
+                },
                 format!("no HTTP client can be built for the upstream: {err}"),
             )
         })
@@ -427,8 +526,12 @@ mod tests {
         let config = config(&[("AUTH_BEARER", "sk-upstream")]).unwrap();
         assert_eq!(
             config.upstream.base_url.as_str(),
-            "https://api.example.com/"
+            "https://api.example.com/v1"
         );
+        assert_eq!(config.upstream.auth_header, "authorization");
+        assert_eq!(config.upstream.keys.len(), 1);
+        assert!(config.upstream.query.is_none());
+        assert_eq!(config.limits.sse_keepalive, None);
         assert_eq!(config.port, 8080);
         assert_eq!(config.log_level, LogLevel::Info);
         assert!(!config.debug_mode);
@@ -518,8 +621,115 @@ mod tests {
         .unwrap();
         assert_eq!(
             config.upstream.base_url.as_str(),
-            "http://127.0.0.1:9000/openai"
+            "http://127.0.0.1:9000/openai/v1"
         );
+    }
+
+    #[test]
+    fn target_base_url_is_taken_verbatim_and_excludes_target_host() {
+        let glm = config(&[
+            ("AUTH_BEARER", "k"),
+            ("TARGET_BASE_URL", "https://open.bigmodel.cn/api/paas/v4/"),
+        ])
+        .unwrap();
+        assert_eq!(
+            glm.upstream.base_url.as_str(),
+            "https://open.bigmodel.cn/api/paas/v4"
+        );
+        let both = config(&[
+            ("AUTH_BEARER", "k"),
+            ("TARGET_HOST", "https://a"),
+            ("TARGET_BASE_URL", "https://b/v1"),
+        ])
+        .unwrap_err();
+        assert_eq!(both.variable, "TARGET_BASE_URL");
+        assert!(both.to_string().contains("TARGET_HOST"), "{both}");
+        for variable in ["TARGET_HOST", "TARGET_BASE_URL"] {
+            let err = config(&[
+                ("AUTH_BEARER", "k"),
+                (variable, "https://h/v1?api-version=1"),
+            ])
+            .unwrap_err();
+            assert_eq!(err.variable, variable);
+            assert!(err.message.contains("UPSTREAM_QUERY"), "{err}");
+        }
+    }
+
+    #[test]
+    fn upstream_keys_form_a_pool_sent_in_the_configured_header() {
+        let pool = config(&[("AUTH_BEARER", " k1 , k2,k3 ")]).unwrap();
+        let values: Vec<&[u8]> = pool
+            .upstream
+            .keys
+            .iter()
+            .map(|key| key.header_value.as_bytes())
+            .collect();
+        assert_eq!(values, [&b"Bearer k1"[..], b"Bearer k2", b"Bearer k3"]);
+        assert!(
+            pool.upstream
+                .keys
+                .iter()
+                .all(|key| key.header_value.is_sensitive())
+        );
+        let azure = config(&[("AUTH_BEARER", "k1"), ("UPSTREAM_AUTH_HEADER", "api-key")]).unwrap();
+        assert_eq!(azure.upstream.auth_header, "api-key");
+        assert_eq!(azure.upstream.keys[0].header_value, "k1");
+        let empty = config(&[("AUTH_BEARER", "k1,,k3")]).unwrap_err();
+        assert_eq!(empty.variable, "AUTH_BEARER");
+        assert!(empty.message.contains("key 2"), "{empty}");
+        let bad = config(&[("AUTH_BEARER", "good,bad\u{7f}key")]).unwrap_err();
+        assert!(!bad.to_string().contains("bad"), "{bad}");
+        assert_eq!(
+            error_variable(&[("AUTH_BEARER", "k"), ("UPSTREAM_AUTH_HEADER", "bad header")]),
+            "UPSTREAM_AUTH_HEADER"
+        );
+        assert_eq!(
+            config(&[("AUTH_BEARER", "k1,k2")])
+                .unwrap()
+                .secrets()
+                .count(),
+            2
+        );
+    }
+
+    #[test]
+    fn upstream_query_and_keepalive_are_parsed() {
+        let parsed = config(&[
+            ("AUTH_BEARER", "k"),
+            ("UPSTREAM_QUERY", "?api-version=2024-10-21&x=a b"),
+            ("SSE_KEEPALIVE_SECS", "15"),
+        ])
+        .unwrap();
+        let query = parsed.upstream.query.unwrap();
+        assert_eq!(query.encoded, "api-version=2024-10-21&x=a+b");
+        assert_eq!(query.names, ["api-version", "x"]);
+        assert_eq!(parsed.limits.sse_keepalive, Some(Duration::from_secs(15)));
+        let bearer = ("AUTH_BEARER", "k");
+        assert_eq!(
+            error_variable(&[bearer, ("UPSTREAM_QUERY", "=1")]),
+            "UPSTREAM_QUERY"
+        );
+        assert_eq!(
+            error_variable(&[bearer, ("SSE_KEEPALIVE_SECS", "-1")]),
+            "SSE_KEEPALIVE_SECS"
+        );
+        let off = config(&[bearer, ("SSE_KEEPALIVE_SECS", "0")]).unwrap();
+        assert_eq!(off.limits.sse_keepalive, None);
+    }
+
+    #[test]
+    fn a_ca_file_must_exist_and_hold_a_certificate() {
+        let bearer = ("AUTH_BEARER", "k");
+        let missing = config(&[bearer, ("UPSTREAM_CA_FILE", "/nonexistent/ca.pem")]).unwrap_err();
+        assert_eq!(missing.variable, "UPSTREAM_CA_FILE");
+        let dir = std::env::temp_dir().join(format!("llm-proxy-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let err = config(&[bearer, ("UPSTREAM_CA_FILE", empty.to_str().unwrap())]).unwrap_err();
+        assert_eq!(err.variable, "UPSTREAM_CA_FILE");
+        assert!(err.message.contains("no PEM certificate"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -3,8 +3,11 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::time::Duration;
 
 use reqwest::Url;
+use url::form_urlencoded;
+use warp::http::HeaderName;
 
 use super::ConfigError;
 
@@ -15,32 +18,120 @@ pub(super) fn invalid(variable: &str, message: impl Into<String>) -> ConfigError
     }
 }
 
-/// `TARGET_HOST`: an absolute http(s) URL, parsed once here; a trailing slash is dropped so that
-/// request paths can be appended as they are.
-pub(super) fn target_host(value: Option<&str>, default: &str) -> Result<Url, ConfigError> {
-    const ACCEPTED: &str = "must be an absolute http:// or https:// URL, optionally with a path \
-                            prefix, such as https://api.openai.com or https://host/openai";
-    let raw = value.unwrap_or(default);
+/// `TARGET_HOST` or `TARGET_BASE_URL`: an absolute http(s) URL, parsed once here, without
+/// credentials, query or fragment; a trailing slash is dropped so that paths can be appended.
+pub(super) fn upstream_base(variable: &str, raw: &str, example: &str) -> Result<Url, ConfigError> {
+    let accepted = format!("must be an absolute http:// or https:// URL, such as {example}");
     // The value is not echoed back: a URL may carry credentials.
-    let mut url = Url::parse(raw).map_err(|_| invalid("TARGET_HOST", ACCEPTED))?;
+    let mut url = Url::parse(raw).map_err(|_| invalid(variable, accepted.clone()))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(invalid("TARGET_HOST", ACCEPTED));
+        return Err(invalid(variable, accepted));
     }
     if !url.username().is_empty() || url.password().is_some() {
         return Err(invalid(
-            "TARGET_HOST",
+            variable,
             "must not contain user:password@; put the upstream key in AUTH_BEARER",
         ));
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(invalid(
-            "TARGET_HOST",
-            "must not contain a query string or fragment",
+            variable,
+            "must not contain a query string or fragment; put query parameters such as \
+             api-version=2024-10-21 in UPSTREAM_QUERY",
         ));
     }
     let prefix = url.path().trim_end_matches('/').to_string();
     url.set_path(&prefix);
     Ok(url)
+}
+
+/// `UPSTREAM_QUERY`: `name=value` pairs joined by `&`, as in a URL. Kept in its wire form, and the
+/// names decoded, so that a caller's parameter of the same name can be dropped.
+pub(super) fn upstream_query(value: Option<String>) -> Result<Option<UpstreamQuery>, ConfigError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let value = value.strip_prefix('?').unwrap_or(&value);
+    let mut names = Vec::new();
+    let mut encoded = form_urlencoded::Serializer::new(String::new());
+    for (name, parameter) in form_urlencoded::parse(value.as_bytes()) {
+        if name.is_empty() {
+            return Err(invalid(
+                "UPSTREAM_QUERY",
+                "has a parameter without a name (accepted: name=value pairs joined by &, such \
+                 as api-version=2024-10-21)",
+            ));
+        }
+        encoded.append_pair(&name, &parameter);
+        names.push(name.into_owned());
+    }
+    if names.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(UpstreamQuery {
+        encoded: encoded.finish(),
+        names,
+    }))
+}
+
+/// Query parameters added to every upstream request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamQuery {
+    /// The pairs as they go on the wire, `a=1&b=2`.
+    pub encoded: String,
+    /// The decoded names, for dropping the caller's parameters of the same name.
+    pub names: Vec<String>,
+}
+
+/// A header name for a variable, or an error naming it.
+pub(super) fn header_name(variable: &str, name: &str) -> Result<HeaderName, ConfigError> {
+    HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+        invalid(
+            variable,
+            format!("{name:?} is not a valid HTTP header name"),
+        )
+    })
+}
+
+/// A whole number of seconds that may be 0, meaning "off".
+pub(super) fn seconds_or_off(
+    variable: &str,
+    value: Option<String>,
+) -> Result<Option<Duration>, ConfigError> {
+    match value {
+        None => Ok(None),
+        Some(value) => match value.parse::<u64>() {
+            Ok(0) => Ok(None),
+            Ok(seconds) => Ok(Some(Duration::from_secs(seconds))),
+            _ => Err(invalid(
+                variable,
+                format!("{value:?} is not a whole number of seconds (0: off)"),
+            )),
+        },
+    }
+}
+
+/// `UPSTREAM_CA_FILE`: the PEM certificates in the file, at least one.
+pub(super) fn ca_file(path: &str) -> Result<Vec<reqwest::Certificate>, ConfigError> {
+    let pem = std::fs::read(path).map_err(|err| {
+        invalid(
+            "UPSTREAM_CA_FILE",
+            format!("{path:?} cannot be read: {err}"),
+        )
+    })?;
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|err| {
+        invalid(
+            "UPSTREAM_CA_FILE",
+            format!("{path:?} is not a PEM certificate file: {err}"),
+        )
+    })?;
+    if certificates.is_empty() {
+        return Err(invalid(
+            "UPSTREAM_CA_FILE",
+            format!("{path:?} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
+        ));
+    }
+    Ok(certificates)
 }
 
 /// A whole number of at least 1 (seconds, bytes or requests): zero would disable a safety limit

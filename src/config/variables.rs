@@ -21,9 +21,33 @@ pub const VARIABLES: &[Variable] = &[
     var(
         "TARGET_HOST",
         "https://api.example.com",
-        "upstream base URL; a path prefix is kept",
+        "upstream host; the client's /v1/... is appended (a path prefix is kept)",
     ),
-    var("AUTH_BEARER", "required", "upstream API key"),
+    var(
+        "TARGET_BASE_URL",
+        "unset",
+        "instead of TARGET_HOST: the provider's base URL; /v1/<rest> goes to it + /<rest>",
+    ),
+    var(
+        "AUTH_BEARER",
+        "required",
+        "upstream API key, or several comma-separated, used in turn with failover",
+    ),
+    var(
+        "UPSTREAM_AUTH_HEADER",
+        "Authorization",
+        "header the upstream key goes in (Bearer for Authorization, else the bare key)",
+    ),
+    var(
+        "UPSTREAM_QUERY",
+        "unset",
+        "query parameters added to every upstream request, e.g. api-version=2024-10-21",
+    ),
+    var(
+        "UPSTREAM_CA_FILE",
+        "unset",
+        "PEM file of extra CA certificates trusted for the upstream",
+    ),
     var(
         "PROXY_HOST",
         "0.0.0.0",
@@ -82,6 +106,11 @@ pub const VARIABLES: &[Variable] = &[
         "10",
         "time to send request headers; idle keep-alive",
     ),
+    var(
+        "SSE_KEEPALIVE_SECS",
+        "0",
+        "send ': keepalive' to an SSE client silent that long (0: off)",
+    ),
     var("SHUTDOWN_GRACE_SECS", "30", "the drain after SIGTERM"),
     var("MAX_BODY_BYTES", "33554432", "largest request body"),
     var(
@@ -98,6 +127,7 @@ const PREFIXES: &[&str] = &[
     "TARGET_",
     "UPSTREAM_",
     "STREAM_",
+    "SSE_",
     "HEADER_",
     "SHUTDOWN_",
     "MAX_",

@@ -91,6 +91,22 @@ struct FailureLabels {
     kind: UpstreamFailure,
 }
 
+/// Where an upstream key of the pool stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyState {
+    Usable,
+    /// Rate-limited (429): back by itself when the rest is over.
+    Resting,
+    /// Refused (401/403): out of turn until a restart or reload.
+    Disabled,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabels {
+    /// The key's 1-based position in `AUTH_BEARER`: never any part of the key.
+    key: u64,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenLabels {
     client: Arc<str>,
@@ -128,6 +144,10 @@ struct Families {
     cache_misses: Counter,
     cache_fetches: Counter,
     tokens: Family<TokenLabels, Counter>,
+    key_requests: Family<KeyLabels, Counter>,
+    key_rate_limited: Family<KeyLabels, Counter>,
+    key_resting: Family<KeyLabels, Gauge>,
+    key_disabled: Family<KeyLabels, Gauge>,
     /// Per-route histogram handles, indexed by `Route as usize`: a family lookup hashes the
     /// labels under a lock on every request; the handles share the family's storage, so the
     /// exposition is unchanged.
@@ -222,6 +242,30 @@ impl Metrics {
             "Tokens reported in upstream usage objects, by client and kind",
             tokens.clone(),
         );
+        let key_requests = Family::<KeyLabels, Counter>::default();
+        registry.register(
+            "upstream_key_requests",
+            "Upstream requests sent, by position of the key in AUTH_BEARER",
+            key_requests.clone(),
+        );
+        let key_rate_limited = Family::<KeyLabels, Counter>::default();
+        registry.register(
+            "upstream_key_rate_limited",
+            "Upstream 429 answers, by position of the key in AUTH_BEARER",
+            key_rate_limited.clone(),
+        );
+        let key_resting = Family::<KeyLabels, Gauge>::default();
+        registry.register(
+            "upstream_key_resting",
+            "1 while the key rests after a 429, else 0",
+            key_resting.clone(),
+        );
+        let key_disabled = Family::<KeyLabels, Gauge>::default();
+        registry.register(
+            "upstream_key_disabled",
+            "1 once the upstream refused the key (401/403): out of turn until restart",
+            key_disabled.clone(),
+        );
         Metrics(Arc::new(Families {
             registry,
             requests,
@@ -235,6 +279,10 @@ impl Metrics {
             cache_misses,
             cache_fetches,
             tokens,
+            key_requests,
+            key_rate_limited,
+            key_resting,
+            key_disabled,
             cached: Default::default(),
         }))
     }
@@ -321,6 +369,40 @@ impl Metrics {
                 kind,
             })
             .inc_by(count);
+    }
+}
+
+impl Metrics {
+    pub fn key_request(&self, position: usize) {
+        self.0
+            .key_requests
+            .get_or_create(&key_labels(position))
+            .inc();
+    }
+
+    pub fn key_rate_limited(&self, position: usize) {
+        self.0
+            .key_rate_limited
+            .get_or_create(&key_labels(position))
+            .inc();
+    }
+
+    pub fn key_state(&self, position: usize, state: KeyState) {
+        let labels = key_labels(position);
+        self.0
+            .key_resting
+            .get_or_create(&labels)
+            .set(i64::from(state == KeyState::Resting));
+        self.0
+            .key_disabled
+            .get_or_create(&labels)
+            .set(i64::from(state == KeyState::Disabled));
+    }
+}
+
+fn key_labels(position: usize) -> KeyLabels {
+    KeyLabels {
+        key: position as u64,
     }
 }
 

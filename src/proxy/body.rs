@@ -1,5 +1,6 @@
 //! Stream adapters on the body paths: a size cap on what callers upload, and an idle watchdog
-//! with an honest failure on what the upstream sends (key masking is in `auth::redact`).
+//! with an honest failure (and the optional SSE keep-alive) on what the upstream sends (key
+//! masking is in `auth::redact`).
 //!
 //! None of them copies, splits or merges chunks on the success path: bytes pass through as the
 //! same `Bytes` handles.
@@ -131,8 +132,15 @@ enum Phase {
     Done,
 }
 
+/// The SSE comment sent while an answer is silent: one line, no blank line after it. A blank
+/// line would end an (empty) event, which openai-python dispatches and fails to parse once an
+/// earlier event carried `id:`.
+pub const KEEPALIVE_COMMENT: &[u8] = b": keepalive\n";
+
 /// Watches an upstream body: more than `idle` without a chunk, or a broken connection, ends the
-/// response abnormally after (for SSE) one final error event.
+/// response abnormally after (for SSE) one final error event. With a keep-alive, an SSE answer
+/// silent that long at an event boundary gets a comment line, so idle timeouts of load balancers
+/// between us and the client do not cut it.
 pub struct GuardedBody<S> {
     inner: S,
     idle: Duration,
@@ -145,6 +153,11 @@ pub struct GuardedBody<S> {
     /// length) or only by ending the body abnormally.
     error_event: bool,
     ended_on_event_boundary: bool,
+    /// The last four bytes of the body so far, to see an event end split across chunks.
+    tail: [u8; 4],
+    keepalive: Option<Duration>,
+    /// When the client last got bytes (a chunk or a keep-alive comment).
+    last_sent: Instant,
     phase: Phase,
     metrics: Metrics,
 }
@@ -159,9 +172,38 @@ impl<S> GuardedBody<S> {
             last_chunk: now,
             error_event,
             ended_on_event_boundary: true,
+            tail: *b"\n\n\n\n",
+            keepalive: None,
+            last_sent: now,
             phase: Phase::Streaming,
             metrics,
         }
+    }
+
+    /// Sends `KEEPALIVE_COMMENT` whenever the body has been silent for `every` at an event boundary.
+    pub fn with_keepalive(mut self, every: Duration) -> Self {
+        self.keepalive = Some(every);
+        self
+    }
+
+    /// Records the end of a chunk: whether the body now stands between two events. An event ends
+    /// with a blank line (`\n\n`, `\r\n\r\n` or `\r\r`), possibly split across chunks.
+    fn note_chunk(&mut self, chunk: &[u8]) {
+        if chunk.is_empty() {
+            return;
+        }
+        let take = chunk.len().min(4);
+        self.tail.copy_within(take.., 0);
+        self.tail[4 - take..].copy_from_slice(&chunk[chunk.len() - take..]);
+        self.ended_on_event_boundary = self.tail.ends_with(b"\n\n")
+            || self.tail.ends_with(b"\r\r")
+            || self.tail == *b"\r\n\r\n";
+    }
+
+    /// When the next keep-alive is due, if one may be sent at all now.
+    fn keepalive_due(&self) -> Option<Instant> {
+        let every = self.keepalive?;
+        self.ended_on_event_boundary.then(|| self.last_sent + every)
     }
 
     fn fail(&mut self, failure: StreamFailure) -> Poll<Option<Result<Bytes, StreamFailure>>> {
@@ -212,8 +254,9 @@ where
         match Pin::new(&mut this.inner).poll_next(cx) {
             Poll::Ready(Some(Ok(chunk))) => {
                 this.last_chunk = Instant::now();
-                if !chunk.is_empty() {
-                    this.ended_on_event_boundary = chunk.ends_with(b"\n\n");
+                this.note_chunk(&chunk);
+                if this.keepalive.is_some() {
+                    this.last_sent = this.last_chunk;
                 }
                 return Poll::Ready(Some(Ok(chunk)));
             }
@@ -227,17 +270,36 @@ where
             }
             Poll::Pending => {}
         }
-        let due = this.last_chunk + this.idle;
+        let idle_due = this.last_chunk + this.idle;
+        let keepalive_due = this.keepalive_due();
+        let due = keepalive_due.map_or(idle_due, |keepalive| keepalive.min(idle_due));
         let deadline = this
             .deadline
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        // Without a keep-alive the due time only ever moves later, and a timer firing early is
+        // re-armed; with one, it can move earlier (an event just ended), so it is re-armed here.
+        if keepalive_due.is_some() && due < deadline.deadline() {
+            deadline.as_mut().reset(due);
+        }
         loop {
             ready!(deadline.as_mut().poll(cx));
-            let due = this.last_chunk + this.idle;
-            if due <= Instant::now() {
+            let now = Instant::now();
+            let idle_due = this.last_chunk + this.idle;
+            if idle_due <= now {
                 return this.fail(StreamFailure::Stalled);
             }
-            deadline.as_mut().reset(due);
+            // Field by field: `deadline` borrows `this.deadline` mutably.
+            let keepalive_due = (this.keepalive)
+                .filter(|_| this.ended_on_event_boundary)
+                .map(|every| this.last_sent + every);
+            match keepalive_due {
+                Some(keepalive_due) if keepalive_due <= now => {
+                    this.last_sent = now;
+                    return Poll::Ready(Some(Ok(Bytes::from_static(KEEPALIVE_COMMENT))));
+                }
+                Some(keepalive_due) => deadline.as_mut().reset(keepalive_due.min(idle_due)),
+                None => deadline.as_mut().reset(idle_due),
+            }
         }
     }
 }
@@ -277,6 +339,87 @@ mod tests {
             StreamFailure::Stalled
         );
         assert!(guarded.next().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keepalives_fill_silences_between_events_only() {
+        let started = Instant::now();
+        let at = |secs: u64, bytes: &'static [u8]| (secs, bytes);
+        // An event, 3.5 s of silence, half an event, 3 s of silence, its end, then the end.
+        let script = [
+            at(0, b"data: 1\n\n"),
+            at(3500, b"data: pa"),
+            at(6500, b"rt\n\n"),
+        ];
+        let upstream = futures::stream::unfold(0, move |n| async move {
+            let (ms, bytes) = *script.get(n)?;
+            tokio::time::sleep_until(started + Duration::from_millis(ms)).await;
+            Some((Ok::<_, Infallible>(Bytes::from_static(bytes)), n + 1))
+        });
+        let guarded = GuardedBody::new(
+            Box::pin(upstream),
+            Duration::from_secs(60),
+            true,
+            Metrics::new(),
+        )
+        .with_keepalive(Duration::from_secs(1));
+        let seen: Vec<(u128, Bytes)> = guarded
+            .map(|chunk| (started.elapsed().as_millis(), chunk.unwrap()))
+            .collect()
+            .await;
+        let keepalive = Bytes::from_static(KEEPALIVE_COMMENT);
+        let expected: Vec<(u128, Bytes)> = vec![
+            (0, Bytes::from_static(b"data: 1\n\n")),
+            (1000, keepalive.clone()),
+            (2000, keepalive.clone()),
+            (3000, keepalive.clone()),
+            (3500, Bytes::from_static(b"data: pa")),
+            (6500, Bytes::from_static(b"rt\n\n")),
+        ];
+        assert_eq!(seen, expected, "none inside the half-sent event");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_keepalive_a_silence_adds_nothing() {
+        let upstream = futures::stream::iter([Ok::<_, Infallible>(Bytes::from_static(
+            b"data: 1\n\n",
+        ))])
+        .chain(futures::stream::once(async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok(Bytes::from_static(b"data: 2\n\n"))
+        }));
+        let guarded = GuardedBody::new(
+            Box::pin(upstream),
+            Duration::from_secs(60),
+            true,
+            Metrics::new(),
+        );
+        let all: Vec<Bytes> = guarded.map(Result::unwrap).collect().await;
+        assert_eq!(all, ["data: 1\n\n", "data: 2\n\n"]);
+    }
+
+    #[test]
+    fn event_ends_are_seen_across_chunks_and_line_endings() {
+        let mut guarded = GuardedBody::new(
+            futures::stream::empty::<Result<Bytes, Infallible>>(),
+            Duration::from_secs(1),
+            true,
+            Metrics::new(),
+        );
+        for (chunk, boundary) in [
+            (&b"data: 1\n"[..], false),
+            (b"\n", true),
+            (b"data: 2\r\n\r\n", true),
+            (b"data: 3\r\n\r", false),
+            (b"\n", true),
+            (b"data: 4\r", false),
+            (b"\r", true),
+            (b"", true),
+            (b"data", false),
+        ] {
+            guarded.note_chunk(chunk);
+            assert_eq!(guarded.ended_on_event_boundary, boundary, "{chunk:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,7 +1,7 @@
 //! Header hygiene in one table: what is dropped in both directions, what the upstream gets in
 //! place of the caller's credentials, and what the caller gets back.
 
-use warp::http::{HeaderMap, HeaderName, HeaderValue, header};
+use warp::http::{HeaderMap, HeaderName, header};
 
 use crate::auth::redact::mask_header_values;
 
@@ -52,12 +52,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The headers sent upstream: the caller's end-to-end headers without its credentials or `Host`,
-/// plus the upstream key.
+/// The headers sent upstream: the caller's end-to-end headers without its credentials (its token
+/// header, and its own copy of the header the upstream key goes in) or `Host`. The key itself is
+/// added per attempt, since a retry may use another key of the pool.
 pub fn request_headers(
     mut headers: HeaderMap,
     caller_token_header: &HeaderName,
-    upstream_authorization: &HeaderValue,
+    upstream_key_header: &HeaderName,
 ) -> HeaderMap {
     // The proxy, not the caller, decides how the upstream body is framed; a length next to
     // `Transfer-Encoding` is exactly what request smuggling feeds on.
@@ -70,15 +71,17 @@ pub fn request_headers(
     // `100-continue` is negotiated with the caller by our own server; hyper's client cannot
     // honour it towards the upstream.
     headers.remove(header::EXPECT);
-    headers.insert(header::AUTHORIZATION, upstream_authorization.clone());
+    headers.remove(upstream_key_header);
     headers
 }
 
 /// The headers sent back to the caller: the upstream's, less the hop-by-hop ones, with the
-/// upstream key masked wherever an upstream echoed it.
-pub fn response_headers(mut headers: HeaderMap, upstream_key: &[u8]) -> HeaderMap {
+/// upstream keys masked wherever an upstream echoed one.
+pub fn response_headers<K: AsRef<[u8]>>(mut headers: HeaderMap, upstream_keys: &[K]) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
-    mask_header_values(&mut headers, upstream_key);
+    for key in upstream_keys {
+        mask_header_values(&mut headers, key.as_ref());
+    }
     headers
 }
 

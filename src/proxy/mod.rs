@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod headers;
+pub mod keys;
 pub mod models;
 pub mod models_cache;
 pub mod request;
@@ -11,20 +12,22 @@ pub mod upgrade;
 pub mod usage;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::Stream;
 use reqwest::Url;
 use warp::Buf;
-use warp::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use warp::http::{HeaderMap, HeaderName, Method, StatusCode, header};
 
 use crate::auth::redact::{Redactor, error_chain, searchable};
-use crate::config::Config;
+use crate::config::{Config, UpstreamQuery};
 use crate::error::ProxyError;
 use crate::ops::metrics::{Metrics, UpstreamFailure};
 use crate::server::descriptors::is_out_of_descriptors;
 use body::caused_by_body_limit;
+use keys::{DEFAULT_REST, KeyPool, Verdict, rest_duration, retry_after_secs};
+use request::RequestBody;
 
 /// Everything the upstream code needs, and nothing else. Cloning is shallow.
 #[derive(Clone)]
@@ -33,14 +36,19 @@ pub struct Upstream(Arc<Inner>);
 struct Inner {
     client: reqwest::Client,
     tunnel_client: reqwest::Client,
+    /// What the caller's `/v1` stands for upstream.
     base_url: Url,
-    authorization: HeaderValue,
-    /// The upstream key as searched for in answers (empty: not searched for).
-    key_to_mask: Bytes,
+    query: Option<UpstreamQuery>,
+    keys: KeyPool,
+    /// `UPSTREAM_AUTH_HEADER`: where the key goes.
+    key_header: HeaderName,
+    /// Every upstream key as searched for in answers (short ones are not searched for).
+    keys_to_mask: Vec<Bytes>,
     /// The callers' token header, never forwarded.
     caller_token_header: HeaderName,
     upstream_timeout: Duration,
     stream_idle_timeout: Duration,
+    sse_keepalive: Option<Duration>,
     max_body_bytes: u64,
     metrics: Metrics,
     redactor: Arc<Redactor>,
@@ -55,11 +63,19 @@ impl Upstream {
             client: upstream.client.clone(),
             tunnel_client: upstream.tunnel_client.clone(),
             base_url: upstream.base_url.clone(),
-            authorization: upstream.authorization.clone(),
-            key_to_mask: searchable(&upstream.key),
+            query: upstream.query.clone(),
+            keys: KeyPool::new(&upstream.keys, metrics.clone()),
+            key_header: upstream.auth_header.clone(),
+            keys_to_mask: upstream
+                .keys
+                .iter()
+                .map(|key| searchable(&key.key))
+                .filter(|key| !key.is_empty())
+                .collect(),
             caller_token_header: config.auth_header.clone(),
             upstream_timeout: config.limits.upstream_timeout,
             stream_idle_timeout: config.limits.stream_idle_timeout,
+            sse_keepalive: config.limits.sse_keepalive,
             max_body_bytes: config.limits.max_body_bytes,
             metrics,
             redactor,
@@ -67,8 +83,17 @@ impl Upstream {
         }))
     }
 
-    fn key_to_mask(&self) -> &[u8] {
-        &self.0.key_to_mask
+    fn keys_to_mask(&self) -> &[Bytes] {
+        &self.0.keys_to_mask
+    }
+
+    /// The pool of upstream keys, for readiness and metrics.
+    pub fn keys(&self) -> &KeyPool {
+        &self.0.keys
+    }
+
+    fn url(&self, path: &str, query: Option<&str>) -> Result<Url, ProxyError> {
+        request::upstream_url(&self.0.base_url, path, query, self.0.query.as_ref())
     }
 
     fn body_log(&self) -> Option<Arc<Redactor>> {
@@ -89,31 +114,122 @@ impl Upstream {
         S: Stream<Item = Result<B, warp::Error>> + Send + Sync + 'static,
         B: Buf + Send,
     {
-        let url = request::upstream_url(&self.0.base_url, path, query)?;
+        let url = self.url(path, query)?;
         // A declared length over the limit is refused before the upstream hears of the request.
         let max_body = self.0.max_body_bytes;
-        if headers::declared_length(&headers).is_some_and(|length| length > max_body) {
+        let declared = headers::declared_length(&headers);
+        if declared.is_some_and(|length| length > max_body) {
             return Err(ProxyError::PayloadTooLarge);
         }
-        let body = headers::has_body(&headers)
-            .then(|| request::request_body(body, max_body, self.body_log()));
+        let body = if !headers::has_body(&headers) {
+            RequestBody::None
+        } else if self.0.keys.len() > 1 {
+            RequestBody::prepare(body, declared, max_body, self.body_log()).await?
+        } else {
+            // One key: there is no other key to retry on, so the body streams on as it arrives.
+            RequestBody::streamed(body, max_body, self.body_log())
+        };
         let headers =
-            headers::request_headers(headers, &self.0.caller_token_header, &self.0.authorization);
-        self.send(method, url, headers, body).await
-    }
-
-    /// Sends one request upstream and waits for its response headers.
-    async fn send(
-        &self,
-        method: Method,
-        url: Url,
-        headers: HeaderMap,
-        body: Option<reqwest::Body>,
-    ) -> Result<reqwest::Response, ProxyError> {
-        self.send_with(&self.0.client, method, url, headers, body)
+            headers::request_headers(headers, &self.0.caller_token_header, &self.0.key_header);
+        self.send_with_keys(&self.0.client, method, url, headers, body)
             .await
     }
 
+    /// Sends the request with the next key in turn. An answer of 429, 401 or 403, or a connection
+    /// that failed before anything was sent, is tried again on the next usable key (each key at
+    /// most once), as long as the body can be sent again; nothing has reached the caller yet,
+    /// since only status and headers have been seen.
+    async fn send_with_keys(
+        &self,
+        client: &reqwest::Client,
+        method: Method,
+        url: Url,
+        headers: HeaderMap,
+        mut body: RequestBody,
+    ) -> Result<reqwest::Response, ProxyError> {
+        let pool = &self.0.keys;
+        let mut tried = Vec::with_capacity(pool.len());
+        let mut last_answer: Option<reqwest::Response> = None;
+        let mut last_failure: Option<ProxyError> = None;
+        while let Some(key) = pool.choose(&tried) {
+            tried.push(key.position);
+            let Ok(attempt_body) = body.attempt() else {
+                break;
+            };
+            let mut headers = headers.clone();
+            headers.insert(&self.0.key_header, key.header_value);
+            let response = match self
+                .send_with(client, method.clone(), url.clone(), headers, attempt_body)
+                .await
+            {
+                Ok(response) => response,
+                Err(failure) if failure.nothing_sent && body.replayable() => {
+                    log::info!(
+                        "upstream connection failed with key {} of {}; trying the next key",
+                        key.position,
+                        pool.len()
+                    );
+                    last_failure = Some(failure.error);
+                    continue;
+                }
+                Err(failure) => return Err(failure.error),
+            };
+            match Verdict::of(response.status()) {
+                Verdict::Answer => return Ok(response),
+                Verdict::RateLimited => {
+                    let rest = rest_duration(response.headers(), SystemTime::now())
+                        .unwrap_or(DEFAULT_REST);
+                    let until = tokio::time::Instant::now() + rest;
+                    if pool.rested(key.position, until) {
+                        log::info!(
+                            "upstream key {} of {} is rate-limited (429): resting {:.1}s",
+                            key.position,
+                            pool.len(),
+                            rest.as_secs_f64()
+                        );
+                    }
+                }
+                Verdict::Refused => {
+                    if pool.disabled(key.position) {
+                        log::error!(
+                            "upstream key {} of {} (AUTH_BEARER) was refused with {}: taken out \
+                             of turn until the process restarts",
+                            key.position,
+                            pool.len(),
+                            response.status().as_u16()
+                        );
+                    }
+                }
+            }
+            if !body.replayable() {
+                return Ok(response);
+            }
+            last_answer = Some(response);
+        }
+        let first_usable = pool.first_usable_at();
+        let resting_until = first_usable.filter(|at| *at > tokio::time::Instant::now());
+        match (last_answer, last_failure) {
+            (Some(mut answer), _) => {
+                // Every key has been tried or rests: the caller gets the upstream's last word, and
+                // when the keys rest, when to come back.
+                if let Some(at) = resting_until {
+                    answer
+                        .headers_mut()
+                        .insert(header::RETRY_AFTER, retry_after_secs(at).into());
+                }
+                Ok(answer)
+            }
+            (None, Some(error)) => Err(error),
+            (None, None) => match resting_until {
+                Some(at) => Err(ProxyError::KeysResting {
+                    retry_after: retry_after_secs(at),
+                }),
+                None => Err(ProxyError::KeysRefused),
+            },
+        }
+    }
+
+    /// Sends one request upstream on `client` and waits for its response headers.
     async fn send_with(
         &self,
         client: &reqwest::Client,
@@ -121,7 +237,7 @@ impl Upstream {
         url: Url,
         headers: HeaderMap,
         body: Option<reqwest::Body>,
-    ) -> Result<reqwest::Response, ProxyError> {
+    ) -> Result<reqwest::Response, SendFailure> {
         if log::log_enabled!(log::Level::Debug) {
             log::debug!(
                 "upstream request: {method} {} headers: {}",
@@ -142,11 +258,11 @@ impl Upstream {
                     timeout.as_secs()
                 );
                 metrics.upstream_failure(UpstreamFailure::Timeout);
-                Err(ProxyError::GatewayTimeout)
+                Err(ProxyError::GatewayTimeout.into())
             }
             Ok(Err(err)) if caused_by_body_limit(&err) => {
                 log::info!("request body over MAX_BODY_BYTES: upstream request aborted");
-                Err(ProxyError::PayloadTooLarge)
+                Err(ProxyError::PayloadTooLarge.into())
             }
             Ok(Err(err)) if is_out_of_descriptors(&err) => {
                 log::error!(
@@ -154,7 +270,7 @@ impl Upstream {
                      (a local resource limit, not an upstream failure); answering 503"
                 );
                 metrics.upstream_failure(UpstreamFailure::LocalLimit);
-                Err(ProxyError::Overloaded)
+                Err(ProxyError::Overloaded.into())
             }
             Ok(Err(err)) => {
                 log::error!("upstream request failed: {}", error_chain(&err));
@@ -166,7 +282,11 @@ impl Upstream {
                     (UpstreamFailure::Reset, ProxyError::BadGateway)
                 };
                 metrics.upstream_failure(kind);
-                Err(error)
+                Err(SendFailure {
+                    error,
+                    // A connection that was never established carried nothing of the request.
+                    nothing_sent: err.is_connect(),
+                })
             }
             Ok(Ok(response)) => {
                 self.record_status(response.status());
@@ -181,6 +301,21 @@ impl Upstream {
             self.0.metrics.upstream_failure(UpstreamFailure::Status5xx);
         } else if status.is_client_error() {
             self.0.metrics.upstream_failure(UpstreamFailure::Status4xx);
+        }
+    }
+}
+
+/// Why one upstream attempt failed, and whether the upstream can have seen any of it.
+struct SendFailure {
+    error: ProxyError,
+    nothing_sent: bool,
+}
+
+impl From<ProxyError> for SendFailure {
+    fn from(error: ProxyError) -> SendFailure {
+        SendFailure {
+            error,
+            nothing_sent: false,
         }
     }
 }

@@ -7,24 +7,27 @@ use warp::http::{HeaderMap, HeaderValue, Method, header};
 use super::Upstream;
 use super::headers::response_headers;
 use super::models_cache::{CachedResponse, FetchResult};
-use super::request::upstream_url;
-use crate::auth::redact::{error_chain, mask_secret};
+use super::request::RequestBody;
+use super::response::mask_every;
+use crate::auth::redact::error_chain;
 use crate::error::ProxyError;
 
 impl Upstream {
     /// One upstream fetch shared by every waiting caller, so it carries no caller's headers: only
     /// the upstream key. In particular no `Accept-Encoding`, or one caller's gzip would be served
     /// to all.
+    /// It goes through the key pool like any request.
     pub async fn fetch_models(self) -> FetchResult {
         self.0.metrics.cache_fetch();
         let mut headers = HeaderMap::with_capacity(2);
-        headers.insert(header::AUTHORIZATION, self.0.authorization.clone());
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-        let url = upstream_url(&self.0.base_url, "/v1/models", None)?;
-        let mut response = self.send(Method::GET, url, headers, None).await?;
+        let url = self.url("/v1/models", None)?;
+        let mut response = self
+            .send_with_keys(&self.0.client, Method::GET, url, headers, RequestBody::None)
+            .await?;
         let status = response.status();
         let mut headers =
-            response_headers(std::mem::take(response.headers_mut()), self.key_to_mask());
+            response_headers(std::mem::take(response.headers_mut()), self.keys_to_mask());
         // Cookies are per caller; a shared answer must not hand one out to everybody.
         headers.remove(header::SET_COOKIE);
         let mut body = response.bytes().await.map_err(|err| {
@@ -35,10 +38,10 @@ impl Upstream {
             ProxyError::BadGateway
         })?;
         if !status.is_success()
-            && let Some(masked) = mask_secret(&body, self.key_to_mask())
+            && let Some(masked) = mask_every(&body, self.keys_to_mask())
         {
             headers.remove(header::CONTENT_LENGTH);
-            body = masked.freeze();
+            body = masked;
         }
         Ok(Arc::new(CachedResponse {
             status,

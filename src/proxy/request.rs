@@ -1,38 +1,78 @@
-//! The upstream request: where it goes (base URL + the caller's path, traversal refused) and the
-//! caller's body, streamed on under the size cap.
+//! The upstream request: where it goes (base URL + the caller's path, traversal refused, the
+//! configured query added) and the caller's body: kept for a retry when small, else streamed on
+//! under the size cap.
 
-use futures::{Stream, TryStreamExt};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt, TryStreamExt};
 use reqwest::Url;
 use warp::Buf;
 
 use super::body::LimitedBody;
 use crate::auth::redact::Redactor;
+use crate::config::UpstreamQuery;
 use crate::error::ProxyError;
 
-/// `TARGET_HOST` + the caller's path + its query string, exactly as received (the URL parser
-/// percent-encodes what the wire form cannot carry).
+/// The upstream URL for a caller's `/v1/<rest>`: the configured base (which stands for `/v1`) +
+/// `/<rest>`, and the caller's query string exactly as received, with `UPSTREAM_QUERY` added (the
+/// URL parser percent-encodes what the wire form cannot carry).
 ///
 /// Paths with `.`/`..` segments (plain or percent-encoded) or backslashes are refused: URL
 /// normalisation here or upstream would resolve them, and `/v1/../x` must not reach anything
 /// outside the prefix with our key attached.
-pub fn upstream_url(target: &Url, path: &str, query: Option<&str>) -> Result<Url, ProxyError> {
+pub fn upstream_url(
+    base: &Url,
+    path: &str,
+    query: Option<&str>,
+    added: Option<&UpstreamQuery>,
+) -> Result<Url, ProxyError> {
     if !path.starts_with('/') || path.split('/').any(is_dot_segment) || has_backslash(path) {
         return Err(ProxyError::InvalidPath);
     }
+    // Only `/v1/...` is ever forwarded; the base URL stands for that `/v1`.
+    let rest = match path.strip_prefix("/v1") {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
+        _ => return Err(ProxyError::InvalidPath),
+    };
     // Only the path and query are set on a copy of the parsed base: parsing the whole URL per
     // request (host normalisation included) was a sixth of the proxy's CPU per request.
-    let mut url = target.clone();
-    let prefix = target.path().trim_end_matches('/');
-    if prefix.is_empty() {
-        url.set_path(path);
-    } else {
-        let mut full = String::with_capacity(prefix.len() + path.len());
-        full.push_str(prefix);
-        full.push_str(path);
-        url.set_path(&full);
+    let mut url = base.clone();
+    let prefix = base.path().trim_end_matches('/');
+    let mut full = String::with_capacity(prefix.len() + rest.len() + 1);
+    full.push_str(prefix);
+    full.push_str(rest);
+    if full.is_empty() {
+        full.push('/');
     }
-    url.set_query(query);
+    url.set_path(&full);
+    match added {
+        None => url.set_query(query),
+        Some(added) => url.set_query(Some(&merged_query(query, added))),
+    }
     Ok(url)
+}
+
+/// The caller's parameters, raw and in order, without those `added` names (the configured value
+/// wins a clash), then `added`.
+fn merged_query(query: Option<&str>, added: &UpstreamQuery) -> String {
+    let mut merged = String::new();
+    for pair in query
+        .unwrap_or("")
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+    {
+        let name = pair.split('=').next().unwrap_or("");
+        let clashes = url::form_urlencoded::parse(name.as_bytes())
+            .next()
+            .is_some_and(|(decoded, _)| added.names.iter().any(|added| *added == decoded));
+        if !clashes {
+            merged.push_str(pair);
+            merged.push('&');
+        }
+    }
+    merged.push_str(&added.encoded);
+    merged
 }
 
 fn is_dot_segment(segment: &str) -> bool {
@@ -65,21 +105,106 @@ fn has_backslash(path: &str) -> bool {
                 .any(|w| w[0] == b'%' && w[1] == b'5' && (w[2] | 0x20) == b'c'))
 }
 
+/// Bodies up to this size are kept, so that a request refused on one key (429, 401, 403, a
+/// failed connection) can be sent again on the next.
+pub const REPLAYABLE_BODY: u64 = 1024 * 1024;
+
+/// The caller's body as the upstream requests get it.
+pub(crate) enum RequestBody {
+    None,
+    /// Read whole (up to `REPLAYABLE_BODY`): every attempt sends the same bytes.
+    Kept(Bytes),
+    /// Larger, declared or found so while reading: streamed on once, never retried.
+    Once(Option<reqwest::Body>),
+}
+
+impl RequestBody {
+    /// Reads up to `REPLAYABLE_BODY` of the caller's body; a body declared larger is not read
+    /// here at all, and one found larger is streamed on after what was read.
+    pub(crate) async fn prepare<S, B>(
+        body: S,
+        declared: Option<u64>,
+        max_body_bytes: u64,
+        body_log: Option<Arc<Redactor>>,
+    ) -> Result<RequestBody, ProxyError>
+    where
+        S: Stream<Item = Result<B, warp::Error>> + Send + Sync + 'static,
+        B: Buf + Send,
+    {
+        let mut body = Box::pin(body.map_ok(|mut chunk| chunk.copy_to_bytes(chunk.remaining())));
+        if declared.is_some_and(|length| length > REPLAYABLE_BODY) {
+            return Ok(RequestBody::once(body, max_body_bytes, body_log));
+        }
+        let mut kept = BytesMut::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|err| {
+                log::info!("the caller's request body broke off: {err}");
+                ProxyError::IncompleteBody
+            })?;
+            kept.extend_from_slice(&chunk);
+            if kept.len() as u64 > max_body_bytes {
+                log::info!("request body over MAX_BODY_BYTES: not sent upstream");
+                return Err(ProxyError::PayloadTooLarge);
+            }
+            if kept.len() as u64 > REPLAYABLE_BODY {
+                let read = futures::stream::iter([Ok(kept.freeze())]);
+                return Ok(RequestBody::once(
+                    read.chain(body),
+                    max_body_bytes,
+                    body_log,
+                ));
+            }
+        }
+        let kept = kept.freeze();
+        if let Some(redactor) = body_log {
+            log::debug!("request body: {}", redactor.mask_bytes(&kept));
+        }
+        Ok(RequestBody::Kept(kept))
+    }
+
+    /// The caller's body streamed on as it arrives, never kept.
+    pub(crate) fn streamed<S, B>(
+        body: S,
+        max_body_bytes: u64,
+        body_log: Option<Arc<Redactor>>,
+    ) -> RequestBody
+    where
+        S: Stream<Item = Result<B, warp::Error>> + Send + Sync + 'static,
+        B: Buf + Send,
+    {
+        let body = Box::pin(body.map_ok(|mut chunk| chunk.copy_to_bytes(chunk.remaining())));
+        RequestBody::once(body, max_body_bytes, body_log)
+    }
+
+    fn once<S>(body: S, max_body_bytes: u64, body_log: Option<Arc<Redactor>>) -> RequestBody
+    where
+        S: Stream<Item = Result<Bytes, warp::Error>> + Send + Sync + Unpin + 'static,
+    {
+        RequestBody::Once(Some(request_body(body, max_body_bytes, body_log)))
+    }
+
+    /// Whether a refused attempt may be followed by another.
+    pub(crate) fn replayable(&self) -> bool {
+        !matches!(self, RequestBody::Once(_))
+    }
+
+    /// The body for the next attempt: `Err` once a streamed body has been used.
+    pub(crate) fn attempt(&mut self) -> Result<Option<reqwest::Body>, ()> {
+        match self {
+            RequestBody::None => Ok(None),
+            RequestBody::Kept(bytes) => Ok(Some(reqwest::Body::from(bytes.clone()))),
+            RequestBody::Once(body) => body.take().map(Some).ok_or(()),
+        }
+    }
+}
+
 /// Streams the caller's body upstream as it arrives, cut off past `max_body_bytes`; with
 /// `body_log`, each chunk is logged with every secret masked.
-pub fn request_body<S, B>(
-    body: S,
-    max_body_bytes: u64,
-    body_log: Option<std::sync::Arc<Redactor>>,
-) -> reqwest::Body
+fn request_body<S>(body: S, max_body_bytes: u64, body_log: Option<Arc<Redactor>>) -> reqwest::Body
 where
-    S: Stream<Item = Result<B, warp::Error>> + Send + Sync + 'static,
-    B: Buf + Send,
+    S: Stream<Item = Result<Bytes, warp::Error>> + Send + Sync + Unpin + 'static,
 {
-    let body = LimitedBody::new(
-        Box::pin(body.map_ok(|mut chunk| chunk.copy_to_bytes(chunk.remaining()))),
-        max_body_bytes,
-    );
+    let body = LimitedBody::new(body, max_body_bytes);
     match body_log {
         Some(redactor) => reqwest::Body::wrap_stream(body.inspect_ok(move |chunk| {
             log::debug!("request body chunk: {}", redactor.mask_bytes(chunk));
@@ -102,5 +227,48 @@ mod tests {
         }
         assert!(has_backslash("/v1/a\\b") && has_backslash("/v1/%5Cb") && has_backslash("/%5c"));
         assert!(!has_backslash("/v1/%5b/%25c") && !has_backslash("/v1/models"));
+    }
+
+    #[test]
+    fn the_base_url_stands_for_v1() {
+        let base = Url::parse("https://open.bigmodel.cn/api/paas/v4").unwrap();
+        let url = |path, query| upstream_url(&base, path, query, None).unwrap().to_string();
+        assert_eq!(
+            url("/v1/chat/completions", None),
+            "https://open.bigmodel.cn/api/paas/v4/chat/completions"
+        );
+        assert_eq!(
+            url("/v1", Some("a=1")),
+            "https://open.bigmodel.cn/api/paas/v4?a=1"
+        );
+        let root = Url::parse("http://127.0.0.1:9").unwrap();
+        assert_eq!(
+            upstream_url(&root, "/v1/models", None, None)
+                .unwrap()
+                .as_str(),
+            "http://127.0.0.1:9/models"
+        );
+        assert!(upstream_url(&base, "/v1x/models", None, None).is_err());
+        assert!(upstream_url(&base, "/v2/models", None, None).is_err());
+    }
+
+    #[test]
+    fn the_configured_query_is_added_and_wins_a_clash() {
+        let base = Url::parse("https://x.openai.azure.com/openai/deployments/D").unwrap();
+        let added = UpstreamQuery {
+            encoded: "api-version=2024-10-21".to_string(),
+            names: vec!["api-version".to_string()],
+        };
+        let url = |query| {
+            upstream_url(&base, "/v1/chat/completions", query, Some(&added))
+                .unwrap()
+                .query()
+                .map(str::to_string)
+        };
+        assert_eq!(url(None).as_deref(), Some("api-version=2024-10-21"));
+        assert_eq!(
+            url(Some("a=%20b&api-version=old&api%2Dversion=x&c")).as_deref(),
+            Some("a=%20b&c&api-version=2024-10-21")
+        );
     }
 }

@@ -39,7 +39,7 @@ impl Upstream {
     ) -> Forwarded {
         let status = upstream.status();
         let mut headers =
-            response_headers(std::mem::take(upstream.headers_mut()), self.key_to_mask());
+            response_headers(std::mem::take(upstream.headers_mut()), self.keys_to_mask());
         if log::log_enabled!(log::Level::Debug) {
             log::debug!(
                 "upstream response: {status} headers: {}",
@@ -59,10 +59,10 @@ impl Upstream {
         if !status.is_success() {
             // Masking may change the length.
             headers.remove(header::CONTENT_LENGTH);
-            body = Box::pin(SecretMask::new(
-                body,
-                Bytes::copy_from_slice(self.key_to_mask()),
-            ));
+            // One mask per key of the pool: error bodies are rare and pools small.
+            for key in self.keys_to_mask() {
+                body = Box::pin(SecretMask::new(body, key.clone()));
+            }
         } else if let Some(client) = usage_client {
             body = Box::pin(UsageMeter::new(body, self.0.metrics.clone(), client));
         }
@@ -72,12 +72,20 @@ impl Upstream {
                 Err(err) => log::debug!("response body failed: {}", error_chain(err)),
             }));
         }
-        let guarded = GuardedBody::new(
+        let mut guarded = GuardedBody::new(
             body,
             self.0.stream_idle_timeout,
             error_event,
             self.0.metrics.clone(),
         );
+        // Comment lines can only be added where an error event could: an SSE answer of undeclared
+        // length; and only to a successful one, where a client waits for events.
+        if error_event
+            && status.is_success()
+            && let Some(every) = self.0.sse_keepalive
+        {
+            guarded = guarded.with_keepalive(every);
+        }
         let mut response = warp::reply::stream(guarded).into_response();
         *response.status_mut() = status;
         *response.headers_mut() = headers;
@@ -105,9 +113,9 @@ impl Upstream {
                 return ProxyError::GatewayTimeout.into_response();
             }
         };
-        if let Some(masked) = mask_secret(&body, self.key_to_mask()) {
+        if let Some(masked) = mask_every(&body, self.keys_to_mask()) {
             headers.remove(header::CONTENT_LENGTH);
-            body = masked.freeze();
+            body = masked;
         }
         if self.0.log_bodies {
             log::debug!("response body: {}", self.0.redactor.mask_bytes(&body));
@@ -117,4 +125,16 @@ impl Upstream {
         *response.headers_mut() = headers;
         response
     }
+}
+
+/// `body` with every key masked, or `None` when it holds none.
+pub(super) fn mask_every(body: &Bytes, keys: &[Bytes]) -> Option<Bytes> {
+    let mut masked: Option<Bytes> = None;
+    for key in keys {
+        let current = masked.as_ref().unwrap_or(body);
+        if let Some(next) = mask_secret(current, key) {
+            masked = Some(next.freeze());
+        }
+    }
+    masked
 }

@@ -16,7 +16,7 @@ use warp::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 
 use super::Upstream;
 use super::headers::{request_headers, response_headers};
-use super::request::upstream_url;
+use super::request::RequestBody;
 use super::response::Forwarded;
 use crate::error::ProxyError;
 
@@ -86,24 +86,31 @@ impl Upstream {
         path: &str,
         query: Option<&str>,
     ) -> Result<Forwarded, ProxyError> {
-        let url = upstream_url(&self.0.base_url, path, query)?;
+        let url = self.url(path, query)?;
         let upgrade = headers
             .get(header::UPGRADE)
             .cloned()
             .unwrap_or(HeaderValue::from_static("websocket"));
-        let mut headers =
-            request_headers(headers, &self.0.caller_token_header, &self.0.authorization);
+        let mut headers = request_headers(headers, &self.0.caller_token_header, &self.0.key_header);
         drop_token_subprotocol(&mut headers);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, upgrade);
+        // Through the key pool like any request: an upgrade has no body, so a key answered 429
+        // is rested and the next one tried.
         let mut answer = self
-            .send_with(&self.0.tunnel_client, Method::GET, url, headers, None)
+            .send_with_keys(
+                &self.0.tunnel_client,
+                Method::GET,
+                url,
+                headers,
+                RequestBody::None,
+            )
             .await?;
         if answer.status() != StatusCode::SWITCHING_PROTOCOLS {
             return Ok(self.into_reply(answer, None).await);
         }
         let mut headers =
-            response_headers(std::mem::take(answer.headers_mut()), self.key_to_mask());
+            response_headers(std::mem::take(answer.headers_mut()), self.keys_to_mask());
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         let mut response = warp::reply::Response::default();

@@ -7,6 +7,7 @@ use warp::{Filter, Rejection, Reply};
 use super::{Route, allow, with};
 use crate::auth::filters::scraper;
 use crate::ops::metrics::{self, Metrics};
+use crate::proxy::Upstream;
 use crate::state::AppState;
 
 /// GET /healthz: 200 while the process serves, no token needed.
@@ -16,7 +17,8 @@ pub fn healthz() -> impl Filter<Extract = (warp::reply::Response,), Error = Reje
         .map(|| warp::reply::json(&json!({"status": "ok"})).into_response())
 }
 
-/// GET /readyz: 200 while taking traffic, 503 once shutdown has begun.
+/// GET /readyz: 200 while taking traffic, 503 once shutdown has begun or the upstream has refused
+/// every key (a key resting after a 429 still counts: it comes back by itself).
 pub fn readyz(
     state: AppState,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
@@ -26,6 +28,8 @@ pub fn readyz(
         .map(|state: AppState| {
             let (status, word) = if state.is_draining() {
                 (StatusCode::SERVICE_UNAVAILABLE, "draining")
+            } else if !state.upstream.keys().any_enabled() {
+                (StatusCode::SERVICE_UNAVAILABLE, "no_upstream_key")
             } else {
                 (StatusCode::OK, "ready")
             };
@@ -43,7 +47,9 @@ pub fn metrics(
         .and(allow(Route::Metrics))
         .and(scraper(state.auth.clone()))
         .and(with(state.metrics.clone()))
-        .map(|metrics: Metrics| {
+        .and(with(state.upstream.clone()))
+        .map(|metrics: Metrics, upstream: Upstream| {
+            upstream.keys().publish_state();
             let mut reply = warp::reply::Response::new(metrics.encode().into());
             reply.headers_mut().insert(
                 header::CONTENT_TYPE,

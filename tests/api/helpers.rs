@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use llm_proxy::server::{ShutdownTrigger, shutdown_channel};
 use llm_proxy::{AppState, Config};
-use mock_upstream::MockUpstream;
+use mock_upstream::{MockOptions, MockUpstream};
 use tokio::net::TcpListener;
 
 pub const UPSTREAM_KEY: &str = "sk-upstream-secret-key";
@@ -93,6 +93,23 @@ pub async fn spawn_app(extra: &[(&str, &str)]) -> TestApp {
     let target = upstream.base_url();
     let mut vars = vec![
         ("TARGET_HOST", target.as_str()),
+        ("AUTH_BEARER", UPSTREAM_KEY),
+        ("AUTH_VALIDATION", "true"),
+        ("ALLOWED_TOKENS", CLIENT_TOKEN),
+        ("ADMIN_TOKEN", ADMIN_TOKEN),
+    ];
+    vars.extend_from_slice(extra);
+    spawn_app_with_upstream(upstream, &vars).await
+}
+
+/// The proxy in front of a mock serving as `options` say, reached through
+/// `TARGET_BASE_URL` = the mock's address + its mount, with `extra` on top.
+pub async fn spawn_app_mounted(options: MockOptions, extra: &[(&str, &str)]) -> TestApp {
+    let mount = options.mount.clone().unwrap_or_default();
+    let upstream = MockUpstream::start_with(options).await;
+    let base = format!("{}{mount}", upstream.base_url());
+    let mut vars = vec![
+        ("TARGET_BASE_URL", base.as_str()),
         ("AUTH_BEARER", UPSTREAM_KEY),
         ("AUTH_VALIDATION", "true"),
         ("ALLOWED_TOKENS", CLIENT_TOKEN),

@@ -1,0 +1,391 @@
+//! The pool of upstream keys (`AUTH_BEARER=k1,k2,k3`): which key a request uses, which keys rest
+//! after a 429 and until when, which were refused (401/403) and are out of turn, and how long the
+//! upstream asked us to wait.
+//!
+//! Keys are known by their position in `AUTH_BEARER` (1 for the first), never by any part of the
+//! key: that is what logs and metrics show.
+//!
+//! The pool's state is behind a small interface (`choose`, `rested`, `disabled`,
+//! `first_usable_at`) so that the rests can later move to a store shared by replicas.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+// tokio's clock, so that tests with paused time can step over a rest.
+use tokio::time::Instant;
+use warp::http::{HeaderMap, HeaderValue, StatusCode};
+
+use crate::config::UpstreamKey;
+use crate::ops::metrics::{KeyState, Metrics};
+
+/// How long a key rests after a 429 whose answer names no time.
+pub const DEFAULT_REST: Duration = Duration::from_secs(60);
+
+/// The key a request is sent with.
+#[derive(Clone, Debug)]
+pub struct KeyChoice {
+    /// 1-based position in `AUTH_BEARER`.
+    pub position: usize,
+    pub header_value: HeaderValue,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Slot {
+    resting_until: Option<Instant>,
+    disabled: bool,
+}
+
+impl Slot {
+    fn usable(&self, now: Instant) -> bool {
+        !self.disabled && self.resting_until.is_none_or(|until| until <= now)
+    }
+}
+
+/// The keys and their state. One per `Upstream`; a new configuration builds a new pool, so a
+/// refused key is back in turn after a reload or a restart.
+pub struct KeyPool {
+    header_values: Vec<HeaderValue>,
+    // A synchronous lock is right here: it is held to read or set a few fields, never across an
+    // `.await`.
+    slots: Mutex<Vec<Slot>>,
+    /// Where the next round-robin scan starts.
+    next: AtomicUsize,
+    metrics: Metrics,
+}
+
+/// What an upstream status means for the key that got it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// 429: the key rests, the request may go to another key.
+    RateLimited,
+    /// 401 or 403: the key is out of turn, the request may go to another key.
+    Refused,
+    /// Anything else is the answer.
+    Answer,
+}
+
+impl Verdict {
+    pub fn of(status: StatusCode) -> Verdict {
+        match status {
+            StatusCode::TOO_MANY_REQUESTS => Verdict::RateLimited,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Verdict::Refused,
+            _ => Verdict::Answer,
+        }
+    }
+}
+
+impl KeyPool {
+    pub fn new(keys: &[UpstreamKey], metrics: Metrics) -> KeyPool {
+        for position in 1..=keys.len() {
+            metrics.key_state(position, KeyState::Usable);
+        }
+        KeyPool {
+            header_values: keys.iter().map(|key| key.header_value.clone()).collect(),
+            slots: Mutex::new(vec![Slot::default(); keys.len()]),
+            next: AtomicUsize::new(0),
+            metrics,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.header_values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.header_values.is_empty()
+    }
+
+    /// The next usable key in turn that is not in `tried` (1-based positions), if any.
+    pub fn choose(&self, tried: &[usize]) -> Option<KeyChoice> {
+        let count = self.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let slots = self.slots.lock();
+        (0..count)
+            .map(|offset| (start + offset) % count)
+            .find(|&index| slots[index].usable(now) && !tried.contains(&(index + 1)))
+            .map(|index| {
+                self.metrics.key_request(index + 1);
+                KeyChoice {
+                    position: index + 1,
+                    header_value: self.header_values[index].clone(),
+                }
+            })
+    }
+
+    /// Whether the pool has another key to fail over to. A pool of one keeps the proxy's
+    /// behaviour without a pool: its key is never rested or taken out, every request goes to the
+    /// upstream, and the upstream's 429, 401 or 403 reaches the caller as it is.
+    fn fails_over(&self) -> bool {
+        self.len() > 1
+    }
+
+    /// The key at `position` got a 429: it is not chosen before `until`. Returns whether it rests.
+    pub fn rested(&self, position: usize, until: Instant) -> bool {
+        self.metrics.key_rate_limited(position);
+        if !self.fails_over() {
+            return false;
+        }
+        let mut slots = self.slots.lock();
+        let Some(slot) = slots.get_mut(position - 1) else {
+            return false;
+        };
+        // A later answer naming a shorter rest does not cut a longer one short.
+        slot.resting_until = Some(slot.resting_until.map_or(until, |old| old.max(until)));
+        self.metrics.key_state(position, KeyState::Resting);
+        true
+    }
+
+    /// The key at `position` was refused (401/403): it is out of turn for the life of the pool.
+    /// Returns whether this call took it out (the first refusal), so the caller logs it once.
+    pub fn disabled(&self, position: usize) -> bool {
+        if !self.fails_over() {
+            return false;
+        }
+        let mut slots = self.slots.lock();
+        let Some(slot) = slots.get_mut(position - 1) else {
+            return false;
+        };
+        let first = !slot.disabled;
+        slot.disabled = true;
+        if first {
+            self.metrics.key_state(position, KeyState::Disabled);
+        }
+        first
+    }
+
+    /// When the first key is usable: now or earlier if one is, `None` if every key is disabled.
+    pub fn first_usable_at(&self) -> Option<Instant> {
+        let now = Instant::now();
+        self.slots
+            .lock()
+            .iter()
+            .filter(|slot| !slot.disabled)
+            .map(|slot| slot.resting_until.map_or(now, |until| until.max(now)))
+            .min()
+    }
+
+    /// Whether any key is still in turn (resting keys come back by themselves).
+    pub fn any_enabled(&self) -> bool {
+        self.slots.lock().iter().any(|slot| !slot.disabled)
+    }
+
+    /// Brings the per-key state gauges up to date (a rest ends by the clock, not by an event);
+    /// called before the metrics are encoded.
+    pub fn publish_state(&self) {
+        let now = Instant::now();
+        let slots = self.slots.lock();
+        for (index, slot) in slots.iter().enumerate() {
+            let state = if slot.disabled {
+                KeyState::Disabled
+            } else if slot.usable(now) {
+                KeyState::Usable
+            } else {
+                KeyState::Resting
+            };
+            self.metrics.key_state(index + 1, state);
+        }
+    }
+}
+
+/// `Retry-After` for a moment: whole seconds from now, rounded up, at least 1.
+pub fn retry_after_secs(at: Instant) -> u64 {
+    let wait = at.saturating_duration_since(Instant::now());
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    seconds.max(1)
+}
+
+/// How long the upstream asked a rate-limited key to wait, from the first of these it sent:
+/// `retry-after-ms`, `Retry-After` (seconds or an HTTP date, relative to `now`), else OpenAI's
+/// `x-ratelimit-reset-requests` / `-tokens` (`6m0s`, `1.5s`, `20ms`): the one whose
+/// `x-ratelimit-remaining-*` is 0, or the longer of the two when neither says so.
+pub fn rest_duration(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    if let Some(ms) = text("retry-after-ms").and_then(|ms| ms.trim().parse::<f64>().ok())
+        && ms.is_finite()
+        && ms >= 0.0
+    {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    if let Some(value) = text("retry-after").map(str::trim) {
+        if let Ok(seconds) = value.parse::<u64>() {
+            return Some(Duration::from_secs(seconds));
+        }
+        if let Ok(date) = httpdate::parse_http_date(value) {
+            return Some(date.duration_since(now).unwrap_or(Duration::ZERO));
+        }
+    }
+    let reset = |kind: &str| text(&format!("x-ratelimit-reset-{kind}")).and_then(go_duration);
+    let exhausted = |kind: &str| {
+        text(&format!("x-ratelimit-remaining-{kind}")).is_some_and(|left| left.trim() == "0")
+    };
+    let (requests, tokens) = (reset("requests"), reset("tokens"));
+    let named: Vec<Duration> = [("requests", requests), ("tokens", tokens)]
+        .into_iter()
+        .filter(|(kind, _)| exhausted(kind))
+        .filter_map(|(_, reset)| reset)
+        .collect();
+    if named.is_empty() {
+        requests.into_iter().chain(tokens).max()
+    } else {
+        named.into_iter().max()
+    }
+}
+
+/// A duration as Go prints it (`1h2m3.5s`, `6m0s`, `250ms`, `1.5s`); `None` if it is not one.
+fn go_duration(text: &str) -> Option<Duration> {
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total = 0.0_f64;
+    while !rest.is_empty() {
+        let number_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let number: f64 = rest[..number_end].parse().ok()?;
+        rest = &rest[number_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let seconds_per_unit = match &rest[..unit_end] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            "us" | "µs" => 0.000_001,
+            "ns" => 0.000_000_001,
+            _ => return None,
+        };
+        rest = &rest[unit_end..];
+        total += number * seconds_per_unit;
+    }
+    Duration::try_from_secs_f64(total).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(name, value)| {
+                (
+                    warp::http::HeaderName::from_static(name),
+                    HeaderValue::from_static(value),
+                )
+            })
+            .collect()
+    }
+
+    fn pool(count: usize) -> KeyPool {
+        let keys: Vec<UpstreamKey> = (1..=count)
+            .map(|n| UpstreamKey {
+                key: Secret::new(format!("k{n}")),
+                header_value: HeaderValue::from_str(&format!("Bearer k{n}")).unwrap(),
+            })
+            .collect();
+        KeyPool::new(&keys, Metrics::new())
+    }
+
+    #[test]
+    fn rest_times_are_read_from_every_header_the_providers_use() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let rest = |pairs| rest_duration(&headers(pairs), now);
+        assert_eq!(rest(&[("retry-after", "7")]), Some(Duration::from_secs(7)));
+        assert_eq!(
+            rest(&[("retry-after-ms", "1500"), ("retry-after", "9")]),
+            Some(Duration::from_millis(1500))
+        );
+        let in_90_s = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        let date = HeaderValue::from_str(&in_90_s).unwrap();
+        let mut dated = HeaderMap::new();
+        dated.insert("retry-after", date);
+        assert_eq!(rest_duration(&dated, now), Some(Duration::from_secs(90)));
+        assert_eq!(
+            rest(&[("retry-after", "Tue, 14 Nov 2000 00:00:00 GMT")]),
+            Some(Duration::ZERO),
+            "a date in the past means now"
+        );
+        assert_eq!(
+            rest(&[("x-ratelimit-reset-requests", "6m0s")]),
+            Some(Duration::from_secs(360))
+        );
+        assert_eq!(
+            rest(&[
+                ("x-ratelimit-reset-requests", "1.5s"),
+                ("x-ratelimit-reset-tokens", "20ms")
+            ]),
+            Some(Duration::from_millis(1500)),
+            "neither exhausted: the longer"
+        );
+        assert_eq!(
+            rest(&[
+                ("x-ratelimit-reset-requests", "6m0s"),
+                ("x-ratelimit-reset-tokens", "20ms"),
+                ("x-ratelimit-remaining-tokens", "0"),
+                ("x-ratelimit-remaining-requests", "12"),
+            ]),
+            Some(Duration::from_millis(20)),
+            "the exhausted limit's reset"
+        );
+        assert_eq!(rest(&[("retry-after", "soon")]), None);
+        assert_eq!(rest(&[]), None);
+    }
+
+    #[test]
+    fn go_durations_parse_as_go_prints_them() {
+        assert_eq!(
+            go_duration("1h2m3.5s"),
+            Some(Duration::from_millis(3_723_500))
+        );
+        assert_eq!(go_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(go_duration("0s"), Some(Duration::ZERO));
+        for bad in ["", "5", "s", "1x", "-1s", "1..2s"] {
+            assert_eq!(go_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keys_are_used_in_turn_and_resting_or_refused_keys_are_skipped() {
+        let pool = pool(3);
+        let turn: Vec<usize> = (0..4).map(|_| pool.choose(&[]).unwrap().position).collect();
+        assert_eq!(turn, [1, 2, 3, 1]);
+        assert!(pool.rested(2, Instant::now() + Duration::from_secs(10)));
+        assert!(pool.disabled(3));
+        assert!(!pool.disabled(3), "refused once, logged once");
+        let turn: Vec<usize> = (0..3).map(|_| pool.choose(&[]).unwrap().position).collect();
+        assert_eq!(turn, [1, 1, 1]);
+        assert!(pool.choose(&[1]).is_none(), "no key twice for one request");
+        assert_eq!(pool.first_usable_at(), Some(Instant::now()));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(pool.choose(&[1]).unwrap().position, 2, "the rest is over");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_usable_at_is_the_end_of_the_shortest_rest() {
+        let pool = pool(2);
+        let now = Instant::now();
+        pool.rested(1, now + Duration::from_secs(30));
+        pool.rested(2, now + Duration::from_secs(5));
+        pool.rested(2, now + Duration::from_secs(1));
+        assert!(pool.choose(&[]).is_none());
+        assert_eq!(pool.first_usable_at(), Some(now + Duration::from_secs(5)));
+        assert_eq!(retry_after_secs(now + Duration::from_millis(4500)), 5);
+        assert!(pool.disabled(1) && pool.disabled(2));
+        assert_eq!(pool.first_usable_at(), None);
+        assert!(!pool.any_enabled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_single_key_is_never_benched() {
+        let pool = pool(1);
+        assert!(!pool.rested(1, Instant::now() + Duration::from_secs(30)));
+        assert!(!pool.disabled(1));
+        assert_eq!(pool.choose(&[]).unwrap().position, 1);
+        assert!(pool.any_enabled());
+    }
+}
