@@ -16,9 +16,15 @@ pub enum Command {
 }
 
 /// The command the arguments (program name excluded) ask for; anything unknown is an error, so a
-/// typo never starts a server the operator did not mean to start.
-pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
-    let args: Vec<String> = args.into_iter().collect();
+/// typo never starts a server the operator did not mean to start. Arguments that are not UTF-8
+/// are unknown too, never a panic.
+pub fn parse<A: Into<std::ffi::OsString>>(
+    args: impl IntoIterator<Item = A>,
+) -> Result<Command, String> {
+    let args: Vec<String> = args
+        .into_iter()
+        .map(|arg| arg.into().to_string_lossy().into_owned())
+        .collect();
     match args.as_slice() {
         [] => Ok(Command::Serve),
         [one] => match one.as_str() {

@@ -30,6 +30,9 @@ pub enum ProxyError {
     GatewayTimeout,
     /// The request body is larger than `MAX_BODY_BYTES`, declared or as it streamed in.
     PayloadTooLarge,
+    /// The caller's body, read whole for a key pool's retries, did not arrive within
+    /// `UPSTREAM_TIMEOUT_SECS`.
+    RequestTimeout,
     /// A path with dot segments or backslashes, which the upstream could resolve outside `/v1`.
     InvalidPath,
     /// Every upstream key rests after a 429 and no request was sent; carries the seconds until the
@@ -109,6 +112,12 @@ impl ProxyError {
                 "payload_too_large",
                 "The request body is larger than this proxy accepts",
                 &[],
+            ),
+            RequestTimeout => row(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "The request body did not arrive in time",
+                &[(header::CONNECTION, "close")],
             ),
             InvalidPath => row(
                 StatusCode::BAD_REQUEST,

@@ -10,7 +10,7 @@ use llm_proxy::{AppState, Config};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match cli::parse(std::env::args().skip(1)) {
+    match cli::parse(std::env::args_os().skip(1)) {
         Ok(Command::Serve) => serve().await,
         Ok(Command::Help) => {
             print!("{}", cli::help());

@@ -74,13 +74,22 @@ pub(super) fn upstream_query(value: Option<String>) -> Result<Option<UpstreamQue
     }))
 }
 
-/// Query parameters added to every upstream request.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Query parameters added to every upstream request. Some providers take their key this way
+/// (`key=...`), so the values are never printed: `Debug` shows the names only.
+#[derive(Clone, PartialEq, Eq)]
 pub struct UpstreamQuery {
     /// The pairs as they go on the wire, `a=1&b=2`.
     pub encoded: String,
     /// The decoded names, for dropping the caller's parameters of the same name.
     pub names: Vec<String>,
+}
+
+impl std::fmt::Debug for UpstreamQuery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamQuery")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A header name for a variable, or an error naming it.

@@ -53,7 +53,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The headers sent upstream: the caller's end-to-end headers without its credentials (its token
-/// header, and its own copy of the header the upstream key goes in) or `Host`. The key itself is
+/// header, `Authorization`, its own copy of the header the upstream key goes in, a token in
+/// `Sec-WebSocket-Protocol`) or `Host`. The key itself is
 /// added per attempt, since a retry may use another key of the pool.
 pub fn request_headers(
     mut headers: HeaderMap,
@@ -72,6 +73,11 @@ pub fn request_headers(
     // honour it towards the upstream.
     headers.remove(header::EXPECT);
     headers.remove(upstream_key_header);
+    // Whatever header the key goes in, the caller's own `Authorization` is a credential of ours
+    // (the OpenAI SDKs always send one), never the upstream's business.
+    headers.remove(header::AUTHORIZATION);
+    // A browser's token in the WebSocket subprotocol list, on whatever request it came.
+    crate::proxy::upgrade::drop_token_subprotocol(&mut headers);
     headers
 }
 

@@ -196,17 +196,26 @@ pub fn retry_after_secs(at: Instant) -> u64 {
     seconds.max(1)
 }
 
+/// The longest rest an upstream answer can impose: a garbled or hostile `Retry-After` must not
+/// bench a key for years (nor overflow the clock).
+pub const MAX_REST: Duration = Duration::from_secs(60 * 60);
+
 /// How long the upstream asked a rate-limited key to wait, from the first of these it sent:
 /// `retry-after-ms`, `Retry-After` (seconds or an HTTP date, relative to `now`), else OpenAI's
 /// `x-ratelimit-reset-requests` / `-tokens` (`6m0s`, `1.5s`, `20ms`): the one whose
 /// `x-ratelimit-remaining-*` is 0, or the longer of the two when neither says so.
+/// At most `MAX_REST`.
 pub fn rest_duration(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    named_rest(headers, now).map(|rest| rest.min(MAX_REST))
+}
+
+fn named_rest(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
     if let Some(ms) = text("retry-after-ms").and_then(|ms| ms.trim().parse::<f64>().ok())
         && ms.is_finite()
         && ms >= 0.0
     {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+        return Some(Duration::try_from_secs_f64(ms / 1000.0).unwrap_or(MAX_REST));
     }
     if let Some(value) = text("retry-after").map(str::trim) {
         if let Ok(seconds) = value.parse::<u64>() {
@@ -378,6 +387,21 @@ mod tests {
         assert!(pool.disabled(1) && pool.disabled(2));
         assert_eq!(pool.first_usable_at(), None);
         assert!(!pool.any_enabled());
+    }
+
+    #[test]
+    fn no_answer_rests_a_key_past_the_cap_or_overflows_the_clock() {
+        let now = SystemTime::now();
+        for hostile in [
+            headers(&[("retry-after-ms", "1e300")]),
+            headers(&[("retry-after", "18446744073709551615")]),
+            headers(&[("x-ratelimit-reset-requests", "99999999999999h")]),
+        ] {
+            let rest = rest_duration(&hostile, now).unwrap();
+            assert_eq!(rest, MAX_REST, "{hostile:?}");
+            // What the proxy does with it next: a deadline on tokio's clock.
+            let _ = Instant::now() + rest;
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -124,7 +124,20 @@ impl Upstream {
         let body = if !headers::has_body(&headers) {
             RequestBody::None
         } else if self.0.keys.len() > 1 {
-            RequestBody::prepare(body, declared, max_body, self.body_log()).await?
+            // Read before the first attempt, so bounded like the upload was while it streamed
+            // inside the upstream request: a caller that stops sending does not hold its place.
+            tokio::time::timeout(
+                self.0.upstream_timeout,
+                RequestBody::prepare(body, declared, max_body, self.body_log()),
+            )
+            .await
+            .map_err(|_| {
+                log::info!(
+                    "the request body did not arrive within {}s (UPSTREAM_TIMEOUT_SECS)",
+                    self.0.upstream_timeout.as_secs()
+                );
+                ProxyError::RequestTimeout
+            })??
         } else {
             // One key: there is no other key to retry on, so the body streams on as it arrives.
             RequestBody::streamed(body, max_body, self.body_log())
@@ -211,8 +224,10 @@ impl Upstream {
         match (last_answer, last_failure) {
             (Some(mut answer), _) => {
                 // Every key has been tried or rests: the caller gets the upstream's last word, and
-                // when the keys rest, when to come back.
-                if let Some(at) = resting_until {
+                // when it was a rate limit and the keys rest, when to come back.
+                if answer.status() == StatusCode::TOO_MANY_REQUESTS
+                    && let Some(at) = resting_until
+                {
                     answer
                         .headers_mut()
                         .insert(header::RETRY_AFTER, retry_after_secs(at).into());
@@ -220,7 +235,9 @@ impl Upstream {
                 Ok(answer)
             }
             (None, Some(error)) => Err(error),
-            (None, None) => match resting_until {
+            // No key could be asked. `first_usable` rather than `resting_until`: a rest that ended
+            // a moment ago still means "come back", not "every key was refused".
+            (None, None) => match first_usable {
                 Some(at) => Err(ProxyError::KeysResting {
                     retry_after: retry_after_secs(at),
                 }),

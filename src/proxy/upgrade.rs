@@ -45,7 +45,7 @@ pub fn subprotocol_token(headers: &HeaderMap) -> Option<&[u8]> {
 }
 
 /// `Sec-WebSocket-Protocol` without the token entry; removed entirely when nothing else is left.
-fn drop_token_subprotocol(headers: &mut HeaderMap) {
+pub fn drop_token_subprotocol(headers: &mut HeaderMap) {
     if !headers.contains_key(header::SEC_WEBSOCKET_PROTOCOL) {
         return;
     }
@@ -92,7 +92,6 @@ impl Upstream {
             .cloned()
             .unwrap_or(HeaderValue::from_static("websocket"));
         let mut headers = request_headers(headers, &self.0.caller_token_header, &self.0.key_header);
-        drop_token_subprotocol(&mut headers);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, upgrade);
         // Through the key pool like any request: an upgrade has no body, so a key answered 429

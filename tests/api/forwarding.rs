@@ -306,3 +306,37 @@ async fn upstream_redirects_are_returned_not_followed() {
         "http://127.0.0.1:9/elsewhere"
     );
 }
+
+#[tokio::test]
+async fn caller_credentials_never_reach_the_upstream_whatever_header_the_key_goes_in() {
+    let app = spawn_app(&[
+        ("DEFAULT_AUTH_HEADER", "x-proxy-token"),
+        ("UPSTREAM_AUTH_HEADER", "api-key"),
+    ])
+    .await;
+    let protocols = format!("realtime, openai-insecure-api-key.{CLIENT_TOKEN}");
+    let response = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .header("x-proxy-token", CLIENT_TOKEN)
+        .header("authorization", "Bearer sk-callers-own-openai-key")
+        .header("api-key", "callers-own-azure-key")
+        .header("sec-websocket-protocol", protocols.as_str())
+        .json(&serde_json::json!({"model": "m"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = app.upstream.last_request().unwrap();
+    assert_eq!(seen.header_values("api-key"), [UPSTREAM_KEY]);
+    assert_eq!(seen.header("authorization"), None);
+    assert_eq!(seen.header("x-proxy-token"), None);
+    assert_eq!(seen.header("sec-websocket-protocol"), Some("realtime"));
+    assert!(
+        seen.headers
+            .iter()
+            .all(|(_, value)| !value.contains(CLIENT_TOKEN)),
+        "{:?}",
+        seen.headers
+    );
+}

@@ -127,8 +127,9 @@ async fn when_every_key_rests_the_client_gets_the_last_answer_and_the_earliest_r
     let app = pool_app().await;
     app.upstream
         .answer_key(KEY_1, 429, &[("retry-after", "30")]);
+    // Key 2 names its wait in milliseconds: the 5 of `Retry-After` is the proxy's own count.
     app.upstream
-        .answer_key(KEY_2, 429, &[("retry-after", "5"), ("x-last", "two")]);
+        .answer_key(KEY_2, 429, &[("retry-after-ms", "4200"), ("x-last", "two")]);
     let response = app.chat(CLIENT_TOKEN, hello()).await;
     assert_eq!(response.status(), 429);
     assert_eq!(response.headers()["retry-after"], "5");
@@ -279,4 +280,28 @@ async fn every_key_of_the_pool_is_masked_in_answers() {
         assert_eq!(response.headers()["x-echo"], "Bearer ***");
         assert_eq!(response.text().await.unwrap(), "you sent Bearer ***");
     }
+}
+
+#[tokio::test]
+async fn a_body_read_for_retries_that_stops_arriving_is_408_and_never_sent() {
+    let app = spawn_app(&[("AUTH_BEARER", POOL), ("UPSTREAM_TIMEOUT_SECS", "1")]).await;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"model\":"
+    );
+    let started = std::time::Instant::now();
+    let reply = raw_exchange(
+        app.addr,
+        request.as_bytes(),
+        std::time::Duration::from_secs(4),
+    )
+    .await;
+    assert_eq!(reply.status(), 408, "{}", reply.text);
+    assert!(
+        reply.text.contains("\"error\":\"request_timeout\""),
+        "{}",
+        reply.text
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    assert_eq!(app.upstream.requests_started(), 0, "nothing went upstream");
 }

@@ -229,6 +229,8 @@ async fn no_secret_reaches_the_logs_even_in_debug_mode() {
         ("ADMIN_TOKEN", ADMIN_TOKEN),
         ("LOG_LEVEL", "debug"),
         ("DEBUG_MODE", "true"),
+        // Some providers take their key as a query parameter.
+        ("UPSTREAM_QUERY", "key=query-secret-value"),
     ])
     .await;
     let base = format!("http://127.0.0.1:{}", proxy.port);
@@ -261,7 +263,9 @@ async fn no_secret_reaches_the_logs_even_in_debug_mode() {
     assert_eq!(clear.await.unwrap().status(), 200);
 
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let log = drain(&mut proxy.log);
+    // The start-up lines too: the configuration is logged there.
+    let log = format!("{}{}", proxy.startup_log, drain(&mut proxy.log));
+    assert!(log.contains("configuration: "), "{log}");
     assert!(
         log.contains("request body chunk"),
         "debug mode logs bodies: {log}"
@@ -270,7 +274,12 @@ async fn no_secret_reaches_the_logs_even_in_debug_mode() {
         log.contains("POST /v1/chat/completions status=200"),
         "access lines: {log}"
     );
-    for secret in [UPSTREAM_KEY, CLIENT_TOKEN, ADMIN_TOKEN] {
+    for secret in [
+        UPSTREAM_KEY,
+        CLIENT_TOKEN,
+        ADMIN_TOKEN,
+        "query-secret-value",
+    ] {
         assert!(
             !log.contains(secret),
             "{secret} leaked into the log:\n{log}"

@@ -135,12 +135,19 @@ async fn a_key_too_short_to_be_real_is_not_searched_for_in_answers() {
 
 #[tokio::test]
 async fn a_request_the_upstream_may_have_received_is_never_repeated() {
+    for pool in ["one-upstream-key", "first-upstream-key,second-upstream-key"] {
+        a_request_that_may_have_arrived_goes_out_once(pool).await;
+    }
+}
+
+/// With one key and with a pool (which retries other failures on the next key) alike.
+async fn a_request_that_may_have_arrived_goes_out_once(keys: &str) {
     let (target, heads) = spawn_raw_upstream(|socket| async move {
         // Read the request, then hang up without answering.
         drop(socket);
     })
     .await;
-    let app = spawn_app(&[("TARGET_HOST", &target)]).await;
+    let app = spawn_app(&[("TARGET_HOST", &target), ("AUTH_BEARER", keys)]).await;
     let response = app
         .chat(CLIENT_TOKEN, serde_json::json!({"model": "m"}))
         .await;
