@@ -92,6 +92,18 @@ struct FailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    client: Arc<str>,
+    /// The limit that refused: a field name of the clients file, or the model checks.
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenLabels {
     client: Arc<str>,
     kind: TokenKind,
@@ -128,6 +140,8 @@ struct Families {
     cache_misses: Counter,
     cache_fetches: Counter,
     tokens: Family<TokenLabels, Counter>,
+    limit_refusals: Family<RefusalLabels, Counter>,
+    reloads: Family<ReloadLabels, Counter>,
     /// Per-route histogram handles, indexed by `Route as usize`: a family lookup hashes the
     /// labels under a lock on every request; the handles share the family's storage, so the
     /// exposition is unchanged.
@@ -222,6 +236,18 @@ impl Metrics {
             "Tokens reported in upstream usage objects, by client and kind",
             tokens.clone(),
         );
+        let limit_refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "limit_refusals",
+            "Requests refused by a client's limits, by client and reason",
+            limit_refusals.clone(),
+        );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Reloads of the clients file and token settings, by result (ok, failed)",
+            reloads.clone(),
+        );
         Metrics(Arc::new(Families {
             registry,
             requests,
@@ -235,6 +261,8 @@ impl Metrics {
             cache_misses,
             cache_fetches,
             tokens,
+            limit_refusals,
+            reloads,
             cached: Default::default(),
         }))
     }
@@ -321,6 +349,23 @@ impl Metrics {
                 kind,
             })
             .inc_by(count);
+    }
+}
+
+impl Metrics {
+    pub fn limit_refusal(&self, client: &Arc<str>, reason: &'static str) {
+        self.0
+            .limit_refusals
+            .get_or_create(&RefusalLabels {
+                client: client.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn reload(&self, succeeded: bool) {
+        let result = if succeeded { "ok" } else { "failed" };
+        self.0.reloads.get_or_create(&ReloadLabels { result }).inc();
     }
 }
 
