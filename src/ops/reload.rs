@@ -35,6 +35,9 @@ pub struct Reloader {
     /// (another file in the directory, a touch) do not reload.
     loaded: Option<[u8; 32]>,
     hangups: Hangups,
+    changes: mpsc::UnboundedReceiver<()>,
+    /// Kept alive for as long as the reloader.
+    _watcher: Option<notify::RecommendedWatcher>,
 }
 
 fn file_digest(path: &Path) -> Option<[u8; 32]> {
@@ -44,14 +47,25 @@ fn file_digest(path: &Path) -> Option<[u8; 32]> {
 }
 
 impl Reloader {
-    /// From here on `SIGHUP` is this reloader's: it no longer ends the process.
+    /// From here on `SIGHUP` is this reloader's (it no longer ends the process), and changes
+    /// of the clients file are noticed; [`Reloader::run`] acts on them.
     pub fn new(state: AppState, source: Source) -> Reloader {
-        let loaded = state.config.clients_file.as_deref().and_then(file_digest);
+        let file = state.config.clients_file.clone();
+        let loaded = file.as_deref().and_then(file_digest);
+        let (changed, changes) = mpsc::unbounded_channel::<()>();
+        let watcher = file
+            .as_deref()
+            .and_then(|file| watch(file, changed.clone()));
+        if let Some(file) = file.filter(|_| watcher.is_none()) {
+            tokio::spawn(poll(file, changed));
+        }
         Reloader {
             state,
             source,
             loaded,
             hangups: hangups(),
+            changes,
+            _watcher: watcher,
         }
     }
 
@@ -63,6 +77,8 @@ impl Reloader {
         let config = match (self.source)() {
             Ok(config) => config,
             Err(err) => {
+                // Not tried again until the file changes again (or SIGHUP).
+                self.loaded = digest;
                 log::error!("reload ({why}) rejected, the previous clients stay in force: {err}");
                 self.state.metrics.reload(false);
                 return false;
@@ -102,25 +118,17 @@ impl Reloader {
 
     /// Reloads on every `SIGHUP` and every change of the clients file, until the process ends.
     pub async fn run(mut self) {
-        let (changed, mut changes) = mpsc::unbounded_channel::<()>();
         let watched = self.state.config.clients_file.clone();
-        // Kept alive for as long as this task runs.
-        let _watcher = watched
-            .as_deref()
-            .and_then(|file| watch(file, changed.clone()));
-        if let Some(file) = watched.clone().filter(|_| _watcher.is_none()) {
-            tokio::spawn(poll(file, changed));
-        }
-        let mut hangups = self.hangups.take();
+        let mut hangups = std::mem::take(&mut self.hangups);
         loop {
             tokio::select! {
                 () = next_hangup(&mut hangups) => {
                     log::info!("SIGHUP received: reloading");
                     self.reload("SIGHUP");
                 }
-                Some(()) = changes.recv() => {
+                Some(()) = self.changes.recv() => {
                     tokio::time::sleep(SETTLE).await;
-                    while changes.try_recv().is_ok() {}
+                    while self.changes.try_recv().is_ok() {}
                     let now = watched.as_deref().and_then(file_digest);
                     if now.is_some() && now != self.loaded {
                         self.reload("clients file changed");

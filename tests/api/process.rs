@@ -9,7 +9,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::helpers::*;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_llm-proxy");
+pub const BINARY: &str = env!("CARGO_BIN_EXE_llm-proxy");
 
 /// Runs the binary in an empty directory (no `.env` files) with only `vars` set.
 fn run_with(vars: &[(&str, &str)]) -> std::process::Output {
@@ -87,18 +87,23 @@ fn env_files_are_read_and_the_environment_wins() {
     );
 }
 
-struct RunningProxy {
-    child: tokio::process::Child,
-    port: u16,
-    log: tokio::sync::mpsc::UnboundedReceiver<String>,
+pub struct RunningProxy {
+    pub child: tokio::process::Child,
+    pub port: u16,
+    pub log: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
 async fn start_binary(vars: &[(&str, &str)]) -> RunningProxy {
+    start_binary_in(&std::env::temp_dir(), vars).await
+}
+
+/// The binary with only `vars` set, run in `dir` (where it reads `.env` files), once it listens.
+pub async fn start_binary_in(dir: &std::path::Path, vars: &[(&str, &str)]) -> RunningProxy {
     let mut child = tokio::process::Command::new(BINARY)
         .env_clear()
         .envs(vars.iter().copied())
         .env("PROXY_PORT", "0")
-        .current_dir(std::env::temp_dir())
+        .current_dir(dir)
         .stderr(Stdio::piped())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -125,7 +130,7 @@ async fn start_binary(vars: &[(&str, &str)]) -> RunningProxy {
     RunningProxy { child, port, log }
 }
 
-fn drain(log: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
+pub fn drain(log: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
     let mut all = String::new();
     while let Ok(line) = log.try_recv() {
         all.push_str(&line);
