@@ -314,6 +314,18 @@ impl Config {
                 invalid("CLIENTS_FILE", format!("{}: {message}", path.display()))
             })?;
             for client in &from_file {
+                // One name is one set of counters: an ALLOWED_TOKENS entry of the same name
+                // would share (and spend) the file client's limits.
+                if clients.iter().any(|known| known.name == client.name) {
+                    return Err(invalid(
+                        "CLIENTS_FILE",
+                        format!(
+                            "{}: clients.{}: the same name as an ALLOWED_TOKENS entry",
+                            path.display(),
+                            client.name
+                        ),
+                    ));
+                }
                 if clients.iter().any(|known| known.digest == client.digest) {
                     return Err(invalid(
                         "CLIENTS_FILE",
@@ -640,6 +652,53 @@ mod tests {
             error_variable(&[bearer, ("DEFAULT_AUTH_HEADER", "bad header")]),
             "DEFAULT_AUTH_HEADER"
         );
+    }
+
+    #[test]
+    fn a_clients_file_implies_validation_and_joins_allowed_tokens() {
+        let file = std::env::temp_dir().join(format!("llm-proxy-unit-{}.toml", std::process::id()));
+        std::fs::write(
+            &file,
+            "[clients.alice]\ntoken = \"tok-a\"\nrequests_per_minute = 5\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let config = config(&[("AUTH_BEARER", "k"), ("CLIENTS_FILE", path)]).unwrap();
+        assert!(config.auth_validation);
+        assert_eq!(config.clients.len(), 1);
+        assert_eq!(config.state_dir, PathBuf::from("state"));
+        let both = self::config(&[
+            ("AUTH_BEARER", "k"),
+            ("CLIENTS_FILE", path),
+            ("ALLOWED_TOKENS", "bob:tok-b"),
+        ])
+        .unwrap();
+        let names: Vec<&str> = both.clients.iter().map(|client| &*client.name).collect();
+        assert_eq!(names, ["bob", "alice"]);
+        for clash in ["alice:other", "carol:tok-a"] {
+            let vars = [
+                ("AUTH_BEARER", "k"),
+                ("CLIENTS_FILE", path),
+                ("ALLOWED_TOKENS", clash),
+            ];
+            assert_eq!(error_variable(&vars), "CLIENTS_FILE", "{clash}");
+        }
+        assert_eq!(
+            error_variable(&[
+                ("AUTH_BEARER", "k"),
+                ("CLIENTS_FILE", path),
+                ("AUTH_VALIDATION", "false")
+            ]),
+            "AUTH_VALIDATION"
+        );
+        assert_eq!(
+            error_variable(&[
+                ("AUTH_BEARER", "k"),
+                ("CLIENTS_FILE", "/nonexistent/c.toml")
+            ]),
+            "CLIENTS_FILE"
+        );
+        let _ = std::fs::remove_file(&file);
     }
 
     #[test]
