@@ -68,7 +68,7 @@ async fn serve() -> ExitCode {
     if store.is_some() {
         state.keep_budgets();
     }
-    let reloader = Reloader::new(state.clone(), Arc::new(Config::load));
+    let reloader = Reloader::new(state.clone(), Arc::new(llm_proxy::ops::reload::environment));
     tokio::spawn(reloader.run());
     let writer = store
         .clone()

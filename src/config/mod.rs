@@ -431,7 +431,8 @@ impl Config {
     }
 
     /// The settings a reload cannot change, each as its variable and a fingerprint that holds
-    /// no secret: a reload compares them and logs the ones that need a restart.
+    /// no secret: a reload compares them and logs the ones that need a restart. (`CLIENTS_FILE`
+    /// too, which the reload handles itself: it keeps reading the file it watches.)
     pub fn restart_only(&self) -> Vec<(&'static str, String)> {
         let limits = &self.limits;
         vec![
@@ -443,7 +444,6 @@ impl Config {
             ("LOG_FORMAT", format!("{:?}", self.log_format)),
             ("DEBUG_MODE", self.debug_mode.to_string()),
             ("DEFAULT_AUTH_HEADER", self.auth_header.to_string()),
-            ("CLIENTS_FILE", format!("{:?}", self.clients_file)),
             ("STATE_DIR", self.state_dir.display().to_string()),
             (
                 "UPSTREAM_CONNECT_TIMEOUT_SECS",

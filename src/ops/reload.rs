@@ -11,6 +11,7 @@
 //! watch on the old inode would go quiet), and a Kubernetes ConfigMap swaps a `..data` symlink
 //! next to it. Should the watch fail to start, the file is polled every second instead.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,8 +22,20 @@ use tokio::sync::mpsc;
 use crate::config::{Config, ConfigError};
 use crate::state::AppState;
 
-/// Loads the configuration as at start-up (the environment, `.env.local`, `.env`).
-pub type Source = Arc<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+/// The variables as at start-up, read afresh: the environment over `.env.local` over `.env`.
+pub type Source = Arc<dyn Fn() -> Result<HashMap<String, String>, ConfigError> + Send + Sync>;
+
+/// The process environment over the `.env` files of the working directory: what `main` reloads.
+pub fn environment() -> Result<HashMap<String, String>, ConfigError> {
+    let mut variables = crate::config::env_files()?;
+    // `vars_os`: `vars` would panic on a variable that is not UTF-8 (ours all are).
+    variables.extend(
+        std::env::vars_os().filter_map(|(name, value)| {
+            Some((name.into_string().ok()?, value.into_string().ok()?))
+        }),
+    );
+    Ok(variables)
+}
 
 /// Events closer together than this are one change (an editor writes, renames, chmods).
 const SETTLE: Duration = Duration::from_millis(100);
@@ -74,7 +87,22 @@ impl Reloader {
     pub fn reload(&mut self, why: &str) -> bool {
         let clients_file = self.state.config.clients_file.clone();
         let digest = clients_file.as_deref().and_then(file_digest);
-        let config = match (self.source)() {
+        // The file being watched is the one read: a new CLIENTS_FILE waits for a restart.
+        let loaded = (self.source)().and_then(|variables| {
+            let named = variables
+                .get("CLIENTS_FILE")
+                .map(|value| value.trim())
+                .filter(|value| !value.is_empty())
+                .map(PathBuf::from);
+            if named != clients_file {
+                log::warn!("CLIENTS_FILE changed: it takes effect only after a restart");
+            }
+            Config::from_lookup(|name| match name {
+                "CLIENTS_FILE" => clients_file.as_ref().map(|path| path.display().to_string()),
+                _ => variables.get(name).cloned(),
+            })
+        });
+        let config = match loaded {
             Ok(config) => config,
             Err(err) => {
                 // Not tried again until the file changes again (or SIGHUP).
@@ -95,9 +123,7 @@ impl Reloader {
                 log::warn!("{variable} changed: it takes effect only after a restart");
             }
         }
-        if self.state.config.clients_file == config.clients_file {
-            self.loaded = digest;
-        }
+        self.loaded = digest;
         if config
             .clients
             .iter()

@@ -2,13 +2,13 @@
 //! renamed over, a ConfigMap's symlink swap) and by `SIGHUP` to the real binary, with running
 //! streams left to finish under the rules they started with.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use llm_proxy::Config;
 use llm_proxy::ops::reload::Reloader;
 use serde_json::json;
 
@@ -22,7 +22,7 @@ const BOB: &str = "[clients.bob]\ntoken = \"tok-bob\"\n";
 /// The proxy with `file` as its clients file and a reloader watching it, as `main` runs one.
 async fn spawn_reloading(file: &Path) -> TestApp {
     let app = spawn_app(&[("CLIENTS_FILE", file.to_str().unwrap())]).await;
-    let vars: Vec<(String, String)> = [
+    let vars: HashMap<String, String> = [
         ("TARGET_HOST", app.upstream.base_url()),
         ("AUTH_BEARER", UPSTREAM_KEY.to_string()),
         ("ALLOWED_TOKENS", CLIENT_TOKEN.to_string()),
@@ -32,13 +32,7 @@ async fn spawn_reloading(file: &Path) -> TestApp {
     .into_iter()
     .map(|(name, value)| (name.to_string(), value))
     .collect();
-    let source = Arc::new(move || {
-        Config::from_lookup(|name| {
-            vars.iter()
-                .find(|(key, _)| key == name)
-                .map(|(_, value)| value.clone())
-        })
-    });
+    let source = Arc::new(move || Ok(vars.clone()));
     tokio::spawn(Reloader::new(app.state.clone(), source).run());
     app
 }
@@ -256,4 +250,43 @@ async fn sighup_reloads_the_tokens_while_a_removed_clients_stream_runs_to_its_en
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let status = proxy.child.wait().await.unwrap();
     assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn a_new_clients_file_path_waits_for_a_restart_while_the_rest_reloads() {
+    let dir = scratch_dir("reload-path");
+    std::fs::write(dir.join("first.toml"), ALICE).unwrap();
+    std::fs::write(dir.join("second.toml"), BOB).unwrap();
+    let app = spawn_app(&[("CLIENTS_FILE", dir.join("first.toml").to_str().unwrap())]).await;
+    let vars: HashMap<String, String> = [
+        ("TARGET_HOST", app.upstream.base_url()),
+        ("AUTH_BEARER", UPSTREAM_KEY.to_string()),
+        ("ALLOWED_TOKENS", "erin:tok-erin".to_string()),
+        (
+            "CLIENTS_FILE",
+            dir.join("second.toml").display().to_string(),
+        ),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_string(), value))
+    .collect();
+    let mut reloader = Reloader::new(app.state.clone(), Arc::new(move || Ok(vars.clone())));
+    assert!(reloader.reload("test"));
+    // ALLOWED_TOKENS changed; the clients still come from the file being watched.
+    assert_eq!(
+        app.chat("tok-erin", chat_body("gpt-mock")).await.status(),
+        200
+    );
+    assert_eq!(
+        app.chat(CLIENT_TOKEN, chat_body("gpt-mock")).await.status(),
+        401
+    );
+    assert_eq!(
+        app.chat("tok-alice", chat_body("gpt-mock")).await.status(),
+        200
+    );
+    assert_eq!(
+        app.chat("tok-bob", chat_body("gpt-mock")).await.status(),
+        401
+    );
 }
