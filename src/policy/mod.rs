@@ -63,28 +63,26 @@ impl Policy {
         Err(error)
     }
 
-    /// Admits the request or answers the refusal; `None` for a client without limits.
+    /// Admits the request or answers the refusal. A client without limits is always admitted,
+    /// and counted all the same: `/admin/clients` shows everybody's usage.
     pub async fn admit(
         &self,
         client: &Arc<Client>,
         estimate: u64,
-    ) -> Result<Option<Ticket>, warp::reply::Response> {
-        if !client.limits.is_limited() {
-            return Ok(None);
-        }
+    ) -> Result<Ticket, warp::reply::Response> {
         match self
             .0
             .limiter
             .acquire(&client.name, &client.limits, estimate)
             .await
         {
-            Ok((charge, standing)) => Ok(Some(Ticket {
+            Ok((charge, standing)) => Ok(Ticket {
                 limiter: self.0.limiter.clone(),
                 client: client.clone(),
                 charge,
                 standing,
                 used: None,
-            })),
+            }),
             Err(refusal) => {
                 self.0
                     .metrics
@@ -102,13 +100,18 @@ pub struct Ticket {
     /// The client as it was when the request was admitted: a reload does not change its rules.
     client: Arc<Client>,
     charge: limiter::Charge,
-    pub standing: Standing,
+    standing: Standing,
     used: Option<u64>,
 }
 
 impl Ticket {
     pub fn estimate(&self) -> u64 {
         self.charge.tokens
+    }
+
+    /// The client's own `x-ratelimit-*` standing, for a client with limits.
+    pub fn standing(&self) -> Option<Standing> {
+        self.client.limits.is_limited().then_some(self.standing)
     }
 
     /// Records what the request used; the settlement happens when the ticket is dropped.

@@ -216,10 +216,12 @@ impl UsageScanner {
 pub type Report = Box<dyn FnOnce(Option<Usage>, u64) + Send + Sync>;
 
 /// What to do with a successful answer's body: count its usage for `client` (when `scan`), and
-/// tell `report` at the end.
+/// tell `report` at the end, with the number of events when `count_events` (only a client whose
+/// limits may need the estimate pays for the search).
 pub struct Metering {
     pub client: Arc<str>,
     pub scan: bool,
+    pub count_events: bool,
     pub report: Option<Report>,
 }
 
@@ -230,6 +232,7 @@ pub struct UsageMeter<S> {
     scanner: Option<UsageScanner>,
     metrics: Metrics,
     client: Arc<str>,
+    count_events: bool,
     events: u64,
     report: Option<Report>,
 }
@@ -241,6 +244,7 @@ impl<S> UsageMeter<S> {
             scanner: metering.scan.then(UsageScanner::default),
             metrics,
             client: metering.client,
+            count_events: metering.count_events,
             events: 0,
             report: metering.report,
         }
@@ -260,7 +264,7 @@ where
             if let Some(scanner) = &mut this.scanner {
                 scanner.feed(chunk);
             }
-            if this.report.is_some() {
+            if this.count_events {
                 this.events += DATA_FINDER.find_iter(chunk).count() as u64;
             }
         }

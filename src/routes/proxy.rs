@@ -98,7 +98,7 @@ where
         }
         let estimate = inspected.as_ref().map_or(0, Inspected::estimate);
         ticket = match policy.admit(client, estimate).await {
-            Ok(ticket) => ticket,
+            Ok(ticket) => Some(ticket),
             Err(response) => return refused(response),
         };
     }
@@ -115,7 +115,7 @@ where
         .forward(headers, method, path, query.as_deref(), body)
         .await;
     let upstream_wait = asked.elapsed();
-    let standing = ticket.as_ref().map(|ticket| ticket.standing);
+    let standing = ticket.as_ref().and_then(Ticket::standing);
     let Forwarded {
         mut response,
         stream,
@@ -125,6 +125,7 @@ where
             let metering = (scan || ticket.is_some()).then(|| Metering {
                 client: caller.label.clone(),
                 scan,
+                count_events: ticket.is_some(),
                 report: Some(settlement(
                     spend.usage.clone(),
                     ticket,

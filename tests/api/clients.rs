@@ -238,6 +238,10 @@ async fn admin_clients_shows_limits_and_usage_but_never_a_token() {
             .status(),
         200
     );
+    assert_eq!(
+        app.chat(CLIENT_TOKEN, chat_body("gpt-mock")).await.status(),
+        200
+    );
     let get = |token: &str| {
         app.client
             .get(app.url("/admin/clients"))
@@ -279,8 +283,11 @@ async fn admin_clients_shows_limits_and_usage_but_never_a_token() {
             "in_flight": 0,
         })
     );
+    // A client without limits is counted all the same.
     let unlimited = &listed["clients"][0];
     assert_eq!(unlimited["limits"], json!({"disabled": false}));
+    assert_eq!(unlimited["usage"]["requests_last_minute"], 1);
+    assert_eq!(unlimited["usage"]["tokens_today"], 13);
 }
 
 #[tokio::test]
