@@ -28,6 +28,19 @@ pub async fn spawn_with_clients(clients: &str) -> (TestApp, PathBuf) {
     (app, file)
 }
 
+/// The `/metrics` text, read with the admin token.
+pub async fn metrics(app: &TestApp) -> String {
+    app.client
+        .get(app.url("/metrics"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 pub fn chat_body(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
 }

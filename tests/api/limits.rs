@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::clients::{chat_body, spawn_with_clients};
+use crate::clients::{chat_body, metrics, spawn_with_clients};
 use crate::helpers::*;
 
 fn header<'a>(response: &'a reqwest::Response, name: &str) -> &'a str {
@@ -83,16 +83,7 @@ async fn the_sixth_request_of_a_five_a_minute_client_waits_exactly_as_long_as_it
     assert_eq!(on_time.status(), 200);
     assert_eq!(header(&on_time, "x-ratelimit-remaining-requests"), "0");
 
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&app).await;
     assert!(
         metrics.contains(
             "llm_proxy_limit_refusals_total{client=\"alice\",reason=\"requests_per_minute\"} 2"

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use llm_proxy::ops::reload::Reloader;
 use serde_json::json;
 
-use crate::clients::{chat_body, scratch_dir};
+use crate::clients::{chat_body, metrics, scratch_dir};
 use crate::helpers::*;
 use crate::process::{drain, start_binary_in};
 
@@ -124,18 +124,6 @@ async fn a_configmap_symlink_swap_is_seen() {
     }
 }
 
-async fn metrics(app: &TestApp) -> String {
-    app.client
-        .get(app.url("/metrics"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_broken_file_is_rejected_whole_and_counted() {
     let file = scratch_dir("reload-broken").join("clients.toml");
@@ -212,29 +200,44 @@ async fn sighup_reloads_the_tokens_while_a_removed_clients_stream_runs_to_its_en
     let mut body = running.bytes_stream();
     let mut streamed = body.next().await.unwrap().unwrap().to_vec();
 
-    std::fs::write(dir.join(".env"), "ALLOWED_TOKENS=dave:tok-dave\n").unwrap();
     let pid = proxy.child.id().unwrap().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let reloaded = tokio::time::timeout(Duration::from_secs(2), async {
-        loop {
-            let line = proxy.log.recv().await.expect("the proxy exited on SIGHUP");
-            if line.contains("reloaded (SIGHUP): 1 clients") {
-                return;
+    let hangup = || {
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    async fn line_with(proxy: &mut crate::process::RunningProxy, wanted: &[&str]) -> String {
+        let found = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                let line = proxy.log.recv().await.expect("the proxy exited on SIGHUP");
+                if wanted.iter().all(|part| line.contains(part)) {
+                    return line;
+                }
             }
-        }
-    })
-    .await;
-    assert!(
-        reloaded.is_ok(),
-        "no reload line: {}",
-        drain(&mut proxy.log)
-    );
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("no line with {wanted:?}: {}", drain(&mut proxy.log)))
+    }
+
+    // A bad .env is rejected whole: carol keeps her access, and the error names the problem.
+    std::fs::write(
+        dir.join(".env"),
+        "ALLOWED_TOKENS=dave:tok-dave\nLOG_LEVEL=loud\n",
+    )
+    .unwrap();
+    hangup();
+    let rejected = line_with(&mut proxy, &["reload (SIGHUP) rejected", "LOG_LEVEL"]).await;
+    assert!(!rejected.contains("tok-dave"), "{rejected}");
+    assert_eq!(chat("tok-carol").await.unwrap().status(), 200);
+    assert_eq!(chat("tok-dave").await.unwrap().status(), 401);
+
+    std::fs::write(dir.join(".env"), "ALLOWED_TOKENS=dave:tok-dave\n").unwrap();
+    hangup();
+    line_with(&mut proxy, &["reloaded (SIGHUP): 1 clients"]).await;
 
     assert_eq!(chat("tok-carol").await.unwrap().status(), 401);
     assert_eq!(chat("tok-dave").await.unwrap().status(), 200);
