@@ -112,8 +112,23 @@ async fn a_sigkill_restart_loses_at_most_the_last_second() {
     std::fs::write(dir.join("clients.toml"), BUDGET).unwrap();
     let mut proxy = start(&dir, &upstream.base_url()).await;
     chats(&proxy, 2).await;
-    // More than a second after these: they must survive a SIGKILL.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let last = std::time::Instant::now();
+    // The counts reach the state file within a second (the writer's period), give or take the
+    // write itself; from then on a SIGKILL cannot lose them.
+    let state = dir.join("state/budgets.json");
+    let written = |state: &Path| {
+        std::fs::read(state)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+            .is_some_and(|file| file["tokens_today"]["alice"] == 26)
+    };
+    while !written(&state) {
+        assert!(
+            last.elapsed() < Duration::from_millis(1500),
+            "not written within a second"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     signal(&proxy, "-KILL");
     proxy.child.wait().await.unwrap();
 
