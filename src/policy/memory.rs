@@ -164,7 +164,23 @@ impl MemoryLimiter {
         wall: SystemTime,
     ) -> Result<(Charge, Standing), Refusal> {
         let mut clients = self.0.clients.lock();
+        // A lookup first: the key is allocated only for a client's first request.
+        if let Some(state) = clients.get_mut(client) {
+            return self.decide(state, limits, estimate, now, wall);
+        }
         let state = clients.entry(Arc::from(client)).or_default();
+        self.decide(state, limits, estimate, now, wall)
+    }
+
+    /// Every check of `acquire`, then every charge, on one client's state.
+    fn decide(
+        &self,
+        state: &mut ClientState,
+        limits: &ClientLimits,
+        estimate: u64,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<(Charge, Standing), Refusal> {
         let today = utc_day(wall);
         state.roll_day(today);
         let refuse = |reason, retry_after, state: &ClientState| Refusal {
