@@ -35,7 +35,7 @@ RUN touch src/main.rs src/lib.rs \
 # The runtime image has no user database of its own; 65532 is the usual "nonroot" id.
 RUN echo 'nonroot:x:65532:65532:nonroot:/nonexistent:/sbin/nologin' > /etc/passwd.runtime \
     && echo 'nonroot:x:65532:' > /etc/group.runtime \
-    && mkdir /empty
+    && mkdir /empty /state
 
 # ---- runtime: scratch -----------------------------------------------------------------------
 # scratch rather than distroless/static: the binary is static and carries its own root
@@ -48,6 +48,10 @@ COPY --from=builder /llm-proxy /llm-proxy
 # The proxy reads optional .env.local and .env files from its working directory: an empty,
 # read-only directory, where a configuration file can be mounted (-v ./prod.env:/app/.env:ro).
 COPY --from=builder /empty /app
+# STATE_DIR (default `state` under /app): the daily token budgets survive restarts here, so it
+# is the one writable place, owned by the runtime user, and a volume so it outlives the container.
+COPY --from=builder --chown=65532:65532 /state /app/state
+VOLUME ["/app/state"]
 WORKDIR /app
 USER 65532:65532
 # PROXY_PORT defaults to 8080; change both if you change it.

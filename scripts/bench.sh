@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark: llm-proxy against nginx doing the same job, and against the upstream itself.
 #
-#   scripts/bench.sh            # about 4-5 minutes on a 2-core machine (plus the release build)
+#   scripts/bench.sh            # about 5-6 minutes on a 2-core machine (plus the release build)
 #
 # One command, loopback only, every load bounded in count and time. It installs what it lacks
 # (nginx and wrk from Debian packages), builds the release binaries (the proxy, the mock upstream
@@ -12,6 +12,9 @@
 #              proxy_buffering off; config from scripts/bench/nginx.conf.template);
 #   proxy   -- target/release/llm-proxy with AUTH_VALIDATION=true, LOG_LEVEL=info, its log
 #              (access lines included) written to a file, as an operator would.
+#   limited -- the same binary with the token as a clients-file client (CLIENTS_FILE) with every
+#              limit set, none reached, and a model list: next to "proxy", the CPU a client's
+#              limits cost per request (body read for the model, charge, settlement).
 # It prints a table with PASS/FAIL per target and writes JSON to target/bench/results.json.
 # Exit status: non-zero only when the benchmark itself could not run, never for a missed target.
 #
@@ -36,7 +39,7 @@
 #                                against other work on the machine; 0 leaves it alone
 #   BENCH_PROXY_ENV="K=V ..."    extra environment for llm-proxy, for experiments
 #                                (e.g. LD_PRELOAD=.../libjemalloc.so.2, MALLOC_ARENA_MAX=2)
-# Defaults take about 4 minutes for the measurements on a 2-core machine.
+# Defaults take about 5 minutes for the measurements on a 2-core machine.
 #
 # Pinning (BENCH_PIN=split, the default). With 2 cores there is no clean answer; the choice:
 #   CPU 0: the load generator alone (wrk -t1, or the single-threaded `loadgen sse`);

@@ -42,8 +42,22 @@ pub enum ProxyError {
     },
     /// The upstream refused every key of `AUTH_BEARER` (401/403); only the operator can fix that.
     KeysRefused,
-    /// The caller's body broke off before its end, while it was being read for a possible retry.
+    /// The caller's body broke off before its end, while the proxy read it whole (for a possible
+    /// retry on another key, or to find its model).
     IncompleteBody,
+    /// A client over its requests or tokens per minute, or its concurrency; `retry_after` in
+    /// whole seconds, from the limiter's state.
+    RateLimited {
+        retry_after: u64,
+    },
+    /// A client over its daily token budget; admitted again at the next UTC midnight.
+    QuotaExceeded {
+        retry_after: u64,
+    },
+    /// The request names a model outside the client's `models` list.
+    ModelNotAllowed,
+    /// The client has a `models` list, and the proxy could not read a model from the body.
+    ModelRequired,
     /// A rejection no route accounts for: a bug, logged where it is turned into this.
     Internal,
 }
@@ -144,6 +158,31 @@ impl ProxyError {
                 "The request body ended before it was complete",
                 &[],
             ),
+            // `Retry-After` is added in `into_response`: it is the limiter's answer.
+            RateLimited { .. } => row(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "This client is over its rate limit; retry after the time in Retry-After",
+                &[],
+            ),
+            QuotaExceeded { .. } => row(
+                StatusCode::TOO_MANY_REQUESTS,
+                "quota_exceeded",
+                "This client has used its daily token budget; it renews at midnight UTC",
+                &[],
+            ),
+            ModelNotAllowed => row(
+                StatusCode::FORBIDDEN,
+                "model_not_allowed",
+                "This client may not use the requested model",
+                &[],
+            ),
+            ModelRequired => row(
+                StatusCode::BAD_REQUEST,
+                "model_required",
+                "The request body must name a model (a JSON \"model\" field or a model form field)",
+                &[],
+            ),
             Internal => row(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",
@@ -171,11 +210,16 @@ impl ProxyError {
         for (name, value) in answer.headers {
             headers.insert(name, HeaderValue::from_static(value));
         }
-        if let ProxyError::MethodNotAllowed { allow } = self {
-            headers.insert(header::ALLOW, HeaderValue::from_static(allow));
-        }
-        if let ProxyError::KeysResting { retry_after } = self {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        match self {
+            ProxyError::MethodNotAllowed { allow } => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            ProxyError::RateLimited { retry_after }
+            | ProxyError::QuotaExceeded { retry_after }
+            | ProxyError::KeysResting { retry_after } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+            }
+            _ => {}
         }
         response
     }

@@ -16,11 +16,17 @@
 //!    that metrics, admission and the access line share.
 //! 5. [`auth`]: after its path matched, the route checks the caller's token and learns the
 //!    caller's label; all masking of secrets lives here too.
-//! 6. [`proxy`]: the [`proxy::Upstream`] handle sends the request with a key from the pool
+//! 6. [`policy`]: for a client from the clients file, the model it asks for is checked against
+//!    its list and the request is charged against its limits (an estimate first, settled from
+//!    the answer's `usage` when it ends), or refused with 429 before anything goes upstream.
+//! 7. [`proxy`]: the [`proxy::Upstream`] handle sends the request with a key from the pool
 //!    ([`proxy::keys`]) swapped in, on to the next key while the upstream refuses it, and shapes
 //!    the answer: headers cleaned, the body passed through adapters (idle watchdog with SSE
 //!    keep-alive, usage tap, key mask) as it streams, or the model list served from its cache.
-//! 7. [`error`]: every answer the proxy makes itself, in one table.
+//! 8. [`error`]: every answer the proxy makes itself, in one table.
+//!
+//! Beside the request path, [`ops::reload`] re-reads the clients file and the token settings on
+//! `SIGHUP` or a change of the file, and swaps them in whole.
 //!
 //! [`state::AppState`] is where these parts are put together; each route hands its handler only
 //! the part it needs.
@@ -31,6 +37,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod ops;
+pub mod policy;
 pub mod proxy;
 pub mod routes;
 pub mod server;

@@ -2,9 +2,13 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use llm_proxy::cli::{self, Command};
 use llm_proxy::ops::logging::{init_logging, report_configuration_error};
+use llm_proxy::ops::reload::Reloader;
+use llm_proxy::policy::MemoryLimiter;
+use llm_proxy::policy::store::BudgetStore;
 use llm_proxy::server::{descriptors, listener};
 use llm_proxy::{AppState, Config};
 
@@ -42,7 +46,33 @@ async fn serve() -> ExitCode {
     descriptors::raise_limit(config.limits.max_concurrent_requests);
 
     let address = SocketAddr::new(config.host, config.port);
-    let state = AppState::new(config);
+    let limiter = Arc::new(MemoryLimiter::new());
+    // Budgets are read back before the first request, and a budget that could not be kept
+    // stops start-up rather than silently resetting at every restart.
+    let store = if config
+        .clients
+        .iter()
+        .any(|client| client.limits.tokens_per_day.is_some())
+    {
+        match BudgetStore::open(&config.state_dir, limiter.clone()) {
+            Ok(store) => Some(Arc::new(parking_lot::Mutex::new(store))),
+            Err(err) => {
+                report_configuration_error(&err);
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
+    let state = AppState::with_limiter(config, limiter);
+    if store.is_some() {
+        state.keep_budgets();
+    }
+    let reloader = Reloader::new(state.clone(), Arc::new(llm_proxy::ops::reload::environment));
+    tokio::spawn(reloader.run());
+    let writer = store
+        .clone()
+        .map(|store| tokio::spawn(BudgetStore::run(store)));
     let listener = match listener::bind(address) {
         Ok(listener) => listener,
         Err(err) => {
@@ -57,6 +87,15 @@ async fn serve() -> ExitCode {
     let (trigger, shutdown) = llm_proxy::server::shutdown_channel();
     tokio::spawn(forward_signals(trigger));
     llm_proxy::serve(listener, state, shutdown).await;
+    if let Some(writer) = writer {
+        writer.abort();
+    }
+    // After the drain: the streams that ran to the end have settled.
+    if let Some(store) = store
+        && let Err(err) = store.lock().write()
+    {
+        log::error!("cannot write the daily budgets to STATE_DIR at shutdown: {err}");
+    }
     log::info!("stopped");
     ExitCode::SUCCESS
 }

@@ -10,6 +10,7 @@ use crate::auth::Authenticator;
 use crate::auth::redact::Redactor;
 use crate::config::Config;
 use crate::ops::metrics::Metrics;
+use crate::policy::{Limiter, MemoryLimiter, Policy};
 use crate::proxy::Upstream;
 use crate::proxy::models_cache::ModelsCache;
 
@@ -26,8 +27,13 @@ pub struct Inner {
     pub upstream: Upstream,
     pub models: ModelsCache,
     pub metrics: Metrics,
+    pub policy: Policy,
+    /// Debug-log masking; told about new secrets on reload.
+    pub redactor: Arc<Redactor>,
     /// Set once shutdown has begun: `/readyz` then answers 503.
     draining: AtomicBool,
+    /// Whether the daily budgets are written to `STATE_DIR` (set by `main` once the store opened).
+    budgets_kept: AtomicBool,
 }
 
 impl Deref for AppState {
@@ -41,20 +47,36 @@ impl Deref for AppState {
 impl AppState {
     /// Everything that could fail was parsed and checked by `Config`, so this cannot.
     pub fn new(config: Config) -> AppState {
+        AppState::with_limiter(config, Arc::new(MemoryLimiter::new()))
+    }
+
+    /// With a given limiter backend (the in-process one holds restored budgets at start-up).
+    pub fn with_limiter(config: Config, limiter: Arc<dyn Limiter>) -> AppState {
         let metrics = Metrics::new();
         let redactor = Arc::new(Redactor::new(&config));
         AppState(Arc::new(Inner {
             auth: Authenticator::new(&config),
-            upstream: Upstream::new(&config, metrics.clone(), redactor),
+            upstream: Upstream::new(&config, metrics.clone(), redactor.clone()),
             models: ModelsCache::new(MODELS_CACHE_TTL),
+            policy: Policy::new(&config, limiter, metrics.clone()),
+            redactor,
             metrics,
             draining: AtomicBool::new(false),
+            budgets_kept: AtomicBool::new(false),
             config,
         }))
     }
 
     pub fn begin_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn keep_budgets(&self) {
+        self.budgets_kept.store(true, Ordering::Relaxed);
+    }
+
+    pub fn budgets_kept(&self) -> bool {
+        self.budgets_kept.load(Ordering::Relaxed)
     }
 
     pub fn is_draining(&self) -> bool {

@@ -1,6 +1,11 @@
 #!/usr/bin/env python3
 """Benchmark driver behind scripts/bench.sh: direct vs nginx vs llm-proxy, on loopback.
 
+The proxy runs twice: "proxy" (the benchmark token in ALLOWED_TOKENS, no limits) and "limited"
+(the same token as a clients-file client with limits far above the load and a model list), so
+the table shows side by side what a client's limits cost per request: reading the body for its
+model, the model check, the charge before the call and the settlement from `usage` after it.
+
 Started by scripts/bench.sh once nginx, wrk and the release binaries are in place; it can be run
 on its own with the same environment. Python 3 standard library only.
 
@@ -124,7 +129,19 @@ LOADGEN_BIN = os.environ.get("BENCH_LOADGEN_BIN") or os.path.join(RELEASE_DIR, "
 NGINX_BIN = os.environ.get("BENCH_NGINX_BIN") or shutil.which("nginx") or "/usr/sbin/nginx"
 WRK_BIN = os.environ.get("BENCH_WRK_BIN") or shutil.which("wrk") or "wrk"
 
-TARGETS = ["direct", "nginx", "proxy"]
+TARGETS = ["direct", "nginx", "proxy", "limited"]
+# Both llm-proxy instances.
+PROXIES = ("proxy", "limited")
+# The "limited" client: every limit set, none reached by the load (2 x 1000 streams at most, tens
+# of thousands of requests a minute), and a list holding the benchmark's model (gpt-4o-mini).
+LIMITED_CLIENTS = """[clients.bench]
+token = "%s"
+requests_per_minute = 100000000
+tokens_per_minute = 1000000000000
+max_concurrent_requests = 100000
+tokens_per_day = 1000000000000000
+models = ["gpt-4o-*"]
+"""
 
 # ------------------------------------------------------------------------------------------------
 # Pinning
@@ -313,7 +330,7 @@ def start_mock(workdir, cpus):
     raise BenchError("mock-upstream did not start (see %s)" % out_path)
 
 
-def proxy_env(upstream_port, port, workers):
+def proxy_env(upstream_port, port, workers, clients_file=None, state_dir=None):
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": os.environ.get("HOME", "/root"),
@@ -324,6 +341,11 @@ def proxy_env(upstream_port, port, workers):
         "AUTH_VALIDATION": "true",
         "ALLOWED_TOKENS": CLIENT_TOKEN,
     }
+    if clients_file:
+        # The token moves from ALLOWED_TOKENS into the clients file (one token, one client).
+        del env["ALLOWED_TOKENS"]
+        env["CLIENTS_FILE"] = clients_file
+        env["STATE_DIR"] = state_dir
     if workers:
         env["TOKIO_WORKER_THREADS"] = str(workers)
     # For experiments only (e.g. MALLOC_ARENA_MAX=2, LD_PRELOAD=...): space-separated NAME=VALUE.
@@ -340,14 +362,20 @@ def proxy_log_target(path):
     return open(path, "ab")
 
 
-def start_proxy(workdir, upstream_port, cpus, workers):
+def start_proxy(workdir, upstream_port, cpus, workers, name="proxy"):
     # A port chosen here rather than PROXY_PORT=0 and the "listening on" line: works whatever the
     # log level and with the log discarded (the race for the port is harmless on loopback).
     port = free_port()
-    log_path = os.path.join(workdir, "proxy.log")
+    log_path = os.path.join(workdir, "%s.log" % name)
+    clients_file = state_dir = None
+    if name == "limited":
+        clients_file = os.path.join(workdir, "clients.toml")
+        with open(clients_file, "w") as f:
+            f.write(LIMITED_CLIENTS % CLIENT_TOKEN)
+        state_dir = os.path.join(workdir, "limited-state")
     popen = subprocess.Popen(
         pinned([PROXY_BIN], cpus),
-        env=proxy_env(upstream_port, port, workers),
+        env=proxy_env(upstream_port, port, workers, clients_file, state_dir),
         cwd=os.path.join(workdir, "proxy-cwd"),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -355,8 +383,8 @@ def start_proxy(workdir, upstream_port, cpus, workers):
     )
     if not wait_listening(port, popen):
         popen.kill()
-        raise BenchError("llm-proxy did not start (see %s)" % log_path)
-    return Proc("proxy", popen, port, log_path if SETTINGS["proxy_log"] != "discard" else None)
+        raise BenchError("llm-proxy (%s) did not start (see %s)" % (name, log_path))
+    return Proc(name, popen, port, log_path if SETTINGS["proxy_log"] != "discard" else None)
 
 
 def nginx_conf(workdir, name, port, upstream_port, workers):
@@ -629,7 +657,7 @@ def access_statuses(path, kind, offset):
         f.seek(offset)
         data = f.read()
         end = f.tell()
-    if kind == "proxy":
+    if kind in PROXIES:
         found = re.findall(rb" status=(\d{3}) ", data)
     else:
         found = re.findall(rb'" (\d{3}) ', data)
@@ -737,8 +765,10 @@ def main():
         procs.append(nginx)
         proxy = start_proxy(workdir, mock.port, plan["sut"], workers)
         procs.append(proxy)
+        limited = start_proxy(workdir, mock.port, plan["sut"], workers, "limited")
+        procs.append(limited)
         time.sleep(0.3)
-        for p in (nginx, proxy):
+        for p in (nginx, proxy, limited):
             status = http_probe(p.port)
             if status != 401:
                 raise BenchError("%s answered %s to a request without a token, not 401" % (p.name, status))
@@ -750,9 +780,9 @@ def main():
         results["footprint"]["nginx_worker_processes"] = len(nginx.pids()) - 1
         log("nginx on %d (pids %s), llm-proxy on %d (pid %d, threads %s)"
             % (nginx.port, nginx.pids(), proxy.port, proxy.pid, names))
-        ports = {"direct": mock.port, "nginx": nginx.port, "proxy": proxy.port}
-        owners = {"direct": None, "nginx": nginx, "proxy": proxy}
-        log_offsets = {"nginx": 0, "proxy": 0}
+        ports = {"direct": mock.port, "nginx": nginx.port, "proxy": proxy.port, "limited": limited.port}
+        owners = {"direct": None, "nginx": nginx, "proxy": proxy, "limited": limited}
+        log_offsets = {"nginx": 0, "proxy": 0, "limited": 0}
 
         ctx = {"ports": ports, "owners": owners, "mock": mock, "plan": plan, "offsets": log_offsets}
 
@@ -800,7 +830,7 @@ def main():
             "nginx_rss_kb": sum(status_kb(p, "VmRSS") for p in nginx.pids()),
             "nginx_pss_kb": sum(pss_kb(p) or 0 for p in nginx.pids()),
         }
-        for p in (nginx, proxy, mock):
+        for p in (nginx, proxy, limited, mock):
             if not p.alive():
                 raise BenchError("%s exited during the run" % p.name)
     finally:
@@ -1015,7 +1045,7 @@ def find(entries, target, conc):
 
 def add_deltas(entries, conc):
     direct = find(entries, "direct", conc)
-    for t in ("nginx", "proxy"):
+    for t in ("nginx",) + PROXIES:
         e = find(entries, t, conc)
         if e and direct:
             e["added_latency_us"] = {
@@ -1025,7 +1055,7 @@ def add_deltas(entries, conc):
 
 def add_stream_deltas(entries, conc):
     direct = find(entries, "direct", conc)
-    for t in ("nginx", "proxy"):
+    for t in ("nginx",) + PROXIES:
         e = find(entries, t, conc)
         if e and direct and direct["ttfc_us"]["p50"] is not None and e["ttfc_us"]["p50"] is not None:
             e["added_ttfc_us"] = {k: round(e["ttfc_us"][k] - direct["ttfc_us"][k], 1) for k in ("p50", "p99")}
@@ -1093,12 +1123,12 @@ def check_targets(r):
             "%.1f ms" % su["first_response_ms_median"], "50 ms", su["first_response_ms_median"] / 50.0,
             "median of %d; first accepted connect %.1f ms; nginx %.1f ms" % (
                 su["tries"], su["connect_ms_median"], sn["first_response_ms_median"] if sn else float("nan")))
-    runs = [e for e in r["plain"] + r["stream"] if e["target"] == "proxy"]
-    bad = [(e["concurrency"], e["errors"], e["non_2xx"]) for e in runs if e["errors"] or e["non_2xx"]]
-    add("Zero errors and zero non-2xx in every proxy run", not bad,
+    runs = [e for e in r["plain"] + r["stream"] if e["target"] in PROXIES]
+    bad = [(e["target"], e["concurrency"], e["errors"], e["non_2xx"]) for e in runs if e["errors"] or e["non_2xx"]]
+    add("Zero errors and zero non-2xx in every proxy and limited run", not bad,
         "%d errors, %d non-2xx" % (sum(e["errors"] for e in runs), sum(e["non_2xx"] for e in runs)),
-        "0", None, "" if not bad else "runs (concurrency, errors, non-2xx): %s" % bad)
-    others = [e for e in r["plain"] + r["stream"] if e["target"] != "proxy" and (e["errors"] or e["non_2xx"])]
+        "0", None, "" if not bad else "runs (target, concurrency, errors, non-2xx): %s" % bad)
+    others = [e for e in r["plain"] + r["stream"] if e["target"] not in PROXIES and (e["errors"] or e["non_2xx"])]
     if others:
         add("Zero errors in direct and nginx runs (benchmark validity)", False,
             "; ".join("%s c=%d: %d errors %d non-2xx" % (e["target"], e["concurrency"], e["errors"], e["non_2xx"]) for e in others),
@@ -1132,6 +1162,13 @@ def print_table(r):
             e["target"], e["concurrency"], e["rps"], e["latency_us"]["p50"], e["latency_us"]["p99"],
             fmt(add.get("p50"), "%d"), fmt(add.get("p99"), "%d"), fmt(e["cpu_us_per_request"]),
             fmt(e["upstream_cpu_us_per_request"]), e["errors"], e["non_2xx"], e["window"]["background_cpu_util"] or 0))
+    for conc in SETTINGS["plain_concurrency"]:
+        p, l = find(r["plain"], "proxy", conc), find(r["plain"], "limited", conc)
+        if p and l and p["cpu_us_per_request"] and l["cpu_us_per_request"]:
+            print("client limits, c=%d: %+.1f us CPU per request (limited %.1f vs proxy %.1f, ratio %.2f)" % (
+                conc, l["cpu_us_per_request"] - p["cpu_us_per_request"], l["cpu_us_per_request"],
+                p["cpu_us_per_request"], l["cpu_us_per_request"] / p["cpu_us_per_request"]))
+    print("(limited = llm-proxy with the token as a clients-file client with limits and a model list)")
     print()
     print("SSE streams (loadgen sse; %d chunks %d ms apart = %d events per stream; %d rounds of %gs of new streams per target;"
           " percentiles = median of rounds, max = max)" % (

@@ -6,13 +6,15 @@ pub mod redact;
 mod tokens;
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
+use arc_swap::ArcSwap;
 use warp::http::{HeaderMap, HeaderName, Method, header};
 
-use crate::config::Config;
+use crate::config::{Client, Config};
 use crate::error::ProxyError;
 use crate::proxy::upgrade::{is_websocket_upgrade, subprotocol_token};
-pub use tokens::{TokenSet, presented_token, token_label};
+pub use tokens::{TokenSet, digest, presented_token, token_label};
 
 /// The label of callers when `AUTH_VALIDATION` is off: any token goes, so none can be a label.
 pub const ANONYMOUS: &str = "anonymous";
@@ -21,30 +23,44 @@ pub const ANONYMOUS: &str = "anonymous";
 #[derive(Clone, Debug)]
 pub struct Caller {
     pub label: Arc<str>,
+    /// The client and its limits as they were when the request arrived: a reload during the
+    /// request does not change them. `None` when `AUTH_VALIDATION` is off.
+    pub client: Option<Arc<Client>>,
 }
 
-/// The token checks, built once from the configuration. Cloning is shallow.
+/// The token checks. The rules they apply can be replaced at run time ([`Authenticator::replace`]);
+/// each check reads one snapshot. Cloning is shallow.
 #[derive(Clone)]
 pub struct Authenticator(Arc<Inner>);
 
 struct Inner {
-    validation: bool,
-    /// Where callers and the admin put their token (`DEFAULT_AUTH_HEADER`).
+    /// Where callers and the admin put their token (`DEFAULT_AUTH_HEADER`); a restart setting.
     header: HeaderName,
-    clients: TokenSet,
+    rules: ArcSwap<Rules>,
+    anonymous: Arc<str>,
+}
+
+/// What a reload can change: who may call, with which limits, and the operator tokens.
+struct Rules {
+    validation: bool,
+    clients: TokenSet<Arc<Client>>,
+    /// The same clients, in configuration order, for `/admin/clients`.
+    listed: Vec<Arc<Client>>,
     /// `None` when `ADMIN_TOKEN` is unset: the admin routes then do not exist.
     admin: Option<TokenSet>,
     /// `METRICS_TOKEN`, else `ADMIN_TOKEN`; `None`: `/metrics` is open.
     scrapers: Option<TokenSet>,
-    anonymous: Arc<str>,
 }
 
-impl Authenticator {
-    pub fn new(config: &Config) -> Authenticator {
-        Authenticator(Arc::new(Inner {
+impl Rules {
+    fn new(config: &Config) -> Rules {
+        let listed: Vec<Arc<Client>> = config.clients.iter().cloned().map(Arc::new).collect();
+        Rules {
             validation: config.auth_validation,
-            header: config.auth_header.clone(),
-            clients: config.client_tokens.clone(),
+            clients: TokenSet::from_digests(
+                listed.iter().map(|client| (client.digest, client.clone())),
+            ),
+            listed,
             admin: config
                 .admin_token
                 .as_ref()
@@ -54,8 +70,28 @@ impl Authenticator {
                 .as_ref()
                 .or(config.admin_token.as_ref())
                 .map(|token| TokenSet::single("metrics", token)),
+        }
+    }
+}
+
+impl Authenticator {
+    pub fn new(config: &Config) -> Authenticator {
+        Authenticator(Arc::new(Inner {
+            header: config.auth_header.clone(),
+            rules: ArcSwap::from_pointee(Rules::new(config)),
             anonymous: Arc::from(ANONYMOUS),
         }))
+    }
+
+    /// Puts the clients and tokens of a newly loaded configuration in place, all at once:
+    /// requests already past their check keep the client they were given.
+    pub fn replace(&self, config: &Config) {
+        self.0.rules.store(Arc::new(Rules::new(config)));
+    }
+
+    /// Every configured client, in configuration order.
+    pub fn clients(&self) -> Vec<Arc<Client>> {
+        self.0.rules.load().listed.clone()
     }
 
     /// The header callers put their token in; it is never forwarded upstream.
@@ -63,32 +99,36 @@ impl Authenticator {
         &self.0.header
     }
 
-    /// Anyone when `AUTH_VALIDATION` is off, otherwise only a caller with a token from
-    /// `ALLOWED_TOKENS`.
+    /// Anyone when `AUTH_VALIDATION` is off, otherwise only a caller with the token of a client
+    /// that is neither disabled nor expired. An inactive client gets the same answer as an
+    /// unknown token.
     pub fn caller(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
-        if !self.0.validation {
+        let rules = self.0.rules.load();
+        if !rules.validation {
             return Ok(Caller {
                 label: self.0.anonymous.clone(),
+                client: None,
             });
         }
         let found = self
-            .presented_in(&self.0.header, headers, &self.0.clients)
-            .or_else(|| self.presented_as_subprotocol(headers));
+            .presented_in(&self.0.header, headers, &rules.clients)
+            .or_else(|| presented_as_subprotocol(headers, &rules.clients));
         match found {
-            Some(label) => Ok(Caller {
-                label: label.clone(),
+            Some(client) if client.limits.is_active(SystemTime::now()) => Ok(Caller {
+                label: client.name.clone(),
+                client: Some(client.clone()),
             }),
-            None => Err(self.refuse()),
+            _ => Err(self.refuse()),
         }
     }
 
     pub fn admin_enabled(&self) -> bool {
-        self.0.admin.is_some()
+        self.0.rules.load().admin.is_some()
     }
 
     /// `ADMIN_TOKEN`, whatever `AUTH_VALIDATION` says: a client token is not enough.
     pub fn check_admin(&self, headers: &HeaderMap) -> Result<(), ProxyError> {
-        match &self.0.admin {
+        match &self.0.rules.load().admin {
             Some(tokens) if self.presented_in(&self.0.header, headers, tokens).is_some() => Ok(()),
             _ => Err(self.refuse()),
         }
@@ -97,7 +137,7 @@ impl Authenticator {
     /// `/metrics` takes its token in `Authorization` (Bearer or bare, as Prometheus'
     /// `authorization` setting sends it) whatever `DEFAULT_AUTH_HEADER` says.
     pub fn check_scraper(&self, headers: &HeaderMap) -> Result<(), ProxyError> {
-        match &self.0.scrapers {
+        match &self.0.rules.load().scrapers {
             None => Ok(()),
             Some(tokens)
                 if self
@@ -110,21 +150,13 @@ impl Authenticator {
         }
     }
 
-    fn presented_in<'a>(
+    fn presented_in<'a, T>(
         &self,
         name: &HeaderName,
         headers: &HeaderMap,
-        tokens: &'a TokenSet,
-    ) -> Option<&'a Arc<str>> {
+        tokens: &'a TokenSet<T>,
+    ) -> Option<&'a T> {
         tokens.find(presented_token(headers.get(name)?))
-    }
-
-    /// A browser's WebSocket cannot carry headers, so its token may come as a subprotocol.
-    fn presented_as_subprotocol(&self, headers: &HeaderMap) -> Option<&Arc<str>> {
-        if !is_websocket_upgrade(&Method::GET, headers) {
-            return None;
-        }
-        self.0.clients.find(subprotocol_token(headers)?)
     }
 
     fn refuse(&self) -> ProxyError {
@@ -135,4 +167,12 @@ impl Authenticator {
         );
         ProxyError::Unauthorized
     }
+}
+
+/// A browser's WebSocket cannot carry headers, so its token may come as a subprotocol.
+fn presented_as_subprotocol<'a, T>(headers: &HeaderMap, tokens: &'a TokenSet<T>) -> Option<&'a T> {
+    if !is_websocket_upgrade(&Method::GET, headers) {
+        return None;
+    }
+    tokens.find(subprotocol_token(headers)?)
 }

@@ -36,7 +36,8 @@ pub fn mask_header_values(headers: &mut HeaderMap, secret: &[u8]) {
 
 /// Masks what debug logs show: every configured secret in text, and credential headers whole.
 pub struct Redactor {
-    secrets: Vec<Secret>,
+    /// Replaced on reload, so a client token added at run time is masked too.
+    secrets: arc_swap::ArcSwap<Vec<Secret>>,
     credential_headers: Vec<HeaderName>,
 }
 
@@ -56,15 +57,27 @@ impl Redactor {
             }
         }
         Redactor {
-            secrets: config.secrets().cloned().collect(),
+            secrets: arc_swap::ArcSwap::from_pointee(config.secrets().cloned().collect()),
             credential_headers,
         }
+    }
+
+    /// The secrets of a newly loaded configuration, with the old ones kept: a request that
+    /// started before the reload may still log them.
+    pub fn add_secrets(&self, config: &Config) {
+        let mut secrets: Vec<Secret> = self.secrets.load().iter().cloned().collect();
+        for secret in config.secrets() {
+            if !secrets.contains(secret) {
+                secrets.push(secret.clone());
+            }
+        }
+        self.secrets.store(std::sync::Arc::new(secrets));
     }
 
     /// `text` with every configured secret replaced by `***`.
     pub fn mask(&self, text: &str) -> String {
         let mut masked = text.to_string();
-        for secret in &self.secrets {
+        for secret in self.secrets.load().iter() {
             if masked.contains(secret.expose()) {
                 masked = masked.replace(secret.expose(), "***");
             }

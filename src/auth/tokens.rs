@@ -10,28 +10,45 @@ use warp::http::HeaderValue;
 
 use crate::config::Secret;
 
-/// A set of accepted tokens and their labels (the name in logs and metrics).
+/// A set of accepted tokens and what each stands for: a label (the name in logs and metrics),
+/// or a whole client with its limits.
 ///
 /// Comparing fixed-size digests, and always comparing against every entry, means neither the
 /// length of a valid token nor which entry matched can be learnt from response timing.
-#[derive(Clone, Default)]
-pub struct TokenSet {
-    entries: Vec<([u8; 32], Arc<str>)>,
+#[derive(Clone)]
+pub struct TokenSet<T = Arc<str>> {
+    entries: Vec<([u8; 32], T)>,
+}
+
+impl<T> Default for TokenSet<T> {
+    fn default() -> Self {
+        TokenSet {
+            entries: Vec::new(),
+        }
+    }
 }
 
 impl TokenSet {
     pub fn new<'a>(tokens: impl IntoIterator<Item = (Arc<str>, &'a Secret)>) -> TokenSet {
-        TokenSet {
-            entries: tokens
+        TokenSet::from_digests(
+            tokens
                 .into_iter()
-                .map(|(label, token)| (digest(token.expose().as_bytes()), label))
-                .collect(),
-        }
+                .map(|(label, token)| (digest(token.expose().as_bytes()), label)),
+        )
     }
 
     /// One token with a fixed label, such as the admin token.
     pub fn single(label: &str, token: &Secret) -> TokenSet {
         TokenSet::new([(Arc::from(label), token)])
+    }
+}
+
+impl<T> TokenSet<T> {
+    /// Entries already hashed, such as a clients file's `token_sha256`.
+    pub fn from_digests(entries: impl IntoIterator<Item = ([u8; 32], T)>) -> TokenSet<T> {
+        TokenSet {
+            entries: entries.into_iter().collect(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -44,7 +61,7 @@ impl TokenSet {
 
     /// The label of the entry `candidate` is, compared against every entry without branching on
     /// the result.
-    pub fn find(&self, candidate: &[u8]) -> Option<&Arc<str>> {
+    pub fn find(&self, candidate: &[u8]) -> Option<&T> {
         let candidate = digest(candidate);
         let mut found = Choice::from(0);
         let mut position = 0u64;
@@ -62,7 +79,7 @@ impl TokenSet {
 }
 
 /// Labels only: digests of tokens are not for logs either.
-impl fmt::Debug for TokenSet {
+impl<T: fmt::Debug> fmt::Debug for TokenSet<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list()
             .entries(self.entries.iter().map(|(_, label)| label))
@@ -78,7 +95,8 @@ pub fn token_label(token: &Secret) -> String {
         .collect()
 }
 
-fn digest(bytes: &[u8]) -> [u8; 32] {
+/// SHA-256, the form every accepted token is kept in.
+pub fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 

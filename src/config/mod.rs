@@ -4,6 +4,7 @@
 //! Loading and validation are separate from the process environment (`Config::from_lookup`) so tests
 //! can build any configuration without touching global state.
 
+pub mod clients;
 mod secret;
 mod values;
 pub mod variables;
@@ -11,14 +12,15 @@ pub mod variables;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::Url;
 use warp::http::{HeaderName, HeaderValue};
 
-use crate::auth::{TokenSet, token_label};
+use crate::auth::token_label;
+pub use clients::{Client, ClientLimits};
 pub use secret::Secret;
 use values::invalid;
 pub use values::{UpstreamQuery, is_client_name};
@@ -62,8 +64,12 @@ pub struct Config {
     /// The header callers put their token in (`DEFAULT_AUTH_HEADER`).
     pub auth_header: HeaderName,
     pub allowed_tokens: Vec<ClientToken>,
-    /// `allowed_tokens` as digests with their labels, built once.
-    pub client_tokens: TokenSet,
+    /// `CLIENTS_FILE`, read again on reload.
+    pub clients_file: Option<PathBuf>,
+    /// Every known caller: the `ALLOWED_TOKENS` entries (no limits), then the clients file's.
+    pub clients: Vec<Client>,
+    /// `STATE_DIR`: where the daily budgets are kept across restarts.
+    pub state_dir: PathBuf,
     pub admin_token: Option<Secret>,
     /// Protects `/metrics`; falls back to `admin_token`, and `/metrics` is open without either.
     pub metrics_token: Option<Secret>,
@@ -306,7 +312,20 @@ impl Config {
         };
 
         let debug_mode = values::boolean("DEBUG_MODE", get("DEBUG_MODE"))?;
-        let auth_validation = values::boolean("AUTH_VALIDATION", get("AUTH_VALIDATION"))?;
+        let clients_file = get("CLIENTS_FILE").map(PathBuf::from);
+        // A clients file is a list of who may call: it makes no sense with validation off, and
+        // silently ignoring it would leave the proxy open.
+        let auth_validation = match (get("AUTH_VALIDATION"), &clients_file) {
+            (None, Some(_)) => true,
+            (value, Some(_)) if !values::boolean("AUTH_VALIDATION", value.clone())? => {
+                return Err(invalid(
+                    "AUTH_VALIDATION",
+                    "is false but CLIENTS_FILE is set: a clients file turns validation on; \
+                     remove one of the two",
+                ));
+            }
+            (value, _) => values::boolean("AUTH_VALIDATION", value)?,
+        };
 
         let allowed_tokens: Vec<ClientToken> = get("ALLOWED_TOKENS")
             .unwrap_or_default()
@@ -315,18 +334,54 @@ impl Config {
             .filter(|token| !token.is_empty())
             .map(ClientToken::parse)
             .collect();
-        if auth_validation && allowed_tokens.is_empty() {
+        if auth_validation && allowed_tokens.is_empty() && clients_file.is_none() {
             return Err(invalid(
                 "ALLOWED_TOKENS",
                 "is empty but AUTH_VALIDATION is on: list the client tokens, comma-separated, \
                  or set AUTH_VALIDATION=false",
             ));
         }
-        let client_tokens = TokenSet::new(
-            allowed_tokens
-                .iter()
-                .map(|client| (client.label(), &client.token)),
-        );
+        let mut clients: Vec<Client> = allowed_tokens
+            .iter()
+            .map(Client::from_allowed_token)
+            .collect();
+        if let Some(path) = &clients_file {
+            let text = std::fs::read_to_string(path).map_err(|err| {
+                invalid(
+                    "CLIENTS_FILE",
+                    format!("{} cannot be read: {err}", path.display()),
+                )
+            })?;
+            let from_file = clients::parse(&text).map_err(|message| {
+                invalid("CLIENTS_FILE", format!("{}: {message}", path.display()))
+            })?;
+            for client in &from_file {
+                // One name is one set of counters: an ALLOWED_TOKENS entry of the same name
+                // would share (and spend) the file client's limits.
+                if clients.iter().any(|known| known.name == client.name) {
+                    return Err(invalid(
+                        "CLIENTS_FILE",
+                        format!(
+                            "{}: clients.{}: the same name as an ALLOWED_TOKENS entry",
+                            path.display(),
+                            client.name
+                        ),
+                    ));
+                }
+                if clients.iter().any(|known| known.digest == client.digest) {
+                    return Err(invalid(
+                        "CLIENTS_FILE",
+                        format!(
+                            "{}: clients.{}.token: the same token as an ALLOWED_TOKENS entry",
+                            path.display(),
+                            client.name
+                        ),
+                    ));
+                }
+            }
+            clients.extend(from_file);
+        }
+        let state_dir = PathBuf::from(get("STATE_DIR").unwrap_or_else(|| "state".to_string()));
 
         let auth_header = match get("DEFAULT_AUTH_HEADER") {
             None => warp::http::header::AUTHORIZATION,
@@ -399,7 +454,9 @@ impl Config {
             auth_validation,
             auth_header,
             allowed_tokens,
-            client_tokens,
+            clients_file,
+            clients,
+            state_dir,
             admin_token,
             metrics_token,
             limits,
@@ -412,9 +469,78 @@ impl Config {
             .keys
             .iter()
             .map(|key| &key.key)
-            .chain(self.allowed_tokens.iter().map(|client| &client.token))
+            .chain(
+                self.clients
+                    .iter()
+                    .filter_map(|client| client.token.as_ref()),
+            )
             .chain(&self.admin_token)
             .chain(&self.metrics_token)
+    }
+
+    /// The settings a reload cannot change, each as its variable and a fingerprint that holds
+    /// no secret: a reload compares them and logs the ones that need a restart. (`CLIENTS_FILE`
+    /// too, which the reload handles itself: it keeps reading the file it watches.)
+    pub fn restart_only(&self) -> Vec<(&'static str, String)> {
+        let limits = &self.limits;
+        vec![
+            (
+                "TARGET_HOST / TARGET_BASE_URL",
+                self.upstream.base_url.to_string(),
+            ),
+            (
+                "AUTH_BEARER",
+                self.upstream
+                    .keys
+                    .iter()
+                    .map(|key| token_label(&key.key))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            (
+                "UPSTREAM_AUTH_HEADER",
+                self.upstream.auth_header.to_string(),
+            ),
+            (
+                "UPSTREAM_QUERY",
+                self.upstream.query.as_ref().map_or(String::new(), |query| {
+                    token_label(&Secret::new(query.encoded.clone()))
+                }),
+            ),
+            ("SSE_KEEPALIVE_SECS", format!("{:?}", limits.sse_keepalive)),
+            ("PROXY_HOST", self.host.to_string()),
+            ("PROXY_PORT", self.port.to_string()),
+            ("LOG_LEVEL", format!("{:?}", self.log_level)),
+            ("LOG_FORMAT", format!("{:?}", self.log_format)),
+            ("DEBUG_MODE", self.debug_mode.to_string()),
+            ("DEFAULT_AUTH_HEADER", self.auth_header.to_string()),
+            ("STATE_DIR", self.state_dir.display().to_string()),
+            (
+                "UPSTREAM_CONNECT_TIMEOUT_SECS",
+                format!("{:?}", limits.upstream_connect_timeout),
+            ),
+            (
+                "UPSTREAM_TIMEOUT_SECS",
+                format!("{:?}", limits.upstream_timeout),
+            ),
+            (
+                "STREAM_IDLE_TIMEOUT_SECS",
+                format!("{:?}", limits.stream_idle_timeout),
+            ),
+            (
+                "HEADER_READ_TIMEOUT_SECS",
+                format!("{:?}", limits.header_read_timeout),
+            ),
+            (
+                "SHUTDOWN_GRACE_SECS",
+                format!("{:?}", limits.shutdown_grace),
+            ),
+            ("MAX_BODY_BYTES", limits.max_body_bytes.to_string()),
+            (
+                "MAX_CONCURRENT_REQUESTS",
+                limits.max_concurrent_requests.to_string(),
+            ),
+        ]
     }
 }
 
@@ -773,6 +899,53 @@ mod tests {
             error_variable(&[bearer, ("DEFAULT_AUTH_HEADER", "bad header")]),
             "DEFAULT_AUTH_HEADER"
         );
+    }
+
+    #[test]
+    fn a_clients_file_implies_validation_and_joins_allowed_tokens() {
+        let file = std::env::temp_dir().join(format!("llm-proxy-unit-{}.toml", std::process::id()));
+        std::fs::write(
+            &file,
+            "[clients.alice]\ntoken = \"tok-a\"\nrequests_per_minute = 5\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let config = config(&[("AUTH_BEARER", "k"), ("CLIENTS_FILE", path)]).unwrap();
+        assert!(config.auth_validation);
+        assert_eq!(config.clients.len(), 1);
+        assert_eq!(config.state_dir, PathBuf::from("state"));
+        let both = self::config(&[
+            ("AUTH_BEARER", "k"),
+            ("CLIENTS_FILE", path),
+            ("ALLOWED_TOKENS", "bob:tok-b"),
+        ])
+        .unwrap();
+        let names: Vec<&str> = both.clients.iter().map(|client| &*client.name).collect();
+        assert_eq!(names, ["bob", "alice"]);
+        for clash in ["alice:other", "carol:tok-a"] {
+            let vars = [
+                ("AUTH_BEARER", "k"),
+                ("CLIENTS_FILE", path),
+                ("ALLOWED_TOKENS", clash),
+            ];
+            assert_eq!(error_variable(&vars), "CLIENTS_FILE", "{clash}");
+        }
+        assert_eq!(
+            error_variable(&[
+                ("AUTH_BEARER", "k"),
+                ("CLIENTS_FILE", path),
+                ("AUTH_VALIDATION", "false")
+            ]),
+            "AUTH_VALIDATION"
+        );
+        assert_eq!(
+            error_variable(&[
+                ("AUTH_BEARER", "k"),
+                ("CLIENTS_FILE", "/nonexistent/c.toml")
+            ]),
+            "CLIENTS_FILE"
+        );
+        let _ = std::fs::remove_file(&file);
     }
 
     #[test]

@@ -72,6 +72,16 @@ pub const VARIABLES: &[Variable] = &[
         "client tokens, comma-separated; name:token gives a label",
     ),
     var(
+        "CLIENTS_FILE",
+        "unset",
+        "TOML file of clients with limits; implies AUTH_VALIDATION",
+    ),
+    var(
+        "STATE_DIR",
+        "state",
+        "where daily token budgets survive restarts",
+    ),
+    var(
         "DEFAULT_AUTH_HEADER",
         "Authorization",
         "header callers put their token in",
@@ -136,6 +146,8 @@ const PREFIXES: &[&str] = &[
     "ALLOWED_",
     "DEFAULT_AUTH",
     "DEBUG_",
+    "CLIENTS_",
+    "STATE_",
 ];
 
 pub fn is_known(name: &str) -> bool {

@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::sync::OwnedSemaphorePermit;
 use warp::http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 
-use super::exchange::Exchange;
+use super::exchange::{Exchange, Spend};
 use super::metrics::Metrics;
 use super::request_id::REQUEST_ID;
 use crate::config::LogFormat;
@@ -43,6 +43,7 @@ pub struct AccessRecord {
     /// How a WebSocket tunnel ended (`closed`, `idle`, `failed`, `drained`).
     tunnel_outcome: Option<&'static str>,
     exchange: Option<Exchange>,
+    spend: Option<Spend>,
     upstream_request_id: Option<HeaderValue>,
     metrics: Metrics,
     format: LogFormat,
@@ -75,6 +76,7 @@ impl AccessRecord {
             failed: false,
             tunnel_outcome: None,
             exchange: None,
+            spend: None,
             upstream_request_id: None,
             metrics,
             format,
@@ -96,6 +98,7 @@ impl AccessRecord {
             .or_else(|| response.body().size_hint().exact());
         self.upstream_request_id = headers.get(&REQUEST_ID).cloned();
         self.exchange = response.extensions().get::<Exchange>().cloned();
+        self.spend = response.extensions().get::<Spend>().cloned();
         if self.is_stream() {
             self.metrics.streams_in_flight().inc();
         }
@@ -160,6 +163,8 @@ impl AccessRecord {
         let id = self.id.to_str().unwrap_or("-");
         let millis = |duration: Duration| duration.as_secs_f64() * 1000.0;
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        let model = self.spend.as_ref().and_then(|spend| spend.model.as_deref());
+        let usage = self.spend.as_ref().and_then(|spend| *spend.usage.lock());
         // The path only: query strings are the caller's business and may carry secrets.
         match self.format {
             LogFormat::Json => log::info!(
@@ -179,6 +184,9 @@ impl AccessRecord {
                     "stream": self.is_stream(),
                     "outcome": self.outcome(),
                     "upstream_request_id": self.upstream_request_id.as_ref().and_then(|id| id.to_str().ok()),
+                    "model": model,
+                    "prompt_tokens": usage.map(|usage| usage.prompt),
+                    "completion_tokens": usage.map(|usage| usage.completion),
                 })
             ),
             LogFormat::Text => {
@@ -187,13 +195,17 @@ impl AccessRecord {
                 log::info!(
                     target: ACCESS_TARGET,
                     "{} {} status={status} duration_ms={} ttfb_ms={ttfb} bytes_in={bytes_in} \
-                     bytes_out={} stream={} client={client} outcome={} req={id} upstream_req={upstream_id}",
+                     bytes_out={} stream={} client={client} outcome={} req={id} upstream_req={upstream_id} \
+                     model={} prompt_tokens={} completion_tokens={}",
                     self.method,
                     self.uri.path(),
                     OptionalMillis(Some(duration)),
                     self.bytes_out,
                     self.is_stream(),
                     self.outcome(),
+                    model.unwrap_or("-"),
+                    OptionalCount(usage.map(|usage| usage.prompt)),
+                    OptionalCount(usage.map(|usage| usage.completion)),
                 );
             }
         }
@@ -211,6 +223,18 @@ impl std::fmt::Display for OptionalMillis {
                 let tenths = duration.as_micros() / 100;
                 write!(f, "{}.{}", tenths / 10, tenths % 10)
             }
+            None => f.write_str("-"),
+        }
+    }
+}
+
+/// A number, or `-` when unknown.
+struct OptionalCount(Option<u64>);
+
+impl std::fmt::Display for OptionalCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(count) => write!(f, "{count}"),
             None => f.write_str("-"),
         }
     }

@@ -14,3 +14,14 @@ pub struct Exchange {
     /// Whether the answer is a server-sent-event stream.
     pub stream: bool,
 }
+
+/// The model and token counts of an exchange, for the access line. Set by the `/v1` handler; the
+/// counts arrive when the answer's body ends, which is before the access line is written (the
+/// body is dropped before the record that wraps it).
+#[derive(Clone, Debug, Default)]
+pub struct Spend {
+    /// The model the request named, when the proxy read the body (clients with a model list or
+    /// token limits).
+    pub model: Option<Arc<str>>,
+    pub usage: Arc<parking_lot::Mutex<Option<crate::proxy::usage::Usage>>>,
+}

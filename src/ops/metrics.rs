@@ -108,6 +108,18 @@ struct KeyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    client: Arc<str>,
+    /// The limit that refused: a field name of the clients file, or the model checks.
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenLabels {
     client: Arc<str>,
     kind: TokenKind,
@@ -148,6 +160,8 @@ struct Families {
     key_rate_limited: Family<KeyLabels, Counter>,
     key_resting: Family<KeyLabels, Gauge>,
     key_disabled: Family<KeyLabels, Gauge>,
+    limit_refusals: Family<RefusalLabels, Counter>,
+    reloads: Family<ReloadLabels, Counter>,
     /// Per-route histogram handles, indexed by `Route as usize`: a family lookup hashes the
     /// labels under a lock on every request; the handles share the family's storage, so the
     /// exposition is unchanged.
@@ -266,6 +280,18 @@ impl Metrics {
             "1 once the upstream refused the key (401/403): out of turn until restart",
             key_disabled.clone(),
         );
+        let limit_refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "limit_refusals",
+            "Requests refused by a client's limits, by client and reason",
+            limit_refusals.clone(),
+        );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Reloads of the clients file and token settings, by result (ok, failed)",
+            reloads.clone(),
+        );
         Metrics(Arc::new(Families {
             registry,
             requests,
@@ -283,6 +309,8 @@ impl Metrics {
             key_rate_limited,
             key_resting,
             key_disabled,
+            limit_refusals,
+            reloads,
             cached: Default::default(),
         }))
     }
@@ -403,6 +431,23 @@ impl Metrics {
 fn key_labels(position: usize) -> KeyLabels {
     KeyLabels {
         key: position as u64,
+    }
+}
+
+impl Metrics {
+    pub fn limit_refusal(&self, client: &Arc<str>, reason: &'static str) {
+        self.0
+            .limit_refusals
+            .get_or_create(&RefusalLabels {
+                client: client.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn reload(&self, succeeded: bool) {
+        let result = if succeeded { "ok" } else { "failed" };
+        self.0.reloads.get_or_create(&ReloadLabels { result }).inc();
     }
 }
 

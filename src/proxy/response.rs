@@ -2,7 +2,6 @@
 //! forwarded chunk by chunk as it arrives, bytes untouched, under the idle watchdog.
 
 use std::pin::Pin;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -12,7 +11,7 @@ use warp::http::{HeaderMap, StatusCode, header};
 use super::Upstream;
 use super::body::GuardedBody;
 use super::headers::{declared_length, is_event_stream, response_headers};
-use super::usage::UsageMeter;
+use super::usage::{Metering, UsageMeter};
 use crate::auth::redact::{SecretMask, error_chain, mask_secret};
 use crate::error::ProxyError;
 
@@ -31,11 +30,12 @@ pub struct Forwarded {
 
 impl Upstream {
     /// Non-2xx bodies go through the key mask: an upstream may echo the credentials it rejected.
-    /// With `usage_client`, the `usage` object of a successful answer is counted for that client.
+    /// With `metering`, a successful answer's body is watched to its end: its `usage` counted
+    /// and reported (see [`Metering`]).
     pub async fn into_reply(
         &self,
         mut upstream: reqwest::Response,
-        usage_client: Option<Arc<str>>,
+        metering: Option<Metering>,
     ) -> Forwarded {
         let status = upstream.status();
         let mut headers =
@@ -63,8 +63,8 @@ impl Upstream {
             for key in self.keys_to_mask() {
                 body = Box::pin(SecretMask::new(body, key.clone()));
             }
-        } else if let Some(client) = usage_client {
-            body = Box::pin(UsageMeter::new(body, self.0.metrics.clone(), client));
+        } else if let Some(metering) = metering {
+            body = Box::pin(UsageMeter::new(body, self.0.metrics.clone(), metering));
         }
         if let Some(redactor) = self.body_log() {
             body = Box::pin(body.inspect(move |chunk| match chunk {

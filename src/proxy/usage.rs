@@ -236,22 +236,42 @@ impl UsageScanner {
     }
 }
 
+/// Told once, when an answer's body ends (or the caller left), what usage it reported and how
+/// many server-sent events went by.
+pub type Report = Box<dyn FnOnce(Option<Usage>, u64) + Send + Sync>;
+
+/// What to do with a successful answer's body: count its usage for `client` (when `scan`), and
+/// tell `report` at the end, with the number of events when `count_events` (only a client whose
+/// limits may need the estimate pays for the search).
+pub struct Metering {
+    pub client: Arc<str>,
+    pub scan: bool,
+    pub count_events: bool,
+    pub report: Option<Report>,
+}
+
 /// Passes a body through untouched while scanning it; counts the usage it saw when dropped, which
 /// is when the body ended or the client went away.
 pub struct UsageMeter<S> {
     inner: S,
-    scanner: UsageScanner,
+    scanner: Option<UsageScanner>,
     metrics: Metrics,
     client: Arc<str>,
+    count_events: bool,
+    events: u64,
+    report: Option<Report>,
 }
 
 impl<S> UsageMeter<S> {
-    pub fn new(inner: S, metrics: Metrics, client: Arc<str>) -> Self {
+    pub fn new(inner: S, metrics: Metrics, metering: Metering) -> Self {
         UsageMeter {
             inner,
-            scanner: UsageScanner::default(),
+            scanner: metering.scan.then(UsageScanner::default),
             metrics,
-            client,
+            client: metering.client,
+            count_events: metering.count_events,
+            events: 0,
+            report: metering.report,
         }
     }
 }
@@ -266,21 +286,34 @@ where
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_next(cx);
         if let Poll::Ready(Some(Ok(chunk))) = &polled {
-            this.scanner.feed(chunk);
+            if let Some(scanner) = &mut this.scanner {
+                scanner.feed(chunk);
+            }
+            if this.count_events {
+                this.events += DATA_FINDER.find_iter(chunk).count() as u64;
+            }
         }
         polled
     }
 }
 
+/// Server-sent events, counted for the estimate of a stream that reports no usage.
+static DATA_FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"data:"));
+
 impl<S> Drop for UsageMeter<S> {
     fn drop(&mut self) {
-        if let Some(usage) = self.scanner.usage() {
+        let usage = self.scanner.as_ref().and_then(UsageScanner::usage);
+        if let Some(usage) = usage {
             self.metrics
                 .tokens(&self.client, TokenKind::Prompt, usage.prompt);
             self.metrics
                 .tokens(&self.client, TokenKind::Completion, usage.completion);
             self.metrics
                 .tokens(&self.client, TokenKind::Total, usage.total);
+        }
+        if let Some(report) = self.report.take() {
+            report(usage, self.events);
         }
     }
 }

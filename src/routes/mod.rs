@@ -27,6 +27,8 @@ pub fn routes(
         .unify()
         .or(admin::clear_cache(state.clone()))
         .unify()
+        .or(admin::clients(state.clone()))
+        .unify()
         .or(models::list(state.clone()))
         .unify()
         .or(proxy::forward(state))

@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 use std::time::Instant;
 
-use warp::http::{HeaderMap, HeaderValue};
+use warp::http::{HeaderMap, HeaderValue, header};
 use warp::{Filter, Rejection};
 
 use super::{raw_query, with};
@@ -58,8 +58,17 @@ async fn list_models(
     };
     // Errors are answered here rather than rejected: a rejection would make warp try the next
     // route and send the request upstream a second time.
+    let models = caller
+        .client
+        .as_ref()
+        .and_then(|client| client.limits.models.is_some().then_some(&client.limits));
     let mut reply = match result {
-        Ok(cached) => cached_reply(&cached, cache_status),
+        Ok(cached) => match models {
+            Some(limits) if cached.status.is_success() => {
+                filtered_reply(&cached, cache_status, |id| limits.allows_model(id))
+            }
+            _ => cached_reply(&cached, cache_status),
+        },
         Err(error) => error.into_response(),
     };
     reply.extensions_mut().insert(Exchange {
@@ -68,6 +77,32 @@ async fn list_models(
         stream: false,
     });
     Ok(reply)
+}
+
+/// The shared list with only the models `allowed` keeps: one cache for everybody, filtered per
+/// caller. A body that is not the usual `{"data":[...]}` is passed on as it is.
+fn filtered_reply(
+    cached: &CachedResponse,
+    cache_status: CacheStatus,
+    allowed: impl Fn(&str) -> bool,
+) -> warp::reply::Response {
+    let mut list: serde_json::Value = match serde_json::from_slice(&cached.body) {
+        Ok(list) => list,
+        Err(_) => return cached_reply(cached, cache_status),
+    };
+    let Some(data) = list.get_mut("data").and_then(|data| data.as_array_mut()) else {
+        return cached_reply(cached, cache_status);
+    };
+    data.retain(|model| {
+        model
+            .get("id")
+            .and_then(|id| id.as_str())
+            .is_some_and(&allowed)
+    });
+    let mut reply = cached_reply(cached, cache_status);
+    reply.headers_mut().remove(header::CONTENT_LENGTH);
+    *reply.body_mut() = serde_json::to_vec(&list).unwrap_or_default().into();
+    reply
 }
 
 fn cached_reply(cached: &CachedResponse, cache_status: CacheStatus) -> warp::reply::Response {

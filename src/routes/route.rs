@@ -13,8 +13,10 @@ pub enum Route {
     Models,
     /// Everything else under `/v1`, forwarded as it is.
     Passthrough,
-    /// `/admin/...`; only `/admin/cache/clear` exists.
+    /// `/admin/...` but `/admin/clients`; only `/admin/cache/clear` exists.
     Admin,
+    /// `GET /admin/clients`: every client's limits and usage.
+    AdminClients,
     Healthz,
     Readyz,
     Metrics,
@@ -24,7 +26,7 @@ pub enum Route {
 
 impl Route {
     /// How many variants there are, for tables indexed by `route as usize`.
-    pub const COUNT: usize = 8;
+    pub const COUNT: usize = 9;
 
     pub fn of(path: &str) -> Route {
         match path {
@@ -33,6 +35,7 @@ impl Route {
             "/healthz" => Route::Healthz,
             "/readyz" => Route::Readyz,
             "/metrics" => Route::Metrics,
+            "/admin/clients" => Route::AdminClients,
             _ if path == "/v1" || path.starts_with("/v1/") => Route::Passthrough,
             _ if path.starts_with("/admin/") => Route::Admin,
             _ => Route::Other,
@@ -45,7 +48,7 @@ impl Route {
             Route::Chat => "chat",
             Route::Models => "models",
             Route::Passthrough => "passthrough",
-            Route::Admin => "admin",
+            Route::Admin | Route::AdminClients => "admin",
             Route::Healthz | Route::Readyz => "health",
             Route::Metrics => "metrics",
             Route::Other => "other",
@@ -63,7 +66,7 @@ impl Route {
     /// paths that also take `POST`), so the proxy never answers 405 for them.
     pub fn allow(self) -> Option<&'static str> {
         match self {
-            Route::Healthz | Route::Readyz | Route::Metrics => Some("GET"),
+            Route::Healthz | Route::Readyz | Route::Metrics | Route::AdminClients => Some("GET"),
             Route::Admin => Some("POST"),
             Route::Chat | Route::Models | Route::Passthrough | Route::Other => None,
         }
@@ -106,6 +109,7 @@ mod tests {
             ("/v1x", Route::Other),
             ("/admin/cache/clear", Route::Admin),
             ("/admin/other", Route::Admin),
+            ("/admin/clients", Route::AdminClients),
             ("/healthz", Route::Healthz),
             ("/readyz", Route::Readyz),
             ("/metrics", Route::Metrics),

@@ -2,6 +2,9 @@
 
 mod admin;
 mod auth;
+mod budget;
+mod client_limits;
+mod clients;
 mod filters;
 mod forwarding;
 mod fuzz_corpus;
@@ -14,6 +17,7 @@ mod models;
 mod observability;
 mod process;
 mod providers;
+mod reload;
 mod runtime;
 mod shutdown;
 mod streaming;

@@ -128,17 +128,30 @@ pub async fn start_binary(vars: &[(&str, &str)]) -> RunningProxy {
     start_command(tokio::process::Command::new(BINARY), vars).await
 }
 
+/// The binary with only `vars` set, run in `dir` (where it reads `.env` files), once it listens.
+pub async fn start_binary_in(dir: &std::path::Path, vars: &[(&str, &str)]) -> RunningProxy {
+    start_command_in(tokio::process::Command::new(BINARY), dir, vars).await
+}
+
 /// `command` (the binary, perhaps with limits set for it) in a clean environment with
 /// `PROXY_PORT=0` and then `vars`; resolves once it listens.
 pub async fn start_command(
+    command: tokio::process::Command,
+    vars: &[(&str, &str)],
+) -> RunningProxy {
+    start_command_in(command, &std::env::temp_dir(), vars).await
+}
+
+async fn start_command_in(
     mut command: tokio::process::Command,
+    dir: &std::path::Path,
     vars: &[(&str, &str)],
 ) -> RunningProxy {
     let mut child = command
         .env_clear()
         .env("PROXY_PORT", "0")
         .envs(vars.iter().copied())
-        .current_dir(std::env::temp_dir())
+        .current_dir(dir)
         .stderr(Stdio::piped())
         .stdout(Stdio::piped())
         .kill_on_drop(true)

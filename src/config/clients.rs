@@ -1,0 +1,357 @@
+//! The clients file (`CLIENTS_FILE`): one TOML table per client under `[clients.<name>]`, with
+//! its token (or the token's SHA-256) and optional limits. Every problem names the client and the
+//! field; nothing here echoes a token.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::{ClientToken, Secret, is_client_name};
+use crate::auth::digest;
+
+/// One caller the proxy knows: from the clients file, or an `ALLOWED_TOKENS` entry (no limits).
+#[derive(Clone)]
+pub struct Client {
+    /// The label in logs, metrics and `/admin/clients`.
+    pub name: Arc<str>,
+    /// SHA-256 of the token: all the token check needs.
+    pub digest: [u8; 32],
+    /// The token itself when the configuration holds it (masked in debug logs); `None` for a
+    /// `token_sha256` entry.
+    pub token: Option<Secret>,
+    pub limits: ClientLimits,
+}
+
+/// The name and limits only: neither the token nor its digest is for logs.
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("name", &self.name)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the file may say about a client, every field optional.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientLimits {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub max_concurrent_requests: Option<u64>,
+    /// The daily budget; the day is UTC.
+    pub tokens_per_day: Option<u64>,
+    /// Exact names or a prefix ending in `*`; `None`: every model.
+    pub models: Option<Vec<String>>,
+    pub expires_at: Option<SystemTime>,
+    pub disabled: bool,
+}
+
+impl ClientLimits {
+    /// Whether the proxy needs the request's body (its `model`, its size) for this client.
+    pub fn reads_body(&self) -> bool {
+        self.models.is_some() || self.counts_tokens()
+    }
+
+    pub fn counts_tokens(&self) -> bool {
+        self.tokens_per_minute.is_some() || self.tokens_per_day.is_some()
+    }
+
+    /// Whether any limit the limiter keeps state for is set (the rate-limit headers then describe
+    /// this client rather than the shared key).
+    pub fn is_limited(&self) -> bool {
+        self.requests_per_minute.is_some()
+            || self.max_concurrent_requests.is_some()
+            || self.counts_tokens()
+    }
+
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models.as_ref().is_none_or(|patterns| {
+            patterns
+                .iter()
+                .any(|pattern| match pattern.strip_suffix('*') {
+                    Some(prefix) => model.starts_with(prefix),
+                    None => model == pattern,
+                })
+        })
+    }
+
+    /// Refused like an unknown token: disabled, or at or past `expires_at`.
+    pub fn is_active(&self, now: SystemTime) -> bool {
+        !self.disabled && self.expires_at.is_none_or(|expiry| now < expiry)
+    }
+}
+
+impl Client {
+    pub fn from_allowed_token(entry: &ClientToken) -> Client {
+        Client {
+            name: entry.label(),
+            digest: digest(entry.token.expose().as_bytes()),
+            token: Some(entry.token.clone()),
+            limits: ClientLimits::default(),
+        }
+    }
+}
+
+/// Parses the text of a clients file. The error is one line naming the client and field.
+pub fn parse(text: &str) -> Result<Vec<Client>, String> {
+    let document: toml::Table = text
+        .parse()
+        .map_err(|err: toml::de::Error| format!("is not valid TOML: {}", one_line(&err)))?;
+    let mut clients = Vec::new();
+    for (key, value) in document {
+        if key != "clients" {
+            return Err(format!(
+                "{key}: unknown top-level key (accepted: [clients.<name>] tables)"
+            ));
+        }
+        let toml::Value::Table(table) = value else {
+            return Err("clients: must be a table of [clients.<name>] tables".to_string());
+        };
+        for (name, entry) in table {
+            clients.push(parse_client(&name, entry)?);
+        }
+    }
+    let mut digests = HashSet::new();
+    for client in &clients {
+        if !digests.insert(client.digest) {
+            return Err(format!(
+                "clients.{}.token: the same token as another client",
+                client.name
+            ));
+        }
+    }
+    Ok(clients)
+}
+
+fn one_line(err: &toml::de::Error) -> String {
+    // The span, not the snippet: the snippet could show a token.
+    let line = err.message().to_string();
+    match err.span() {
+        Some(span) => format!("{line} (at byte {})", span.start),
+        None => line,
+    }
+}
+
+fn parse_client(name: &str, entry: toml::Value) -> Result<Client, String> {
+    if !is_client_name(name) {
+        return Err(format!(
+            "clients.{}: a client name is 1 to 32 characters of A-Z a-z 0-9 _ . -",
+            name.chars().take(40).collect::<String>()
+        ));
+    }
+    let toml::Value::Table(fields) = entry else {
+        return Err(format!("clients.{name}: must be a table"));
+    };
+    let at = |field: &str| format!("clients.{name}.{field}");
+    let mut limits = ClientLimits::default();
+    let mut token = None;
+    let mut digest_value = None;
+    for (field, value) in fields {
+        let field = field.as_str();
+        match field {
+            "token" => match value {
+                toml::Value::String(text) if !text.trim().is_empty() => {
+                    token = Some(Secret::new(text.trim()));
+                }
+                _ => return Err(format!("{}: must be a non-empty string", at(field))),
+            },
+            "token_sha256" => {
+                digest_value = Some(
+                    value
+                        .as_str()
+                        .and_then(hex_digest)
+                        .ok_or_else(|| format!("{}: must be 64 hex digits", at(field)))?,
+                );
+            }
+            "requests_per_minute" => limits.requests_per_minute = Some(count(&value, &at(field))?),
+            "tokens_per_minute" => limits.tokens_per_minute = Some(count(&value, &at(field))?),
+            "max_concurrent_requests" => {
+                limits.max_concurrent_requests = Some(count(&value, &at(field))?);
+            }
+            "tokens_per_day" => limits.tokens_per_day = Some(count(&value, &at(field))?),
+            "models" => limits.models = Some(models(&value, &at(field))?),
+            "expires_at" => limits.expires_at = Some(date_time(&value, &at(field))?),
+            "disabled" => {
+                limits.disabled = value
+                    .as_bool()
+                    .ok_or_else(|| format!("{}: must be true or false", at(field)))?;
+            }
+            _ => {
+                return Err(format!(
+                    "{}: unknown field (accepted: token, token_sha256, requests_per_minute, \
+                     tokens_per_minute, max_concurrent_requests, tokens_per_day, models, \
+                     expires_at, disabled)",
+                    at(field)
+                ));
+            }
+        }
+    }
+    let digest = match (&token, digest_value) {
+        (Some(token), None) => digest(token.expose().as_bytes()),
+        (None, Some(digest)) => digest,
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "{}: give token or token_sha256, not both",
+                at("token")
+            ));
+        }
+        (None, None) => return Err(format!("{}: is required (or token_sha256)", at("token"))),
+    };
+    Ok(Client {
+        name: Arc::from(name),
+        digest,
+        token,
+        limits,
+    })
+}
+
+/// A whole number of at least 1: a limit of 0 would refuse everything by accident (`disabled`
+/// says that on purpose).
+fn count(value: &toml::Value, at: &str) -> Result<u64, String> {
+    match value.as_integer() {
+        Some(number) if number >= 1 => Ok(number as u64),
+        _ => Err(format!("{at}: must be a whole number of at least 1")),
+    }
+}
+
+fn models(value: &toml::Value, at: &str) -> Result<Vec<String>, String> {
+    let accepted = "must be a list of model names, each exact or ending in one *";
+    let list = value
+        .as_array()
+        .ok_or_else(|| format!("{at}: {accepted}"))?;
+    list.iter()
+        .map(|item| match item.as_str() {
+            Some(name) if !name.is_empty() && !name.trim_end_matches('*').contains('*') => {
+                if name.matches('*').count() > 1 {
+                    Err(format!("{at}: {accepted}"))
+                } else {
+                    Ok(name.to_string())
+                }
+            }
+            _ => Err(format!("{at}: {accepted}")),
+        })
+        .collect()
+}
+
+/// A TOML offset date-time (or a string) in UTC, such as `2027-01-01T00:00:00Z`.
+fn date_time(value: &toml::Value, at: &str) -> Result<SystemTime, String> {
+    let text = match value {
+        toml::Value::Datetime(datetime) => datetime.to_string(),
+        toml::Value::String(text) => text.clone(),
+        _ => String::new(),
+    };
+    humantime::parse_rfc3339(&text)
+        .map_err(|_| format!("{at}: must be a UTC date-time such as 2027-01-01T00:00:00Z"))
+}
+
+fn hex_digest(text: &str) -> Option<[u8; 32]> {
+    let text = text.trim();
+    if text.len() != 64 || !text.is_ascii() {
+        return None;
+    }
+    let mut digest = [0u8; 32];
+    for (index, byte) in digest.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[index * 2..index * 2 + 2], 16).ok()?;
+    }
+    Some(digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+        [clients.alice]
+        token = "tok-alice"
+        requests_per_minute = 60
+        tokens_per_minute = 100000
+        max_concurrent_requests = 4
+        tokens_per_day = 2000000
+        models = ["gpt-4o-mini", "gpt-4o-*"]
+        expires_at = 2027-01-01T00:00:00Z
+        disabled = false
+
+        [clients.bob]
+        token_sha256 = "8d969eef6ecad3c29a3a629280e686cf0c3f5d5a86aff3ca12020c923adc6c92"
+    "#;
+
+    fn error(text: &str) -> String {
+        parse(text).expect_err("the file should be rejected")
+    }
+
+    #[test]
+    fn every_field_is_read() {
+        let clients = parse(FULL).unwrap();
+        let alice = clients.iter().find(|c| &*c.name == "alice").unwrap();
+        assert_eq!(alice.limits.requests_per_minute, Some(60));
+        assert_eq!(alice.limits.tokens_per_minute, Some(100_000));
+        assert_eq!(alice.limits.max_concurrent_requests, Some(4));
+        assert_eq!(alice.limits.tokens_per_day, Some(2_000_000));
+        assert!(alice.limits.allows_model("gpt-4o-mini"));
+        assert!(alice.limits.allows_model("gpt-4o-2024-08-06"));
+        assert!(!alice.limits.allows_model("gpt-4"));
+        assert_eq!(
+            alice.limits.expires_at,
+            Some(humantime::parse_rfc3339("2027-01-01T00:00:00Z").unwrap())
+        );
+        let bob = clients.iter().find(|c| &*c.name == "bob").unwrap();
+        assert_eq!(bob.digest, digest(b"123456"));
+        assert!(bob.token.is_none());
+        assert!(bob.limits.allows_model("anything"));
+        assert!(!bob.limits.is_limited());
+    }
+
+    #[test]
+    fn errors_name_the_client_and_the_field_without_the_token() {
+        let cases = [
+            (
+                "[clients.a]\ntoken=\"t\"\nrequests_per_minit=5",
+                "clients.a.requests_per_minit",
+            ),
+            (
+                "[clients.a]\ntoken=\"t\"\nrequests_per_minute=0",
+                "clients.a.requests_per_minute",
+            ),
+            (
+                "[clients.a]\ntoken=\"t\"\ntokens_per_day=\"lots\"",
+                "clients.a.tokens_per_day",
+            ),
+            (
+                "[clients.a]\ntoken=\"t\"\nmodels=[\"*x*\"]",
+                "clients.a.models",
+            ),
+            (
+                "[clients.a]\ntoken=\"t\"\nexpires_at=2027-01-01",
+                "clients.a.expires_at",
+            ),
+            (
+                "[clients.a]\ntoken_sha256=\"abc\"",
+                "clients.a.token_sha256",
+            ),
+            ("[clients.a]\nrequests_per_minute=1", "clients.a.token"),
+            ("[clients.\"bad name\"]\ntoken=\"t\"", "clients.bad name"),
+            (
+                "[clients.a]\ntoken=\"same-secret\"\n[clients.b]\ntoken=\"same-secret\"",
+                "clients.b.token",
+            ),
+        ];
+        for (text, named) in cases {
+            let message = error(text);
+            assert!(message.starts_with(named), "{text:?}: {message}");
+            assert!(!message.contains("same-secret"), "{message}");
+        }
+        assert!(error("[clients.a\ntoken=").starts_with("is not valid TOML"));
+    }
+
+    #[test]
+    fn expiry_and_disabling_make_a_client_inactive() {
+        let now = SystemTime::now();
+        let mut limits = ClientLimits::default();
+        assert!(limits.is_active(now));
+        limits.expires_at = Some(now);
+        assert!(!limits.is_active(now));
+        limits.expires_at = None;
+        limits.disabled = true;
+        assert!(!limits.is_active(now));
+    }
+}

@@ -1,0 +1,240 @@
+//! Reloading what can change without a restart: the clients file and the token settings
+//! (`ALLOWED_TOKENS`, `ADMIN_TOKEN`, `METRICS_TOKEN`), re-read on `SIGHUP` and whenever the
+//! clients file changes.
+//!
+//! The whole configuration is loaded and validated again; only when that succeeds are the new
+//! rules swapped in, in one step ([`crate::auth::Authenticator::replace`]). A request holds the
+//! client it was admitted as for its whole life, so a reload never changes the rules under a
+//! running stream. A configuration that fails is rejected whole: the old rules stay.
+//!
+//! The file's directory is watched rather than the file: editors and `mv` replace the file (a
+//! watch on the old inode would go quiet), and a Kubernetes ConfigMap swaps a `..data` symlink
+//! next to it. Should the watch fail to start, the file is polled every second instead.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, ConfigError};
+use crate::state::AppState;
+
+/// The variables as at start-up, read afresh: the environment over `.env.local` over `.env`.
+pub type Source = Arc<dyn Fn() -> Result<HashMap<String, String>, ConfigError> + Send + Sync>;
+
+/// The process environment over the `.env` files of the working directory: what `main` reloads.
+pub fn environment() -> Result<HashMap<String, String>, ConfigError> {
+    let mut variables = crate::config::env_files()?;
+    // `vars_os`: `vars` would panic on a variable that is not UTF-8 (ours all are).
+    variables.extend(
+        std::env::vars_os().filter_map(|(name, value)| {
+            Some((name.into_string().ok()?, value.into_string().ok()?))
+        }),
+    );
+    Ok(variables)
+}
+
+/// Events closer together than this are one change (an editor writes, renames, chmods).
+const SETTLE: Duration = Duration::from_millis(100);
+const POLL: Duration = Duration::from_secs(1);
+
+pub struct Reloader {
+    state: AppState,
+    source: Source,
+    /// SHA-256 of the clients file as last loaded, so that events which leave it unchanged
+    /// (another file in the directory, a touch) do not reload.
+    loaded: Option<[u8; 32]>,
+    hangups: Hangups,
+    changes: mpsc::UnboundedReceiver<()>,
+    /// Kept alive for as long as the reloader.
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+fn file_digest(path: &Path) -> Option<[u8; 32]> {
+    std::fs::read(path)
+        .ok()
+        .map(|bytes| Sha256::digest(bytes).into())
+}
+
+impl Reloader {
+    /// From here on `SIGHUP` is this reloader's (it no longer ends the process), and changes
+    /// of the clients file are noticed; [`Reloader::run`] acts on them.
+    pub fn new(state: AppState, source: Source) -> Reloader {
+        let file = state.config.clients_file.clone();
+        let loaded = file.as_deref().and_then(file_digest);
+        let (changed, changes) = mpsc::unbounded_channel::<()>();
+        let watcher = file
+            .as_deref()
+            .and_then(|file| watch(file, changed.clone()));
+        if let Some(file) = file.filter(|_| watcher.is_none()) {
+            tokio::spawn(poll(file, changed));
+        }
+        Reloader {
+            state,
+            source,
+            loaded,
+            hangups: hangups(),
+            changes,
+            _watcher: watcher,
+        }
+    }
+
+    /// Loads, validates and swaps in; `false` (and an error line) when the new configuration
+    /// was rejected and the old one kept.
+    pub fn reload(&mut self, why: &str) -> bool {
+        let clients_file = self.state.config.clients_file.clone();
+        let digest = clients_file.as_deref().and_then(file_digest);
+        // The file being watched is the one read: a new CLIENTS_FILE waits for a restart.
+        let loaded = (self.source)().and_then(|variables| {
+            let named = variables
+                .get("CLIENTS_FILE")
+                .map(|value| value.trim())
+                .filter(|value| !value.is_empty())
+                .map(PathBuf::from);
+            if named != clients_file {
+                log::warn!("CLIENTS_FILE changed: it takes effect only after a restart");
+            }
+            Config::from_lookup(|name| match name {
+                "CLIENTS_FILE" => clients_file.as_ref().map(|path| path.display().to_string()),
+                _ => variables.get(name).cloned(),
+            })
+        });
+        let config = match loaded {
+            Ok(config) => config,
+            Err(err) => {
+                // Not tried again until the file changes again (or SIGHUP).
+                self.loaded = digest;
+                log::error!("reload ({why}) rejected, the previous clients stay in force: {err}");
+                self.state.metrics.reload(false);
+                return false;
+            }
+        };
+        for ((variable, old), (_, new)) in self
+            .state
+            .config
+            .restart_only()
+            .iter()
+            .zip(config.restart_only())
+        {
+            if *old != new {
+                log::warn!("{variable} changed: it takes effect only after a restart");
+            }
+        }
+        self.loaded = digest;
+        if config
+            .clients
+            .iter()
+            .any(|client| client.limits.tokens_per_day.is_some())
+            && !self.state.budgets_kept()
+        {
+            log::warn!(
+                "a tokens_per_day budget was added by a reload: it is enforced, but kept across \
+                 restarts (STATE_DIR) only after a restart"
+            );
+        }
+        self.state.auth.replace(&config);
+        self.state.redactor.add_secrets(&config);
+        self.state.metrics.reload(true);
+        log::info!("reloaded ({why}): {} clients", config.clients.len());
+        true
+    }
+
+    /// Reloads on every `SIGHUP` and every change of the clients file, until the process ends.
+    pub async fn run(mut self) {
+        let watched = self.state.config.clients_file.clone();
+        let mut hangups = std::mem::take(&mut self.hangups);
+        loop {
+            tokio::select! {
+                () = next_hangup(&mut hangups) => {
+                    log::info!("SIGHUP received: reloading");
+                    self.reload("SIGHUP");
+                }
+                Some(()) = self.changes.recv() => {
+                    tokio::time::sleep(SETTLE).await;
+                    while self.changes.try_recv().is_ok() {}
+                    let now = watched.as_deref().and_then(file_digest);
+                    if now.is_some() && now != self.loaded {
+                        self.reload("clients file changed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn watch(file: &Path, changed: mpsc::UnboundedSender<()>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let directory: PathBuf = match file.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let handler = move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = changed.send(());
+        }
+    };
+    let started = notify::recommended_watcher(handler).and_then(|mut watcher| {
+        watcher.watch(&directory, notify::RecursiveMode::NonRecursive)?;
+        Ok(watcher)
+    });
+    match started {
+        Ok(watcher) => Some(watcher),
+        Err(err) => {
+            log::warn!(
+                "cannot watch {} for changes ({err}); polling the clients file every second",
+                directory.display()
+            );
+            None
+        }
+    }
+}
+
+async fn poll(file: PathBuf, changed: mpsc::UnboundedSender<()>) {
+    let mut last = file_digest(&file);
+    loop {
+        tokio::time::sleep(POLL).await;
+        let now = file_digest(&file);
+        if now != last {
+            last = now;
+            if changed.send(()).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = ();
+
+fn hangups() -> Hangups {
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(err) => {
+            log::error!("cannot listen for SIGHUP: {err}");
+            None
+        }
+    }
+}
+
+async fn next_hangup(hangups: &mut Hangups) {
+    #[cfg(unix)]
+    match hangups {
+        Some(signal) => {
+            if signal.recv().await.is_none() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+    #[cfg(not(unix))]
+    {
+        let () = hangups;
+        std::future::pending().await
+    }
+}

@@ -1,0 +1,112 @@
+//! The limiter contract: one decision per request that checks every limit of a client and
+//! charges them together, and a settlement when the request ends. The in-process backend is
+//! [`super::memory::MemoryLimiter`]; a shared backend (Redis) implements the same trait.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use crate::config::ClientLimits;
+
+/// One client's place against a per-minute limit, as the `x-ratelimit-*` headers tell it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Until the limit is wholly available again.
+    pub reset: Duration,
+}
+
+/// The per-minute windows of the limits a client has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Standing {
+    pub requests: Option<Window>,
+    pub tokens: Option<Window>,
+}
+
+/// Which limit refused a request; also the `reason` label of the refusal metric.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Reason {
+    Requests,
+    Tokens,
+    Concurrency,
+    Budget,
+    Model,
+    ModelRequired,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Requests => "requests_per_minute",
+            Reason::Tokens => "tokens_per_minute",
+            Reason::Concurrency => "max_concurrent_requests",
+            Reason::Budget => "tokens_per_day",
+            Reason::Model => "model_not_allowed",
+            Reason::ModelRequired => "model_required",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: Reason,
+    /// When the same request would be admitted, from the limiter's state.
+    pub retry_after: Duration,
+    pub standing: Standing,
+}
+
+/// What `acquire` charged, handed back to `settle`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Charge {
+    pub tokens: u64,
+    /// The UTC day (days since 1970-01-01) the tokens were charged to.
+    pub day: u64,
+}
+
+/// What `/admin/clients` shows of a client.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ClientUsage {
+    pub requests_last_minute: u64,
+    pub tokens_last_minute: u64,
+    pub tokens_today: u64,
+    pub in_flight: u64,
+}
+
+/// Today's token counts of every client, as kept across restarts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Budgets {
+    pub day: u64,
+    pub tokens: Vec<(String, u64)>,
+}
+
+pub trait Limiter: Send + Sync + 'static {
+    /// Checks every limit `limits` sets for `client`; when all pass, charges one request, a
+    /// place in its concurrency and `estimate` tokens, all at once (a refusal charges nothing).
+    fn acquire<'a>(
+        &'a self,
+        client: &'a str,
+        limits: &'a ClientLimits,
+        estimate: u64,
+    ) -> BoxFuture<'a, Result<(Charge, Standing), Refusal>>;
+
+    /// Replaces the charged estimate by the tokens the request used, and gives back its place.
+    /// Called from `Drop`, so it must not wait: a shared backend sends it off in the background.
+    fn settle(&self, client: &str, limits: &ClientLimits, charge: Charge, used: u64);
+
+    fn usage<'a>(&'a self, client: &'a str) -> BoxFuture<'a, ClientUsage>;
+
+    /// The daily counts, for a backend that keeps them in this process; `None` otherwise.
+    fn budgets(&self) -> Option<Budgets> {
+        None
+    }
+
+    /// Puts counts read back at start-up in place (counts of another day are ignored).
+    fn restore_budgets(&self, _budgets: Budgets) {}
+
+    /// Bumped by every change to the daily counts: the state writer skips a write when it did
+    /// not move.
+    fn budget_generation(&self) -> u64 {
+        0
+    }
+}

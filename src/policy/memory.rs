@@ -1,0 +1,452 @@
+//! The in-process limiter: GCRA for the per-minute limits, a counter per UTC day for the budget,
+//! a count of requests in flight, and a one-second ring for what `/admin/clients` shows.
+//!
+//! GCRA (the generic cell rate algorithm, as in redis-cell and Helicone) keeps one time per
+//! limit, the "theoretical arrival time": each request (or token) pushes it on by 60 s / limit,
+//! and a request is admitted while that time stays within a minute of now. So the sustained rate
+//! is exactly the limit, a client idle for a minute may use its whole limit at once, and the time
+//! a refused request would be admitted is exact: the TAT it would leave, less a minute.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+
+use super::limiter::{Budgets, Charge, ClientUsage, Limiter, Reason, Refusal, Standing, Window};
+use crate::config::ClientLimits;
+
+pub const WINDOW: Duration = Duration::from_secs(60);
+const DAY_SECS: u64 = 24 * 60 * 60;
+/// A concurrency refusal has no time in the limiter's state: a place frees when some running
+/// request ends, which nothing can predict. One second is the shortest `Retry-After`.
+const CONCURRENCY_RETRY: Duration = Duration::from_secs(1);
+
+/// Cloning is shallow.
+#[derive(Clone, Default)]
+pub struct MemoryLimiter(Arc<Inner>);
+
+#[derive(Default)]
+struct Inner {
+    // A synchronous lock: held for a few arithmetic steps, never across an `.await`.
+    clients: Mutex<HashMap<Arc<str>, ClientState>>,
+    budget_generation: AtomicU64,
+}
+
+#[derive(Default)]
+struct ClientState {
+    request_tat: Option<Instant>,
+    token_tat: Option<Instant>,
+    in_flight: u64,
+    day: u64,
+    tokens_today: u64,
+    recent: Recent,
+}
+
+/// Requests and tokens per second over the last minute (tokens may be corrected downwards when a
+/// request settles below its estimate, hence signed).
+struct Recent {
+    slots: [(u64, u64, i64); 60],
+}
+
+impl Default for Recent {
+    fn default() -> Self {
+        Recent {
+            slots: [(0, 0, 0); 60],
+        }
+    }
+}
+
+impl Recent {
+    fn add(&mut self, second: u64, requests: u64, tokens: i64) {
+        let slot = &mut self.slots[(second % 60) as usize];
+        if slot.0 != second {
+            *slot = (second, 0, 0);
+        }
+        slot.1 += requests;
+        slot.2 += tokens;
+    }
+
+    fn last_minute(&self, second: u64) -> (u64, u64) {
+        let live = self
+            .slots
+            .iter()
+            .filter(|(at, _, _)| *at + 60 > second && *at <= second);
+        let (requests, tokens) = live.fold((0u64, 0i64), |(r, t), (_, requests, tokens)| {
+            (r + requests, t + tokens)
+        });
+        (requests, tokens.max(0) as u64)
+    }
+}
+
+/// Time per unit of a per-minute limit.
+fn period(limit: u64) -> Duration {
+    WINDOW / u32::try_from(limit.max(1)).unwrap_or(u32::MAX)
+}
+
+fn times(period: Duration, count: u64) -> Duration {
+    let nanos = period.as_nanos().saturating_mul(u128::from(count));
+    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+}
+
+/// The GCRA decision for `cost` units: the new TAT, or how long until it would be admitted.
+/// A cost above the whole limit is admitted only when nothing is counted (an empty bucket), so a
+/// single large request is never refused forever.
+fn gcra(tat: Option<Instant>, now: Instant, limit: u64, cost: u64) -> Result<Instant, Duration> {
+    let period = period(limit);
+    let base = tat.map_or(now, |tat| tat.max(now));
+    let new_tat = base + times(period, cost);
+    if new_tat <= now + WINDOW || (cost > limit && base == now) {
+        Ok(new_tat)
+    } else if cost > limit {
+        Err(base - now)
+    } else {
+        Err(new_tat - (now + WINDOW))
+    }
+}
+
+fn window(tat: Option<Instant>, now: Instant, limit: u64) -> Window {
+    let used = tat.map_or(Duration::ZERO, |tat| tat.saturating_duration_since(now));
+    let free = WINDOW.saturating_sub(used);
+    Window {
+        limit,
+        remaining: (free.as_nanos() / period(limit).as_nanos()) as u64,
+        reset: used,
+    }
+}
+
+pub fn utc_day(wall: SystemTime) -> u64 {
+    wall.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        / DAY_SECS
+}
+
+fn until_next_day(wall: SystemTime) -> Duration {
+    let secs = wall.duration_since(UNIX_EPOCH).unwrap_or_default();
+    Duration::from_secs((utc_day(wall) + 1) * DAY_SECS).saturating_sub(secs)
+}
+
+impl ClientState {
+    fn standing(&self, limits: &ClientLimits, now: Instant) -> Standing {
+        Standing {
+            requests: limits
+                .requests_per_minute
+                .map(|limit| window(self.request_tat, now, limit)),
+            tokens: limits
+                .tokens_per_minute
+                .map(|limit| window(self.token_tat, now, limit)),
+        }
+    }
+
+    fn roll_day(&mut self, today: u64) {
+        if self.day != today {
+            self.day = today;
+            self.tokens_today = 0;
+        }
+    }
+}
+
+impl MemoryLimiter {
+    pub fn new() -> MemoryLimiter {
+        MemoryLimiter::default()
+    }
+
+    /// `acquire` at a given time, for tests.
+    pub fn acquire_at(
+        &self,
+        client: &str,
+        limits: &ClientLimits,
+        estimate: u64,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<(Charge, Standing), Refusal> {
+        let mut clients = self.0.clients.lock();
+        // A lookup first: the key is allocated only for a client's first request.
+        if let Some(state) = clients.get_mut(client) {
+            return self.decide(state, limits, estimate, now, wall);
+        }
+        let state = clients.entry(Arc::from(client)).or_default();
+        self.decide(state, limits, estimate, now, wall)
+    }
+
+    /// Every check of `acquire`, then every charge, on one client's state.
+    fn decide(
+        &self,
+        state: &mut ClientState,
+        limits: &ClientLimits,
+        estimate: u64,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<(Charge, Standing), Refusal> {
+        let today = utc_day(wall);
+        state.roll_day(today);
+        let refuse = |reason, retry_after, state: &ClientState| Refusal {
+            reason,
+            retry_after,
+            standing: state.standing(limits, now),
+        };
+        if limits
+            .max_concurrent_requests
+            .is_some_and(|max| state.in_flight >= max)
+        {
+            return Err(refuse(Reason::Concurrency, CONCURRENCY_RETRY, state));
+        }
+        let request_tat = match limits.requests_per_minute {
+            Some(limit) => Some(
+                gcra(state.request_tat, now, limit, 1)
+                    .map_err(|wait| refuse(Reason::Requests, wait, state))?,
+            ),
+            None => None,
+        };
+        let token_tat = match limits.tokens_per_minute {
+            Some(limit) => Some(
+                gcra(state.token_tat, now, limit, estimate)
+                    .map_err(|wait| refuse(Reason::Tokens, wait, state))?,
+            ),
+            None => None,
+        };
+        if let Some(budget) = limits.tokens_per_day
+            && state.tokens_today.saturating_add(estimate) > budget
+        {
+            return Err(refuse(Reason::Budget, until_next_day(wall), state));
+        }
+        // Every check passed: charge them all.
+        if request_tat.is_some() {
+            state.request_tat = request_tat;
+        }
+        if token_tat.is_some() {
+            state.token_tat = token_tat;
+        }
+        state.in_flight += 1;
+        state.tokens_today += estimate;
+        state.recent.add(second(now), 1, estimate as i64);
+        self.0.budget_generation.fetch_add(1, Ordering::Relaxed);
+        Ok((
+            Charge {
+                tokens: estimate,
+                day: today,
+            },
+            state.standing(limits, now),
+        ))
+    }
+
+    pub fn settle_at(
+        &self,
+        client: &str,
+        limits: &ClientLimits,
+        charge: Charge,
+        used: u64,
+        now: Instant,
+        wall: SystemTime,
+    ) {
+        let mut clients = self.0.clients.lock();
+        let Some(state) = clients.get_mut(client) else {
+            return;
+        };
+        state.in_flight = state.in_flight.saturating_sub(1);
+        let today = utc_day(wall);
+        state.roll_day(today);
+        let charged_today = if charge.day == today {
+            charge.tokens
+        } else {
+            0
+        };
+        state.tokens_today = (state.tokens_today + used).saturating_sub(charged_today);
+        if let (Some(limit), Some(tat)) = (limits.tokens_per_minute, state.token_tat) {
+            let period = period(limit);
+            state.token_tat = Some(if used >= charge.tokens {
+                tat + times(period, used - charge.tokens)
+            } else {
+                // A refund never moves the TAT before now: time already passed is not credit.
+                tat.checked_sub(times(period, charge.tokens - used))
+                    .map_or(now, |earlier| earlier.max(now))
+            });
+        }
+        state
+            .recent
+            .add(second(now), 0, used as i64 - charge.tokens as i64);
+        self.0.budget_generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn usage_at(&self, client: &str, now: Instant, wall: SystemTime) -> ClientUsage {
+        let clients = self.0.clients.lock();
+        let Some(state) = clients.get(client) else {
+            return ClientUsage::default();
+        };
+        let (requests, tokens) = state.recent.last_minute(second(now));
+        ClientUsage {
+            requests_last_minute: requests,
+            tokens_last_minute: tokens,
+            tokens_today: if state.day == utc_day(wall) {
+                state.tokens_today
+            } else {
+                0
+            },
+            in_flight: state.in_flight,
+        }
+    }
+}
+
+/// Whole seconds since the first time this process asked, for the one-second ring.
+fn second(now: Instant) -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| now.checked_sub(WINDOW * 2).unwrap_or(now));
+    now.saturating_duration_since(start).as_secs()
+}
+
+impl Limiter for MemoryLimiter {
+    fn acquire<'a>(
+        &'a self,
+        client: &'a str,
+        limits: &'a ClientLimits,
+        estimate: u64,
+    ) -> BoxFuture<'a, Result<(Charge, Standing), Refusal>> {
+        let decided = self.acquire_at(client, limits, estimate, Instant::now(), SystemTime::now());
+        Box::pin(std::future::ready(decided))
+    }
+
+    fn settle(&self, client: &str, limits: &ClientLimits, charge: Charge, used: u64) {
+        self.settle_at(
+            client,
+            limits,
+            charge,
+            used,
+            Instant::now(),
+            SystemTime::now(),
+        );
+    }
+
+    fn usage<'a>(&'a self, client: &'a str) -> BoxFuture<'a, ClientUsage> {
+        let usage = self.usage_at(client, Instant::now(), SystemTime::now());
+        Box::pin(std::future::ready(usage))
+    }
+
+    fn budgets(&self) -> Option<Budgets> {
+        let today = utc_day(SystemTime::now());
+        let clients = self.0.clients.lock();
+        let mut tokens: Vec<(String, u64)> = clients
+            .iter()
+            .filter(|(_, state)| state.day == today && state.tokens_today > 0)
+            .map(|(name, state)| (name.to_string(), state.tokens_today))
+            .collect();
+        tokens.sort();
+        Some(Budgets { day: today, tokens })
+    }
+
+    fn restore_budgets(&self, budgets: Budgets) {
+        if budgets.day != utc_day(SystemTime::now()) {
+            return;
+        }
+        let mut clients = self.0.clients.lock();
+        for (name, tokens) in budgets.tokens {
+            let state = clients.entry(Arc::from(name.as_str())).or_default();
+            state.day = budgets.day;
+            state.tokens_today = tokens;
+        }
+    }
+
+    fn budget_generation(&self) -> u64 {
+        self.0.budget_generation.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(rpm: Option<u64>, tpm: Option<u64>) -> ClientLimits {
+        ClientLimits {
+            requests_per_minute: rpm,
+            tokens_per_minute: tpm,
+            ..ClientLimits::default()
+        }
+    }
+
+    #[test]
+    fn the_sixth_request_of_five_a_minute_waits_exactly_twelve_seconds() {
+        let limiter = MemoryLimiter::new();
+        let five = limits(Some(5), None);
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        for remaining in (0..5).rev() {
+            let (_, standing) = limiter.acquire_at("a", &five, 0, now, wall).unwrap();
+            assert_eq!(standing.requests.unwrap().remaining, remaining);
+        }
+        let refusal = limiter.acquire_at("a", &five, 0, now, wall).unwrap_err();
+        assert_eq!(refusal.reason, Reason::Requests);
+        assert_eq!(refusal.retry_after, Duration::from_secs(12));
+        let early = now + Duration::from_millis(11_999);
+        assert!(limiter.acquire_at("a", &five, 0, early, wall).is_err());
+        let on_time = now + Duration::from_secs(12);
+        assert!(limiter.acquire_at("a", &five, 0, on_time, wall).is_ok());
+    }
+
+    #[test]
+    fn a_refusal_charges_nothing_and_settling_corrects_the_estimate() {
+        let limiter = MemoryLimiter::new();
+        let tokens = limits(Some(100), Some(1000));
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let (charge, _) = limiter.acquire_at("a", &tokens, 800, now, wall).unwrap();
+        let refusal = limiter
+            .acquire_at("a", &tokens, 300, now, wall)
+            .unwrap_err();
+        assert_eq!(refusal.reason, Reason::Tokens);
+        // 100 tokens over: 100 * 60 ms until they are free.
+        assert_eq!(refusal.retry_after, Duration::from_secs(6));
+        assert_eq!(refusal.standing.requests.unwrap().remaining, 99);
+        limiter.settle_at("a", &tokens, charge, 50, now, wall);
+        let (_, standing) = limiter.acquire_at("a", &tokens, 300, now, wall).unwrap();
+        assert_eq!(standing.tokens.unwrap().remaining, 650);
+        let usage = limiter.usage_at("a", now, wall);
+        assert_eq!(usage.tokens_today, 350);
+        assert_eq!(usage.requests_last_minute, 2);
+        assert_eq!(usage.tokens_last_minute, 350);
+        assert_eq!(usage.in_flight, 1);
+    }
+
+    #[test]
+    fn a_request_larger_than_the_limit_needs_an_empty_bucket() {
+        let limiter = MemoryLimiter::new();
+        let small = limits(None, Some(100));
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        assert!(limiter.acquire_at("a", &small, 500, now, wall).is_ok());
+        let refusal = limiter.acquire_at("a", &small, 500, now, wall).unwrap_err();
+        assert_eq!(refusal.retry_after, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn the_budget_renews_at_midnight_utc() {
+        let limiter = MemoryLimiter::new();
+        let budget = ClientLimits {
+            tokens_per_day: Some(100),
+            ..ClientLimits::default()
+        };
+        let now = Instant::now();
+        let evening = humantime::parse_rfc3339("2026-12-01T23:59:00Z").unwrap();
+        assert!(limiter.acquire_at("a", &budget, 100, now, evening).is_ok());
+        let refusal = limiter
+            .acquire_at("a", &budget, 1, now, evening)
+            .unwrap_err();
+        assert_eq!(refusal.reason, Reason::Budget);
+        assert_eq!(refusal.retry_after, Duration::from_secs(60));
+        let morning = evening + Duration::from_secs(60);
+        assert!(limiter.acquire_at("a", &budget, 1, now, morning).is_ok());
+    }
+
+    #[test]
+    fn concurrency_counts_until_settled() {
+        let limiter = MemoryLimiter::new();
+        let one = ClientLimits {
+            max_concurrent_requests: Some(1),
+            ..ClientLimits::default()
+        };
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let (charge, _) = limiter.acquire_at("a", &one, 0, now, wall).unwrap();
+        let refusal = limiter.acquire_at("a", &one, 0, now, wall).unwrap_err();
+        assert_eq!(refusal.reason, Reason::Concurrency);
+        limiter.settle_at("a", &one, charge, 0, now, wall);
+        assert!(limiter.acquire_at("a", &one, 0, now, wall).is_ok());
+    }
+}

@@ -1,0 +1,215 @@
+//! Per-client limits, budgets and model lists. The [`Policy`] handle decides, before anything
+//! goes upstream, whether a client's request may go; the [`Ticket`] it hands out holds the
+//! request's charge until the answer ends, and then settles it with the tokens used.
+//!
+//! The limiter state sits behind the [`Limiter`] trait: in this process ([`MemoryLimiter`]) by
+//! default; a shared backend can take its place without the routes noticing.
+
+pub mod limiter;
+pub mod memory;
+pub mod request;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use warp::http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::{Client, Config};
+use crate::error::ProxyError;
+use crate::ops::metrics::Metrics;
+pub use limiter::{ClientUsage, Limiter, Reason, Refusal, Standing, Window};
+pub use memory::MemoryLimiter;
+
+/// The limiter and what the routes need around it. Cloning is shallow.
+#[derive(Clone)]
+pub struct Policy(Arc<Inner>);
+
+struct Inner {
+    limiter: Arc<dyn Limiter>,
+    metrics: Metrics,
+    /// `MAX_BODY_BYTES`: a body read whole for its model obeys the same cap as a streamed one.
+    max_body_bytes: u64,
+}
+
+impl Policy {
+    pub fn new(config: &Config, limiter: Arc<dyn Limiter>, metrics: Metrics) -> Policy {
+        Policy(Arc::new(Inner {
+            limiter,
+            metrics,
+            max_body_bytes: config.limits.max_body_bytes,
+        }))
+    }
+
+    pub fn limiter(&self) -> &Arc<dyn Limiter> {
+        &self.0.limiter
+    }
+
+    pub fn max_body_bytes(&self) -> u64 {
+        self.0.max_body_bytes
+    }
+
+    /// The model check: `Ok` when the client may use `model` (or has no list).
+    pub fn check_model(&self, client: &Client, model: Option<&str>) -> Result<(), ProxyError> {
+        if client.limits.models.is_none() {
+            return Ok(());
+        }
+        let (error, reason) = match model {
+            None => (ProxyError::ModelRequired, Reason::ModelRequired),
+            Some(model) if client.limits.allows_model(model) => return Ok(()),
+            Some(_) => (ProxyError::ModelNotAllowed, Reason::Model),
+        };
+        self.0.metrics.limit_refusal(&client.name, reason.as_str());
+        Err(error)
+    }
+
+    /// Admits the request or answers the refusal. A client without limits is always admitted,
+    /// and counted all the same: `/admin/clients` shows everybody's usage.
+    pub async fn admit(
+        &self,
+        client: &Arc<Client>,
+        estimate: u64,
+    ) -> Result<Ticket, warp::reply::Response> {
+        match self
+            .0
+            .limiter
+            .acquire(&client.name, &client.limits, estimate)
+            .await
+        {
+            Ok((charge, standing)) => Ok(Ticket {
+                limiter: self.0.limiter.clone(),
+                client: client.clone(),
+                charge,
+                standing,
+                used: None,
+            }),
+            Err(refusal) => {
+                self.0
+                    .metrics
+                    .limit_refusal(&client.name, refusal.reason.as_str());
+                Err(refusal_response(&refusal))
+            }
+        }
+    }
+}
+
+/// A request's charge against its client's limits, held until its answer ends. Dropped without
+/// [`Ticket::used`], it settles as having used no tokens (the upstream failed or refused).
+pub struct Ticket {
+    limiter: Arc<dyn Limiter>,
+    /// The client as it was when the request was admitted: a reload does not change its rules.
+    client: Arc<Client>,
+    charge: limiter::Charge,
+    standing: Standing,
+    used: Option<u64>,
+}
+
+impl Ticket {
+    pub fn estimate(&self) -> u64 {
+        self.charge.tokens
+    }
+
+    /// The client's own `x-ratelimit-*` standing, for a client with limits.
+    pub fn standing(&self) -> Option<Standing> {
+        self.client.limits.is_limited().then_some(self.standing)
+    }
+
+    /// Records what the request used; the settlement happens when the ticket is dropped.
+    pub fn used(&mut self, tokens: u64) {
+        self.used = Some(tokens);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.limiter.settle(
+            &self.client.name,
+            &self.client.limits,
+            self.charge,
+            self.used.unwrap_or(0),
+        );
+    }
+}
+
+const RATE_LIMIT_HEADERS: [&str; 6] = [
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+];
+
+/// Puts the client's own `x-ratelimit-*` headers in place of whatever the upstream sent, which
+/// describes the shared key's quota rather than this client's.
+pub fn write_rate_limit_headers(headers: &mut HeaderMap, standing: &Standing) {
+    for name in RATE_LIMIT_HEADERS {
+        headers.remove(name);
+    }
+    let windows = [(0, standing.requests), (3, standing.tokens)];
+    for (first, window) in windows {
+        let Some(window) = window else { continue };
+        let values = [
+            HeaderValue::from(window.limit),
+            HeaderValue::from(window.remaining),
+            HeaderValue::from_str(&openai_duration(window.reset))
+                .unwrap_or_else(|_| HeaderValue::from_static("0s")),
+        ];
+        for (offset, value) in values.into_iter().enumerate() {
+            headers.insert(
+                HeaderName::from_static(RATE_LIMIT_HEADERS[first + offset]),
+                value,
+            );
+        }
+    }
+}
+
+/// The 429 for a refusal, with `Retry-After` in whole seconds rounded up (so the request is
+/// admitted by then, never before it).
+pub fn refusal_response(refusal: &Refusal) -> warp::reply::Response {
+    let retry_after = retry_after_secs(refusal.retry_after);
+    let error = match refusal.reason {
+        Reason::Budget => ProxyError::QuotaExceeded { retry_after },
+        _ => ProxyError::RateLimited { retry_after },
+    };
+    let mut response = error.into_response();
+    write_rate_limit_headers(response.headers_mut(), &refusal.standing);
+    response
+}
+
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    wait.as_millis().div_ceil(1000).max(1) as u64
+}
+
+/// OpenAI's form of the reset headers: `12s`, `59.999s`, `6m0s`, rounded up to milliseconds.
+pub fn openai_duration(duration: Duration) -> String {
+    let millis = duration.as_micros().div_ceil(1000) as u64;
+    let (minutes, rest) = (millis / 60_000, millis % 60_000);
+    let seconds = if rest % 1000 == 0 {
+        format!("{}s", rest / 1000)
+    } else {
+        let fraction = format!("{:03}", rest % 1000);
+        format!("{}.{}s", rest / 1000, fraction.trim_end_matches('0'))
+    };
+    if minutes > 0 {
+        format!("{minutes}m{seconds}")
+    } else {
+        seconds
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_durations_are_written_the_openai_way() {
+        assert_eq!(openai_duration(Duration::from_secs(12)), "12s");
+        assert_eq!(openai_duration(Duration::from_millis(11_999)), "11.999s");
+        assert_eq!(openai_duration(Duration::from_millis(500)), "0.5s");
+        assert_eq!(openai_duration(Duration::from_secs(360)), "6m0s");
+        assert_eq!(openai_duration(Duration::ZERO), "0s");
+        assert_eq!(retry_after_secs(Duration::from_millis(11_001)), 12);
+        assert_eq!(retry_after_secs(Duration::from_secs(12)), 12);
+    }
+}

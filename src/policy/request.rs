@@ -1,0 +1,201 @@
+//! What the policy reads from a request body: the model it names and an estimate of the tokens it
+//! will use. Only for clients with a model list or token limits, on the endpoints that take a
+//! model; the bytes are forwarded unchanged.
+
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use warp::Buf;
+use warp::http::{HeaderMap, Method, header};
+
+use crate::error::ProxyError;
+
+/// The endpoints whose requests name a model (`POST` only: `GET /v1/responses/{id}` does not).
+const MODEL_ENDPOINTS: &[&str] = &[
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/moderations",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
+    "/v1/audio/speech",
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/v1/images/variations",
+];
+
+pub fn takes_model(method: &Method, path: &str) -> bool {
+    method == Method::POST && MODEL_ENDPOINTS.contains(&path)
+}
+
+/// What was read from a body.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Inspected {
+    pub model: Option<String>,
+    /// The prompt's tokens, estimated from the body's size.
+    pub prompt: u64,
+    /// The output cap the request gives (`max_tokens`, `max_completion_tokens`,
+    /// `max_output_tokens`), 0 without one.
+    pub output_cap: u64,
+}
+
+impl Inspected {
+    /// What is charged before the call.
+    pub fn estimate(&self) -> u64 {
+        self.prompt.saturating_add(self.output_cap)
+    }
+}
+
+#[derive(Deserialize)]
+struct JsonFields {
+    model: Option<String>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
+}
+
+/// The prompt estimate: a token per 4 bytes of the JSON body, structure included. Cheap, never
+/// below the real prompt for ordinary text (a token is about 4 characters of English, and the
+/// JSON around the text only adds bytes), and settled from the answer's `usage` anyway.
+pub fn prompt_estimate(body_len: usize) -> u64 {
+    (body_len as u64).div_ceil(4)
+}
+
+pub fn inspect(headers: &HeaderMap, body: &[u8]) -> Inspected {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if essence == "multipart/form-data" {
+        // An upload's bytes are audio or images, not prompt tokens: no estimate from its size.
+        return Inspected {
+            model: boundary(content_type).and_then(|boundary| form_field(body, &boundary, "model")),
+            ..Inspected::default()
+        };
+    }
+    match serde_json::from_slice::<JsonFields>(body) {
+        Ok(fields) => {
+            let output = [
+                fields.max_tokens,
+                fields.max_completion_tokens,
+                fields.max_output_tokens,
+            ]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(0);
+            Inspected {
+                model: fields.model.filter(|model| !model.is_empty()),
+                prompt: prompt_estimate(body.len()),
+                output_cap: output,
+            }
+        }
+        Err(_) => Inspected {
+            model: None,
+            prompt: prompt_estimate(body.len()),
+            output_cap: 0,
+        },
+    }
+}
+
+fn boundary(content_type: &str) -> Option<String> {
+    content_type.split(';').skip(1).find_map(|parameter| {
+        let (name, value) = parameter.trim().split_once('=')?;
+        name.eq_ignore_ascii_case("boundary")
+            .then(|| value.trim_matches('"').to_string())
+            .filter(|boundary| !boundary.is_empty())
+    })
+}
+
+/// The value of the form field `name` in a multipart body (RFC 7578), if it is text.
+fn form_field(body: &[u8], boundary: &str, name: &str) -> Option<String> {
+    let delimiter = format!("--{boundary}");
+    let wanted = format!("name=\"{name}\"");
+    let mut parts = memchr::memmem::find_iter(body, delimiter.as_bytes()).peekable();
+    while let Some(start) = parts.next() {
+        let end = *parts.peek()?;
+        let part = &body[start + delimiter.len()..end];
+        let split = memchr::memmem::find(part, b"\r\n\r\n")?;
+        let (head, value) = (&part[..split], &part[split + 4..]);
+        let head = String::from_utf8_lossy(head);
+        let is_field = head.lines().any(|line| {
+            let line = line.to_ascii_lowercase();
+            line.starts_with("content-disposition:")
+                && line.split(';').any(|item| item.trim() == wanted)
+        });
+        if is_field {
+            let value = value.strip_suffix(b"\r\n").unwrap_or(value);
+            return std::str::from_utf8(value)
+                .ok()
+                .map(|text| text.trim().to_string());
+        }
+    }
+    None
+}
+
+/// The whole request body, refused past `max_bytes` as the streaming path refuses it.
+pub async fn read_body<S, B>(body: S, max_bytes: u64) -> Result<Bytes, ProxyError>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let mut body = std::pin::pin!(body);
+    let mut collected = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk.map_err(|err| {
+            log::debug!("reading the request body failed: {err}");
+            ProxyError::IncompleteBody
+        })?;
+        if (collected.len() + chunk.remaining()) as u64 > max_bytes {
+            return Err(ProxyError::PayloadTooLarge);
+        }
+        while chunk.has_remaining() {
+            let piece = chunk.chunk();
+            collected.extend_from_slice(piece);
+            let read = piece.len();
+            chunk.advance(read);
+        }
+    }
+    Ok(collected.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warp::http::HeaderValue;
+
+    fn typed(content_type: &'static str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        headers
+    }
+
+    #[test]
+    fn json_bodies_give_their_model_and_output_cap() {
+        let body = br#"{"model":"gpt-4o","max_completion_tokens":100,"messages":[]}"#;
+        let inspected = inspect(&typed("application/json"), body);
+        assert_eq!(inspected.model.as_deref(), Some("gpt-4o"));
+        assert_eq!(inspected.estimate(), prompt_estimate(body.len()) + 100);
+        assert_eq!(inspect(&HeaderMap::new(), b"not json").model, None);
+    }
+
+    #[test]
+    fn multipart_bodies_give_their_model_field() {
+        let body =
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\
+            Content-Type: audio/wav\r\n\r\nRIFF model\r\n--XyZ\r\n\
+            Content-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--XyZ--\r\n";
+        let inspected = inspect(&typed("multipart/form-data; boundary=\"XyZ\""), body);
+        assert_eq!(inspected.model.as_deref(), Some("whisper-1"));
+        assert_eq!(inspected.estimate(), 0);
+        let without = inspect(&typed("multipart/form-data; boundary=other"), body);
+        assert_eq!(without.model, None);
+    }
+}

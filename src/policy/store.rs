@@ -1,0 +1,152 @@
+//! The daily budgets across restarts: `STATE_DIR/budgets.json`, written whole to a temporary
+//! file and renamed over the old one (so a crash leaves the old or the new file, never half of
+//! one), every second while counts move and once more at shutdown.
+//!
+//! ```json
+//! {"version":1,"day":"2026-12-01","tokens_today":{"alice":1234}}
+//! ```
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::limiter::{Budgets, Limiter};
+use crate::config::ConfigError;
+
+const FILE: &str = "budgets.json";
+pub const WRITE_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    version: u32,
+    day: String,
+    tokens_today: BTreeMap<String, u64>,
+}
+
+pub struct BudgetStore {
+    path: PathBuf,
+    limiter: Arc<dyn Limiter>,
+    written: u64,
+}
+
+fn state_dir_error(dir: &Path, what: &str, err: impl std::fmt::Display) -> ConfigError {
+    ConfigError {
+        variable: "STATE_DIR".to_string(),
+        message: format!(
+            "{} {what}: {err}; daily budgets (tokens_per_day) are kept there across restarts",
+            dir.display()
+        ),
+    }
+}
+
+fn day_text(day: u64) -> String {
+    let midnight = UNIX_EPOCH + Duration::from_secs(day * 24 * 60 * 60);
+    humantime::format_rfc3339_seconds(midnight).to_string()[..10].to_string()
+}
+
+fn day_number(text: &str) -> Option<u64> {
+    let midnight = humantime::parse_rfc3339(&format!("{text}T00:00:00Z")).ok()?;
+    Some(midnight.duration_since(UNIX_EPOCH).ok()?.as_secs() / (24 * 60 * 60))
+}
+
+impl BudgetStore {
+    /// Reads the counts kept in `dir` into `limiter` and proves the directory writable by
+    /// writing them back: a budget that cannot be kept must stop start-up, not reset silently.
+    pub fn open(dir: &Path, limiter: Arc<dyn Limiter>) -> Result<BudgetStore, ConfigError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|err| state_dir_error(dir, "cannot be created", err))?;
+        let path = dir.join(FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<StateFile>(&bytes) {
+                Ok(file) => match day_number(&file.day) {
+                    Some(day) => limiter.restore_budgets(Budgets {
+                        day,
+                        tokens: file.tokens_today.into_iter().collect(),
+                    }),
+                    None => log::warn!("{}: unreadable day; starting from zero", path.display()),
+                },
+                Err(err) => log::warn!(
+                    "{} cannot be parsed ({err}); daily budgets start from zero",
+                    path.display()
+                ),
+            },
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(state_dir_error(dir, "cannot be read", err)),
+        }
+        let mut store = BudgetStore {
+            path,
+            limiter,
+            written: u64::MAX,
+        };
+        store
+            .write()
+            .map_err(|err| state_dir_error(dir, "cannot be written", err))?;
+        Ok(store)
+    }
+
+    /// Writes the counts if they moved since the last write.
+    pub fn write_if_changed(&mut self) {
+        if self.limiter.budget_generation() == self.written {
+            return;
+        }
+        if let Err(err) = self.write() {
+            log::error!(
+                "cannot write {} (STATE_DIR): {err}; the daily budgets would not survive a restart",
+                self.path.display()
+            );
+        }
+    }
+
+    pub fn write(&mut self) -> std::io::Result<()> {
+        let generation = self.limiter.budget_generation();
+        let Some(budgets) = self.limiter.budgets() else {
+            return Ok(());
+        };
+        let file = StateFile {
+            version: 1,
+            day: day_text(budgets.day),
+            tokens_today: budgets.tokens.into_iter().collect(),
+        };
+        let text = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
+        let temporary = self.path.with_extension("json.tmp");
+        {
+            let mut out = std::fs::File::create(&temporary)?;
+            out.write_all(&text)?;
+            out.sync_all()?;
+        }
+        std::fs::rename(&temporary, &self.path)?;
+        self.written = generation;
+        Ok(())
+    }
+
+    /// Writes every [`WRITE_EVERY`] until the task is dropped; the final write at shutdown is the
+    /// caller's.
+    pub async fn run(store: Arc<parking_lot::Mutex<BudgetStore>>) {
+        let mut tick = tokio::time::interval(WRITE_EVERY);
+        loop {
+            tick.tick().await;
+            let store = store.clone();
+            // File system calls block: off the request workers.
+            let _ = tokio::task::spawn_blocking(move || store.lock().write_if_changed()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_round_trip_through_their_text() {
+        assert_eq!(day_text(0), "1970-01-01");
+        assert_eq!(
+            day_number("2026-12-01").map(day_text).as_deref(),
+            Some("2026-12-01")
+        );
+        assert_eq!(day_number("yesterday"), None);
+    }
+}

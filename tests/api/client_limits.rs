@@ -1,0 +1,276 @@
+//! Per-client limits (the clients file): refusals with exact headers and an honest `Retry-After`, token limits
+//! charged before the call, concurrency, and the daily budget.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::clients::{chat_body, metrics, spawn_with_clients};
+use crate::helpers::*;
+
+fn header<'a>(response: &'a reqwest::Response, name: &str) -> &'a str {
+    response
+        .headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header"))
+        .to_str()
+        .unwrap()
+}
+
+/// `12s`, `11.999s` or `1m0s` as a duration.
+fn openai_duration(text: &str) -> Duration {
+    let (minutes, seconds) = match text.split_once('m') {
+        Some((minutes, seconds)) => (minutes.parse::<u64>().unwrap(), seconds),
+        None => (0, text),
+    };
+    let seconds: f64 = seconds.strip_suffix('s').unwrap().parse().unwrap();
+    Duration::from_secs(minutes * 60) + Duration::from_secs_f64(seconds)
+}
+
+#[tokio::test]
+async fn the_sixth_request_of_a_five_a_minute_client_waits_exactly_as_long_as_it_is_told() {
+    let (app, _) =
+        spawn_with_clients("[clients.alice]\ntoken = \"tok-alice\"\nrequests_per_minute = 5\n")
+            .await;
+    let first_sent = Instant::now();
+    let mut first_answered = None;
+    for remaining in ["4", "3", "2", "1", "0"] {
+        let admitted = app.chat("tok-alice", chat_body("gpt-mock")).await;
+        first_answered.get_or_insert_with(Instant::now);
+        assert_eq!(admitted.status(), 200);
+        // The upstream's own headers (100 / 99, the shared key's) are replaced by the client's.
+        assert_eq!(header(&admitted, "x-ratelimit-limit-requests"), "5");
+        assert_eq!(
+            header(&admitted, "x-ratelimit-remaining-requests"),
+            remaining
+        );
+        assert!(admitted.headers().get("x-ratelimit-limit-tokens").is_none());
+    }
+    let first_answered = first_answered.unwrap();
+    let refused = app.chat("tok-alice", chat_body("gpt-mock")).await;
+    // Five a minute is one place every 12 s: the first request's place frees 12 s after it.
+    assert_eq!(header(&refused, "retry-after"), "12");
+    assert_eq!(header(&refused, "x-ratelimit-limit-requests"), "5");
+    assert_eq!(header(&refused, "x-ratelimit-remaining-requests"), "0");
+    // Until all five places are free again: a minute after the first, less the time gone by.
+    let reset = openai_duration(header(&refused, "x-ratelimit-reset-requests"));
+    assert!(
+        reset > Duration::from_secs(59) && reset <= Duration::from_secs(60),
+        "{reset:?}"
+    );
+    assert_json_error(
+        refused,
+        429,
+        "rate_limited",
+        "This client is over its rate limit; retry after the time in Retry-After",
+    )
+    .await;
+    assert_eq!(
+        app.upstream.requests().len(),
+        5,
+        "the sixth never went upstream"
+    );
+
+    // Just before the time given, still refused; just after it, admitted.
+    let freed = Duration::from_secs(12);
+    tokio::time::sleep_until((first_sent + freed - Duration::from_millis(500)).into()).await;
+    let early = app.chat("tok-alice", chat_body("gpt-mock")).await;
+    assert_eq!(early.status(), 429);
+    assert_eq!(header(&early, "retry-after"), "1");
+    tokio::time::sleep_until((first_answered + freed + Duration::from_millis(20)).into()).await;
+    let on_time = app.chat("tok-alice", chat_body("gpt-mock")).await;
+    assert_eq!(on_time.status(), 200);
+    assert_eq!(header(&on_time, "x-ratelimit-remaining-requests"), "0");
+
+    let metrics = metrics(&app).await;
+    assert!(
+        metrics.contains(
+            "llm_proxy_limit_refusals_total{client=\"alice\",reason=\"requests_per_minute\"} 2"
+        ),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_running_stream_holds_its_estimate_so_a_second_cannot_overshoot_the_token_limit() {
+    let (app, _) =
+        spawn_with_clients("[clients.alice]\ntoken = \"tok-alice\"\ntokens_per_minute = 1000\n")
+            .await;
+    let body = json!({
+        "model": "gpt-mock",
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "max_tokens": 600,
+        "messages": [{"role": "user", "content": "hi"}]
+    });
+    // A token per 4 bytes of body, plus max_tokens.
+    let estimate = serde_json::to_vec(&body).unwrap().len().div_ceil(4) as u64 + 600;
+    let stream = |chunks: &str| {
+        app.client
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth("tok-alice")
+            .header("x-mock-chunks", chunks)
+            .header("x-mock-interval-ms", "50")
+            .json(&body)
+            .send()
+    };
+    let first = stream("20").await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(header(&first, "x-ratelimit-limit-tokens"), "1000");
+    let remaining: u64 = header(&first, "x-ratelimit-remaining-tokens")
+        .parse()
+        .unwrap();
+    assert_eq!(remaining, 1000 - estimate);
+    let mut first_body = first.bytes_stream();
+    assert!(first_body.next().await.is_some());
+
+    // The first has reported no usage yet, but its estimate is charged: the second would
+    // overshoot the limit and is refused before it reaches the upstream.
+    let second = stream("20").await.unwrap();
+    assert_eq!(second.status(), 429);
+    let body_of: Value = second.json().await.unwrap();
+    assert_eq!(body_of["error"], "rate_limited");
+    assert_eq!(app.upstream.streams_started(), 1);
+
+    while let Some(chunk) = first_body.next().await {
+        chunk.unwrap();
+    }
+    // Settled from the usage event (7 prompt + 20 completion): the estimate's rest is given
+    // back, so a second stream fits at once.
+    assert!(
+        eventually(Duration::from_secs(2), || app.upstream.streams_completed()
+            == 1)
+        .await
+    );
+    let third = stream("1").await.unwrap();
+    assert_eq!(third.status(), 200);
+    let remaining: u64 = header(&third, "x-ratelimit-remaining-tokens")
+        .parse()
+        .unwrap();
+    assert!(remaining >= 1000 - 27 - estimate, "{remaining}");
+    third.bytes().await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrency_refusals_are_answered_at_once() {
+    let (app, _) =
+        spawn_with_clients("[clients.alice]\ntoken = \"tok-alice\"\nmax_concurrent_requests = 1\n")
+            .await;
+    let stream = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth("tok-alice")
+        .header("x-mock-chunks", "10")
+        .header("x-mock-interval-ms", "100")
+        .json(&json!({"model": "gpt-mock", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let asked = Instant::now();
+    let refused = app.chat("tok-alice", chat_body("gpt-mock")).await;
+    assert!(
+        asked.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(header(&refused, "retry-after"), "1");
+    assert_json_error(
+        refused,
+        429,
+        "rate_limited",
+        "This client is over its rate limit; retry after the time in Retry-After",
+    )
+    .await;
+    // Other clients are not affected.
+    assert_eq!(
+        app.chat(CLIENT_TOKEN, chat_body("gpt-mock")).await.status(),
+        200
+    );
+    assert!(stream.text().await.unwrap().ends_with("[DONE]\n\n"));
+    // The place is given back when the stream's last byte went out.
+    let mut admitted = false;
+    for _ in 0..50 {
+        if app.chat("tok-alice", chat_body("gpt-mock")).await.status() == 200 {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(admitted);
+}
+
+#[tokio::test]
+async fn a_stream_without_usage_is_charged_from_its_events() {
+    let (app, _) =
+        spawn_with_clients("[clients.alice]\ntoken = \"tok-alice\"\ntokens_per_day = 100000\n")
+            .await;
+    let body = json!({"model": "gpt-mock", "stream": true});
+    let text = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth("tok-alice")
+        .header("x-mock-chunks", "5")
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events = text.matches("data:").count() as u64;
+    let prompt = serde_json::to_vec(&body).unwrap().len().div_ceil(4) as u64;
+    let usage = admin_usage(&app, "alice").await;
+    // The prompt estimate and one token per event, [DONE] aside.
+    assert_eq!(usage["tokens_today"], prompt + events - 1);
+}
+
+pub async fn admin_usage(app: &TestApp, name: &str) -> Value {
+    let listed: Value = app
+        .client
+        .get(app.url("/admin/clients"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    listed["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|client| client["name"] == name)
+        .unwrap()["usage"]
+        .clone()
+}
+
+#[tokio::test]
+async fn the_daily_budget_refuses_with_quota_exceeded_until_midnight_utc() {
+    let (app, _) =
+        spawn_with_clients("[clients.alice]\ntoken = \"tok-alice\"\ntokens_per_day = 40\n").await;
+    // Each chat is estimated at 16 tokens (its 64-byte body) and settles at 13.
+    for _ in 0..2 {
+        assert_eq!(
+            app.chat("tok-alice", chat_body("gpt-mock")).await.status(),
+            200
+        );
+    }
+    let refused = app.chat("tok-alice", chat_body("gpt-mock")).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let to_midnight = 86_400 - now % 86_400;
+    let retry: u64 = header(&refused, "retry-after").parse().unwrap();
+    assert!(retry.abs_diff(to_midnight) <= 2, "{retry} vs {to_midnight}");
+    assert_json_error(
+        refused,
+        429,
+        "quota_exceeded",
+        "This client has used its daily token budget; it renews at midnight UTC",
+    )
+    .await;
+    assert_eq!(admin_usage(&app, "alice").await["tokens_today"], 26);
+}

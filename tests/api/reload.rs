@@ -1,0 +1,295 @@
+//! Reloading the clients file and the token settings: by a change of the file (written in place,
+//! renamed over, a ConfigMap's symlink swap) and by `SIGHUP` to the real binary, with running
+//! streams left to finish under the rules they started with.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use llm_proxy::ops::reload::Reloader;
+use serde_json::json;
+
+use crate::clients::{chat_body, metrics, scratch_dir};
+use crate::helpers::*;
+use crate::process::{drain, start_binary_in};
+
+const ALICE: &str = "[clients.alice]\ntoken = \"tok-alice\"\ntokens_per_minute = 100000\n";
+const BOB: &str = "[clients.bob]\ntoken = \"tok-bob\"\n";
+
+/// The proxy with `file` as its clients file and a reloader watching it, as `main` runs one.
+async fn spawn_reloading(file: &Path) -> TestApp {
+    let app = spawn_app(&[("CLIENTS_FILE", file.to_str().unwrap())]).await;
+    let vars: HashMap<String, String> = [
+        ("TARGET_HOST", app.upstream.base_url()),
+        ("AUTH_BEARER", UPSTREAM_KEY.to_string()),
+        ("ALLOWED_TOKENS", CLIENT_TOKEN.to_string()),
+        ("ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
+        ("CLIENTS_FILE", file.to_str().unwrap().to_string()),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_string(), value))
+    .collect();
+    let source = Arc::new(move || Ok(vars.clone()));
+    tokio::spawn(Reloader::new(app.state.clone(), source).run());
+    app
+}
+
+/// Sends a chat as `token` every 20 ms until it gets `status`; how long that took.
+async fn until_status(app: &TestApp, token: &str, status: u16) -> Duration {
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        if app.chat(token, chat_body("gpt-mock")).await.status() == status {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{token} never got {status}");
+}
+
+fn stream_as(app: &TestApp, token: &str) -> reqwest::RequestBuilder {
+    app.client
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(token)
+        .header("x-mock-chunks", "20")
+        .header("x-mock-interval-ms", "50")
+        .json(&json!({"model": "gpt-mock", "stream": true, "stream_options": {"include_usage": true}}))
+}
+
+#[tokio::test]
+async fn a_file_written_in_place_or_renamed_over_applies_within_two_seconds() {
+    let file = scratch_dir("reload-file").join("clients.toml");
+    std::fs::write(&file, ALICE).unwrap();
+    let app = spawn_reloading(&file).await;
+    assert_eq!(
+        app.chat("tok-bob", chat_body("gpt-mock")).await.status(),
+        401
+    );
+
+    std::fs::write(&file, format!("{ALICE}{BOB}")).unwrap();
+    assert!(until_status(&app, "tok-bob", 200).await < Duration::from_secs(2));
+
+    // A stream of alice runs while alice is removed by a file renamed over the old one.
+    let running = stream_as(&app, "tok-alice").send().await.unwrap();
+    assert_eq!(running.status(), 200);
+    let mut body = running.bytes_stream();
+    let mut streamed = body.next().await.unwrap().unwrap().to_vec();
+    let replacement = file.with_extension("new");
+    std::fs::write(&replacement, BOB).unwrap();
+    std::fs::rename(&replacement, &file).unwrap();
+    assert!(until_status(&app, "tok-alice", 401).await < Duration::from_secs(2));
+    assert_eq!(app.upstream.streams_completed(), 0, "still streaming");
+    while let Some(chunk) = body.next().await {
+        streamed.extend_from_slice(&chunk.expect("the stream is not cut by the reload"));
+    }
+    assert!(streamed.ends_with(b"data: [DONE]\n\n"));
+    assert_eq!(
+        app.chat("tok-bob", chat_body("gpt-mock")).await.status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn a_configmap_symlink_swap_is_seen() {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::symlink;
+        let dir = scratch_dir("reload-configmap");
+        // What the kubelet lays out: a timestamped directory, `..data` pointing at it, and the
+        // file as a link through `..data`.
+        std::fs::create_dir(dir.join("..2026_12_01_12_00_00.1")).unwrap();
+        std::fs::write(dir.join("..2026_12_01_12_00_00.1/clients.toml"), ALICE).unwrap();
+        symlink("..2026_12_01_12_00_00.1", dir.join("..data")).unwrap();
+        symlink("..data/clients.toml", dir.join("clients.toml")).unwrap();
+        let app = spawn_reloading(&dir.join("clients.toml")).await;
+        assert_eq!(
+            app.chat("tok-alice", chat_body("gpt-mock")).await.status(),
+            200
+        );
+
+        // An update: a new directory, a new link renamed over `..data`, the old one removed.
+        std::fs::create_dir(dir.join("..2026_12_01_12_05_00.2")).unwrap();
+        std::fs::write(dir.join("..2026_12_01_12_05_00.2/clients.toml"), BOB).unwrap();
+        symlink("..2026_12_01_12_05_00.2", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        std::fs::remove_dir_all(dir.join("..2026_12_01_12_00_00.1")).unwrap();
+
+        assert!(until_status(&app, "tok-bob", 200).await < Duration::from_secs(2));
+        assert_eq!(
+            app.chat("tok-alice", chat_body("gpt-mock")).await.status(),
+            401
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_broken_file_is_rejected_whole_and_counted() {
+    let file = scratch_dir("reload-broken").join("clients.toml");
+    std::fs::write(&file, ALICE).unwrap();
+    let app = spawn_reloading(&file).await;
+    // Valid TOML with one bad field: nothing of it applies, not even the new client.
+    std::fs::write(
+        &file,
+        format!("{BOB}[clients.carol]\ntoken = \"tok-carol\"\nrequests_per_minute = -1\n"),
+    )
+    .unwrap();
+    let failed = "llm_proxy_config_reloads_total{result=\"failed\"} 1";
+    let mut seen = false;
+    for _ in 0..200 {
+        if metrics(&app).await.contains(failed) {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen, "{}", metrics(&app).await);
+    assert_eq!(
+        app.chat("tok-alice", chat_body("gpt-mock")).await.status(),
+        200
+    );
+    assert_eq!(
+        app.chat("tok-bob", chat_body("gpt-mock")).await.status(),
+        401
+    );
+
+    std::fs::write(&file, BOB).unwrap();
+    assert!(until_status(&app, "tok-bob", 200).await < Duration::from_secs(2));
+    let after = metrics(&app).await;
+    assert!(
+        after.contains("llm_proxy_config_reloads_total{result=\"ok\"} 1"),
+        "{after}"
+    );
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_tokens_while_a_removed_clients_stream_runs_to_its_end() {
+    let upstream = mock_upstream::MockUpstream::start().await;
+    let target = upstream.base_url();
+    let dir = scratch_dir("reload-sighup");
+    std::fs::write(dir.join(".env"), "ALLOWED_TOKENS=carol:tok-carol\n").unwrap();
+    let mut proxy = start_binary_in(
+        &dir,
+        &[
+            ("TARGET_HOST", &target),
+            ("AUTH_BEARER", UPSTREAM_KEY),
+            ("AUTH_VALIDATION", "true"),
+        ],
+    )
+    .await;
+    let base = format!("http://127.0.0.1:{}", proxy.port);
+    let client = reqwest::Client::new();
+    let chat = |token: &'static str| {
+        client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(token)
+            .json(&chat_body("gpt-mock"))
+            .send()
+    };
+    let running = client
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth("tok-carol")
+        .header("x-mock-chunks", "20")
+        .header("x-mock-interval-ms", "50")
+        .json(&json!({"model": "gpt-mock", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(running.status(), 200);
+    let mut body = running.bytes_stream();
+    let mut streamed = body.next().await.unwrap().unwrap().to_vec();
+
+    let pid = proxy.child.id().unwrap().to_string();
+    let hangup = || {
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    async fn line_with(proxy: &mut crate::process::RunningProxy, wanted: &[&str]) -> String {
+        let found = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                let line = proxy.log.recv().await.expect("the proxy exited on SIGHUP");
+                if wanted.iter().all(|part| line.contains(part)) {
+                    return line;
+                }
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("no line with {wanted:?}: {}", drain(&mut proxy.log)))
+    }
+
+    // A bad .env is rejected whole: carol keeps her access, and the error names the problem.
+    std::fs::write(
+        dir.join(".env"),
+        "ALLOWED_TOKENS=dave:tok-dave\nLOG_LEVEL=loud\n",
+    )
+    .unwrap();
+    hangup();
+    let rejected = line_with(&mut proxy, &["reload (SIGHUP) rejected", "LOG_LEVEL"]).await;
+    assert!(!rejected.contains("tok-dave"), "{rejected}");
+    assert_eq!(chat("tok-carol").await.unwrap().status(), 200);
+    assert_eq!(chat("tok-dave").await.unwrap().status(), 401);
+
+    std::fs::write(dir.join(".env"), "ALLOWED_TOKENS=dave:tok-dave\n").unwrap();
+    hangup();
+    line_with(&mut proxy, &["reloaded (SIGHUP): 1 clients"]).await;
+
+    assert_eq!(chat("tok-carol").await.unwrap().status(), 401);
+    assert_eq!(chat("tok-dave").await.unwrap().status(), 200);
+    while let Some(chunk) = body.next().await {
+        streamed.extend_from_slice(&chunk.expect("the stream is not cut by SIGHUP"));
+    }
+    assert!(streamed.ends_with(b"data: [DONE]\n\n"));
+    assert!(
+        proxy.child.try_wait().unwrap().is_none(),
+        "SIGHUP never ends the process"
+    );
+
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = proxy.child.wait().await.unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn a_new_clients_file_path_waits_for_a_restart_while_the_rest_reloads() {
+    let dir = scratch_dir("reload-path");
+    std::fs::write(dir.join("first.toml"), ALICE).unwrap();
+    std::fs::write(dir.join("second.toml"), BOB).unwrap();
+    let app = spawn_app(&[("CLIENTS_FILE", dir.join("first.toml").to_str().unwrap())]).await;
+    let vars: HashMap<String, String> = [
+        ("TARGET_HOST", app.upstream.base_url()),
+        ("AUTH_BEARER", UPSTREAM_KEY.to_string()),
+        ("ALLOWED_TOKENS", "erin:tok-erin".to_string()),
+        (
+            "CLIENTS_FILE",
+            dir.join("second.toml").display().to_string(),
+        ),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_string(), value))
+    .collect();
+    let mut reloader = Reloader::new(app.state.clone(), Arc::new(move || Ok(vars.clone())));
+    assert!(reloader.reload("test"));
+    // ALLOWED_TOKENS changed; the clients still come from the file being watched.
+    assert_eq!(
+        app.chat("tok-erin", chat_body("gpt-mock")).await.status(),
+        200
+    );
+    assert_eq!(
+        app.chat(CLIENT_TOKEN, chat_body("gpt-mock")).await.status(),
+        401
+    );
+    assert_eq!(
+        app.chat("tok-alice", chat_body("gpt-mock")).await.status(),
+        200
+    );
+    assert_eq!(
+        app.chat("tok-bob", chat_body("gpt-mock")).await.status(),
+        401
+    );
+}
