@@ -30,6 +30,9 @@ struct Inner {
     metrics: Metrics,
     /// `MAX_BODY_BYTES`: a body read whole for its model obeys the same cap as a streamed one.
     max_body_bytes: u64,
+    /// `UPSTREAM_TIMEOUT_SECS`: the same bound a streamed upload has inside the upstream request,
+    /// so a caller that stops sending does not hold its place while its body is read whole.
+    body_timeout: std::time::Duration,
 }
 
 impl Policy {
@@ -38,6 +41,7 @@ impl Policy {
             limiter,
             metrics,
             max_body_bytes: config.limits.max_body_bytes,
+            body_timeout: config.limits.upstream_timeout,
         }))
     }
 
@@ -47,6 +51,11 @@ impl Policy {
 
     pub fn max_body_bytes(&self) -> u64 {
         self.0.max_body_bytes
+    }
+
+    /// How long a body read whole (to find its model) may take to arrive.
+    pub fn body_timeout(&self) -> std::time::Duration {
+        self.0.body_timeout
     }
 
     /// The model check: `Ok` when the client may use `model` (or has no list).

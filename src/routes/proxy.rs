@@ -73,9 +73,13 @@ where
         if declared_length(&headers).is_some_and(|length| length > max) {
             return refused(ProxyError::PayloadTooLarge.into_response());
         }
-        let bytes = match read_body(body, max).await {
-            Ok(bytes) => bytes,
-            Err(error) => return refused(error.into_response()),
+        let bytes = match tokio::time::timeout(policy.body_timeout(), read_body(body, max)).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(error)) => return refused(error.into_response()),
+            Err(_) => {
+                log::info!("the request body did not arrive within UPSTREAM_TIMEOUT_SECS");
+                return refused(ProxyError::RequestTimeout.into_response());
+            }
         };
         let inspected = inspect(&headers, &bytes);
         let once = futures::stream::once(std::future::ready(Ok::<Bytes, warp::Error>(bytes)));

@@ -326,3 +326,31 @@ async fn a_clients_file_error_stops_start_up_naming_the_client_and_field() {
     );
     assert!(!stderr.contains("tok-alice-secret"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_body_read_for_its_model_that_stops_arriving_is_408_and_never_sent() {
+    let file = scratch_dir("clients-slow-body").join("clients.toml");
+    std::fs::write(&file, CLIENTS).unwrap();
+    let app = spawn_app(&[
+        ("CLIENTS_FILE", file.to_str().unwrap()),
+        ("UPSTREAM_TIMEOUT_SECS", "1"),
+    ])
+    .await;
+    let request = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok-alice\r\n\
+                   Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\":";
+    let started = std::time::Instant::now();
+    let reply = raw_exchange(
+        app.addr,
+        request.as_bytes(),
+        std::time::Duration::from_secs(4),
+    )
+    .await;
+    assert_eq!(reply.status(), 408, "{}", reply.text);
+    assert!(
+        reply.text.contains("\"error\":\"request_timeout\""),
+        "{}",
+        reply.text
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    assert_eq!(app.upstream.requests_started(), 0, "nothing went upstream");
+}
