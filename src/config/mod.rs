@@ -4,6 +4,7 @@
 //! Loading and validation are separate from the process environment (`Config::from_lookup`) so tests
 //! can build any configuration without touching global state.
 
+mod redis;
 mod secret;
 mod values;
 pub mod variables;
@@ -19,6 +20,7 @@ use reqwest::Url;
 use warp::http::{HeaderName, HeaderValue};
 
 use crate::auth::{TokenSet, token_label};
+pub use redis::{RedisUrl, SharedStateConfig};
 pub use secret::Secret;
 use values::invalid;
 pub use values::{UpstreamQuery, is_client_name};
@@ -68,6 +70,8 @@ pub struct Config {
     /// Protects `/metrics`; falls back to `admin_token`, and `/metrics` is open without either.
     pub metrics_token: Option<Secret>,
     pub limits: Limits,
+    /// `REDIS_URL` and its companions: state shared by replicas.
+    pub shared: SharedStateConfig,
 }
 
 /// Where requests go and with which keys, parsed once.
@@ -379,6 +383,7 @@ impl Config {
             None => Vec::new(),
             Some(path) => values::ca_file(&path)?,
         };
+        let shared = redis::shared_state(&get)?;
         let client = http_client(&limits, &extra_roots, Protocols::Negotiated)?;
         let tunnel_client = http_client(&limits, &extra_roots, Protocols::Http1Only)?;
 
@@ -403,6 +408,7 @@ impl Config {
             admin_token,
             metrics_token,
             limits,
+            shared,
         })
     }
 
@@ -415,6 +421,12 @@ impl Config {
             .chain(self.allowed_tokens.iter().map(|client| &client.token))
             .chain(&self.admin_token)
             .chain(&self.metrics_token)
+            .chain(
+                self.shared
+                    .redis
+                    .iter()
+                    .flat_map(|redis| std::iter::once(&redis.url).chain(&redis.password)),
+            )
     }
 }
 
