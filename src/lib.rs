@@ -22,6 +22,10 @@
 //!    keep-alive, usage tap, key mask) as it streams, or the model list served from its cache.
 //! 7. [`error`]: every answer the proxy makes itself, in one table.
 //!
+//! Beside the path, [`shared`] holds the state replicas share through Redis (`REDIS_URL`): the
+//! key pool merges its rests there in the background, so no request waits for it; when Redis is
+//! slow or down the mode turns `local` and each replica decides alone until Redis answers.
+//!
 //! [`state::AppState`] is where these parts are put together; each route hands its handler only
 //! the part it needs.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -34,6 +38,7 @@ pub mod ops;
 pub mod proxy;
 pub mod routes;
 pub mod server;
+pub mod shared;
 pub mod state;
 
 pub use config::Config;

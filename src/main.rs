@@ -43,6 +43,8 @@ async fn serve() -> ExitCode {
 
     let address = SocketAddr::new(config.host, config.port);
     let state = AppState::new(config);
+    // The start-up log says which mode the shared state begins in.
+    state.shared.first_contact().await;
     let listener = match listener::bind(address) {
         Ok(listener) => listener,
         Err(err) => {

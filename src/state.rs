@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::ops::metrics::Metrics;
 use crate::proxy::Upstream;
 use crate::proxy::models_cache::ModelsCache;
+use crate::shared::Shared;
 
 /// How long `/v1/models` answers are kept.
 pub const MODELS_CACHE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
@@ -26,6 +27,8 @@ pub struct Inner {
     pub upstream: Upstream,
     pub models: ModelsCache,
     pub metrics: Metrics,
+    /// The state shared by replicas (Redis), and its mode.
+    pub shared: Shared,
     /// Set once shutdown has begun: `/readyz` then answers 503.
     draining: AtomicBool,
 }
@@ -39,13 +42,16 @@ impl Deref for AppState {
 }
 
 impl AppState {
-    /// Everything that could fail was parsed and checked by `Config`, so this cannot.
+    /// Everything that could fail was parsed and checked by `Config`, so this cannot. With
+    /// `REDIS_URL` set it starts the Redis probe, so it needs a tokio runtime.
     pub fn new(config: Config) -> AppState {
         let metrics = Metrics::new();
         let redactor = Arc::new(Redactor::new(&config));
+        let shared = Shared::new(&config.shared, metrics.clone());
         AppState(Arc::new(Inner {
             auth: Authenticator::new(&config),
-            upstream: Upstream::new(&config, metrics.clone(), redactor),
+            upstream: Upstream::new(&config, metrics.clone(), redactor, &shared),
+            shared,
             models: ModelsCache::new(MODELS_CACHE_TTL),
             metrics,
             draining: AtomicBool::new(false),
