@@ -28,6 +28,10 @@
 //! Beside the request path, [`ops::reload`] re-reads the clients file and the token settings on
 //! `SIGHUP` or a change of the file, and swaps them in whole.
 //!
+//! Beside the path, [`shared`] holds the state replicas share through Redis (`REDIS_URL`): the
+//! key pool merges its rests there in the background, so no request waits for it; when Redis is
+//! slow or down the mode turns `local` and each replica decides alone until Redis answers.
+//!
 //! [`state::AppState`] is where these parts are put together; each route hands its handler only
 //! the part it needs.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -41,6 +45,7 @@ pub mod policy;
 pub mod proxy;
 pub mod routes;
 pub mod server;
+pub mod shared;
 pub mod state;
 
 pub use config::Config;

@@ -73,6 +73,8 @@ async fn serve() -> ExitCode {
     let writer = store
         .clone()
         .map(|store| tokio::spawn(BudgetStore::run(store)));
+    // The start-up log says which mode the shared state begins in.
+    state.shared.first_contact().await;
     let listener = match listener::bind(address) {
         Ok(listener) => listener,
         Err(err) => {

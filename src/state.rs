@@ -13,6 +13,7 @@ use crate::ops::metrics::Metrics;
 use crate::policy::{Limiter, MemoryLimiter, Policy};
 use crate::proxy::Upstream;
 use crate::proxy::models_cache::ModelsCache;
+use crate::shared::Shared;
 
 /// How long `/v1/models` answers are kept.
 pub const MODELS_CACHE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
@@ -30,6 +31,8 @@ pub struct Inner {
     pub policy: Policy,
     /// Debug-log masking; told about new secrets on reload.
     pub redactor: Arc<Redactor>,
+    /// The state shared by replicas (Redis), and its mode.
+    pub shared: Shared,
     /// Set once shutdown has begun: `/readyz` then answers 503.
     draining: AtomicBool,
     /// Whether the daily budgets are written to `STATE_DIR` (set by `main` once the store opened).
@@ -45,7 +48,8 @@ impl Deref for AppState {
 }
 
 impl AppState {
-    /// Everything that could fail was parsed and checked by `Config`, so this cannot.
+    /// Everything that could fail was parsed and checked by `Config`, so this cannot. With
+    /// `REDIS_URL` set it starts the Redis probe, so it needs a tokio runtime.
     pub fn new(config: Config) -> AppState {
         AppState::with_limiter(config, Arc::new(MemoryLimiter::new()))
     }
@@ -54,9 +58,11 @@ impl AppState {
     pub fn with_limiter(config: Config, limiter: Arc<dyn Limiter>) -> AppState {
         let metrics = Metrics::new();
         let redactor = Arc::new(Redactor::new(&config));
+        let shared = Shared::new(&config.shared, metrics.clone());
         AppState(Arc::new(Inner {
             auth: Authenticator::new(&config),
-            upstream: Upstream::new(&config, metrics.clone(), redactor.clone()),
+            upstream: Upstream::new(&config, metrics.clone(), redactor.clone(), &shared),
+            shared,
             models: ModelsCache::new(MODELS_CACHE_TTL),
             policy: Policy::new(&config, limiter, metrics.clone()),
             redactor,

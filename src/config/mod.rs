@@ -5,6 +5,7 @@
 //! can build any configuration without touching global state.
 
 pub mod clients;
+mod redis;
 mod secret;
 mod values;
 pub mod variables;
@@ -21,6 +22,7 @@ use warp::http::{HeaderName, HeaderValue};
 
 use crate::auth::token_label;
 pub use clients::{Client, ClientLimits};
+pub use redis::{RedisUrl, SharedStateConfig};
 pub use secret::Secret;
 use values::invalid;
 pub use values::{UpstreamQuery, is_client_name};
@@ -74,6 +76,8 @@ pub struct Config {
     /// Protects `/metrics`; falls back to `admin_token`, and `/metrics` is open without either.
     pub metrics_token: Option<Secret>,
     pub limits: Limits,
+    /// `REDIS_URL` and its companions: state shared by replicas.
+    pub shared: SharedStateConfig,
 }
 
 /// Where requests go and with which keys, parsed once.
@@ -434,6 +438,7 @@ impl Config {
             None => Vec::new(),
             Some(path) => values::ca_file(&path)?,
         };
+        let shared = redis::shared_state(&get)?;
         let client = http_client(&limits, &extra_roots, Protocols::Negotiated)?;
         let tunnel_client = http_client(&limits, &extra_roots, Protocols::Http1Only)?;
 
@@ -460,6 +465,7 @@ impl Config {
             admin_token,
             metrics_token,
             limits,
+            shared,
         })
     }
 
@@ -476,6 +482,12 @@ impl Config {
             )
             .chain(&self.admin_token)
             .chain(&self.metrics_token)
+            .chain(
+                self.shared
+                    .redis
+                    .iter()
+                    .flat_map(|redis| std::iter::once(&redis.url).chain(&redis.password)),
+            )
     }
 
     /// The settings a reload cannot change, each as its variable and a fingerprint that holds

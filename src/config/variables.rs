@@ -128,6 +128,21 @@ pub const VARIABLES: &[Variable] = &[
         "1024",
         "requests in flight, streams and tunnels included",
     ),
+    var(
+        "REDIS_URL",
+        "unset",
+        "redis:// or rediss:// (TLS): key rests shared by replicas; unset: per process",
+    ),
+    var(
+        "REDIS_TIMEOUT_MS",
+        "50",
+        "longest wait for Redis; slower or down: local state until it answers",
+    ),
+    var(
+        "REDIS_FALLBACK_REPLICAS",
+        "1",
+        "while Redis is down, shared per-client limits are divided by this",
+    ),
 ];
 
 /// Prefixes of our names: an unknown name with one of them is almost surely meant for us.
@@ -148,6 +163,7 @@ const PREFIXES: &[&str] = &[
     "DEBUG_",
     "CLIENTS_",
     "STATE_",
+    "REDIS_",
 ];
 
 pub fn is_known(name: &str) -> bool {

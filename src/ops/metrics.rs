@@ -107,6 +107,57 @@ struct KeyLabels {
     key: u64,
 }
 
+/// Where the state shared by replicas (key rests, later the per-client limits) is kept.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum StateMode {
+    /// In Redis, shared by every replica that points at it.
+    Shared,
+    /// In this process: no `REDIS_URL`, or Redis is unreachable or slow.
+    Local,
+}
+
+impl StateMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateMode::Shared => "shared",
+            StateMode::Local => "local",
+        }
+    }
+}
+
+/// Why a Redis call did not give an answer.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum RedisFailure {
+    /// No answer within `REDIS_TIMEOUT_MS`.
+    Timeout,
+    /// Connection refused, reset or not established.
+    Connection,
+    /// Redis answered with an error.
+    Error,
+}
+
+impl RedisFailure {
+    fn as_str(self) -> &'static str {
+        match self {
+            RedisFailure::Timeout => "timeout",
+            RedisFailure::Connection => "connection",
+            RedisFailure::Error => "error",
+        }
+    }
+}
+
+label_value_as_str!(StateMode, RedisFailure);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: StateMode,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RedisFailureLabels {
+    kind: RedisFailure,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusalLabels {
     client: Arc<str>,
@@ -162,6 +213,8 @@ struct Families {
     key_disabled: Family<KeyLabels, Gauge>,
     limit_refusals: Family<RefusalLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
+    state_mode: Family<ModeLabels, Gauge>,
+    redis_failures: Family<RedisFailureLabels, Counter>,
     /// Per-route histogram handles, indexed by `Route as usize`: a family lookup hashes the
     /// labels under a lock on every request; the handles share the family's storage, so the
     /// exposition is unchanged.
@@ -292,7 +345,19 @@ impl Metrics {
             "Reloads of the clients file and token settings, by result (ok, failed)",
             reloads.clone(),
         );
-        Metrics(Arc::new(Families {
+        let state_mode = Family::<ModeLabels, Gauge>::default();
+        registry.register(
+            "shared_state_mode",
+            "1 for the mode the shared state is in: shared (Redis) or local (this process)",
+            state_mode.clone(),
+        );
+        let redis_failures = Family::<RedisFailureLabels, Counter>::default();
+        registry.register(
+            "redis_failures",
+            "Redis calls that gave no answer, by kind (timeout, connection, error)",
+            redis_failures.clone(),
+        );
+        let metrics = Metrics(Arc::new(Families {
             registry,
             requests,
             duration,
@@ -311,8 +376,12 @@ impl Metrics {
             key_disabled,
             limit_refusals,
             reloads,
+            state_mode,
+            redis_failures,
             cached: Default::default(),
-        }))
+        }));
+        metrics.state_mode(StateMode::Local);
+        metrics
     }
 
     /// The Prometheus text exposition (format 0.0.4) of every family.
@@ -425,6 +494,24 @@ impl Metrics {
             .key_disabled
             .get_or_create(&labels)
             .set(i64::from(state == KeyState::Disabled));
+    }
+}
+
+impl Metrics {
+    pub fn state_mode(&self, mode: StateMode) {
+        for each in [StateMode::Shared, StateMode::Local] {
+            self.0
+                .state_mode
+                .get_or_create(&ModeLabels { mode: each })
+                .set(i64::from(each == mode));
+        }
+    }
+
+    pub fn redis_failure(&self, kind: RedisFailure) {
+        self.0
+            .redis_failures
+            .get_or_create(&RedisFailureLabels { kind })
+            .inc();
     }
 }
 

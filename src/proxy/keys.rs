@@ -6,21 +6,32 @@
 //! key: that is what logs and metrics show.
 //!
 //! The pool's state is behind a small interface (`choose`, `rested`, `disabled`,
-//! `first_usable_at`) so that the rests can later move to a store shared by replicas.
+//! `first_usable_at`). With `REDIS_URL`, rests are also shared by replicas ([`share_rests`]):
+//! a background task merges this pool's rests with Redis's, so `choose` never waits for Redis.
+//! Refused keys (401/403) stay per process: a replica finds out on its own first request with
+//! the key, and taking a key out for every replica on one replica's word is not worth the risk.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
+use tokio::sync::Notify;
 // tokio's clock, so that tests with paused time can step over a rest.
 use tokio::time::Instant;
 use warp::http::{HeaderMap, HeaderValue, StatusCode};
 
 use crate::config::UpstreamKey;
 use crate::ops::metrics::{KeyState, Metrics};
+use crate::shared::rests::SharedRests;
 
 /// How long a key rests after a 429 whose answer names no time.
 pub const DEFAULT_REST: Duration = Duration::from_secs(60);
+
+/// How often a replica merges its rests with Redis's. With the merge right after a 429 of its
+/// own, this bounds how stale a replica's view is: a rest recorded by one replica is respected
+/// by the others within this interval plus two Redis round trips.
+pub const REST_SYNC_INTERVAL: Duration = Duration::from_millis(500);
 
 /// The key a request is sent with.
 #[derive(Clone, Debug)]
@@ -52,6 +63,8 @@ pub struct KeyPool {
     /// Where the next round-robin scan starts.
     next: AtomicUsize,
     metrics: Metrics,
+    /// Wakes the rest sync (when there is one) as soon as a key starts resting here.
+    rested_here: Arc<Notify>,
 }
 
 /// What an upstream status means for the key that got it.
@@ -85,6 +98,7 @@ impl KeyPool {
             slots: Mutex::new(vec![Slot::default(); keys.len()]),
             next: AtomicUsize::new(0),
             metrics,
+            rested_here: Arc::new(Notify::new()),
         }
     }
 
@@ -134,7 +148,37 @@ impl KeyPool {
         // A later answer naming a shorter rest does not cut a longer one short.
         slot.resting_until = Some(slot.resting_until.map_or(until, |old| old.max(until)));
         self.metrics.key_state(position, KeyState::Resting);
+        drop(slots);
+        // A permit is kept if the sync is busy, so this rest is not missed.
+        self.rested_here.notify_one();
         true
+    }
+
+    /// What is left of each key's rest, in pool order (zero: usable, or disabled here).
+    fn remaining_rests(&self) -> Vec<Duration> {
+        let now = Instant::now();
+        self.slots
+            .lock()
+            .iter()
+            .map(|slot| match slot.resting_until {
+                Some(until) if !slot.disabled => until.saturating_duration_since(now),
+                _ => Duration::ZERO,
+            })
+            .collect()
+    }
+
+    /// Rests other replicas recorded, as remaining times in pool order: each key rests until
+    /// the later of its own rest and theirs.
+    fn rests_seen(&self, theirs: &[Duration]) {
+        let now = Instant::now();
+        let mut slots = self.slots.lock();
+        for (slot, rest) in slots.iter_mut().zip(theirs) {
+            if rest.is_zero() {
+                continue;
+            }
+            let until = now + *rest;
+            slot.resting_until = Some(slot.resting_until.map_or(until, |old| old.max(until)));
+        }
     }
 
     /// The key at `position` was refused (401/403): it is out of turn for the life of the pool.
@@ -185,6 +229,37 @@ impl KeyPool {
                 KeyState::Resting
             };
             self.metrics.key_state(index + 1, state);
+        }
+    }
+}
+
+/// Shares the pool's rests through Redis: a background task, ended when the pool is dropped,
+/// merges them every `REST_SYNC_INTERVAL` and right after each 429. A pool of one key is never
+/// rested, so it has nothing to share.
+pub fn share_rests(pool: &Arc<KeyPool>, rests: SharedRests) {
+    if pool.fails_over() {
+        tokio::spawn(sync_rests(
+            Arc::downgrade(pool),
+            pool.rested_here.clone(),
+            rests,
+        ));
+    }
+}
+
+async fn sync_rests(pool: Weak<KeyPool>, rested_here: Arc<Notify>, rests: SharedRests) {
+    loop {
+        {
+            let Some(pool) = pool.upgrade() else {
+                return;
+            };
+            // In local mode this returns at once; the rests stay this replica's own.
+            if let Ok(theirs) = rests.merge(&pool.remaining_rests()).await {
+                pool.rests_seen(&theirs);
+            }
+        }
+        tokio::select! {
+            () = rested_here.notified() => {}
+            () = tokio::time::sleep(REST_SYNC_INTERVAL) => {}
         }
     }
 }

@@ -25,6 +25,8 @@ use crate::config::{Config, UpstreamQuery};
 use crate::error::ProxyError;
 use crate::ops::metrics::{Metrics, UpstreamFailure};
 use crate::server::descriptors::is_out_of_descriptors;
+use crate::shared::Shared;
+use crate::shared::rests::SharedRests;
 use body::caused_by_body_limit;
 use keys::{DEFAULT_REST, KeyPool, Verdict, rest_duration, retry_after_secs};
 use request::RequestBody;
@@ -39,7 +41,7 @@ struct Inner {
     /// What the caller's `/v1` stands for upstream.
     base_url: Url,
     query: Option<UpstreamQuery>,
-    keys: KeyPool,
+    keys: Arc<KeyPool>,
     /// `UPSTREAM_AUTH_HEADER`: where the key goes.
     key_header: HeaderName,
     /// Every upstream key as searched for in answers (short ones are not searched for).
@@ -57,14 +59,24 @@ struct Inner {
 }
 
 impl Upstream {
-    pub fn new(config: &Config, metrics: Metrics, redactor: Arc<Redactor>) -> Upstream {
+    /// With `shared` configured, the key rests are shared through Redis.
+    pub fn new(
+        config: &Config,
+        metrics: Metrics,
+        redactor: Arc<Redactor>,
+        shared: &Shared,
+    ) -> Upstream {
         let upstream = &config.upstream;
+        let keys = Arc::new(KeyPool::new(&upstream.keys, metrics.clone()));
+        if shared.is_configured() {
+            keys::share_rests(&keys, SharedRests::new(shared.clone(), &upstream.keys));
+        }
         Upstream(Arc::new(Inner {
             client: upstream.client.clone(),
             tunnel_client: upstream.tunnel_client.clone(),
             base_url: upstream.base_url.clone(),
             query: upstream.query.clone(),
-            keys: KeyPool::new(&upstream.keys, metrics.clone()),
+            keys,
             key_header: upstream.auth_header.clone(),
             keys_to_mask: upstream
                 .keys

@@ -18,7 +18,9 @@ pub fn healthz() -> impl Filter<Extract = (warp::reply::Response,), Error = Reje
 }
 
 /// GET /readyz: 200 while taking traffic, 503 once shutdown has begun or the upstream has refused
-/// every key (a key resting after a 429 still counts: it comes back by itself).
+/// every key (a key resting after a 429 still counts: it comes back by itself). The body says
+/// where the shared state is kept, `"limits":"shared"` or `"local"`: Redis being down does not
+/// make a replica unready, it still serves with local state.
 pub fn readyz(
     state: AppState,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
@@ -33,8 +35,8 @@ pub fn readyz(
             } else {
                 (StatusCode::OK, "ready")
             };
-            warp::reply::with_status(warp::reply::json(&json!({"status": word})), status)
-                .into_response()
+            let body = json!({"status": word, "limits": state.shared.mode().as_str()});
+            warp::reply::with_status(warp::reply::json(&body), status).into_response()
         })
 }
 

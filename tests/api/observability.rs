@@ -279,7 +279,10 @@ async fn health_endpoints_need_no_token_and_readiness_ends_with_the_drain() {
     assert!(eventually(Duration::from_secs(2), || app.state.is_draining()).await);
     let ready = warp::test::request().path("/readyz").reply(&routes).await;
     assert_eq!(ready.status(), 503);
-    assert_eq!(ready.body().as_ref(), br#"{"status":"draining"}"#);
+    assert_eq!(
+        ready.body().as_ref(),
+        br#"{"limits":"local","status":"draining"}"#
+    );
     let alive = warp::test::request().path("/healthz").reply(&routes).await;
     assert_eq!(alive.status(), 200, "alive while draining");
     stream.bytes().await.unwrap();
