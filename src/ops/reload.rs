@@ -135,8 +135,10 @@ impl Reloader {
                  restarts (STATE_DIR) only after a restart"
             );
         }
-        self.state.auth.replace(&config);
+        // Masked before accepted: a new token must never be in force while a debug log could
+        // still print it.
         self.state.redactor.add_secrets(&config);
+        self.state.auth.replace(&config);
         self.state.metrics.reload(true);
         log::info!("reloaded ({why}): {} clients", config.clients.len());
         true

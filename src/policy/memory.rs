@@ -86,9 +86,17 @@ fn period(limit: u64) -> Duration {
     WINDOW / u32::try_from(limit.max(1)).unwrap_or(u32::MAX)
 }
 
+/// Capped at a day: a request claiming an absurd `max_tokens`, or an upstream reporting absurd
+/// usage, must not push a client's window (and its `Retry-After`) out by centuries.
 fn times(period: Duration, count: u64) -> Duration {
+    const CAP: Duration = Duration::from_secs(24 * 60 * 60);
     let nanos = period.as_nanos().saturating_mul(u128::from(count));
-    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX)).min(CAP)
+}
+
+/// Token counts into the signed per-second ring, without wrapping.
+fn signed(count: u64) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
 }
 
 /// The GCRA decision for `cost` units: the new TAT, or how long until it would be admitted.
@@ -188,30 +196,44 @@ impl MemoryLimiter {
             retry_after,
             standing: state.standing(limits, now),
         };
+        // Every check is made, and a refusal names the longest wait of those that failed: a
+        // `Retry-After` from the first failing check alone would send the client back too early.
+        let mut refusals: Vec<(Reason, Duration)> = Vec::new();
         if limits
             .max_concurrent_requests
             .is_some_and(|max| state.in_flight >= max)
         {
-            return Err(refuse(Reason::Concurrency, CONCURRENCY_RETRY, state));
+            refusals.push((Reason::Concurrency, CONCURRENCY_RETRY));
         }
-        let request_tat = match limits.requests_per_minute {
-            Some(limit) => Some(
-                gcra(state.request_tat, now, limit, 1)
-                    .map_err(|wait| refuse(Reason::Requests, wait, state))?,
-            ),
-            None => None,
+        let mut check = |limit: Option<u64>, tat: Option<Instant>, cost: u64, reason: Reason| {
+            let decided = gcra(tat, now, limit?, cost);
+            match decided {
+                Ok(new_tat) => Some(new_tat),
+                Err(wait) => {
+                    refusals.push((reason, wait));
+                    None
+                }
+            }
         };
-        let token_tat = match limits.tokens_per_minute {
-            Some(limit) => Some(
-                gcra(state.token_tat, now, limit, estimate)
-                    .map_err(|wait| refuse(Reason::Tokens, wait, state))?,
-            ),
-            None => None,
-        };
+        let request_tat = check(
+            limits.requests_per_minute,
+            state.request_tat,
+            1,
+            Reason::Requests,
+        );
+        let token_tat = check(
+            limits.tokens_per_minute,
+            state.token_tat,
+            estimate,
+            Reason::Tokens,
+        );
         if let Some(budget) = limits.tokens_per_day
             && state.tokens_today.saturating_add(estimate) > budget
         {
-            return Err(refuse(Reason::Budget, until_next_day(wall), state));
+            refusals.push((Reason::Budget, until_next_day(wall)));
+        }
+        if let Some((reason, retry_after)) = refusals.into_iter().max_by_key(|(_, wait)| *wait) {
+            return Err(refuse(reason, retry_after, state));
         }
         // Every check passed: charge them all.
         if request_tat.is_some() {
@@ -221,8 +243,8 @@ impl MemoryLimiter {
             state.token_tat = token_tat;
         }
         state.in_flight += 1;
-        state.tokens_today += estimate;
-        state.recent.add(second(now), 1, estimate as i64);
+        state.tokens_today = state.tokens_today.saturating_add(estimate);
+        state.recent.add(second(now), 1, signed(estimate));
         self.0.budget_generation.fetch_add(1, Ordering::Relaxed);
         Ok((
             Charge {
@@ -254,7 +276,12 @@ impl MemoryLimiter {
         } else {
             0
         };
-        state.tokens_today = (state.tokens_today + used).saturating_sub(charged_today);
+        // The charge first: it is part of the count, so taking it out is exact, and only the
+        // addition can saturate.
+        state.tokens_today = state
+            .tokens_today
+            .saturating_sub(charged_today)
+            .saturating_add(used);
         if let (Some(limit), Some(tat)) = (limits.tokens_per_minute, state.token_tat) {
             let period = period(limit);
             state.token_tat = Some(if used >= charge.tokens {
@@ -265,9 +292,11 @@ impl MemoryLimiter {
                     .map_or(now, |earlier| earlier.max(now))
             });
         }
-        state
-            .recent
-            .add(second(now), 0, used as i64 - charge.tokens as i64);
+        state.recent.add(
+            second(now),
+            0,
+            signed(used).saturating_sub(signed(charge.tokens)),
+        );
         self.0.budget_generation.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -381,6 +410,37 @@ mod tests {
         assert!(limiter.acquire_at("a", &five, 0, early, wall).is_err());
         let on_time = now + Duration::from_secs(12);
         assert!(limiter.acquire_at("a", &five, 0, on_time, wall).is_ok());
+    }
+
+    #[test]
+    fn with_several_limits_over_retry_after_is_the_longest_wait() {
+        let limiter = MemoryLimiter::new();
+        // Five requests a minute (12 s apart) and 1000 tokens a minute (60 ms per token).
+        let both = limits(Some(5), Some(1000));
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        for _ in 0..5 {
+            limiter.acquire_at("a", &both, 200, now, wall).unwrap();
+        }
+        // The sixth is over both: 12 s for a request, 500 tokens * 60 ms = 30 s for its tokens.
+        let refusal = limiter.acquire_at("a", &both, 500, now, wall).unwrap_err();
+        assert_eq!(refusal.reason, Reason::Tokens);
+        assert_eq!(refusal.retry_after, Duration::from_secs(30));
+        let told = now + refusal.retry_after;
+        assert!(limiter.acquire_at("a", &both, 500, told, wall).is_ok());
+    }
+
+    #[test]
+    fn an_absurd_estimate_neither_wraps_nor_pushes_the_window_out_by_centuries() {
+        let limiter = MemoryLimiter::new();
+        let tokens = limits(None, Some(1000));
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let (charge, _) = limiter
+            .acquire_at("a", &tokens, u64::MAX, now, wall)
+            .unwrap();
+        let refusal = limiter.acquire_at("a", &tokens, 1, now, wall).unwrap_err();
+        assert!(refusal.retry_after <= Duration::from_secs(24 * 60 * 60));
+        limiter.settle_at("a", &tokens, charge, u64::MAX, now, wall);
+        assert_eq!(limiter.usage_at("a", now, wall).tokens_today, u64::MAX);
     }
 
     #[test]

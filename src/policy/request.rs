@@ -23,10 +23,52 @@ const MODEL_ENDPOINTS: &[&str] = &[
     "/v1/images/generations",
     "/v1/images/edits",
     "/v1/images/variations",
+    "/v1/realtime/sessions",
+    "/v1/realtime/transcription_sessions",
+    "/v1/assistants",
+    "/v1/fine_tuning/jobs",
 ];
 
+/// Whether the request names a model. The path is compared in its canonical form: upstreams
+/// decode `%XX` and fold `//` and a trailing `/` before routing, so `/v1/chat/%63ompletions/`
+/// must not slip past a client's model list.
 pub fn takes_model(method: &Method, path: &str) -> bool {
-    method == Method::POST && MODEL_ENDPOINTS.contains(&path)
+    if method != Method::POST {
+        return false;
+    }
+    let path = canonical_path(path);
+    MODEL_ENDPOINTS.contains(&path.as_str())
+        || path
+            .strip_prefix("/v1/threads/")
+            .is_some_and(|rest| rest == "runs" || rest.ends_with("/runs"))
+}
+
+/// The path percent-decoded, with runs of `/` folded into one and no trailing `/`.
+fn canonical_path(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let byte = bytes[index];
+        let hex = |at: usize| bytes.get(at).and_then(|b| (*b as char).to_digit(16));
+        match (byte, hex(index + 1), hex(index + 2)) {
+            (b'%', Some(high), Some(low)) => {
+                decoded.push((high * 16 + low) as u8);
+                index += 3;
+            }
+            _ => {
+                decoded.push(byte);
+                index += 1;
+            }
+        }
+    }
+    let decoded = String::from_utf8_lossy(&decoded);
+    let mut canonical = String::with_capacity(decoded.len());
+    for segment in decoded.split('/').filter(|segment| !segment.is_empty()) {
+        canonical.push('/');
+        canonical.push_str(segment);
+    }
+    canonical
 }
 
 /// What was read from a body.
@@ -114,30 +156,38 @@ fn boundary(content_type: &str) -> Option<String> {
     })
 }
 
-/// The value of the form field `name` in a multipart body (RFC 7578), if it is text.
+/// The value of the form field `name` in a multipart body (RFC 7578), if it is text and there
+/// is exactly one: field names are case-sensitive, and upstream frameworks differ on which of
+/// two values they take, so two are as good as none.
 fn form_field(body: &[u8], boundary: &str, name: &str) -> Option<String> {
     let delimiter = format!("--{boundary}");
     let wanted = format!("name=\"{name}\"");
+    let mut found = None;
     let mut parts = memchr::memmem::find_iter(body, delimiter.as_bytes()).peekable();
     while let Some(start) = parts.next() {
-        let end = *parts.peek()?;
+        let Some(&end) = parts.peek() else {
+            break;
+        };
         let part = &body[start + delimiter.len()..end];
-        let split = memchr::memmem::find(part, b"\r\n\r\n")?;
+        let Some(split) = memchr::memmem::find(part, b"\r\n\r\n") else {
+            continue;
+        };
         let (head, value) = (&part[..split], &part[split + 4..]);
         let head = String::from_utf8_lossy(head);
         let is_field = head.lines().any(|line| {
-            let line = line.to_ascii_lowercase();
-            line.starts_with("content-disposition:")
+            line.to_ascii_lowercase()
+                .starts_with("content-disposition:")
                 && line.split(';').any(|item| item.trim() == wanted)
         });
         if is_field {
+            if found.is_some() {
+                return None;
+            }
             let value = value.strip_suffix(b"\r\n").unwrap_or(value);
-            return std::str::from_utf8(value)
-                .ok()
-                .map(|text| text.trim().to_string());
+            found = Some(std::str::from_utf8(value).ok()?.trim().to_string());
         }
     }
-    None
+    found
 }
 
 /// The whole request body, refused past `max_bytes` as the streaming path refuses it.
@@ -169,6 +219,47 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spelling_of_a_model_endpoint_is_still_one() {
+        for path in [
+            "/v1/chat/completions",
+            "/v1/chat/completions/",
+            "/v1//chat/completions",
+            "/v1/chat/%63ompletions",
+            "/v1/threads/thread_1/runs",
+            "/v1/threads/runs",
+        ] {
+            assert!(takes_model(&Method::POST, path), "{path}");
+        }
+        assert!(!takes_model(&Method::GET, "/v1/chat/completions"));
+        assert!(!takes_model(&Method::POST, "/v1/files"));
+    }
+
+    #[test]
+    fn two_model_fields_or_another_case_read_as_no_model() {
+        let body = |fields: &[(&str, &str)]| {
+            let mut body = String::new();
+            for (name, value) in fields {
+                body.push_str(&format!(
+                    "--b\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+                ));
+            }
+            body.push_str("--b--\r\n");
+            body
+        };
+        let model = |fields: &[(&str, &str)]| form_field(body(fields).as_bytes(), "b", "model");
+        assert_eq!(
+            model(&[("model", "whisper-1")]).as_deref(),
+            Some("whisper-1")
+        );
+        assert_eq!(model(&[("MODEL", "whisper-1")]), None);
+        assert_eq!(model(&[("model", "whisper-1"), ("model", "gpt-4o")]), None);
+        assert_eq!(
+            model(&[("MODEL", "whisper-1"), ("model", "gpt-4o")]).as_deref(),
+            Some("gpt-4o")
+        );
+    }
     use warp::http::HeaderValue;
 
     fn typed(content_type: &'static str) -> HeaderMap {

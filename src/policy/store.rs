@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -69,10 +69,23 @@ impl BudgetStore {
                     }),
                     None => log::warn!("{}: unreadable day; starting from zero", path.display()),
                 },
-                Err(err) => log::warn!(
-                    "{} cannot be parsed ({err}); daily budgets start from zero",
-                    path.display()
-                ),
+                Err(err) => {
+                    // Kept aside rather than overwritten below: the counts in it may be all an
+                    // operator has to go on, and a budget must not reset without a trace.
+                    let aside = path.with_extension(format!(
+                        "json.corrupt-{}",
+                        SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .map_or(0, |since| since.as_secs())
+                    ));
+                    std::fs::rename(&path, &aside)
+                        .map_err(|err| state_dir_error(dir, "cannot be written", err))?;
+                    log::error!(
+                        "{} cannot be parsed ({err}); kept as {} and daily budgets start from zero",
+                        path.display(),
+                        aside.display()
+                    );
+                }
             },
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
             Err(err) => return Err(state_dir_error(dir, "cannot be read", err)),
@@ -148,5 +161,29 @@ mod tests {
             Some("2026-12-01")
         );
         assert_eq!(day_number("yesterday"), None);
+    }
+
+    #[test]
+    fn a_state_file_that_does_not_parse_is_kept_aside_not_overwritten() {
+        let dir = std::env::temp_dir().join(format!("llm-proxy-corrupt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(FILE), b"{\"version\":1,\"day\":").unwrap();
+        let limiter: Arc<dyn Limiter> = Arc::new(super::super::memory::MemoryLimiter::new());
+        BudgetStore::open(&dir, limiter).unwrap();
+        let aside: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|entry| entry.ok())
+            .filter(|entry| entry.file_name().to_string_lossy().contains(".corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1);
+        assert_eq!(
+            std::fs::read(aside[0].path()).unwrap(),
+            b"{\"version\":1,\"day\":"
+        );
+        let rewritten: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join(FILE)).unwrap()).unwrap();
+        assert_eq!(rewritten["version"], 1);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

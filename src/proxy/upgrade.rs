@@ -77,6 +77,22 @@ impl PendingTunnel {
     }
 }
 
+/// What a tunnel keeps until it ends, such as the client's place under its concurrency limit;
+/// carried in the 101's extensions to the server that runs the tunnel.
+#[derive(Clone)]
+pub struct TunnelHold(Arc<Mutex<Option<Box<dyn Send + Sync>>>>);
+
+impl TunnelHold {
+    pub fn new(held: impl Send + Sync + 'static) -> TunnelHold {
+        TunnelHold(Arc::new(Mutex::new(Some(Box::new(held)))))
+    }
+
+    /// Takes what is held; dropping it gives it back.
+    pub fn take(&self) -> Option<Box<dyn Send + Sync>> {
+        self.0.lock().take()
+    }
+}
+
 impl Upstream {
     /// Sends the upgrade request upstream. A 101 becomes the caller's 101 (with a
     /// `PendingTunnel`); any other answer, a refusal of the upgrade, is passed through as is.

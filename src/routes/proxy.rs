@@ -22,7 +22,7 @@ use crate::policy::{Policy, Ticket, write_rate_limit_headers};
 use crate::proxy::Upstream;
 use crate::proxy::headers::{declared_length, is_event_stream};
 use crate::proxy::response::Forwarded;
-use crate::proxy::upgrade::is_websocket_upgrade;
+use crate::proxy::upgrade::{TunnelHold, is_websocket_upgrade};
 use crate::proxy::usage::{Metering, Usage};
 
 /// ANY /v1/... (POST /v1/chat/completions among them)
@@ -88,16 +88,20 @@ where
         let streamed = body.map_ok(|mut chunk| chunk.copy_to_bytes(chunk.remaining()));
         (Either::Left(streamed), None)
     };
+    let tunnel = is_websocket_upgrade(&method, &headers);
     let mut ticket = None;
     if let Some(client) = client {
-        // `GET /v1/models/{id}` names its model in the path.
-        let model_path = (method == Method::GET)
+        // `GET /v1/models/{id}` names its model in the path, a Realtime WebSocket in its query.
+        let model_path = (method == Method::GET && !tunnel)
             .then(|| path.strip_prefix("/v1/models/"))
             .flatten();
-        let model = model_path.or(inspected
+        let tunnel_model = tunnel
+            .then(|| query_parameter(query.as_deref(), "model"))
+            .flatten();
+        let model = model_path.or(tunnel_model.as_deref()).or(inspected
             .as_ref()
             .and_then(|inspected| inspected.model.as_deref()));
-        let needs_model = reads_body || model_path.is_some();
+        let needs_model = reads_body || model_path.is_some() || tunnel;
         if needs_model && let Err(error) = policy.check_model(client, model) {
             return refused(error.into_response());
         }
@@ -111,15 +115,27 @@ where
         model: inspected
             .as_ref()
             .and_then(|inspected| inspected.model.as_deref())
-            .map(Arc::from),
+            .map(loggable),
         ..Spend::default()
     };
 
     let asked = Instant::now();
     let standing = ticket.as_ref().and_then(Ticket::standing);
-    let forwarded = if is_websocket_upgrade(&method, &headers) {
-        // A tunnel's bytes are not metered; its request was admitted above like any other.
-        upstream.open_tunnel(headers, path, query.as_deref()).await
+    let forwarded = if tunnel {
+        // A tunnel's bytes are not metered, but its admission (the client's concurrency place)
+        // is held as long as the tunnel is open, by the server that joins the connections.
+        upstream
+            .open_tunnel(headers, path, query.as_deref())
+            .await
+            .map(|mut forwarded| {
+                if let Some(ticket) = ticket.take() {
+                    forwarded
+                        .response
+                        .extensions_mut()
+                        .insert(TunnelHold::new(ticket));
+                }
+                forwarded
+            })
     } else {
         match upstream
             .forward(headers, method, path, query.as_deref(), body)
@@ -130,7 +146,9 @@ where
                 let metering = (scan || ticket.is_some()).then(|| Metering {
                     client: caller.label.clone(),
                     scan,
-                    count_events: ticket.is_some(),
+                    // Only a client with token limits settles from the event count; for
+                    // everybody else the scan would be work for nothing.
+                    count_events: client.is_some_and(|client| client.limits.counts_tokens()),
                     report: Some(settlement(
                         spend.usage.clone(),
                         ticket,
@@ -184,4 +202,44 @@ fn settlement(
             ticket.used(used);
         }
     })
+}
+
+/// The first value of `name` in a query string, decoded.
+fn query_parameter(query: Option<&str>, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(query?.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+}
+
+/// The model as the access line shows it. It comes from the caller's body, so only a short run
+/// of the characters model names use is kept: a newline or a quote there would forge log lines.
+fn loggable(model: &str) -> Arc<str> {
+    const MAX: usize = 64;
+    let kept: String = model
+        .chars()
+        .take(MAX)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-' | '@' | '+') {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    Arc::from(kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_name_cannot_forge_a_log_line() {
+        assert_eq!(&*loggable("gpt-4o-mini"), "gpt-4o-mini");
+        assert_eq!(
+            &*loggable("m\nPOST /v1/x status=200"),
+            "m?POST?/v1/x?status?200"
+        );
+        assert_eq!(loggable(&"x".repeat(500)).len(), 64);
+    }
 }

@@ -25,7 +25,7 @@ use warp::http::{Request, Response};
 
 use crate::ops::access::{AccessRecord, RequestTap, ResponseTap, Tapped};
 use crate::ops::request_id::{PROXY_REQUEST_ID, REQUEST_ID, request_id};
-use crate::proxy::upgrade::{PendingTunnel, Tunnels, is_websocket_upgrade};
+use crate::proxy::upgrade::{PendingTunnel, TunnelHold, Tunnels, is_websocket_upgrade};
 use crate::routes::{Route, routes};
 use crate::state::AppState;
 use admission::Admission;
@@ -114,6 +114,10 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
                     .headers_mut()
                     .insert(PROXY_REQUEST_ID, record.id().clone());
                 let pending = response.extensions_mut().remove::<PendingTunnel>();
+                let held = response
+                    .extensions_mut()
+                    .remove::<TunnelHold>()
+                    .and_then(|hold| hold.take());
                 let mut tap = ResponseTap {
                     record: Some(record),
                     permit,
@@ -125,7 +129,7 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
                     // as the tunnel.
                     let (record, permit) = (tap.record.take(), tap.permit.take());
                     tunnels.open(caller, upstream, idle, move |end, bytes| {
-                        let _place = permit;
+                        let _places = (permit, held);
                         if let Some(mut record) = record {
                             record.tunnel_ended(
                                 bytes.to_upstream.load(Ordering::Relaxed),

@@ -354,3 +354,24 @@ async fn a_body_read_for_its_model_that_stops_arriving_is_408_and_never_sent() {
     assert!(started.elapsed() < std::time::Duration::from_secs(3));
     assert_eq!(app.upstream.requests_started(), 0, "nothing went upstream");
 }
+
+#[tokio::test]
+async fn another_spelling_of_a_model_endpoint_is_checked_all_the_same() {
+    let (app, _) = spawn_with_clients(CLIENTS).await;
+    for path in [
+        "/v1/chat/completions/",
+        "/v1//chat/completions",
+        "/v1/chat/%63ompletions",
+    ] {
+        let refused = app
+            .client
+            .post(app.url(path))
+            .bearer_auth("tok-alice")
+            .json(&chat_body("gpt-mock"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 403, "{path}");
+    }
+    assert_eq!(app.upstream.requests_started(), 0, "nothing went upstream");
+}

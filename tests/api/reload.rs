@@ -91,9 +91,9 @@ async fn a_file_written_in_place_or_renamed_over_applies_within_two_seconds() {
     );
 }
 
+#[cfg(unix)]
 #[tokio::test]
 async fn a_configmap_symlink_swap_is_seen() {
-    #[cfg(unix)]
     {
         use std::os::unix::fs::symlink;
         let dir = scratch_dir("reload-configmap");

@@ -368,3 +368,83 @@ async fn the_drain_lets_a_tunnel_run_and_closes_it_at_the_end_of_the_grace_perio
         "the tunnel was closed"
     );
 }
+
+const REALTIME_CLIENTS: &str = r#"
+[clients.voice]
+token = "tok-voice"
+models = ["gpt-realtime*"]
+max_concurrent_requests = 1
+"#;
+
+async fn spawn_app_with_clients_before(echo: &EchoUpstream) -> TestApp {
+    let file = crate::clients::scratch_dir("realtime-clients").join("clients.toml");
+    std::fs::write(&file, REALTIME_CLIENTS).unwrap();
+    spawn_app_before(echo, &[("CLIENTS_FILE", file.to_str().unwrap())]).await
+}
+
+async fn connect_to(app: &TestApp, query: &str) -> Result<Socket, WsError> {
+    let url = format!("ws://{}/v1/realtime{query}", app.addr);
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer tok-voice".parse().unwrap());
+    tokio_tungstenite::connect_async(request)
+        .await
+        .map(|(socket, _)| socket)
+}
+
+fn refusal_code(refused: WsError) -> (u16, String) {
+    let WsError::Http(response) = refused else {
+        panic!("expected an HTTP refusal, got {refused:?}");
+    };
+    let body: serde_json::Value =
+        serde_json::from_slice(response.body().as_deref().unwrap_or_default()).unwrap();
+    (
+        response.status().as_u16(),
+        body["error"].as_str().unwrap().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn a_realtime_model_is_checked_against_the_clients_list_before_the_upgrade() {
+    let echo = spawn_echo_upstream().await;
+    let app = spawn_app_with_clients_before(&echo).await;
+    let forbidden = connect_to(&app, "?model=gpt-4o").await.unwrap_err();
+    assert_eq!(
+        refusal_code(forbidden),
+        (403, "model_not_allowed".to_string())
+    );
+    let unnamed = connect_to(&app, "").await.unwrap_err();
+    assert_eq!(refusal_code(unnamed), (400, "model_required".to_string()));
+    assert_eq!(
+        echo.connections.load(Ordering::SeqCst),
+        0,
+        "nothing went upstream"
+    );
+    let mut allowed = connect_to(&app, "?model=gpt-realtime-mini").await.unwrap();
+    allowed.send(Message::text("hi")).await.unwrap();
+    assert_eq!(next_message(&mut allowed).await, Some(Message::text("hi")));
+}
+
+#[tokio::test]
+async fn an_open_tunnel_holds_its_clients_concurrency_place() {
+    let echo = spawn_echo_upstream().await;
+    let app = spawn_app_with_clients_before(&echo).await;
+    let mut tunnel = connect_to(&app, "?model=gpt-realtime").await.unwrap();
+    let second = connect_to(&app, "?model=gpt-realtime").await.unwrap_err();
+    assert_eq!(refusal_code(second), (429, "rate_limited".to_string()));
+    tunnel.close(None).await.unwrap();
+    while next_message(&mut tunnel).await.is_some() {}
+    let mut again = None;
+    for _ in 0..100 {
+        if let Ok(socket) = connect_to(&app, "?model=gpt-realtime").await {
+            again = Some(socket);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        again.is_some(),
+        "the place came back when the tunnel closed"
+    );
+}
