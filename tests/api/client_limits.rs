@@ -227,16 +227,7 @@ async fn a_stream_without_usage_is_charged_from_its_events() {
 }
 
 pub async fn admin_usage(app: &TestApp, name: &str) -> Value {
-    let listed: Value = app
-        .client
-        .get(app.url("/admin/clients"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = app.admin_get("/admin/clients").await.json().await.unwrap();
     listed["clients"]
         .as_array()
         .unwrap()

@@ -30,15 +30,7 @@ pub async fn spawn_with_clients(clients: &str) -> (TestApp, PathBuf) {
 
 /// The `/metrics` text, read with the admin token.
 pub async fn metrics(app: &TestApp) -> String {
-    app.client
-        .get(app.url("/metrics"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    app.metrics_text().await
 }
 
 pub fn chat_body(model: &str) -> Value {
@@ -336,23 +328,7 @@ async fn a_body_read_for_its_model_that_stops_arriving_is_408_and_never_sent() {
         ("UPSTREAM_TIMEOUT_SECS", "1"),
     ])
     .await;
-    let request = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok-alice\r\n\
-                   Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\":";
-    let started = std::time::Instant::now();
-    let reply = raw_exchange(
-        app.addr,
-        request.as_bytes(),
-        std::time::Duration::from_secs(4),
-    )
-    .await;
-    assert_eq!(reply.status(), 408, "{}", reply.text);
-    assert!(
-        reply.text.contains("\"error\":\"request_timeout\""),
-        "{}",
-        reply.text
-    );
-    assert!(started.elapsed() < std::time::Duration::from_secs(3));
-    assert_eq!(app.upstream.requests_started(), 0, "nothing went upstream");
+    app.assert_a_stalled_body_is_408("tok-alice").await;
 }
 
 #[tokio::test]

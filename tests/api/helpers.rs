@@ -78,6 +78,48 @@ impl TestApp {
             .await
     }
 
+    /// GET `path` with the admin token (operator endpoints: `/metrics`, `/admin/...`).
+    pub async fn admin_get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("request to the proxy failed")
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        self.admin_get("/metrics").await.text().await.unwrap()
+    }
+
+    /// One series of `/metrics`, exactly as written there (`name{labels}`).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics_text().await;
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{series} not in:\n{text}"))
+    }
+
+    /// Sends a request whose declared body never fully arrives and asserts the proxy answers 408
+    /// within the one-second UPSTREAM_TIMEOUT_SECS the test set, sending nothing upstream.
+    pub async fn assert_a_stalled_body_is_408(&self, token: &str) {
+        let request = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"model\":"
+        );
+        let started = std::time::Instant::now();
+        let reply = raw_exchange(self.addr, request.as_bytes(), Duration::from_secs(4)).await;
+        assert_eq!(reply.status(), 408, "{}", reply.text);
+        assert!(
+            reply.text.contains("\"error\":\"request_timeout\""),
+            "{}",
+            reply.text
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert_eq!(self.upstream.requests_started(), 0, "nothing went upstream");
+    }
+
     pub async fn chat(&self, token: &str, body: serde_json::Value) -> reqwest::Response {
         self.request_as(token, reqwest::Method::POST, "/v1/chat/completions")
             .json(&body)

@@ -24,23 +24,6 @@ fn keys_seen(app: &TestApp) -> Vec<String> {
         .collect()
 }
 
-/// One series of `/metrics`, exactly as written there (`name{labels}`).
-async fn metric(app: &TestApp, series: &str) -> f64 {
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{series} not in:\n{text}"))
-}
-
 fn hello() -> serde_json::Value {
     json!({"model": "gpt-mock", "messages": [{"role": "user", "content": "hi"}]})
 }
@@ -64,27 +47,28 @@ async fn a_rate_limited_key_is_not_seen_by_the_client_nor_tried_while_it_rests()
     let retried = &app.upstream.requests()[1];
     assert_eq!(first.body, retried.body, "the same body on the next key");
     assert_eq!(
-        metric(
-            &app,
-            r#"llm_proxy_upstream_key_rate_limited_total{key="1"}"#
-        )
-        .await,
+        app.metric(r#"llm_proxy_upstream_key_rate_limited_total{key="1"}"#)
+            .await,
         1.0
     );
     assert_eq!(
-        metric(&app, r#"llm_proxy_upstream_key_requests_total{key="1"}"#).await,
+        app.metric(r#"llm_proxy_upstream_key_requests_total{key="1"}"#)
+            .await,
         1.0
     );
     assert_eq!(
-        metric(&app, r#"llm_proxy_upstream_key_requests_total{key="2"}"#).await,
+        app.metric(r#"llm_proxy_upstream_key_requests_total{key="2"}"#)
+            .await,
         4.0
     );
     assert_eq!(
-        metric(&app, r#"llm_proxy_upstream_key_resting{key="1"}"#).await,
+        app.metric(r#"llm_proxy_upstream_key_resting{key="1"}"#)
+            .await,
         1.0
     );
     assert_eq!(
-        metric(&app, r#"llm_proxy_upstream_key_resting{key="2"}"#).await,
+        app.metric(r#"llm_proxy_upstream_key_resting{key="2"}"#)
+            .await,
         0.0
     );
 }
@@ -111,11 +95,13 @@ async fn a_refused_key_is_taken_out_of_turn() {
     }
     assert_eq!(keys_seen(&app), [KEY_1, KEY_2, KEY_2, KEY_2]);
     assert_eq!(
-        metric(&app, r#"llm_proxy_upstream_key_disabled{key="1"}"#).await,
+        app.metric(r#"llm_proxy_upstream_key_disabled{key="1"}"#)
+            .await,
         1.0
     );
     assert_eq!(
-        metric(&app, r#"llm_proxy_upstream_key_disabled{key="2"}"#).await,
+        app.metric(r#"llm_proxy_upstream_key_disabled{key="2"}"#)
+            .await,
         0.0
     );
     let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
@@ -285,23 +271,5 @@ async fn every_key_of_the_pool_is_masked_in_answers() {
 #[tokio::test]
 async fn a_body_read_for_retries_that_stops_arriving_is_408_and_never_sent() {
     let app = spawn_app(&[("AUTH_BEARER", POOL), ("UPSTREAM_TIMEOUT_SECS", "1")]).await;
-    let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_TOKEN}\r\n\
-         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"model\":"
-    );
-    let started = std::time::Instant::now();
-    let reply = raw_exchange(
-        app.addr,
-        request.as_bytes(),
-        std::time::Duration::from_secs(4),
-    )
-    .await;
-    assert_eq!(reply.status(), 408, "{}", reply.text);
-    assert!(
-        reply.text.contains("\"error\":\"request_timeout\""),
-        "{}",
-        reply.text
-    );
-    assert!(started.elapsed() < std::time::Duration::from_secs(3));
-    assert_eq!(app.upstream.requests_started(), 0, "nothing went upstream");
+    app.assert_a_stalled_body_is_408(CLIENT_TOKEN).await;
 }
