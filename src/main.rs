@@ -82,12 +82,14 @@ async fn serve() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The handlers are in place before "listening on" is logged: whoever waits for that line
+    // and then sends SIGTERM must get the drain, not the default action.
+    let (trigger, shutdown) = llm_proxy::server::shutdown_channel();
+    tokio::spawn(forward_signals(trigger));
     match listener.local_addr() {
         Ok(bound) => log::info!("listening on {bound}"),
         Err(_) => log::info!("listening on {address}"),
     }
-    let (trigger, shutdown) = llm_proxy::server::shutdown_channel();
-    tokio::spawn(forward_signals(trigger));
     llm_proxy::serve(listener, state, shutdown).await;
     if let Some(writer) = writer {
         writer.abort();
@@ -124,7 +126,10 @@ fn warn_about_risky_settings(config: &Config) {
 }
 
 /// Turns every SIGTERM or Ctrl-C into a shutdown request: the first drains, the second stops.
-async fn forward_signals(trigger: llm_proxy::server::ShutdownTrigger) {
+/// The SIGTERM handler is installed when this is called, not when the returned future first runs.
+fn forward_signals(
+    trigger: llm_proxy::server::ShutdownTrigger,
+) -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     let mut terminate =
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -134,28 +139,30 @@ async fn forward_signals(trigger: llm_proxy::server::ShutdownTrigger) {
                 None
             }
         };
-    loop {
-        #[cfg(unix)]
-        let sigterm = async {
-            match terminate.as_mut() {
-                Some(signal) => {
-                    signal.recv().await;
+    async move {
+        loop {
+            #[cfg(unix)]
+            let sigterm = async {
+                match terminate.as_mut() {
+                    Some(signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending().await,
                 }
-                None => std::future::pending().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let sigterm = std::future::pending::<()>();
-        tokio::select! {
-            result = tokio::signal::ctrl_c() => {
-                if let Err(err) = result {
-                    log::error!("cannot listen for Ctrl-C: {err}");
-                    std::future::pending::<()>().await;
+            };
+            #[cfg(not(unix))]
+            let sigterm = std::future::pending::<()>();
+            tokio::select! {
+                result = tokio::signal::ctrl_c() => {
+                    if let Err(err) = result {
+                        log::error!("cannot listen for Ctrl-C: {err}");
+                        std::future::pending::<()>().await;
+                    }
+                    log::info!("Ctrl-C received");
                 }
-                log::info!("Ctrl-C received");
+                () = sigterm => log::info!("SIGTERM received"),
             }
-            () = sigterm => log::info!("SIGTERM received"),
+            trigger.trigger();
         }
-        trigger.trigger();
     }
 }

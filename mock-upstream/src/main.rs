@@ -72,24 +72,21 @@ async fn resolve(host: &str, port: u16) -> std::io::Result<SocketAddr> {
         .ok_or_else(|| std::io::Error::other(format!("{host} resolves to no address")))
 }
 
-async fn wait_for_stop() {
+/// Installs the stop handlers and returns what resolves on SIGTERM or Ctrl-C. Installed before
+/// the listening line is printed: a script that reads the line and signals at once must find
+/// the handler in place, not the default action that kills the process with no exit code.
+fn stop_requested() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    async move {
+        #[cfg(unix)]
+        if let Some(mut term) = term {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+            return;
         }
-    }
-    #[cfg(not(unix))]
-    {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
@@ -128,13 +125,14 @@ async fn main() -> ExitCode {
         }
     };
 
+    let stop = stop_requested();
     let mut stdout = std::io::stdout().lock();
     // A script reading this line may be gone already; that is not our failure.
     let _ = writeln!(stdout, "mock-upstream listening on {}", mock.base_url());
     let _ = stdout.flush();
     drop(stdout);
 
-    wait_for_stop().await;
+    stop.await;
     mock.shutdown().await;
     ExitCode::SUCCESS
 }
