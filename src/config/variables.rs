@@ -128,6 +128,11 @@ pub const VARIABLES: &[Variable] = &[
         "1024",
         "requests in flight, streams and tunnels included",
     ),
+    var(
+        "WORKER_THREADS",
+        "one per core",
+        "worker threads of the runtime, 1 to 1024",
+    ),
 ];
 
 /// Prefixes of our names: an unknown name with one of them is almost surely meant for us.
