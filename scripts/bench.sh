@@ -28,7 +28,7 @@
 #   BENCH_CHUNKS=20 BENCH_INTERVAL_MS=50   the SSE stream the mock sends
 #   BENCH_STARTUP_TRIES=10       fresh starts for start-up time and idle RSS
 #   BENCH_PIN=split|none         CPU pinning, see below (default split)
-#   BENCH_WORKERS=2              nginx worker_processes and llm-proxy's TOKIO_WORKER_THREADS
+#   BENCH_WORKERS=2              nginx worker_processes and llm-proxy's WORKER_THREADS
 #   BENCH_PROXY_LOG=file|discard llm-proxy's stderr log to a file (default) or /dev/null
 #   BENCH_ACCESS_LOG=file|off    nginx access_log (default file, for parity with the proxy's line)
 #   BENCH_OUT=path               JSON output (default target/bench/results.json)
@@ -48,7 +48,7 @@
 # So the load generator never steals CPU from what it measures, every target shares one core with
 # the same upstream (req/s at c=32 reads as "one core of upstream + proxy"), and no core sits idle
 # to be woken with an IPI for each event. Both proxies keep 2 workers, as deployed on this box:
-# TOKIO_WORKER_THREADS=2 (tokio would otherwise size itself from the 1-CPU affinity mask) and
+# WORKER_THREADS=2 (tokio would otherwise size itself from the 1-CPU affinity mask) and
 # nginx `worker_processes 2`. Caveats: the two workers time-share a core (any multi-worker
 # overhead, e.g. tokio waking a second worker that finds nothing to do, is paid in full and shows
 # as CPU time, but cross-core wake-up latency is not measured); and the absolute req/s are a

@@ -114,7 +114,7 @@ for replica in a b; do
         REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" \
         REDIS_TIMEOUT_MS=250 \
         MAX_BODY_BYTES="$MAX_BODY" \
-        LOG_LEVEL=error \
+        LOG_LEVEL=info \
         SHUTDOWN_GRACE_SECS=2 || exit 1
     PORT[$replica]="$PROXY_PORT"
     if [[ "$replica" == a ]]; then PROXY_A="$PROXY_PID"; else PROXY_B="$PROXY_PID"; fi

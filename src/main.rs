@@ -12,10 +12,9 @@ use llm_proxy::policy::store::BudgetStore;
 use llm_proxy::server::{descriptors, listener};
 use llm_proxy::{AppState, Config};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     match cli::parse(std::env::args_os().skip(1)) {
-        Ok(Command::Serve) => serve().await,
+        Ok(Command::Serve) => serve(),
         Ok(Command::Help) => {
             print!("{}", cli::help());
             ExitCode::SUCCESS
@@ -24,7 +23,13 @@ async fn main() -> ExitCode {
             println!("{}", cli::version());
             ExitCode::SUCCESS
         }
-        Ok(Command::Healthcheck) => cli::healthcheck().await,
+        Ok(Command::Healthcheck) => match runtime(Some(1)) {
+            Ok(runtime) => runtime.block_on(cli::healthcheck()),
+            Err(err) => {
+                eprintln!("cannot start the runtime: {err}");
+                ExitCode::FAILURE
+            }
+        },
         Err(err) => {
             eprintln!("{err}; see --help");
             ExitCode::from(2)
@@ -32,7 +37,18 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn serve() -> ExitCode {
+/// A multi-threaded runtime of `workers` threads; `None`: tokio's default, one per core the
+/// process may run on (or `TOKIO_WORKER_THREADS`).
+fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers {
+        builder.worker_threads(workers);
+    }
+    builder.enable_all().build()
+}
+
+/// The configuration is read before the runtime exists: `WORKER_THREADS` sizes it.
+fn serve() -> ExitCode {
     let config = match Config::load() {
         Ok(config) => config,
         Err(err) => {
@@ -40,6 +56,16 @@ async fn serve() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    match runtime(config.worker_threads) {
+        Ok(runtime) => runtime.block_on(run(config)),
+        Err(err) => {
+            eprintln!("cannot start the runtime (WORKER_THREADS): {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> ExitCode {
     init_logging(&config);
     log::info!("configuration: {config:?}");
     warn_about_risky_settings(&config);

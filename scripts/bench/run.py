@@ -28,7 +28,7 @@ CPU pinning (BENCH_PIN, default "split") -- only 2 cores, so a compromise:
     with what it measures, and every target -- direct included -- gets the same single core to
     share with the upstream, so req/s at concurrency 32 is "one core's worth of upstream + proxy"
     and CPU-per-request is not muddied by idle cores spinning. Worker counts: each side keeps the
-    deployment default of 2 (TOKIO_WORKER_THREADS=2 for llm-proxy, which would otherwise size its
+    deployment default of 2 (WORKER_THREADS=2 for llm-proxy, which would otherwise size its
     runtime from the 1-CPU affinity mask; `worker_processes 2` for nginx), so the multi-worker
     overhead (tokio's work stealing and parking, nginx's accept wake-ups) is still paid, but
     without cross-core wake-ups; the upstream is left at its own default (1 worker on 1 CPU).
@@ -41,7 +41,7 @@ CPU pinning (BENCH_PIN, default "split") -- only 2 cores, so a compromise:
   * "none": no pinning; everything floats over both cores (closest to an operator's box, noisier:
     the load generator and the upstream take CPU from the proxy, differently for each target).
 BENCH_WORKERS overrides the worker count of both proxies (nginx worker_processes and
-TOKIO_WORKER_THREADS); unset, it is 2.
+WORKER_THREADS); unset, it is 2.
 
 The machine may be shared (other builds running): each run records the CPU time that processes
 outside the benchmark used meanwhile ("background_cpu_util"); when it is high, the run is noisy,
@@ -347,7 +347,7 @@ def proxy_env(upstream_port, port, workers, clients_file=None, state_dir=None):
         env["CLIENTS_FILE"] = clients_file
         env["STATE_DIR"] = state_dir
     if workers:
-        env["TOKIO_WORKER_THREADS"] = str(workers)
+        env["WORKER_THREADS"] = str(workers)
     # For experiments only (e.g. MALLOC_ARENA_MAX=2, LD_PRELOAD=...): space-separated NAME=VALUE.
     for item in os.environ.get("BENCH_PROXY_ENV", "").split():
         name, _, value = item.partition("=")

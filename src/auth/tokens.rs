@@ -1,11 +1,13 @@
 //! Accepted tokens, kept only as SHA-256 digests with the label each one stands for, and the
 //! token a request presents.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
-use subtle::{Choice, ConditionallySelectable, ConstantTimeEq};
+use subtle::ConstantTimeEq;
 use warp::http::HeaderValue;
 
 use crate::config::Secret;
@@ -13,17 +15,24 @@ use crate::config::Secret;
 /// A set of accepted tokens and what each stands for: a label (the name in logs and metrics),
 /// or a whole client with its limits.
 ///
-/// Comparing fixed-size digests, and always comparing against every entry, means neither the
-/// length of a valid token nor which entry matched can be learnt from response timing.
+/// Looked up by the SHA-256 digest of the presented token in a hash map, so the cost is the same
+/// for one client or ten thousand. What the lookup's timing depends on is the presented token's
+/// digest, never its bytes: learning that a digest shares a bucket or a prefix with a stored one
+/// would take preimages of SHA-256 to turn into a token. The final comparison of the two digests
+/// is constant-time anyway, and the length of a valid token cannot show (digests are all 32 bytes).
 #[derive(Clone)]
 pub struct TokenSet<T = Arc<str>> {
+    /// In configuration order, for `Debug`.
     entries: Vec<([u8; 32], T)>,
+    /// Digest to position in `entries`; a digest given twice means its last entry.
+    index: HashMap<DigestKey, usize, BuildDigestHasher>,
 }
 
 impl<T> Default for TokenSet<T> {
     fn default() -> Self {
         TokenSet {
             entries: Vec::new(),
+            index: HashMap::default(),
         }
     }
 }
@@ -46,9 +55,12 @@ impl TokenSet {
 impl<T> TokenSet<T> {
     /// Entries already hashed, such as a clients file's `token_sha256`.
     pub fn from_digests(entries: impl IntoIterator<Item = ([u8; 32], T)>) -> TokenSet<T> {
-        TokenSet {
-            entries: entries.into_iter().collect(),
+        let entries: Vec<([u8; 32], T)> = entries.into_iter().collect();
+        let mut index = HashMap::with_capacity_and_hasher(entries.len(), BuildDigestHasher);
+        for (position, (known, _)) in entries.iter().enumerate() {
+            index.insert(DigestKey(*known), position);
         }
+        TokenSet { entries, index }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -59,21 +71,61 @@ impl<T> TokenSet<T> {
         self.find(candidate).is_some()
     }
 
-    /// The label of the entry `candidate` is, compared against every entry without branching on
-    /// the result.
+    /// The label of the entry `candidate` is: one digest and one map lookup, however many entries.
     pub fn find(&self, candidate: &[u8]) -> Option<&T> {
-        let candidate = digest(candidate);
-        let mut found = Choice::from(0);
-        let mut position = 0u64;
-        for (index, (known, _)) in self.entries.iter().enumerate() {
-            let matches = known.ct_eq(&candidate);
-            position.conditional_assign(&(index as u64), matches);
-            found |= matches;
-        }
-        if bool::from(found) {
-            self.entries.get(position as usize).map(|(_, label)| label)
-        } else {
-            None
+        let position = *self.index.get(&DigestKey(digest(candidate)))?;
+        self.entries.get(position).map(|(_, label)| label)
+    }
+}
+
+/// A digest as a map key: hashed by its first eight bytes (SHA-256 output is uniform already, so
+/// running SipHash over it again would buy nothing), compared in constant time.
+#[derive(Clone, Copy)]
+struct DigestKey([u8; 32]);
+
+impl PartialEq for DigestKey {
+    fn eq(&self, other: &DigestKey) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl Eq for DigestKey {}
+
+impl Hash for DigestKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(first));
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct BuildDigestHasher;
+
+impl BuildHasher for BuildDigestHasher {
+    type Hasher = DigestHasher;
+
+    fn build_hasher(&self) -> DigestHasher {
+        DigestHasher(0)
+    }
+}
+
+/// Takes the `u64` a `DigestKey` writes as the hash.
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+
+    /// Not used by `DigestKey`; folds bytes in so that any other use still hashes.
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*byte);
         }
     }
 }
@@ -137,6 +189,25 @@ mod tests {
             Some("label-alpha")
         );
         assert_eq!(set.find(b"gamma"), None);
+    }
+
+    #[test]
+    fn many_entries_each_find_their_own_label_and_a_repeat_means_the_last() {
+        let secrets: Vec<Secret> = (0..10_000).map(|n| Secret::new(format!("t{n}"))).collect();
+        let set = TokenSet::new(
+            secrets
+                .iter()
+                .map(|secret| (Arc::from(secret.expose()), secret)),
+        );
+        for n in [0, 1, 4_999, 9_999] {
+            assert_eq!(
+                set.find(format!("t{n}").as_bytes()).map(|l| &**l),
+                Some(&*format!("t{n}"))
+            );
+        }
+        assert_eq!(set.find(b"t10000"), None);
+        let twice = TokenSet::from_digests([(digest(b"a"), 1), (digest(b"a"), 2)]);
+        assert_eq!(twice.find(b"a"), Some(&2));
     }
 
     #[test]

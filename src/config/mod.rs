@@ -78,6 +78,8 @@ pub struct Config {
     pub limits: Limits,
     /// `REDIS_URL` and its companions: state shared by replicas.
     pub shared: SharedStateConfig,
+    /// `WORKER_THREADS`: the runtime's worker threads; `None`: one per core the process may use.
+    pub worker_threads: Option<usize>,
 }
 
 /// Where requests go and with which keys, parsed once.
@@ -434,6 +436,8 @@ impl Config {
             sse_keepalive: values::seconds_or_off("SSE_KEEPALIVE_SECS", get("SSE_KEEPALIVE_SECS"))?,
         };
 
+        let worker_threads = values::worker_threads(get("WORKER_THREADS"))?;
+
         let extra_roots = match get("UPSTREAM_CA_FILE") {
             None => Vec::new(),
             Some(path) => values::ca_file(&path)?,
@@ -466,6 +470,7 @@ impl Config {
             metrics_token,
             limits,
             shared,
+            worker_threads,
         })
     }
 
@@ -525,6 +530,7 @@ impl Config {
             ("LOG_LEVEL", format!("{:?}", self.log_level)),
             ("LOG_FORMAT", format!("{:?}", self.log_format)),
             ("DEBUG_MODE", self.debug_mode.to_string()),
+            ("WORKER_THREADS", format!("{:?}", self.worker_threads)),
             ("DEFAULT_AUTH_HEADER", self.auth_header.to_string()),
             ("STATE_DIR", self.state_dir.display().to_string()),
             (
@@ -611,6 +617,11 @@ fn http_client(
 ) -> Result<reqwest::Client, ConfigError> {
     let from_file = !extra_roots.is_empty();
     let mut builder = reqwest::Client::builder();
+    // Without a proxy variable, reqwest would still run its system-proxy matcher on every
+    // request (twice); with one, it reads them as before.
+    if !values::proxy_variable_set(|name| std::env::var_os(name).is_some()) {
+        builder = builder.no_proxy();
+    }
     if protocols == Protocols::Http1Only {
         builder = builder.http1_only();
     }
@@ -681,6 +692,27 @@ mod tests {
         assert_eq!(config.limits.max_body_bytes, 33_554_432);
         assert_eq!(config.limits.max_concurrent_requests, 1024);
         assert_eq!(config.limits.upstream_timeout, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn worker_threads_default_to_the_cores_and_are_bounded() {
+        let base = [("AUTH_BEARER", "sk-upstream")];
+        assert_eq!(config(&base).unwrap().worker_threads, None);
+        let with = |value: &str| config(&[base[0], ("WORKER_THREADS", value)]);
+        assert_eq!(with("1").unwrap().worker_threads, Some(1));
+        assert_eq!(with("1024").unwrap().worker_threads, Some(1024));
+        for bad in ["0", "1025", "two", "-1"] {
+            assert_eq!(with(bad).unwrap_err().variable, "WORKER_THREADS", "{bad}");
+        }
+    }
+
+    #[test]
+    fn any_proxy_variable_in_either_case_counts() {
+        assert!(!values::proxy_variable_set(|_| false));
+        for name in ["HTTPS_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+            assert!(values::proxy_variable_set(|seen| seen == name), "{name}");
+        }
+        assert!(!values::proxy_variable_set(|seen| seen == "NO_PROXY"));
     }
 
     #[test]

@@ -193,3 +193,33 @@ pub(super) fn env_file(path: &Path) -> Result<HashMap<String, String>, ConfigErr
         .map(|entry| entry.map_err(|err| invalid(&name, format!("cannot be parsed: {err}"))))
         .collect()
 }
+
+/// `WORKER_THREADS`: a whole number from 1 to 1024; unset: `None` (one per core).
+pub(super) fn worker_threads(value: Option<String>) -> Result<Option<usize>, ConfigError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    match value.parse::<usize>() {
+        Ok(threads @ 1..=1024) => Ok(Some(threads)),
+        _ => Err(invalid(
+            "WORKER_THREADS",
+            format!("{value:?} is not a whole number from 1 to 1024 (unset: one per core)"),
+        )),
+    }
+}
+
+/// The variables reqwest reads an outbound proxy from, in both cases.
+const PROXY_VARIABLES: [&str; 6] = [
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+];
+
+/// Whether an outbound proxy is configured, by the process environment (which is where reqwest
+/// looks, not the `.env` files).
+pub(super) fn proxy_variable_set(is_set: impl Fn(&str) -> bool) -> bool {
+    PROXY_VARIABLES.iter().any(|name| is_set(name))
+}

@@ -143,6 +143,11 @@ pub const VARIABLES: &[Variable] = &[
         "1",
         "while Redis is down, shared per-client limits are divided by this",
     ),
+    var(
+        "WORKER_THREADS",
+        "one per core",
+        "worker threads of the runtime, 1 to 1024",
+    ),
 ];
 
 /// Prefixes of our names: an unknown name with one of them is almost surely meant for us.

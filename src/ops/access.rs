@@ -189,54 +189,85 @@ impl AccessRecord {
                     "completion_tokens": usage.map(|usage| usage.completion),
                 })
             ),
-            LogFormat::Text => {
-                // `ttfb_ms=-` when no body byte was ever sent.
-                let ttfb = OptionalMillis(self.first_byte);
-                log::info!(
-                    target: ACCESS_TARGET,
-                    "{} {} status={status} duration_ms={} ttfb_ms={ttfb} bytes_in={bytes_in} \
-                     bytes_out={} stream={} client={client} outcome={} req={id} upstream_req={upstream_id} \
-                     model={} prompt_tokens={} completion_tokens={}",
-                    self.method,
-                    self.uri.path(),
-                    OptionalMillis(Some(duration)),
-                    self.bytes_out,
-                    self.is_stream(),
-                    self.outcome(),
-                    model.unwrap_or("-"),
-                    OptionalCount(usage.map(|usage| usage.prompt)),
-                    OptionalCount(usage.map(|usage| usage.completion)),
+            LogFormat::Text => LINE.with_borrow_mut(|line| {
+                line.clear();
+                push(
+                    line,
+                    &[self.method.as_str(), " ", self.uri.path(), " status="],
                 );
-            }
+                push_count(line, u64::from(status));
+                line.push_str(" duration_ms=");
+                push_millis(line, Some(duration));
+                // `ttfb_ms=-` when no body byte was ever sent.
+                line.push_str(" ttfb_ms=");
+                push_millis(line, self.first_byte);
+                line.push_str(" bytes_in=");
+                push_count(line, bytes_in);
+                line.push_str(" bytes_out=");
+                push_count(line, self.bytes_out);
+                let stream = if self.is_stream() { "true" } else { "false" };
+                push(line, &[" stream=", stream, " client=", client, " outcome="]);
+                push(
+                    line,
+                    &[self.outcome(), " req=", id, " upstream_req=", upstream_id],
+                );
+                push(line, &[" model=", model.unwrap_or("-"), " prompt_tokens="]);
+                push_optional_count(line, usage.map(|usage| usage.prompt));
+                line.push_str(" completion_tokens=");
+                push_optional_count(line, usage.map(|usage| usage.completion));
+                log::info!(target: ACCESS_TARGET, "{line}");
+            }),
         }
     }
 }
 
-/// Milliseconds with one decimal, or `-`, formatted from integers: float formatting was a
-/// visible share of the access line's cost.
-struct OptionalMillis(Option<Duration>);
+thread_local! {
+    /// The text access line is assembled here, one buffer per worker thread reused by every
+    /// request: no allocation and no formatting machinery per field.
+    static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
 
-impl std::fmt::Display for OptionalMillis {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(duration) => {
-                let tenths = duration.as_micros() / 100;
-                write!(f, "{}.{}", tenths / 10, tenths % 10)
-            }
-            None => f.write_str("-"),
-        }
+fn push(line: &mut String, parts: &[&str]) {
+    for part in parts {
+        line.push_str(part);
     }
 }
 
-/// A number, or `-` when unknown.
-struct OptionalCount(Option<u64>);
-
-impl std::fmt::Display for OptionalCount {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(count) => write!(f, "{count}"),
-            None => f.write_str("-"),
+/// A number in decimal, without `fmt`.
+fn push_count(line: &mut String, mut count: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (count % 10) as u8;
+        count /= 10;
+        if count == 0 {
+            break;
         }
+    }
+    for &digit in &digits[at..] {
+        line.push(char::from(digit));
+    }
+}
+
+fn push_optional_count(line: &mut String, count: Option<u64>) {
+    match count {
+        Some(count) => push_count(line, count),
+        None => line.push('-'),
+    }
+}
+
+/// Milliseconds with one decimal, or `-`, from integers: float formatting was a visible share of
+/// the access line's cost.
+fn push_millis(line: &mut String, duration: Option<Duration>) {
+    match duration {
+        Some(duration) => {
+            let tenths = (duration.as_micros() / 100).min(u128::from(u64::MAX)) as u64;
+            push_count(line, tenths / 10);
+            line.push('.');
+            push_count(line, tenths % 10);
+        }
+        None => line.push('-'),
     }
 }
 

@@ -1,6 +1,7 @@
-//! Stream adapters on the body paths: a size cap on what callers upload, and an idle watchdog
-//! with an honest failure (and the optional SSE keep-alive) on what the upstream sends (key
-//! masking is in `auth::redact`).
+//! Stream adapters on the body paths: a size cap on what callers upload, and on what the upstream
+//! sends the one adapter of the success path: idle watchdog with an honest failure, the optional
+//! SSE keep-alive, the usage tap and the debug chunk log, all in one poll (key masking, for the
+//! rare error bodies, is in `auth::redact`).
 //!
 //! None of them copies, splits or merges chunks on the success path: bytes pass through as the
 //! same `Bytes` handles.
@@ -8,6 +9,7 @@
 use std::error::Error;
 use std::fmt;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -15,6 +17,8 @@ use bytes::{Bytes, BytesMut};
 use futures::Stream;
 use tokio::time::{Instant, Sleep};
 
+use super::usage::UsageMeter;
+use crate::auth::redact::Redactor;
 use crate::ops::metrics::{Metrics, UpstreamFailure};
 
 /// The caller's body went past `MAX_BODY_BYTES`.
@@ -140,9 +144,17 @@ pub const KEEPALIVE_COMMENT: &[u8] = b": keepalive\n";
 /// Watches an upstream body: more than `idle` without a chunk, or a broken connection, ends the
 /// response abnormally after (for SSE) one final error event. With a keep-alive, an SSE answer
 /// silent that long at an event boundary gets a comment line, so idle timeouts of load balancers
-/// between us and the client do not cut it.
+/// between us and the client do not cut it. With a meter, every chunk is shown to it as it
+/// passes.
+///
+/// One adapter rather than a chain of them: a streamed chunk costs one poll here, on the
+/// upstream stream itself (not boxed again), whatever the features in use.
 pub struct GuardedBody<S> {
     inner: S,
+    /// The usage tap; its `Drop` reports, so it goes when the body does.
+    meter: Option<UsageMeter>,
+    /// `DEBUG_MODE`: every chunk logged, secrets masked.
+    chunk_log: Option<Arc<Redactor>>,
     idle: Duration,
     /// Created the first time the upstream makes us wait (a small answer often never does); after
     /// that a chunk only records the time and the timer is re-armed when it fires early, so the
@@ -167,6 +179,8 @@ impl<S> GuardedBody<S> {
         let now = Instant::now();
         GuardedBody {
             inner,
+            meter: None,
+            chunk_log: None,
             idle,
             deadline: None,
             last_chunk: now,
@@ -183,6 +197,18 @@ impl<S> GuardedBody<S> {
     /// Sends `KEEPALIVE_COMMENT` whenever the body has been silent for `every` at an event boundary.
     pub fn with_keepalive(mut self, every: Duration) -> Self {
         self.keepalive = Some(every);
+        self
+    }
+
+    /// Shows every chunk to `meter` (usage, event count) as it passes.
+    pub fn with_meter(mut self, meter: UsageMeter) -> Self {
+        self.meter = Some(meter);
+        self
+    }
+
+    /// Logs every chunk at debug level, masked by `redactor`.
+    pub fn with_chunk_log(mut self, redactor: Arc<Redactor>) -> Self {
+        self.chunk_log = Some(redactor);
         self
     }
 
@@ -257,6 +283,12 @@ where
                 this.note_chunk(&chunk);
                 if this.keepalive.is_some() {
                     this.last_sent = this.last_chunk;
+                }
+                if let Some(meter) = &mut this.meter {
+                    meter.observe(&chunk);
+                }
+                if let Some(redactor) = &this.chunk_log {
+                    log::debug!("response body chunk: {}", redactor.mask_bytes(&chunk));
                 }
                 return Poll::Ready(Some(Ok(chunk)));
             }

@@ -4,19 +4,19 @@
 use std::pin::Pin;
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use warp::Reply;
 use warp::http::{HeaderMap, StatusCode, header};
 
 use super::Upstream;
-use super::body::GuardedBody;
+use super::body::{GuardedBody, StreamFailure};
 use super::headers::{declared_length, is_event_stream, response_headers};
 use super::usage::{Metering, UsageMeter};
 use crate::auth::redact::{SecretMask, error_chain, mask_secret};
 use crate::error::ProxyError;
 
-/// warp needs response streams to be `Sync` as well as `Send`.
-type UpstreamBody = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send + Sync>>;
+/// An error body under its key masks. warp needs response streams to be `Sync` as well as `Send`.
+type MaskedBody = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send + Sync>>;
 
 /// Error bodies up to this size are read whole, so that when they hold no secret they go out
 /// exactly as the upstream framed them, `Content-Length` included.
@@ -55,41 +55,49 @@ impl Upstream {
         }
         // An error event cannot be added to a body whose length was declared.
         let error_event = stream && !headers.contains_key(header::CONTENT_LENGTH);
-        let mut body: UpstreamBody = Box::pin(upstream.bytes_stream());
         if !status.is_success() {
             // Masking may change the length.
             headers.remove(header::CONTENT_LENGTH);
-            // One mask per key of the pool: error bodies are rare and pools small.
+            // One mask per key of the pool: error bodies are rare and pools small, so this path
+            // may box and chain adapters.
+            let mut body: MaskedBody = Box::pin(upstream.bytes_stream());
             for key in self.keys_to_mask() {
                 body = Box::pin(SecretMask::new(body, key.clone()));
             }
-        } else if let Some(metering) = metering {
-            body = Box::pin(UsageMeter::new(body, self.0.metrics.clone(), metering));
+            let guarded = self.guarded(body, error_event);
+            return Forwarded {
+                response: reply(guarded, status, headers),
+                stream,
+            };
         }
-        if let Some(redactor) = self.body_log() {
-            body = Box::pin(body.inspect(move |chunk| match chunk {
-                Ok(chunk) => log::debug!("response body chunk: {}", redactor.mask_bytes(chunk)),
-                Err(err) => log::debug!("response body failed: {}", error_chain(err)),
-            }));
+        // The success path: reqwest's body stream, unboxed, under the one adapter.
+        let mut guarded = self.guarded(upstream.bytes_stream(), error_event);
+        if let Some(metering) = metering {
+            guarded = guarded.with_meter(UsageMeter::new(self.0.metrics.clone(), metering));
         }
-        let mut guarded = GuardedBody::new(
+        // Comment lines can only be added where an error event could: an SSE answer of undeclared
+        // length; and only to a successful one, where a client waits for events.
+        if error_event && let Some(every) = self.0.sse_keepalive {
+            guarded = guarded.with_keepalive(every);
+        }
+        Forwarded {
+            response: reply(guarded, status, headers),
+            stream,
+        }
+    }
+
+    /// The idle watchdog over `body`, with the debug chunk log when bodies are logged.
+    fn guarded<S>(&self, body: S, error_event: bool) -> GuardedBody<S> {
+        let guarded = GuardedBody::new(
             body,
             self.0.stream_idle_timeout,
             error_event,
             self.0.metrics.clone(),
         );
-        // Comment lines can only be added where an error event could: an SSE answer of undeclared
-        // length; and only to a successful one, where a client waits for events.
-        if error_event
-            && status.is_success()
-            && let Some(every) = self.0.sse_keepalive
-        {
-            guarded = guarded.with_keepalive(every);
+        match self.body_log() {
+            Some(redactor) => guarded.with_chunk_log(redactor),
+            None => guarded,
         }
-        let mut response = warp::reply::stream(guarded).into_response();
-        *response.status_mut() = status;
-        *response.headers_mut() = headers;
-        Forwarded { response, stream }
     }
 
     async fn small_error_reply(
@@ -125,6 +133,17 @@ impl Upstream {
         *response.headers_mut() = headers;
         response
     }
+}
+
+/// A streamed answer: warp boxes the body once (its `Body` is a `BoxBody`); nothing else does.
+fn reply<S>(body: GuardedBody<S>, status: StatusCode, headers: HeaderMap) -> warp::reply::Response
+where
+    GuardedBody<S>: Stream<Item = Result<Bytes, StreamFailure>> + Send + Sync + 'static,
+{
+    let mut response = warp::reply::stream(body).into_response();
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
 }
 
 /// `body` with every key masked, or `None` when it holds none.

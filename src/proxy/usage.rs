@@ -2,12 +2,8 @@
 //! looks for `"usage":{` and captures only that object, in plain JSON answers and in the final
 //! usage event of a stream (`stream_options.include_usage`) alike.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use futures::Stream;
 use serde::Deserialize;
 
 use crate::ops::metrics::{Metrics, TokenKind};
@@ -138,8 +134,9 @@ impl Capture {
 /// Feed it every body chunk in order; `usage()` is the last usage object seen.
 pub struct UsageScanner {
     state: State,
-    /// The end of the previous chunk, in case the key is split across two chunks.
-    carry: Vec<u8>,
+    /// How many of the key's first bytes the body so far ended with, in case the key is split
+    /// across chunks: the bytes themselves are the key's, so no copy of them is kept.
+    carried: usize,
     last: Option<Usage>,
 }
 
@@ -147,8 +144,7 @@ impl Default for UsageScanner {
     fn default() -> Self {
         UsageScanner {
             state: State::Searching,
-            // Allocated only if a chunk ends without the key, which most plain answers never do.
-            carry: Vec::new(),
+            carried: 0,
             last: None,
         }
     }
@@ -208,31 +204,39 @@ impl UsageScanner {
         }
     }
 
-    /// Where the key ends in `chunk` (it may have begun in the carry), or `None` after keeping
-    /// the chunk's tail for the next call.
+    /// Where the key ends in `chunk` (it may have begun in an earlier chunk), or `None` after
+    /// noting how much of the key the chunk ends with.
     fn find_key(&mut self, chunk: &[u8]) -> Option<usize> {
-        if !self.carry.is_empty() {
-            // Only a key that starts in the carry can end in the first KEY.len() - 1 bytes.
-            let carried = self.carry.len();
-            let take = chunk.len().min(KEY.len() - 1);
-            self.carry.extend_from_slice(&chunk[..take]);
-            if let Some(at) = KEY_FINDER.find(&self.carry) {
-                self.carry.clear();
-                return Some(at + KEY.len() - carried);
-            }
-            if take == chunk.len() {
-                let excess = self.carry.len().saturating_sub(KEY.len() - 1);
-                self.carry.drain(..excess);
+        if self.carried > 0 {
+            let rest = &KEY[self.carried..];
+            let overlap = rest.len().min(chunk.len());
+            if chunk[..overlap] == rest[..overlap] {
+                if overlap == rest.len() {
+                    self.carried = 0;
+                    return Some(overlap);
+                }
+                self.carried += overlap;
                 return None;
             }
-            self.carry.clear();
+            // No other start of the key lies in the carried bytes: see `partial_key_at_end`.
+            self.carried = 0;
         }
         if let Some(at) = KEY_FINDER.find(chunk) {
             return Some(at + KEY.len());
         }
-        let keep = chunk.len().min(KEY.len() - 1);
-        self.carry.extend_from_slice(&chunk[chunk.len() - keep..]);
+        self.carried = partial_key_at_end(chunk);
         None
+    }
+}
+
+/// The length of the longest end of `chunk` that is a beginning of the key (shorter than the key).
+/// The key's only quote within those beginnings is its first byte, so the one candidate is the
+/// end from the last quote; the usual chunk, ending in a newline, is answered by one `memrchr`.
+fn partial_key_at_end(chunk: &[u8]) -> usize {
+    let tail = &chunk[chunk.len().saturating_sub(KEY.len() - 1)..];
+    match memchr::memrchr(b'"', tail) {
+        Some(quote) if KEY.starts_with(&tail[quote..]) => tail.len() - quote,
+        _ => 0,
     }
 }
 
@@ -250,10 +254,10 @@ pub struct Metering {
     pub report: Option<Report>,
 }
 
-/// Passes a body through untouched while scanning it; counts the usage it saw when dropped, which
-/// is when the body ended or the client went away.
-pub struct UsageMeter<S> {
-    inner: S,
+/// Watches a successful answer's body as it passes (fed each chunk by the body adapter, which
+/// leaves the chunk untouched); counts the usage it saw when dropped, which is when the body
+/// ended or the client went away.
+pub struct UsageMeter {
     scanner: Option<UsageScanner>,
     metrics: Metrics,
     client: Arc<str>,
@@ -262,10 +266,9 @@ pub struct UsageMeter<S> {
     report: Option<Report>,
 }
 
-impl<S> UsageMeter<S> {
-    pub fn new(inner: S, metrics: Metrics, metering: Metering) -> Self {
+impl UsageMeter {
+    pub fn new(metrics: Metrics, metering: Metering) -> Self {
         UsageMeter {
-            inner,
             scanner: metering.scan.then(UsageScanner::default),
             metrics,
             client: metering.client,
@@ -274,26 +277,15 @@ impl<S> UsageMeter<S> {
             report: metering.report,
         }
     }
-}
 
-impl<S, E> Stream for UsageMeter<S>
-where
-    S: Stream<Item = Result<Bytes, E>> + Unpin,
-{
-    type Item = Result<Bytes, E>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_next(cx);
-        if let Poll::Ready(Some(Ok(chunk))) = &polled {
-            if let Some(scanner) = &mut this.scanner {
-                scanner.feed(chunk);
-            }
-            if this.count_events {
-                this.events += DATA_FINDER.find_iter(chunk).count() as u64;
-            }
+    /// One chunk of the body, in order.
+    pub fn observe(&mut self, chunk: &[u8]) {
+        if let Some(scanner) = &mut self.scanner {
+            scanner.feed(chunk);
         }
-        polled
+        if self.count_events {
+            self.events += DATA_FINDER.find_iter(chunk).count() as u64;
+        }
     }
 }
 
@@ -301,7 +293,7 @@ where
 static DATA_FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"data:"));
 
-impl<S> Drop for UsageMeter<S> {
+impl Drop for UsageMeter {
     fn drop(&mut self) {
         let usage = self.scanner.as_ref().and_then(UsageScanner::usage);
         if let Some(usage) = usage {
@@ -416,6 +408,33 @@ mod tests {
                 }),
                 "pieces of {piece}"
             );
+        }
+    }
+
+    #[test]
+    fn the_key_has_a_quote_only_at_its_ends() {
+        // What `partial_key_at_end` relies on.
+        assert_eq!(
+            memchr::memchr_iter(b'"', KEY).collect::<Vec<_>>(),
+            [0, KEY.len() - 1]
+        );
+    }
+
+    #[test]
+    fn a_key_split_in_every_way_is_found() {
+        let body = br#"xx"us"usage":{"total_tokens":4}}"#;
+        for first in 0..body.len() {
+            for second in first..body.len() {
+                let mut scanner = UsageScanner::default();
+                for piece in [&body[..first], &body[first..second], &body[second..]] {
+                    scanner.feed(piece);
+                }
+                assert_eq!(
+                    scanner.usage().map(|usage| usage.total),
+                    Some(4),
+                    "{first} {second}"
+                );
+            }
         }
     }
 
