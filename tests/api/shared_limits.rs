@@ -368,3 +368,98 @@ async fn a_replica_killed_mid_stream_does_not_hold_its_slot_past_the_expiry() {
         "freed {took:?} after the kill"
     );
 }
+
+/// The limiter itself against a real Redis, with the in-process limiter's own cases.
+#[tokio::test]
+async fn the_redis_limiter_decides_as_the_in_process_one_does() {
+    use llm_proxy::config::ClientLimits;
+    use llm_proxy::ops::metrics::Metrics;
+    use llm_proxy::policy::{Limiter, Reason, RedisLimiter};
+    use llm_proxy::shared::Shared;
+
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let url = redis.url();
+    let config = config_from(&[
+        ("AUTH_BEARER", "k"),
+        ("REDIS_URL", url.as_str()),
+        ("REDIS_TIMEOUT_MS", "100"),
+        ("REDIS_FALLBACK_REPLICAS", "2"),
+    ]);
+    let shared = Shared::new(&config.shared, Metrics::new());
+    shared.first_contact().await;
+    let limiter = RedisLimiter::new(shared, Duration::from_secs(30));
+    let near = |actual: Duration, expected: Duration| {
+        actual <= expected && actual + Duration::from_millis(500) > expected
+    };
+
+    // Five a minute: the sixth waits 12 s (less the few ms gone by).
+    let five = ClientLimits {
+        requests_per_minute: Some(5),
+        ..ClientLimits::default()
+    };
+    for remaining in (0..5).rev() {
+        let (charge, standing) = limiter.acquire("a", &five, 0).await.unwrap();
+        assert_eq!(standing.requests.unwrap().remaining, remaining);
+        limiter.settle("a", &five, charge, 0);
+    }
+    let refusal = limiter.acquire("a", &five, 0).await.unwrap_err();
+    assert_eq!(refusal.reason, Reason::Requests);
+    assert!(
+        near(refusal.retry_after, Duration::from_secs(12)),
+        "{refusal:?}"
+    );
+
+    // Several limits over: the longest wait, and the refusal charges nothing.
+    let both = ClientLimits {
+        requests_per_minute: Some(100),
+        tokens_per_minute: Some(1000),
+        ..ClientLimits::default()
+    };
+    let (charge, _) = limiter.acquire("b", &both, 800).await.unwrap();
+    let refusal = limiter.acquire("b", &both, 300).await.unwrap_err();
+    assert_eq!(refusal.reason, Reason::Tokens);
+    // 100 tokens over: 100 * 60 ms until they are free.
+    assert!(
+        near(refusal.retry_after, Duration::from_secs(6)),
+        "{refusal:?}"
+    );
+    assert_eq!(refusal.standing.requests.unwrap().remaining, 99);
+    // Settled at 50 tokens: the 750 refunded make room for 300 more.
+    limiter.settle("b", &both, charge, 50);
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            limiter.usage("b").await.in_flight == 0
+        })
+        .await
+        .is_some()
+    );
+    let (_, standing) = limiter.acquire("b", &both, 300).await.unwrap();
+    let tokens = standing.tokens.unwrap().remaining;
+    assert!((649..=650).contains(&tokens), "{tokens}");
+    let usage = limiter.usage("b").await;
+    assert_eq!(usage.tokens_today, 350);
+    assert_eq!(usage.requests_last_minute, 2);
+    assert_eq!(usage.tokens_last_minute, 350);
+    assert_eq!(usage.in_flight, 1);
+
+    // A frozen Redis: the decision is local (with half the limit) within the timeout.
+    redis.signal("-STOP");
+    let four = ClientLimits {
+        requests_per_minute: Some(4),
+        ..ClientLimits::default()
+    };
+    let started = Instant::now();
+    let first = limiter.acquire("c", &four, 0).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(first.is_ok());
+    assert!(limiter.acquire("c", &four, 0).await.is_ok());
+    let refusal = limiter.acquire("c", &four, 0).await.unwrap_err();
+    assert_eq!(refusal.reason, Reason::Requests, "2 of 4 on this replica");
+    redis.signal("-CONT");
+}
