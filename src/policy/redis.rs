@@ -27,7 +27,7 @@
 //! that way (and the corrections of requests admitted by Redis that ended during the outage) are
 //! kept per client and added to Redis once it answers again ([`RECONCILE`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -36,7 +36,7 @@ use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use redis::Script;
 
-use super::limiter::{Charge, ClientUsage, Limiter, Reason, Refusal, Standing, Window};
+use super::limiter::{Budgets, Charge, ClientUsage, Limiter, Reason, Refusal, Standing, Window};
 use super::memory::MemoryLimiter;
 use crate::config::ClientLimits;
 use crate::shared::{Mode, Shared, Unavailable};
@@ -66,7 +66,7 @@ const MAX_COUNT: u64 = 1 << 50;
 /// ARGV: 1 requests per minute, 2 tokens per minute, 3 max concurrent, 4 tokens per day (each
 /// -1 for none), 5 estimate, 6 slot id, 7 slot TTL in µs.
 /// Returns {admitted (1/0), reason (1 requests, 2 tokens, 3 concurrency, 4 budget), retry after
-/// µs, day, request remaining, request reset µs, token remaining, token reset µs}.
+/// µs, day, request remaining, request reset µs, token remaining, token reset µs, tokens today}.
 pub const ACQUIRE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -124,7 +124,7 @@ if budget >= 0 and today + estimate > budget then refuse(4, (day + 1) * 86400000
 if wait >= 0 then
   local rr, rs = standing(rtat, rpm)
   local tr, ts = standing(ttat, tpm)
-  return {0, reason, wait, day, rr, rs, tr, ts}
+  return {0, reason, wait, day, rr, rs, tr, ts, string.format('%.0f', today)}
 end
 
 if new_rtat then
@@ -149,12 +149,13 @@ redis.call('HINCRBY', KEYS[5], 't' .. i, estimate)
 redis.call('PEXPIRE', KEYS[5], 120000)
 local rr, rs = standing(rtat, rpm)
 local tr, ts = standing(ttat, tpm)
-return {1, 0, 0, day, rr, rs, tr, ts}
+return {1, 0, 0, day, rr, rs, tr, ts, string.format('%.0f', today + estimate)}
 ";
 
 /// KEYS: 1 token TAT, 2 slots, 3 day, 4 recent.
 /// ARGV: 1 tokens per minute (-1 for none), 2 tokens charged, 3 tokens used, 4 the day charged,
-/// 5 slot id. Gives the slot back and replaces the charged tokens by the used ones.
+/// 5 slot id. Gives the slot back and replaces the charged tokens by the used ones; returns
+/// {day, tokens today}.
 pub const SETTLE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -190,7 +191,7 @@ if tonumber(redis.call('HGET', KEYS[4], 's' .. i)) ~= second then
 end
 redis.call('HINCRBY', KEYS[4], 't' .. i, used - charged)
 redis.call('PEXPIRE', KEYS[4], 120000)
-return 1
+return {day, string.format('%.0f', today + used)}
 ";
 
 /// KEYS: 1 slots. ARGV: 1 slot TTL in µs, then the slot ids this replica holds. Pushes their
@@ -293,6 +294,11 @@ struct Inner {
     held: Mutex<HashMap<u64, Arc<str>>>,
     /// Per client, the day and the daily-budget tokens charged outside Redis, to be added to it.
     outage: Mutex<HashMap<String, (u64, i64)>>,
+    /// Per client with a budget, the day and its tokens as Redis last told them: a replica
+    /// going local starts from its share of that count, not from zero.
+    known: Mutex<HashMap<Arc<str>, (u64, u64)>>,
+    /// The clients whose local budget count was set from `known` in this outage.
+    seeded: Mutex<HashSet<Arc<str>>>,
 }
 
 /// `limit` divided by the replica count, rounded up, at least 1.
@@ -339,6 +345,8 @@ impl RedisLimiter {
             slot_ttl,
             held: Mutex::new(HashMap::new()),
             outage: Mutex::new(HashMap::new()),
+            known: Mutex::new(HashMap::new()),
+            seeded: Mutex::new(HashSet::new()),
         }));
         let refresh = (slot_ttl / 3).clamp(Duration::from_millis(100), SLOT_REFRESH);
         tokio::spawn(refresh_loop(Arc::downgrade(&limiter.0), refresh));
@@ -370,6 +378,34 @@ impl Inner {
             tokens_per_day: divided(limits.tokens_per_day, replicas),
             ..ClientLimits::default()
         }
+    }
+
+    fn remember_today(&self, client: &str, day: u64, tokens: u64) {
+        let mut known = self.known.lock();
+        // A lookup first: the name is allocated only for a client's first request.
+        if let Some(entry) = known.get_mut(client) {
+            *entry = (day, tokens);
+        } else {
+            known.insert(Arc::from(client), (day, tokens));
+        }
+    }
+
+    /// Before a client's first local decision of an outage: its local budget count becomes its
+    /// share of what Redis last counted, so that the replicas together spend at most what was
+    /// left of the budget (each has `tokens_per_day / N` less `today / N`).
+    fn seed(&self, client: &str, limits: &ClientLimits) {
+        if limits.tokens_per_day.is_none() || self.seeded.lock().contains(client) {
+            return;
+        }
+        let Some((day, tokens)) = self.known.lock().get(client).copied() else {
+            return;
+        };
+        let replicas = u64::from(self.shared.fallback_replicas()).max(1);
+        self.local.restore_budgets(Budgets {
+            day,
+            tokens: vec![(client.to_string(), tokens.div_ceil(replicas))],
+        });
+        self.seeded.lock().insert(Arc::from(client));
     }
 
     fn record_outage(&self, client: &str, day: u64, tokens: i64) {
@@ -412,7 +448,7 @@ impl Inner {
         self.held.lock().insert(slot, Arc::from(client));
         let answer: Result<Vec<i64>, Unavailable> = self.shared.eval(&invocation).await;
         let answer = match answer {
-            Ok(answer) if answer.len() == 8 => answer,
+            Ok(answer) if answer.len() == 9 => answer,
             Ok(_) | Err(_) => {
                 // Not in Redis, or perhaps in it after all (a timeout is "no answer", not "not
                 // applied"): either way the slot is not refreshed and expires by itself.
@@ -421,6 +457,9 @@ impl Inner {
             }
         };
         let unsigned = |value: i64| u64::try_from(value).unwrap_or(0);
+        if limits.tokens_per_day.is_some() {
+            self.remember_today(client, unsigned(answer[3]), unsigned(answer[8]));
+        }
         let window = |limit: Option<u64>, remaining: i64, reset: i64| {
             limit.map(|limit| Window {
                 limit,
@@ -477,7 +516,13 @@ impl Inner {
             .arg(self.slot_id(charge.slot));
         // No longer refreshed from now on: if the settlement does not arrive, the slot expires.
         self.held.lock().remove(&charge.slot);
-        if self.shared.eval::<i64>(&invocation).await.is_err() {
+        let answer: Result<(u64, u64), Unavailable> = self.shared.eval(&invocation).await;
+        if let Ok((day, today)) = answer {
+            // Only clients with a budget are remembered (acquire puts them there).
+            if self.known.lock().contains_key(client.as_str()) {
+                self.remember_today(&client, day, today);
+            }
+        } else {
             self.record_outage(
                 &client,
                 charge.day,
@@ -492,6 +537,8 @@ impl Inner {
         if self.shared.mode() != Mode::Shared {
             return;
         }
+        // The next outage starts again from what Redis will have counted by then.
+        self.seeded.lock().clear();
         let pending: Vec<(String, (u64, i64))> = self.outage.lock().drain().collect();
         for (client, (day, tokens)) in pending {
             let mut invocation = self.reconcile.prepare_invoke();
@@ -546,6 +593,7 @@ impl Limiter for RedisLimiter {
             }
             // Redis does not answer: this replica decides alone, with its share of each limit.
             let local = self.0.local_limits(limits);
+            self.0.seed(client, limits);
             let decided = self.0.local.acquire(client, &local, estimate).await;
             if let Ok((charge, _)) = &decided {
                 self.0

@@ -269,7 +269,7 @@ async fn without_redis_each_replica_enforces_its_share_and_the_outage_charges_re
     let upstream = MockUpstream::start().await;
     let file = clients_file(
         "[clients.alice]\ntoken = \"tok-alice\"\nrequests_per_minute = 4\n\
-         tokens_per_day = 1000000\n",
+         tokens_per_day = 1000000\n\n[clients.bob]\ntoken = \"tok-bob\"\ntokens_per_day = 40\n",
     );
     let extra = [("REDIS_FALLBACK_REPLICAS", "2")];
     let a = replica(&upstream, &redis, &file, &extra).await;
@@ -281,6 +281,12 @@ async fn without_redis_each_replica_enforces_its_share_and_the_outage_charges_re
     })
     .await
     .expect("the first chat is settled in Redis");
+    assert_eq!(chat_as(&a, "tok-bob").await.status(), 200);
+    wait_until(Duration::from_secs(5), || async {
+        usage_of(&a, "bob").await["tokens_today"] == 13
+    })
+    .await
+    .expect("bob's chat is settled in Redis");
 
     redis.stop();
     // 4 a minute over 2 replicas: 2 each, decided locally, none waiting longer than the timeout.
@@ -300,6 +306,15 @@ async fn without_redis_each_replica_enforces_its_share_and_the_outage_charges_re
         assert_eq!(statuses, [200, 200, 429], "half the limit each");
         assert_eq!(readyz_limits(proxy).await, "local");
     }
+    // Bob's 40 a day is 20 on each replica, less its share of the 13 Redis had counted (7): a
+    // chat charging its estimate (16 tokens) no longer fits.
+    let refused = chat_as(&a, "tok-bob").await;
+    assert_eq!(
+        refused.status(),
+        429,
+        "the outage does not hand out a fresh budget"
+    );
+    assert_eq!(error_code(refused).await, "quota_exceeded");
 
     // Redis comes back empty (no persistence): the two replicas' outage charges, 2 chats of 13
     // tokens each, are added to it.
