@@ -256,7 +256,8 @@ struct Keys {
 }
 
 /// `llm-proxy:{client:<name>}:<what>`. Braces in a client's name would end the hash tag early;
-/// a name is letters, digits, `-` and `_` (the clients file's rule), so this is belt and braces.
+/// a name is letters, digits, `_`, `.` and `-` (the clients file's rule), so this is belt and
+/// braces.
 fn keys(client: &str) -> Keys {
     let tag: String = client
         .chars()
@@ -306,9 +307,11 @@ fn divided(limit: Option<u64>, replicas: u64) -> Option<u64> {
     limit.map(|limit| limit.div_ceil(replicas.max(1)).max(1))
 }
 
+/// A limit for a script: -1 for none, and never 0 (a period of 60 s / 0 would be infinite; the
+/// in-process limiter takes 0 as 1 the same way).
 fn limit_arg(limit: Option<u64>) -> i64 {
     limit.map_or(-1, |limit| {
-        i64::try_from(limit.min(MAX_COUNT)).unwrap_or(i64::MAX)
+        i64::try_from(limit.clamp(1, MAX_COUNT)).unwrap_or(i64::MAX)
     })
 }
 
@@ -351,15 +354,6 @@ impl RedisLimiter {
         let refresh = (slot_ttl / 3).clamp(Duration::from_millis(100), SLOT_REFRESH);
         tokio::spawn(refresh_loop(Arc::downgrade(&limiter.0), refresh));
         limiter
-    }
-
-    /// The tokens charged outside Redis and not yet added to it, per client (for tests).
-    pub fn pending_outage_tokens(&self, client: &str) -> i64 {
-        self.0
-            .outage
-            .lock()
-            .get(client)
-            .map_or(0, |(_, tokens)| *tokens)
     }
 }
 
@@ -676,6 +670,7 @@ mod tests {
         assert_eq!(divided(Some(10), 1), Some(10));
         assert_eq!(divided(None, 2), None);
         assert_eq!(limit_arg(None), -1);
+        assert_eq!(limit_arg(Some(0)), 1, "never a period of 60 s / 0");
         assert_eq!(limit_arg(Some(u64::MAX)), 1 << 50);
     }
 }
