@@ -78,6 +78,12 @@ async fn serve() -> ExitCode {
     if store.is_some() || in_redis {
         state.keep_budgets();
     }
+    if in_redis {
+        log::info!(
+            "per-client limits and daily budgets are kept in Redis (REDIS_URL), shared by every \
+             replica using it; STATE_DIR is not used for budgets"
+        );
+    }
     let reloader = Reloader::new(state.clone(), Arc::new(llm_proxy::ops::reload::environment));
     tokio::spawn(reloader.run());
     let writer = store
