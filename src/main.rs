@@ -72,13 +72,17 @@ async fn run(config: Config) -> ExitCode {
     descriptors::raise_limit(config.limits.max_concurrent_requests);
 
     let address = SocketAddr::new(config.host, config.port);
+    // With Redis the daily budgets live there (shared by every replica, kept across restarts
+    // by Redis itself); without it they are this process's, read back from `STATE_DIR`.
+    let in_redis = config.shared.redis.is_some();
     let limiter = Arc::new(MemoryLimiter::new());
     // Budgets are read back before the first request, and a budget that could not be kept
     // stops start-up rather than silently resetting at every restart.
-    let store = if config
-        .clients
-        .iter()
-        .any(|client| client.limits.tokens_per_day.is_some())
+    let store = if !in_redis
+        && config
+            .clients
+            .iter()
+            .any(|client| client.limits.tokens_per_day.is_some())
     {
         match BudgetStore::open(&config.state_dir, limiter.clone()) {
             Ok(store) => Some(Arc::new(parking_lot::Mutex::new(store))),
@@ -90,9 +94,21 @@ async fn run(config: Config) -> ExitCode {
     } else {
         None
     };
-    let state = AppState::with_limiter(config, limiter);
-    if store.is_some() {
+    let state = AppState::with_limiter(config, |shared| {
+        if in_redis {
+            llm_proxy::state::default_limiter(shared)
+        } else {
+            limiter
+        }
+    });
+    if store.is_some() || in_redis {
         state.keep_budgets();
+    }
+    if in_redis {
+        log::info!(
+            "per-client limits and daily budgets are kept in Redis (REDIS_URL), shared by every \
+             replica using it; STATE_DIR is not used for budgets"
+        );
     }
     let reloader = Reloader::new(state.clone(), Arc::new(llm_proxy::ops::reload::environment));
     tokio::spawn(reloader.run());

@@ -10,7 +10,7 @@ use crate::auth::Authenticator;
 use crate::auth::redact::Redactor;
 use crate::config::Config;
 use crate::ops::metrics::Metrics;
-use crate::policy::{Limiter, MemoryLimiter, Policy};
+use crate::policy::{Limiter, MemoryLimiter, Policy, RedisLimiter, redis};
 use crate::proxy::Upstream;
 use crate::proxy::models_cache::ModelsCache;
 use crate::shared::Shared;
@@ -47,18 +47,32 @@ impl Deref for AppState {
     }
 }
 
+/// The Redis limiter with `REDIS_URL` set, the in-process one otherwise.
+pub fn default_limiter(shared: &Shared) -> Arc<dyn Limiter> {
+    if shared.is_configured() {
+        Arc::new(RedisLimiter::new(shared.clone(), redis::slot_ttl()))
+    } else {
+        Arc::new(MemoryLimiter::new())
+    }
+}
+
 impl AppState {
     /// Everything that could fail was parsed and checked by `Config`, so this cannot. With
     /// `REDIS_URL` set it starts the Redis probe, so it needs a tokio runtime.
     pub fn new(config: Config) -> AppState {
-        AppState::with_limiter(config, Arc::new(MemoryLimiter::new()))
+        AppState::with_limiter(config, |shared| default_limiter(shared))
     }
 
-    /// With a given limiter backend (the in-process one holds restored budgets at start-up).
-    pub fn with_limiter(config: Config, limiter: Arc<dyn Limiter>) -> AppState {
+    /// With the limiter backend `make` builds from the shared-state handle (the in-process one
+    /// holds restored budgets at start-up).
+    pub fn with_limiter(
+        config: Config,
+        make: impl FnOnce(&Shared) -> Arc<dyn Limiter>,
+    ) -> AppState {
         let metrics = Metrics::new();
         let redactor = Arc::new(Redactor::new(&config));
         let shared = Shared::new(&config.shared, metrics.clone());
+        let limiter = make(&shared);
         AppState(Arc::new(Inner {
             auth: Authenticator::new(&config),
             upstream: Upstream::new(&config, metrics.clone(), redactor.clone(), &shared),

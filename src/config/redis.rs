@@ -19,7 +19,7 @@ pub struct SharedStateConfig {
     /// `REDIS_TIMEOUT_MS`: the longest any request waits for Redis.
     pub timeout: Duration,
     /// `REDIS_FALLBACK_REPLICAS`: while Redis is unreachable, each replica enforces a shared
-    /// limit divided by this (for the per-client limits, once they are kept in Redis).
+    /// limit divided by this (rounded up, at least 1).
     pub fallback_replicas: u32,
 }
 

@@ -62,6 +62,8 @@ pub struct Charge {
     pub tokens: u64,
     /// The UTC day (days since 1970-01-01) the tokens were charged to.
     pub day: u64,
+    /// The backend's own reference to the place held (the Redis slot); 0 for none.
+    pub slot: u64,
 }
 
 /// What `/admin/clients` shows of a client.

@@ -250,6 +250,7 @@ impl MemoryLimiter {
             Charge {
                 tokens: estimate,
                 day: today,
+                slot: 0,
             },
             state.standing(limits, now),
         ))

@@ -7,6 +7,7 @@
 
 pub mod limiter;
 pub mod memory;
+pub mod redis;
 pub mod request;
 pub mod store;
 
@@ -20,6 +21,7 @@ use crate::error::ProxyError;
 use crate::ops::metrics::Metrics;
 pub use limiter::{ClientUsage, Limiter, Reason, Refusal, Standing, Window};
 pub use memory::MemoryLimiter;
+pub use redis::RedisLimiter;
 
 /// The limiter and what the routes need around it. Cloning is shallow.
 #[derive(Clone)]

@@ -1,5 +1,5 @@
-//! State shared across replicas, kept in Redis (`REDIS_URL`): today the upstream key rests
-//! ([`rests`]); the per-client limits are meant to run their scripts through the same handle.
+//! State shared across replicas, kept in Redis (`REDIS_URL`): the upstream key rests
+//! ([`rests`]) and the per-client limits and budgets ([`crate::policy::redis`]).
 //!
 //! The contract for everything built on it: a call is one round trip (a Lua script through
 //! [`Shared::eval`], sent as EVALSHA), bounded by `REDIS_TIMEOUT_MS`, and it either answers or
@@ -198,8 +198,8 @@ impl Inner {
         let url = &redis.display;
         match (before, mode) {
             (UNKNOWN, Mode::Shared) => log::info!(
-                "shared state mode: shared: Redis at {url} answers; upstream key rests are \
-                 shared with every replica using it"
+                "shared state mode: shared: Redis at {url} answers; upstream key rests, \
+                 per-client limits and budgets are shared with every replica using it"
             ),
             (_, Mode::Shared) => {
                 log::info!("shared state mode: shared: Redis at {url} answers again")

@@ -20,6 +20,7 @@ mod providers;
 mod redis_server;
 mod reload;
 mod runtime;
+mod shared_limits;
 mod shared_state;
 mod shutdown;
 mod streaming;

@@ -1,0 +1,676 @@
+//! The shared limiter: every replica pointing at one Redis (`REDIS_URL`) keeps each client's
+//! per-minute windows, concurrency and daily budget there, so a limit means the same with one
+//! replica or ten.
+//!
+//! Each decision is one round trip: [`ACQUIRE`] checks every limit of the client and, when all
+//! pass, charges them all (a refusal charges nothing); it reads the time from Redis
+//! (`redis.call('TIME')`), so the replicas' clocks do not matter. The arithmetic is the in-process
+//! limiter's ([`super::memory`]), in microseconds: GCRA theoretical arrival times for requests and
+//! tokens, a refusal's `Retry-After` being the longest wait of the limits that failed.
+//!
+//! Keys, all `llm-proxy:{client:<name>}:...` (one Redis Cluster hash tag per client, so every
+//! key a script touches is in one slot), each with an expiry:
+//!
+//! - `:rpm`, `:tpm`: the request and token TATs, expiring when they are in the past (a TAT in
+//!   the past counts as now, so a missing key is the same state);
+//! - `:slots`: a sorted set of the requests in flight, each member a slot id scored by its
+//!   expiry; the key expires with its newest slot. A replica refreshes the slots it holds every
+//!   [`SLOT_REFRESH`]; a slot whose replica died is not refreshed and is dropped by the next
+//!   decision once its expiry (`slot_ttl`, 30 s) has passed;
+//! - `:day`: a hash `{day, tokens}`, today's tokens, expiring an hour after the UTC day ends;
+//! - `:recent`: a 60-slot ring of requests and tokens per second, for `/admin/clients`,
+//!   expiring two minutes after the last write.
+//!
+//! While Redis does not answer (the [`Shared`] handle says local, or a call comes back
+//! [`Unavailable`]) the decision is made by an in-process [`MemoryLimiter`] with every limit
+//! divided by `REDIS_FALLBACK_REPLICAS` (rounded up, at least 1). The daily-budget tokens charged
+//! that way (and the corrections of requests admitted by Redis that ended during the outage) are
+//! kept per client and added to Redis once it answers again ([`RECONCILE`]).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use redis::Script;
+
+use super::limiter::{Budgets, Charge, ClientUsage, Limiter, Reason, Refusal, Standing, Window};
+use super::memory::MemoryLimiter;
+use crate::config::ClientLimits;
+use crate::shared::{Mode, Shared, Unavailable};
+
+/// How long a slot lives in Redis without a refresh.
+pub const SLOT_TTL: Duration = Duration::from_secs(30);
+/// How often a replica refreshes the slots it holds (and pushes outage charges once Redis is
+/// back): a few times per `SLOT_TTL`.
+pub const SLOT_REFRESH: Duration = Duration::from_secs(2);
+/// A test-only knob (not a setting, not in the README's table): the slot TTL in milliseconds,
+/// so that a test can watch a dead replica's slot expire without waiting half a minute.
+pub const TEST_SLOT_TTL_VARIABLE: &str = "LLM_PROXY_TEST_SLOT_TTL_MS";
+
+/// [`SLOT_TTL`], or the test knob's value.
+pub fn slot_ttl() -> Duration {
+    std::env::var(TEST_SLOT_TTL_VARIABLE)
+        .ok()
+        .and_then(|value| value.parse::<u64>().ok())
+        .filter(|millis| *millis > 0)
+        .map_or(SLOT_TTL, Duration::from_millis)
+}
+
+/// Counts above this are sent as this: Lua numbers are doubles, exact up to 2^53.
+const MAX_COUNT: u64 = 1 << 50;
+
+/// KEYS: 1 request TAT, 2 token TAT, 3 slots, 4 day, 5 recent.
+/// ARGV: 1 requests per minute, 2 tokens per minute, 3 max concurrent, 4 tokens per day (each
+/// -1 for none), 5 estimate, 6 slot id, 7 slot TTL in µs.
+/// Returns {admitted (1/0), reason (1 requests, 2 tokens, 3 concurrency, 4 budget), retry after
+/// µs, day, request remaining, request reset µs, token remaining, token reset µs, tokens today}.
+pub const ACQUIRE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local window = 60000000
+local cap = 86400000000
+local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
+local maxc, budget = tonumber(ARGV[3]), tonumber(ARGV[4])
+local estimate, ttl = tonumber(ARGV[5]), tonumber(ARGV[7])
+
+local function gcra(key, limit, cost)
+  local tat = tonumber(redis.call('GET', key) or '0')
+  local base = math.max(tat, now)
+  local new_tat = math.ceil(base + math.min(window / limit * cost, cap))
+  if new_tat <= now + window or (cost > limit and base == now) then
+    return tat, new_tat, 0
+  elseif cost > limit then
+    return tat, nil, base - now
+  else
+    return tat, nil, new_tat - (now + window)
+  end
+end
+
+local function standing(tat, limit)
+  if limit < 0 then return -1, 0 end
+  local used = math.max(tat - now, 0)
+  local free = math.max(window - used, 0)
+  return math.floor(free / (window / limit)), used
+end
+
+local reason, wait = 0, -1
+local function refuse(code, w)
+  if w > wait then reason, wait = code, w end
+end
+
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+if maxc >= 0 and redis.call('ZCARD', KEYS[3]) >= maxc then refuse(3, 1000000) end
+
+local rtat, new_rtat, tat_wait = 0, nil, 0
+if rpm >= 0 then
+  rtat, new_rtat, tat_wait = gcra(KEYS[1], rpm, 1)
+  if not new_rtat then refuse(1, tat_wait) end
+end
+local ttat, new_ttat = 0, nil
+if tpm >= 0 then
+  ttat, new_ttat, tat_wait = gcra(KEYS[2], tpm, estimate)
+  if not new_ttat then refuse(2, tat_wait) end
+end
+
+local day = math.floor(now / 86400000000)
+local stored = redis.call('HMGET', KEYS[4], 'day', 'tokens')
+local today = 0
+if tonumber(stored[1]) == day then today = tonumber(stored[2]) or 0 end
+if budget >= 0 and today + estimate > budget then refuse(4, (day + 1) * 86400000000 - now) end
+
+if wait >= 0 then
+  local rr, rs = standing(rtat, rpm)
+  local tr, ts = standing(ttat, tpm)
+  return {0, reason, wait, day, rr, rs, tr, ts, string.format('%.0f', today)}
+end
+
+if new_rtat then
+  redis.call('SET', KEYS[1], string.format('%.0f', new_rtat), 'PX', math.ceil((new_rtat - now) / 1000) + 1000)
+  rtat = new_rtat
+end
+if new_ttat then
+  redis.call('SET', KEYS[2], string.format('%.0f', new_ttat), 'PX', math.ceil((new_ttat - now) / 1000) + 1000)
+  ttat = new_ttat
+end
+redis.call('ZADD', KEYS[3], string.format('%.0f', now + ttl), ARGV[6])
+redis.call('PEXPIRE', KEYS[3], math.ceil(ttl / 1000))
+redis.call('HSET', KEYS[4], 'day', day, 'tokens', string.format('%.0f', today + estimate))
+redis.call('EXPIREAT', KEYS[4], (day + 1) * 86400 + 3600)
+local second = math.floor(now / 1000000)
+local i = second % 60
+if tonumber(redis.call('HGET', KEYS[5], 's' .. i)) ~= second then
+  redis.call('HSET', KEYS[5], 's' .. i, second, 'r' .. i, 0, 't' .. i, 0)
+end
+redis.call('HINCRBY', KEYS[5], 'r' .. i, 1)
+redis.call('HINCRBY', KEYS[5], 't' .. i, estimate)
+redis.call('PEXPIRE', KEYS[5], 120000)
+local rr, rs = standing(rtat, rpm)
+local tr, ts = standing(ttat, tpm)
+return {1, 0, 0, day, rr, rs, tr, ts, string.format('%.0f', today + estimate)}
+";
+
+/// KEYS: 1 token TAT, 2 slots, 3 day, 4 recent.
+/// ARGV: 1 tokens per minute (-1 for none), 2 tokens charged, 3 tokens used, 4 the day charged,
+/// 5 slot id. Gives the slot back and replaces the charged tokens by the used ones; returns
+/// {day, tokens today}.
+pub const SETTLE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local window = 60000000
+local cap = 86400000000
+local tpm, charged, used, charged_day = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+redis.call('ZREM', KEYS[2], ARGV[5])
+if tpm >= 0 then
+  local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if tat > 0 then
+    local period = window / tpm
+    if used >= charged then
+      tat = tat + math.min(period * (used - charged), cap)
+    else
+      -- A refund never moves the TAT before now: time already passed is not credit.
+      tat = math.max(tat - period * (charged - used), now)
+    end
+    tat = math.ceil(tat)
+    redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+  end
+end
+local day = math.floor(now / 86400000000)
+local stored = redis.call('HMGET', KEYS[3], 'day', 'tokens')
+local today = 0
+if tonumber(stored[1]) == day then today = tonumber(stored[2]) or 0 end
+if charged_day == day then today = math.max(today - charged, 0) end
+redis.call('HSET', KEYS[3], 'day', day, 'tokens', string.format('%.0f', today + used))
+redis.call('EXPIREAT', KEYS[3], (day + 1) * 86400 + 3600)
+local second = math.floor(now / 1000000)
+local i = second % 60
+if tonumber(redis.call('HGET', KEYS[4], 's' .. i)) ~= second then
+  redis.call('HSET', KEYS[4], 's' .. i, second, 'r' .. i, 0, 't' .. i, 0)
+end
+redis.call('HINCRBY', KEYS[4], 't' .. i, used - charged)
+redis.call('PEXPIRE', KEYS[4], 120000)
+return {day, string.format('%.0f', today + used)}
+";
+
+/// KEYS: 1 slots. ARGV: 1 slot TTL in µs, then the slot ids this replica holds. Pushes their
+/// expiry on (only those still there: `XX`), and the key's with them.
+pub const REFRESH: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local ttl = tonumber(ARGV[1])
+local score = string.format('%.0f', now + ttl)
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', score, ARGV[i])
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('PEXPIRE', KEYS[1], math.ceil(ttl / 1000))
+end
+return 1
+";
+
+/// KEYS: 1 day. ARGV: 1 the day, 2 tokens to add (may be negative). Adds the tokens charged
+/// while Redis did not answer to the day's count, if that day is still today.
+pub const RECONCILE: &str = r"
+local t = redis.call('TIME')
+local day = math.floor(tonumber(t[1]) / 86400)
+if tonumber(ARGV[1]) ~= day then return 0 end
+local stored = redis.call('HMGET', KEYS[1], 'day', 'tokens')
+local today = 0
+if tonumber(stored[1]) == day then today = tonumber(stored[2]) or 0 end
+today = math.max(today + tonumber(ARGV[2]), 0)
+redis.call('HSET', KEYS[1], 'day', day, 'tokens', string.format('%.0f', today))
+redis.call('EXPIREAT', KEYS[1], (day + 1) * 86400 + 3600)
+return 1
+";
+
+/// KEYS: 1 slots, 2 day, 3 recent. Returns {in flight, tokens today, requests and tokens in the
+/// last minute}.
+pub const USAGE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local second = tonumber(t[1])
+local in_flight = redis.call('ZCOUNT', KEYS[1], '(' .. string.format('%.0f', now), '+inf')
+local stored = redis.call('HMGET', KEYS[2], 'day', 'tokens')
+local today = 0
+if tonumber(stored[1]) == math.floor(second / 86400) then today = tonumber(stored[2]) or 0 end
+local requests, tokens = 0, 0
+for i = 0, 59 do
+  local at = tonumber(redis.call('HGET', KEYS[3], 's' .. i))
+  if at and at + 60 > second and at <= second then
+    requests = requests + (tonumber(redis.call('HGET', KEYS[3], 'r' .. i)) or 0)
+    tokens = tokens + (tonumber(redis.call('HGET', KEYS[3], 't' .. i)) or 0)
+  end
+end
+return {in_flight, string.format('%.0f', today), requests, math.max(tokens, 0)}
+";
+
+/// The names of one client's keys.
+struct Keys {
+    rpm: String,
+    tpm: String,
+    slots: String,
+    day: String,
+    recent: String,
+}
+
+/// `llm-proxy:{client:<name>}:<what>`. Braces in a client's name would end the hash tag early;
+/// a name is letters, digits, `_`, `.` and `-` (the clients file's rule), so this is belt and
+/// braces.
+fn keys(client: &str) -> Keys {
+    let tag: String = client
+        .chars()
+        .map(|c| if matches!(c, '{' | '}') { '_' } else { c })
+        .collect();
+    let key = |what: &str| format!("llm-proxy:{{client:{tag}}}:{what}");
+    Keys {
+        rpm: key("rpm"),
+        tpm: key("tpm"),
+        slots: key("slots"),
+        day: key("day"),
+        recent: key("recent"),
+    }
+}
+
+/// The Redis backend. Cloning is shallow.
+#[derive(Clone)]
+pub struct RedisLimiter(Arc<Inner>);
+
+struct Inner {
+    shared: Shared,
+    /// The decisions made while Redis does not answer, with divided limits.
+    local: MemoryLimiter,
+    acquire: Script,
+    settle: Script,
+    refresh: Script,
+    reconcile: Script,
+    usage: Script,
+    /// This process's part of every slot id: slots of different replicas never collide.
+    replica: String,
+    next_slot: AtomicU64,
+    slot_ttl: Duration,
+    // Synchronous locks: held for a map operation, never across an `.await`.
+    /// The slots this replica holds in Redis, by slot number, with their client.
+    held: Mutex<HashMap<u64, Arc<str>>>,
+    /// Per client, the day and the daily-budget tokens charged outside Redis, to be added to it.
+    outage: Mutex<HashMap<String, (u64, i64)>>,
+    /// Per client with a budget, the day and its tokens as Redis last told them: a replica
+    /// going local starts from its share of that count, not from zero.
+    known: Mutex<HashMap<Arc<str>, (u64, u64)>>,
+    /// The clients whose local budget count was set from `known` in this outage.
+    seeded: Mutex<HashSet<Arc<str>>>,
+}
+
+/// `limit` divided by the replica count, rounded up, at least 1.
+fn divided(limit: Option<u64>, replicas: u64) -> Option<u64> {
+    limit.map(|limit| limit.div_ceil(replicas.max(1)).max(1))
+}
+
+/// A limit for a script: -1 for none, and never 0 (a period of 60 s / 0 would be infinite; the
+/// in-process limiter takes 0 as 1 the same way).
+fn limit_arg(limit: Option<u64>) -> i64 {
+    limit.map_or(-1, |limit| {
+        i64::try_from(limit.clamp(1, MAX_COUNT)).unwrap_or(i64::MAX)
+    })
+}
+
+fn count_arg(count: u64) -> u64 {
+    count.min(MAX_COUNT)
+}
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn signed(count: u64) -> i64 {
+    i64::try_from(count.min(MAX_COUNT)).unwrap_or(i64::MAX)
+}
+
+impl RedisLimiter {
+    /// Starts the refresh task (so this needs a tokio runtime); it ends when the limiter is
+    /// dropped. `slot_ttl` is [`SLOT_TTL`] outside tests.
+    pub fn new(shared: Shared, slot_ttl: Duration) -> RedisLimiter {
+        let started = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let limiter = RedisLimiter(Arc::new(Inner {
+            shared,
+            local: MemoryLimiter::new(),
+            acquire: Script::new(ACQUIRE),
+            settle: Script::new(SETTLE),
+            refresh: Script::new(REFRESH),
+            reconcile: Script::new(RECONCILE),
+            usage: Script::new(USAGE),
+            replica: format!("{:x}-{started:x}", std::process::id()),
+            next_slot: AtomicU64::new(1),
+            slot_ttl,
+            held: Mutex::new(HashMap::new()),
+            outage: Mutex::new(HashMap::new()),
+            known: Mutex::new(HashMap::new()),
+            seeded: Mutex::new(HashSet::new()),
+        }));
+        let refresh = (slot_ttl / 3).clamp(Duration::from_millis(100), SLOT_REFRESH);
+        tokio::spawn(refresh_loop(Arc::downgrade(&limiter.0), refresh));
+        limiter
+    }
+}
+
+impl Inner {
+    fn slot_id(&self, slot: u64) -> String {
+        format!("{}:{slot}", self.replica)
+    }
+
+    /// The limits a replica enforces alone while Redis does not answer.
+    fn local_limits(&self, limits: &ClientLimits) -> ClientLimits {
+        let replicas = u64::from(self.shared.fallback_replicas());
+        ClientLimits {
+            requests_per_minute: divided(limits.requests_per_minute, replicas),
+            tokens_per_minute: divided(limits.tokens_per_minute, replicas),
+            max_concurrent_requests: divided(limits.max_concurrent_requests, replicas),
+            tokens_per_day: divided(limits.tokens_per_day, replicas),
+            ..ClientLimits::default()
+        }
+    }
+
+    fn remember_today(&self, client: &str, day: u64, tokens: u64) {
+        let mut known = self.known.lock();
+        // A lookup first: the name is allocated only for a client's first request.
+        if let Some(entry) = known.get_mut(client) {
+            *entry = (day, tokens);
+        } else {
+            known.insert(Arc::from(client), (day, tokens));
+        }
+    }
+
+    /// Before a client's first local decision of an outage: its local budget count becomes its
+    /// share of what Redis last counted, so that the replicas together spend at most what was
+    /// left of the budget (each has `tokens_per_day / N` less `today / N`).
+    fn seed(&self, client: &str, limits: &ClientLimits) {
+        if limits.tokens_per_day.is_none() || self.seeded.lock().contains(client) {
+            return;
+        }
+        let Some((day, tokens)) = self.known.lock().get(client).copied() else {
+            return;
+        };
+        let replicas = u64::from(self.shared.fallback_replicas()).max(1);
+        self.local.restore_budgets(Budgets {
+            day,
+            tokens: vec![(client.to_string(), tokens.div_ceil(replicas))],
+        });
+        self.seeded.lock().insert(Arc::from(client));
+    }
+
+    fn record_outage(&self, client: &str, day: u64, tokens: i64) {
+        if tokens == 0 {
+            return;
+        }
+        let mut outage = self.outage.lock();
+        let entry = outage.entry(client.to_string()).or_insert((day, 0));
+        if entry.0 != day {
+            // A new day: yesterday's charges no longer count against anything.
+            *entry = (day, 0);
+        }
+        entry.1 = entry.1.saturating_add(tokens);
+    }
+
+    async fn acquire_shared(
+        &self,
+        client: &str,
+        limits: &ClientLimits,
+        estimate: u64,
+    ) -> Result<Result<(Charge, Standing), Refusal>, Unavailable> {
+        let keys = keys(client);
+        let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
+        let mut invocation = self.acquire.prepare_invoke();
+        invocation
+            .key(&keys.rpm)
+            .key(&keys.tpm)
+            .key(&keys.slots)
+            .key(&keys.day)
+            .key(&keys.recent)
+            .arg(limit_arg(limits.requests_per_minute))
+            .arg(limit_arg(limits.tokens_per_minute))
+            .arg(limit_arg(limits.max_concurrent_requests))
+            .arg(limit_arg(limits.tokens_per_day))
+            .arg(count_arg(estimate))
+            .arg(self.slot_id(slot))
+            .arg(micros(self.slot_ttl));
+        // Held before the answer: a refresh that runs meanwhile only pushes on a slot that is
+        // there (`XX`), and the slot must not wait a whole period for its first refresh.
+        self.held.lock().insert(slot, Arc::from(client));
+        let answer: Result<Vec<i64>, Unavailable> = self.shared.eval(&invocation).await;
+        let answer = match answer {
+            Ok(answer) if answer.len() == 9 => answer,
+            Ok(_) | Err(_) => {
+                // Not in Redis, or perhaps in it after all (a timeout is "no answer", not "not
+                // applied"): either way the slot is not refreshed and expires by itself.
+                self.held.lock().remove(&slot);
+                return Err(Unavailable);
+            }
+        };
+        let unsigned = |value: i64| u64::try_from(value).unwrap_or(0);
+        if limits.tokens_per_day.is_some() {
+            self.remember_today(client, unsigned(answer[3]), unsigned(answer[8]));
+        }
+        let window = |limit: Option<u64>, remaining: i64, reset: i64| {
+            limit.map(|limit| Window {
+                limit,
+                remaining: unsigned(remaining),
+                reset: Duration::from_micros(unsigned(reset)),
+            })
+        };
+        let standing = Standing {
+            requests: window(limits.requests_per_minute, answer[4], answer[5]),
+            tokens: window(limits.tokens_per_minute, answer[6], answer[7]),
+        };
+        if answer[0] == 1 {
+            return Ok(Ok((
+                Charge {
+                    tokens: estimate,
+                    day: unsigned(answer[3]),
+                    slot,
+                },
+                standing,
+            )));
+        }
+        self.held.lock().remove(&slot);
+        let reason = match answer[1] {
+            1 => Reason::Requests,
+            2 => Reason::Tokens,
+            3 => Reason::Concurrency,
+            _ => Reason::Budget,
+        };
+        Ok(Err(Refusal {
+            reason,
+            retry_after: Duration::from_micros(unsigned(answer[2])),
+            standing,
+        }))
+    }
+
+    async fn settle_shared(
+        self: Arc<Self>,
+        client: String,
+        tpm: Option<u64>,
+        charge: Charge,
+        used: u64,
+    ) {
+        let keys = keys(&client);
+        let mut invocation = self.settle.prepare_invoke();
+        invocation
+            .key(&keys.tpm)
+            .key(&keys.slots)
+            .key(&keys.day)
+            .key(&keys.recent)
+            .arg(limit_arg(tpm))
+            .arg(count_arg(charge.tokens))
+            .arg(count_arg(used))
+            .arg(charge.day)
+            .arg(self.slot_id(charge.slot));
+        // No longer refreshed from now on: if the settlement does not arrive, the slot expires.
+        self.held.lock().remove(&charge.slot);
+        let answer: Result<(u64, u64), Unavailable> = self.shared.eval(&invocation).await;
+        if let Ok((day, today)) = answer {
+            // Only clients with a budget are remembered (acquire puts them there).
+            if self.known.lock().contains_key(client.as_str()) {
+                self.remember_today(&client, day, today);
+            }
+        } else {
+            self.record_outage(
+                &client,
+                charge.day,
+                signed(used).saturating_sub(signed(charge.tokens)),
+            );
+        }
+    }
+
+    /// Refreshes every held slot (one script per client) and, with Redis answering, adds the
+    /// outage charges to it.
+    async fn tick(&self) {
+        if self.shared.mode() != Mode::Shared {
+            return;
+        }
+        // The next outage starts again from what Redis will have counted by then.
+        self.seeded.lock().clear();
+        let pending: Vec<(String, (u64, i64))> = self.outage.lock().drain().collect();
+        for (client, (day, tokens)) in pending {
+            let mut invocation = self.reconcile.prepare_invoke();
+            invocation.key(keys(&client).day).arg(day).arg(tokens);
+            if self.shared.eval::<i64>(&invocation).await.is_err() {
+                self.record_outage(&client, day, tokens);
+            } else {
+                log::info!(
+                    "daily budget of client {client}: {tokens} tokens charged while Redis did \
+                     not answer were added to it"
+                );
+            }
+        }
+        let mut by_client: HashMap<Arc<str>, Vec<u64>> = HashMap::new();
+        for (slot, client) in self.held.lock().iter() {
+            by_client.entry(client.clone()).or_default().push(*slot);
+        }
+        for (client, slots) in by_client {
+            let mut invocation = self.refresh.prepare_invoke();
+            invocation
+                .key(keys(&client).slots)
+                .arg(micros(self.slot_ttl));
+            for slot in slots {
+                invocation.arg(self.slot_id(slot));
+            }
+            // A failure is the handle's to log and act on; the slot's expiry is the safety net.
+            let _ = self.shared.eval::<i64>(&invocation).await;
+        }
+    }
+}
+
+async fn refresh_loop(inner: Weak<Inner>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        strong.tick().await;
+    }
+}
+
+impl Limiter for RedisLimiter {
+    fn acquire<'a>(
+        &'a self,
+        client: &'a str,
+        limits: &'a ClientLimits,
+        estimate: u64,
+    ) -> BoxFuture<'a, Result<(Charge, Standing), Refusal>> {
+        Box::pin(async move {
+            if let Ok(decided) = self.0.acquire_shared(client, limits, estimate).await {
+                return decided;
+            }
+            // Redis does not answer: this replica decides alone, with its share of each limit.
+            let local = self.0.local_limits(limits);
+            self.0.seed(client, limits);
+            let decided = self.0.local.acquire(client, &local, estimate).await;
+            if let Ok((charge, _)) = &decided {
+                self.0
+                    .record_outage(client, charge.day, signed(charge.tokens));
+            }
+            decided
+        })
+    }
+
+    fn settle(&self, client: &str, limits: &ClientLimits, charge: Charge, used: u64) {
+        if charge.slot == 0 {
+            // Decided locally: settled locally, and the correction joins the outage charges.
+            self.0
+                .local
+                .settle(client, &self.0.local_limits(limits), charge, used);
+            self.0.record_outage(
+                client,
+                charge.day,
+                signed(used).saturating_sub(signed(charge.tokens)),
+            );
+            return;
+        }
+        let inner = self.0.clone();
+        let client = client.to_string();
+        let tpm = limits.tokens_per_minute;
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(inner.settle_shared(client, tpm, charge, used));
+            }
+            Err(_) => {
+                // No runtime to send it from (shutdown): the slot expires by itself, and the
+                // correction waits with the outage charges.
+                inner.held.lock().remove(&charge.slot);
+                inner.record_outage(
+                    &client,
+                    charge.day,
+                    signed(used).saturating_sub(signed(charge.tokens)),
+                );
+            }
+        }
+    }
+
+    fn usage<'a>(&'a self, client: &'a str) -> BoxFuture<'a, ClientUsage> {
+        Box::pin(async move {
+            let keys = keys(client);
+            let mut invocation = self.0.usage.prepare_invoke();
+            invocation.key(&keys.slots).key(&keys.day).key(&keys.recent);
+            let answer: Result<Vec<u64>, Unavailable> = self.0.shared.eval(&invocation).await;
+            match answer {
+                Ok(answer) if answer.len() == 4 => ClientUsage {
+                    in_flight: answer[0],
+                    tokens_today: answer[1],
+                    requests_last_minute: answer[2],
+                    tokens_last_minute: answer[3],
+                },
+                // What this replica counted alone (the outage charges are part of it).
+                _ => self.0.local.usage(client).await,
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_of_a_client_carries_its_hash_tag() {
+        let keys = keys("alice");
+        for name in [keys.rpm, keys.tpm, keys.slots, keys.day, keys.recent] {
+            assert!(name.starts_with("llm-proxy:{client:alice}:"), "{name}");
+        }
+        assert_eq!(super::keys("a{b}").day, "llm-proxy:{client:a_b_}:day");
+    }
+
+    #[test]
+    fn fallback_limits_are_divided_rounding_up_and_never_zero() {
+        assert_eq!(divided(Some(5), 2), Some(3));
+        assert_eq!(divided(Some(1), 2), Some(1));
+        assert_eq!(divided(Some(10), 1), Some(10));
+        assert_eq!(divided(None, 2), None);
+        assert_eq!(limit_arg(None), -1);
+        assert_eq!(limit_arg(Some(0)), 1, "never a period of 60 s / 0");
+        assert_eq!(limit_arg(Some(u64::MAX)), 1 << 50);
+    }
+}

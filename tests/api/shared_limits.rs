@@ -1,0 +1,480 @@
+//! Per-client limits kept in Redis (`REDIS_URL`): two real proxy processes sharing one real
+//! `redis-server` enforce one limit between them; when Redis stops each enforces its share
+//! (`REDIS_FALLBACK_REPLICAS`), and the outage's budget charges reach Redis once it is back; a
+//! replica killed mid-stream does not hold its concurrency slot past the slot's expiry.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use mock_upstream::MockUpstream;
+use serde_json::Value;
+
+use crate::clients::{chat_body, scratch_dir};
+use crate::helpers::*;
+use crate::process::{RunningProxy, start_binary};
+use crate::redis_server::RedisServer;
+
+const TIMEOUT_MS: u64 = 250;
+/// The slot TTL the kill test sets through the test-only knob.
+const SHORT_SLOT_TTL_MS: u64 = 1500;
+
+async fn replica(
+    upstream: &MockUpstream,
+    redis: &RedisServer,
+    clients: &std::path::Path,
+    extra: &[(&str, &str)],
+) -> RunningProxy {
+    let target = upstream.base_url();
+    let url = redis.url();
+    let timeout = TIMEOUT_MS.to_string();
+    let mut vars = vec![
+        ("TARGET_HOST", target.as_str()),
+        ("AUTH_BEARER", UPSTREAM_KEY),
+        ("ADMIN_TOKEN", ADMIN_TOKEN),
+        ("CLIENTS_FILE", clients.to_str().unwrap()),
+        ("REDIS_URL", url.as_str()),
+        ("REDIS_TIMEOUT_MS", timeout.as_str()),
+    ];
+    vars.extend_from_slice(extra);
+    let proxy = start_binary(&vars).await;
+    assert!(
+        proxy.startup_log.contains("shared state mode: shared"),
+        "{}",
+        proxy.startup_log
+    );
+    proxy
+}
+
+fn clients_file(text: &str) -> std::path::PathBuf {
+    let file = scratch_dir("shared-limits").join("clients.toml");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+async fn chat(proxy: &RunningProxy) -> reqwest::Response {
+    chat_as(proxy, "tok-alice").await
+}
+
+async fn chat_as(proxy: &RunningProxy, token: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(proxy.url("/v1/chat/completions"))
+        .bearer_auth(token)
+        .json(&chat_body("gpt-mock"))
+        .send()
+        .await
+        .expect("the replica answers")
+}
+
+/// A streamed chat of `chunks` chunks 100 ms apart.
+async fn slow_stream(proxy: &RunningProxy, chunks: u32) -> reqwest::Response {
+    let response = reqwest::Client::new()
+        .post(proxy.url("/v1/chat/completions"))
+        .bearer_auth("tok-alice")
+        .header("x-mock-chunks", chunks.to_string())
+        .header("x-mock-interval-ms", "100")
+        .json(&serde_json::json!({"model": "gpt-mock", "stream": true, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response
+}
+
+fn header(response: &reqwest::Response, name: &str) -> String {
+    response
+        .headers()
+        .get(name)
+        .map(|value| value.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+async fn error_code(response: reqwest::Response) -> String {
+    let body: Value = response.json().await.unwrap();
+    body["error"]["code"]
+        .as_str()
+        .or_else(|| body["error"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+async fn usage(proxy: &RunningProxy) -> Value {
+    usage_of(proxy, "alice").await
+}
+
+async fn usage_of(proxy: &RunningProxy, name: &str) -> Value {
+    let listed: Value = reqwest::Client::new()
+        .get(proxy.url("/admin/clients"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    listed["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|client| client["name"] == name)
+        .map(|client| client["usage"].clone())
+        .unwrap_or_default()
+}
+
+async fn readyz_limits(proxy: &RunningProxy) -> Value {
+    let body: Value = reqwest::get(proxy.url("/readyz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["limits"].clone()
+}
+
+/// Polls `check` every 50 ms until it holds; how long that took, or `None` after `limit`.
+async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if check().await {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+#[tokio::test]
+async fn a_five_a_minute_client_gets_exactly_five_answers_across_two_replicas() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::start().await;
+    let file = clients_file("[clients.alice]\ntoken = \"tok-alice\"\nrequests_per_minute = 5\n");
+    let a = replica(&upstream, &redis, &file, &[]).await;
+    let b = replica(&upstream, &redis, &file, &[]).await;
+    let started = Instant::now();
+    let mut statuses = Vec::new();
+    for round in 0..10 {
+        let proxy = if round % 2 == 0 { &a } else { &b };
+        let response = chat(proxy).await;
+        let status = response.status().as_u16();
+        statuses.push(status);
+        if round < 5 {
+            assert_eq!(
+                header(&response, "x-ratelimit-remaining-requests"),
+                (4 - round).to_string(),
+                "one count for both replicas"
+            );
+        } else {
+            // The first place frees 12 s after the first request: honest, rounded up.
+            let retry: u64 = header(&response, "retry-after").parse().unwrap();
+            let left = Duration::from_secs(12).saturating_sub(started.elapsed());
+            assert!(
+                retry >= left.as_secs() && retry <= 12,
+                "Retry-After {retry} with {left:?} left"
+            );
+            assert_eq!(error_code(response).await, "rate_limited");
+        }
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429, 429, 429, 429]);
+    assert_eq!(
+        upstream.requests().len(),
+        5,
+        "the refused never went upstream"
+    );
+
+    // Every key has the client's hash tag and an expiry.
+    let names = redis.command(&["KEYS", "llm-proxy:*"]);
+    let names: Vec<&str> = names
+        .lines()
+        .filter(|line| line.starts_with("llm-proxy:"))
+        .collect();
+    assert!(!names.is_empty());
+    for name in names {
+        assert!(name.starts_with("llm-proxy:{client:alice}:"), "{name}");
+        let ttl = redis.command(&["PTTL", name]);
+        assert!(
+            ttl.starts_with(':') && !ttl.starts_with(":-"),
+            "{name}: {ttl}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_concurrency_limit_and_a_daily_budget_hold_across_replicas() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::start().await;
+    let file = clients_file(
+        "[clients.alice]\ntoken = \"tok-alice\"\nmax_concurrent_requests = 1\n\n\
+         [clients.bob]\ntoken = \"tok-bob\"\ntokens_per_day = 20\n",
+    );
+    let a = replica(&upstream, &redis, &file, &[]).await;
+    let b = replica(&upstream, &redis, &file, &[]).await;
+
+    // A slow stream on A holds alice's only place.
+    let mut stream = slow_stream(&a, 5).await.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    let refused = chat(&b).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(error_code(refused).await, "rate_limited");
+    assert_eq!(
+        usage(&b).await["in_flight"],
+        1,
+        "B sees A's request in flight"
+    );
+    while let Some(chunk) = stream.next().await {
+        chunk.unwrap();
+    }
+    drop(stream);
+    // Once the stream has ended (and A's settlement reached Redis), B is admitted.
+    wait_until(Duration::from_secs(5), || async {
+        chat(&b).await.status() == 200
+    })
+    .await
+    .expect("B is admitted once A's stream has ended");
+
+    // A chat uses 13 tokens (7 prompt, 6 completion) of bob's 20 a day, charged on A; the
+    // budget is shared, so B refuses the next one.
+    assert_eq!(chat_as(&a, "tok-bob").await.status(), 200);
+    wait_until(Duration::from_secs(5), || async {
+        usage_of(&b, "bob").await["tokens_today"] == 13
+    })
+    .await
+    .expect("B sees the tokens A charged");
+    let refused = chat_as(&b, "tok-bob").await;
+    assert_eq!(refused.status(), 429);
+    let retry: u64 = header(&refused, "retry-after").parse().unwrap();
+    assert!(
+        retry > 0 && retry <= 24 * 60 * 60,
+        "until midnight UTC: {retry}"
+    );
+    assert_eq!(error_code(refused).await, "quota_exceeded");
+    assert_eq!(
+        usage_of(&a, "bob").await["tokens_today"],
+        13,
+        "the refusal charged nothing"
+    );
+}
+
+#[tokio::test]
+async fn without_redis_each_replica_enforces_its_share_and_the_outage_charges_reach_redis() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::start().await;
+    let file = clients_file(
+        "[clients.alice]\ntoken = \"tok-alice\"\nrequests_per_minute = 4\n\
+         tokens_per_day = 1000000\n\n[clients.bob]\ntoken = \"tok-bob\"\ntokens_per_day = 40\n",
+    );
+    let extra = [("REDIS_FALLBACK_REPLICAS", "2")];
+    let a = replica(&upstream, &redis, &file, &extra).await;
+    let b = replica(&upstream, &redis, &file, &extra).await;
+    assert_eq!(chat(&a).await.status(), 200, "warm: the connection is up");
+    // Its settlement is in Redis before Redis stops (else it would join the outage charges).
+    wait_until(Duration::from_secs(5), || async {
+        usage(&a).await["tokens_today"] == 13
+    })
+    .await
+    .expect("the first chat is settled in Redis");
+    assert_eq!(chat_as(&a, "tok-bob").await.status(), 200);
+    wait_until(Duration::from_secs(5), || async {
+        usage_of(&a, "bob").await["tokens_today"] == 13
+    })
+    .await
+    .expect("bob's chat is settled in Redis");
+
+    redis.stop();
+    // 4 a minute over 2 replicas: 2 each, decided locally, none waiting longer than the timeout.
+    for proxy in [&a, &b] {
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let started = Instant::now();
+            let response = chat(proxy).await;
+            let took = started.elapsed();
+            assert!(
+                took < Duration::from_millis(TIMEOUT_MS + 500),
+                "a request took {took:?} with Redis down"
+            );
+            statuses.push(response.status().as_u16());
+            let _ = response.bytes().await;
+        }
+        assert_eq!(statuses, [200, 200, 429], "half the limit each");
+        assert_eq!(readyz_limits(proxy).await, "local");
+    }
+    // Bob's 40 a day is 20 on each replica, less its share of the 13 Redis had counted (7): a
+    // chat charging its estimate (16 tokens) no longer fits.
+    let refused = chat_as(&a, "tok-bob").await;
+    assert_eq!(
+        refused.status(),
+        429,
+        "the outage does not hand out a fresh budget"
+    );
+    assert_eq!(error_code(refused).await, "quota_exceeded");
+
+    // Redis comes back empty (no persistence): the two replicas' outage charges, 2 chats of 13
+    // tokens each, are added to it.
+    redis.restart();
+    for proxy in [&a, &b] {
+        wait_until(Duration::from_secs(5), || async {
+            readyz_limits(proxy).await == "shared"
+        })
+        .await
+        .expect("shared again");
+    }
+    wait_until(Duration::from_secs(5), || async {
+        usage(&b).await["tokens_today"] == 52
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "the outage charges reach Redis: {}",
+            redis.command(&["HGETALL", "llm-proxy:{client:alice}:day"])
+        )
+    });
+    let day: String = redis.command(&["HGET", "llm-proxy:{client:alice}:day", "tokens"]);
+    assert!(day.contains("52"), "{day}");
+    // And the limit is shared again: the fresh Redis has the whole minute's 4.
+    let mut admitted = 0;
+    for round in 0..6 {
+        let proxy = if round % 2 == 0 { &a } else { &b };
+        if chat(proxy).await.status() == 200 {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 4);
+}
+
+#[tokio::test]
+async fn a_replica_killed_mid_stream_does_not_hold_its_slot_past_the_expiry() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::start().await;
+    let file =
+        clients_file("[clients.alice]\ntoken = \"tok-alice\"\nmax_concurrent_requests = 1\n");
+    let ttl = SHORT_SLOT_TTL_MS.to_string();
+    let extra = [("LLM_PROXY_TEST_SLOT_TTL_MS", ttl.as_str())];
+    let mut a = replica(&upstream, &redis, &file, &extra).await;
+    let b = replica(&upstream, &redis, &file, &extra).await;
+
+    let mut stream = slow_stream(&a, 100).await.bytes_stream();
+    // Longer than the slot TTL: the live stream's slot is refreshed, so B is still refused.
+    let held_since = Instant::now();
+    while held_since.elapsed() < Duration::from_millis(SHORT_SLOT_TTL_MS * 2) {
+        stream.next().await.unwrap().unwrap();
+    }
+    assert_eq!(chat(&b).await.status(), 429, "a live slot does not expire");
+
+    a.child.start_kill().unwrap();
+    let _ = a.child.wait().await;
+    let killed = Instant::now();
+    let took = wait_until(Duration::from_secs(10), || async {
+        chat(&b).await.status() == 200
+    })
+    .await
+    .expect("the dead replica's slot expires");
+    assert!(
+        killed.elapsed() < Duration::from_millis(SHORT_SLOT_TTL_MS + 2000),
+        "freed {took:?} after the kill"
+    );
+}
+
+/// The limiter itself against a real Redis, with the in-process limiter's own cases.
+#[tokio::test]
+async fn the_redis_limiter_decides_as_the_in_process_one_does() {
+    use llm_proxy::config::ClientLimits;
+    use llm_proxy::ops::metrics::Metrics;
+    use llm_proxy::policy::{Limiter, Reason, RedisLimiter};
+    use llm_proxy::shared::Shared;
+
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let url = redis.url();
+    let config = config_from(&[
+        ("AUTH_BEARER", "k"),
+        ("REDIS_URL", url.as_str()),
+        ("REDIS_TIMEOUT_MS", "100"),
+        ("REDIS_FALLBACK_REPLICAS", "2"),
+    ]);
+    let shared = Shared::new(&config.shared, Metrics::new());
+    shared.first_contact().await;
+    let limiter = RedisLimiter::new(shared, Duration::from_secs(30));
+    let near = |actual: Duration, expected: Duration| {
+        actual <= expected && actual + Duration::from_millis(500) > expected
+    };
+
+    // Five a minute: the sixth waits 12 s (less the few ms gone by).
+    let five = ClientLimits {
+        requests_per_minute: Some(5),
+        ..ClientLimits::default()
+    };
+    for remaining in (0..5).rev() {
+        let (charge, standing) = limiter.acquire("a", &five, 0).await.unwrap();
+        assert_eq!(standing.requests.unwrap().remaining, remaining);
+        limiter.settle("a", &five, charge, 0);
+    }
+    let refusal = limiter.acquire("a", &five, 0).await.unwrap_err();
+    assert_eq!(refusal.reason, Reason::Requests);
+    assert!(
+        near(refusal.retry_after, Duration::from_secs(12)),
+        "{refusal:?}"
+    );
+
+    // Several limits over: the longest wait, and the refusal charges nothing.
+    let both = ClientLimits {
+        requests_per_minute: Some(100),
+        tokens_per_minute: Some(1000),
+        ..ClientLimits::default()
+    };
+    let (charge, _) = limiter.acquire("b", &both, 800).await.unwrap();
+    let refusal = limiter.acquire("b", &both, 300).await.unwrap_err();
+    assert_eq!(refusal.reason, Reason::Tokens);
+    // 100 tokens over: 100 * 60 ms until they are free.
+    assert!(
+        near(refusal.retry_after, Duration::from_secs(6)),
+        "{refusal:?}"
+    );
+    assert_eq!(refusal.standing.requests.unwrap().remaining, 99);
+    // Settled at 50 tokens: the 750 refunded make room for 300 more.
+    limiter.settle("b", &both, charge, 50);
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            limiter.usage("b").await.in_flight == 0
+        })
+        .await
+        .is_some()
+    );
+    let (_, standing) = limiter.acquire("b", &both, 300).await.unwrap();
+    let tokens = standing.tokens.unwrap().remaining;
+    assert!((649..=650).contains(&tokens), "{tokens}");
+    let usage = limiter.usage("b").await;
+    assert_eq!(usage.tokens_today, 350);
+    assert_eq!(usage.requests_last_minute, 2);
+    assert_eq!(usage.tokens_last_minute, 350);
+    assert_eq!(usage.in_flight, 1);
+
+    // A frozen Redis: the decision is local (with half the limit) within the timeout.
+    redis.signal("-STOP");
+    let four = ClientLimits {
+        requests_per_minute: Some(4),
+        ..ClientLimits::default()
+    };
+    let started = Instant::now();
+    let first = limiter.acquire("c", &four, 0).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(first.is_ok());
+    assert!(limiter.acquire("c", &four, 0).await.is_ok());
+    let refusal = limiter.acquire("c", &four, 0).await.unwrap_err();
+    assert_eq!(refusal.reason, Reason::Requests, "2 of 4 on this replica");
+    redis.signal("-CONT");
+}
