@@ -4,7 +4,7 @@
 #   scripts/bench.sh            # about 5-6 minutes on a 2-core machine (plus the release build)
 #
 # One command, loopback only, every load bounded in count and time. It installs what it lacks
-# (nginx and wrk from Debian packages), builds the release binaries (the proxy, the mock upstream
+# (nginx, wrk and redis-server from Debian packages), builds the release binaries (the proxy, the mock upstream
 # and tools/loadgen, whose `loadgen sse` is the streaming load generator; all in
 # ${CARGO_TARGET_DIR:-target}/release), then runs scripts/bench/run.py, which measures side by side:
 #   direct  -- load straight at mock-upstream (--no-record): the floor;
@@ -15,6 +15,9 @@
 #   limited -- the same binary with the token as a clients-file client (CLIENTS_FILE) with every
 #              limit set, none reached, and a model list: next to "proxy", the CPU a client's
 #              limits cost per request (body read for the model, charge, settlement).
+#   shared  -- the same client with REDIS_URL: its limits kept in a redis-server started for the
+#              run (Debian package redis-server); next to "limited", what Redis adds per request
+#              (CPU of the proxy and the redis-server together, and latency).
 # It prints a table with PASS/FAIL per target and writes JSON to target/bench/results.json.
 # Exit status: non-zero only when the benchmark itself could not run, never for a missed target.
 #
@@ -76,6 +79,7 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_pkgs+=(nginx-
 command -v wrk >/dev/null 2>&1 || need_pkgs+=(wrk)
 command -v taskset >/dev/null 2>&1 || need_pkgs+=(util-linux)
 command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
+command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     [ "${BENCH_NO_INSTALL:-}" = 1 ] && die "missing: ${need_pkgs[*]} (BENCH_NO_INSTALL=1)"
     command -v apt-get >/dev/null 2>&1 || die "missing ${need_pkgs[*]} and no apt-get to install them"

@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Benchmark driver behind scripts/bench.sh: direct vs nginx vs llm-proxy, on loopback.
 
-The proxy runs twice: "proxy" (the benchmark token in ALLOWED_TOKENS, no limits) and "limited"
-(the same token as a clients-file client with limits far above the load and a model list), so
-the table shows side by side what a client's limits cost per request: reading the body for its
-model, the model check, the charge before the call and the settlement from `usage` after it.
+The proxy runs three times: "proxy" (the benchmark token in ALLOWED_TOKENS, no limits),
+"limited" (the same token as a clients-file client with limits far above the load and a model
+list), and "shared" (the same client, its limits kept in a Redis started for the run: REDIS_URL),
+so the table shows side by side what a client's limits cost per request (reading the body for its
+model, the model check, the charge before the call and the settlement from `usage` after it) and
+what keeping them in Redis adds (one round trip per decision; the CPU of the redis-server is
+counted with the "shared" proxy's, since a deployment pays for both).
 
 Started by scripts/bench.sh once nginx, wrk and the release binaries are in place; it can be run
 on its own with the same environment. Python 3 standard library only.
@@ -129,9 +132,10 @@ LOADGEN_BIN = os.environ.get("BENCH_LOADGEN_BIN") or os.path.join(RELEASE_DIR, "
 NGINX_BIN = os.environ.get("BENCH_NGINX_BIN") or shutil.which("nginx") or "/usr/sbin/nginx"
 WRK_BIN = os.environ.get("BENCH_WRK_BIN") or shutil.which("wrk") or "wrk"
 
-TARGETS = ["direct", "nginx", "proxy", "limited"]
-# Both llm-proxy instances.
-PROXIES = ("proxy", "limited")
+TARGETS = ["direct", "nginx", "proxy", "limited", "shared"]
+# Every llm-proxy instance.
+PROXIES = ("proxy", "limited", "shared")
+REDIS_BIN = os.environ.get("BENCH_REDIS_BIN") or shutil.which("redis-server") or "/usr/bin/redis-server"
 # The "limited" client: every limit set, none reached by the load (2 x 1000 streams at most, tens
 # of thousands of requests a minute), and a list holding the benchmark's model (gpt-4o-mini).
 LIMITED_CLIENTS = """[clients.bench]
@@ -283,6 +287,8 @@ class Proc:
         self.popen = popen
         self.port = port
         self.log_path = log_path
+        # Processes whose cost is this one's too (the "shared" proxy's redis-server).
+        self.helpers = []
 
     @property
     def pid(self):
@@ -291,7 +297,7 @@ class Proc:
     def pids(self):
         if self.name == "nginx":
             return [self.pid] + children_of(self.pid)
-        return [self.pid]
+        return [self.pid] + [helper.pid for helper in self.helpers]
 
     def alive(self):
         return self.popen.poll() is None
@@ -330,7 +336,25 @@ def start_mock(workdir, cpus):
     raise BenchError("mock-upstream did not start (see %s)" % out_path)
 
 
-def proxy_env(upstream_port, port, workers, clients_file=None, state_dir=None):
+def start_redis(workdir, cpus):
+    """A redis-server for the "shared" proxy: loopback, no persistence, on the SUT's CPUs."""
+    port = free_port()
+    log_path = os.path.join(workdir, "redis.log")
+    popen = subprocess.Popen(
+        pinned([REDIS_BIN, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                "--appendonly", "no", "--dir", workdir], cpus),
+        stdout=open(log_path, "w"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=workdir,
+    )
+    if not wait_listening(port, popen):
+        popen.kill()
+        raise BenchError("redis-server did not start (see %s)" % log_path)
+    return Proc("redis", popen, port, None)
+
+
+def proxy_env(upstream_port, port, workers, clients_file=None, state_dir=None, redis_port=None):
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": os.environ.get("HOME", "/root"),
@@ -346,6 +370,8 @@ def proxy_env(upstream_port, port, workers, clients_file=None, state_dir=None):
         del env["ALLOWED_TOKENS"]
         env["CLIENTS_FILE"] = clients_file
         env["STATE_DIR"] = state_dir
+    if redis_port:
+        env["REDIS_URL"] = "redis://127.0.0.1:%d/0" % redis_port
     if workers:
         env["WORKER_THREADS"] = str(workers)
     # For experiments only (e.g. MALLOC_ARENA_MAX=2, LD_PRELOAD=...): space-separated NAME=VALUE.
@@ -362,20 +388,21 @@ def proxy_log_target(path):
     return open(path, "ab")
 
 
-def start_proxy(workdir, upstream_port, cpus, workers, name="proxy"):
+def start_proxy(workdir, upstream_port, cpus, workers, name="proxy", redis=None):
     # A port chosen here rather than PROXY_PORT=0 and the "listening on" line: works whatever the
     # log level and with the log discarded (the race for the port is harmless on loopback).
     port = free_port()
     log_path = os.path.join(workdir, "%s.log" % name)
     clients_file = state_dir = None
-    if name == "limited":
-        clients_file = os.path.join(workdir, "clients.toml")
+    if name in ("limited", "shared"):
+        clients_file = os.path.join(workdir, "clients-%s.toml" % name)
         with open(clients_file, "w") as f:
             f.write(LIMITED_CLIENTS % CLIENT_TOKEN)
-        state_dir = os.path.join(workdir, "limited-state")
+        state_dir = os.path.join(workdir, "%s-state" % name)
     popen = subprocess.Popen(
         pinned([PROXY_BIN], cpus),
-        env=proxy_env(upstream_port, port, workers, clients_file, state_dir),
+        env=proxy_env(upstream_port, port, workers, clients_file, state_dir,
+                      redis.port if redis else None),
         cwd=os.path.join(workdir, "proxy-cwd"),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -384,7 +411,10 @@ def start_proxy(workdir, upstream_port, cpus, workers, name="proxy"):
     if not wait_listening(port, popen):
         popen.kill()
         raise BenchError("llm-proxy (%s) did not start (see %s)" % (name, log_path))
-    return Proc(name, popen, port, log_path if SETTINGS["proxy_log"] != "discard" else None)
+    proc = Proc(name, popen, port, log_path if SETTINGS["proxy_log"] != "discard" else None)
+    if redis:
+        proc.helpers.append(redis)
+    return proc
 
 
 def nginx_conf(workdir, name, port, upstream_port, workers):
@@ -767,8 +797,12 @@ def main():
         procs.append(proxy)
         limited = start_proxy(workdir, mock.port, plan["sut"], workers, "limited")
         procs.append(limited)
+        redis = start_redis(workdir, plan["sut"])
+        procs.append(redis)
+        shared = start_proxy(workdir, mock.port, plan["sut"], workers, "shared", redis)
+        procs.append(shared)
         time.sleep(0.3)
-        for p in (nginx, proxy, limited):
+        for p in (nginx, proxy, limited, shared):
             status = http_probe(p.port)
             if status != 401:
                 raise BenchError("%s answered %s to a request without a token, not 401" % (p.name, status))
@@ -780,9 +814,10 @@ def main():
         results["footprint"]["nginx_worker_processes"] = len(nginx.pids()) - 1
         log("nginx on %d (pids %s), llm-proxy on %d (pid %d, threads %s)"
             % (nginx.port, nginx.pids(), proxy.port, proxy.pid, names))
-        ports = {"direct": mock.port, "nginx": nginx.port, "proxy": proxy.port, "limited": limited.port}
-        owners = {"direct": None, "nginx": nginx, "proxy": proxy, "limited": limited}
-        log_offsets = {"nginx": 0, "proxy": 0, "limited": 0}
+        ports = {"direct": mock.port, "nginx": nginx.port, "proxy": proxy.port,
+                 "limited": limited.port, "shared": shared.port}
+        owners = {"direct": None, "nginx": nginx, "proxy": proxy, "limited": limited, "shared": shared}
+        log_offsets = {"nginx": 0, "proxy": 0, "limited": 0, "shared": 0}
 
         ctx = {"ports": ports, "owners": owners, "mock": mock, "plan": plan, "offsets": log_offsets}
 
@@ -830,7 +865,7 @@ def main():
             "nginx_rss_kb": sum(status_kb(p, "VmRSS") for p in nginx.pids()),
             "nginx_pss_kb": sum(pss_kb(p) or 0 for p in nginx.pids()),
         }
-        for p in (nginx, proxy, limited, mock):
+        for p in (nginx, proxy, limited, redis, shared, mock):
             if not p.alive():
                 raise BenchError("%s exited during the run" % p.name)
     finally:
@@ -1168,7 +1203,16 @@ def print_table(r):
             print("client limits, c=%d: %+.1f us CPU per request (limited %.1f vs proxy %.1f, ratio %.2f)" % (
                 conc, l["cpu_us_per_request"] - p["cpu_us_per_request"], l["cpu_us_per_request"],
                 p["cpu_us_per_request"], l["cpu_us_per_request"] / p["cpu_us_per_request"]))
-    print("(limited = llm-proxy with the token as a clients-file client with limits and a model list)")
+    for conc in SETTINGS["plain_concurrency"]:
+        l, sh = find(r["plain"], "limited", conc), find(r["plain"], "shared", conc)
+        if l and sh and l["cpu_us_per_request"] and sh["cpu_us_per_request"]:
+            print("limits in Redis, c=%d: %+.1f us CPU per request, proxy and redis-server (shared %.1f vs limited %.1f),"
+                  " %+d us p50, %+d us p99" % (
+                      conc, sh["cpu_us_per_request"] - l["cpu_us_per_request"], sh["cpu_us_per_request"],
+                      l["cpu_us_per_request"], sh["latency_us"]["p50"] - l["latency_us"]["p50"],
+                      sh["latency_us"]["p99"] - l["latency_us"]["p99"]))
+    print("(limited = llm-proxy with the token as a clients-file client with limits and a model list;"
+          " shared = the same with REDIS_URL, the limits kept in Redis)")
     print()
     print("SSE streams (loadgen sse; %d chunks %d ms apart = %d events per stream; %d rounds of %gs of new streams per target;"
           " percentiles = median of rounds, max = max)" % (
