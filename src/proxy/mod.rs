@@ -176,15 +176,30 @@ impl Upstream {
         let mut tried = Vec::with_capacity(pool.len());
         let mut last_answer: Option<reqwest::Response> = None;
         let mut last_failure: Option<ProxyError> = None;
+        // Moved into the attempt that can be the last (every key tried, or a body that cannot be
+        // sent twice), cloned for the others: a single key, the usual case, copies nothing.
+        let (mut headers, mut url) = (Some(headers), Some(url));
         while let Some(key) = pool.choose(&tried) {
             tried.push(key.position);
+            let last = tried.len() == pool.len() || !body.replayable();
+            let (Some(mut attempt_headers), Some(attempt_url)) = (
+                take_or_clone(&mut headers, last),
+                take_or_clone(&mut url, last),
+            ) else {
+                break;
+            };
             let Ok(attempt_body) = body.attempt() else {
                 break;
             };
-            let mut headers = headers.clone();
-            headers.insert(&self.0.key_header, key.header_value);
+            attempt_headers.insert(&self.0.key_header, key.header_value);
             let response = match self
-                .send_with(client, method.clone(), url.clone(), headers, attempt_body)
+                .send_with(
+                    client,
+                    method.clone(),
+                    attempt_url,
+                    attempt_headers,
+                    attempt_body,
+                )
                 .await
             {
                 Ok(response) => response,
@@ -332,6 +347,11 @@ impl Upstream {
             self.0.metrics.upstream_failure(UpstreamFailure::Status4xx);
         }
     }
+}
+
+/// The value itself for the last use, a copy before that.
+fn take_or_clone<T: Clone>(slot: &mut Option<T>, last: bool) -> Option<T> {
+    if last { slot.take() } else { slot.clone() }
 }
 
 /// Why one upstream attempt failed, and whether the upstream can have seen any of it.
