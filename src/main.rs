@@ -168,43 +168,47 @@ fn warn_about_risky_settings(config: &Config) {
 }
 
 /// Turns every SIGTERM or Ctrl-C into a shutdown request: the first drains, the second stops.
-/// The SIGTERM handler is installed when this is called, not when the returned future first runs.
+/// Both handlers are installed when this is called, not when the returned future first runs.
 fn forward_signals(
     trigger: llm_proxy::server::ShutdownTrigger,
 ) -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let mut terminate =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => Some(signal),
-            Err(err) => {
-                log::error!("cannot listen for SIGTERM: {err}");
-                None
-            }
-        };
+    let listen = |kind: tokio::signal::unix::SignalKind, name: &str| {
+        tokio::signal::unix::signal(kind)
+            .map_err(|err| log::error!("cannot listen for {name}: {err}"))
+            .ok()
+    };
+    #[cfg(unix)]
+    let (mut terminate, mut interrupt) = (
+        listen(tokio::signal::unix::SignalKind::terminate(), "SIGTERM"),
+        listen(tokio::signal::unix::SignalKind::interrupt(), "Ctrl-C"),
+    );
     async move {
         loop {
             #[cfg(unix)]
-            let sigterm = async {
-                match terminate.as_mut() {
-                    Some(signal) => {
-                        signal.recv().await;
-                    }
-                    None => std::future::pending().await,
-                }
-            };
+            let (sigterm, sigint) = (next(terminate.as_mut()), next(interrupt.as_mut()));
             #[cfg(not(unix))]
-            let sigterm = std::future::pending::<()>();
-            tokio::select! {
-                result = tokio::signal::ctrl_c() => {
-                    if let Err(err) = result {
-                        log::error!("cannot listen for Ctrl-C: {err}");
-                        std::future::pending::<()>().await;
-                    }
-                    log::info!("Ctrl-C received");
+            let (sigterm, sigint) = (std::future::pending::<()>(), async {
+                if tokio::signal::ctrl_c().await.is_err() {
+                    std::future::pending::<()>().await;
                 }
+            });
+            tokio::select! {
+                () = sigint => log::info!("Ctrl-C received"),
                 () = sigterm => log::info!("SIGTERM received"),
             }
             trigger.trigger();
         }
+    }
+}
+
+/// The next delivery of `signal`; never, when it could not be listened for.
+#[cfg(unix)]
+async fn next(signal: Option<&mut tokio::signal::unix::Signal>) {
+    match signal {
+        Some(signal) => {
+            signal.recv().await;
+        }
+        None => std::future::pending().await,
     }
 }

@@ -189,7 +189,7 @@ impl AccessRecord {
                     "completion_tokens": usage.map(|usage| usage.completion),
                 })
             ),
-            LogFormat::Text => LINE.with_borrow_mut(|line| {
+            LogFormat::Text => with_line_buffer(|line| {
                 line.clear();
                 push(
                     line,
@@ -225,6 +225,19 @@ thread_local! {
     /// The text access line is assembled here, one buffer per worker thread reused by every
     /// request: no allocation and no formatting machinery per field.
     static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+/// Runs `write` on the thread's reused line buffer, or on a fresh one when that is not to be had
+/// (the thread's locals being torn down as a worker exits, with a record still to write).
+fn with_line_buffer(write: impl FnOnce(&mut String)) {
+    let mut write = Some(write);
+    let _ = LINE.try_with(|cell| {
+        if let (Ok(mut line), Some(write)) = (cell.try_borrow_mut(), write.take()) {
+            write(&mut line);
+        }
+    });
+    if let Some(write) = write.take() {
+        write(&mut String::new());
+    }
 }
 
 fn push(line: &mut String, parts: &[&str]) {

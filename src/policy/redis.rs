@@ -164,16 +164,18 @@ local cap = 86400000000
 local tpm, charged, used, charged_day = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 redis.call('ZREM', KEYS[2], ARGV[5])
 if tpm >= 0 then
-  local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-  if tat > 0 then
-    local period = window / tpm
-    if used >= charged then
-      tat = tat + math.min(period * (used - charged), cap)
-    else
-      -- A refund never moves the TAT before now: time already passed is not credit.
-      tat = math.max(tat - period * (charged - used), now)
-    end
-    tat = math.ceil(tat)
+  -- A TAT that expired is in the past: the overage of a request that outlived it is
+  -- charged from now, as the in-process limiter does, not lost.
+  local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
+  local period = window / tpm
+  if used >= charged then
+    tat = tat + math.min(period * (used - charged), cap)
+  else
+    -- A refund never moves the TAT before now: time already passed is not credit.
+    tat = math.max(tat - period * (charged - used), now)
+  end
+  tat = math.ceil(tat)
+  if tat > now then
     redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
   end
 end
@@ -395,9 +397,24 @@ impl Inner {
             return;
         };
         let replicas = u64::from(self.shared.fallback_replicas()).max(1);
+        // Never below what this replica already counted locally: a seed from a stale Redis
+        // count must not erase local spending (a Redis that answers PING but refuses scripts
+        // sends every decision here while the mode stays shared).
+        let counted = self
+            .local
+            .budgets()
+            .filter(|budgets| budgets.day == day)
+            .and_then(|budgets| {
+                budgets
+                    .tokens
+                    .into_iter()
+                    .find(|(name, _)| name == client)
+                    .map(|(_, tokens)| tokens)
+            })
+            .unwrap_or(0);
         self.local.restore_budgets(Budgets {
             day,
-            tokens: vec![(client.to_string(), tokens.div_ceil(replicas))],
+            tokens: vec![(client.to_string(), tokens.div_ceil(replicas).max(counted))],
         });
         self.seeded.lock().insert(Arc::from(client));
     }
@@ -408,9 +425,12 @@ impl Inner {
         }
         let mut outage = self.outage.lock();
         let entry = outage.entry(client.to_string()).or_insert((day, 0));
-        if entry.0 != day {
+        if day > entry.0 {
             // A new day: yesterday's charges no longer count against anything.
             *entry = (day, 0);
+        } else if day < entry.0 {
+            // An older day's charges (a re-queued reconciliation) do not replace today's.
+            return;
         }
         entry.1 = entry.1.saturating_add(tokens);
     }
@@ -440,15 +460,20 @@ impl Inner {
         // Held before the answer: a refresh that runs meanwhile only pushes on a slot that is
         // there (`XX`), and the slot must not wait a whole period for its first refresh.
         self.held.lock().insert(slot, Arc::from(client));
+        // Until a ticket owns the slot, it is given up however this ends, a caller that left
+        // mid-call (the future dropped) included: a slot held here but owned by nobody would be
+        // refreshed for the life of the process and lock the client out.
+        let mut unowned = UnownedSlot {
+            held: &self.held,
+            slot,
+            owned: false,
+        };
         let answer: Result<Vec<i64>, Unavailable> = self.shared.eval(&invocation).await;
         let answer = match answer {
             Ok(answer) if answer.len() == 9 => answer,
-            Ok(_) | Err(_) => {
-                // Not in Redis, or perhaps in it after all (a timeout is "no answer", not "not
-                // applied"): either way the slot is not refreshed and expires by itself.
-                self.held.lock().remove(&slot);
-                return Err(Unavailable);
-            }
+            // Not in Redis, or perhaps in it after all (a timeout is "no answer", not "not
+            // applied"): either way the slot is no longer refreshed and expires by itself.
+            Ok(_) | Err(_) => return Err(Unavailable),
         };
         let unsigned = |value: i64| u64::try_from(value).unwrap_or(0);
         if limits.tokens_per_day.is_some() {
@@ -466,6 +491,7 @@ impl Inner {
             tokens: window(limits.tokens_per_minute, answer[6], answer[7]),
         };
         if answer[0] == 1 {
+            unowned.owned = true;
             return Ok(Ok((
                 Charge {
                     tokens: estimate,
@@ -475,7 +501,6 @@ impl Inner {
                 standing,
             )));
         }
-        self.held.lock().remove(&slot);
         let reason = match answer[1] {
             1 => Reason::Requests,
             2 => Reason::Tokens,
@@ -647,6 +672,21 @@ impl Limiter for RedisLimiter {
                 _ => self.0.local.usage(client).await,
             }
         })
+    }
+}
+
+/// A slot this replica refreshes but no ticket owns yet; dropped unowned, it stops refreshing.
+struct UnownedSlot<'a> {
+    held: &'a Mutex<HashMap<u64, Arc<str>>>,
+    slot: u64,
+    owned: bool,
+}
+
+impl Drop for UnownedSlot<'_> {
+    fn drop(&mut self) {
+        if !self.owned {
+            self.held.lock().remove(&self.slot);
+        }
     }
 }
 

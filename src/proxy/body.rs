@@ -18,7 +18,7 @@ use futures::Stream;
 use tokio::time::{Instant, Sleep};
 
 use super::usage::UsageMeter;
-use crate::auth::redact::Redactor;
+use crate::auth::redact::{Redactor, error_chain};
 use crate::ops::metrics::{Metrics, UpstreamFailure};
 
 /// The caller's body went past `MAX_BODY_BYTES`.
@@ -258,7 +258,7 @@ impl<S> GuardedBody<S> {
 impl<S, E> Stream for GuardedBody<S>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
-    E: fmt::Display,
+    E: Into<Box<dyn Error + Send + Sync>>,
 {
     type Item = Result<Bytes, StreamFailure>;
 
@@ -293,7 +293,13 @@ where
                 return Poll::Ready(Some(Ok(chunk)));
             }
             Poll::Ready(Some(Err(err))) => {
-                log::debug!("upstream body error: {err}");
+                // Through `error_chain` when it is reqwest's: its message may carry the upstream
+                // URL, and with it an `UPSTREAM_QUERY` a provider takes its key in.
+                let err: Box<dyn Error + Send + Sync> = err.into();
+                match err.downcast_ref::<reqwest::Error>() {
+                    Some(err) => log::debug!("upstream body error: {}", error_chain(err)),
+                    None => log::debug!("upstream body error: {err}"),
+                }
                 return this.fail(StreamFailure::Interrupted);
             }
             Poll::Ready(None) => {

@@ -176,7 +176,9 @@ impl KeyPool {
             if rest.is_zero() {
                 continue;
             }
-            let until = now + *rest;
+            // Whatever Redis holds (a stray key, another version's), no longer than any answer
+            // could have asked for here.
+            let until = now + (*rest).min(MAX_REST);
             slot.resting_until = Some(slot.resting_until.map_or(until, |old| old.max(until)));
         }
     }
