@@ -478,3 +478,66 @@ async fn the_redis_limiter_decides_as_the_in_process_one_does() {
     assert_eq!(refusal.reason, Reason::Requests, "2 of 4 on this replica");
     redis.signal("-CONT");
 }
+
+#[tokio::test]
+async fn a_caller_that_leaves_during_its_decision_does_not_keep_the_slot() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::start().await;
+    let file =
+        clients_file("[clients.alice]\ntoken = \"tok-alice\"\nmax_concurrent_requests = 1\n");
+    let ttl = SHORT_SLOT_TTL_MS.to_string();
+    // A timeout far longer than the caller waits: the decision is still in flight when it leaves.
+    let proxy = replica(
+        &upstream,
+        &redis,
+        &file,
+        &[
+            ("LLM_PROXY_TEST_SLOT_TTL_MS", ttl.as_str()),
+            ("REDIS_TIMEOUT_MS", "5000"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        chat(&proxy).await.status(),
+        200,
+        "warm: the script is loaded"
+    );
+    let slots = || redis.command(&["ZCARD", "llm-proxy:{client:alice}:slots"]);
+    // The warm request's slot is given back in the background: gone before the test begins.
+    let settled = wait_until(Duration::from_secs(3), || async { slots() == ":0\r\n" }).await;
+    assert!(settled.is_some(), "the warm request settled");
+
+    redis.signal("-STOP");
+    let body = serde_json::to_string(&chat_body("gpt-mock")).unwrap();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok-alice\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], proxy.port));
+    let reply = raw_exchange(addr, request.as_bytes(), Duration::from_millis(500)).await;
+    assert!(
+        !reply.closed && reply.text.is_empty(),
+        "the decision was pending: {}",
+        reply.text
+    );
+    // The caller has left (the socket is dropped); the script it sent runs once Redis thaws
+    // and takes the slot in Redis, which nobody must go on refreshing.
+    redis.signal("-CONT");
+    let landed = wait_until(Duration::from_secs(3), || async { slots() == ":1\r\n" }).await;
+    assert!(
+        landed.is_some(),
+        "the abandoned decision took its slot in Redis"
+    );
+    let freed = wait_until(Duration::from_secs(10), || async {
+        chat(&proxy).await.status() == 200
+    })
+    .await
+    .expect("the abandoned slot expires");
+    assert!(
+        freed < Duration::from_millis(SHORT_SLOT_TTL_MS + 3000),
+        "freed after {freed:?}"
+    );
+}
