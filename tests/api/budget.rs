@@ -49,16 +49,7 @@ async fn chats(proxy: &RunningProxy, count: usize) {
 }
 
 async fn tokens_today(proxy: &RunningProxy) -> u64 {
-    let listed: Value = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{}/admin/clients", proxy.port))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    listed["clients"][0]["usage"]["tokens_today"]
+    proxy.admin_usage("alice").await["tokens_today"]
         .as_u64()
         .unwrap()
 }

@@ -102,6 +102,27 @@ impl RunningProxy {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// The `usage` of client `name` in `/admin/clients` (read with `ADMIN_TOKEN`); null when the
+    /// client is not listed.
+    pub async fn admin_usage(&self, name: &str) -> serde_json::Value {
+        let listed: serde_json::Value = reqwest::Client::new()
+            .get(self.url("/admin/clients"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        listed["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|client| client["name"] == name)
+            .map(|client| client["usage"].clone())
+            .unwrap_or_default()
+    }
+
     pub fn terminate(&self) {
         let pid = self.child.id().unwrap().to_string();
         let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();

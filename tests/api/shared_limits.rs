@@ -102,22 +102,7 @@ async fn usage(proxy: &RunningProxy) -> Value {
 }
 
 async fn usage_of(proxy: &RunningProxy, name: &str) -> Value {
-    let listed: Value = reqwest::Client::new()
-        .get(proxy.url("/admin/clients"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    listed["clients"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|client| client["name"] == name)
-        .map(|client| client["usage"].clone())
-        .unwrap_or_default()
+    proxy.admin_usage(name).await
 }
 
 async fn readyz_limits(proxy: &RunningProxy) -> Value {
