@@ -14,7 +14,8 @@ upstream; the counters are zeroed after a warm-up and dumped after each load:
     (a connection each, kept alive); the difference of the two loads over the difference in
     chunks cancels the per-request cost: instructions per chunk.
 
---clients N puts the token in a clients file of N clients (one is the benchmark's), to see how
+--limited gives the benchmark's client the limits of the bench's "limited" target (every limit
+set, none reached, and a model list). --clients N puts the token in a clients file of N clients (one is the benchmark's), to see how
 the token lookup grows with the number of clients (the clients-file watcher, which runs on a
 clock rather than per request, is left out of the counts). Python standard library only; prints
 one JSON object. Needs valgrind (Debian package `valgrind`).
@@ -106,9 +107,20 @@ def streams(port, count, chunks, interval_ms, concurrency):
         raise SystemExit("streams failed: %r" % failures[:5])
 
 
-def clients_file(path, count):
+# The bench's "limited" client: every limit set, none reached, and a model list.
+LIMITS = """requests_per_minute = 100000000
+tokens_per_minute = 1000000000000
+max_concurrent_requests = 100000
+tokens_per_day = 1000000000000000
+models = ["gpt-4o-*"]
+"""
+
+
+def clients_file(path, count, limited):
     with open(path, "w") as f:
         f.write('[clients.bench]\ntoken = "%s"\n' % TOKEN)
+        if limited:
+            f.write(LIMITS)
         for n in range(1, count):
             f.write('[clients.c%d]\ntoken = "client-token-%08d-padding"\n' % (n, n))
 
@@ -124,7 +136,7 @@ def background(path):
 
 
 class Proxy:
-    def __init__(self, binary, upstream_port, workdir, workers, clients):
+    def __init__(self, binary, upstream_port, workdir, workers, clients, limited):
         self.port = free_port()
         self.out = os.path.join(workdir, "callgrind.out")
         env = {
@@ -143,7 +155,7 @@ class Proxy:
         }
         if clients:
             path = os.path.join(workdir, "clients.toml")
-            clients_file(path, clients)
+            clients_file(path, clients, limited)
             del env["ALLOWED_TOKENS"]
             env["CLIENTS_FILE"] = path
             env["STATE_DIR"] = os.path.join(workdir, "state")
@@ -193,6 +205,8 @@ def main():
     parser.add_argument("--mock", default=os.path.join(TARGET, "release", "mock-upstream"))
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--clients", type=int, default=0)
+    parser.add_argument("--limited", action="store_true",
+                        help="give the benchmark's client the bench's limits (implies --clients 1)")
     parser.add_argument("--plain", type=int, default=2000)
     parser.add_argument("--streams", type=int, default=60)
     parser.add_argument("--short", type=int, default=5)
@@ -208,8 +222,10 @@ def main():
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if not wait_listening(mock_port, mock):
         raise SystemExit("mock-upstream did not start")
-    proxy = Proxy(args.proxy, mock_port, workdir, args.workers, args.clients)
-    result = {"proxy": args.proxy, "workers": args.workers, "clients": args.clients}
+    clients = max(args.clients, 1) if args.limited else args.clients
+    proxy = Proxy(args.proxy, mock_port, workdir, args.workers, clients, args.limited)
+    result = {"proxy": args.proxy, "workers": args.workers, "clients": clients,
+              "limited": args.limited}
     try:
         plain(proxy.port, 50)
         streams(proxy.port, args.concurrency, 2, args.interval_ms, args.concurrency)
