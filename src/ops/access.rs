@@ -246,21 +246,8 @@ fn push(line: &mut String, parts: &[&str]) {
     }
 }
 
-/// A number in decimal, without `fmt`.
-fn push_count(line: &mut String, mut count: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (count % 10) as u8;
-        count /= 10;
-        if count == 0 {
-            break;
-        }
-    }
-    for &digit in &digits[at..] {
-        line.push(char::from(digit));
-    }
+fn push_count(line: &mut String, count: u64) {
+    line.push_str(itoa::Buffer::new().format(count));
 }
 
 fn push_optional_count(line: &mut String, count: Option<u64>) {

@@ -142,20 +142,29 @@ impl Drop for Ticket {
     }
 }
 
-const RATE_LIMIT_HEADERS: [&str; 6] = [
-    "x-ratelimit-limit-requests",
-    "x-ratelimit-remaining-requests",
-    "x-ratelimit-reset-requests",
-    "x-ratelimit-limit-tokens",
-    "x-ratelimit-remaining-tokens",
-    "x-ratelimit-reset-tokens",
+/// The names in the order `write_rate_limit_headers` fills them, built once: a name made per
+/// call is checked byte by byte every time.
+static RATE_LIMIT_HEADERS: [HeaderName; 6] = [
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
 ];
 
 /// Puts the client's own `x-ratelimit-*` headers in place of whatever the upstream sent, which
 /// describes the shared key's quota rather than this client's.
 pub fn write_rate_limit_headers(headers: &mut HeaderMap, standing: &Standing) {
-    for name in RATE_LIMIT_HEADERS {
-        headers.remove(name);
+    // One pass over the names the answer has costs less than six hashed removals, and most
+    // upstreams behind a key pool send none of them.
+    if headers
+        .keys()
+        .any(|name| name.as_str().starts_with("x-ratelimit-"))
+    {
+        for name in &RATE_LIMIT_HEADERS {
+            headers.remove(name);
+        }
     }
     let windows = [(0, standing.requests), (3, standing.tokens)];
     for (first, window) in windows {
@@ -163,14 +172,12 @@ pub fn write_rate_limit_headers(headers: &mut HeaderMap, standing: &Standing) {
         let values = [
             HeaderValue::from(window.limit),
             HeaderValue::from(window.remaining),
-            HeaderValue::from_str(&openai_duration(window.reset))
+            // From the `String` itself: no second copy of its bytes.
+            HeaderValue::try_from(openai_duration(window.reset))
                 .unwrap_or_else(|_| HeaderValue::from_static("0s")),
         ];
-        for (offset, value) in values.into_iter().enumerate() {
-            headers.insert(
-                HeaderName::from_static(RATE_LIMIT_HEADERS[first + offset]),
-                value,
-            );
+        for (name, value) in RATE_LIMIT_HEADERS[first..first + 3].iter().zip(values) {
+            headers.insert(name.clone(), value);
         }
     }
 }
@@ -194,19 +201,30 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
 
 /// OpenAI's form of the reset headers: `12s`, `59.999s`, `6m0s`, rounded up to milliseconds.
 pub fn openai_duration(duration: Duration) -> String {
-    let millis = duration.as_micros().div_ceil(1000) as u64;
+    let millis = duration
+        .as_micros()
+        .div_ceil(1000)
+        .min(u128::from(u64::MAX)) as u64;
     let (minutes, rest) = (millis / 60_000, millis % 60_000);
-    let seconds = if rest % 1000 == 0 {
-        format!("{}s", rest / 1000)
-    } else {
-        let fraction = format!("{:03}", rest % 1000);
-        format!("{}.{}s", rest / 1000, fraction.trim_end_matches('0'))
-    };
+    let mut text = String::with_capacity(16);
+    let mut digits = itoa::Buffer::new();
     if minutes > 0 {
-        format!("{minutes}m{seconds}")
-    } else {
-        seconds
+        text.push_str(digits.format(minutes));
+        text.push('m');
     }
+    text.push_str(digits.format(rest / 1000));
+    let fraction = rest % 1000;
+    if fraction != 0 {
+        // Three places with the trailing zeros cut: 0.5s, 0.25s, 0.125s.
+        let places = [fraction / 100, fraction / 10 % 10, fraction % 10];
+        let kept = places.len() - places.iter().rev().take_while(|&&d| d == 0).count();
+        text.push('.');
+        for place in &places[..kept] {
+            text.push(char::from(b'0' + *place as u8));
+        }
+    }
+    text.push('s');
+    text
 }
 
 #[cfg(test)]
@@ -220,6 +238,9 @@ mod tests {
         assert_eq!(openai_duration(Duration::from_millis(500)), "0.5s");
         assert_eq!(openai_duration(Duration::from_secs(360)), "6m0s");
         assert_eq!(openai_duration(Duration::ZERO), "0s");
+        assert_eq!(openai_duration(Duration::from_millis(1_250)), "1.25s");
+        assert_eq!(openai_duration(Duration::from_millis(60_010)), "1m0.01s");
+        assert_eq!(openai_duration(Duration::from_micros(1)), "0.001s");
         assert_eq!(retry_after_secs(Duration::from_millis(11_001)), 12);
         assert_eq!(retry_after_secs(Duration::from_secs(12)), 12);
     }
