@@ -40,6 +40,7 @@ struct Inner {
     tunnel_client: reqwest::Client,
     /// What the caller's `/v1` stands for upstream.
     base_url: Url,
+    known_paths: request::KnownPaths,
     query: Option<UpstreamQuery>,
     keys: Arc<KeyPool>,
     /// `UPSTREAM_AUTH_HEADER`: where the key goes.
@@ -75,6 +76,7 @@ impl Upstream {
             client: upstream.client.clone(),
             tunnel_client: upstream.tunnel_client.clone(),
             base_url: upstream.base_url.clone(),
+            known_paths: request::KnownPaths::new(&upstream.base_url),
             query: upstream.query.clone(),
             keys,
             key_header: upstream.auth_header.clone(),
@@ -105,7 +107,9 @@ impl Upstream {
     }
 
     fn url(&self, path: &str, query: Option<&str>) -> Result<Url, ProxyError> {
-        request::upstream_url(&self.0.base_url, path, query, self.0.query.as_ref())
+        self.0
+            .known_paths
+            .upstream_url(&self.0.base_url, path, query, self.0.query.as_ref())
     }
 
     fn body_log(&self) -> Option<Arc<Redactor>> {
