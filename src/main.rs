@@ -132,7 +132,8 @@ async fn run(config: Config) -> ExitCode {
         Ok(bound) => log::info!("listening on {bound}"),
         Err(_) => log::info!("listening on {address}"),
     }
-    llm_proxy::serve(listener, state, shutdown).await;
+    llm_proxy::serve(listener, state.clone(), shutdown).await;
+    state.policy.limiter().flush().await;
     if let Some(writer) = writer {
         writer.abort();
     }

@@ -98,6 +98,12 @@ pub trait Limiter: Send + Sync + 'static {
 
     fn usage<'a>(&'a self, client: &'a str) -> BoxFuture<'a, ClientUsage>;
 
+    /// Sends what `settle` left for later (a shared backend batches settlements); called once
+    /// the server has drained, so that the last requests' settlements are not lost.
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
     /// The daily counts, for a backend that keeps them in this process; `None` otherwise.
     fn budgets(&self) -> Option<Budgets> {
         None

@@ -3,7 +3,11 @@
 //! replica or ten.
 //!
 //! Each decision is one round trip: [`ACQUIRE`] checks every limit of the client and, when all
-//! pass, charges them all (a refusal charges nothing); it reads the time from Redis
+//! pass, charges them all (a refusal charges nothing). A request's settlement (its place given
+//! back, its estimate replaced by the tokens used) does not cost a round trip of its own: it
+//! waits up to [`SETTLE_DELAY`] for the client's next decision and rides in the same script call,
+//! applied before the decision; if none comes by then, [`SETTLE`] sends every settlement of the
+//! client waiting, in one call. Scripts read the time from Redis
 //! (`redis.call('TIME')`), so the replicas' clocks do not matter. The arithmetic is the in-process
 //! limiter's ([`super::memory`]), in microseconds: GCRA theoretical arrival times for requests and
 //! tokens, a refusal's `Retry-After` being the longest wait of the limits that failed.
@@ -28,7 +32,7 @@
 //! kept per client and added to Redis once it answers again ([`RECONCILE`]).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -62,16 +66,71 @@ pub fn slot_ttl() -> Duration {
 /// Counts above this are sent as this: Lua numbers are doubles, exact up to 2^53.
 const MAX_COUNT: u64 = 1 << 50;
 
-/// KEYS: 1 request TAT, 2 token TAT, 3 slots, 4 day, 5 recent.
-/// ARGV: 1 requests per minute, 2 tokens per minute, 3 max concurrent, 4 tokens per day (each
-/// -1 for none), 5 estimate, 6 slot id, 7 slot TTL in µs.
-/// Returns {admitted (1/0), reason (1 requests, 2 tokens, 3 concurrency, 4 budget), retry after
-/// µs, day, request remaining, request reset µs, token remaining, token reset µs, tokens today}.
-pub const ACQUIRE: &str = r"
+/// The Lua both scripts start with: the time, and `settle_from(first)`, which applies the
+/// settlements in `ARGV[first..]`, five arguments each: tokens per minute (-1 for none), tokens
+/// charged, tokens used, the day charged, slot id. Each gives its slot back and replaces the
+/// charged tokens by the used ones. Returns the day and today's tokens after them.
+macro_rules! settle_lua {
+    () => {
+        r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local window = 60000000
 local cap = 86400000000
+
+local function settle(tpm, charged, used, charged_day, slot)
+  redis.call('ZREM', KEYS[3], slot)
+  if tpm >= 0 then
+    -- A TAT that expired is in the past: the overage of a request that outlived it is
+    -- charged from now, as the in-process limiter does, not lost.
+    local tat = math.max(tonumber(redis.call('GET', KEYS[2]) or '0'), now)
+    local period = window / tpm
+    if used >= charged then
+      tat = tat + math.min(period * (used - charged), cap)
+    else
+      -- A refund never moves the TAT before now: time already passed is not credit.
+      tat = math.max(tat - period * (charged - used), now)
+    end
+    tat = math.ceil(tat)
+    if tat > now then
+      redis.call('SET', KEYS[2], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+    end
+  end
+  local day = math.floor(now / 86400000000)
+  local stored = redis.call('HMGET', KEYS[4], 'day', 'tokens')
+  local today = 0
+  if tonumber(stored[1]) == day then today = tonumber(stored[2]) or 0 end
+  if charged_day == day then today = math.max(today - charged, 0) end
+  redis.call('HSET', KEYS[4], 'day', day, 'tokens', string.format('%.0f', today + used))
+  redis.call('EXPIREAT', KEYS[4], (day + 1) * 86400 + 3600)
+  local second = math.floor(now / 1000000)
+  local i = second % 60
+  if tonumber(redis.call('HGET', KEYS[5], 's' .. i)) ~= second then
+    redis.call('HSET', KEYS[5], 's' .. i, second, 'r' .. i, 0, 't' .. i, 0)
+  end
+  redis.call('HINCRBY', KEYS[5], 't' .. i, used - charged)
+  redis.call('PEXPIRE', KEYS[5], 120000)
+end
+
+local function settle_from(first)
+  for i = first, #ARGV - 4, 5 do
+    settle(tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), ARGV[i + 4])
+  end
+end
+"
+    };
+}
+
+/// KEYS: 1 request TAT, 2 token TAT, 3 slots, 4 day, 5 recent.
+/// ARGV: 1 requests per minute, 2 tokens per minute, 3 max concurrent, 4 tokens per day (each
+/// -1 for none), 5 estimate, 6 slot id, 7 slot TTL in µs, then the client's settlements waiting
+/// (see `settle_lua`), applied first.
+/// Returns {admitted (1/0), reason (1 requests, 2 tokens, 3 concurrency, 4 budget), retry after
+/// µs, day, request remaining, request reset µs, token remaining, token reset µs, tokens today}.
+pub const ACQUIRE: &str = concat!(
+    settle_lua!(),
+    r"
+settle_from(8)
 local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
 local maxc, budget = tonumber(ARGV[3]), tonumber(ARGV[4])
 local estimate, ttl = tonumber(ARGV[5]), tonumber(ARGV[7])
@@ -150,51 +209,26 @@ redis.call('PEXPIRE', KEYS[5], 120000)
 local rr, rs = standing(rtat, rpm)
 local tr, ts = standing(ttat, tpm)
 return {1, 0, 0, day, rr, rs, tr, ts, string.format('%.0f', today + estimate)}
-";
+"
+);
 
-/// KEYS: 1 token TAT, 2 slots, 3 day, 4 recent.
-/// ARGV: 1 tokens per minute (-1 for none), 2 tokens charged, 3 tokens used, 4 the day charged,
-/// 5 slot id. Gives the slot back and replaces the charged tokens by the used ones; returns
-/// {day, tokens today}.
-pub const SETTLE: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local window = 60000000
-local cap = 86400000000
-local tpm, charged, used, charged_day = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-redis.call('ZREM', KEYS[2], ARGV[5])
-if tpm >= 0 then
-  -- A TAT that expired is in the past: the overage of a request that outlived it is
-  -- charged from now, as the in-process limiter does, not lost.
-  local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
-  local period = window / tpm
-  if used >= charged then
-    tat = tat + math.min(period * (used - charged), cap)
-  else
-    -- A refund never moves the TAT before now: time already passed is not credit.
-    tat = math.max(tat - period * (charged - used), now)
-  end
-  tat = math.ceil(tat)
-  if tat > now then
-    redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
-  end
-end
+/// KEYS: as [`ACQUIRE`]'s. ARGV: settlements (see `settle_lua`). Returns {day, tokens today}.
+pub const SETTLE: &str = concat!(
+    settle_lua!(),
+    r"
+settle_from(1)
 local day = math.floor(now / 86400000000)
-local stored = redis.call('HMGET', KEYS[3], 'day', 'tokens')
+local stored = redis.call('HMGET', KEYS[4], 'day', 'tokens')
 local today = 0
 if tonumber(stored[1]) == day then today = tonumber(stored[2]) or 0 end
-if charged_day == day then today = math.max(today - charged, 0) end
-redis.call('HSET', KEYS[3], 'day', day, 'tokens', string.format('%.0f', today + used))
-redis.call('EXPIREAT', KEYS[3], (day + 1) * 86400 + 3600)
-local second = math.floor(now / 1000000)
-local i = second % 60
-if tonumber(redis.call('HGET', KEYS[4], 's' .. i)) ~= second then
-  redis.call('HSET', KEYS[4], 's' .. i, second, 'r' .. i, 0, 't' .. i, 0)
-end
-redis.call('HINCRBY', KEYS[4], 't' .. i, used - charged)
-redis.call('PEXPIRE', KEYS[4], 120000)
-return {day, string.format('%.0f', today + used)}
-";
+return {day, string.format('%.0f', today)}
+"
+);
+
+/// How long a settlement waits for its client's next decision to carry it to Redis: long
+/// enough for a busy client's next request, short enough that a place given back is free again
+/// at once by any human or client measure.
+pub const SETTLE_DELAY: Duration = Duration::from_millis(5);
 
 /// KEYS: 1 slots. ARGV: 1 slot TTL in µs, then the slot ids this replica holds. Pushes their
 /// expiry on (only those still there: `XX`), and the key's with them.
@@ -302,6 +336,18 @@ struct Inner {
     known: Mutex<HashMap<Arc<str>, (u64, u64)>>,
     /// The clients whose local budget count was set from `known` in this outage.
     seeded: Mutex<HashSet<Arc<str>>>,
+    /// Per client, the settlements waiting for its next decision (or for [`SETTLE_DELAY`]).
+    waiting: Mutex<HashMap<Arc<str>, Vec<Settlement>>>,
+    /// Whether a task will send what is still waiting once [`SETTLE_DELAY`] has passed.
+    flush_planned: AtomicBool,
+}
+
+/// A request's end, as the settlement scripts take it.
+#[derive(Clone, Copy, Debug)]
+struct Settlement {
+    tpm: Option<u64>,
+    charge: Charge,
+    used: u64,
 }
 
 /// `limit` divided by the replica count, rounded up, at least 1.
@@ -352,6 +398,8 @@ impl RedisLimiter {
             outage: Mutex::new(HashMap::new()),
             known: Mutex::new(HashMap::new()),
             seeded: Mutex::new(HashSet::new()),
+            waiting: Mutex::new(HashMap::new()),
+            flush_planned: AtomicBool::new(false),
         }));
         let refresh = (slot_ttl / 3).clamp(Duration::from_millis(100), SLOT_REFRESH);
         tokio::spawn(refresh_loop(Arc::downgrade(&limiter.0), refresh));
@@ -457,6 +505,10 @@ impl Inner {
             .arg(count_arg(estimate))
             .arg(self.slot_id(slot))
             .arg(micros(self.slot_ttl));
+        let carried = self.waiting.lock().remove(client).unwrap_or_default();
+        for settlement in &carried {
+            self.push_settlement(&mut invocation, settlement);
+        }
         // Held before the answer: a refresh that runs meanwhile only pushes on a slot that is
         // there (`XX`), and the slot must not wait a whole period for its first refresh.
         self.held.lock().insert(slot, Arc::from(client));
@@ -472,8 +524,12 @@ impl Inner {
         let answer = match answer {
             Ok(answer) if answer.len() == 9 => answer,
             // Not in Redis, or perhaps in it after all (a timeout is "no answer", not "not
-            // applied"): either way the slot is no longer refreshed and expires by itself.
-            Ok(_) | Err(_) => return Err(Unavailable),
+            // applied"): either way the slot is no longer refreshed and expires by itself, and
+            // the settlements carried wait with the outage charges, as one sent alone would.
+            Ok(_) | Err(_) => {
+                self.settlements_lost(client, &carried);
+                return Err(Unavailable);
+            }
         };
         let unsigned = |value: i64| u64::try_from(value).unwrap_or(0);
         if limits.tokens_per_day.is_some() {
@@ -514,39 +570,78 @@ impl Inner {
         }))
     }
 
-    async fn settle_shared(
-        self: Arc<Self>,
-        client: String,
-        tpm: Option<u64>,
-        charge: Charge,
-        used: u64,
+    fn push_settlement(
+        &self,
+        invocation: &mut redis::ScriptInvocation<'_>,
+        settlement: &Settlement,
     ) {
-        let keys = keys(&client);
-        let mut invocation = self.settle.prepare_invoke();
         invocation
-            .key(&keys.tpm)
-            .key(&keys.slots)
-            .key(&keys.day)
-            .key(&keys.recent)
-            .arg(limit_arg(tpm))
-            .arg(count_arg(charge.tokens))
-            .arg(count_arg(used))
-            .arg(charge.day)
-            .arg(self.slot_id(charge.slot));
-        // No longer refreshed from now on: if the settlement does not arrive, the slot expires.
-        self.held.lock().remove(&charge.slot);
-        let answer: Result<(u64, u64), Unavailable> = self.shared.eval(&invocation).await;
-        if let Ok((day, today)) = answer {
-            // Only clients with a budget are remembered (acquire puts them there).
-            if self.known.lock().contains_key(client.as_str()) {
-                self.remember_today(&client, day, today);
-            }
-        } else {
+            .arg(limit_arg(settlement.tpm))
+            .arg(count_arg(settlement.charge.tokens))
+            .arg(count_arg(settlement.used))
+            .arg(settlement.charge.day)
+            .arg(self.slot_id(settlement.charge.slot));
+    }
+
+    /// Settlements that did not reach Redis: their places expire by themselves; their token
+    /// corrections are added once Redis answers again.
+    fn settlements_lost(&self, client: &str, settlements: &[Settlement]) {
+        for settlement in settlements {
             self.record_outage(
-                &client,
-                charge.day,
-                signed(used).saturating_sub(signed(charge.tokens)),
+                client,
+                settlement.charge.day,
+                signed(settlement.used).saturating_sub(signed(settlement.charge.tokens)),
             );
+        }
+    }
+
+    /// Queues a settlement for the client's next decision, and makes sure it is sent within
+    /// [`SETTLE_DELAY`] if no decision comes.
+    fn settle_later(self: &Arc<Self>, client: &str, settlement: Settlement) {
+        {
+            let mut waiting = self.waiting.lock();
+            match waiting.get_mut(client) {
+                Some(queue) => queue.push(settlement),
+                None => {
+                    waiting.insert(Arc::from(client), vec![settlement]);
+                }
+            }
+        }
+        if !self.flush_planned.swap(true, Ordering::AcqRel) {
+            let inner = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(SETTLE_DELAY).await;
+                inner.flush().await;
+            });
+        }
+    }
+
+    /// Sends every settlement still waiting: one script call per client.
+    async fn flush(&self) {
+        // Cleared first: a settlement queued after the queues are taken plans its own flush.
+        self.flush_planned.store(false, Ordering::Release);
+        let waiting: Vec<(Arc<str>, Vec<Settlement>)> = self.waiting.lock().drain().collect();
+        for (client, settlements) in waiting {
+            let keys = keys(&client);
+            let mut invocation = self.settle.prepare_invoke();
+            invocation
+                .key(&keys.rpm)
+                .key(&keys.tpm)
+                .key(&keys.slots)
+                .key(&keys.day)
+                .key(&keys.recent);
+            for settlement in &settlements {
+                self.push_settlement(&mut invocation, settlement);
+            }
+            let answer: Result<(u64, u64), Unavailable> = self.shared.eval(&invocation).await;
+            match answer {
+                // Only clients with a budget are remembered (acquire puts them there).
+                Ok((day, today)) if self.known.lock().contains_key(&client) => {
+                    self.remember_today(&client, day, today);
+                }
+                Ok(_) => {}
+                Err(Unavailable) => self.settlements_lost(&client, &settlements),
+            }
         }
     }
 
@@ -635,24 +730,24 @@ impl Limiter for RedisLimiter {
             );
             return;
         }
-        let inner = self.0.clone();
-        let client = client.to_string();
-        let tpm = limits.tokens_per_minute;
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(inner.settle_shared(client, tpm, charge, used));
-            }
-            Err(_) => {
-                // No runtime to send it from (shutdown): the slot expires by itself, and the
-                // correction waits with the outage charges.
-                inner.held.lock().remove(&charge.slot);
-                inner.record_outage(
-                    &client,
-                    charge.day,
-                    signed(used).saturating_sub(signed(charge.tokens)),
-                );
-            }
+        // No longer refreshed from now on: if the settlement does not arrive, the slot expires.
+        self.0.held.lock().remove(&charge.slot);
+        let settlement = Settlement {
+            tpm: limits.tokens_per_minute,
+            charge,
+            used,
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.0.settle_later(client, settlement);
+        } else {
+            // No runtime to send it from (shutdown): the correction waits with the outage
+            // charges.
+            self.0.settlements_lost(client, &[settlement]);
         }
+    }
+
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.0.flush())
     }
 
     fn usage<'a>(&'a self, client: &'a str) -> BoxFuture<'a, ClientUsage> {

@@ -526,3 +526,75 @@ async fn a_caller_that_leaves_during_its_decision_does_not_keep_the_slot() {
         "freed after {freed:?}"
     );
 }
+
+/// Script calls Redis has answered so far (`EVALSHA`, and `EVAL` for a script it had not seen).
+fn script_calls(redis: &RedisServer) -> u64 {
+    let stats = redis.command(&["INFO", "commandstats"]);
+    ["cmdstat_evalsha:calls=", "cmdstat_eval:calls="]
+        .iter()
+        .filter_map(|prefix| {
+            let at = stats.find(prefix)? + prefix.len();
+            let digits: String = stats[at..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn a_settlement_rides_with_the_next_decision_or_follows_alone_within_the_delay() {
+    use llm_proxy::config::ClientLimits;
+    use llm_proxy::ops::metrics::Metrics;
+    use llm_proxy::policy::{Limiter, RedisLimiter};
+    use llm_proxy::shared::Shared;
+
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let url = redis.url();
+    let config = config_from(&[("AUTH_BEARER", "k"), ("REDIS_URL", url.as_str())]);
+    let shared = Shared::new(&config.shared, Metrics::new());
+    shared.first_contact().await;
+    let limiter = RedisLimiter::new(shared, Duration::from_secs(30));
+    let limits = ClientLimits {
+        requests_per_minute: Some(1000),
+        tokens_per_minute: Some(1_000_000),
+        max_concurrent_requests: Some(1),
+        tokens_per_day: Some(1_000_000),
+        ..ClientLimits::default()
+    };
+    // Loaded once, so that every call below is one EVALSHA.
+    let (charge, _) = limiter.acquire("warm", &limits, 1).await.unwrap();
+    limiter.settle("warm", &limits, charge, 1);
+    limiter.flush().await;
+
+    // One place only: each request is admitted because the one before gave its place back in
+    // the same call, and the whole run costs one call per request plus the last settlement.
+    let before = script_calls(&redis);
+    for _ in 0..20 {
+        let (charge, _) = limiter.acquire("alice", &limits, 100).await.unwrap();
+        limiter.settle("alice", &limits, charge, 30);
+    }
+    limiter.flush().await;
+    assert_eq!(script_calls(&redis) - before, 21);
+    let usage = limiter.usage("alice").await;
+    assert_eq!(usage.in_flight, 0);
+    assert_eq!(
+        usage.tokens_today,
+        20 * 30,
+        "every estimate replaced by the tokens used"
+    );
+    assert_eq!(usage.requests_last_minute, 20);
+
+    // No next decision: the settlement goes alone once the delay has passed.
+    let (charge, _) = limiter.acquire("bob", &limits, 100).await.unwrap();
+    limiter.settle("bob", &limits, charge, 40);
+    let settled = wait_until(Duration::from_secs(5), || async {
+        limiter.usage("bob").await.in_flight == 0
+    })
+    .await;
+    assert!(settled.is_some(), "the settlement never reached Redis");
+    assert_eq!(limiter.usage("bob").await.tokens_today, 40);
+}
