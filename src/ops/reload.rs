@@ -173,8 +173,11 @@ fn watch(file: &Path, changed: mpsc::UnboundedSender<()>) -> Option<notify::Reco
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    let names = watched_names(file);
     let handler = move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        if let Ok(event) = event
+            && concerns(&event, &names)
+        {
             let _ = changed.send(());
         }
     };
@@ -192,6 +195,36 @@ fn watch(file: &Path, changed: mpsc::UnboundedSender<()>) -> Option<notify::Reco
             None
         }
     }
+}
+
+/// The directory entries whose change can change the clients file: its own name, the file a
+/// symlink of that name points at (when it is in the same directory), and the `..`-names a
+/// Kubernetes ConfigMap swaps (`..data`, `..2026_12_01...`).
+fn watched_names(file: &Path) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<std::ffi::OsString> = file.file_name().map(Into::into).into_iter().collect();
+    if let Ok(target) = std::fs::read_link(file)
+        && target
+            .parent()
+            .is_none_or(|parent| parent.as_os_str().is_empty())
+        && let Some(name) = target.file_name()
+    {
+        names.push(name.into());
+    }
+    names
+}
+
+/// Whether an event in the watched directory may have changed the clients file. Everything else
+/// there (a log file written next to it, say, thousands of times a second) is not worth
+/// re-reading and hashing the whole file for.
+fn concerns(event: &notify::Event, names: &[std::ffi::OsString]) -> bool {
+    event.need_rescan()
+        || event.paths.is_empty()
+        || event.paths.iter().any(|path| {
+            path.file_name().is_none_or(|name| {
+                names.iter().any(|watched| watched == name)
+                    || name.as_encoded_bytes().starts_with(b"..")
+            })
+        })
 }
 
 async fn poll(file: PathBuf, changed: mpsc::UnboundedSender<()>) {
@@ -238,5 +271,69 @@ async fn next_hangup(hangups: &mut Hangups) {
     {
         let () = hangups;
         std::future::pending().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{CreateKind, EventKind, ModifyKind, RenameMode};
+
+    fn event(kind: EventKind, paths: &[&str]) -> notify::Event {
+        paths.iter().fold(notify::Event::new(kind), |event, path| {
+            event.add_path(path.into())
+        })
+    }
+
+    #[test]
+    fn only_events_that_can_change_the_clients_file_count() {
+        let names = watched_names(Path::new("/etc/llm-proxy/clients.toml"));
+        let written = EventKind::Modify(ModifyKind::Any);
+        assert!(concerns(
+            &event(written, &["/etc/llm-proxy/clients.toml"]),
+            &names
+        ));
+        let renamed = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+        let over = event(
+            renamed,
+            &["/etc/llm-proxy/clients.new", "/etc/llm-proxy/clients.toml"],
+        );
+        assert!(concerns(&over, &names), "a file renamed over it");
+        let swap = event(
+            EventKind::Create(CreateKind::Any),
+            &["/etc/llm-proxy/..data"],
+        );
+        assert!(concerns(&swap, &names), "a ConfigMap's ..data swap");
+        assert!(
+            concerns(&event(EventKind::Any, &[]), &names),
+            "no paths: look"
+        );
+
+        assert!(!concerns(
+            &event(written, &["/etc/llm-proxy/proxy.log"]),
+            &names
+        ));
+        assert!(!concerns(
+            &event(written, &["/etc/llm-proxy/clients.toml.swp"]),
+            &names
+        ));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_symlinks_target_next_to_it_is_watched_too() {
+        let dir = std::env::temp_dir().join(format!("llm-proxy-watch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let link = dir.join("clients.toml");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("clients-v2.toml", &link).unwrap();
+        let names = watched_names(&link);
+        let written = EventKind::Modify(ModifyKind::Any);
+        let target = dir.join("clients-v2.toml");
+        assert!(concerns(
+            &event(written, &[target.to_str().unwrap()]),
+            &names
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
