@@ -107,7 +107,12 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
             };
             let tunnels = tunnels.clone();
             let idle = state.config.limits.stream_idle_timeout;
-            async move {
+            // Boxed per request: hyper keeps the slot for a connection's in-flight future (sized
+            // for the future, about 6.7 KiB with warp's inside) allocated for the life of the
+            // connection, so a boxed one leaves it a pointer while a stream runs.
+            let answered: std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<Response<_>, Infallible>> + Send>,
+            > = Box::pin(async move {
                 let mut response: Response<_> = response.await?;
                 let record = record.for_response(&response);
                 response
@@ -140,7 +145,8 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
                     });
                 }
                 Ok::<_, Infallible>(response.map(|body| Tapped::new(body, tap)))
-            }
+            });
+            answered
         });
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), per_request)
