@@ -35,8 +35,8 @@
 # Exit status: non-zero only when the benchmark itself could not run, never for a missed target.
 #
 # Settings (environment):
-#   BENCH_SECONDS=3              measured seconds of one plain run (wrk)
-#   BENCH_ROUNDS=3               plain rounds per target and concurrency, targets interleaved
+#   BENCH_SECONDS=2              measured seconds of one plain run (wrk)
+#   BENCH_ROUNDS=4               plain rounds per target and concurrency, targets interleaved
 #   BENCH_WARMUP_SECONDS=1       unmeasured wrk run per target before each concurrency
 #   BENCH_STREAM_SECONDS=6       seconds during which new streams start, per streaming run
 #   BENCH_STREAM_ROUNDS=2        streaming rounds per target and concurrency, interleaved
@@ -45,7 +45,8 @@
 #   BENCH_MANY_STREAMS=5000      the many-stream run(s) ("none" skips them), with chunks
 #   BENCH_MANY_INTERVAL_MS=250   this far apart, in
 #   BENCH_MANY_ROUNDS=1          rounds per target
-#   BENCH_PLAIN_TARGETS=direct,nginx,proxy,quiet,limited,shared,clients1,clients10k
+#   BENCH_PLAIN_TARGETS=direct,nginx,quiet,proxy,limited,shared,clients1,clients10k
+#                                (rows compared with each other run back to back in each round)
 #   BENCH_STREAM_TARGETS=direct,nginx,proxy,proxy-h2  BENCH_MANY_TARGETS=direct,nginx,proxy,proxy-h2
 #                                which targets each phase measures ("none": none)
 #   BENCH_CLIENTS=10000          clients in clients10k's file
@@ -62,7 +63,7 @@
 #                                against other work on the machine; 0 leaves it alone
 #   BENCH_PROXY_ENV="K=V ..."    extra environment for llm-proxy, for experiments
 #                                (e.g. LD_PRELOAD=.../libjemalloc.so.2, MALLOC_ARENA_MAX=2)
-# Defaults take about 6 minutes for the measurements on a 2-core machine: plain ~170 s, streams
+# Defaults take about 6 minutes for the measurements on a 2-core machine: plain ~165 s, streams
 # at 200 and 1000 ~120 s, 5000 streams ~50 s, footprint ~10 s (the run.py docstring has the sum).
 #
 # Pinning (BENCH_PIN=split, the default). With 2 cores there is no clean answer; the choice:
@@ -79,7 +80,8 @@
 # 1-core figure. BENCH_PIN=none runs everything unpinned instead (closer to production, noisier).
 #
 # Noise: the targets run interleaved in rounds (order rotated each round), so a burst of outside
-# load hits all of them alike; counts and CPU are pooled, percentiles are the median of the rounds.
+# load hits all of them alike; counts and CPU are pooled, percentiles are the median of the rounds,
+# and a feature's CPU against its base row is the median of the two's ratio within each round.
 # The benchmark's session gets a higher scheduling weight (BENCH_NICE), and each run records the
 # CPU that other processes used meanwhile (column bg); the table warns when it was high.
 #
