@@ -1,34 +1,55 @@
 #!/usr/bin/env bash
 # Benchmark: llm-proxy against nginx doing the same job, and against the upstream itself.
 #
-#   scripts/bench.sh            # about 5-6 minutes on a 2-core machine (plus the release build)
+#   scripts/bench.sh            # about 6 minutes on a 2-core machine (plus the release build)
 #
 # One command, loopback only, every load bounded in count and time. It installs what it lacks
 # (nginx, wrk and redis-server from Debian packages), builds the release binaries (the proxy, the mock upstream
 # and tools/loadgen, whose `loadgen sse` is the streaming load generator; all in
 # ${CARGO_TARGET_DIR:-target}/release), then runs scripts/bench/run.py, which measures side by side:
-#   direct  -- load straight at mock-upstream (--no-record): the floor;
-#   nginx   -- nginx as the equivalent proxy (token `map`, key swap, HTTP/1.1 keep-alive pool,
-#              proxy_buffering off; config from scripts/bench/nginx.conf.template);
-#   proxy   -- target/release/llm-proxy with AUTH_VALIDATION=true, LOG_LEVEL=info, its log
-#              (access lines included) written to a file, as an operator would.
-#   limited -- the same binary with the token as a clients-file client (CLIENTS_FILE) with every
-#              limit set, none reached, and a model list: next to "proxy", the CPU a client's
-#              limits cost per request (body read for the model, charge, settlement).
-#   shared  -- the same client with REDIS_URL: its limits kept in a redis-server started for the
-#              run (Debian package redis-server); next to "limited", what Redis adds per request
-#              (CPU of the proxy and the redis-server together, and latency).
-# It prints a table with PASS/FAIL per target and writes JSON to target/bench/results.json.
+#   direct     -- load straight at mock-upstream (--no-record): the floor;
+#   nginx      -- nginx as the equivalent proxy (token `map`, key swap, HTTP/1.1 keep-alive pool,
+#                 proxy_buffering off; config from scripts/bench/nginx.conf.template);
+#   proxy      -- target/release/llm-proxy with AUTH_VALIDATION=true, LOG_LEVEL=info, its log
+#                 (access lines included) written to a file, as an operator would.
+#   proxy-h2   -- "proxy" in front of a second mock-upstream in its TLS mode (--tls-self-signed,
+#                 trusted through UPSTREAM_CA_FILE), offering h2 by ALPN as real providers do:
+#                 memory and CPU per chunk through an HTTP/2 upstream (stream phases only).
+#   quiet      -- "proxy" with LOG_LEVEL=error: no access line; proxy vs quiet is its cost.
+#   limited    -- the same binary with the token as a clients-file client (CLIENTS_FILE) with every
+#                 limit set, none reached, and a model list: next to "proxy", the CPU a client's
+#                 limits cost per request (body read for the model, charge, settlement).
+#   shared     -- the same client with REDIS_URL: its limits kept in a redis-server started for the
+#                 run (Debian package redis-server); next to "limited", what Redis adds per request
+#                 (CPU of the proxy and the redis-server together, latency, script calls).
+#   clients1   -- the token as a clients-file client without limits, alone in the file;
+#   clients10k -- the same among 9,999 other clients (BENCH_CLIENTS): cost flat in the clients.
+# Every llm-proxy gets MAX_CONCURRENT_REQUESTS above the largest stream count, so none is refused.
+# Phases: footprint (start-up, idle RSS); plain requests (wrk) at c=1 and 32 for every target but
+# proxy-h2; streams at 200 and 1000 (20 chunks 50 ms apart) and at 5000 (20 chunks 250 ms apart,
+# about the same events per second as 1000) for direct, nginx, proxy and proxy-h2. limited and
+# shared are not streamed (their cost is per request), to keep the run near 6 minutes.
+# It prints a table with PASS/FAIL per target of issue 13 (INFO for figures only reported), how
+# the cost grows from 200 to 5000 streams and from 1 to 10,000 clients, and writes JSON to
+# target/bench/results.json.
 # Exit status: non-zero only when the benchmark itself could not run, never for a missed target.
 #
 # Settings (environment):
-#   BENCH_SECONDS=5              measured seconds of one plain run (wrk)
-#   BENCH_ROUNDS=3               plain rounds per target and concurrency, targets interleaved
-#   BENCH_WARMUP_SECONDS=2       unmeasured wrk run per target before each concurrency
-#   BENCH_STREAM_SECONDS=8       seconds during which new streams start, per streaming run
+#   BENCH_SECONDS=2              measured seconds of one plain run (wrk)
+#   BENCH_ROUNDS=4               plain rounds per target and concurrency, targets interleaved
+#   BENCH_WARMUP_SECONDS=1       unmeasured wrk run per target before each concurrency
+#   BENCH_STREAM_SECONDS=6       seconds during which new streams start, per streaming run
 #   BENCH_STREAM_ROUNDS=2        streaming rounds per target and concurrency, interleaved
 #   BENCH_PLAIN_CONCURRENCY=1,32 BENCH_STREAM_CONCURRENCY=200,1000   ("none" skips the phase)
 #   BENCH_CHUNKS=20 BENCH_INTERVAL_MS=50   the SSE stream the mock sends
+#   BENCH_MANY_STREAMS=5000      the many-stream run(s) ("none" skips them), with chunks
+#   BENCH_MANY_INTERVAL_MS=250   this far apart, in
+#   BENCH_MANY_ROUNDS=1          rounds per target
+#   BENCH_PLAIN_TARGETS=direct,nginx,quiet,proxy,limited,shared,clients1,clients10k
+#                                (rows compared with each other run back to back in each round)
+#   BENCH_STREAM_TARGETS=direct,nginx,proxy,proxy-h2  BENCH_MANY_TARGETS=direct,nginx,proxy,proxy-h2
+#                                which targets each phase measures ("none": none)
+#   BENCH_CLIENTS=10000          clients in clients10k's file
 #   BENCH_STARTUP_TRIES=10       fresh starts for start-up time and idle RSS
 #   BENCH_PIN=split|none         CPU pinning, see below (default split)
 #   BENCH_WORKERS=2              nginx worker_processes and llm-proxy's WORKER_THREADS
@@ -42,14 +63,15 @@
 #                                against other work on the machine; 0 leaves it alone
 #   BENCH_PROXY_ENV="K=V ..."    extra environment for llm-proxy, for experiments
 #                                (e.g. LD_PRELOAD=.../libjemalloc.so.2, MALLOC_ARENA_MAX=2)
-# Defaults take about 5 minutes for the measurements on a 2-core machine.
+# Defaults take about 6 minutes for the measurements on a 2-core machine: plain ~165 s, streams
+# at 200 and 1000 ~120 s, 5000 streams ~50 s, footprint ~10 s (the run.py docstring has the sum).
 #
 # Pinning (BENCH_PIN=split, the default). With 2 cores there is no clean answer; the choice:
 #   CPU 0: the load generator alone (wrk -t1, or the single-threaded `loadgen sse`);
-#   CPU 1: the mock upstream and the proxy under test (nginx or llm-proxy; for "direct", the
-#          upstream alone).
+#   CPU 1: the mock upstreams (plain and TLS), the redis-server and the proxy under test (nginx
+#          or llm-proxy; for "direct", the upstream alone).
 # So the load generator never steals CPU from what it measures, every target shares one core with
-# the same upstream (req/s at c=32 reads as "one core of upstream + proxy"), and no core sits idle
+# its upstream (req/s at c=32 reads as "one core of upstream + proxy"), and no core sits idle
 # to be woken with an IPI for each event. Both proxies keep 2 workers, as deployed on this box:
 # WORKER_THREADS=2 (tokio would otherwise size itself from the 1-CPU affinity mask) and
 # nginx `worker_processes 2`. Caveats: the two workers time-share a core (any multi-worker
@@ -58,7 +80,8 @@
 # 1-core figure. BENCH_PIN=none runs everything unpinned instead (closer to production, noisier).
 #
 # Noise: the targets run interleaved in rounds (order rotated each round), so a burst of outside
-# load hits all of them alike; counts and CPU are pooled, percentiles are the median of the rounds.
+# load hits all of them alike; counts and CPU are pooled, percentiles are the median of the rounds,
+# and a feature's CPU against its base row is the median of the two's ratio within each round.
 # The benchmark's session gets a higher scheduling weight (BENCH_NICE), and each run records the
 # CPU that other processes used meanwhile (column bg); the table warns when it was high.
 #
@@ -124,8 +147,8 @@ export BENCH_LOADGEN_BIN="${BENCH_LOADGEN_BIN:-$BIN/loadgen}"
 built=$(date +%s)
 
 # --- limits ----------------------------------------------------------------------------------
-# 1000 streams: 1000 client sockets in the generator, 1000 accepted plus 1000 upstream sockets in
-# the proxy, 1000 more in the upstream.
+# 5000 streams: 5000 client sockets in the generator, 5000 accepted plus 5000 upstream sockets in
+# the proxy (over HTTP/1), 5000 more in the upstream; each process has its own limit.
 want_nofile=20000
 if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$want_nofile" ]; then
     ulimit -n "$want_nofile" 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true

@@ -20,9 +20,15 @@
 //! [`MockOptions`] mounts the API under another base path (as Zhipu's `/api/paas/v4` or an Azure
 //! deployment), and [`MockUpstream::answer_key`] makes one upstream key always get one answer
 //! (a key pool's rate-limited or revoked key).
+//!
+//! [`MockUpstream::start_tls_on`] serves the same API over HTTPS with a [`SelfSigned`]
+//! certificate, offering HTTP/2 and HTTP/1.1 by ALPN, as real providers do.
 
 mod handlers;
 mod sse;
+mod tls;
+
+pub use tls::SelfSigned;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -35,6 +41,8 @@ use tokio::net::TcpSocket;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use warp::Filter;
+use warp::reject::Rejection;
+use warp::reply::Reply;
 
 /// How long [`MockUpstream::shutdown`] waits for in-flight responses (a slow
 /// stream, a long `x-mock-delay-ms`) before it gives up on them.
@@ -159,6 +167,8 @@ impl State {
 /// [`MockUpstream::shutdown`] does the same and waits for it.
 pub struct MockUpstream {
     addr: SocketAddr,
+    /// `https` or `http`.
+    scheme: &'static str,
     state: Arc<State>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
@@ -178,7 +188,7 @@ impl MockUpstream {
 
     /// Starts on `addr` with recording on.
     pub async fn start_on(addr: SocketAddr) -> std::io::Result<MockUpstream> {
-        MockUpstream::spawn(addr, true, MockOptions::default()).await
+        MockUpstream::spawn(addr, true, MockOptions::default(), None).await
     }
 
     /// Starts on `127.0.0.1:0` with recording on, serving as `options` say.
@@ -187,9 +197,14 @@ impl MockUpstream {
     ///
     /// If no port can be bound.
     pub async fn start_with(options: MockOptions) -> MockUpstream {
-        MockUpstream::spawn(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), true, options)
-            .await
-            .expect("mock-upstream: cannot bind 127.0.0.1:0")
+        MockUpstream::spawn(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            true,
+            options,
+            None,
+        )
+        .await
+        .expect("mock-upstream: cannot bind 127.0.0.1:0")
     }
 
     /// Every later request made with `key` gets `status` with an OpenAI-style error body and
@@ -211,56 +226,60 @@ impl MockUpstream {
     /// benchmark runs. Counters still work; `requests()` stays empty and
     /// `last_stream_bytes()` stays `None`.
     pub async fn start_without_recording_on(addr: SocketAddr) -> std::io::Result<MockUpstream> {
-        MockUpstream::spawn(addr, false, MockOptions::default()).await
+        MockUpstream::spawn(addr, false, MockOptions::default(), None).await
+    }
+
+    /// Starts on `addr` over HTTPS with `identity`'s certificate, offering `h2` and `http/1.1`
+    /// by ALPN; recording as `record` says. `max_streams` is the HTTP/2 limit of concurrent
+    /// streams per connection it advertises (`None`: no limit, so one connection can carry a
+    /// whole benchmark).
+    pub async fn start_tls_on(
+        addr: SocketAddr,
+        record: bool,
+        identity: SelfSigned,
+        max_streams: Option<u32>,
+    ) -> std::io::Result<MockUpstream> {
+        MockUpstream::spawn(
+            addr,
+            record,
+            MockOptions::default(),
+            Some((identity, max_streams)),
+        )
+        .await
     }
 
     async fn spawn(
         addr: SocketAddr,
         record: bool,
         options: MockOptions,
+        tls: Option<(SelfSigned, Option<u32>)>,
     ) -> std::io::Result<MockUpstream> {
         let listener = bind(addr)?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State::new(record, options));
-
-        let query = warp::query::raw()
-            .map(Some)
-            .or(warp::any().map(|| None))
-            .unify();
-        let with_state = {
-            let state = state.clone();
-            warp::any().map(move || state.clone())
-        };
-        // Taken before the body is read, so that a request whose body never
-        // arrives in full still shows up, as started and then abandoned.
-        let in_flight = {
-            let state = state.clone();
-            warp::any().map(move || InFlight::start(state.clone()))
-        };
-        // One catch-all filter that routes by hand: cheaper than a tree of
-        // `or`s, and every request has to be recorded the same way anyway.
-        let routes = warp::method()
-            .and(warp::path::full())
-            .and(query)
-            .and(warp::header::headers_cloned())
-            .and(in_flight)
-            .and(warp::body::bytes())
-            .and(with_state)
-            .then(handlers::handle);
+        let routes = routes(state.clone());
 
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(
-            warp::serve(routes)
-                .incoming(listener)
-                .graceful(async move {
-                    // A dropped sender means the handle is gone: stop as well.
-                    let _ = stop_rx.await;
-                })
-                .run(),
-        );
+        // A dropped sender means the handle is gone: stop as well.
+        let stopped = async move {
+            let _ = stop_rx.await;
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let server = match tls {
+            None => tokio::spawn(
+                warp::serve(routes)
+                    .incoming(listener)
+                    .graceful(stopped)
+                    .run(),
+            ),
+            Some((identity, max_streams)) => {
+                tokio::spawn(tls::serve(listener, identity, max_streams, routes, stopped))
+            }
+        };
 
         Ok(MockUpstream {
             addr,
+            scheme,
             state,
             stop: Some(stop_tx),
             server: Some(server),
@@ -271,9 +290,9 @@ impl MockUpstream {
         self.addr
     }
 
-    /// `http://IP:PORT`, without a trailing slash.
+    /// `http://IP:PORT` (`https://` in TLS mode), without a trailing slash.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// Every request received so far, in arrival order.
@@ -345,6 +364,33 @@ impl MockUpstream {
             server.abort();
         }
     }
+}
+
+/// The whole API as one filter, the same in plain and TLS mode.
+fn routes(
+    state: Arc<State>,
+) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone + Send + Sync + 'static {
+    let query = warp::query::raw()
+        .map(Some)
+        .or(warp::any().map(|| None))
+        .unify();
+    let with_state = {
+        let state = state.clone();
+        warp::any().map(move || state.clone())
+    };
+    // Taken before the body is read, so that a request whose body never
+    // arrives in full still shows up, as started and then abandoned.
+    let in_flight = warp::any().map(move || InFlight::start(state.clone()));
+    // One catch-all filter that routes by hand: cheaper than a tree of
+    // `or`s, and every request has to be recorded the same way anyway.
+    warp::method()
+        .and(warp::path::full())
+        .and(query)
+        .and(warp::header::headers_cloned())
+        .and(in_flight)
+        .and(warp::body::bytes())
+        .and(with_state)
+        .then(handlers::handle)
 }
 
 /// One request from its headers on: counted as answered if the handler gets
