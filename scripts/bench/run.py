@@ -506,7 +506,13 @@ def start_proxy(workdir, upstream, cpus, workers, name="proxy", redis=None):
     clients_file = state_dir = None
     text = clients_file_text(name)
     if text is not None:
-        clients_file = os.path.join(workdir, "clients-%s.toml" % name)
+        # A directory of its own, as a ConfigMap mount or /etc/llm-proxy is: the proxy watches
+        # the file's directory, and with the run's logs in the same one every access line of
+        # every target would wake each clients-file proxy's watcher (and charge the writer for
+        # those wake-ups).
+        clients_dir = os.path.join(workdir, "clients-%s" % name)
+        os.makedirs(clients_dir, exist_ok=True)
+        clients_file = os.path.join(clients_dir, "clients.toml")
         with open(clients_file, "w") as f:
             f.write(text)
         state_dir = os.path.join(workdir, "%s-state" % name)
