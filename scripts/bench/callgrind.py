@@ -154,7 +154,10 @@ class Proxy:
             "WORKER_THREADS": str(workers),
         }
         if clients:
-            path = os.path.join(workdir, "clients.toml")
+            # A directory of its own (as a ConfigMap mount is): the proxy watches the file's
+            # directory, and its log is written in the work dir.
+            os.makedirs(os.path.join(workdir, "clients"))
+            path = os.path.join(workdir, "clients", "clients.toml")
             clients_file(path, clients, limited)
             del env["ALLOWED_TOKENS"]
             env["CLIENTS_FILE"] = path

@@ -156,19 +156,22 @@ static RATE_LIMIT_HEADERS: [HeaderName; 6] = [
 /// Puts the client's own `x-ratelimit-*` headers in place of whatever the upstream sent, which
 /// describes the shared key's quota rather than this client's.
 pub fn write_rate_limit_headers(headers: &mut HeaderMap, standing: &Standing) {
-    // One pass over the names the answer has costs less than six hashed removals, and most
-    // upstreams behind a key pool send none of them.
-    if headers
-        .keys()
-        .any(|name| name.as_str().starts_with("x-ratelimit-"))
-    {
-        for name in &RATE_LIMIT_HEADERS {
-            headers.remove(name);
-        }
-    }
     let windows = [(0, standing.requests), (3, standing.tokens)];
     for (first, window) in windows {
-        let Some(window) = window else { continue };
+        let names = &RATE_LIMIT_HEADERS[first..first + 3];
+        let Some(window) = window else {
+            // No limit of this kind: the upstream's figures for it go (a pass over the names
+            // first costs less than three hashed removals, and most upstreams send none).
+            if headers
+                .keys()
+                .any(|name| name.as_str().starts_with("x-ratelimit-"))
+            {
+                for name in names {
+                    headers.remove(name);
+                }
+            }
+            continue;
+        };
         let values = [
             HeaderValue::from(window.limit),
             HeaderValue::from(window.remaining),
@@ -176,7 +179,8 @@ pub fn write_rate_limit_headers(headers: &mut HeaderMap, standing: &Standing) {
             HeaderValue::try_from(openai_duration(window.reset))
                 .unwrap_or_else(|_| HeaderValue::from_static("0s")),
         ];
-        for (name, value) in RATE_LIMIT_HEADERS[first..first + 3].iter().zip(values) {
+        // `insert` replaces whatever the upstream sent under the name.
+        for (name, value) in names.iter().zip(values) {
             headers.insert(name.clone(), value);
         }
     }
