@@ -94,9 +94,10 @@ pub struct UpstreamConfig {
     pub auth_header: HeaderName,
     /// `UPSTREAM_QUERY`: parameters added to every upstream request.
     pub query: Option<UpstreamQuery>,
-    /// The connection pool, built here because its TLS and timeout settings are configuration:
-    /// whatever fails about them fails at start-up, naming the variable.
-    pub client: reqwest::Client,
+    /// The connection pools (`UPSTREAM_HTTP2_CONNECTIONS` of them, requests taking them in turn),
+    /// built here because their TLS and timeout settings are configuration: whatever fails about
+    /// them fails at start-up, naming the variable. Never empty.
+    pub clients: Vec<reqwest::Client>,
     /// HTTP/1.1 only: a WebSocket upgrade cannot ride on an HTTP/2 connection that ALPN may
     /// pick for the pool above.
     pub tunnel_client: reqwest::Client,
@@ -443,7 +444,23 @@ impl Config {
             Some(path) => values::ca_file(&path)?,
         };
         let shared = redis::shared_state(&get)?;
-        let client = http_client(&limits, &extra_roots, Protocols::Negotiated)?;
+        let connections = values::positive(
+            "UPSTREAM_HTTP2_CONNECTIONS",
+            get("UPSTREAM_HTTP2_CONNECTIONS"),
+            1,
+        )?;
+        if connections > MAX_UPSTREAM_CONNECTIONS {
+            return Err(invalid(
+                "UPSTREAM_HTTP2_CONNECTIONS",
+                format!("is more than {MAX_UPSTREAM_CONNECTIONS}"),
+            ));
+        }
+        // One pool each: hyper's client puts every request to a host on its one HTTP/2
+        // connection, and queues those beyond the provider's stream limit rather than opening
+        // another.
+        let pools = (0..connections)
+            .map(|_| http_client(&limits, &extra_roots, Protocols::Negotiated))
+            .collect::<Result<Vec<_>, _>>()?;
         let tunnel_client = http_client(&limits, &extra_roots, Protocols::Http1Only)?;
 
         Ok(Config {
@@ -452,7 +469,7 @@ impl Config {
                 keys,
                 auth_header: auth_header_upstream,
                 query,
-                client,
+                clients: pools,
                 tunnel_client,
             },
             host: listen.ip(),
@@ -604,6 +621,9 @@ fn upstream_keys(
     Ok(keys)
 }
 
+/// `UPSTREAM_HTTP2_CONNECTIONS` at most: each pool loads its own TLS roots.
+const MAX_UPSTREAM_CONNECTIONS: u64 = 64;
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Protocols {
     Negotiated,
@@ -668,6 +688,25 @@ mod tests {
         config(vars)
             .expect_err("configuration should be rejected")
             .variable
+    }
+
+    #[test]
+    fn upstream_http2_connections_is_one_to_sixty_four() {
+        let pools = |value: &str| {
+            config(&[("AUTH_BEARER", "k"), ("UPSTREAM_HTTP2_CONNECTIONS", value)])
+                .map(|config| config.upstream.clients.len())
+        };
+        assert_eq!(pools("3").unwrap(), 3);
+        assert_eq!(pools("64").unwrap(), 64);
+        for bad in ["0", "65", "two"] {
+            assert_eq!(
+                pools(bad).err().map(|err| err.variable),
+                Some("UPSTREAM_HTTP2_CONNECTIONS".to_string()),
+                "{bad}"
+            );
+        }
+        let default = config(&[("AUTH_BEARER", "k")]).unwrap();
+        assert_eq!(default.upstream.clients.len(), 1);
     }
 
     #[test]

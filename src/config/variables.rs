@@ -97,6 +97,11 @@ pub const VARIABLES: &[Variable] = &[
         "token for /metrics; unset: ADMIN_TOKEN, else open",
     ),
     var(
+        "UPSTREAM_HTTP2_CONNECTIONS",
+        "1",
+        "upstream connection pools taken in turn: HTTP/2 connections to an h2 upstream (1-64)",
+    ),
+    var(
         "UPSTREAM_CONNECT_TIMEOUT_SECS",
         "10",
         "connecting to the upstream",

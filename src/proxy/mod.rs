@@ -36,7 +36,9 @@ use request::RequestBody;
 pub struct Upstream(Arc<Inner>);
 
 struct Inner {
-    client: reqwest::Client,
+    /// Taken in turn (`next_client`): one HTTP/2 connection each to an upstream that offers it.
+    clients: Vec<reqwest::Client>,
+    next_client: std::sync::atomic::AtomicUsize,
     tunnel_client: reqwest::Client,
     /// What the caller's `/v1` stands for upstream.
     base_url: Url,
@@ -73,7 +75,8 @@ impl Upstream {
             keys::share_rests(&keys, SharedRests::new(shared.clone(), &upstream.keys));
         }
         Upstream(Arc::new(Inner {
-            client: upstream.client.clone(),
+            clients: upstream.clients.clone(),
+            next_client: std::sync::atomic::AtomicUsize::new(0),
             tunnel_client: upstream.tunnel_client.clone(),
             base_url: upstream.base_url.clone(),
             known_paths: request::KnownPaths::new(&upstream.base_url),
@@ -104,6 +107,19 @@ impl Upstream {
     /// The pool of upstream keys, for readiness and metrics.
     pub fn keys(&self) -> &KeyPool {
         &self.0.keys
+    }
+
+    /// The next connection pool in turn.
+    fn client(&self) -> &reqwest::Client {
+        let clients = &self.0.clients;
+        if clients.len() == 1 {
+            return &clients[0];
+        }
+        let turn = self
+            .0
+            .next_client
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &clients[turn % clients.len()]
     }
 
     fn url(&self, path: &str, query: Option<&str>) -> Result<Url, ProxyError> {
@@ -160,7 +176,7 @@ impl Upstream {
         };
         let headers =
             headers::request_headers(headers, &self.0.caller_token_header, &self.0.key_header);
-        self.send_with_keys(&self.0.client, method, url, headers, body)
+        self.send_with_keys(self.client(), method, url, headers, body)
             .await
     }
 

@@ -23,7 +23,7 @@ impl Upstream {
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         let url = self.url("/v1/models", None)?;
         let mut response = self
-            .send_with_keys(&self.0.client, Method::GET, url, headers, RequestBody::None)
+            .send_with_keys(self.client(), Method::GET, url, headers, RequestBody::None)
             .await?;
         let status = response.status();
         let mut headers =

@@ -188,3 +188,84 @@ async fn without_the_ca_file_the_private_upstream_is_refused() {
     .await;
     assert!(upstream.seen.lock().is_empty());
 }
+
+/// The proxy in front of the mock in its HTTPS mode, which allows `max_streams` concurrent
+/// HTTP/2 streams per connection, with `connections` pools (`UPSTREAM_HTTP2_CONNECTIONS`).
+async fn app_behind_capped_http2(max_streams: u32, connections: usize) -> (TestApp, PathBuf) {
+    let identity = mock_upstream::SelfSigned::generate().unwrap();
+    let ca_file = std::env::temp_dir().join(format!("llm-proxy-h2-cap-{}.pem", rand_suffix()));
+    std::fs::write(&ca_file, identity.cert_pem()).unwrap();
+    let upstream = mock_upstream::MockUpstream::start_tls_on(
+        "127.0.0.1:0".parse().unwrap(),
+        true,
+        identity,
+        Some(max_streams),
+    )
+    .await
+    .unwrap();
+    let target = upstream.base_url();
+    let connections = connections.to_string();
+    let vars = [
+        ("TARGET_HOST", target.as_str()),
+        ("AUTH_BEARER", UPSTREAM_KEY),
+        ("AUTH_VALIDATION", "true"),
+        ("ALLOWED_TOKENS", CLIENT_TOKEN),
+        ("UPSTREAM_CA_FILE", ca_file.to_str().unwrap()),
+        ("UPSTREAM_HTTP2_CONNECTIONS", connections.as_str()),
+    ];
+    (spawn_app_with_upstream(upstream, &vars).await, ca_file)
+}
+
+/// How many of `total` slow streams the upstream is running at once: one request per pool
+/// first (so that each has its HTTP/2 connection), then all the streams together.
+async fn streams_running_at_once(app: &TestApp, connections: usize, total: usize) -> usize {
+    for _ in 0..connections {
+        let warm = app
+            .chat(CLIENT_TOKEN, serde_json::json!({"model": "m"}))
+            .await;
+        assert_eq!(warm.status(), 200);
+    }
+    let streams: Vec<_> = (0..total)
+        .map(|_| {
+            let request = app
+                .request_as(CLIENT_TOKEN, reqwest::Method::POST, "/v1/chat/completions")
+                .header("x-mock-chunks", "3")
+                .header("x-mock-interval-ms", "800")
+                .json(&serde_json::json!({"model": "m", "stream": true}));
+            tokio::spawn(async move {
+                let response = request.send().await.unwrap();
+                assert_eq!(response.status(), 200);
+                response.bytes().await.unwrap()
+            })
+        })
+        .collect();
+    // Each stream lasts over two seconds: whatever has started within this time ran at once.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let running = app.upstream.streams_started();
+    assert_eq!(
+        app.upstream.streams_completed(),
+        0,
+        "no stream may have ended yet"
+    );
+    for stream in streams {
+        let body = stream.await.unwrap();
+        assert!(
+            body.ends_with(b"data: [DONE]\n\n"),
+            "every stream ends whole"
+        );
+    }
+    running
+}
+
+#[tokio::test]
+async fn streams_beyond_an_http2_upstreams_limit_wait_for_a_place_unless_there_are_more_pools() {
+    // One connection: hyper's client queues what the upstream's limit does not let through.
+    let (app, ca_file) = app_behind_capped_http2(4, 1).await;
+    assert_eq!(streams_running_at_once(&app, 1, 8).await, 4);
+    std::fs::remove_file(ca_file).unwrap();
+
+    // Two pools taken in turn: two connections, all eight streams at once.
+    let (app, ca_file) = app_behind_capped_http2(4, 2).await;
+    assert_eq!(streams_running_at_once(&app, 2, 8).await, 8);
+    std::fs::remove_file(ca_file).unwrap();
+}
