@@ -66,7 +66,8 @@ pub fn slot_ttl() -> Duration {
 /// Counts above this are sent as this: Lua numbers are doubles, exact up to 2^53.
 const MAX_COUNT: u64 = 1 << 50;
 
-/// The Lua both scripts start with: the time, and `settle_from(first)`, which applies the
+/// The Lua both scripts start with: the time, today's tokens and the one-minute ring of the
+/// client's keys, and `settle_from(first)`, which applies the
 /// settlements in `ARGV[first..]`, five arguments each: tokens per minute (-1 for none), tokens
 /// charged, tokens used, the day charged, slot id. Each gives its slot back and replaces the
 /// charged tokens by the used ones. Returns the day and today's tokens after them.
@@ -77,6 +78,27 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local window = 60000000
 local cap = 86400000000
+
+-- Today's tokens of the client (KEYS[4]), and their update with the key's expiry.
+local function tokens_today(day)
+  local stored = redis.call('HMGET', KEYS[4], 'day', 'tokens')
+  if tonumber(stored[1]) == day then return tonumber(stored[2]) or 0 end
+  return 0
+end
+local function set_tokens_today(day, tokens)
+  redis.call('HSET', KEYS[4], 'day', day, 'tokens', string.format('%.0f', tokens))
+  redis.call('EXPIREAT', KEYS[4], (day + 1) * 86400 + 3600)
+end
+
+-- This second's slot of the one-minute ring (KEYS[5]), emptied when it last held another second.
+local function recent_slot()
+  local second = math.floor(now / 1000000)
+  local i = second % 60
+  if tonumber(redis.call('HGET', KEYS[5], 's' .. i)) ~= second then
+    redis.call('HSET', KEYS[5], 's' .. i, second, 'r' .. i, 0, 't' .. i, 0)
+  end
+  return i
+end
 
 local function settle(tpm, charged, used, charged_day, slot)
   redis.call('ZREM', KEYS[3], slot)
@@ -97,17 +119,10 @@ local function settle(tpm, charged, used, charged_day, slot)
     end
   end
   local day = math.floor(now / 86400000000)
-  local stored = redis.call('HMGET', KEYS[4], 'day', 'tokens')
-  local today = 0
-  if tonumber(stored[1]) == day then today = tonumber(stored[2]) or 0 end
+  local today = tokens_today(day)
   if charged_day == day then today = math.max(today - charged, 0) end
-  redis.call('HSET', KEYS[4], 'day', day, 'tokens', string.format('%.0f', today + used))
-  redis.call('EXPIREAT', KEYS[4], (day + 1) * 86400 + 3600)
-  local second = math.floor(now / 1000000)
-  local i = second % 60
-  if tonumber(redis.call('HGET', KEYS[5], 's' .. i)) ~= second then
-    redis.call('HSET', KEYS[5], 's' .. i, second, 'r' .. i, 0, 't' .. i, 0)
-  end
+  set_tokens_today(day, today + used)
+  local i = recent_slot()
   redis.call('HINCRBY', KEYS[5], 't' .. i, used - charged)
   redis.call('PEXPIRE', KEYS[5], 120000)
 end
@@ -175,9 +190,7 @@ if tpm >= 0 then
 end
 
 local day = math.floor(now / 86400000000)
-local stored = redis.call('HMGET', KEYS[4], 'day', 'tokens')
-local today = 0
-if tonumber(stored[1]) == day then today = tonumber(stored[2]) or 0 end
+local today = tokens_today(day)
 if budget >= 0 and today + estimate > budget then refuse(4, (day + 1) * 86400000000 - now) end
 
 if wait >= 0 then
@@ -196,13 +209,8 @@ if new_ttat then
 end
 redis.call('ZADD', KEYS[3], string.format('%.0f', now + ttl), ARGV[6])
 redis.call('PEXPIRE', KEYS[3], math.ceil(ttl / 1000))
-redis.call('HSET', KEYS[4], 'day', day, 'tokens', string.format('%.0f', today + estimate))
-redis.call('EXPIREAT', KEYS[4], (day + 1) * 86400 + 3600)
-local second = math.floor(now / 1000000)
-local i = second % 60
-if tonumber(redis.call('HGET', KEYS[5], 's' .. i)) ~= second then
-  redis.call('HSET', KEYS[5], 's' .. i, second, 'r' .. i, 0, 't' .. i, 0)
-end
+set_tokens_today(day, today + estimate)
+local i = recent_slot()
 redis.call('HINCRBY', KEYS[5], 'r' .. i, 1)
 redis.call('HINCRBY', KEYS[5], 't' .. i, estimate)
 redis.call('PEXPIRE', KEYS[5], 120000)
@@ -218,10 +226,7 @@ pub const SETTLE: &str = concat!(
     r"
 settle_from(1)
 local day = math.floor(now / 86400000000)
-local stored = redis.call('HMGET', KEYS[4], 'day', 'tokens')
-local today = 0
-if tonumber(stored[1]) == day then today = tonumber(stored[2]) or 0 end
-return {day, string.format('%.0f', today)}
+return {day, string.format('%.0f', tokens_today(day))}
 "
 );
 

@@ -369,27 +369,38 @@ async fn a_replica_killed_mid_stream_does_not_hold_its_slot_past_the_expiry() {
     );
 }
 
+/// The Redis limiter alone (no server around it), on `redis`, with `extra` settings.
+async fn redis_limiter(
+    redis: &RedisServer,
+    extra: &[(&str, &str)],
+) -> llm_proxy::policy::RedisLimiter {
+    let url = redis.url();
+    let mut vars = vec![("AUTH_BEARER", "k"), ("REDIS_URL", url.as_str())];
+    vars.extend_from_slice(extra);
+    let config = config_from(&vars);
+    let shared =
+        llm_proxy::shared::Shared::new(&config.shared, llm_proxy::ops::metrics::Metrics::new());
+    shared.first_contact().await;
+    llm_proxy::policy::RedisLimiter::new(shared, Duration::from_secs(30))
+}
+
 /// The limiter itself against a real Redis, with the in-process limiter's own cases.
 #[tokio::test]
 async fn the_redis_limiter_decides_as_the_in_process_one_does() {
     use llm_proxy::config::ClientLimits;
-    use llm_proxy::ops::metrics::Metrics;
-    use llm_proxy::policy::{Limiter, Reason, RedisLimiter};
-    use llm_proxy::shared::Shared;
+    use llm_proxy::policy::{Limiter, Reason};
 
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let url = redis.url();
-    let config = config_from(&[
-        ("AUTH_BEARER", "k"),
-        ("REDIS_URL", url.as_str()),
-        ("REDIS_TIMEOUT_MS", "100"),
-        ("REDIS_FALLBACK_REPLICAS", "2"),
-    ]);
-    let shared = Shared::new(&config.shared, Metrics::new());
-    shared.first_contact().await;
-    let limiter = RedisLimiter::new(shared, Duration::from_secs(30));
+    let limiter = redis_limiter(
+        &redis,
+        &[
+            ("REDIS_TIMEOUT_MS", "100"),
+            ("REDIS_FALLBACK_REPLICAS", "2"),
+        ],
+    )
+    .await;
     let near = |actual: Duration, expected: Duration| {
         actual <= expected && actual + Duration::from_millis(500) > expected
     };
@@ -546,18 +557,12 @@ fn script_calls(redis: &RedisServer) -> u64 {
 #[tokio::test]
 async fn a_settlement_rides_with_the_next_decision_or_follows_alone_within_the_delay() {
     use llm_proxy::config::ClientLimits;
-    use llm_proxy::ops::metrics::Metrics;
-    use llm_proxy::policy::{Limiter, RedisLimiter};
-    use llm_proxy::shared::Shared;
+    use llm_proxy::policy::Limiter;
 
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let url = redis.url();
-    let config = config_from(&[("AUTH_BEARER", "k"), ("REDIS_URL", url.as_str())]);
-    let shared = Shared::new(&config.shared, Metrics::new());
-    shared.first_contact().await;
-    let limiter = RedisLimiter::new(shared, Duration::from_secs(30));
+    let limiter = redis_limiter(&redis, &[]).await;
     let limits = ClientLimits {
         requests_per_minute: Some(1000),
         tokens_per_minute: Some(1_000_000),
