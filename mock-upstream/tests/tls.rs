@@ -56,6 +56,32 @@ async fn start_tls(max_streams: Option<u32>) -> (MockUpstream, SelfSigned) {
     (mock, identity)
 }
 
+/// `count` requests the mock answers only after 10 s, sent at once on one HTTP/2 connection;
+/// abort the tasks to end them.
+async fn hold_slow_requests(
+    mock: &MockUpstream,
+    identity: &SelfSigned,
+    count: usize,
+) -> Vec<tokio::task::JoinHandle<hyper::Result<hyper::Response<hyper::body::Incoming>>>> {
+    let addr = mock.addr();
+    let tls = connect(addr, identity.cert_pem(), &[b"h2"]).await;
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    (0..count)
+        .map(|_| {
+            let mut sender = sender.clone();
+            let request = Request::get(format!("https://{addr}/v1/models"))
+                .header("x-mock-delay-ms", "10000")
+                .body(Empty::<Bytes>::new())
+                .expect("request");
+            tokio::spawn(async move { sender.send_request(request).await })
+        })
+        .collect()
+}
+
 /// Polls `done` for up to `within`.
 async fn eventually(within: Duration, done: impl Fn() -> bool) -> bool {
     let deadline = Instant::now() + within;
@@ -124,24 +150,7 @@ async fn one_h2_connection_carries_more_streams_than_hyper_s_default_limit() {
     // hyper's server would advertise 200 concurrent streams; the mock advertises no limit, so a
     // proxy can put a whole benchmark's streams on one connection.
     let (mock, identity) = start_tls(None).await;
-    let addr = mock.addr();
-    let tls = connect(addr, identity.cert_pem(), &[b"h2"]).await;
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .expect("HTTP/2 handshake");
-    tokio::spawn(conn);
-    let mut held = Vec::new();
-    for _ in 0..300 {
-        let mut sender = sender.clone();
-        let request = Request::get(format!("https://{addr}/v1/models"))
-            .header("x-mock-delay-ms", "10000")
-            .body(Empty::<Bytes>::new())
-            .expect("request");
-        held.push(tokio::spawn(
-            async move { sender.send_request(request).await },
-        ));
-    }
+    let held = hold_slow_requests(&mock, &identity, 300).await;
     assert!(
         eventually(Duration::from_secs(5), || mock.requests_started() == 300).await,
         "only {} of 300 streams reached the mock",
@@ -155,24 +164,7 @@ async fn one_h2_connection_carries_more_streams_than_hyper_s_default_limit() {
 #[tokio::test]
 async fn h2_max_streams_caps_the_streams_of_a_connection() {
     let (mock, identity) = start_tls(Some(2)).await;
-    let addr = mock.addr();
-    let tls = connect(addr, identity.cert_pem(), &[b"h2"]).await;
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .expect("HTTP/2 handshake");
-    tokio::spawn(conn);
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        let mut sender = sender.clone();
-        let request = Request::get(format!("https://{addr}/v1/models"))
-            .header("x-mock-delay-ms", "10000")
-            .body(Empty::<Bytes>::new())
-            .expect("request");
-        held.push(tokio::spawn(
-            async move { sender.send_request(request).await },
-        ));
-    }
+    let held = hold_slow_requests(&mock, &identity, 3).await;
     assert!(eventually(Duration::from_secs(5), || mock.requests_started() == 2).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(

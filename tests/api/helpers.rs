@@ -133,15 +133,7 @@ impl TestApp {
 pub async fn spawn_app(extra: &[(&str, &str)]) -> TestApp {
     let upstream = MockUpstream::start().await;
     let target = upstream.base_url();
-    let mut vars = vec![
-        ("TARGET_HOST", target.as_str()),
-        ("AUTH_BEARER", UPSTREAM_KEY),
-        ("AUTH_VALIDATION", "true"),
-        ("ALLOWED_TOKENS", CLIENT_TOKEN),
-        ("ADMIN_TOKEN", ADMIN_TOKEN),
-    ];
-    vars.extend_from_slice(extra);
-    spawn_app_with_upstream(upstream, &vars).await
+    spawn_app_in_front_of(upstream, ("TARGET_HOST", &target), extra).await
 }
 
 /// The proxy in front of a mock serving as `options` say, reached through
@@ -150,8 +142,18 @@ pub async fn spawn_app_mounted(options: MockOptions, extra: &[(&str, &str)]) -> 
     let mount = options.mount.clone().unwrap_or_default();
     let upstream = MockUpstream::start_with(options).await;
     let base = format!("{}{mount}", upstream.base_url());
+    spawn_app_in_front_of(upstream, ("TARGET_BASE_URL", &base), extra).await
+}
+
+/// [`spawn_app`]'s settings with `target` (`TARGET_HOST` or `TARGET_BASE_URL`) naming
+/// `upstream`, and `extra` on top.
+pub async fn spawn_app_in_front_of(
+    upstream: MockUpstream,
+    target: (&str, &str),
+    extra: &[(&str, &str)],
+) -> TestApp {
     let mut vars = vec![
-        ("TARGET_BASE_URL", base.as_str()),
+        target,
         ("AUTH_BEARER", UPSTREAM_KEY),
         ("AUTH_VALIDATION", "true"),
         ("ALLOWED_TOKENS", CLIENT_TOKEN),

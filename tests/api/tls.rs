@@ -205,15 +205,12 @@ async fn app_behind_capped_http2(max_streams: u32, connections: usize) -> (TestA
     .unwrap();
     let target = upstream.base_url();
     let connections = connections.to_string();
-    let vars = [
-        ("TARGET_HOST", target.as_str()),
-        ("AUTH_BEARER", UPSTREAM_KEY),
-        ("AUTH_VALIDATION", "true"),
-        ("ALLOWED_TOKENS", CLIENT_TOKEN),
+    let extra = [
         ("UPSTREAM_CA_FILE", ca_file.to_str().unwrap()),
         ("UPSTREAM_HTTP2_CONNECTIONS", connections.as_str()),
     ];
-    (spawn_app_with_upstream(upstream, &vars).await, ca_file)
+    let app = spawn_app_in_front_of(upstream, ("TARGET_HOST", &target), &extra).await;
+    (app, ca_file)
 }
 
 /// How many of `total` slow streams the upstream is running at once: one request per pool
