@@ -301,6 +301,26 @@ impl MemoryLimiter {
         self.0.budget_generation.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Carries a client's standing over from another limiter (the shared one, when Redis stops
+    /// answering): its request and token windows move on to at least `requests` and `tokens`
+    /// from now, and `in_flight` more requests count against its concurrency until each is
+    /// settled here. A window is never moved back: what this limiter counted itself stays.
+    pub fn seed(&self, client: &str, requests: Duration, tokens: Duration, in_flight: u64) {
+        let now = Instant::now();
+        let later = |tat: Option<Instant>, ahead: Duration| {
+            if ahead.is_zero() {
+                return tat;
+            }
+            let seeded = now + ahead;
+            Some(tat.map_or(seeded, |tat| tat.max(seeded)))
+        };
+        let mut clients = self.0.clients.lock();
+        let state = clients.entry(Arc::from(client)).or_default();
+        state.request_tat = later(state.request_tat, requests);
+        state.token_tat = later(state.token_tat, tokens);
+        state.in_flight = state.in_flight.saturating_add(in_flight);
+    }
+
     pub fn usage_at(&self, client: &str, now: Instant, wall: SystemTime) -> ClientUsage {
         let clients = self.0.clients.lock();
         let Some(state) = clients.get(client) else {

@@ -27,9 +27,23 @@
 //!
 //! While Redis does not answer (the [`Shared`] handle says local, or a call comes back
 //! [`Unavailable`]) the decision is made by an in-process [`MemoryLimiter`] with every limit
-//! divided by `REDIS_FALLBACK_REPLICAS` (rounded up, at least 1). The daily-budget tokens charged
-//! that way (and the corrections of requests admitted by Redis that ended during the outage) are
-//! kept per client and added to Redis once it answers again ([`RECONCILE`]).
+//! divided by `REDIS_FALLBACK_REPLICAS` (rounded up, at least 1). An outage must not hand out
+//! fresh limits, so each answer from Redis also tells where the client stands (its request and
+//! token TATs less now, today's tokens), kept per client ([`Seen`]); before a client's first
+//! local decision of an outage its local state starts from there ([`Inner::seed`]):
+//!
+//! - each window keeps the same time ahead of now as in Redis, so each replica has used the same
+//!   part of its share as the client had of the whole limit, and frees it at its share's rate
+//!   (a client that spent its minute in Redis has spent each replica's share too);
+//! - the budget count is its share of today's tokens (`tokens / N`, rounded up);
+//! - the requests this replica has in flight with a Redis slot count against its share of the
+//!   concurrency until they end (another replica's are counted there).
+//!
+//! What a replica knows is what the client's last decision on that replica (or its last
+//! settlement) brought back; a decision on another replica since then is not in it.
+//! The daily-budget tokens charged locally (and the corrections of requests admitted by Redis
+//! that ended during the outage) are kept per client and added to Redis once it answers again
+//! ([`RECONCILE`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,6 +53,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use redis::Script;
+use tokio::time::Instant;
 
 use super::limiter::{Budgets, Charge, ClientUsage, Limiter, Reason, Refusal, Standing, Window};
 use super::memory::MemoryLimiter;
@@ -220,13 +235,15 @@ return {1, 0, 0, day, rr, rs, tr, ts, string.format('%.0f', today + estimate)}
 "
 );
 
-/// KEYS: as [`ACQUIRE`]'s. ARGV: settlements (see `settle_lua`). Returns {day, tokens today}.
+/// KEYS: as [`ACQUIRE`]'s. ARGV: settlements (see `settle_lua`). Returns {day, tokens today,
+/// token TAT less now in µs (0 when in the past)}: the settlements moved it.
 pub const SETTLE: &str = concat!(
     settle_lua!(),
     r"
 settle_from(1)
 local day = math.floor(now / 86400000000)
-return {day, string.format('%.0f', tokens_today(day))}
+local ttat = tonumber(redis.call('GET', KEYS[2]) or '0')
+return {day, string.format('%.0f', tokens_today(day)), math.max(ttat - now, 0)}
 "
 );
 
@@ -336,15 +353,32 @@ struct Inner {
     held: Mutex<HashMap<u64, Arc<str>>>,
     /// Per client, the day and the daily-budget tokens charged outside Redis, to be added to it.
     outage: Mutex<HashMap<String, (u64, i64)>>,
-    /// Per client with a budget, the day and its tokens as Redis last told them: a replica
-    /// going local starts from its share of that count, not from zero.
-    known: Mutex<HashMap<Arc<str>, (u64, u64)>>,
-    /// The clients whose local budget count was set from `known` in this outage.
+    /// Per client with a per-minute limit or a budget, where it stood when Redis last answered
+    /// for it: a replica going local starts from its share of that, not from zero.
+    known: Mutex<HashMap<Arc<str>, Seen>>,
+    /// The clients whose local state was set from `known` in this outage.
     seeded: Mutex<HashSet<Arc<str>>>,
+    /// The slots of `held` the local limiter counts as in flight (seeded into it): each is
+    /// given back there too when its request ends, or the local count would never come down.
+    counted: Mutex<HashSet<u64>>,
     /// Per client, the settlements waiting for its next decision (or for [`SETTLE_DELAY`]).
     waiting: Mutex<HashMap<Arc<str>, Vec<Settlement>>>,
     /// Whether a task will send what is still waiting once [`SETTLE_DELAY`] has passed.
     flush_planned: AtomicBool,
+}
+
+/// A client's standing as Redis last told it.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    /// When the answer came, on this process's clock: the TATs below are from Redis's now,
+    /// which was earlier, so counting them from here errs on the safe side.
+    at: Instant,
+    /// How far the request and token TATs were ahead of Redis's now (zero when in the past).
+    requests: Duration,
+    tokens: Duration,
+    /// The UTC day and the client's tokens of it.
+    day: u64,
+    tokens_today: u64,
 }
 
 /// A request's end, as the settlement scripts take it.
@@ -403,6 +437,7 @@ impl RedisLimiter {
             outage: Mutex::new(HashMap::new()),
             known: Mutex::new(HashMap::new()),
             seeded: Mutex::new(HashSet::new()),
+            counted: Mutex::new(HashSet::new()),
             waiting: Mutex::new(HashMap::new()),
             flush_planned: AtomicBool::new(false),
         }));
@@ -429,26 +464,56 @@ impl Inner {
         }
     }
 
-    fn remember_today(&self, client: &str, day: u64, tokens: u64) {
+    fn remember(&self, client: &str, seen: Seen) {
         let mut known = self.known.lock();
         // A lookup first: the name is allocated only for a client's first request.
         if let Some(entry) = known.get_mut(client) {
-            *entry = (day, tokens);
+            *entry = seen;
         } else {
-            known.insert(Arc::from(client), (day, tokens));
+            known.insert(Arc::from(client), seen);
         }
     }
 
-    /// Before a client's first local decision of an outage: its local budget count becomes its
-    /// share of what Redis last counted, so that the replicas together spend at most what was
-    /// left of the budget (each has `tokens_per_day / N` less `today / N`).
+    /// Before a client's first local decision of an outage: its local state starts from its
+    /// share of where Redis last said it stood (see the module doc), so that the replicas
+    /// together stay within each limit across the switch.
     fn seed(&self, client: &str, limits: &ClientLimits) {
-        if limits.tokens_per_day.is_none() || self.seeded.lock().contains(client) {
+        if self.seeded.lock().contains(client) {
             return;
         }
-        let Some((day, tokens)) = self.known.lock().get(client).copied() else {
-            return;
+        let seen = self.known.lock().get(client).copied();
+        // The windows keep their time ahead of now (less the time since Redis said it): a
+        // window is a fraction of the minute used, the same for a share as for the whole.
+        let (requests, tokens) = seen.map_or((Duration::ZERO, Duration::ZERO), |seen| {
+            let gone = seen.at.elapsed();
+            (
+                seen.requests.saturating_sub(gone),
+                seen.tokens.saturating_sub(gone),
+            )
+        });
+        let in_flight = if limits.max_concurrent_requests.is_some() {
+            // Under the `held` lock: a slot that ends meanwhile is either not counted yet or
+            // counted and given back (see `release`), never counted after it ended.
+            let held = self.held.lock();
+            let mut counted = self.counted.lock();
+            let mine = held.iter().filter(|(_, owner)| ***owner == *client);
+            mine.filter(|(slot, _)| counted.insert(**slot)).count() as u64
+        } else {
+            0
         };
+        if in_flight > 0 || !requests.is_zero() || !tokens.is_zero() {
+            self.local.seed(client, requests, tokens, in_flight);
+        }
+        if let (Some(_), Some(seen)) = (limits.tokens_per_day, seen) {
+            self.seed_budget(client, seen.day, seen.tokens_today);
+        }
+        self.seeded.lock().insert(Arc::from(client));
+    }
+
+    /// The local budget count becomes the client's share of what Redis last counted, so that
+    /// the replicas together spend at most what was left of the budget (each has
+    /// `tokens_per_day / N` less `today / N`).
+    fn seed_budget(&self, client: &str, day: u64, tokens: u64) {
         let replicas = u64::from(self.shared.fallback_replicas()).max(1);
         // Never below what this replica already counted locally: a seed from a stale Redis
         // count must not erase local spending (a Redis that answers PING but refuses scripts
@@ -469,7 +534,26 @@ impl Inner {
             day,
             tokens: vec![(client.to_string(), tokens.div_ceil(replicas).max(counted))],
         });
-        self.seeded.lock().insert(Arc::from(client));
+    }
+
+    /// A slot is no longer this replica's to refresh (its request ended, or it was never
+    /// owned); if the local limiter counts it as in flight, its place is given back there too.
+    fn release(&self, client: &str, slot: u64) {
+        let counted = {
+            let mut held = self.held.lock();
+            held.remove(&slot);
+            self.counted.lock().remove(&slot)
+        };
+        if counted {
+            // No tokens: only the place (the tokens are settled with Redis, or reconciled).
+            let place = Charge {
+                tokens: 0,
+                day: 0,
+                slot: 0,
+            };
+            self.local
+                .settle(client, &ClientLimits::default(), place, 0);
+        }
     }
 
     fn record_outage(&self, client: &str, day: u64, tokens: i64) {
@@ -521,7 +605,8 @@ impl Inner {
         // mid-call (the future dropped) included: a slot held here but owned by nobody would be
         // refreshed for the life of the process and lock the client out.
         let mut unowned = UnownedSlot {
-            held: &self.held,
+            inner: self,
+            client,
             slot,
             owned: false,
         };
@@ -537,8 +622,22 @@ impl Inner {
             }
         };
         let unsigned = |value: i64| u64::try_from(value).unwrap_or(0);
-        if limits.tokens_per_day.is_some() {
-            self.remember_today(client, unsigned(answer[3]), unsigned(answer[8]));
+        // What a switch to local mode would start from (see `seed`); a client without a
+        // per-minute limit or a budget has nothing to carry over.
+        if limits.requests_per_minute.is_some()
+            || limits.tokens_per_minute.is_some()
+            || limits.tokens_per_day.is_some()
+        {
+            self.remember(
+                client,
+                Seen {
+                    at: Instant::now(),
+                    requests: Duration::from_micros(unsigned(answer[5])),
+                    tokens: Duration::from_micros(unsigned(answer[7])),
+                    day: unsigned(answer[3]),
+                    tokens_today: unsigned(answer[8]),
+                },
+            );
         }
         let window = |limit: Option<u64>, remaining: i64, reset: i64| {
             limit.map(|limit| Window {
@@ -638,13 +737,22 @@ impl Inner {
             for settlement in &settlements {
                 self.push_settlement(&mut invocation, settlement);
             }
-            let answer: Result<(u64, u64), Unavailable> = self.shared.eval(&invocation).await;
+            let answer: Result<(u64, u64, u64), Unavailable> = self.shared.eval(&invocation).await;
             match answer {
-                // Only clients with a budget are remembered (acquire puts them there).
-                Ok((day, today)) if self.known.lock().contains_key(&client) => {
-                    self.remember_today(&client, day, today);
+                Ok((day, today, tokens_ahead)) => {
+                    // Only the clients acquire remembers; the request window did not move.
+                    if let Some(seen) = self.known.lock().get_mut(&client) {
+                        let at = Instant::now();
+                        let requests = seen.requests.saturating_sub(at - seen.at);
+                        *seen = Seen {
+                            at,
+                            requests,
+                            tokens: Duration::from_micros(tokens_ahead),
+                            day,
+                            tokens_today: today,
+                        };
+                    }
                 }
-                Ok(_) => {}
                 Err(Unavailable) => self.settlements_lost(&client, &settlements),
             }
         }
@@ -736,7 +844,7 @@ impl Limiter for RedisLimiter {
             return;
         }
         // No longer refreshed from now on: if the settlement does not arrive, the slot expires.
-        self.0.held.lock().remove(&charge.slot);
+        self.0.release(client, charge.slot);
         let settlement = Settlement {
             tpm: limits.tokens_per_minute,
             charge,
@@ -777,7 +885,8 @@ impl Limiter for RedisLimiter {
 
 /// A slot this replica refreshes but no ticket owns yet; dropped unowned, it stops refreshing.
 struct UnownedSlot<'a> {
-    held: &'a Mutex<HashMap<u64, Arc<str>>>,
+    inner: &'a Inner,
+    client: &'a str,
     slot: u64,
     owned: bool,
 }
@@ -785,7 +894,7 @@ struct UnownedSlot<'a> {
 impl Drop for UnownedSlot<'_> {
     fn drop(&mut self) {
         if !self.owned {
-            self.held.lock().remove(&self.slot);
+            self.inner.release(self.client, self.slot);
         }
     }
 }

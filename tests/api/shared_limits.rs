@@ -1,6 +1,7 @@
 //! Per-client limits kept in Redis (`REDIS_URL`): two real proxy processes sharing one real
 //! `redis-server` enforce one limit between them; when Redis stops each enforces its share
-//! (`REDIS_FALLBACK_REPLICAS`), and the outage's budget charges reach Redis once it is back; a
+//! (`REDIS_FALLBACK_REPLICAS`), starting from its share of what the client had used, and the
+//! outage's budget charges reach Redis once it is back; a
 //! replica killed mid-stream does not hold its concurrency slot past the slot's expiry.
 
 use std::time::{Duration, Instant};
@@ -275,7 +276,10 @@ async fn without_redis_each_replica_enforces_its_share_and_the_outage_charges_re
 
     redis.stop();
     // 4 a minute over 2 replicas: 2 each, decided locally, none waiting longer than the timeout.
-    for proxy in [&a, &b] {
+    // A starts from what Redis told it: alice's chat there used a quarter of her minute, so
+    // the same part of A's 2 (one left); B never decided for her and starts empty. 3 in all,
+    // what was left of her 4.
+    for (proxy, expected) in [(&a, [200, 429, 429]), (&b, [200, 200, 429])] {
         let mut statuses = Vec::new();
         for _ in 0..3 {
             let started = Instant::now();
@@ -288,7 +292,10 @@ async fn without_redis_each_replica_enforces_its_share_and_the_outage_charges_re
             statuses.push(response.status().as_u16());
             let _ = response.bytes().await;
         }
-        assert_eq!(statuses, [200, 200, 429], "half the limit each");
+        assert_eq!(
+            statuses, expected,
+            "half the limit each, less what was used"
+        );
         assert_eq!(readyz_limits(proxy).await, "local");
     }
     // Bob's 40 a day is 20 on each replica, less its share of the 13 Redis had counted (7): a
@@ -301,8 +308,8 @@ async fn without_redis_each_replica_enforces_its_share_and_the_outage_charges_re
     );
     assert_eq!(error_code(refused).await, "quota_exceeded");
 
-    // Redis comes back empty (no persistence): the two replicas' outage charges, 2 chats of 13
-    // tokens each, are added to it.
+    // Redis comes back empty (no persistence): the two replicas' outage charges, 1 and 2 chats
+    // of 13 tokens each, are added to it.
     redis.restart();
     for proxy in [&a, &b] {
         wait_until(Duration::from_secs(5), || async {
@@ -312,7 +319,7 @@ async fn without_redis_each_replica_enforces_its_share_and_the_outage_charges_re
         .expect("shared again");
     }
     wait_until(Duration::from_secs(5), || async {
-        usage(&b).await["tokens_today"] == 52
+        usage(&b).await["tokens_today"] == 39
     })
     .await
     .unwrap_or_else(|| {
@@ -322,7 +329,7 @@ async fn without_redis_each_replica_enforces_its_share_and_the_outage_charges_re
         )
     });
     let day: String = redis.command(&["HGET", "llm-proxy:{client:alice}:day", "tokens"]);
-    assert!(day.contains("52"), "{day}");
+    assert!(day.contains("39"), "{day}");
     // And the limit is shared again: the fresh Redis has the whole minute's 4.
     let mut admitted = 0;
     for round in 0..6 {
@@ -602,4 +609,137 @@ async fn a_settlement_rides_with_the_next_decision_or_follows_alone_within_the_d
     .await;
     assert!(settled.is_some(), "the settlement never reached Redis");
     assert_eq!(limiter.usage("bob").await.tokens_today, 40);
+}
+
+/// `Retry-After` of a refusal, in whole seconds.
+fn retry_after(response: &reqwest::Response) -> u64 {
+    header(response, "retry-after").parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_redis_outage_keeps_the_minute_the_clients_had_spent() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let upstream = MockUpstream::start().await;
+    let file = clients_file(
+        "[clients.alice]\ntoken = \"tok-alice\"\nrequests_per_minute = 4\n\n\
+         [clients.bob]\ntoken = \"tok-bob\"\nrequests_per_minute = 4\n\n\
+         [clients.carol]\ntoken = \"tok-carol\"\nrequests_per_minute = 12\n",
+    );
+    let extra = [("REDIS_FALLBACK_REPLICAS", "2")];
+    let a = replica(&upstream, &redis, &file, &extra).await;
+    let b = replica(&upstream, &redis, &file, &extra).await;
+    // In shared mode, taking turns: alice spends her 4, bob 2 of his 4, carol her 12.
+    for (token, count) in [("tok-alice", 4), ("tok-bob", 2), ("tok-carol", 12)] {
+        for round in 0..count {
+            let proxy = if round % 2 == 0 { &a } else { &b };
+            assert_eq!(chat_as(proxy, token).await.status(), 200, "{token} {round}");
+        }
+    }
+
+    redis.stop();
+    // Carol first (her windows are the shortest): 12 a minute is 6 on each replica, one every
+    // 10 s. A last saw her 11th request, B her 12th: A frees a place within 5 s, B within 10 s.
+    let mut deadlines = Vec::new();
+    for (proxy, most) in [(&a, 5), (&b, 10)] {
+        let refused = chat_as(proxy, "tok-carol").await;
+        let refused_at = Instant::now();
+        assert_eq!(refused.status(), 429, "carol's minute was spent in Redis");
+        let wait = retry_after(&refused);
+        assert!((1..=most).contains(&wait), "Retry-After {wait}");
+        assert_eq!(error_code(refused).await, "rate_limited");
+        deadlines.push(refused_at + Duration::from_secs(wait));
+    }
+    for proxy in [&a, &b] {
+        assert_eq!(readyz_limits(proxy).await, "local");
+    }
+
+    // Alice spent her whole minute: neither replica lets one more through.
+    for proxy in [&a, &b] {
+        let refused = chat_as(proxy, "tok-alice").await;
+        assert_eq!(refused.status(), 429, "no fresh minute in the outage");
+        let wait = retry_after(&refused);
+        assert!((1..=30).contains(&wait), "Retry-After {wait}");
+        assert_eq!(error_code(refused).await, "rate_limited");
+    }
+
+    // Bob used half: each replica has half its share (1 of 2) left, 2 in all as in Redis.
+    for proxy in [&a, &b] {
+        let mut statuses = Vec::new();
+        for _ in 0..2 {
+            statuses.push(chat_as(proxy, "tok-bob").await.status().as_u16());
+        }
+        assert_eq!(statuses, [200, 429], "the rest of the share, no more");
+    }
+
+    // Once Retry-After has passed, the local windows admit again, at the share's rate: one
+    // request, then a refusal until the next 10 s have passed.
+    for (proxy, deadline) in [&a, &b].into_iter().zip(deadlines) {
+        tokio::time::sleep_until(deadline.into()).await;
+        assert_eq!(chat_as(proxy, "tok-carol").await.status(), 200);
+        let refused = chat_as(proxy, "tok-carol").await;
+        assert_eq!(refused.status(), 429, "one place freed, not a minute");
+        // The next place is 10 s on (less the moments the checks took).
+        assert!(retry_after(&refused) >= 5, "{}", retry_after(&refused));
+        assert_eq!(readyz_limits(proxy).await, "local");
+    }
+}
+
+/// The token window and the requests in flight carry over too, at the limiter's level.
+#[tokio::test]
+async fn an_outage_starts_the_token_window_and_the_places_where_redis_left_them() {
+    use llm_proxy::config::ClientLimits;
+    use llm_proxy::policy::{Limiter, Reason};
+
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let limiter = redis_limiter(
+        &redis,
+        &[
+            ("REDIS_TIMEOUT_MS", "100"),
+            ("REDIS_FALLBACK_REPLICAS", "2"),
+        ],
+    )
+    .await;
+    // 1000 tokens a minute, 60 ms a token: a request estimated at 600 that used 800 leaves
+    // the window 48 s ahead (the settlement moved it, in a call of its own).
+    let tokens = ClientLimits {
+        tokens_per_minute: Some(1000),
+        ..ClientLimits::default()
+    };
+    let (charge, _) = limiter.acquire("t", &tokens, 600).await.unwrap();
+    limiter.settle("t", &tokens, charge, 800);
+    limiter.flush().await;
+    // Two places, one of them taken by a request Redis admitted that is still running.
+    let places = ClientLimits {
+        max_concurrent_requests: Some(2),
+        ..ClientLimits::default()
+    };
+    let (running, _) = limiter.acquire("p", &places, 0).await.unwrap();
+
+    redis.stop();
+    // 500 a minute here (120 ms a token), 48 s of it used: 100 tokens left.
+    let refusal = limiter.acquire("t", &tokens, 150).await.unwrap_err();
+    assert_eq!(refusal.reason, Reason::Tokens);
+    // 150 tokens need 18 s, 12 s are free: 6 s (less the moments gone by).
+    assert!(
+        refusal.retry_after <= Duration::from_secs(6)
+            && refusal.retry_after > Duration::from_secs(5),
+        "{refusal:?}"
+    );
+    assert!(limiter.acquire("t", &tokens, 90).await.is_ok());
+
+    // One place here, and the request Redis admitted on this replica holds it.
+    let refusal = limiter.acquire("p", &places, 0).await.unwrap_err();
+    assert_eq!(refusal.reason, Reason::Concurrency);
+    assert_eq!(limiter.usage("p").await.in_flight, 1);
+    // When it ends, its place is free here too.
+    limiter.settle("p", &places, running, 0);
+    assert_eq!(limiter.usage("p").await.in_flight, 0);
+    let (local, _) = limiter.acquire("p", &places, 0).await.unwrap();
+    assert!(limiter.acquire("p", &places, 0).await.is_err());
+    limiter.settle("p", &places, local, 0);
+    assert_eq!(limiter.usage("p").await.in_flight, 0);
 }
