@@ -81,8 +81,7 @@ impl Slot {
     }
 }
 
-/// The keys and their state. One per `Upstream`; a new configuration builds a new pool, so a
-/// disabled key is also back in turn after a reload or a restart.
+/// The keys and their state. One per `Upstream`; a new one starts with every key in turn.
 pub struct KeyPool {
     header_values: Vec<HeaderValue>,
     // A synchronous lock is right here: it is held to read or set a few fields, never across an

@@ -191,8 +191,9 @@ fn rebuilt(
     reqwest::Response::from(response)
 }
 
-/// Probes every disabled key each `every`, for as long as the upstream handle lives: a reload
-/// builds a new pool, and the task ends at its next round.
+/// Probes every disabled key each `every`, for as long as the upstream handle lives: it holds
+/// the handle only during a round, so once the handle is dropped (a new configuration brings a
+/// new pool) the task ends at its next round.
 async fn reprobe(upstream: Weak<Inner>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
