@@ -30,8 +30,9 @@ impl Upstream {
     /// Returns whether this call started the probe.
     ///
     /// The request that got the 401 does not wait for the probe: it may go on to another key at
-    /// once, so a truly bad key costs its callers no more time than the retry, and a hostile
-    /// request costs the upstream one probe per key at most, bounded by `UPSTREAM_TIMEOUT_SECS`.
+    /// once, so a truly bad key costs its callers no more time than the retry; and a burst of
+    /// hostile requests costs the upstream one probe per key at a time, each bounded by
+    /// `UPSTREAM_TIMEOUT_SECS`.
     pub(super) fn suspect(&self, position: usize) -> bool {
         if !self.keys().begin_probe(position) {
             return false;
