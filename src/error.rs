@@ -40,7 +40,8 @@ pub enum ProxyError {
     KeysResting {
         retry_after: u64,
     },
-    /// The upstream refused every key of `AUTH_BEARER` (401/403); only the operator can fix that.
+    /// Every key of `AUTH_BEARER` is disabled (refused with 401, its probe too) until a probe is
+    /// accepted: only the operator or the provider can fix that.
     KeysRefused,
     /// The caller's body broke off before its end, while the proxy read it whole (for a possible
     /// retry on another key, or to find its model).

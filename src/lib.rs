@@ -20,9 +20,10 @@
 //!    its list and the request is charged against its limits (an estimate first, settled from
 //!    the answer's `usage` when it ends), or refused with 429 before anything goes upstream.
 //! 7. [`proxy`]: the [`proxy::Upstream`] handle sends the request with a key from the pool
-//!    ([`proxy::keys`]) swapped in, on to the next key while the upstream refuses it, and shapes
-//!    the answer: headers cleaned, the body passed through adapters (idle watchdog with SSE
-//!    keep-alive, usage tap, key mask) as it streams, or the model list served from its cache.
+//!    ([`proxy::keys`]) swapped in, on to the next key after a rate limit (a key answered 401 is
+//!    probed alone before it is taken out), and shapes the answer: headers cleaned, the body
+//!    passed through adapters (idle watchdog with SSE keep-alive, usage tap, key mask) as it
+//!    streams, or the model list served from its cache.
 //! 8. [`error`]: every answer the proxy makes itself, in one table.
 //!
 //! Beside the request path, [`ops::reload`] re-reads the clients file and the token settings on

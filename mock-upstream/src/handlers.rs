@@ -126,7 +126,8 @@ async fn respond(
     }
 
     if let Some(status) = mock_status(&headers) {
-        return mock_error(status);
+        let message = headers.get("x-mock-message").map(lossy);
+        return mock_error(status, message.as_deref());
     }
 
     // HEAD is routed like GET; hyper drops the body.
@@ -255,15 +256,16 @@ fn error_response(status: StatusCode, message: &str, kind: &str, code: Option<&s
     json_response(status, to_json(&body))
 }
 
-fn mock_error(status: StatusCode) -> Response {
+/// `message` is the body's message, else one naming the status.
+fn mock_error(status: StatusCode, message: Option<&str>) -> Response {
     let (kind, code) = match status.as_u16() {
         429 => ("requests", Some("rate_limit_exceeded")),
         401 => ("invalid_request_error", Some("invalid_api_key")),
         400..=499 => ("invalid_request_error", None),
         _ => ("server_error", None),
     };
-    let message = format!("mock upstream error {}", status.as_u16());
-    let mut res = error_response(status, &message, kind, code);
+    let named = format!("mock upstream error {}", status.as_u16());
+    let mut res = error_response(status, message.unwrap_or(&named), kind, code);
     add_headers(
         &mut res,
         &[

@@ -9,6 +9,7 @@
 //! | header               | effect                                                   |
 //! |----------------------|----------------------------------------------------------|
 //! | `x-mock-status`      | answer with that status and an OpenAI-style error body   |
+//! | `x-mock-message`     | the `message` of that error body                         |
 //! | `x-mock-delay-ms`    | wait that long before sending the response headers       |
 //! | `x-mock-chunks`      | number of content events in a streamed chat (default 5)  |
 //! | `x-mock-interval-ms` | pause between streamed events (default 10)               |
@@ -19,7 +20,7 @@
 //!
 //! [`MockOptions`] mounts the API under another base path (as Zhipu's `/api/paas/v4` or an Azure
 //! deployment), and [`MockUpstream::answer_key`] makes one upstream key always get one answer
-//! (a key pool's rate-limited or revoked key).
+//! (a key pool's rate-limited or revoked key) until [`MockUpstream::forget_key`].
 //!
 //! [`MockUpstream::start_tls_on`] serves the same API over HTTPS with a [`SelfSigned`]
 //! certificate, offering HTTP/2 and HTTP/1.1 by ALPN, as real providers do.
@@ -220,6 +221,14 @@ impl MockUpstream {
         let mut answers = self.state.key_answers.lock();
         answers.retain(|(known, _)| known != key);
         answers.push((key.to_string(), answer));
+    }
+
+    /// Requests made with `key` are answered as any other again.
+    pub fn forget_key(&self, key: &str) {
+        self.state
+            .key_answers
+            .lock()
+            .retain(|(known, _)| known != key);
     }
 
     /// Starts on `addr` without keeping requests or stream bytes, for long

@@ -70,7 +70,7 @@ macro_rules! label_value_as_str {
         }
     )*};
 }
-label_value_as_str!(UpstreamFailure, TokenKind);
+label_value_as_str!(UpstreamFailure, TokenKind, ProbeOutcome, PassedRefusal);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -97,14 +97,67 @@ pub enum KeyState {
     Usable,
     /// Rate-limited (429): back by itself when the rest is over.
     Resting,
-    /// Refused (401/403): out of turn until a restart or reload.
+    /// Refused (401) by a probe with the key alone: out of turn until a probe is accepted.
     Disabled,
+}
+
+/// How a probe of one upstream key alone ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    /// A 2xx answer: the key is good.
+    Accepted,
+    /// 401: the key itself is refused.
+    Refused,
+    /// Any other answer, or none: nothing is known about the key.
+    Inconclusive,
+}
+
+impl ProbeOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            ProbeOutcome::Accepted => "accepted",
+            ProbeOutcome::Refused => "refused",
+            ProbeOutcome::Inconclusive => "inconclusive",
+        }
+    }
+}
+
+/// An upstream refusal a key pool passed to the client without resting or disabling a key.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum PassedRefusal {
+    /// 401 after the request's one try on another key.
+    Unauthorized,
+    /// 403: it belongs to the request.
+    Forbidden,
+    /// 429 for a request larger than the limit itself.
+    TooLarge,
+}
+
+impl PassedRefusal {
+    fn as_str(self) -> &'static str {
+        match self {
+            PassedRefusal::Unauthorized => "401",
+            PassedRefusal::Forbidden => "403",
+            PassedRefusal::TooLarge => "429",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KeyLabels {
     /// The key's 1-based position in `AUTH_BEARER`: never any part of the key.
     key: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyProbeLabels {
+    key: u64,
+    outcome: ProbeOutcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PassedRefusalLabels {
+    status: PassedRefusal,
 }
 
 /// Where the state shared by replicas (key rests, later the per-client limits) is kept.
@@ -211,6 +264,8 @@ struct Families {
     key_rate_limited: Family<KeyLabels, Counter>,
     key_resting: Family<KeyLabels, Gauge>,
     key_disabled: Family<KeyLabels, Gauge>,
+    key_probes: Family<KeyProbeLabels, Counter>,
+    refusals_passed: Family<PassedRefusalLabels, Counter>,
     limit_refusals: Family<RefusalLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     state_mode: Family<ModeLabels, Gauge>,
@@ -330,8 +385,21 @@ impl Metrics {
         let key_disabled = Family::<KeyLabels, Gauge>::default();
         registry.register(
             "upstream_key_disabled",
-            "1 once the upstream refused the key (401/403): out of turn until restart",
+            "1 while the key is out of turn: the upstream refused a probe with the key alone (401)",
             key_disabled.clone(),
+        );
+        let key_probes = Family::<KeyProbeLabels, Counter>::default();
+        registry.register(
+            "upstream_key_probes",
+            "Probes of one key alone, by position and outcome (accepted, refused, inconclusive)",
+            key_probes.clone(),
+        );
+        let refusals_passed = Family::<PassedRefusalLabels, Counter>::default();
+        registry.register(
+            "upstream_refusals_passed",
+            "Upstream 401, 403 and 429 answers a key pool passed on without resting or \
+             disabling a key for them, by status",
+            refusals_passed.clone(),
         );
         let limit_refusals = Family::<RefusalLabels, Counter>::default();
         registry.register(
@@ -374,6 +442,8 @@ impl Metrics {
             key_rate_limited,
             key_resting,
             key_disabled,
+            key_probes,
+            refusals_passed,
             limit_refusals,
             reloads,
             state_mode,
@@ -481,6 +551,23 @@ impl Metrics {
         self.0
             .key_rate_limited
             .get_or_create(&key_labels(position))
+            .inc();
+    }
+
+    pub fn key_probe(&self, position: usize, outcome: ProbeOutcome) {
+        self.0
+            .key_probes
+            .get_or_create(&KeyProbeLabels {
+                key: position as u64,
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn refusal_passed(&self, status: PassedRefusal) {
+        self.0
+            .refusals_passed
+            .get_or_create(&PassedRefusalLabels { status })
             .inc();
     }
 

@@ -1,17 +1,23 @@
 //! The pool of upstream keys (`AUTH_BEARER=k1,k2,k3`): which key a request uses, which keys rest
-//! after a 429 and until when, which were refused (401/403) and are out of turn, and how long the
-//! upstream asked us to wait.
+//! after a 429 and until when, which the upstream refused and are out of turn until a probe finds
+//! them accepted again, and how long the upstream asked us to wait.
 //!
 //! Keys are known by their position in `AUTH_BEARER` (1 for the first), never by any part of the
 //! key: that is what logs and metrics show.
 //!
-//! The pool's state is behind a small interface (`choose`, `rested`, `disabled`,
+//! An upstream refusal may belong to the request rather than to the key (a restricted key without
+//! the scope for one path, a firewall rule, a request larger than the rate limit itself), and one
+//! client must never be able to take the keys from the others. So only a probe with the key
+//! alone ([`KEY_CHECK_PATH`], see `proxy::probe`) takes a key out of turn, and disabled keys are
+//! probed again every [`REPROBE_INTERVAL`] until they are accepted.
+//!
+//! The pool's state is behind a small interface (`choose`, `rested`, `probed`,
 //! `first_usable_at`). With `REDIS_URL`, rests are also shared by replicas ([`share_rests`]):
 //! a background task merges this pool's rests with Redis's, so `choose` never waits for Redis.
-//! Refused keys (401/403) stay per process: a replica finds out on its own first request with
-//! the key, and taking a key out for every replica on one replica's word is not worth the risk.
+//! Disabled keys stay per process: a replica finds out with its own probe, and taking a key out
+//! for every replica on one replica's word is not worth the risk.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -22,7 +28,7 @@ use tokio::time::Instant;
 use warp::http::{HeaderMap, HeaderValue, StatusCode};
 
 use crate::config::UpstreamKey;
-use crate::ops::metrics::{KeyState, Metrics};
+use crate::ops::metrics::{KeyState, Metrics, ProbeOutcome};
 use crate::shared::rests::SharedRests;
 
 /// How long a key rests after a 429 whose answer names no time.
@@ -32,6 +38,26 @@ pub const DEFAULT_REST: Duration = Duration::from_secs(60);
 /// own, this bounds how stale a replica's view is: a rest recorded by one replica is respected
 /// by the others within this interval plus two Redis round trips.
 pub const REST_SYNC_INTERVAL: Duration = Duration::from_millis(500);
+
+/// What a probe asks for with one key alone, in the caller's terms (`/v1/...`: the upstream
+/// base URL stands for `/v1`, and `UPSTREAM_QUERY` is added as to any request). Nearly every
+/// OpenAI-compatible provider lists its models for any valid key and nothing else.
+pub const KEY_CHECK_PATH: &str = "/v1/models";
+
+/// How often disabled keys are probed again.
+pub const REPROBE_INTERVAL: Duration = Duration::from_secs(60);
+/// A test-only knob (not a setting, not in the README's table): [`REPROBE_INTERVAL`] in
+/// milliseconds, so that a test can watch a key come back without waiting a minute.
+pub const TEST_REPROBE_VARIABLE: &str = "LLM_PROXY_TEST_KEY_REPROBE_MS";
+
+/// [`REPROBE_INTERVAL`], or the test knob's value.
+fn reprobe_interval() -> Duration {
+    std::env::var(TEST_REPROBE_VARIABLE)
+        .ok()
+        .and_then(|value| value.parse::<u64>().ok())
+        .filter(|millis| *millis > 0)
+        .map_or(REPROBE_INTERVAL, Duration::from_millis)
+}
 
 /// The key a request is sent with.
 #[derive(Clone, Debug)]
@@ -45,6 +71,8 @@ pub struct KeyChoice {
 struct Slot {
     resting_until: Option<Instant>,
     disabled: bool,
+    /// A probe of this key is on its way: no second one is started.
+    probing: bool,
 }
 
 impl Slot {
@@ -53,8 +81,7 @@ impl Slot {
     }
 }
 
-/// The keys and their state. One per `Upstream`; a new configuration builds a new pool, so a
-/// refused key is back in turn after a reload or a restart.
+/// The keys and their state. One per `Upstream`; a new one starts with every key in turn.
 pub struct KeyPool {
     header_values: Vec<HeaderValue>,
     // A synchronous lock is right here: it is held to read or set a few fields, never across an
@@ -65,15 +92,21 @@ pub struct KeyPool {
     metrics: Metrics,
     /// Wakes the rest sync (when there is one) as soon as a key starts resting here.
     rested_here: Arc<Notify>,
+    reprobe_every: Duration,
+    /// Set once the re-probing of disabled keys runs; it runs for the rest of the pool's life.
+    reprobing: AtomicBool,
 }
 
 /// What an upstream status means for the key that got it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// 429: the key rests, the request may go to another key.
+    /// 429: the key rests and the request may go to another key, unless the answer says the
+    /// request can never fit the limit ([`exceeds_the_limit_itself`]).
     RateLimited,
-    /// 401 or 403: the key is out of turn, the request may go to another key.
-    Refused,
+    /// 401: the key is suspect and probed alone; the request may try one other key.
+    Unauthorized,
+    /// 403: a refusal of this request (a scope, a firewall rule), passed on as it came.
+    Forbidden,
     /// Anything else is the answer.
     Answer,
 }
@@ -82,10 +115,21 @@ impl Verdict {
     pub fn of(status: StatusCode) -> Verdict {
         match status {
             StatusCode::TOO_MANY_REQUESTS => Verdict::RateLimited,
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Verdict::Refused,
+            StatusCode::UNAUTHORIZED => Verdict::Unauthorized,
+            StatusCode::FORBIDDEN => Verdict::Forbidden,
             _ => Verdict::Answer,
         }
     }
+}
+
+/// What a probe's outcome changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyChange {
+    /// The key was in turn and the upstream refused it alone: now out of turn.
+    Disabled,
+    /// The key was out of turn and the upstream accepted it alone: back in turn.
+    Restored,
+    Unchanged,
 }
 
 impl KeyPool {
@@ -99,6 +143,8 @@ impl KeyPool {
             next: AtomicUsize::new(0),
             metrics,
             rested_here: Arc::new(Notify::new()),
+            reprobe_every: reprobe_interval(),
+            reprobing: AtomicBool::new(false),
         }
     }
 
@@ -108,6 +154,11 @@ impl KeyPool {
 
     pub fn is_empty(&self) -> bool {
         self.header_values.is_empty()
+    }
+
+    /// The header value that carries the key at `position`, for a probe with it alone.
+    pub fn header_value(&self, position: usize) -> Option<HeaderValue> {
+        self.header_values.get(position.checked_sub(1)?).cloned()
     }
 
     /// The next usable key in turn that is not in `tried` (1-based positions), if any.
@@ -131,7 +182,7 @@ impl KeyPool {
     /// Whether the pool has another key to fail over to. A pool of one keeps the proxy's
     /// behaviour without a pool: its key is never rested or taken out, every request goes to the
     /// upstream, and the upstream's 429, 401 or 403 reaches the caller as it is.
-    fn fails_over(&self) -> bool {
+    pub fn fails_over(&self) -> bool {
         self.len() > 1
     }
 
@@ -183,9 +234,10 @@ impl KeyPool {
         }
     }
 
-    /// The key at `position` was refused (401/403): it is out of turn for the life of the pool.
-    /// Returns whether this call took it out (the first refusal), so the caller logs it once.
-    pub fn disabled(&self, position: usize) -> bool {
+    /// Starts a probe of the key at `position` unless one is on its way (or the pool has one key,
+    /// which is never taken out). Returns whether the caller is to probe; it reports with
+    /// [`KeyPool::probed`].
+    pub fn begin_probe(&self, position: usize) -> bool {
         if !self.fails_over() {
             return false;
         }
@@ -193,12 +245,54 @@ impl KeyPool {
         let Some(slot) = slots.get_mut(position - 1) else {
             return false;
         };
-        let first = !slot.disabled;
-        slot.disabled = true;
-        if first {
-            self.metrics.key_state(position, KeyState::Disabled);
-        }
-        first
+        !std::mem::replace(&mut slot.probing, true)
+    }
+
+    /// The probe of the key at `position` ended with `outcome`: refused alone (401), the key is
+    /// out of turn; accepted alone, it is back in turn; anything else (another status, no answer)
+    /// proves nothing about the key and changes nothing.
+    pub fn probed(&self, position: usize, outcome: ProbeOutcome) -> KeyChange {
+        self.metrics.key_probe(position, outcome);
+        let mut slots = self.slots.lock();
+        let Some(slot) = slots.get_mut(position - 1) else {
+            return KeyChange::Unchanged;
+        };
+        slot.probing = false;
+        let change = match (outcome, slot.disabled) {
+            (ProbeOutcome::Refused, false) => KeyChange::Disabled,
+            (ProbeOutcome::Accepted, true) => KeyChange::Restored,
+            _ => return KeyChange::Unchanged,
+        };
+        slot.disabled = change == KeyChange::Disabled;
+        let now = Instant::now();
+        let state = match slot {
+            Slot { disabled: true, .. } => KeyState::Disabled,
+            slot if slot.usable(now) => KeyState::Usable,
+            _ => KeyState::Resting,
+        };
+        self.metrics.key_state(position, state);
+        change
+    }
+
+    /// The positions of the keys out of turn.
+    pub fn disabled_keys(&self) -> Vec<usize> {
+        self.slots
+            .lock()
+            .iter()
+            .enumerate()
+            .filter(|(_, slot)| slot.disabled)
+            .map(|(index, _)| index + 1)
+            .collect()
+    }
+
+    /// Whether the caller is to start the re-probing of disabled keys: true once per pool.
+    pub fn start_reprobing(&self) -> bool {
+        !self.reprobing.swap(true, Ordering::Relaxed)
+    }
+
+    /// How long the re-probing waits between rounds.
+    pub fn reprobe_every(&self) -> Duration {
+        self.reprobe_every
     }
 
     /// When the first key is usable: now or earlier if one is, `None` if every key is disabled.
@@ -263,6 +357,41 @@ async fn sync_rests(pool: Weak<KeyPool>, rested_here: Arc<Notify>, rests: Shared
             () = rested_here.notified() => {}
             () = tokio::time::sleep(REST_SYNC_INTERVAL) => {}
         }
+    }
+}
+
+/// How much of a 429's body is read to decide whether the request can ever fit: OpenAI's error
+/// bodies are a few hundred bytes; a longer body is not one of them.
+pub const RATE_LIMIT_BODY_READ: usize = 16 * 1024;
+
+/// Whether a 429's body says the request is larger than the limit itself, so no key and no wait
+/// could serve it: OpenAI's `{"error":{"message":"Request too large for gpt-4o ... Limit 30000,
+/// Requested 45000. ..."}}`. An ordinary rate limit names a request that fits (`Limit 30000,
+/// Used 29000, Requested 2000`) and is not one.
+pub fn exceeds_the_limit_itself(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        error: Detail,
+    }
+    #[derive(serde::Deserialize)]
+    struct Detail {
+        message: String,
+    }
+    let Ok(answer) = serde_json::from_slice::<Answer>(body) else {
+        return false;
+    };
+    let message = answer.error.message;
+    let number_after = |label: &str| -> Option<u64> {
+        let start = message.find(label)? + label.len();
+        let digits: String = message[start..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    };
+    match (number_after("Limit "), number_after("Requested ")) {
+        (Some(limit), Some(requested)) => requested > limit,
+        _ => false,
     }
 }
 
@@ -436,19 +565,49 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn keys_are_used_in_turn_and_resting_or_refused_keys_are_skipped() {
+    async fn keys_are_used_in_turn_and_resting_or_disabled_keys_are_skipped() {
         let pool = pool(3);
         let turn: Vec<usize> = (0..4).map(|_| pool.choose(&[]).unwrap().position).collect();
         assert_eq!(turn, [1, 2, 3, 1]);
         assert!(pool.rested(2, Instant::now() + Duration::from_secs(10)));
-        assert!(pool.disabled(3));
-        assert!(!pool.disabled(3), "refused once, logged once");
+        assert!(pool.begin_probe(3));
+        assert_eq!(pool.probed(3, ProbeOutcome::Refused), KeyChange::Disabled);
+        assert!(pool.begin_probe(3));
+        assert_eq!(
+            pool.probed(3, ProbeOutcome::Refused),
+            KeyChange::Unchanged,
+            "disabled once, logged once"
+        );
         let turn: Vec<usize> = (0..3).map(|_| pool.choose(&[]).unwrap().position).collect();
         assert_eq!(turn, [1, 1, 1]);
         assert!(pool.choose(&[1]).is_none(), "no key twice for one request");
         assert_eq!(pool.first_usable_at(), Some(Instant::now()));
+        assert_eq!(pool.disabled_keys(), [3]);
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(pool.choose(&[1]).unwrap().position, 2, "the rest is over");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_a_refused_probe_disables_and_only_an_accepted_one_restores() {
+        let pool = pool(2);
+        for outcome in [ProbeOutcome::Accepted, ProbeOutcome::Inconclusive] {
+            assert!(pool.begin_probe(1));
+            assert_eq!(pool.probed(1, outcome), KeyChange::Unchanged, "{outcome:?}");
+        }
+        assert!(pool.disabled_keys().is_empty());
+        assert!(pool.begin_probe(1));
+        assert!(!pool.begin_probe(1), "one probe of a key at a time");
+        assert_eq!(pool.probed(1, ProbeOutcome::Refused), KeyChange::Disabled);
+        for outcome in [ProbeOutcome::Refused, ProbeOutcome::Inconclusive] {
+            assert!(pool.begin_probe(1));
+            assert_eq!(pool.probed(1, outcome), KeyChange::Unchanged, "{outcome:?}");
+        }
+        assert_eq!(pool.disabled_keys(), [1]);
+        assert!(pool.begin_probe(1));
+        assert_eq!(pool.probed(1, ProbeOutcome::Accepted), KeyChange::Restored);
+        assert!(pool.disabled_keys().is_empty());
+        assert!(pool.start_reprobing());
+        assert!(!pool.start_reprobing(), "one re-probing per pool");
     }
 
     #[tokio::test(start_paused = true)]
@@ -461,7 +620,13 @@ mod tests {
         assert!(pool.choose(&[]).is_none());
         assert_eq!(pool.first_usable_at(), Some(now + Duration::from_secs(5)));
         assert_eq!(retry_after_secs(now + Duration::from_millis(4500)), 5);
-        assert!(pool.disabled(1) && pool.disabled(2));
+        for position in [1, 2] {
+            assert!(pool.begin_probe(position));
+            assert_eq!(
+                pool.probed(position, ProbeOutcome::Refused),
+                KeyChange::Disabled
+            );
+        }
         assert_eq!(pool.first_usable_at(), None);
         assert!(!pool.any_enabled());
     }
@@ -485,8 +650,43 @@ mod tests {
     async fn a_single_key_is_never_benched() {
         let pool = pool(1);
         assert!(!pool.rested(1, Instant::now() + Duration::from_secs(30)));
-        assert!(!pool.disabled(1));
+        assert!(!pool.begin_probe(1), "a single key is never probed");
         assert_eq!(pool.choose(&[]).unwrap().position, 1);
         assert!(pool.any_enabled());
+    }
+
+    #[test]
+    fn a_request_larger_than_the_limit_itself_is_told_from_a_rate_limit() {
+        let body = |message: &str| {
+            serde_json::json!({"error": {
+                "message": message, "type": "tokens", "param": null, "code": "rate_limit_exceeded"
+            }})
+            .to_string()
+        };
+        assert!(exceeds_the_limit_itself(
+            body(
+                "Request too large for gpt-4o in organization org-abc on tokens per min (TPM): \
+                 Limit 30000, Requested 45000. The input or output tokens must be reduced in \
+                 order to run successfully."
+            )
+            .as_bytes()
+        ));
+        for fits in [
+            "Rate limit reached for gpt-4o in organization org-abc on tokens per min (TPM): \
+             Limit 30000, Used 29000, Requested 2000. Please try again in 2s.",
+            "Request too large: Limit 30000, Requested 30000.",
+            "Request too large for gpt-4o",
+            "Limit 30000",
+            "Requested 45000",
+        ] {
+            assert!(!exceeds_the_limit_itself(body(fits).as_bytes()), "{fits}");
+        }
+        for not_openai in [
+            &b""[..],
+            b"Request too large: Limit 1, Requested 2",
+            b"{\"error\":\"Limit 1, Requested 2\"}",
+        ] {
+            assert!(!exceeds_the_limit_itself(not_openai));
+        }
     }
 }

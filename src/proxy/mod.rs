@@ -6,6 +6,7 @@ pub mod headers;
 pub mod keys;
 pub mod models;
 pub mod models_cache;
+mod refusals;
 pub mod request;
 pub mod response;
 pub mod upgrade;
@@ -23,12 +24,12 @@ use warp::http::{HeaderMap, HeaderName, Method, StatusCode, header};
 use crate::auth::redact::{Redactor, error_chain, searchable};
 use crate::config::{Config, UpstreamQuery};
 use crate::error::ProxyError;
-use crate::ops::metrics::{Metrics, UpstreamFailure};
+use crate::ops::metrics::{Metrics, PassedRefusal, UpstreamFailure};
 use crate::server::descriptors::is_out_of_descriptors;
 use crate::shared::Shared;
 use crate::shared::rests::SharedRests;
 use body::caused_by_body_limit;
-use keys::{DEFAULT_REST, KeyPool, Verdict, rest_duration, retry_after_secs};
+use keys::{DEFAULT_REST, KEY_CHECK_PATH, KeyPool, Verdict, rest_duration, retry_after_secs};
 use request::RequestBody;
 
 /// Everything the upstream code needs, and nothing else. Cloning is shallow.
@@ -180,10 +181,15 @@ impl Upstream {
             .await
     }
 
-    /// Sends the request with the next key in turn. An answer of 429, 401 or 403, or a connection
-    /// that failed before anything was sent, is tried again on the next usable key (each key at
-    /// most once), as long as the body can be sent again; nothing has reached the caller yet,
-    /// since only status and headers have been seen.
+    /// Sends the request with the next key in turn. A 429 (the key rests) or a connection that
+    /// failed before anything was sent is tried again on the next usable key (each key at most
+    /// once), as long as the body can be sent again; nothing has reached the caller yet, since
+    /// only status and headers have been seen.
+    ///
+    /// Refusals that may belong to the request never take a key away from the other callers: a
+    /// 403 and a 429 for a request larger than the limit itself go to the caller as they came,
+    /// and a 401 only makes the key suspect (probed alone, see [`refusals`]) and lets the request
+    /// try one other key.
     async fn send_with_keys(
         &self,
         client: &reqwest::Client,
@@ -196,6 +202,7 @@ impl Upstream {
         let mut tried = Vec::with_capacity(pool.len());
         let mut last_answer: Option<reqwest::Response> = None;
         let mut last_failure: Option<ProxyError> = None;
+        let mut unauthorized = false;
         // Moved into the attempt that can be the last (every key tried, or a body that cannot be
         // sent twice), cloned for the others: a single key, the usual case, copies nothing.
         let (mut headers, mut url) = (Some(headers), Some(url));
@@ -234,9 +241,33 @@ impl Upstream {
                 }
                 Err(failure) => return Err(failure.error),
             };
-            match Verdict::of(response.status()) {
+            // A pool of one key keeps the behaviour without a pool: every answer is the answer.
+            let verdict = match Verdict::of(response.status()) {
+                _ if !pool.fails_over() => Verdict::Answer,
+                verdict => verdict,
+            };
+            let response = match verdict {
                 Verdict::Answer => return Ok(response),
+                Verdict::Forbidden => {
+                    log::info!(
+                        "upstream answered 403 with key {} of {}: passed to the client, no key                          changes (a 403 belongs to the request)",
+                        key.position,
+                        pool.len()
+                    );
+                    self.0.metrics.refusal_passed(PassedRefusal::Forbidden);
+                    return Ok(response);
+                }
                 Verdict::RateLimited => {
+                    let (response, too_large) = self.too_large_for_any_key(response).await;
+                    if too_large {
+                        log::info!(
+                            "upstream answered 429 with key {} of {} to a request larger than the                              limit itself: passed to the client, no key rests",
+                            key.position,
+                            pool.len()
+                        );
+                        self.0.metrics.refusal_passed(PassedRefusal::TooLarge);
+                        return Ok(response);
+                    }
                     let rest = rest_duration(response.headers(), SystemTime::now())
                         .unwrap_or(DEFAULT_REST);
                     let until = tokio::time::Instant::now() + rest;
@@ -248,19 +279,34 @@ impl Upstream {
                             rest.as_secs_f64()
                         );
                     }
+                    response
                 }
-                Verdict::Refused => {
-                    if pool.disabled(key.position) {
-                        log::error!(
-                            "upstream key {} of {} (AUTH_BEARER) was refused with {}: taken out \
-                             of turn until the process restarts",
-                            key.position,
-                            pool.len(),
-                            response.status().as_u16()
-                        );
+                Verdict::Unauthorized => {
+                    let probing = self.suspect(key.position);
+                    let retry = !unauthorized && body.replayable();
+                    log::info!(
+                        "upstream key {} of {} answered 401: {}{}",
+                        key.position,
+                        pool.len(),
+                        if probing {
+                            format!("probing it alone (GET {KEY_CHECK_PATH}); ")
+                        } else {
+                            String::new()
+                        },
+                        if retry {
+                            "the request tries one other key"
+                        } else {
+                            "passed to the client"
+                        }
+                    );
+                    if !retry {
+                        self.0.metrics.refusal_passed(PassedRefusal::Unauthorized);
+                        return Ok(response);
                     }
+                    unauthorized = true;
+                    response
                 }
-            }
+            };
             if !body.replayable() {
                 return Ok(response);
             }
@@ -278,6 +324,9 @@ impl Upstream {
                     answer
                         .headers_mut()
                         .insert(header::RETRY_AFTER, retry_after_secs(at).into());
+                }
+                if answer.status() == StatusCode::UNAUTHORIZED && pool.fails_over() {
+                    self.0.metrics.refusal_passed(PassedRefusal::Unauthorized);
                 }
                 Ok(answer)
             }

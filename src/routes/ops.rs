@@ -17,8 +17,9 @@ pub fn healthz() -> impl Filter<Extract = (warp::reply::Response,), Error = Reje
         .map(|| warp::reply::json(&json!({"status": "ok"})).into_response())
 }
 
-/// GET /readyz: 200 while taking traffic, 503 once shutdown has begun or the upstream has refused
-/// every key (a key resting after a 429 still counts: it comes back by itself). The body says
+/// GET /readyz: 200 while taking traffic, 503 once shutdown has begun or while every key is
+/// disabled (refused, its probe too; a key resting after a 429 still counts: it comes back by
+/// itself). The body says
 /// where the shared state is kept, `"limits":"shared"` or `"local"`: Redis being down does not
 /// make a replica unready, it still serves with local state.
 pub fn readyz(

@@ -1,15 +1,24 @@
-//! `AUTH_BEARER=k1,k2`: keys in turn, failover on 429/401/403 before anything reached the
-//! client, rests that are kept, refused keys taken out, and honest answers when no key is left.
-//! What the upstream saw (the mock records every request with its key) is the evidence.
+//! `AUTH_BEARER=k1,k2`: keys in turn, failover on 429 before anything reached the client, rests
+//! that are kept, bad keys taken out after a probe with the key alone and back when a probe is
+//! accepted, refusals that belong to the request passed on without touching any key, and honest
+//! answers when no key is left. What the upstream saw (the mock records every request with its
+//! key) is the evidence.
+
+use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::json;
 
 use crate::helpers::*;
+use crate::process::{RunningProxy, drain, start_binary_with_mock};
 
 const KEY_1: &str = "sk-pool-key-number-one";
 const KEY_2: &str = "sk-pool-key-number-two";
+const KEY_3: &str = "sk-pool-key-number-three";
 const POOL: &str = "sk-pool-key-number-one, sk-pool-key-number-two";
+const POOL_OF_3: &str = "sk-pool-key-number-one, sk-pool-key-number-two, sk-pool-key-number-three";
+/// What a key probe asks the mock for.
+const PROBE_PATH: &str = "/v1/models";
 
 async fn pool_app() -> TestApp {
     spawn_app(&[("AUTH_BEARER", POOL)]).await
@@ -17,11 +26,77 @@ async fn pool_app() -> TestApp {
 
 /// The keys of every request the upstream received, in order.
 fn keys_seen(app: &TestApp) -> Vec<String> {
+    keys_seen_on(app, None)
+}
+
+/// The keys of the requests for `path` (every path for `None`) the upstream received, in order.
+fn keys_seen_on(app: &TestApp, path: Option<&str>) -> Vec<String> {
     app.upstream
         .requests()
         .iter()
+        .filter(|request| path.is_none_or(|path| request.path == path))
         .map(|request| request.key().unwrap_or("<none>").to_string())
         .collect()
+}
+
+/// The keys the probes (`GET /v1/models` with a key alone) carried, in order.
+fn keys_probed(app: &TestApp) -> Vec<String> {
+    app.upstream
+        .requests()
+        .iter()
+        .filter(|request| request.method == "GET" && request.path == PROBE_PATH)
+        .map(|request| request.key().unwrap_or("<none>").to_string())
+        .collect()
+}
+
+/// Probes and retries run side by side, so only the set of keys they used is certain.
+fn sorted(mut keys: Vec<String>) -> Vec<String> {
+    keys.sort();
+    keys
+}
+
+/// Polls `/metrics` until `series` reads `value`; false if it does not within 5 s.
+async fn metric_becomes(app: &TestApp, series: &str, value: f64) -> bool {
+    metric_at_becomes(&app.url("/metrics"), series, value).await
+}
+
+async fn metric_at_becomes(metrics_url: &str, series: &str, value: f64) -> bool {
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = client
+            .get(metrics_url)
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let read = text
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok());
+        if read == Some(value) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn disabled(position: u32) -> String {
+    format!(r#"llm_proxy_upstream_key_disabled{{key="{position}"}}"#)
+}
+
+fn probes(position: u32, outcome: &str) -> String {
+    format!(r#"llm_proxy_upstream_key_probes_total{{key="{position}",outcome="{outcome}"}}"#)
+}
+
+async fn readyz(app: &TestApp) -> u16 {
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    ready.status().as_u16()
 }
 
 fn hello() -> serde_json::Value {
@@ -87,25 +162,220 @@ async fn a_rest_ends_when_the_upstream_said() {
 }
 
 #[tokio::test]
-async fn a_refused_key_is_taken_out_of_turn() {
+async fn a_bad_key_is_taken_out_of_turn_once_its_probe_is_refused_too() {
     let app = pool_app().await;
     app.upstream.answer_key(KEY_1, 401, &[]);
+    assert_eq!(app.chat(CLIENT_TOKEN, hello()).await.status(), 200);
+    assert!(metric_becomes(&app, &disabled(1), 1.0).await);
+    assert_eq!(
+        keys_probed(&app),
+        [KEY_1],
+        "one probe, with the suspect key alone"
+    );
+    let requests = app.upstream.requests();
+    let probe = requests
+        .iter()
+        .find(|request| request.path == PROBE_PATH)
+        .unwrap();
+    assert_eq!(probe.body.len(), 0);
+    assert!(probe.header("x-mock-status").is_none());
     for _ in 0..3 {
         assert_eq!(app.chat(CLIENT_TOKEN, hello()).await.status(), 200);
     }
-    assert_eq!(keys_seen(&app), [KEY_1, KEY_2, KEY_2, KEY_2]);
     assert_eq!(
-        app.metric(r#"llm_proxy_upstream_key_disabled{key="1"}"#)
+        keys_seen_on(&app, Some("/v1/chat/completions")),
+        [KEY_1, KEY_2, KEY_2, KEY_2, KEY_2]
+    );
+    assert_eq!(app.metric(&probes(1, "refused")).await, 1.0);
+    assert_eq!(app.metric(&disabled(2)).await, 0.0);
+    assert_eq!(readyz(&app).await, 200, "one key is still usable");
+}
+
+#[tokio::test]
+async fn a_403_for_one_request_leaves_every_key_usable() {
+    let app = spawn_app(&[("AUTH_BEARER", POOL_OF_3)]).await;
+    for _ in 0..3 {
+        let response = app
+            .authorised(reqwest::Method::GET, "/v1/files")
+            .header("x-mock-status", "403")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["message"], "mock upstream error 403");
+    }
+    assert_eq!(
+        keys_seen(&app),
+        [KEY_1, KEY_2, KEY_3],
+        "each 403 passed on at once: no retry, no probe"
+    );
+    for position in 1..=3 {
+        assert_eq!(app.metric(&disabled(position)).await, 0.0);
+    }
+    assert_eq!(
+        app.metric(r#"llm_proxy_upstream_refusals_passed_total{status="403"}"#)
+            .await,
+        3.0
+    );
+    assert_eq!(readyz(&app).await, 200);
+    for _ in 0..3 {
+        assert_eq!(app.chat(CLIENT_TOKEN, hello()).await.status(), 200);
+    }
+    assert_eq!(
+        keys_seen_on(&app, Some("/v1/chat/completions")),
+        [KEY_1, KEY_2, KEY_3]
+    );
+}
+
+#[tokio::test]
+async fn a_401_that_belongs_to_the_request_changes_no_key() {
+    let app = spawn_app(&[("AUTH_BEARER", POOL_OF_3)]).await;
+    let response = app
+        .authorised(reqwest::Method::GET, "/v1/files")
+        .header("x-mock-status", "401")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401, "the upstream's answer");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["message"], "mock upstream error 401");
+    assert_eq!(
+        keys_seen_on(&app, Some("/v1/files")),
+        [KEY_1, KEY_2],
+        "one other key tried, not every key"
+    );
+    assert!(metric_becomes(&app, &probes(1, "accepted"), 1.0).await);
+    assert!(metric_becomes(&app, &probes(2, "accepted"), 1.0).await);
+    assert_eq!(
+        sorted(keys_probed(&app)),
+        sorted(vec![KEY_1.into(), KEY_2.into()]),
+        "one probe of each key that answered 401"
+    );
+    for position in 1..=3 {
+        assert_eq!(app.metric(&disabled(position)).await, 0.0);
+    }
+    assert_eq!(
+        app.metric(r#"llm_proxy_upstream_refusals_passed_total{status="401"}"#)
             .await,
         1.0
     );
+    assert_eq!(readyz(&app).await, 200);
+    for _ in 0..3 {
+        assert_eq!(app.chat(CLIENT_TOKEN, hello()).await.status(), 200);
+    }
     assert_eq!(
-        app.metric(r#"llm_proxy_upstream_key_disabled{key="2"}"#)
-            .await,
-        0.0
+        sorted(keys_seen_on(&app, Some("/v1/chat/completions"))),
+        sorted(vec![KEY_1.into(), KEY_2.into(), KEY_3.into()]),
+        "every key still in turn"
     );
-    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
-    assert_eq!(ready.status(), 200, "one key is still usable");
+}
+
+#[tokio::test]
+async fn a_request_larger_than_the_limit_itself_rests_no_key() {
+    let app = pool_app().await;
+    let message = "Request too large for gpt-mock in organization org-mock on tokens per min \
+                   (TPM): Limit 30000, Requested 45000. The input or output tokens must be \
+                   reduced in order to run successfully.";
+    let response = app
+        .chat_request()
+        .header("x-mock-status", "429")
+        .header("x-mock-message", message)
+        .json(&hello())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    assert_eq!(
+        response.headers()["retry-after"],
+        "1",
+        "the upstream's headers, as they came"
+    );
+    let length: usize = response.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let body = response.bytes().await.unwrap();
+    assert_eq!(body.len(), length);
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"]["message"], message);
+    assert_eq!(keys_seen(&app), [KEY_1], "not retried on another key");
+    for key in ["1", "2"] {
+        assert_eq!(
+            app.metric(&format!(r#"llm_proxy_upstream_key_resting{{key="{key}"}}"#))
+                .await,
+            0.0
+        );
+    }
+    assert_eq!(
+        app.metric(r#"llm_proxy_upstream_refusals_passed_total{status="429"}"#)
+            .await,
+        1.0
+    );
+    for _ in 0..2 {
+        assert_eq!(app.chat(CLIENT_TOKEN, hello()).await.status(), 200);
+    }
+    assert_eq!(
+        keys_seen(&app),
+        [KEY_1, KEY_2, KEY_1],
+        "both keys still in turn"
+    );
+}
+
+/// The binary, so that the re-probe interval can be shortened by its test-only variable.
+#[tokio::test]
+async fn a_disabled_key_is_probed_again_and_comes_back_when_accepted() {
+    let (upstream, mut proxy) = start_binary_with_mock(&[
+        ("AUTH_BEARER", POOL),
+        ("ADMIN_TOKEN", ADMIN_TOKEN),
+        ("LLM_PROXY_TEST_KEY_REPROBE_MS", "200"),
+    ])
+    .await;
+    let metrics = proxy.url("/metrics");
+    upstream.answer_key(KEY_1, 401, &[]);
+    let chat = |proxy: &RunningProxy| {
+        reqwest::Client::new()
+            .post(proxy.url("/v1/chat/completions"))
+            .json(&hello())
+            .send()
+    };
+    assert_eq!(chat(&proxy).await.unwrap().status(), 200);
+    assert!(metric_at_becomes(&metrics, &disabled(1), 1.0).await);
+    // Still refused: the re-probes keep it out.
+    assert!(metric_at_becomes(&metrics, &probes(1, "refused"), 3.0).await);
+    assert!(metric_at_becomes(&metrics, &disabled(1), 1.0).await);
+
+    upstream.forget_key(KEY_1);
+    assert!(metric_at_becomes(&metrics, &disabled(1), 0.0).await);
+    assert!(metric_at_becomes(&metrics, &probes(1, "accepted"), 1.0).await);
+    let before = upstream.requests().len();
+    for _ in 0..2 {
+        assert_eq!(chat(&proxy).await.unwrap().status(), 200);
+    }
+    let keys: Vec<String> = upstream.requests()[before..]
+        .iter()
+        .filter(|request| request.path == "/v1/chat/completions")
+        .map(|request| request.key().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        sorted(keys),
+        sorted(vec![KEY_1.into(), KEY_2.into()]),
+        "key 1 is in turn again"
+    );
+
+    let log = drain(&mut proxy.log);
+    assert!(
+        log.contains(
+            "upstream key 1 of 2 (AUTH_BEARER) was refused with 401, and so was its probe"
+        ),
+        "{log}"
+    );
+    assert!(
+        log.contains("upstream key 1 of 2 (AUTH_BEARER) was accepted by its probe: back in turn"),
+        "{log}"
+    );
+    assert!(!log.contains(KEY_1), "no key in the log");
 }
 
 #[tokio::test]
@@ -149,10 +419,12 @@ async fn when_every_key_rests_the_client_gets_the_last_answer_and_the_earliest_r
 async fn when_every_key_is_refused_the_proxy_is_not_ready() {
     let app = pool_app().await;
     app.upstream.answer_key(KEY_1, 401, &[]);
-    app.upstream.answer_key(KEY_2, 403, &[]);
+    app.upstream.answer_key(KEY_2, 401, &[("x-last", "two")]);
     let response = app.chat(CLIENT_TOKEN, hello()).await;
-    assert_eq!(response.status(), 403, "the last upstream answer");
-    assert!(response.headers().get("retry-after").is_none());
+    assert_eq!(response.status(), 401, "the last upstream answer");
+    assert_eq!(response.headers()["x-last"], "two");
+    assert!(metric_becomes(&app, &disabled(1), 1.0).await);
+    assert!(metric_becomes(&app, &disabled(2), 1.0).await);
     let response = app.chat(CLIENT_TOKEN, hello()).await;
     assert_json_error(
         response,
@@ -165,7 +437,28 @@ async fn when_every_key_is_refused_the_proxy_is_not_ready() {
     assert_eq!(ready.status(), 503);
     let body: serde_json::Value = ready.json().await.unwrap();
     assert_eq!(body["status"], "no_upstream_key");
-    assert_eq!(keys_seen(&app), [KEY_1, KEY_2]);
+    assert_eq!(
+        keys_seen_on(&app, Some("/v1/chat/completions")),
+        [KEY_1, KEY_2]
+    );
+}
+
+#[tokio::test]
+async fn a_single_key_answered_401_403_or_429_is_never_probed_nor_benched() {
+    let app = spawn_app(&[]).await;
+    for status in ["401", "403", "429", "401"] {
+        let response = app
+            .chat_request()
+            .header("x-mock-status", status)
+            .json(&hello())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_str(), status);
+    }
+    assert_eq!(app.chat(CLIENT_TOKEN, hello()).await.status(), 200);
+    assert_eq!(app.upstream.requests().len(), 5, "no probe, no retry");
+    assert_eq!(app.metric(&disabled(1)).await, 0.0);
 }
 
 #[tokio::test]
