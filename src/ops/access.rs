@@ -17,7 +17,7 @@ use super::exchange::{Exchange, Spend};
 use super::metrics::Metrics;
 use super::request_id::REQUEST_ID;
 use crate::config::LogFormat;
-use crate::routes::Route;
+use crate::vocab::Route;
 
 /// The log target of access lines; the JSON log format recognises it.
 pub const ACCESS_TARGET: &str = "llm_proxy::access";

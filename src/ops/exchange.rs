@@ -23,5 +23,5 @@ pub struct Spend {
     /// The model the request named, when the proxy read the body (clients with a model list or
     /// token limits).
     pub model: Option<Arc<str>>,
-    pub usage: Arc<parking_lot::Mutex<Option<crate::proxy::usage::Usage>>>,
+    pub usage: Arc<parking_lot::Mutex<Option<crate::vocab::Usage>>>,
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::ops::metrics::{Metrics, TokenKind};
+use crate::vocab::Usage;
 
 const KEY: &[u8] = b"\"usage\"";
 /// Built once: constructing a searcher per chunk cost more than the search itself.
@@ -14,15 +15,6 @@ static KEY_FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memchr::memmem::Finder::new(KEY));
 /// A usage object is a handful of numbers; anything longer is not one.
 const MAX_OBJECT: usize = 4096;
-
-/// Token counts as the OpenAI APIs report them; the Responses API says input/output where chat
-/// completions say prompt/completion.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt: u64,
-    pub completion: u64,
-    pub total: u64,
-}
 
 #[derive(Deserialize)]
 struct RawUsage {
