@@ -163,8 +163,12 @@ impl AccessRecord {
         let id = self.id.to_str().unwrap_or("-");
         let millis = |duration: Duration| duration.as_secs_f64() * 1000.0;
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
-        let model = self.spend.as_ref().and_then(|spend| spend.model.as_deref());
-        let usage = self.spend.as_ref().and_then(|spend| *spend.usage.lock());
+        let model = self.spend.as_ref().and_then(Spend::model);
+        let model = model.as_deref();
+        let usage = self
+            .spend
+            .as_ref()
+            .and_then(|spend| spend.answered.lock().usage);
         // The path only: query strings are the caller's business and may carry secrets.
         match self.format {
             LogFormat::Json => log::info!(

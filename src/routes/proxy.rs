@@ -14,16 +14,16 @@ use super::{endpoint, raw_query, with};
 use crate::auth::Caller;
 use crate::auth::filters::caller;
 use crate::error::ProxyError;
-use crate::ops::exchange::{Exchange, Spend};
+use crate::ops::exchange::{Answered, Exchange, Spend, loggable};
 use crate::policy::request::{Inspected, inspect};
 use crate::policy::{Policy, Ticket, write_rate_limit_headers};
 use crate::proxy::Upstream;
-use crate::proxy::headers::is_event_stream;
+use crate::proxy::headers::{is_event_stream, is_json};
 use crate::proxy::request::CallerBody;
 use crate::proxy::response::Forwarded;
 use crate::proxy::upgrade::{TunnelHold, is_websocket_upgrade};
-use crate::proxy::usage::Metering;
-use crate::vocab::{Endpoint, Usage};
+use crate::proxy::usage::{Metering, Report, Seen};
+use crate::vocab::Endpoint;
 
 /// ANY /v1/... (POST /v1/chat/completions among them)
 pub fn forward(
@@ -142,14 +142,19 @@ where
         {
             Ok(answer) => {
                 let scan = endpoint.reports_usage;
-                let metering = (scan || ticket.is_some()).then(|| Metering {
+                // The access line names a model for every request: when the body was not read
+                // for it, the answer's is looked for (JSON and event streams only).
+                let find_model = spend.model.is_none()
+                    && (is_json(answer.headers()) || is_event_stream(answer.headers()));
+                let metering = (scan || find_model || ticket.is_some()).then(|| Metering {
                     client: caller.label.clone(),
                     scan,
+                    find_model,
                     // Only a client with token limits settles from the event count; for
                     // everybody else the scan would be work for nothing.
                     count_events: client.is_some_and(|client| client.limits.counts_tokens()),
                     report: Some(settlement(
-                        spend.usage.clone(),
+                        spend.answered.clone(),
                         ticket,
                         inspected.map_or(0, |inspected| inspected.prompt),
                         is_event_stream(answer.headers()),
@@ -180,17 +185,22 @@ where
     Ok(response)
 }
 
-/// What happens when the answer's body ends: the usage is kept for the access line, and the
-/// ticket (if any) settles with the tokens used: the reported usage, else for a stream the
-/// prompt estimate plus one token per content event, else the estimate charged.
+/// What happens when the answer's body ends: its usage and model are kept for the access line,
+/// and the ticket (if any) settles with the tokens used: the reported usage, else for a stream
+/// the prompt estimate plus one token per content event, else the estimate charged.
 fn settlement(
-    cell: Arc<parking_lot::Mutex<Option<Usage>>>,
+    cell: Arc<parking_lot::Mutex<Answered>>,
     ticket: Option<Ticket>,
     prompt_estimate: u64,
     stream: bool,
-) -> crate::proxy::usage::Report {
-    Box::new(move |usage: Option<Usage>, events: u64| {
-        *cell.lock() = usage;
+) -> Report {
+    Box::new(move |seen: Seen| {
+        let Seen {
+            usage,
+            events,
+            model,
+        } = seen;
+        *cell.lock() = Answered { usage, model };
         if let Some(mut ticket) = ticket {
             let used = match usage {
                 Some(usage) => usage.total,
@@ -208,37 +218,4 @@ fn query_parameter(query: Option<&str>, name: &str) -> Option<String> {
     url::form_urlencoded::parse(query?.as_bytes())
         .find(|(key, _)| key == name)
         .map(|(_, value)| value.into_owned())
-}
-
-/// The model as the access line shows it. It comes from the caller's body, so only a short run
-/// of the characters model names use is kept: a newline or a quote there would forge log lines.
-fn loggable(model: &str) -> Arc<str> {
-    const MAX: usize = 64;
-    let kept: String = model
-        .chars()
-        .take(MAX)
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-' | '@' | '+') {
-                c
-            } else {
-                '?'
-            }
-        })
-        .collect();
-    Arc::from(kept)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_model_name_cannot_forge_a_log_line() {
-        assert_eq!(&*loggable("gpt-4o-mini"), "gpt-4o-mini");
-        assert_eq!(
-            &*loggable("m\nPOST /v1/x status=200"),
-            "m?POST?/v1/x?status?200"
-        );
-        assert_eq!(loggable(&"x".repeat(500)).len(), 64);
-    }
 }
