@@ -35,6 +35,10 @@ pub enum ProxyError {
     RequestTimeout,
     /// A path with dot segments or backslashes, which the upstream could resolve outside `/v1`.
     InvalidPath,
+    /// A request with a body whose path has no safe canonical form (an encoded `/`, a dot
+    /// segment, an invalid escape): the proxy cannot tell which endpoint the upstream would
+    /// take it for, so it cannot check or count it.
+    UnreadablePath,
     /// Every upstream key rests after a 429 and no request was sent; carries the seconds until the
     /// first is usable again, sent as `Retry-After`.
     KeysResting {
@@ -138,6 +142,12 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST,
                 "invalid_path",
                 "The request path contains dot segments or backslashes",
+                &[],
+            ),
+            UnreadablePath => row(
+                StatusCode::BAD_REQUEST,
+                "invalid_path",
+                "The request path contains an encoded slash, a dot segment or an invalid escape",
                 &[],
             ),
             // `Retry-After` depends on the rests and is added in `into_response`.

@@ -12,8 +12,9 @@
 //!    refuses what is over `MAX_CONCURRENT_REQUESTS`, and the drain ends it all on shutdown.
 //! 3. [`ops`]: the request gets its id and an access record, which writes the access line and
 //!    the metrics when the response's last byte has gone.
-//! 4. [`routes`]: the warp route table; [`routes::Route`] is the one classification of paths
-//!    that metrics, admission and the access line share.
+//! 4. [`routes`]: the warp route table, dispatching on the request's [`vocab::Endpoint`]: its
+//!    one classification, made by the server from its canonical path before admission, which
+//!    every later stage reads.
 //! 5. [`auth`]: after its path matched, the route checks the caller's token and learns the
 //!    caller's label; all masking of secrets lives here too.
 //! 6. [`policy`]: for a client from the clients file, the model it asks for is checked against
@@ -33,6 +34,9 @@
 //! key pool merges its rests there in the background, so no request waits for it; when Redis is
 //! slow or down the mode turns `local` and each replica decides alone until Redis answers.
 //!
+//! Beneath them all, [`vocab`] holds the words several floors share (the endpoint a request is
+//! for, the token usage an answer reports) and names none of the modules above.
+//!
 //! [`state::AppState`] is where these parts are put together; each route hands its handler only
 //! the part it needs.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -48,6 +52,7 @@ pub mod routes;
 pub mod server;
 pub mod shared;
 pub mod state;
+pub mod vocab;
 
 pub use config::Config;
 pub use routes::routes;

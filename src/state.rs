@@ -78,7 +78,7 @@ impl AppState {
             upstream: Upstream::new(&config, metrics.clone(), redactor.clone(), &shared),
             shared,
             models: ModelsCache::new(MODELS_CACHE_TTL),
-            policy: Policy::new(&config, limiter, metrics.clone()),
+            policy: Policy::new(limiter, metrics.clone()),
             redactor,
             metrics,
             draining: AtomicBool::new(false),

@@ -2,7 +2,8 @@
 //! and `cargo test` can replay over the saved corpus (`fuzz/corpus/usage`). Shared by path with
 //! the fuzz target and the test, so it stays out of the library's public items.
 
-use llm_proxy::proxy::usage::{Usage, UsageScanner};
+use llm_proxy::proxy::usage::UsageScanner;
+use llm_proxy::vocab::Usage;
 
 /// What a streamed answer with `include_usage` ends with, in numbers no input can collide with.
 const KNOWN: Usage = Usage {

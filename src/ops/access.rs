@@ -17,7 +17,7 @@ use super::exchange::{Exchange, Spend};
 use super::metrics::Metrics;
 use super::request_id::REQUEST_ID;
 use crate::config::LogFormat;
-use crate::routes::Route;
+use crate::vocab::Route;
 
 /// The log target of access lines; the JSON log format recognises it.
 pub const ACCESS_TARGET: &str = "llm_proxy::access";
@@ -163,8 +163,12 @@ impl AccessRecord {
         let id = self.id.to_str().unwrap_or("-");
         let millis = |duration: Duration| duration.as_secs_f64() * 1000.0;
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
-        let model = self.spend.as_ref().and_then(|spend| spend.model.as_deref());
-        let usage = self.spend.as_ref().and_then(|spend| *spend.usage.lock());
+        let model = self.spend.as_ref().and_then(Spend::model);
+        let model = model.as_deref();
+        let usage = self
+            .spend
+            .as_ref()
+            .and_then(|spend| spend.answered.lock().usage);
         // The path only: query strings are the caller's business and may carry secrets.
         match self.format {
             LogFormat::Json => log::info!(

@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::vocab::Usage;
+
 /// Set on proxied and cached answers; absent on the proxy's own errors.
 #[derive(Clone, Debug)]
 pub struct Exchange {
@@ -15,13 +17,64 @@ pub struct Exchange {
     pub stream: bool,
 }
 
-/// The model and token counts of an exchange, for the access line. Set by the `/v1` handler; the
-/// counts arrive when the answer's body ends, which is before the access line is written (the
+/// The model and token counts of an exchange, for the access line. Set by the `/v1` handler; what
+/// the answer showed arrives when its body ends, which is before the access line is written (the
 /// body is dropped before the record that wraps it).
 #[derive(Clone, Debug, Default)]
 pub struct Spend {
     /// The model the request named, when the proxy read the body (clients with a model list or
     /// token limits).
     pub model: Option<Arc<str>>,
-    pub usage: Arc<parking_lot::Mutex<Option<crate::proxy::usage::Usage>>>,
+    pub answered: Arc<parking_lot::Mutex<Answered>>,
+}
+
+/// What the answer's body showed by its end.
+#[derive(Clone, Debug, Default)]
+pub struct Answered {
+    pub usage: Option<Usage>,
+    /// The model the answer names, looked for when the request's body was not read.
+    pub model: Option<Arc<str>>,
+}
+
+impl Spend {
+    /// The model for the access line: the one the request named, else the answer's.
+    pub fn model(&self) -> Option<Arc<str>> {
+        self.model
+            .clone()
+            .or_else(|| self.answered.lock().model.clone())
+    }
+}
+
+/// A model name as the access line shows it. It comes from the caller's body or the upstream's
+/// answer, so only a short run of the characters model names use is kept: a newline or a quote
+/// there would forge log lines.
+pub fn loggable(model: &str) -> Arc<str> {
+    const MAX: usize = 64;
+    let kept: String = model
+        .chars()
+        .take(MAX)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-' | '@' | '+') {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    Arc::from(kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_name_cannot_forge_a_log_line() {
+        assert_eq!(&*loggable("gpt-4o-mini"), "gpt-4o-mini");
+        assert_eq!(
+            &*loggable("m\nPOST /v1/x status=200"),
+            "m?POST?/v1/x?status?200"
+        );
+        assert_eq!(loggable(&"x".repeat(500)).len(), 64);
+    }
 }

@@ -17,7 +17,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use warp::http::{Method, StatusCode};
 
-use crate::routes::Route;
+use crate::vocab::Route;
 
 /// How an upstream exchange failed.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -270,7 +270,7 @@ struct Families {
     reloads: Family<ReloadLabels, Counter>,
     state_mode: Family<ModeLabels, Gauge>,
     redis_failures: Family<RedisFailureLabels, Counter>,
-    /// Per-route histogram handles, indexed by `Route as usize`: a family lookup hashes the
+    /// Per-route histogram handles, indexed by `Route::index`: a family lookup hashes the
     /// labels under a lock on every request; the handles share the family's storage, so the
     /// exposition is unchanged.
     cached: [RouteHandles; Route::COUNT],
@@ -479,7 +479,7 @@ impl Metrics {
             status_class: status_class(status),
         };
         families.requests.get_or_create(&labels).inc();
-        let handles = &families.cached[route as usize];
+        let handles = &families.cached[route.index()];
         let labels = RouteLabels {
             route: route.label(),
         };

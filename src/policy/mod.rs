@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use warp::http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::config::{Client, Config};
+use crate::config::Client;
 use crate::error::ProxyError;
 use crate::ops::metrics::Metrics;
 pub use limiter::{ClientUsage, Limiter, Reason, Refusal, Standing, Window};
@@ -30,34 +30,15 @@ pub struct Policy(Arc<Inner>);
 struct Inner {
     limiter: Arc<dyn Limiter>,
     metrics: Metrics,
-    /// `MAX_BODY_BYTES`: a body read whole for its model obeys the same cap as a streamed one.
-    max_body_bytes: u64,
-    /// `UPSTREAM_TIMEOUT_SECS`: the same bound a streamed upload has inside the upstream request,
-    /// so a caller that stops sending does not hold its place while its body is read whole.
-    body_timeout: std::time::Duration,
 }
 
 impl Policy {
-    pub fn new(config: &Config, limiter: Arc<dyn Limiter>, metrics: Metrics) -> Policy {
-        Policy(Arc::new(Inner {
-            limiter,
-            metrics,
-            max_body_bytes: config.limits.max_body_bytes,
-            body_timeout: config.limits.upstream_timeout,
-        }))
+    pub fn new(limiter: Arc<dyn Limiter>, metrics: Metrics) -> Policy {
+        Policy(Arc::new(Inner { limiter, metrics }))
     }
 
     pub fn limiter(&self) -> &Arc<dyn Limiter> {
         &self.0.limiter
-    }
-
-    pub fn max_body_bytes(&self) -> u64 {
-        self.0.max_body_bytes
-    }
-
-    /// How long a body read whole (to find its model) may take to arrive.
-    pub fn body_timeout(&self) -> std::time::Duration {
-        self.0.body_timeout
     }
 
     /// The model check: `Ok` when the client may use `model` (or has no list).

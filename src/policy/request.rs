@@ -1,75 +1,10 @@
 //! What the policy reads from a request body: the model it names and an estimate of the tokens it
 //! will use. Only for clients with a model list or token limits, on the endpoints that take a
-//! model; the bytes are forwarded unchanged.
+//! model (the request's [`crate::vocab::Endpoint`] says which); the body is read once, by the
+//! proxy's [`crate::proxy::request::CallerBody`], and the same bytes are forwarded unchanged.
 
-use bytes::{Bytes, BytesMut};
-use futures::{Stream, StreamExt};
 use serde::Deserialize;
-use warp::Buf;
-use warp::http::{HeaderMap, Method, header};
-
-use crate::error::ProxyError;
-
-/// The endpoints whose requests name a model (`POST` only: `GET /v1/responses/{id}` does not).
-const MODEL_ENDPOINTS: &[&str] = &[
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/responses",
-    "/v1/moderations",
-    "/v1/audio/transcriptions",
-    "/v1/audio/translations",
-    "/v1/audio/speech",
-    "/v1/images/generations",
-    "/v1/images/edits",
-    "/v1/images/variations",
-    "/v1/realtime/sessions",
-    "/v1/realtime/transcription_sessions",
-    "/v1/assistants",
-    "/v1/fine_tuning/jobs",
-];
-
-/// Whether the request names a model. The path is compared in its canonical form: upstreams
-/// decode `%XX` and fold `//` and a trailing `/` before routing, so `/v1/chat/%63ompletions/`
-/// must not slip past a client's model list.
-pub fn takes_model(method: &Method, path: &str) -> bool {
-    if method != Method::POST {
-        return false;
-    }
-    let path = canonical_path(path);
-    MODEL_ENDPOINTS.contains(&path.as_str())
-        || path
-            .strip_prefix("/v1/threads/")
-            .is_some_and(|rest| rest == "runs" || rest.ends_with("/runs"))
-}
-
-/// The path percent-decoded, with runs of `/` folded into one and no trailing `/`.
-fn canonical_path(path: &str) -> String {
-    let bytes = path.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        let byte = bytes[index];
-        let hex = |at: usize| bytes.get(at).and_then(|b| (*b as char).to_digit(16));
-        match (byte, hex(index + 1), hex(index + 2)) {
-            (b'%', Some(high), Some(low)) => {
-                decoded.push((high * 16 + low) as u8);
-                index += 3;
-            }
-            _ => {
-                decoded.push(byte);
-                index += 1;
-            }
-        }
-    }
-    let decoded = String::from_utf8_lossy(&decoded);
-    let mut canonical = String::with_capacity(decoded.len());
-    for segment in decoded.split('/').filter(|segment| !segment.is_empty()) {
-        canonical.push('/');
-        canonical.push_str(segment);
-    }
-    canonical
-}
+use warp::http::{HeaderMap, header};
 
 /// What was read from a body.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -190,51 +125,9 @@ fn form_field(body: &[u8], boundary: &str, name: &str) -> Option<String> {
     found
 }
 
-/// The whole request body, refused past `max_bytes` as the streaming path refuses it.
-pub async fn read_body<S, B>(body: S, max_bytes: u64) -> Result<Bytes, ProxyError>
-where
-    S: Stream<Item = Result<B, warp::Error>>,
-    B: Buf,
-{
-    let mut body = std::pin::pin!(body);
-    let mut collected = BytesMut::new();
-    while let Some(chunk) = body.next().await {
-        let mut chunk = chunk.map_err(|err| {
-            log::debug!("reading the request body failed: {err}");
-            ProxyError::IncompleteBody
-        })?;
-        if (collected.len() + chunk.remaining()) as u64 > max_bytes {
-            return Err(ProxyError::PayloadTooLarge);
-        }
-        while chunk.has_remaining() {
-            let piece = chunk.chunk();
-            collected.extend_from_slice(piece);
-            let read = piece.len();
-            chunk.advance(read);
-        }
-    }
-    Ok(collected.freeze())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_spelling_of_a_model_endpoint_is_still_one() {
-        for path in [
-            "/v1/chat/completions",
-            "/v1/chat/completions/",
-            "/v1//chat/completions",
-            "/v1/chat/%63ompletions",
-            "/v1/threads/thread_1/runs",
-            "/v1/threads/runs",
-        ] {
-            assert!(takes_model(&Method::POST, path), "{path}");
-        }
-        assert!(!takes_model(&Method::GET, "/v1/chat/completions"));
-        assert!(!takes_model(&Method::POST, "/v1/files"));
-    }
 
     #[test]
     fn two_model_fields_or_another_case_read_as_no_model() {

@@ -117,3 +117,13 @@ pub fn is_event_stream(headers: &HeaderMap) -> bool {
         .get(header::CONTENT_TYPE)
         .is_some_and(|value| value.as_bytes().starts_with(b"text/event-stream"))
 }
+
+/// Whether an answer is JSON (`application/json`, with or without parameters).
+pub fn is_json(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).is_some_and(|value| {
+        value
+            .as_bytes()
+            .get(..16)
+            .is_some_and(|essence| essence.eq_ignore_ascii_case(b"application/json"))
+    })
+}

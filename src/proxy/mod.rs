@@ -16,9 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use futures::Stream;
 use reqwest::Url;
-use warp::Buf;
 use warp::http::{HeaderMap, HeaderName, Method, StatusCode, header};
 
 use crate::auth::redact::{Redactor, error_chain, searchable};
@@ -28,9 +26,10 @@ use crate::ops::metrics::{Metrics, PassedRefusal, UpstreamFailure};
 use crate::server::descriptors::is_out_of_descriptors;
 use crate::shared::Shared;
 use crate::shared::rests::SharedRests;
+use crate::vocab::Endpoint;
 use body::caused_by_body_limit;
 use keys::{DEFAULT_REST, KEY_CHECK_PATH, KeyPool, Verdict, rest_duration, retry_after_secs};
-use request::RequestBody;
+use request::{BodyRules, CallerBody, RequestBody};
 
 /// Everything the upstream code needs, and nothing else. Cloning is shallow.
 #[derive(Clone)]
@@ -123,58 +122,55 @@ impl Upstream {
         &clients[turn % clients.len()]
     }
 
-    fn url(&self, path: &str, query: Option<&str>) -> Result<Url, ProxyError> {
-        self.0
-            .known_paths
-            .upstream_url(&self.0.base_url, path, query, self.0.query.as_ref())
+    /// The upstream URL for a request classified as `endpoint`, forwarded under `path`.
+    fn url(&self, endpoint: &Endpoint, path: &str, query: Option<&str>) -> Result<Url, ProxyError> {
+        self.0.known_paths.upstream_url(
+            &self.0.base_url,
+            endpoint,
+            path,
+            query,
+            self.0.query.as_ref(),
+        )
     }
 
     fn body_log(&self) -> Option<Arc<Redactor>> {
         self.0.log_bodies.then(|| self.0.redactor.clone())
     }
 
+    /// `MAX_BODY_BYTES` and `UPSTREAM_TIMEOUT_SECS`, the one cap and deadline of every caller's
+    /// body, however it is read.
+    fn body_rules(&self) -> BodyRules {
+        BodyRules {
+            max_bytes: self.0.max_body_bytes,
+            deadline: self.0.upstream_timeout,
+            log: self.body_log(),
+        }
+    }
+
+    /// The caller's whole body, for the policy to read the model and size of (see
+    /// [`CallerBody`]: the same bytes are then sent upstream, read once).
+    pub async fn read_whole(&self, body: &mut CallerBody) -> Result<Bytes, ProxyError> {
+        body.whole(&self.body_rules()).await
+    }
+
     /// Sends the caller's request upstream with the key swapped in, and waits for the answer's
-    /// headers.
-    pub async fn forward<S, B>(
+    /// headers. `path` is the one `endpoint` gives: the canonical path.
+    pub async fn forward(
         &self,
         headers: HeaderMap,
         method: Method,
+        endpoint: &Endpoint,
         path: &str,
         query: Option<&str>,
-        body: S,
-    ) -> Result<reqwest::Response, ProxyError>
-    where
-        S: Stream<Item = Result<B, warp::Error>> + Send + Sync + 'static,
-        B: Buf + Send,
-    {
-        let url = self.url(path, query)?;
-        // A declared length over the limit is refused before the upstream hears of the request.
-        let max_body = self.0.max_body_bytes;
-        let declared = headers::declared_length(&headers);
-        if declared.is_some_and(|length| length > max_body) {
-            return Err(ProxyError::PayloadTooLarge);
-        }
-        let body = if !headers::has_body(&headers) {
-            RequestBody::None
-        } else if self.0.keys.len() > 1 {
-            // Read before the first attempt, so bounded like the upload was while it streamed
-            // inside the upstream request: a caller that stops sending does not hold its place.
-            tokio::time::timeout(
-                self.0.upstream_timeout,
-                RequestBody::prepare(body, declared, max_body, self.body_log()),
-            )
-            .await
-            .map_err(|_| {
-                log::info!(
-                    "the request body did not arrive within {}s (UPSTREAM_TIMEOUT_SECS)",
-                    self.0.upstream_timeout.as_secs()
-                );
-                ProxyError::RequestTimeout
-            })??
-        } else {
-            // One key: there is no other key to retry on, so the body streams on as it arrives.
-            RequestBody::streamed(body, max_body, self.body_log())
-        };
+        body: CallerBody,
+    ) -> Result<reqwest::Response, ProxyError> {
+        let url = self.url(endpoint, path, query)?;
+        // With more than one key, a body not read yet is read now (up to `REPLAYABLE_BODY`) so
+        // that a refused attempt can be sent again; with one there is no other key to retry on,
+        // so the body streams on as it arrives.
+        let body = body
+            .for_attempts(&self.body_rules(), self.0.keys.len() > 1)
+            .await?;
         let headers =
             headers::request_headers(headers, &self.0.caller_token_header, &self.0.key_header);
         self.send_with_keys(self.client(), method, url, headers, body)

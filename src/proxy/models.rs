@@ -11,6 +11,7 @@ use super::request::RequestBody;
 use super::response::mask_every;
 use crate::auth::redact::error_chain;
 use crate::error::ProxyError;
+use crate::vocab::classify;
 
 impl Upstream {
     /// One upstream fetch shared by every waiting caller, so it carries no caller's headers: only
@@ -21,7 +22,8 @@ impl Upstream {
         self.0.metrics.cache_fetch();
         let mut headers = HeaderMap::with_capacity(2);
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-        let url = self.url("/v1/models", None)?;
+        const MODELS: &str = "/v1/models";
+        let url = self.url(&classify(&Method::GET, MODELS, false), MODELS, None)?;
         let mut response = self
             .send_with_keys(self.client(), Method::GET, url, headers, RequestBody::None)
             .await?;

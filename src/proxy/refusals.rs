@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use warp::http::{HeaderMap, HeaderValue, StatusCode, header};
+use warp::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 
 use super::keys::{KEY_CHECK_PATH, KeyChange, RATE_LIMIT_BODY_READ, exceeds_the_limit_itself};
 use super::{Inner, Upstream};
 use crate::auth::redact::error_chain;
 use crate::ops::metrics::ProbeOutcome;
+use crate::vocab::classify;
 
 /// Why a probe started: what its outcome is logged as.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -48,8 +49,9 @@ impl Upstream {
     /// `GET KEY_CHECK_PATH` with the key at `position` alone (no caller header, body or query
     /// but `UPSTREAM_QUERY`), within `UPSTREAM_TIMEOUT_SECS`.
     async fn probe(&self, position: usize) -> ProbeOutcome {
+        let endpoint = classify(&Method::GET, KEY_CHECK_PATH, false);
         let (Ok(url), Some(key)) = (
-            self.url(KEY_CHECK_PATH, None),
+            self.url(&endpoint, KEY_CHECK_PATH, None),
             self.keys().header_value(position),
         ) else {
             return ProbeOutcome::Inconclusive;

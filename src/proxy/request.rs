@@ -2,17 +2,22 @@
 //! configured query added) and the caller's body: kept for a retry when small, else streamed on
 //! under the size cap.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt, TryStreamExt};
 use reqwest::Url;
 use warp::Buf;
+use warp::http::HeaderMap;
 
 use super::body::LimitedBody;
+use super::headers::{declared_length, has_body};
 use crate::auth::redact::Redactor;
 use crate::config::UpstreamQuery;
 use crate::error::ProxyError;
+use crate::vocab::endpoint::{Endpoint, FIXED_POSITIONS, fixed_paths};
 
 /// The upstream URL for a caller's `/v1/<rest>`: the configured base (which stands for `/v1`) +
 /// `/<rest>`, and the caller's query string exactly as received, with `UPSTREAM_QUERY` added (the
@@ -58,40 +63,34 @@ fn with_query(mut url: Url, query: Option<&str>, added: Option<&UpstreamQuery>) 
     url
 }
 
-/// The paths nearly every request takes, with their upstream URLs made once: setting a path
-/// re-reads it character by character, about 4% of a plain request's instructions.
-pub struct KnownPaths(Vec<(&'static str, Url)>);
+/// The upstream URLs of the endpoints with a fixed path ([`fixed_paths`]), made once: setting a
+/// path re-reads it character by character, about 4% of a plain request's instructions.
+pub struct KnownPaths(Vec<Option<Url>>);
 
 impl KnownPaths {
-    const PATHS: [&'static str; 8] = [
-        "/v1/chat/completions",
-        "/v1/responses",
-        "/v1/embeddings",
-        "/v1/completions",
-        "/v1/models",
-        "/v1/moderations",
-        "/v1/audio/transcriptions",
-        "/v1/audio/speech",
-    ];
-
     pub fn new(base: &Url) -> KnownPaths {
-        let urls = Self::PATHS.iter().filter_map(|&path| {
-            let url = upstream_url(base, path, None, None).ok()?;
-            Some((path, url))
-        });
-        KnownPaths(urls.collect())
+        let mut urls = vec![None; FIXED_POSITIONS];
+        for (position, path) in fixed_paths() {
+            urls[position] = upstream_url(base, path, None, None).ok();
+        }
+        KnownPaths(urls)
     }
 
-    /// [`upstream_url`], from the URL made once when `path` is one of the known ones.
+    /// [`upstream_url`] for a request classified as `endpoint` and forwarded under `path` (the
+    /// path `endpoint` gives), from the URL made once when it is a fixed one.
     pub fn upstream_url(
         &self,
         base: &Url,
+        endpoint: &Endpoint,
         path: &str,
         query: Option<&str>,
         added: Option<&UpstreamQuery>,
     ) -> Result<Url, ProxyError> {
-        match self.0.iter().find(|(known, _)| *known == path) {
-            Some((_, url)) => Ok(with_query(url.clone(), query, added)),
+        let known = endpoint
+            .fixed()
+            .and_then(|position| self.0.get(position)?.as_ref());
+        match known {
+            Some(url) => Ok(with_query(url.clone(), query, added)),
             None => upstream_url(base, path, query, added),
         }
     }
@@ -153,80 +152,154 @@ fn has_backslash(path: &str) -> bool {
 /// failed connection) can be sent again on the next.
 pub const REPLAYABLE_BODY: u64 = 1024 * 1024;
 
+/// The caller's body as warp hands it over, its chunks made `Bytes`.
+pub(crate) type CallerStream =
+    Pin<Box<dyn Stream<Item = Result<Bytes, warp::Error>> + Send + Sync>>;
+
+/// The caller's body, read at most once: whole for the policy (its model and token estimate),
+/// up to [`REPLAYABLE_BODY`] for a key pool's retries, or not at all and streamed on as it
+/// arrives. The policy and the upstream call share this one value; every read goes through
+/// [`CallerBody::read`], under one size cap (`MAX_BODY_BYTES`) and one deadline.
+pub struct CallerBody {
+    held: Held,
+    /// The declared `Content-Length`, checked against the cap before anything is read or sent.
+    declared: Option<u64>,
+}
+
+enum Held {
+    None,
+    Unread(CallerStream),
+    /// Read whole.
+    Read(Bytes),
+    /// Read up to a bound that it went past: what was read, and the rest still to come.
+    Started(Bytes, CallerStream),
+}
+
+/// The cap and the deadline a caller's body is read under, and the debug log of bodies.
+pub(crate) struct BodyRules {
+    pub max_bytes: u64,
+    pub deadline: Duration,
+    pub log: Option<Arc<Redactor>>,
+}
+
+impl CallerBody {
+    /// The body of a request with `headers`, nothing of it read yet; `None` when the headers say
+    /// there is none.
+    pub fn new<S, B>(headers: &HeaderMap, body: S) -> CallerBody
+    where
+        S: Stream<Item = Result<B, warp::Error>> + Send + Sync + 'static,
+        B: Buf + Send,
+    {
+        let held = if has_body(headers) {
+            Held::Unread(Box::pin(
+                body.map_ok(|mut chunk| chunk.copy_to_bytes(chunk.remaining())),
+            ))
+        } else {
+            Held::None
+        };
+        CallerBody {
+            held,
+            declared: declared_length(headers),
+        }
+    }
+
+    /// The whole body, read now if it has not been; refused past the cap, or when it does not
+    /// arrive within the deadline.
+    pub(crate) async fn whole(&mut self, rules: &BodyRules) -> Result<Bytes, ProxyError> {
+        self.read(rules, rules.max_bytes).await?;
+        match &self.held {
+            Held::None => Ok(Bytes::new()),
+            Held::Read(bytes) => Ok(bytes.clone()),
+            // `read` up to the cap either reads the whole body or refuses it.
+            Held::Unread(_) | Held::Started(..) => Err(ProxyError::PayloadTooLarge),
+        }
+    }
+
+    /// Reads the body, unless it was read already, keeping up to `keep` bytes: past that, what
+    /// was read is held with the rest still to come; a body declared longer is not read at all.
+    async fn read(&mut self, rules: &BodyRules, keep: u64) -> Result<(), ProxyError> {
+        if self.declared.is_some_and(|length| length > rules.max_bytes) {
+            log::info!("request body declared over MAX_BODY_BYTES: not sent upstream");
+            return Err(ProxyError::PayloadTooLarge);
+        }
+        if self.declared.is_some_and(|length| length > keep) {
+            return Ok(());
+        }
+        let Held::Unread(mut body) = std::mem::replace(&mut self.held, Held::None) else {
+            return Ok(());
+        };
+        let max = rules.max_bytes;
+        let reading = async move {
+            let mut kept = BytesMut::new();
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|err| {
+                    log::info!("the caller's request body broke off: {err}");
+                    ProxyError::IncompleteBody
+                })?;
+                if (kept.len() + chunk.len()) as u64 > max {
+                    log::info!("request body over MAX_BODY_BYTES: not sent upstream");
+                    return Err(ProxyError::PayloadTooLarge);
+                }
+                kept.extend_from_slice(&chunk);
+                if kept.len() as u64 > keep {
+                    return Ok(Held::Started(kept.freeze(), body));
+                }
+            }
+            Ok(Held::Read(kept.freeze()))
+        };
+        // Bounded like an upload streaming inside the upstream request: a caller that stops
+        // sending does not hold its place.
+        self.held = tokio::time::timeout(rules.deadline, reading)
+            .await
+            .map_err(|_| {
+                log::info!(
+                    "the request body did not arrive within {}s (UPSTREAM_TIMEOUT_SECS)",
+                    rules.deadline.as_secs()
+                );
+                ProxyError::RequestTimeout
+            })??;
+        if let (Held::Read(bytes), Some(redactor)) = (&self.held, &rules.log) {
+            log::debug!("request body: {}", redactor.mask_bytes(bytes));
+        }
+        Ok(())
+    }
+
+    /// The body as the upstream attempts send it. With `retries`, a body not read yet is read
+    /// now up to [`REPLAYABLE_BODY`], so that every attempt can send it; a larger one, and any
+    /// body without `retries`, streams on as it arrives, cut off past the cap.
+    pub(crate) async fn for_attempts(
+        mut self,
+        rules: &BodyRules,
+        retries: bool,
+    ) -> Result<RequestBody, ProxyError> {
+        if retries {
+            self.read(rules, REPLAYABLE_BODY).await?;
+        } else if self.declared.is_some_and(|length| length > rules.max_bytes) {
+            return Err(ProxyError::PayloadTooLarge);
+        }
+        let stream = |body| RequestBody::Once(Some(request_body(body, rules)));
+        Ok(match self.held {
+            Held::None => RequestBody::None,
+            Held::Read(bytes) => RequestBody::Kept(bytes),
+            Held::Unread(body) => stream(body),
+            Held::Started(read, rest) => {
+                let read = futures::stream::iter([Ok(read)]);
+                stream(Box::pin(read.chain(rest)))
+            }
+        })
+    }
+}
+
 /// The caller's body as the upstream requests get it.
 pub(crate) enum RequestBody {
     None,
-    /// Read whole (up to `REPLAYABLE_BODY`): every attempt sends the same bytes.
+    /// Read whole: every attempt sends the same bytes.
     Kept(Bytes),
-    /// Larger, declared or found so while reading: streamed on once, never retried.
+    /// Streamed on once, never retried.
     Once(Option<reqwest::Body>),
 }
 
 impl RequestBody {
-    /// Reads up to `REPLAYABLE_BODY` of the caller's body; a body declared larger is not read
-    /// here at all, and one found larger is streamed on after what was read.
-    pub(crate) async fn prepare<S, B>(
-        body: S,
-        declared: Option<u64>,
-        max_body_bytes: u64,
-        body_log: Option<Arc<Redactor>>,
-    ) -> Result<RequestBody, ProxyError>
-    where
-        S: Stream<Item = Result<B, warp::Error>> + Send + Sync + 'static,
-        B: Buf + Send,
-    {
-        let mut body = Box::pin(body.map_ok(|mut chunk| chunk.copy_to_bytes(chunk.remaining())));
-        if declared.is_some_and(|length| length > REPLAYABLE_BODY) {
-            return Ok(RequestBody::once(body, max_body_bytes, body_log));
-        }
-        let mut kept = BytesMut::new();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|err| {
-                log::info!("the caller's request body broke off: {err}");
-                ProxyError::IncompleteBody
-            })?;
-            kept.extend_from_slice(&chunk);
-            if kept.len() as u64 > max_body_bytes {
-                log::info!("request body over MAX_BODY_BYTES: not sent upstream");
-                return Err(ProxyError::PayloadTooLarge);
-            }
-            if kept.len() as u64 > REPLAYABLE_BODY {
-                let read = futures::stream::iter([Ok(kept.freeze())]);
-                return Ok(RequestBody::once(
-                    read.chain(body),
-                    max_body_bytes,
-                    body_log,
-                ));
-            }
-        }
-        let kept = kept.freeze();
-        if let Some(redactor) = body_log {
-            log::debug!("request body: {}", redactor.mask_bytes(&kept));
-        }
-        Ok(RequestBody::Kept(kept))
-    }
-
-    /// The caller's body streamed on as it arrives, never kept.
-    pub(crate) fn streamed<S, B>(
-        body: S,
-        max_body_bytes: u64,
-        body_log: Option<Arc<Redactor>>,
-    ) -> RequestBody
-    where
-        S: Stream<Item = Result<B, warp::Error>> + Send + Sync + 'static,
-        B: Buf + Send,
-    {
-        let body = Box::pin(body.map_ok(|mut chunk| chunk.copy_to_bytes(chunk.remaining())));
-        RequestBody::once(body, max_body_bytes, body_log)
-    }
-
-    fn once<S>(body: S, max_body_bytes: u64, body_log: Option<Arc<Redactor>>) -> RequestBody
-    where
-        S: Stream<Item = Result<Bytes, warp::Error>> + Send + Sync + Unpin + 'static,
-    {
-        RequestBody::Once(Some(request_body(body, max_body_bytes, body_log)))
-    }
-
     /// Whether a refused attempt may be followed by another.
     pub(crate) fn replayable(&self) -> bool {
         !matches!(self, RequestBody::Once(_))
@@ -242,14 +315,11 @@ impl RequestBody {
     }
 }
 
-/// Streams the caller's body upstream as it arrives, cut off past `max_body_bytes`; with
-/// `body_log`, each chunk is logged with every secret masked.
-fn request_body<S>(body: S, max_body_bytes: u64, body_log: Option<Arc<Redactor>>) -> reqwest::Body
-where
-    S: Stream<Item = Result<Bytes, warp::Error>> + Send + Sync + Unpin + 'static,
-{
-    let body = LimitedBody::new(body, max_body_bytes);
-    match body_log {
+/// Streams the caller's body upstream as it arrives, cut off past the cap; with the body log,
+/// each chunk is logged with every secret masked.
+fn request_body(body: CallerStream, rules: &BodyRules) -> reqwest::Body {
+    let body = LimitedBody::new(body, rules.max_bytes);
+    match rules.log.clone() {
         Some(redactor) => reqwest::Body::wrap_stream(body.inspect_ok(move |chunk| {
             log::debug!("request body chunk: {}", redactor.mask_bytes(chunk));
         })),
@@ -284,18 +354,19 @@ mod tests {
             encoded: "api-version=2024-06-01".into(),
             names: vec!["api-version".into()],
         });
+        let fixed: Vec<&str> = fixed_paths().map(|(_, path)| path).collect();
+        assert!(fixed.contains(&"/v1/chat/completions") && fixed.contains(&"/v1/models"));
         for base in bases {
             let base = Url::parse(base).unwrap();
             let known = KnownPaths::new(&base);
-            for path in KnownPaths::PATHS
-                .iter()
-                .copied()
-                .chain(["/v1/files", "/v1"])
-            {
+            for path in fixed.iter().copied().chain(["/v1/files", "/v1"]) {
+                let endpoint = crate::vocab::classify(&warp::http::Method::POST, path, true);
                 for query in [None, Some("a=1&b=%20"), Some("")] {
                     for added in [None, added.as_ref()] {
                         assert_eq!(
-                            known.upstream_url(&base, path, query, added).ok(),
+                            known
+                                .upstream_url(&base, &endpoint, path, query, added)
+                                .ok(),
                             upstream_url(&base, path, query, added).ok(),
                             "{base} {path} {query:?}"
                         );

@@ -19,6 +19,7 @@ use super::headers::{request_headers, response_headers};
 use super::request::RequestBody;
 use super::response::Forwarded;
 use crate::error::ProxyError;
+use crate::vocab::Endpoint;
 
 /// Browsers cannot set headers on a WebSocket, so Realtime clients there send their token as
 /// this subprotocol; it is read like the token header and never forwarded.
@@ -99,10 +100,11 @@ impl Upstream {
     pub async fn open_tunnel(
         &self,
         headers: HeaderMap,
+        endpoint: &Endpoint,
         path: &str,
         query: Option<&str>,
     ) -> Result<Forwarded, ProxyError> {
-        let url = self.url(path, query)?;
+        let url = self.url(endpoint, path, query)?;
         let upgrade = headers
             .get(header::UPGRADE)
             .cloned()

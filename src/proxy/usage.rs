@@ -1,12 +1,15 @@
 //! Token usage read from upstream bodies as they stream past, without buffering them: a scanner
 //! looks for `"usage":{` and captures only that object, in plain JSON answers and in the final
-//! usage event of a stream (`stream_options.include_usage`) alike.
+//! usage event of a stream (`stream_options.include_usage`) alike. Another finds the model the
+//! answer names, for the access line of a request whose body was not read.
 
 use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::ops::exchange::loggable;
 use crate::ops::metrics::{Metrics, TokenKind};
+use crate::vocab::Usage;
 
 const KEY: &[u8] = b"\"usage\"";
 /// Built once: constructing a searcher per chunk cost more than the search itself.
@@ -14,15 +17,6 @@ static KEY_FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memchr::memmem::Finder::new(KEY));
 /// A usage object is a handful of numbers; anything longer is not one.
 const MAX_OBJECT: usize = 4096;
-
-/// Token counts as the OpenAI APIs report them; the Responses API says input/output where chat
-/// completions say prompt/completion.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt: u64,
-    pub completion: u64,
-    pub total: u64,
-}
 
 #[derive(Deserialize)]
 struct RawUsage {
@@ -204,53 +198,163 @@ impl UsageScanner {
         }
     }
 
-    /// Where the key ends in `chunk` (it may have begun in an earlier chunk), or `None` after
-    /// noting how much of the key the chunk ends with.
     fn find_key(&mut self, chunk: &[u8]) -> Option<usize> {
-        if self.carried > 0 {
-            let rest = &KEY[self.carried..];
-            let overlap = rest.len().min(chunk.len());
-            if chunk[..overlap] == rest[..overlap] {
-                if overlap == rest.len() {
-                    self.carried = 0;
-                    return Some(overlap);
-                }
-                self.carried += overlap;
-                return None;
-            }
-            // No other start of the key lies in the carried bytes: see `partial_key_at_end`.
-            self.carried = 0;
-        }
-        if let Some(at) = KEY_FINDER.find(chunk) {
-            return Some(at + KEY.len());
-        }
-        self.carried = partial_key_at_end(chunk);
-        None
+        find_key(KEY, &KEY_FINDER, &mut self.carried, chunk)
     }
 }
 
-/// The length of the longest end of `chunk` that is a beginning of the key (shorter than the key).
+/// Where `key` ends in `chunk` (it may have begun in an earlier chunk: `carried` says how many of
+/// its first bytes the body so far ended with), or `None` after noting how much of the key the
+/// chunk ends with. `key` must have a quote at its ends and nowhere else.
+fn find_key(
+    key: &[u8],
+    finder: &memchr::memmem::Finder<'static>,
+    carried: &mut usize,
+    chunk: &[u8],
+) -> Option<usize> {
+    if *carried > 0 {
+        let rest = &key[*carried..];
+        let overlap = rest.len().min(chunk.len());
+        if chunk[..overlap] == rest[..overlap] {
+            if overlap == rest.len() {
+                *carried = 0;
+                return Some(overlap);
+            }
+            *carried += overlap;
+            return None;
+        }
+        // No other start of the key lies in the carried bytes: see `partial_key_at_end`.
+        *carried = 0;
+    }
+    if let Some(at) = finder.find(chunk) {
+        return Some(at + key.len());
+    }
+    *carried = partial_key_at_end(key, chunk);
+    None
+}
+
+/// The length of the longest end of `chunk` that is a beginning of `key` (shorter than the key).
 /// The key's only quote within those beginnings is its first byte, so the one candidate is the
 /// end from the last quote; the usual chunk, ending in a newline, is answered by one `memrchr`.
-fn partial_key_at_end(chunk: &[u8]) -> usize {
-    let tail = &chunk[chunk.len().saturating_sub(KEY.len() - 1)..];
+fn partial_key_at_end(key: &[u8], chunk: &[u8]) -> usize {
+    let tail = &chunk[chunk.len().saturating_sub(key.len() - 1)..];
     match memchr::memrchr(b'"', tail) {
-        Some(quote) if KEY.starts_with(&tail[quote..]) => tail.len() - quote,
+        Some(quote) if key.starts_with(&tail[quote..]) => tail.len() - quote,
         _ => 0,
     }
 }
 
-/// Told once, when an answer's body ends (or the caller left), what usage it reported and how
-/// many server-sent events went by.
-pub type Report = Box<dyn FnOnce(Option<Usage>, u64) + Send + Sync>;
+const MODEL_KEY: &[u8] = b"\"model\"";
+static MODEL_FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(MODEL_KEY));
+/// Model names are short; a longer string is not one.
+const MAX_MODEL: usize = 256;
+
+/// Finds the first `"model":"<name>"` of an answer (a JSON body, or a stream's first event) as
+/// its chunks pass, for the access line of a request whose body the proxy did not read.
+#[derive(Default)]
+pub struct ModelScanner {
+    state: ModelState,
+    carried: usize,
+}
+
+#[derive(Default)]
+enum ModelState {
+    #[default]
+    Searching,
+    /// After the key: waiting for `:` and then `"` (anything else, such as `null`, is not a name).
+    AfterKey {
+        colon: bool,
+    },
+    Value(Vec<u8>),
+    Found(Arc<str>),
+}
+
+impl ModelScanner {
+    /// The model found, if any.
+    pub fn model(&self) -> Option<&Arc<str>> {
+        match &self.state {
+            ModelState::Found(model) => Some(model),
+            _ => None,
+        }
+    }
+
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() {
+            match &mut self.state {
+                ModelState::Found(_) => return,
+                ModelState::Searching => {
+                    match find_key(MODEL_KEY, &MODEL_FINDER, &mut self.carried, chunk) {
+                        Some(after_key) => {
+                            self.state = ModelState::AfterKey { colon: false };
+                            chunk = &chunk[after_key..];
+                        }
+                        None => return,
+                    }
+                }
+                ModelState::AfterKey { colon } => match chunk[0] {
+                    b' ' | b'\t' | b'\r' | b'\n' => chunk = &chunk[1..],
+                    b':' if !*colon => {
+                        *colon = true;
+                        chunk = &chunk[1..];
+                    }
+                    b'"' if *colon => {
+                        self.state = ModelState::Value(Vec::new());
+                        chunk = &chunk[1..];
+                    }
+                    _ => self.state = ModelState::Searching,
+                },
+                ModelState::Value(value) => match memchr::memchr2(b'"', b'\\', chunk) {
+                    Some(end) if chunk[end] == b'"' => {
+                        value.extend_from_slice(&chunk[..end]);
+                        let name = String::from_utf8_lossy(value);
+                        self.state = if name.is_empty() || value.len() > MAX_MODEL {
+                            ModelState::Searching
+                        } else {
+                            ModelState::Found(loggable(&name))
+                        };
+                        chunk = &chunk[end + 1..];
+                    }
+                    // Model names carry no escapes: whatever this is, it is not one.
+                    Some(escape) => {
+                        self.state = ModelState::Searching;
+                        chunk = &chunk[escape + 1..];
+                    }
+                    None => {
+                        value.extend_from_slice(chunk);
+                        if value.len() > MAX_MODEL {
+                            self.state = ModelState::Searching;
+                        }
+                        return;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// What an answer's body showed by its end (or by the time the caller left).
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// The last usage object.
+    pub usage: Option<Usage>,
+    /// Server-sent events counted, when asked for.
+    pub events: u64,
+    /// The model the answer names, when asked for.
+    pub model: Option<Arc<str>>,
+}
+
+/// Told once, when an answer's body ends (or the caller left), what it showed.
+pub type Report = Box<dyn FnOnce(Seen) + Send + Sync>;
 
 /// What to do with a successful answer's body: count its usage for `client` (when `scan`), and
 /// tell `report` at the end, with the number of events when `count_events` (only a client whose
-/// limits may need the estimate pays for the search).
+/// limits may need the estimate pays for the search) and the model it names when `find_model`.
 pub struct Metering {
     pub client: Arc<str>,
     pub scan: bool,
     pub count_events: bool,
+    pub find_model: bool,
     pub report: Option<Report>,
 }
 
@@ -259,6 +363,7 @@ pub struct Metering {
 /// ended or the client went away.
 pub struct UsageMeter {
     scanner: Option<UsageScanner>,
+    model: Option<ModelScanner>,
     metrics: Metrics,
     client: Arc<str>,
     count_events: bool,
@@ -270,6 +375,7 @@ impl UsageMeter {
     pub fn new(metrics: Metrics, metering: Metering) -> Self {
         UsageMeter {
             scanner: metering.scan.then(UsageScanner::default),
+            model: metering.find_model.then(ModelScanner::default),
             metrics,
             client: metering.client,
             count_events: metering.count_events,
@@ -282,6 +388,9 @@ impl UsageMeter {
     pub fn observe(&mut self, chunk: &[u8]) {
         if let Some(scanner) = &mut self.scanner {
             scanner.feed(chunk);
+        }
+        if let Some(model) = &mut self.model {
+            model.feed(chunk);
         }
         if self.count_events {
             self.events += DATA_FINDER.find_iter(chunk).count() as u64;
@@ -305,7 +414,11 @@ impl Drop for UsageMeter {
                 .tokens(&self.client, TokenKind::Total, usage.total);
         }
         if let Some(report) = self.report.take() {
-            report(usage, self.events);
+            report(Seen {
+                usage,
+                events: self.events,
+                model: self.model.as_ref().and_then(ModelScanner::model).cloned(),
+            });
         }
     }
 }
@@ -322,7 +435,7 @@ mod tests {
         scanner.usage()
     }
 
-    const CHAT: &[u8] = br#"{"id":"x","choices":[{"message":{"content":"say \"usage\":{\"prompt_tokens\":99}"}}],"usage":{"prompt_tokens":7,"completion_tokens":6,"total_tokens":13,"prompt_tokens_details":{"cached_tokens":0}}}"#;
+    const CHAT: &[u8] = br#"{"id":"x","model":"gpt-mock","choices":[{"message":{"content":"say \"usage\":{\"prompt_tokens\":99}"}}],"usage":{"prompt_tokens":7,"completion_tokens":6,"total_tokens":13,"prompt_tokens_details":{"cached_tokens":0}}}"#;
 
     #[test]
     fn plain_answer_usage_is_found_however_the_body_is_split() {
@@ -412,11 +525,54 @@ mod tests {
     }
 
     #[test]
-    fn the_key_has_a_quote_only_at_its_ends() {
+    fn the_keys_have_a_quote_only_at_their_ends() {
         // What `partial_key_at_end` relies on.
+        for key in [KEY, MODEL_KEY] {
+            assert_eq!(
+                memchr::memchr_iter(b'"', key).collect::<Vec<_>>(),
+                [0, key.len() - 1]
+            );
+        }
+    }
+
+    fn model_in_pieces(body: &[u8], piece: usize) -> Option<String> {
+        let mut scanner = ModelScanner::default();
+        for chunk in body.chunks(piece) {
+            scanner.feed(chunk);
+        }
+        scanner.model().map(|model| model.to_string())
+    }
+
+    #[test]
+    fn the_answer_s_model_is_found_however_the_body_is_split() {
+        let stream = b"data: {\"id\":\"c\",\"model\" : \"gpt-4o-mini\",\"choices\":[]}\n\n\
+            data: {\"model\":\"other\"}\n\n";
+        for body in [CHAT, &stream[..]] {
+            let expected = if body == CHAT {
+                "gpt-mock"
+            } else {
+                "gpt-4o-mini"
+            };
+            for piece in 1..body.len() {
+                assert_eq!(
+                    model_in_pieces(body, piece).as_deref(),
+                    Some(expected),
+                    "pieces of {piece}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn what_is_not_a_model_name_is_passed_over() {
+        let body =
+            br#"{"model":null,"x":"say \"model\":\"no\"","model":"a\"b","model":"","model":"m1"}"#;
+        assert_eq!(model_in_pieces(body, 3).as_deref(), Some("m1"));
+        let long = format!(r#"{{"model":"{}"}}"#, "x".repeat(MAX_MODEL + 1));
+        assert_eq!(model_in_pieces(long.as_bytes(), 100), None);
         assert_eq!(
-            memchr::memchr_iter(b'"', KEY).collect::<Vec<_>>(),
-            [0, KEY.len() - 1]
+            model_in_pieces(b"{\"model\":\"m\nPOST /x\"}", 4).as_deref(),
+            Some("m?POST?/x")
         );
     }
 

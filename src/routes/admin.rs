@@ -3,20 +3,21 @@
 use serde_json::json;
 use warp::{Filter, Rejection, Reply};
 
-use super::{Route, allow, with};
+use super::{allow, route, with};
 use crate::auth::filters::{admin, admin_enabled};
 use crate::config::ClientLimits;
 use crate::error::rfc3339_now;
 use crate::proxy::models_cache::ModelsCache;
 use crate::state::AppState;
+use crate::vocab::Route;
 
 /// POST /admin/cache/clear
 pub fn clear_cache(
     state: AppState,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    warp::path!("admin" / "cache" / "clear")
+    route(Route::CacheClear)
         .and(admin_enabled(state.auth.clone()))
-        .and(allow(Route::Admin))
+        .and(allow(Route::CacheClear))
         .and(admin(state.auth.clone()))
         .and(with(state.models.clone()))
         .map(|models: ModelsCache| {
@@ -35,7 +36,7 @@ pub fn clear_cache(
 pub fn clients(
     state: AppState,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    warp::path!("admin" / "clients")
+    route(Route::AdminClients)
         .and(admin_enabled(state.auth.clone()))
         .and(allow(Route::AdminClients))
         .and(admin(state.auth.clone()))

@@ -1,11 +1,11 @@
 //! The warp route table. Each route family lives in its own file; this module composes them with
-//! `.or()` and attaches the one `recover`.
+//! `.or()` and attaches the one `recover`. Routes are told apart by the request's [`Endpoint`]
+//! (classified once, by the server), not by path literals of their own.
 
 mod admin;
 mod models;
 mod ops;
 mod proxy;
-mod route;
 
 use std::convert::Infallible;
 
@@ -13,8 +13,9 @@ use warp::http::Method;
 use warp::{Filter, Rejection};
 
 use crate::error::{ProxyError, handle_rejection};
+use crate::proxy::headers::has_body;
 use crate::state::AppState;
-pub use route::{Route, reports_usage};
+use crate::vocab::{Endpoint, Route, classify};
 
 /// Every route the proxy serves, with errors already turned into JSON responses.
 pub fn routes(
@@ -40,6 +41,33 @@ pub fn routes(
 /// Hands each request a clone of a shared handle (cloning is shallow).
 fn with<T: Clone + Send>(handle: T) -> impl Filter<Extract = (T,), Error = Infallible> + Clone {
     warp::any().map(move || handle.clone())
+}
+
+/// The request's classification: the one the server made, or (for a request handed to the route
+/// table directly, as `warp::test` does) made here the same way.
+fn endpoint() -> impl Filter<Extract = (Endpoint,), Error = Infallible> + Clone {
+    warp::ext::get::<Endpoint>()
+        .or(warp::method()
+            .and(warp::path::full())
+            .and(warp::header::headers_cloned())
+            .map(|method, path: warp::path::FullPath, headers| {
+                classify(&method, path.as_str(), has_body(&headers))
+            }))
+        .unify()
+}
+
+/// Lets only requests classified as `route` through; the others go on to the next route, and
+/// end as 404 when none takes them.
+fn route(route: Route) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    endpoint()
+        .and_then(move |endpoint: Endpoint| async move {
+            if endpoint.route == route {
+                Ok(())
+            } else {
+                Err(warp::reject::not_found())
+            }
+        })
+        .untuple_one()
 }
 
 /// Lets only the method `route` takes through; any other is answered 405 with that route's own

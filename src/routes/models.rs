@@ -6,12 +6,13 @@ use std::time::Instant;
 use warp::http::{HeaderMap, HeaderValue, header};
 use warp::{Filter, Rejection};
 
-use super::{raw_query, with};
+use super::{raw_query, route, with};
 use crate::auth::Caller;
 use crate::auth::filters::caller;
 use crate::ops::exchange::Exchange;
 use crate::proxy::models_cache::{CacheStatus, CachedResponse};
 use crate::state::AppState;
+use crate::vocab::Route;
 
 const CACHE_STATUS_HEADER: &str = "x-proxy-cache";
 
@@ -20,7 +21,7 @@ const CACHE_STATUS_HEADER: &str = "x-proxy-cache";
 pub fn list(
     state: AppState,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    warp::path!("v1" / "models")
+    route(Route::Models)
         .and(warp::get())
         .and(raw_query())
         .and_then(|query: Option<String>| async move {

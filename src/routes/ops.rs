@@ -4,15 +4,16 @@ use serde_json::json;
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::{Filter, Rejection, Reply};
 
-use super::{Route, allow, with};
+use super::{allow, route, with};
 use crate::auth::filters::scraper;
 use crate::ops::metrics::{self, Metrics};
 use crate::proxy::Upstream;
 use crate::state::AppState;
+use crate::vocab::Route;
 
 /// GET /healthz: 200 while the process serves, no token needed.
 pub fn healthz() -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    warp::path!("healthz")
+    route(Route::Healthz)
         .and(allow(Route::Healthz))
         .map(|| warp::reply::json(&json!({"status": "ok"})).into_response())
 }
@@ -25,7 +26,7 @@ pub fn healthz() -> impl Filter<Extract = (warp::reply::Response,), Error = Reje
 pub fn readyz(
     state: AppState,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    warp::path!("readyz")
+    route(Route::Readyz)
         .and(allow(Route::Readyz))
         .and(with(state))
         .map(|state: AppState| {
@@ -46,7 +47,7 @@ pub fn readyz(
 pub fn metrics(
     state: AppState,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    warp::path!("metrics")
+    route(Route::Metrics)
         .and(allow(Route::Metrics))
         .and(scraper(state.auth.clone()))
         .and(with(state.metrics.clone()))

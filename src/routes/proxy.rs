@@ -1,35 +1,42 @@
-//! Everything else under `/v1/`: chat completions, embeddings, files, audio, ... forwarded as is,
-//! after the caller's limits (if it has any) admitted the request.
+//! Everything else under `/v1/`: chat completions, embeddings, files, audio, ... forwarded under
+//! its canonical path, after the caller's limits (if it has any) admitted the request.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
-use futures::future::Either;
-use futures::{Stream, TryStreamExt};
+use futures::Stream;
 use warp::filters::path::FullPath;
 use warp::http::{HeaderMap, Method};
 use warp::{Buf, Filter, Rejection};
 
-use super::{raw_query, reports_usage, with};
+use super::{endpoint, raw_query, with};
 use crate::auth::Caller;
 use crate::auth::filters::caller;
 use crate::error::ProxyError;
-use crate::ops::exchange::{Exchange, Spend};
-use crate::policy::request::{Inspected, inspect, read_body, takes_model};
+use crate::ops::exchange::{Answered, Exchange, Spend, loggable};
+use crate::policy::request::{Inspected, inspect};
 use crate::policy::{Policy, Ticket, write_rate_limit_headers};
 use crate::proxy::Upstream;
-use crate::proxy::headers::{declared_length, is_event_stream};
+use crate::proxy::headers::{is_event_stream, is_json};
+use crate::proxy::request::CallerBody;
 use crate::proxy::response::Forwarded;
 use crate::proxy::upgrade::{TunnelHold, is_websocket_upgrade};
-use crate::proxy::usage::{Metering, Usage};
+use crate::proxy::usage::{Metering, Report, Seen};
+use crate::vocab::Endpoint;
 
 /// ANY /v1/... (POST /v1/chat/completions among them)
 pub fn forward(
     state: crate::state::AppState,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    warp::path("v1")
+    endpoint()
+        .and_then(|endpoint: Endpoint| async move {
+            if endpoint.route.is_forwarded() {
+                Ok(endpoint)
+            } else {
+                Err(warp::reject::not_found())
+            }
+        })
         .and(caller(state.auth.clone()))
         .and(warp::method())
         .and(warp::path::full())
@@ -42,6 +49,7 @@ pub fn forward(
 
 #[allow(clippy::too_many_arguments)]
 async fn forward_request<S, B>(
+    endpoint: Endpoint,
     headers: HeaderMap,
     caller: Caller,
     method: Method,
@@ -55,7 +63,6 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Send + Sync + 'static,
     B: Buf + Send,
 {
-    let path = path.as_str();
     // Errors are answered here rather than rejected, so warp never tries another route.
     let refused = |mut response: warp::reply::Response| {
         response.extensions_mut().insert(Exchange {
@@ -65,28 +72,20 @@ where
         });
         Ok(response)
     };
+    let Some(path) = endpoint.path(path.as_str()) else {
+        return refused(ProxyError::UnreadablePath.into_response());
+    };
     let client = caller.client.as_ref();
+    let mut body = CallerBody::new(&headers, body);
     let reads_body =
-        client.is_some_and(|client| client.limits.reads_body()) && takes_model(&method, path);
-    let (body, inspected) = if reads_body {
-        let max = policy.max_body_bytes();
-        if declared_length(&headers).is_some_and(|length| length > max) {
-            return refused(ProxyError::PayloadTooLarge.into_response());
+        client.is_some_and(|client| client.limits.reads_body()) && endpoint.takes_model;
+    let inspected = if reads_body {
+        match upstream.read_whole(&mut body).await {
+            Ok(bytes) => Some(inspect(&headers, &bytes)),
+            Err(error) => return refused(error.into_response()),
         }
-        let bytes = match tokio::time::timeout(policy.body_timeout(), read_body(body, max)).await {
-            Ok(Ok(bytes)) => bytes,
-            Ok(Err(error)) => return refused(error.into_response()),
-            Err(_) => {
-                log::info!("the request body did not arrive within UPSTREAM_TIMEOUT_SECS");
-                return refused(ProxyError::RequestTimeout.into_response());
-            }
-        };
-        let inspected = inspect(&headers, &bytes);
-        let once = futures::stream::once(std::future::ready(Ok::<Bytes, warp::Error>(bytes)));
-        (Either::Right(once), Some(inspected))
     } else {
-        let streamed = body.map_ok(|mut chunk| chunk.copy_to_bytes(chunk.remaining()));
-        (Either::Left(streamed), None)
+        None
     };
     let tunnel = is_websocket_upgrade(&method, &headers);
     let mut ticket = None;
@@ -125,7 +124,7 @@ where
         // A tunnel's bytes are not metered, but its admission (the client's concurrency place)
         // is held as long as the tunnel is open, by the server that joins the connections.
         upstream
-            .open_tunnel(headers, path, query.as_deref())
+            .open_tunnel(headers, &endpoint, path, query.as_deref())
             .await
             .map(|mut forwarded| {
                 if let Some(ticket) = ticket.take() {
@@ -138,19 +137,24 @@ where
             })
     } else {
         match upstream
-            .forward(headers, method, path, query.as_deref(), body)
+            .forward(headers, method, &endpoint, path, query.as_deref(), body)
             .await
         {
             Ok(answer) => {
-                let scan = reports_usage(path);
-                let metering = (scan || ticket.is_some()).then(|| Metering {
+                let scan = endpoint.reports_usage;
+                // The access line names a model for every request: when the body was not read
+                // for it, the answer's is looked for (JSON and event streams only).
+                let find_model = spend.model.is_none()
+                    && (is_json(answer.headers()) || is_event_stream(answer.headers()));
+                let metering = (scan || find_model || ticket.is_some()).then(|| Metering {
                     client: caller.label.clone(),
                     scan,
+                    find_model,
                     // Only a client with token limits settles from the event count; for
                     // everybody else the scan would be work for nothing.
                     count_events: client.is_some_and(|client| client.limits.counts_tokens()),
                     report: Some(settlement(
-                        spend.usage.clone(),
+                        spend.answered.clone(),
                         ticket,
                         inspected.map_or(0, |inspected| inspected.prompt),
                         is_event_stream(answer.headers()),
@@ -181,17 +185,22 @@ where
     Ok(response)
 }
 
-/// What happens when the answer's body ends: the usage is kept for the access line, and the
-/// ticket (if any) settles with the tokens used: the reported usage, else for a stream the
-/// prompt estimate plus one token per content event, else the estimate charged.
+/// What happens when the answer's body ends: its usage and model are kept for the access line,
+/// and the ticket (if any) settles with the tokens used: the reported usage, else for a stream
+/// the prompt estimate plus one token per content event, else the estimate charged.
 fn settlement(
-    cell: Arc<parking_lot::Mutex<Option<Usage>>>,
+    cell: Arc<parking_lot::Mutex<Answered>>,
     ticket: Option<Ticket>,
     prompt_estimate: u64,
     stream: bool,
-) -> crate::proxy::usage::Report {
-    Box::new(move |usage: Option<Usage>, events: u64| {
-        *cell.lock() = usage;
+) -> Report {
+    Box::new(move |seen: Seen| {
+        let Seen {
+            usage,
+            events,
+            model,
+        } = seen;
+        *cell.lock() = Answered { usage, model };
         if let Some(mut ticket) = ticket {
             let used = match usage {
                 Some(usage) => usage.total,
@@ -209,37 +218,4 @@ fn query_parameter(query: Option<&str>, name: &str) -> Option<String> {
     url::form_urlencoded::parse(query?.as_bytes())
         .find(|(key, _)| key == name)
         .map(|(_, value)| value.into_owned())
-}
-
-/// The model as the access line shows it. It comes from the caller's body, so only a short run
-/// of the characters model names use is kept: a newline or a quote there would forge log lines.
-fn loggable(model: &str) -> Arc<str> {
-    const MAX: usize = 64;
-    let kept: String = model
-        .chars()
-        .take(MAX)
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-' | '@' | '+') {
-                c
-            } else {
-                '?'
-            }
-        })
-        .collect();
-    Arc::from(kept)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_model_name_cannot_forge_a_log_line() {
-        assert_eq!(&*loggable("gpt-4o-mini"), "gpt-4o-mini");
-        assert_eq!(
-            &*loggable("m\nPOST /v1/x status=200"),
-            "m?POST?/v1/x?status?200"
-        );
-        assert_eq!(loggable(&"x".repeat(500)).len(), 64);
-    }
 }

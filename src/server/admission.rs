@@ -7,7 +7,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use warp::http::Method;
 
 use crate::error::ProxyError;
-use crate::routes::Route;
+use crate::vocab::Route;
 
 /// Cloning is shallow: clones share one count.
 #[derive(Clone)]

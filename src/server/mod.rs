@@ -25,9 +25,11 @@ use warp::http::{Request, Response};
 
 use crate::ops::access::{AccessRecord, RequestTap, ResponseTap, Tapped};
 use crate::ops::request_id::{PROXY_REQUEST_ID, REQUEST_ID, request_id};
+use crate::proxy::headers::has_body;
 use crate::proxy::upgrade::{PendingTunnel, TunnelHold, Tunnels, is_websocket_upgrade};
-use crate::routes::{Route, routes};
+use crate::routes::routes;
 use crate::state::AppState;
+use crate::vocab::classify;
 use admission::Admission;
 pub use shutdown::{ShutdownSignal, ShutdownTrigger, shutdown_channel};
 
@@ -87,7 +89,15 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
             // connection to a tunnel once the upstream agreed to the upgrade.
             let caller_upgrade = is_websocket_upgrade(request.method(), request.headers())
                 .then(|| hyper::upgrade::on(&mut request));
-            let route = Route::of(request.uri().path());
+            // The one classification of the request: admission, the access record and every
+            // route after them read it, from the request's extensions.
+            let endpoint = classify(
+                request.method(),
+                request.uri().path(),
+                has_body(request.headers()),
+            );
+            let route = endpoint.route;
+            request.extensions_mut().insert(endpoint);
             let (record, bytes_in) = AccessRecord::start(
                 &request,
                 route,

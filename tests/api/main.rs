@@ -3,6 +3,7 @@
 mod admin;
 mod auth;
 mod budget;
+mod classification;
 mod client_limits;
 mod clients;
 mod filters;

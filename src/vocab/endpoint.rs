@@ -1,0 +1,546 @@
+//! What a request is for, decided once per request from its canonical path: its route, whether
+//! its body names a model, whether its answer reports usage, and its metrics label. Admission,
+//! the route table, the allow-list, the limits, the usage scan, the key pool's retries, the
+//! metrics and the access line all read the one [`Endpoint`] value; there is no other list of
+//! paths.
+//!
+//! Paths under `/v1` are compared in their canonical form, the one upstreams route by after
+//! decoding `%XX` and folding `//` and a trailing `/`: compared as received,
+//! `/v1/chat/%63ompletions` would be chat to the upstream but nothing to the usage scan, the
+//! limits and the metrics. The request goes upstream under that canonical path, so what the
+//! proxy counted is what the upstream served. Other paths (the proxy's own) are matched exactly
+//! as received: `/admin//cache/clear` is not the admin route.
+
+use std::sync::Arc;
+
+use warp::http::Method;
+
+/// Declares [`Route`] and [`Route::ALL`] from one list of variants, so that tables sized by
+/// [`Route::COUNT`] can never fall behind the enum.
+macro_rules! routes {
+    ($(#[$meta:meta])* pub enum Route { $($(#[$doc:meta])* $variant:ident,)* }) => {
+        $(#[$meta])*
+        pub enum Route {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl Route {
+            /// Every route, in declaration order: `Route::ALL[route.index()] == route`.
+            pub const ALL: &'static [Route] = &[$(Route::$variant,)*];
+        }
+    };
+}
+
+routes! {
+    /// Every route the proxy knows, as its consumers need to tell them apart.
+    #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+    pub enum Route {
+        /// `/v1/chat/completions`, the route most dashboards want on its own.
+        Chat,
+        /// `/v1/models`: `GET` is answered from the cache.
+        Models,
+        /// Everything else under `/v1`, forwarded as it is.
+        Passthrough,
+        /// `POST /admin/cache/clear`.
+        CacheClear,
+        /// `GET /admin/clients`: every client's limits and usage.
+        AdminClients,
+        /// Any other `/admin/...` path: none exists, but its 404s count as admin traffic.
+        Admin,
+        Healthz,
+        Readyz,
+        Metrics,
+        /// Unknown paths (404s).
+        Other,
+    }
+}
+
+impl Route {
+    /// How many routes there are, for tables indexed by [`Route::index`].
+    pub const COUNT: usize = Route::ALL.len();
+
+    /// The route's place in [`Route::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The `route` label of the metrics: a small fixed set, the two health probes sharing one.
+    pub fn label(self) -> &'static str {
+        match self {
+            Route::Chat => "chat",
+            Route::Models => "models",
+            Route::Passthrough => "passthrough",
+            Route::CacheClear | Route::AdminClients | Route::Admin => "admin",
+            Route::Healthz | Route::Readyz => "health",
+            Route::Metrics => "metrics",
+            Route::Other => "other",
+        }
+    }
+
+    /// Probes must answer under overload: a liveness check that gets 503 because traffic is high
+    /// would have the orchestrator restart a healthy proxy.
+    pub fn bypasses_admission(self) -> bool {
+        matches!(self, Route::Healthz | Route::Readyz | Route::Metrics)
+    }
+
+    /// Whether requests for this route are forwarded upstream (everything under `/v1`).
+    pub fn is_forwarded(self) -> bool {
+        matches!(self, Route::Chat | Route::Models | Route::Passthrough)
+    }
+
+    /// The methods a route the proxy answers itself accepts, as the `Allow` header lists them.
+    /// `None` for `/v1/...`: every method is forwarded there (OpenAI has `GET` and `DELETE` on
+    /// paths that also take `POST`), so the proxy never answers 405 for them.
+    pub fn allow(self) -> Option<&'static str> {
+        match self {
+            Route::Healthz | Route::Readyz | Route::Metrics | Route::AdminClients => Some("GET"),
+            Route::CacheClear => Some("POST"),
+            Route::Chat | Route::Models | Route::Passthrough | Route::Admin | Route::Other => None,
+        }
+    }
+
+    /// Whether `method` is the one `allow` names (each such route takes a single method).
+    pub fn accepts(self, method: &Method) -> bool {
+        self.allow().is_none_or(|allow| method.as_str() == allow)
+    }
+}
+
+/// Where a request to an endpoint names the model it asks for (`POST` only: `GET
+/// /v1/responses/{id}` names none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Model {
+    /// Nowhere the proxy reads.
+    None,
+    /// The body's `model` (a JSON field, or a form field of a multipart upload).
+    Body,
+}
+
+/// How much of the path space a row covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Extent {
+    /// The path itself; a `*` segment in it stands for any one segment.
+    Exact,
+    /// Every path below it, not the path itself.
+    Below,
+}
+
+/// One known endpoint.
+struct Row {
+    path: &'static str,
+    extent: Extent,
+    route: Route,
+    model: Model,
+    /// Whether its answers carry a `usage` object worth counting.
+    usage: bool,
+}
+
+/// Every endpoint the proxy tells apart, first match winning. Paths under `/v1` are canonical.
+#[rustfmt::skip]
+const TABLE: &[Row] = &[
+    //   path                                  extent         route              model        usage
+    row("/v1/chat/completions",                Extent::Exact, Route::Chat,       Model::Body, true),
+    // Stored completions (`GET /v1/chat/completions/{id}`) answer with their usage.
+    row("/v1/chat/completions",                Extent::Below, Route::Passthrough, Model::None, true),
+    row("/v1/completions",                     Extent::Exact, Route::Passthrough, Model::Body, true),
+    row("/v1/completions",                     Extent::Below, Route::Passthrough, Model::None, true),
+    row("/v1/embeddings",                      Extent::Exact, Route::Passthrough, Model::Body, true),
+    row("/v1/embeddings",                      Extent::Below, Route::Passthrough, Model::None, true),
+    row("/v1/responses",                       Extent::Exact, Route::Passthrough, Model::Body, true),
+    // `GET /v1/responses/{id}` answers with the response's usage.
+    row("/v1/responses",                       Extent::Below, Route::Passthrough, Model::None, true),
+    row("/v1/models",                          Extent::Exact, Route::Models,      Model::None, false),
+    row("/v1/moderations",                     Extent::Exact, Route::Passthrough, Model::Body, false),
+    row("/v1/audio/transcriptions",            Extent::Exact, Route::Passthrough, Model::Body, false),
+    row("/v1/audio/translations",              Extent::Exact, Route::Passthrough, Model::Body, false),
+    row("/v1/audio/speech",                    Extent::Exact, Route::Passthrough, Model::Body, false),
+    row("/v1/images/generations",              Extent::Exact, Route::Passthrough, Model::Body, false),
+    row("/v1/images/edits",                    Extent::Exact, Route::Passthrough, Model::Body, false),
+    row("/v1/images/variations",               Extent::Exact, Route::Passthrough, Model::Body, false),
+    row("/v1/realtime/sessions",               Extent::Exact, Route::Passthrough, Model::Body, false),
+    row("/v1/realtime/transcription_sessions", Extent::Exact, Route::Passthrough, Model::Body, false),
+    row("/v1/assistants",                      Extent::Exact, Route::Passthrough, Model::Body, false),
+    row("/v1/fine_tuning/jobs",                Extent::Exact, Route::Passthrough, Model::Body, false),
+    row("/v1/threads/runs",                    Extent::Exact, Route::Passthrough, Model::Body, false),
+    row("/v1/threads/*/runs",                  Extent::Exact, Route::Passthrough, Model::Body, false),
+    row("/v1",                                 Extent::Exact, Route::Passthrough, Model::None, false),
+    row("/v1",                                 Extent::Below, Route::Passthrough, Model::None, false),
+    row("/healthz",                            Extent::Exact, Route::Healthz,     Model::None, false),
+    row("/readyz",                             Extent::Exact, Route::Readyz,      Model::None, false),
+    row("/metrics",                            Extent::Exact, Route::Metrics,     Model::None, false),
+    row("/admin/clients",                      Extent::Exact, Route::AdminClients, Model::None, false),
+    row("/admin/cache/clear",                  Extent::Exact, Route::CacheClear,  Model::None, false),
+    row("/admin",                              Extent::Below, Route::Admin,       Model::None, false),
+];
+
+const fn row(path: &'static str, extent: Extent, route: Route, model: Model, usage: bool) -> Row {
+    Row {
+        path,
+        extent,
+        route,
+        model,
+        usage,
+    }
+}
+
+impl Row {
+    /// Whether the path has a `*` segment.
+    fn is_pattern(&self) -> bool {
+        self.path.as_bytes().contains(&b'*')
+    }
+
+    /// One path: an exact row without a `*`.
+    fn is_fixed(&self) -> bool {
+        self.extent == Extent::Exact && !self.is_pattern()
+    }
+
+    fn matches(&self, path: &str) -> bool {
+        match self.extent {
+            Extent::Exact if self.is_pattern() => segments_match(self.path, path),
+            Extent::Exact => path == self.path,
+            Extent::Below => path
+                .strip_prefix(self.path)
+                .is_some_and(|rest| rest.starts_with('/')),
+        }
+    }
+}
+
+/// `pattern`'s segments against `path`'s, a `*` standing for any one segment.
+fn segments_match(pattern: &str, path: &str) -> bool {
+    let (mut pattern, mut path) = (pattern.split('/'), path.split('/'));
+    loop {
+        match (pattern.next(), path.next()) {
+            (None, None) => return true,
+            (Some(wanted), Some(segment)) if wanted == "*" || wanted == segment => {}
+            _ => return false,
+        }
+    }
+}
+
+/// The one classification of a request. Cloning is cheap (the rare rewritten path is shared).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub route: Route,
+    /// The request names its model where the policy can read it (today: in its body).
+    pub takes_model: bool,
+    /// Its answer carries a `usage` object worth counting.
+    pub reports_usage: bool,
+    /// The table row of a fixed path the request is for, see [`Endpoint::fixed`].
+    fixed: Option<usize>,
+    path: Spelling,
+}
+
+/// How the request's path relates to its canonical form.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Spelling {
+    /// Canonical already, or kept as it came (a bodiless request whose path has no safe
+    /// canonical form).
+    AsReceived,
+    Rewritten(Arc<str>),
+    /// No safe canonical form, and a body the upstream would act on: refused.
+    Unsafe,
+}
+
+impl Endpoint {
+    /// The `route` label of the metrics and the access line.
+    pub fn label(&self) -> &'static str {
+        self.route.label()
+    }
+
+    /// The path the request is forwarded under, given the path it came with; `None` when the
+    /// request must be refused (`invalid_path`) because its path has no safe canonical form.
+    pub fn path<'a>(&'a self, received: &'a str) -> Option<&'a str> {
+        match &self.path {
+            Spelling::AsReceived => Some(received),
+            Spelling::Rewritten(canonical) => Some(canonical),
+            Spelling::Unsafe => None,
+        }
+    }
+
+    /// For tables made once per fixed path (see [`fixed_paths`]): the position of the one this
+    /// request is for, its forwarded path being exactly that path.
+    pub fn fixed(&self) -> Option<usize> {
+        self.fixed
+    }
+}
+
+/// Every endpoint with one fixed path, with the position [`Endpoint::fixed`] gives it.
+pub fn fixed_paths() -> impl Iterator<Item = (usize, &'static str)> {
+    TABLE
+        .iter()
+        .enumerate()
+        .filter(|(_, row)| row.is_fixed())
+        .map(|(position, row)| (position, row.path))
+}
+
+/// How many positions [`Endpoint::fixed`] can give, for tables indexed by it.
+pub const FIXED_POSITIONS: usize = TABLE.len();
+
+/// Classifies a request. `has_body` says whether it carries a body: a request with a body whose
+/// path has no safe canonical form (an encoded `/`, a dot segment, an invalid escape) is
+/// refused; without one its path is kept as it came (model ids with an encoded `/` are real:
+/// `GET /v1/models/meta-llama%2FLlama-3.1-8B`) and it is passthrough.
+pub fn classify(method: &Method, path: &str, has_body: bool) -> Endpoint {
+    let under_v1 = path
+        .strip_prefix("/v1")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+    if !under_v1 {
+        return lookup(method, path, Spelling::AsReceived);
+    }
+    match canonical(path) {
+        Canonical::Same => lookup(method, path, Spelling::AsReceived),
+        Canonical::Rewritten(canonical) => {
+            let canonical: Arc<str> = Arc::from(canonical);
+            lookup(method, &canonical, Spelling::Rewritten(canonical.clone()))
+        }
+        Canonical::Unsafe => Endpoint {
+            route: Route::Passthrough,
+            takes_model: false,
+            reports_usage: false,
+            fixed: None,
+            path: if has_body {
+                Spelling::Unsafe
+            } else {
+                Spelling::AsReceived
+            },
+        },
+    }
+}
+
+fn lookup(method: &Method, path: &str, spelling: Spelling) -> Endpoint {
+    match TABLE.iter().position(|row| row.matches(path)) {
+        Some(position) => {
+            let row = &TABLE[position];
+            Endpoint {
+                route: row.route,
+                takes_model: row.model != Model::None && method == Method::POST,
+                reports_usage: row.usage,
+                fixed: row.is_fixed().then_some(position),
+                path: spelling,
+            }
+        }
+        None => Endpoint {
+            route: Route::Other,
+            takes_model: false,
+            reports_usage: false,
+            fixed: None,
+            path: spelling,
+        },
+    }
+}
+
+enum Canonical {
+    Same,
+    Rewritten(String),
+    Unsafe,
+}
+
+/// The path with escapes of unreserved characters (RFC 3986 2.3) decoded, other escapes kept,
+/// empty segments dropped and no trailing `/`; `Unsafe` for an encoded `/`, a `.` or `..`
+/// segment (literal or encoded) or an invalid escape.
+fn canonical(path: &str) -> Canonical {
+    if is_plainly_canonical(path.as_bytes()) {
+        // The usual case, answered without copying the path.
+        return Canonical::Same;
+    }
+    let mut canonical = String::with_capacity(path.len());
+    for segment in path.split('/').filter(|segment| !segment.is_empty()) {
+        canonical.push('/');
+        let start = canonical.len();
+        let mut rest = segment;
+        while let Some(at) = rest.find('%') {
+            canonical.push_str(&rest[..at]);
+            let Some(escape) = rest
+                .get(at + 1..at + 3)
+                .filter(|hex| hex.bytes().all(|byte| byte.is_ascii_hexdigit()))
+            else {
+                return Canonical::Unsafe;
+            };
+            let Ok(byte) = u8::from_str_radix(escape, 16) else {
+                return Canonical::Unsafe;
+            };
+            if byte == b'/' {
+                return Canonical::Unsafe;
+            }
+            if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+                canonical.push(char::from(byte));
+            } else {
+                canonical.push_str(&rest[at..at + 3]);
+            }
+            rest = &rest[at + 3..];
+        }
+        canonical.push_str(rest);
+        if matches!(&canonical[start..], "." | "..") {
+            return Canonical::Unsafe;
+        }
+    }
+    if canonical == path {
+        Canonical::Same
+    } else {
+        Canonical::Rewritten(canonical)
+    }
+}
+
+/// No `%`, no `//`, no trailing `/` and no segment starting with `.`: canonical for sure (a
+/// segment such as `.well-known` is left to the slow path, which finds it canonical too).
+fn is_plainly_canonical(path: &[u8]) -> bool {
+    for (index, &byte) in path.iter().enumerate() {
+        match byte {
+            b'%' => return false,
+            b'/' if matches!(path.get(index + 1), None | Some(b'/' | b'.')) => return false,
+            _ => {}
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(path: &str) -> Route {
+        classify(&Method::GET, path, false).route
+    }
+
+    #[test]
+    fn paths_are_classified_once() {
+        let cases = [
+            ("/v1/chat/completions", Route::Chat),
+            ("/v1/models", Route::Models),
+            ("/v1/models/gpt-4o", Route::Passthrough),
+            ("/v1", Route::Passthrough),
+            ("/v1/files/f-1/content", Route::Passthrough),
+            ("/v1x", Route::Other),
+            ("/admin/cache/clear", Route::CacheClear),
+            ("/admin/other", Route::Admin),
+            ("/admin/clients", Route::AdminClients),
+            ("/healthz", Route::Healthz),
+            ("/readyz", Route::Readyz),
+            ("/metrics", Route::Metrics),
+            ("/", Route::Other),
+        ];
+        for (path, expected) in cases {
+            assert_eq!(route(path), expected, "{path}");
+        }
+        assert_eq!(Route::Healthz.label(), Route::Readyz.label());
+    }
+
+    #[test]
+    fn every_route_has_its_place_in_the_list_of_all() {
+        for (index, route) in Route::ALL.iter().enumerate() {
+            assert_eq!(route.index(), index, "{route:?}");
+        }
+        assert_eq!(Route::COUNT, Route::ALL.len());
+    }
+
+    #[test]
+    fn the_methods_a_route_accepts_are_the_ones_it_allows() {
+        assert!(Route::Healthz.accepts(&Method::GET));
+        assert!(!Route::Healthz.accepts(&Method::POST));
+        assert!(Route::CacheClear.accepts(&Method::POST));
+        assert!(!Route::CacheClear.accepts(&Method::GET));
+        assert!(Route::Passthrough.accepts(&Method::DELETE));
+    }
+
+    #[test]
+    fn a_spelling_of_a_model_endpoint_is_still_one() {
+        for path in [
+            "/v1/chat/completions",
+            "/v1/chat/completions/",
+            "/v1//chat/completions",
+            "/v1/chat/%63ompletions",
+            "/v1/chat/%63%6F%6dpletions//",
+        ] {
+            let endpoint = classify(&Method::POST, path, true);
+            assert_eq!(endpoint.route, Route::Chat, "{path}");
+            assert!(endpoint.takes_model && endpoint.reports_usage, "{path}");
+            assert_eq!(endpoint.label(), "chat", "{path}");
+            assert_eq!(endpoint.path(path), Some("/v1/chat/completions"), "{path}");
+        }
+        for path in ["/v1/threads/thread_1/runs", "/v1/threads/runs"] {
+            assert!(classify(&Method::POST, path, true).takes_model, "{path}");
+        }
+        assert!(!classify(&Method::POST, "/v1/threads/a/b/runs", true).takes_model);
+        assert!(!classify(&Method::GET, "/v1/chat/completions", false).takes_model);
+        assert!(!classify(&Method::POST, "/v1/files", true).takes_model);
+    }
+
+    #[test]
+    fn usage_endpoints_include_their_sub_paths_only() {
+        let reports = |path| classify(&Method::GET, path, false).reports_usage;
+        assert!(reports("/v1/responses/resp_1"));
+        assert!(reports("/v1/chat/completions"));
+        assert!(reports("/v1/chat/completions/chatcmpl_1"));
+        assert!(!reports("/v1/chat/completionsx"));
+        assert!(!reports("/v1/models"));
+        assert_eq!(route("/v1/chat/completions/chatcmpl_1"), Route::Passthrough);
+    }
+
+    #[test]
+    fn a_canonical_path_is_borrowed_as_it_came() {
+        for path in [
+            "/v1/chat/completions",
+            "/v1/models/gpt-3.5-turbo",
+            "/v1/.well-known",
+            "/v1/files/a%20b",
+        ] {
+            let endpoint = classify(&Method::POST, path, true);
+            assert_eq!(endpoint.path, Spelling::AsReceived, "{path}");
+        }
+    }
+
+    #[test]
+    fn a_path_without_a_safe_canonical_form_is_refused_with_a_body_only() {
+        for path in [
+            "/v1/models/meta-llama%2FLlama-3.1-8B",
+            "/v1/chat/%2e%2e/x",
+            "/v1/./chat/completions",
+            "/v1/chat/../x",
+            "/v1/chat/completions%zz",
+            "/v1/chat/completions%2",
+            "/v1/chat/completions%",
+        ] {
+            let posted = classify(&Method::POST, path, true);
+            assert_eq!(posted.path(path), None, "{path}");
+            let got = classify(&Method::GET, path, false);
+            assert_eq!(got.path(path), Some(path), "{path}");
+            assert_eq!(got.route, Route::Passthrough, "{path}");
+            assert!(!got.reports_usage, "{path}");
+        }
+    }
+
+    #[test]
+    fn only_unreserved_escapes_are_decoded() {
+        let endpoint = classify(&Method::POST, "/v1/files/%41%20%3f%7E/", true);
+        assert_eq!(endpoint.path("-"), Some("/v1/files/A%20%3f~"));
+    }
+
+    #[test]
+    fn the_proxy_s_own_paths_are_matched_as_received() {
+        for path in [
+            "//admin/cache/clear",
+            "/admin//cache/clear",
+            "//v1/chat/completions",
+            "/V1/chat/completions",
+            "/healthz/",
+        ] {
+            let endpoint = classify(&Method::POST, path, true);
+            assert!(!endpoint.route.is_forwarded(), "{path}");
+            assert!(
+                !matches!(endpoint.route, Route::CacheClear | Route::Healthz),
+                "{path}"
+            );
+            assert_eq!(endpoint.path(path), Some(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn fixed_paths_are_the_exact_rows_without_patterns() {
+        let fixed: Vec<&str> = fixed_paths().map(|(_, path)| path).collect();
+        assert!(fixed.contains(&"/v1/chat/completions"));
+        assert!(!fixed.iter().any(|path| path.contains('*')));
+        let endpoint = classify(&Method::POST, "/v1/chat/%63ompletions", true);
+        let position = endpoint.fixed().unwrap();
+        assert_eq!(TABLE[position].path, "/v1/chat/completions");
+        assert_eq!(classify(&Method::POST, "/v1/files/x", true).fixed(), None);
+    }
+}
