@@ -1,18 +1,32 @@
 //! The one error table: every answer the proxy produces itself, with its status, code, message
-//! and headers, and the single `recover` that turns rejections into those answers.
+//! and headers, and the single `recover` that turns rejections into those answers. Three shapes,
+//! one per kind of answer, each written only here:
+//!
+//! - [`ProxyError`]: `{"error":"<code>","message":"<text>","time":"<RFC 3339>"}`, with the
+//!   headers of its row (`Retry-After`, `x-ratelimit-*`, `Allow`, ...);
+//! - [`StreamFailure`]: the last SSE event of a stream the upstream broke off, OpenAI's
+//!   `{"error":{"code":...,"message":...,"type":"proxy_error"}}`, so SDKs raise;
+//! - [`Readiness`]: `/readyz`, `{"limits":"<mode>","status":"<word>"}`, 503 when not ready.
 //!
 //! Upstream errors are not here: they are forwarded untouched. Messages are fixed strings chosen
 //! here, never echoes of request data, so no token can leak into an error body.
 
 use std::convert::Infallible;
+use std::error::Error;
+use std::fmt;
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use serde::Serialize;
 use warp::Reply;
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reject::{Reject, Rejection};
 
+use crate::policy::limiter::Standing;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// The variant count, for the test that walks every variant against the README's table.
+#[cfg_attr(test, derive(strum::EnumCount))]
 pub enum ProxyError {
     Unauthorized,
     NotFound,
@@ -51,13 +65,15 @@ pub enum ProxyError {
     /// retry on another key, or to find its model).
     IncompleteBody,
     /// A client over its requests or tokens per minute, or its concurrency; `retry_after` in
-    /// whole seconds, from the limiter's state.
+    /// whole seconds, from the limiter's state, which `standing` tells as `x-ratelimit-*`.
     RateLimited {
         retry_after: u64,
+        standing: Standing,
     },
     /// A client over its daily token budget; admitted again at the next UTC midnight.
     QuotaExceeded {
         retry_after: u64,
+        standing: Standing,
     },
     /// The request names a model outside the client's `models` list.
     ModelNotAllowed,
@@ -203,10 +219,6 @@ impl ProxyError {
         }
     }
 
-    pub fn status(self) -> StatusCode {
-        self.answer().status
-    }
-
     /// The proxy's own error shape: `{"error":"<code>","message":"<text>","time":"<RFC 3339>"}`.
     pub fn into_response(self) -> warp::reply::Response {
         let answer = self.answer();
@@ -225,9 +237,18 @@ impl ProxyError {
             ProxyError::MethodNotAllowed { allow } => {
                 headers.insert(header::ALLOW, HeaderValue::from_static(allow));
             }
-            ProxyError::RateLimited { retry_after }
-            | ProxyError::QuotaExceeded { retry_after }
-            | ProxyError::KeysResting { retry_after } => {
+            ProxyError::RateLimited {
+                retry_after,
+                standing,
+            }
+            | ProxyError::QuotaExceeded {
+                retry_after,
+                standing,
+            } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+                standing.write_headers(headers);
+            }
+            ProxyError::KeysResting { retry_after } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
             }
             _ => {}
@@ -241,6 +262,111 @@ struct ErrorBody<'a> {
     error: &'a str,
     message: &'a str,
     time: String,
+}
+
+/// Why an upstream body ended early; told to an SSE client by one last event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamFailure {
+    Stalled,
+    Interrupted,
+}
+
+impl StreamFailure {
+    pub fn code(self) -> &'static str {
+        match self {
+            StreamFailure::Stalled => "upstream_stream_stalled",
+            StreamFailure::Interrupted => "upstream_stream_interrupted",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            StreamFailure::Stalled => {
+                "The upstream stopped sending data; the response is incomplete"
+            }
+            StreamFailure::Interrupted => {
+                "The upstream connection broke; the response is incomplete"
+            }
+        }
+    }
+
+    /// An OpenAI-style error event, so SDKs reading the stream raise instead of stopping quietly.
+    pub fn sse_event(self) -> Bytes {
+        let event = StreamErrorEvent {
+            error: StreamErrorObject {
+                code: self.code(),
+                message: self.message(),
+                r#type: "proxy_error",
+            },
+        };
+        let mut line = b"data: ".to_vec();
+        // Serialising two `&str` fields into a `Vec` cannot fail.
+        let _ = serde_json::to_writer(&mut line, &event);
+        line.extend_from_slice(b"\n\n");
+        Bytes::from(line)
+    }
+}
+
+impl fmt::Display for StreamFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+impl Error for StreamFailure {}
+
+/// The stream-failure event's JSON, fields in the order the bytes have always had.
+#[derive(Serialize)]
+struct StreamErrorEvent {
+    error: StreamErrorObject,
+}
+
+#[derive(Serialize)]
+struct StreamErrorObject {
+    code: &'static str,
+    message: &'static str,
+    r#type: &'static str,
+}
+
+/// `/readyz`'s answer: 200 while taking traffic, 503 once shutdown has begun or the upstream has
+/// refused every key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    Draining,
+    NoUpstreamKey,
+}
+
+impl Readiness {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Readiness::Ready => StatusCode::OK,
+            Readiness::Draining | Readiness::NoUpstreamKey => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            Readiness::Ready => "ready",
+            Readiness::Draining => "draining",
+            Readiness::NoUpstreamKey => "no_upstream_key",
+        }
+    }
+
+    /// `{"limits":"<mode>","status":"<word>"}`; `limits` says where the shared state is kept.
+    pub fn into_response(self, limits: &str) -> warp::reply::Response {
+        let body = ReadinessBody {
+            limits,
+            status: self.word(),
+        };
+        warp::reply::with_status(warp::reply::json(&body), self.status()).into_response()
+    }
+}
+
+#[derive(Serialize)]
+struct ReadinessBody<'a> {
+    limits: &'a str,
+    status: &'static str,
 }
 
 /// Now, as RFC 3339 in UTC with second precision, e.g. `2024-01-01T12:00:00Z`.
@@ -262,4 +388,332 @@ pub async fn handle_rejection(rejection: Rejection) -> Result<warp::reply::Respo
         ProxyError::Internal
     };
     Ok(error.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use serde_json::Value;
+
+    use super::*;
+    use crate::policy::limiter::Window;
+
+    /// One example of every variant, each at the place `ordinal` gives it.
+    const EXAMPLES: [ProxyError; <ProxyError as strum::EnumCount>::COUNT] = [
+        ProxyError::Unauthorized,
+        ProxyError::NotFound,
+        ProxyError::MethodNotAllowed { allow: "GET" },
+        ProxyError::ConnectNotSupported,
+        ProxyError::Overloaded,
+        ProxyError::BadGateway,
+        ProxyError::GatewayTimeout,
+        ProxyError::PayloadTooLarge,
+        ProxyError::RequestTimeout,
+        ProxyError::InvalidPath,
+        ProxyError::KeysResting { retry_after: 7 },
+        ProxyError::KeysRefused,
+        ProxyError::IncompleteBody,
+        ProxyError::RateLimited {
+            retry_after: 12,
+            standing: Standing {
+                requests: Some(Window {
+                    limit: 5,
+                    remaining: 0,
+                    reset: Duration::from_millis(59_500),
+                }),
+                tokens: None,
+            },
+        },
+        ProxyError::QuotaExceeded {
+            retry_after: 3600,
+            standing: Standing {
+                requests: None,
+                tokens: Some(Window {
+                    limit: 1000,
+                    remaining: 400,
+                    reset: Duration::from_secs(36),
+                }),
+            },
+        },
+        ProxyError::ModelNotAllowed,
+        ProxyError::ModelRequired,
+        ProxyError::Internal,
+        ProxyError::UnreadablePath,
+    ];
+
+    /// No wildcard: a new variant does not compile until it has a place here, and the checks
+    /// below fail until `EXAMPLES` (whose length is the variant count) holds it at that place.
+    const fn ordinal(error: ProxyError) -> usize {
+        use ProxyError::*;
+        match error {
+            Unauthorized => 0,
+            NotFound => 1,
+            MethodNotAllowed { .. } => 2,
+            ConnectNotSupported => 3,
+            Overloaded => 4,
+            BadGateway => 5,
+            GatewayTimeout => 6,
+            PayloadTooLarge => 7,
+            RequestTimeout => 8,
+            InvalidPath => 9,
+            KeysResting { .. } => 10,
+            KeysRefused => 11,
+            IncompleteBody => 12,
+            RateLimited { .. } => 13,
+            QuotaExceeded { .. } => 14,
+            ModelNotAllowed => 15,
+            ModelRequired => 16,
+            Internal => 17,
+            UnreadablePath => 18,
+        }
+    }
+
+    // Every example at its own place: as many distinct variants as there are, so all of them.
+    const _: () = {
+        let mut place = 0;
+        while place < EXAMPLES.len() {
+            assert!(ordinal(EXAMPLES[place]) == place);
+            place += 1;
+        }
+    };
+
+    /// What each answer must carry besides `content-type: application/json`, exactly.
+    fn expected_headers(error: ProxyError) -> Vec<(&'static str, &'static str)> {
+        use ProxyError::*;
+        match error {
+            Unauthorized => vec![("www-authenticate", "Bearer")],
+            MethodNotAllowed { .. } => vec![("allow", "GET")],
+            ConnectNotSupported | RequestTimeout => vec![("connection", "close")],
+            Overloaded => vec![("retry-after", "1")],
+            KeysResting { .. } => vec![("retry-after", "7")],
+            RateLimited { .. } => vec![
+                ("retry-after", "12"),
+                ("x-ratelimit-limit-requests", "5"),
+                ("x-ratelimit-remaining-requests", "0"),
+                ("x-ratelimit-reset-requests", "59.5s"),
+            ],
+            QuotaExceeded { .. } => vec![
+                ("retry-after", "3600"),
+                ("x-ratelimit-limit-tokens", "1000"),
+                ("x-ratelimit-remaining-tokens", "400"),
+                ("x-ratelimit-reset-tokens", "36s"),
+            ],
+            NotFound | BadGateway | GatewayTimeout | PayloadTooLarge | InvalidPath
+            | UnreadablePath | KeysRefused | IncompleteBody | ModelNotAllowed | ModelRequired | Internal => vec![],
+        }
+    }
+
+    /// How a row of the README's table names each header an answer carries.
+    const HEADER_MENTIONS: [(&str, &str); 5] = [
+        ("www-authenticate", "`WWW-Authenticate: Bearer`"),
+        ("allow", "`Allow`"),
+        ("connection", "`Connection: close`"),
+        ("retry-after", "`Retry-After"),
+        ("x-ratelimit-", "`x-ratelimit-*`"),
+    ];
+
+    /// A row of the error table: status, code, and the text of its last column.
+    struct Row {
+        status: u16,
+        code: String,
+        when: String,
+    }
+
+    /// The rows of the table that holds the `unauthorized` row, without those of plain hyper
+    /// answers (no code).
+    fn error_table(readme: &str) -> Vec<Row> {
+        let lines: Vec<&str> = readme.lines().collect();
+        let anchor = lines
+            .iter()
+            .position(|line| line.starts_with("| 401 | `unauthorized` |"))
+            .expect("the error table");
+        let start = (0..anchor)
+            .rev()
+            .find(|&i| !lines[i].starts_with('|'))
+            .expect("a line before the table")
+            + 1;
+        lines[start..]
+            .iter()
+            .take_while(|line| line.starts_with('|'))
+            .filter_map(|line| {
+                let cells: Vec<&str> = line.trim_matches('|').split(" | ").map(str::trim).collect();
+                let status = cells[0].parse().ok()?;
+                let code = cells[1].strip_prefix('`')?.strip_suffix('`')?.to_owned();
+                Some(Row {
+                    status,
+                    code,
+                    when: cells[2..].join(" | "),
+                })
+            })
+            .collect()
+    }
+
+    fn mentioned_headers(row: &Row) -> Vec<&'static str> {
+        HEADER_MENTIONS
+            .iter()
+            .filter(|(_, mention)| row.when.contains(mention))
+            .map(|(name, _)| *name)
+            .collect()
+    }
+
+    /// The header names of an answer as the table names them (`x-ratelimit-*` as one).
+    fn header_kinds(error: ProxyError) -> Vec<&'static str> {
+        HEADER_MENTIONS
+            .iter()
+            .filter(|(name, _)| {
+                expected_headers(error)
+                    .iter()
+                    .any(|(header, _)| header.starts_with(name))
+            })
+            .map(|(name, _)| *name)
+            .collect()
+    }
+
+    async fn body_of(response: warp::reply::Response) -> Vec<u8> {
+        use http_body_util::BodyExt;
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec()
+    }
+
+    #[tokio::test]
+    async fn every_variant_answers_as_its_row_of_the_readme_table_says() {
+        let readme = include_str!("../README.md");
+        let rows = error_table(readme);
+        let mut matched = vec![false; rows.len()];
+        for error in EXAMPLES {
+            let answer = error.answer();
+            // The row of the same status and code that names the same headers; two variants
+            // share 405 `method_not_allowed`, told apart by `Allow` and `Connection: close`.
+            let kinds = header_kinds(error);
+            let candidates: Vec<usize> = (0..rows.len())
+                .filter(|&i| {
+                    rows[i].status == answer.status.as_u16()
+                        && rows[i].code == answer.code
+                        && mentioned_headers(&rows[i]) == kinds
+                })
+                .collect();
+            assert_eq!(
+                candidates.len(),
+                1,
+                "{error:?}: one README row with {} `{}` naming {kinds:?}",
+                answer.status,
+                answer.code
+            );
+            // Two spellings of one refusal, told apart only by their message, share a row.
+            let shares_by_design = matches!(error, ProxyError::UnreadablePath);
+            assert!(
+                !matched[candidates[0]] || shares_by_design,
+                "{error:?} shares a README row"
+            );
+            matched[candidates[0]] = true;
+
+            let response = error.into_response();
+            assert_eq!(response.status(), answer.status, "{error:?}");
+            let mut headers: BTreeMap<String, String> = response
+                .headers()
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_str().unwrap().to_owned()))
+                .collect();
+            assert_eq!(
+                headers.remove("content-type").as_deref(),
+                Some("application/json"),
+                "{error:?}"
+            );
+            let expected: BTreeMap<String, String> = expected_headers(error)
+                .into_iter()
+                .map(|(name, value)| (name.to_owned(), value.to_owned()))
+                .collect();
+            assert_eq!(headers, expected, "{error:?}");
+
+            let body = body_of(response).await;
+            let parsed: Value = serde_json::from_slice(&body).unwrap();
+            let time = parsed["time"].as_str().unwrap();
+            assert!(humantime::parse_rfc3339(time).is_ok(), "{time}");
+            // The exact bytes: the default shape, its fields in this order.
+            let expected_body = format!(
+                "{{\"error\":\"{}\",\"message\":{},\"time\":\"{time}\"}}",
+                answer.code,
+                serde_json::to_string(answer.message).unwrap()
+            );
+            assert_eq!(String::from_utf8(body).unwrap(), expected_body);
+        }
+        let unmatched: Vec<String> = rows
+            .iter()
+            .zip(&matched)
+            .filter(|(_, matched)| !**matched)
+            .map(|(row, _)| format!("{} {}", row.status, row.code))
+            .collect();
+        assert!(
+            unmatched.is_empty(),
+            "README rows no variant answers: {unmatched:?}"
+        );
+    }
+
+    #[test]
+    fn the_chinese_readme_has_the_same_table() {
+        let key = |rows: Vec<Row>| {
+            let mut rows: Vec<(u16, String, Vec<&str>)> = rows
+                .iter()
+                .map(|row| (row.status, row.code.clone(), mentioned_headers(row)))
+                .collect();
+            rows.sort();
+            rows
+        };
+        assert_eq!(
+            key(error_table(include_str!("../README.zh-CN.md"))),
+            key(error_table(include_str!("../README.md")))
+        );
+    }
+
+    #[test]
+    fn the_stream_failure_events_are_the_ones_the_readme_shows() {
+        let readme = include_str!("../README.md");
+        let stalled = StreamFailure::Stalled.sse_event();
+        let line = std::str::from_utf8(&stalled).unwrap();
+        assert!(line.ends_with("\n\n"));
+        assert!(
+            readme.contains(&format!(
+                "```text\n{}```",
+                line.trim_end_matches('\n').to_owned() + "\n"
+            )),
+            "{line}"
+        );
+        assert_eq!(
+            StreamFailure::Interrupted.sse_event(),
+            "data: {\"error\":{\"code\":\"upstream_stream_interrupted\",\"message\":\"The upstream \
+             connection broke; the response is incomplete\",\"type\":\"proxy_error\"}}\n\n"
+        );
+        assert!(readme.contains("(`upstream_stream_interrupted` when the connection broke.)"));
+    }
+
+    #[tokio::test]
+    async fn readiness_answers_with_the_readme_shape() {
+        let readme = include_str!("../README.md");
+        for (readiness, status, limits) in [
+            (Readiness::Ready, 200, "local"),
+            (Readiness::Draining, 503, "shared"),
+            (Readiness::NoUpstreamKey, 503, "local"),
+        ] {
+            let response = readiness.into_response(limits);
+            assert_eq!(response.status(), status);
+            assert_eq!(response.headers().len(), 1);
+            assert_eq!(response.headers()["content-type"], "application/json");
+            let body = String::from_utf8(body_of(response).await).unwrap();
+            let word = readiness.word();
+            assert_eq!(
+                body,
+                format!("{{\"limits\":\"{limits}\",\"status\":\"{word}\"}}")
+            );
+        }
+        assert!(readme.contains("200 `{\"limits\":\"local\",\"status\":\"ready\"}`"));
+        assert!(readme.contains("503 `\"status\":\"draining\"`"));
+        assert!(readme.contains("`\"status\":\"no_upstream_key\"`"));
+    }
 }

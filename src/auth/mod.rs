@@ -94,11 +94,6 @@ impl Authenticator {
         self.0.rules.load().listed.clone()
     }
 
-    /// The header callers put their token in; it is never forwarded upstream.
-    pub fn token_header(&self) -> &HeaderName {
-        &self.0.header
-    }
-
     /// Anyone when `AUTH_VALIDATION` is off, otherwise only a caller with the token of a client
     /// that is neither disabled nor expired. An inactive client gets the same answer as an
     /// unknown token.

@@ -10,10 +10,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
+// tokio's clock, not std's: a test can pause and advance it instead of waiting out a minute.
+// The UTC day of the budgets stays on the wall clock (`SystemTime`).
+use tokio::time::Instant;
 
 use super::limiter::{Budgets, Charge, ClientUsage, Limiter, Reason, Refusal, Standing, Window};
 use crate::config::ClientLimits;

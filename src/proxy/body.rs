@@ -19,6 +19,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::usage::UsageMeter;
 use crate::auth::redact::{Redactor, error_chain};
+pub use crate::error::StreamFailure;
 use crate::ops::metrics::{Metrics, UpstreamFailure};
 
 /// The caller's body went past `MAX_BODY_BYTES`.
@@ -82,49 +83,6 @@ where
         }
     }
 }
-
-/// Why an upstream body ended early.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamFailure {
-    Stalled,
-    Interrupted,
-}
-
-impl StreamFailure {
-    pub fn code(self) -> &'static str {
-        match self {
-            StreamFailure::Stalled => "upstream_stream_stalled",
-            StreamFailure::Interrupted => "upstream_stream_interrupted",
-        }
-    }
-
-    fn message(self) -> &'static str {
-        match self {
-            StreamFailure::Stalled => {
-                "The upstream stopped sending data; the response is incomplete"
-            }
-            StreamFailure::Interrupted => {
-                "The upstream connection broke; the response is incomplete"
-            }
-        }
-    }
-
-    /// An OpenAI-style error event, so SDKs reading the stream raise instead of stopping quietly.
-    fn sse_event(self) -> Bytes {
-        let event = serde_json::json!({
-            "error": {"message": self.message(), "type": "proxy_error", "code": self.code()}
-        });
-        Bytes::from(format!("data: {event}\n\n"))
-    }
-}
-
-impl fmt::Display for StreamFailure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.code())
-    }
-}
-
-impl Error for StreamFailure {}
 
 enum Phase {
     Streaming,

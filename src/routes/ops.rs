@@ -1,11 +1,12 @@
 //! Operator endpoints for orchestrators and scrapers: liveness, readiness, metrics.
 
 use serde_json::json;
-use warp::http::{HeaderValue, StatusCode, header};
+use warp::http::{HeaderValue, header};
 use warp::{Filter, Rejection, Reply};
 
 use super::{allow, route, with};
 use crate::auth::filters::scraper;
+use crate::error::Readiness;
 use crate::ops::metrics::{self, Metrics};
 use crate::proxy::Upstream;
 use crate::state::AppState;
@@ -30,15 +31,14 @@ pub fn readyz(
         .and(allow(Route::Readyz))
         .and(with(state))
         .map(|state: AppState| {
-            let (status, word) = if state.is_draining() {
-                (StatusCode::SERVICE_UNAVAILABLE, "draining")
+            let readiness = if state.is_draining() {
+                Readiness::Draining
             } else if !state.upstream.keys().any_enabled() {
-                (StatusCode::SERVICE_UNAVAILABLE, "no_upstream_key")
+                Readiness::NoUpstreamKey
             } else {
-                (StatusCode::OK, "ready")
+                Readiness::Ready
             };
-            let body = json!({"status": word, "limits": state.shared.mode().as_str()});
-            warp::reply::with_status(warp::reply::json(&body), status).into_response()
+            readiness.into_response(state.shared.mode().as_str())
         })
 }
 

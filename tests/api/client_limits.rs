@@ -1,10 +1,11 @@
 //! Per-client limits (the clients file): refusals with exact headers and an honest `Retry-After`, token limits
 //! charged before the call, concurrency, and the daily budget.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
+use tokio::time::Instant;
 
 use crate::clients::{chat_body, metrics, spawn_with_clients};
 use crate::helpers::*;
@@ -26,6 +27,11 @@ fn openai_duration(text: &str) -> Duration {
     };
     let seconds: f64 = seconds.strip_suffix('s').unwrap().parse().unwrap();
     Duration::from_secs(minutes * 60) + Duration::from_secs_f64(seconds)
+}
+
+/// Moves the paused clock on to `at`.
+async fn advance_to(at: Instant) {
+    tokio::time::advance(at.saturating_duration_since(Instant::now())).await;
 }
 
 #[tokio::test]
@@ -72,14 +78,30 @@ async fn the_sixth_request_of_a_five_a_minute_client_waits_exactly_as_long_as_it
         "the sixth never went upstream"
     );
 
-    // Just before the time given, still refused; just after it, admitted.
+    // Just before the time given, still refused; just after it, admitted. The limiter reads
+    // tokio's clock: paused here and moved on, rather than waiting twelve seconds.
+    tokio::time::pause();
+    // Each on a connection of its own: a pooled one has outlived the server's idle timeout in
+    // the jump, and would be closed under the request.
+    let fresh = || async {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap()
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth("tok-alice")
+            .json(&chat_body("gpt-mock"))
+            .send()
+            .await
+            .unwrap()
+    };
     let freed = Duration::from_secs(12);
-    tokio::time::sleep_until((first_sent + freed - Duration::from_millis(500)).into()).await;
-    let early = app.chat("tok-alice", chat_body("gpt-mock")).await;
+    advance_to(first_sent + freed - Duration::from_millis(500)).await;
+    let early = fresh().await;
     assert_eq!(early.status(), 429);
     assert_eq!(header(&early, "retry-after"), "1");
-    tokio::time::sleep_until((first_answered + freed + Duration::from_millis(20)).into()).await;
-    let on_time = app.chat("tok-alice", chat_body("gpt-mock")).await;
+    advance_to(first_answered + freed + Duration::from_millis(20)).await;
+    let on_time = fresh().await;
     assert_eq!(on_time.status(), 200);
     assert_eq!(header(&on_time, "x-ratelimit-remaining-requests"), "0");
 

@@ -133,10 +133,12 @@ where
 }
 
 #[tokio::test]
+#[cfg_attr(
+    no_redis_server,
+    ignore = "redis-server is not installed (Debian package redis-server)"
+)]
 async fn a_five_a_minute_client_gets_exactly_five_answers_across_two_replicas() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let upstream = MockUpstream::start().await;
     let file = clients_file("[clients.alice]\ntoken = \"tok-alice\"\nrequests_per_minute = 5\n");
     let a = replica(&upstream, &redis, &file, &[]).await;
@@ -190,10 +192,12 @@ async fn a_five_a_minute_client_gets_exactly_five_answers_across_two_replicas() 
 }
 
 #[tokio::test]
+#[cfg_attr(
+    no_redis_server,
+    ignore = "redis-server is not installed (Debian package redis-server)"
+)]
 async fn a_concurrency_limit_and_a_daily_budget_hold_across_replicas() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let upstream = MockUpstream::start().await;
     let file = clients_file(
         "[clients.alice]\ntoken = \"tok-alice\"\nmax_concurrent_requests = 1\n\n\
@@ -248,10 +252,12 @@ async fn a_concurrency_limit_and_a_daily_budget_hold_across_replicas() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    no_redis_server,
+    ignore = "redis-server is not installed (Debian package redis-server)"
+)]
 async fn without_redis_each_replica_enforces_its_share_and_the_outage_charges_reach_redis() {
-    let Some(mut redis) = RedisServer::start() else {
-        return;
-    };
+    let mut redis = RedisServer::start();
     let upstream = MockUpstream::start().await;
     let file = clients_file(
         "[clients.alice]\ntoken = \"tok-alice\"\nrequests_per_minute = 4\n\
@@ -342,10 +348,12 @@ async fn without_redis_each_replica_enforces_its_share_and_the_outage_charges_re
 }
 
 #[tokio::test]
+#[cfg_attr(
+    no_redis_server,
+    ignore = "redis-server is not installed (Debian package redis-server)"
+)]
 async fn a_replica_killed_mid_stream_does_not_hold_its_slot_past_the_expiry() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let upstream = MockUpstream::start().await;
     let file =
         clients_file("[clients.alice]\ntoken = \"tok-alice\"\nmax_concurrent_requests = 1\n");
@@ -393,13 +401,15 @@ async fn redis_limiter(
 
 /// The limiter itself against a real Redis, with the in-process limiter's own cases.
 #[tokio::test]
+#[cfg_attr(
+    no_redis_server,
+    ignore = "redis-server is not installed (Debian package redis-server)"
+)]
 async fn the_redis_limiter_decides_as_the_in_process_one_does() {
     use llm_proxy::config::ClientLimits;
     use llm_proxy::policy::{Limiter, Reason};
 
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let limiter = redis_limiter(
         &redis,
         &[
@@ -483,10 +493,12 @@ async fn the_redis_limiter_decides_as_the_in_process_one_does() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    no_redis_server,
+    ignore = "redis-server is not installed (Debian package redis-server)"
+)]
 async fn a_caller_that_leaves_during_its_decision_does_not_keep_the_slot() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let upstream = MockUpstream::start().await;
     let file =
         clients_file("[clients.alice]\ntoken = \"tok-alice\"\nmax_concurrent_requests = 1\n");
@@ -562,13 +574,15 @@ fn script_calls(redis: &RedisServer) -> u64 {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    no_redis_server,
+    ignore = "redis-server is not installed (Debian package redis-server)"
+)]
 async fn a_settlement_rides_with_the_next_decision_or_follows_alone_within_the_delay() {
     use llm_proxy::config::ClientLimits;
     use llm_proxy::policy::Limiter;
 
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let limiter = redis_limiter(&redis, &[]).await;
     let limits = ClientLimits {
         requests_per_minute: Some(1000),
@@ -617,10 +631,12 @@ fn retry_after(response: &reqwest::Response) -> u64 {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    no_redis_server,
+    ignore = "redis-server is not installed (Debian package redis-server)"
+)]
 async fn a_redis_outage_keeps_the_minute_the_clients_had_spent() {
-    let Some(mut redis) = RedisServer::start() else {
-        return;
-    };
+    let mut redis = RedisServer::start();
     let upstream = MockUpstream::start().await;
     let file = clients_file(
         "[clients.alice]\ntoken = \"tok-alice\"\nrequests_per_minute = 4\n\n\
@@ -688,13 +704,15 @@ async fn a_redis_outage_keeps_the_minute_the_clients_had_spent() {
 
 /// The token window and the requests in flight carry over too, at the limiter's level.
 #[tokio::test]
+#[cfg_attr(
+    no_redis_server,
+    ignore = "redis-server is not installed (Debian package redis-server)"
+)]
 async fn an_outage_starts_the_token_window_and_the_places_where_redis_left_them() {
     use llm_proxy::config::ClientLimits;
     use llm_proxy::policy::{Limiter, Reason};
 
-    let Some(mut redis) = RedisServer::start() else {
-        return;
-    };
+    let mut redis = RedisServer::start();
     let limiter = redis_limiter(
         &redis,
         &[

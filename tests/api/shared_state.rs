@@ -104,10 +104,12 @@ fn count(log: &str, needle: &str) -> usize {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    no_redis_server,
+    ignore = "redis-server is not installed (Debian package redis-server)"
+)]
 async fn a_key_rested_on_one_replica_is_not_used_by_the_other() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let upstream = MockUpstream::start().await;
     let keys = format!("{KEY_1},{KEY_2}");
     let a = replica(&upstream, &redis, &keys).await;
@@ -175,10 +177,12 @@ async fn a_key_rested_on_one_replica_is_not_used_by_the_other() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    no_redis_server,
+    ignore = "redis-server is not installed (Debian package redis-server)"
+)]
 async fn when_redis_stops_the_replicas_go_local_and_come_back_when_it_is_back() {
-    let Some(mut redis) = RedisServer::start() else {
-        return;
-    };
+    let mut redis = RedisServer::start();
     let upstream = MockUpstream::start().await;
     let keys = format!("{KEY_1},{KEY_2},{KEY_3}");
     let mut a = replica(&upstream, &redis, &keys).await;
@@ -261,10 +265,12 @@ async fn when_redis_stops_the_replicas_go_local_and_come_back_when_it_is_back() 
 }
 
 #[tokio::test]
+#[cfg_attr(
+    no_redis_server,
+    ignore = "redis-server is not installed (Debian package redis-server)"
+)]
 async fn a_frozen_redis_costs_a_call_the_timeout_once_then_nothing_until_it_answers() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let url = redis.url();
     let config = config_from(&[
         ("AUTH_BEARER", "k"),
@@ -316,10 +322,12 @@ async fn a_frozen_redis_costs_a_call_the_timeout_once_then_nothing_until_it_answ
 }
 
 #[tokio::test]
+#[cfg_attr(
+    no_redis_server,
+    ignore = "redis-server is not installed (Debian package redis-server)"
+)]
 async fn the_merge_keeps_the_longer_rest_and_every_key_expires() {
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let url = redis.url();
     let config = config_from(&[
         ("AUTH_BEARER", "k1-aaaaaaaa,k2-bbbbbbbb"),
@@ -389,6 +397,10 @@ async fn without_redis_url_the_state_is_local_and_readyz_says_so() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    no_redis_server,
+    ignore = "redis-server is not installed (Debian package redis-server)"
+)]
 async fn a_bad_redis_url_stops_start_up_and_its_password_is_never_shown() {
     let output = run_with(&[
         ("AUTH_BEARER", "k"),
@@ -400,9 +412,7 @@ async fn a_bad_redis_url_stops_start_up_and_its_password_is_never_shown() {
     assert!(!stderr.contains("hunter2"), "{stderr}");
 
     // A password Redis does not expect: the replica starts in local mode and says why, masked.
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+    let redis = RedisServer::start();
     let upstream = MockUpstream::start().await;
     let target = upstream.base_url();
     let url = format!("redis://:hunter2-pass@127.0.0.1:{}/0", redis.port);
