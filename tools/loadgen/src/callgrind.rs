@@ -17,7 +17,7 @@
 //! clients (the clients-file watcher, which runs on a clock rather than per request, is left out
 //! of the counts). Prints one JSON object. Needs valgrind (Debian package `valgrind`).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
@@ -29,7 +29,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use serde_json::json;
+use serde::Serialize;
 use tokio::net::TcpStream;
 
 use crate::bench::LIMITS;
@@ -310,7 +310,28 @@ fn release_bin(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-fn run(args: &Args, runtime: &tokio::runtime::Runtime) -> Result<serde_json::Value, String> {
+/// The one JSON object printed: the set-up, then the counts of the loads that ran.
+#[derive(Serialize)]
+struct Counts {
+    proxy: String,
+    workers: u32,
+    clients: usize,
+    limited: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    plain_requests: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instructions_per_request: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    streams: Option<usize>,
+    /// instructions_per_stream_SHORT_chunks.
+    #[serde(flatten)]
+    per_stream: BTreeMap<String, u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instructions_per_chunk: Option<i64>,
+    workdir: String,
+}
+
+fn run(args: &Args, runtime: &tokio::runtime::Runtime) -> Result<Counts, String> {
     let proxy_bin = args
         .proxy
         .clone()
@@ -406,12 +427,18 @@ fn run(args: &Args, runtime: &tokio::runtime::Runtime) -> Result<serde_json::Val
         ));
     }
 
-    let mut result = json!({
-        "proxy": proxy_bin.display().to_string(),
-        "workers": args.workers,
-        "clients": clients,
-        "limited": args.limited,
-    });
+    let mut result = Counts {
+        proxy: proxy_bin.display().to_string(),
+        workers: args.workers,
+        clients,
+        limited: args.limited,
+        plain_requests: None,
+        instructions_per_request: None,
+        streams: None,
+        per_stream: BTreeMap::new(),
+        instructions_per_chunk: None,
+        workdir: workdir.display().to_string(),
+    };
     runtime.block_on(plain(proxy.port, 50))?;
     runtime.block_on(streams(
         proxy.port,
@@ -422,9 +449,9 @@ fn run(args: &Args, runtime: &tokio::runtime::Runtime) -> Result<serde_json::Val
     ))?;
     if args.skip.as_deref() != Some("plain") {
         let total = proxy.measure(runtime, plain(proxy.port, args.plain))?;
-        result["plain_requests"] = json!(args.plain);
-        result["instructions_per_request"] =
-            json!((total as f64 / args.plain.max(1) as f64).round() as u64);
+        result.plain_requests = Some(args.plain);
+        result.instructions_per_request =
+            Some((total as f64 / args.plain.max(1) as f64).round() as u64);
     }
     if args.skip.as_deref() != Some("stream") {
         let load = |chunks| {
@@ -439,15 +466,16 @@ fn run(args: &Args, runtime: &tokio::runtime::Runtime) -> Result<serde_json::Val
         let short = proxy.measure(runtime, load(args.short))?;
         let long = proxy.measure(runtime, load(args.long))?;
         let chunks = (args.streams * args.long.saturating_sub(args.short)).max(1) as f64;
-        result["streams"] = json!(args.streams);
-        result[format!("instructions_per_stream_{}_chunks", args.short)] =
-            json!((short as f64 / args.streams.max(1) as f64).round() as u64);
-        result["instructions_per_chunk"] =
-            json!(((long as f64 - short as f64) / chunks).round() as i64);
+        result.streams = Some(args.streams);
+        result.per_stream.insert(
+            format!("instructions_per_stream_{}_chunks", args.short),
+            (short as f64 / args.streams.max(1) as f64).round() as u64,
+        );
+        result.instructions_per_chunk =
+            Some(((long as f64 - short as f64) / chunks).round() as i64);
     }
     drop(proxy);
     drop(mock);
-    result["workdir"] = json!(workdir.display().to_string());
     Ok(result)
 }
 

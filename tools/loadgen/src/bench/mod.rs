@@ -434,7 +434,7 @@ fn run(args: &Args) -> Result<(), BenchError> {
     })
     .collect();
 
-    // Field order matters for the drop: `procs` stops every server before the work dir goes.
+    // Declared after `workdir`, so dropped before it: every server stops before its dir goes.
     let mut procs = Procs::default();
     procs.0.push(procs::start_mock(&paths, wd, sut, false)?);
     log(&format!("mock upstream on port {}", procs.0[0].port));
