@@ -6,7 +6,8 @@
 # One command, loopback only, every load bounded in count and time. It installs what it lacks
 # (nginx, wrk and redis-server from Debian packages), builds the release binaries (the proxy, the mock upstream
 # and tools/loadgen, whose `loadgen sse` is the streaming load generator; all in
-# ${CARGO_TARGET_DIR:-target}/release), then runs scripts/bench/run.py, which measures side by side:
+# ${CARGO_TARGET_DIR:-target}/release), then runs `loadgen bench` (tools/loadgen/src/bench/),
+# which measures side by side:
 #   direct     -- load straight at mock-upstream (--no-record): the floor;
 #   nginx      -- nginx as the equivalent proxy (token `map`, key swap, HTTP/1.1 keep-alive pool,
 #                 proxy_buffering off; config from scripts/bench/nginx.conf.template);
@@ -64,7 +65,8 @@
 #   BENCH_PROXY_ENV="K=V ..."    extra environment for llm-proxy, for experiments
 #                                (e.g. LD_PRELOAD=.../libjemalloc.so.2, MALLOC_ARENA_MAX=2)
 # Defaults take about 6 minutes for the measurements on a 2-core machine: plain ~165 s, streams
-# at 200 and 1000 ~120 s, 5000 streams ~50 s, footprint ~10 s (the run.py docstring has the sum).
+# at 200 and 1000 ~120 s, 5000 streams ~50 s, footprint ~10 s (tools/loadgen/src/bench/mod.rs
+# has the sum).
 #
 # Pinning (BENCH_PIN=split, the default). With 2 cores there is no clean answer; the choice:
 #   CPU 0: the load generator alone (wrk -t1, or the single-threaded `loadgen sse`);
@@ -101,7 +103,6 @@ need_pkgs=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_pkgs+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || need_pkgs+=(wrk)
 command -v taskset >/dev/null 2>&1 || need_pkgs+=(util-linux)
-command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
 command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     [ "${BENCH_NO_INSTALL:-}" = 1 ] && die "missing: ${need_pkgs[*]} (BENCH_NO_INSTALL=1)"
@@ -140,7 +141,8 @@ case "$BIN" in /*) ;; *) BIN="$ROOT/$BIN" ;; esac
 for bin in llm-proxy mock-upstream loadgen; do
     [ -x "$BIN/$bin" ] || die "$BIN/$bin is missing"
 done
-# run.py finds the binaries through these (it respects CARGO_TARGET_DIR too when run on its own).
+# `loadgen bench` finds the binaries through these (it respects CARGO_TARGET_DIR too when run on
+# its own).
 export BENCH_PROXY_BIN="${BENCH_PROXY_BIN:-$BIN/llm-proxy}"
 export BENCH_MOCK_BIN="${BENCH_MOCK_BIN:-$BIN/mock-upstream}"
 export BENCH_LOADGEN_BIN="${BENCH_LOADGEN_BIN:-$BIN/loadgen}"
@@ -156,9 +158,9 @@ fi
 say "open files limit: $(ulimit -n)"
 
 # --- run -------------------------------------------------------------------------------------
-# run.py moves itself into its own session (see BENCH_NICE), out of reach of the terminal's
-# Ctrl-C: forward it.
-python3 "$ROOT/scripts/bench/run.py" &
+# `loadgen bench` moves itself into its own session (see BENCH_NICE), out of reach of the
+# terminal's Ctrl-C: forward it.
+"$BENCH_LOADGEN_BIN" bench --root "$ROOT" &
 driver=$!
 trap 'kill -INT "$driver" 2>/dev/null' INT TERM
 rc=0

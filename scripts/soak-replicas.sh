@@ -83,9 +83,7 @@ if [[ "${SOAK_SKIP_BUILD:-0}" != 1 ]]; then
 fi
 LOADGEN="$BIN/loadgen"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-
-REDIS_PORT="$(free_port)"
+REDIS_PORT="$("$LOADGEN" free-port)"
 echo "==> starting redis-server on 127.0.0.1:$REDIS_PORT (no persistence)"
 (cd "$WORK" && exec redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" \
     --appendonly no --dir "$WORK") >"$WORK/redis.log" 2>&1 </dev/null &

@@ -50,13 +50,12 @@
 # Everything listens on and talks to 127.0.0.1 only, except that the proxy itself binds
 # 0.0.0.0 (it has no bind-address setting); its port is an ephemeral one picked by the kernel and
 # every request needs a token that exists only for this run. Needs: cargo, python3 (stdlib, for
-# scripts/soak/procinfo.py and the report).
+# the report); the readings come from `loadgen procinfo` (tools/loadgen).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=scripts/lib/processes.sh
 source "$ROOT/scripts/lib/processes.sh"
-HERE="$ROOT/scripts/soak"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 LOADGEN="$BIN/loadgen"
 
@@ -171,7 +170,7 @@ loadgen() {
     LOADGEN_PID=""
     return "$status"
 }
-procinfo() { python3 "$HERE/procinfo.py" "$@"; }
+procinfo() { "$LOADGEN" procinfo "$@"; }
 
 if ! loadgen --ready; then
     show_proxy_log 20
@@ -240,9 +239,9 @@ START=""
 reading START "start" || fail_out
 
 CPU_TICK="$(getconf CLK_TCK)"
-MOCK_TICKS_0="$(awk '{print $14 + $15}' "/proc/$MOCK_PID/stat")"
+MOCK_TICKS_0="$(procinfo cpu-ticks "$MOCK_PID")"
 run_phase soak "$SECONDS_RUN" || fail_out
-MOCK_TICKS_1="$(awk '{print $14 + $15}' "/proc/$MOCK_PID/stat" 2>/dev/null || echo "$MOCK_TICKS_0")"
+MOCK_TICKS_1="$(procinfo cpu-ticks "$MOCK_PID" 2>/dev/null || echo "$MOCK_TICKS_0")"
 END=""
 reading END "end" || fail_out
 

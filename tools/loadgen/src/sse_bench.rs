@@ -1,4 +1,4 @@
-//! `loadgen sse`: the streaming load of scripts/bench/run.py.
+//! `loadgen sse`: the streaming load of `loadgen bench`.
 //!
 //! Keeps `--concurrency` HTTP/1.1 keep-alive connections busy, each sending
 //! `POST /v1/chat/completions` with `"stream": true` and the mock's `x-mock-chunks` /
@@ -31,7 +31,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
@@ -49,7 +49,7 @@ pub struct Args {
     port: u16,
     #[arg(long, default_value = "/v1/chat/completions")]
     path: String,
-    /// Client token (default: $BENCH_CLIENT_TOKEN, which is how run.py passes it, out of `ps`).
+    /// Client token (default: $BENCH_CLIENT_TOKEN, which is how `loadgen bench` passes it, out of `ps`).
     #[arg(long)]
     token: Option<String>,
     #[arg(long, default_value_t = 200)]
@@ -377,43 +377,43 @@ async fn connection(
     stats
 }
 
-#[derive(Serialize)]
-struct Ttfc {
-    p50: Option<f64>,
-    p90: Option<f64>,
-    p99: Option<f64>,
-    max: Option<f64>,
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Ttfc {
+    pub p50: Option<f64>,
+    pub p90: Option<f64>,
+    pub p99: Option<f64>,
+    pub max: Option<f64>,
 }
 
-#[derive(Serialize)]
-struct Gaps {
-    p50: Option<f64>,
-    p99: Option<f64>,
-    p999: Option<f64>,
-    max: Option<f64>,
-    worst_per_stream_p50: Option<f64>,
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Gaps {
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
+    pub p999: Option<f64>,
+    pub max: Option<f64>,
+    pub worst_per_stream_p50: Option<f64>,
 }
 
-/// The fields scripts/bench/run.py reads (the names the Python generator this replaced used).
-#[derive(Serialize)]
-struct Report {
-    concurrency: usize,
-    chunks: u64,
-    interval_ms: u64,
-    duration_s: f64,
-    streams_ok: u64,
-    events: u64,
-    events_all: u64,
-    content_chunks: u64,
-    bytes: u64,
-    errors: u64,
-    non_2xx: u64,
-    error_kinds: BTreeMap<String, u64>,
-    ttfc_us: Ttfc,
-    gap_ms: Gaps,
-    loadgen_cpu_s: f64,
-    loadgen_cpu_util: Option<f64>,
-    peak_rss_sampled_kb: Option<u64>,
+/// The one JSON object `loadgen sse` prints, which `loadgen bench` reads back.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Report {
+    pub concurrency: usize,
+    pub chunks: u64,
+    pub interval_ms: u64,
+    pub duration_s: f64,
+    pub streams_ok: u64,
+    pub events: u64,
+    pub events_all: u64,
+    pub content_chunks: u64,
+    pub bytes: u64,
+    pub errors: u64,
+    pub non_2xx: u64,
+    pub error_kinds: BTreeMap<String, u64>,
+    pub ttfc_us: Ttfc,
+    pub gap_ms: Gaps,
+    pub loadgen_cpu_s: f64,
+    pub loadgen_cpu_util: Option<f64>,
+    pub peak_rss_sampled_kb: Option<u64>,
 }
 
 fn round3(v: f64) -> f64 {

@@ -1,0 +1,327 @@
+//! The BENCH_* settings, their defaults, and where the binaries are.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::BenchError;
+
+/// Every target, in the order the run reports them (what each is: see the module doc).
+pub const ALL_TARGETS: [&str; 9] = [
+    "direct",
+    "nginx",
+    "proxy",
+    "proxy-h2",
+    "quiet",
+    "limited",
+    "shared",
+    "clients1",
+    "clients10k",
+];
+
+/// The llm-proxy instances.
+pub fn is_proxy(target: &str) -> bool {
+    !matches!(target, "direct" | "nginx")
+}
+
+/// Behind the TLS HTTP/2 mock; every other target reaches (or is, for "direct") the plain one,
+/// so only those are compared with "direct".
+pub fn is_h2(target: &str) -> bool {
+    target == "proxy-h2"
+}
+
+pub const CLIENT_TOKEN: &str = "bench-client-token-6f1d";
+pub const UPSTREAM_KEY: &str = "sk-bench-upstream-0c9a";
+
+#[derive(Serialize, Debug, Clone)]
+pub struct Settings {
+    pub plain_seconds: f64,
+    pub rounds: usize,
+    pub warmup_seconds: f64,
+    pub stream_seconds: f64,
+    pub stream_rounds: usize,
+    pub plain_concurrency: Vec<u32>,
+    pub stream_concurrency: Vec<u32>,
+    pub stream_chunks: u64,
+    pub stream_interval_ms: u64,
+    pub many_streams: Vec<u32>,
+    pub many_interval_ms: u64,
+    pub many_rounds: usize,
+    pub plain_targets: Vec<String>,
+    pub stream_targets: Vec<String>,
+    pub many_targets: Vec<String>,
+    pub clients: usize,
+    pub startup_tries: usize,
+    pub pin: String,
+    pub workers: u32,
+    pub proxy_log: String,
+    pub access_log: String,
+    pub out: PathBuf,
+    pub nice: i32,
+    pub keep_workdir: bool,
+}
+
+/// A setting's value, None when unset or blank (an empty value counts as unset).
+fn var(name: &str) -> Option<String> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+fn number<T: std::str::FromStr>(name: &str, default: T) -> Result<T, BenchError> {
+    match var(name) {
+        None => Ok(default),
+        Some(raw) => raw
+            .parse()
+            .map_err(|_| BenchError::Failed(format!("{name} must be a number, not {raw:?}"))),
+    }
+}
+
+/// A comma-separated list of numbers; "none" is the empty list.
+fn numbers(name: &str, default: &[u32]) -> Result<Vec<u32>, BenchError> {
+    match var(name).as_deref() {
+        None => Ok(default.to_vec()),
+        Some("none") => Ok(Vec::new()),
+        Some(raw) => raw
+            .split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(|x| {
+                x.parse().map_err(|_| {
+                    BenchError::Failed(format!(
+                        "{name} must be numbers separated by commas, not {raw:?}"
+                    ))
+                })
+            })
+            .collect(),
+    }
+}
+
+/// A comma-separated list of target names; "none" is the empty list.
+fn names(name: &str, default: &[&str]) -> Vec<String> {
+    match var(name).as_deref() {
+        None => default.iter().map(|s| s.to_string()).collect(),
+        Some("none") => Vec::new(),
+        Some(raw) => raw
+            .split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(str::to_string)
+            .collect(),
+    }
+}
+
+impl Settings {
+    pub fn from_env(root: &Path) -> Result<Self, BenchError> {
+        Ok(Settings {
+            plain_seconds: number("BENCH_SECONDS", 2.0)?,
+            rounds: number("BENCH_ROUNDS", 4)?.max(1),
+            warmup_seconds: number("BENCH_WARMUP_SECONDS", 1.0)?,
+            stream_seconds: number("BENCH_STREAM_SECONDS", 6.0)?,
+            stream_rounds: number("BENCH_STREAM_ROUNDS", 2)?.max(1),
+            plain_concurrency: numbers("BENCH_PLAIN_CONCURRENCY", &[1, 32])?,
+            stream_concurrency: numbers("BENCH_STREAM_CONCURRENCY", &[200, 1000])?,
+            stream_chunks: number("BENCH_CHUNKS", 20)?,
+            stream_interval_ms: number("BENCH_INTERVAL_MS", 50)?,
+            many_streams: numbers("BENCH_MANY_STREAMS", &[5000])?,
+            many_interval_ms: number("BENCH_MANY_INTERVAL_MS", 250)?,
+            many_rounds: number("BENCH_MANY_ROUNDS", 1)?.max(1),
+            // Each feature row next to the row it is compared with (see `plain_order`).
+            plain_targets: names(
+                "BENCH_PLAIN_TARGETS",
+                &[
+                    "direct",
+                    "nginx",
+                    "quiet",
+                    "proxy",
+                    "limited",
+                    "shared",
+                    "clients1",
+                    "clients10k",
+                ],
+            ),
+            stream_targets: names(
+                "BENCH_STREAM_TARGETS",
+                &["direct", "nginx", "proxy", "proxy-h2"],
+            ),
+            many_targets: names(
+                "BENCH_MANY_TARGETS",
+                &["direct", "nginx", "proxy", "proxy-h2"],
+            ),
+            clients: number("BENCH_CLIENTS", 10_000)?.max(2),
+            startup_tries: number("BENCH_STARTUP_TRIES", 10)?,
+            pin: var("BENCH_PIN").unwrap_or_else(|| "split".into()),
+            workers: number("BENCH_WORKERS", 2)?,
+            proxy_log: var("BENCH_PROXY_LOG").unwrap_or_else(|| "file".into()),
+            access_log: var("BENCH_ACCESS_LOG").unwrap_or_else(|| "file".into()),
+            out: var("BENCH_OUT")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target").join("bench").join("results.json")),
+            nice: number("BENCH_NICE", -10)?,
+            keep_workdir: var("BENCH_KEEP_WORKDIR").is_some_and(|v| v != "0" && v != "false"),
+        })
+    }
+
+    /// Every target some phase measures, in ALL_TARGETS order; unknown names are an error.
+    pub fn wanted_targets(&self) -> Result<Vec<&'static str>, BenchError> {
+        let named: Vec<&String> = self
+            .plain_targets
+            .iter()
+            .chain(&self.stream_targets)
+            .chain(&self.many_targets)
+            .collect();
+        let mut unknown: Vec<&str> = named
+            .iter()
+            .map(|s| s.as_str())
+            .filter(|n| !ALL_TARGETS.contains(n))
+            .collect();
+        unknown.sort_unstable();
+        unknown.dedup();
+        if !unknown.is_empty() {
+            return Err(BenchError::Failed(format!(
+                "unknown target(s) {} in BENCH_*_TARGETS (known: {})",
+                unknown.join(", "),
+                ALL_TARGETS.join(", ")
+            )));
+        }
+        Ok(ALL_TARGETS
+            .into_iter()
+            .filter(|t| named.iter().any(|n| n == t))
+            .collect())
+    }
+
+    /// The concurrency the KB-per-stream figure starts from (the largest of
+    /// BENCH_STREAM_CONCURRENCY) and the one it ends at (the largest of BENCH_MANY_STREAMS).
+    pub fn rss_reference(&self) -> (Option<u32>, Option<u32>) {
+        (
+            self.stream_concurrency.iter().copied().max(),
+            self.many_streams.iter().copied().max(),
+        )
+    }
+
+    /// Every llm-proxy's MAX_CONCURRENT_REQUESTS: room for the largest stream run (the default,
+    /// 1024, would refuse most of 5000 streams).
+    pub fn max_concurrent_requests(&self) -> u32 {
+        self.stream_concurrency
+            .iter()
+            .chain(&self.many_streams)
+            .map(|c| c + 1000)
+            .fold(1024, u32::max)
+    }
+}
+
+/// Where the binaries and tools are.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub root: PathBuf,
+    pub proxy: PathBuf,
+    pub mock: PathBuf,
+    pub loadgen: PathBuf,
+    pub nginx: PathBuf,
+    pub wrk: PathBuf,
+    pub redis: PathBuf,
+    pub nginx_template: PathBuf,
+    pub wrk_script: PathBuf,
+}
+
+/// The first executable `name` on PATH.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p))
+}
+
+pub fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+impl Paths {
+    pub fn from_env(root: &Path) -> Self {
+        let target_dir = var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("target"));
+        let release = root.join(target_dir).join("release");
+        let bin = |var_name: &str, fallback: PathBuf| {
+            var(var_name).map(PathBuf::from).unwrap_or(fallback)
+        };
+        let tool = |var_name: &str, name: &str, fallback: &str| {
+            var(var_name)
+                .map(PathBuf::from)
+                .or_else(|| which(name))
+                .unwrap_or_else(|| PathBuf::from(fallback))
+        };
+        Paths {
+            proxy: bin("BENCH_PROXY_BIN", release.join("llm-proxy")),
+            mock: bin("BENCH_MOCK_BIN", release.join("mock-upstream")),
+            loadgen: bin(
+                "BENCH_LOADGEN_BIN",
+                std::env::current_exe().unwrap_or_else(|_| release.join("loadgen")),
+            ),
+            nginx: tool("BENCH_NGINX_BIN", "nginx", "/usr/sbin/nginx"),
+            wrk: tool("BENCH_WRK_BIN", "wrk", "wrk"),
+            redis: tool("BENCH_REDIS_BIN", "redis-server", "/usr/bin/redis-server"),
+            nginx_template: root.join("scripts/bench/nginx.conf.template"),
+            wrk_script: root.join("scripts/bench/plain.lua"),
+            root: root.to_path_buf(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        // Defaults, whatever the test's environment says.
+        Settings {
+            plain_seconds: 2.0,
+            rounds: 4,
+            warmup_seconds: 1.0,
+            stream_seconds: 6.0,
+            stream_rounds: 2,
+            plain_concurrency: vec![1, 32],
+            stream_concurrency: vec![200, 1000],
+            stream_chunks: 20,
+            stream_interval_ms: 50,
+            many_streams: vec![5000],
+            many_interval_ms: 250,
+            many_rounds: 1,
+            plain_targets: vec!["quiet".into(), "direct".into()],
+            stream_targets: vec!["proxy-h2".into()],
+            many_targets: vec![],
+            clients: 10_000,
+            startup_tries: 10,
+            pin: "split".into(),
+            workers: 2,
+            proxy_log: "file".into(),
+            access_log: "file".into(),
+            out: PathBuf::from("results.json"),
+            nice: -10,
+            keep_workdir: false,
+        }
+    }
+
+    #[test]
+    fn wanted_targets_follow_the_report_order_and_reject_unknown_names() {
+        let mut s = settings();
+        assert_eq!(s.wanted_targets().unwrap(), ["direct", "proxy-h2", "quiet"]);
+        s.many_targets = vec!["proxy2".into()];
+        let Err(BenchError::Failed(msg)) = s.wanted_targets() else {
+            panic!("an unknown target was accepted");
+        };
+        assert!(msg.starts_with("unknown target(s) proxy2 in BENCH_*_TARGETS"));
+    }
+
+    #[test]
+    fn the_proxy_has_room_for_the_largest_stream_run() {
+        let mut s = settings();
+        assert_eq!(s.max_concurrent_requests(), 6000);
+        s.stream_concurrency.clear();
+        s.many_streams.clear();
+        assert_eq!(s.max_concurrent_requests(), 1024);
+        assert_eq!(s.rss_reference(), (None, None));
+    }
+}
