@@ -6,8 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::{ClientToken, Secret, is_client_name};
-use crate::auth::digest;
+use super::{ClientToken, Secret, digest, is_client_name};
 
 /// One caller the proxy knows: from the clients file, or an `ALLOWED_TOKENS` entry (no limits).
 #[derive(Clone)]

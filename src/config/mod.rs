@@ -20,10 +20,9 @@ use std::time::Duration;
 use reqwest::Url;
 use warp::http::{HeaderName, HeaderValue};
 
-use crate::auth::token_label;
 pub use clients::{Client, ClientLimits};
 pub use redis::{RedisUrl, SharedStateConfig};
-pub use secret::Secret;
+pub use secret::{Secret, digest, token_label};
 use values::invalid;
 pub use values::{UpstreamQuery, is_client_name};
 
