@@ -3,10 +3,93 @@
 //! field; nothing here echoes a token.
 
 use std::collections::HashSet;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::{ClientToken, Secret, digest, is_client_name};
+use super::error::{ConfigError, invalid};
+use super::{Secret, digest, is_client_name, token_label};
+
+/// One `ALLOWED_TOKENS` entry: `token`, or `name:token` to give the client a readable label in
+/// metrics and logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientToken {
+    pub name: Option<String>,
+    pub token: Secret,
+}
+
+impl ClientToken {
+    pub(super) fn parse(entry: &str) -> ClientToken {
+        match entry.split_once(':') {
+            Some((name, token)) if is_client_name(name) && !token.trim().is_empty() => {
+                ClientToken {
+                    name: Some(name.to_string()),
+                    token: Secret::new(token.trim()),
+                }
+            }
+            _ => ClientToken {
+                name: None,
+                token: Secret::new(entry),
+            },
+        }
+    }
+
+    /// The name, or a short hash of the token for an unnamed entry.
+    pub fn label(&self) -> Arc<str> {
+        match &self.name {
+            Some(name) => Arc::from(name.as_str()),
+            None => Arc::from(token_label(&self.token)),
+        }
+    }
+}
+
+/// Every known caller: the `ALLOWED_TOKENS` entries, then the clients file's (`CLIENTS_FILE`).
+pub(super) fn known(
+    allowed_tokens: &[ClientToken],
+    file: Option<&Path>,
+) -> Result<Vec<Client>, ConfigError> {
+    let mut clients: Vec<Client> = allowed_tokens
+        .iter()
+        .map(Client::from_allowed_token)
+        .collect();
+    let Some(path) = file else {
+        return Ok(clients);
+    };
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        invalid(
+            "CLIENTS_FILE",
+            format!("{} cannot be read: {err}", path.display()),
+        )
+    })?;
+    let from_file = parse(&text)
+        .map_err(|message| invalid("CLIENTS_FILE", format!("{}: {message}", path.display())))?;
+    for client in &from_file {
+        // One name is one set of counters: an ALLOWED_TOKENS entry of the same name would share
+        // (and spend) the file client's limits.
+        if clients.iter().any(|known| known.name == client.name) {
+            return Err(invalid(
+                "CLIENTS_FILE",
+                format!(
+                    "{}: clients.{}: the same name as an ALLOWED_TOKENS entry",
+                    path.display(),
+                    client.name
+                ),
+            ));
+        }
+        if clients.iter().any(|known| known.digest == client.digest) {
+            return Err(invalid(
+                "CLIENTS_FILE",
+                format!(
+                    "{}: clients.{}.token: the same token as an ALLOWED_TOKENS entry",
+                    path.display(),
+                    client.name
+                ),
+            ));
+        }
+    }
+    clients.extend(from_file);
+    Ok(clients)
+}
 
 /// One caller the proxy knows: from the clients file, or an `ALLOWED_TOKENS` entry (no limits).
 #[derive(Clone)]

@@ -33,7 +33,7 @@ async fn spawn_reloading(file: &Path) -> TestApp {
     .map(|(name, value)| (name.to_string(), value))
     .collect();
     let source = Arc::new(move || Ok(vars.clone()));
-    tokio::spawn(Reloader::new(app.state.clone(), source).run());
+    tokio::spawn(Reloader::new(app.state.reloadable(), source).run());
     app
 }
 
@@ -273,7 +273,7 @@ async fn a_new_clients_file_path_waits_for_a_restart_while_the_rest_reloads() {
     .into_iter()
     .map(|(name, value)| (name.to_string(), value))
     .collect();
-    let mut reloader = Reloader::new(app.state.clone(), Arc::new(move || Ok(vars.clone())));
+    let mut reloader = Reloader::new(app.state.reloadable(), Arc::new(move || Ok(vars.clone())));
     assert!(reloader.reload("test"));
     // ALLOWED_TOKENS changed; the clients still come from the file being watched.
     assert_eq!(
