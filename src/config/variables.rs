@@ -338,6 +338,159 @@ fn edit_distance(a: &str, b: &str) -> usize {
 mod tests {
     use super::*;
 
+    fn document(name: &str) -> String {
+        let path = format!("{}/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{path}: {err}"))
+    }
+
+    fn cells(line: &str) -> Vec<&str> {
+        let inner = line.trim().trim_start_matches('|').trim_end_matches('|');
+        inner.split('|').map(str::trim).collect()
+    }
+
+    /// The text of the first `code span` in a cell.
+    fn first_code_span(cell: &str) -> Option<&str> {
+        let (_, rest) = cell.split_once('`')?;
+        rest.split_once('`').map(|(code, _)| code)
+    }
+
+    /// Every row of a Markdown table with a default column whose first cell is a variable of
+    /// ours: the variable and that default cell.
+    fn documented_defaults<'a>(text: &'a str, default_headers: &[&str]) -> Vec<(&'a str, &'a str)> {
+        let lines: Vec<&str> = text.lines().collect();
+        let mut rows = Vec::new();
+        let mut column = None;
+        for (index, line) in lines.iter().enumerate() {
+            if !line.starts_with('|') {
+                column = None;
+                continue;
+            }
+            let next_is_rule = lines
+                .get(index + 1)
+                .is_some_and(|next| next.starts_with("|---"));
+            if next_is_rule {
+                column = cells(line)
+                    .iter()
+                    .position(|cell| default_headers.contains(cell));
+                continue;
+            }
+            let (Some(column), row) = (column, cells(line)) else {
+                continue;
+            };
+            let Some(name) = row.first().and_then(|cell| first_code_span(cell)) else {
+                continue;
+            };
+            if let (Some(variable), Some(default)) = (find(name), row.get(column)) {
+                rows.push((variable.name, *default));
+            }
+        }
+        rows
+    }
+
+    fn check_readme(file: &str, default_headers: &[&str], required: &str) {
+        let text = document(file);
+        let rows = documented_defaults(&text, default_headers);
+        for variable in VARIABLES {
+            let documented: Vec<&str> = rows
+                .iter()
+                .filter(|(name, _)| *name == variable.name)
+                .map(|(_, default)| *default)
+                .collect();
+            assert!(
+                !documented.is_empty(),
+                "{file}: {} is not in a table with a default column",
+                variable.name
+            );
+            for cell in documented {
+                match variable.default {
+                    Default::Value(value) => assert_eq!(
+                        first_code_span(cell),
+                        Some(value),
+                        "{file}: the default of {} is {value}, not {cell:?}",
+                        variable.name
+                    ),
+                    Default::Required => assert!(
+                        first_code_span(cell).is_none() && cell.contains(required),
+                        "{file}: {} is required, not {cell:?}",
+                        variable.name
+                    ),
+                    Default::Unset | Default::Computed(_) => assert!(
+                        first_code_span(cell).is_none(),
+                        "{file}: {} has no default value, not {cell:?}",
+                        variable.name
+                    ),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_readmes_document_every_variable_with_the_tables_default() {
+        check_readme("README.md", &["Default"], "required");
+        check_readme("README.zh-CN.md", &["默认值"], "必需");
+    }
+
+    #[test]
+    fn env_example_sets_every_variable_to_its_default() {
+        let text = document(".env.example");
+        let assignments: Vec<(&str, &str)> = text
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| line.split_once('='))
+            .collect();
+        for (name, _) in &assignments {
+            assert!(
+                is_known(name),
+                ".env.example sets {name}, which is not ours"
+            );
+        }
+        for variable in VARIABLES {
+            let value = assignments
+                .iter()
+                .find(|(name, _)| *name == variable.name)
+                .map(|(_, value)| value.trim())
+                .unwrap_or_else(|| panic!(".env.example has no {}=", variable.name));
+            match variable.default {
+                Default::Value(default) => {
+                    assert_eq!(value, default, ".env.example: {}", variable.name)
+                }
+                // An example key in place of the required one.
+                Default::Required => assert!(!value.is_empty(), "{}", variable.name),
+                Default::Unset | Default::Computed(_) => {
+                    assert_eq!(value, "", ".env.example: {}", variable.name)
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_default_is_accepted_by_the_parser() {
+        let config = crate::config::Config::from_lookup(|name| {
+            (name == "AUTH_BEARER").then(|| "k".to_string())
+        });
+        assert!(config.is_ok(), "{:?}", config.err());
+    }
+
+    #[test]
+    fn help_defaults_and_the_restart_list_come_from_the_table() {
+        assert_eq!(default_value("PROXY_PORT"), Some("8080"));
+        assert_eq!(default_value("AUTH_BEARER"), None);
+        let restart: Vec<&str> = restart_only().map(|variable| variable.name).collect();
+        assert!(restart.contains(&"PROXY_PORT"));
+        for live in [
+            "ALLOWED_TOKENS",
+            "ADMIN_TOKEN",
+            "METRICS_TOKEN",
+            "AUTH_VALIDATION",
+        ] {
+            assert!(!restart.contains(&live), "{live}");
+        }
+        assert!(
+            !restart.contains(&"CLIENTS_FILE"),
+            "the reload re-reads the file"
+        );
+    }
+
     #[test]
     fn misspellings_point_at_the_variable_meant() {
         // Lower case here only so that these misspellings are not taken for settings to
