@@ -1,6 +1,6 @@
 //! Where requests go and with which keys: the base URL, the key pool, the query added to every
 //! request, and the settings the upstream connection pools are built from. The pools themselves
-//! are the upstream code's ([`crate::proxy`]); what can be wrong about them is checked here, so
+//! are the upstream code's (`proxy::clients`); what can be wrong about them is checked here, so
 //! that start-up fails naming the variable.
 
 use std::fmt;
