@@ -5,7 +5,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::config::{self, variables};
+use crate::config::{self, LogFormat, Settings, variables};
+use crate::ops::logging::standalone_line;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
@@ -57,7 +58,9 @@ pub fn help() -> String {
     for variable in variables::VARIABLES {
         text.push_str(&format!(
             "  {:width$}  {} [default: {}]\n",
-            variable.name, variable.meaning, variable.default
+            variable.name,
+            variable.meaning,
+            variable.default.shown()
         ));
     }
     text
@@ -69,13 +72,30 @@ pub fn version() -> String {
 
 /// Asks the proxy listening on `PROXY_HOST`:`PROXY_PORT` for `/healthz`: exit 0 when it answers
 /// 200 within a few seconds, 1 otherwise. For a `HEALTHCHECK` in an image with no other program.
+/// Its lines are in the `LOG_FORMAT` the proxy logs in.
 pub async fn healthcheck() -> ExitCode {
-    let address = match config::env_files()
-        .and_then(|files| config::listen_address(&config::non_empty(config::lookup_in(&files))))
-    {
+    let variables = config::environment();
+    let format = match &variables {
+        Ok(variables) => LogFormat::asked_for(|name| variables.get(name).cloned()),
+        Err(_) => LogFormat::asked_for(|name| std::env::var(name).ok()),
+    };
+    let say = |level: log::Level, message: String| {
+        let line = standalone_line(format, level, &message);
+        if level == log::Level::Info {
+            println!("{line}");
+        } else {
+            eprintln!("{line}");
+        }
+    };
+    let address = match variables.and_then(|variables| {
+        config::listen_address(&Settings::new(|name| variables.get(name).cloned()))
+    }) {
         Ok(address) => probe_address(address),
         Err(err) => {
-            eprintln!("healthcheck: configuration error: {err}");
+            say(
+                log::Level::Error,
+                format!("healthcheck: configuration error: {err}"),
+            );
             return ExitCode::FAILURE;
         }
     };
@@ -87,21 +107,24 @@ pub async fn healthcheck() -> ExitCode {
     {
         Ok(client) => client,
         Err(err) => {
-            eprintln!("healthcheck: {err}");
+            say(log::Level::Error, format!("healthcheck: {err}"));
             return ExitCode::FAILURE;
         }
     };
     match client.get(&url).send().await {
         Ok(response) if response.status().is_success() => {
-            println!("healthy: {url}");
+            say(log::Level::Info, format!("healthy: {url}"));
             ExitCode::SUCCESS
         }
         Ok(response) => {
-            eprintln!("unhealthy: {url} answered {}", response.status());
+            say(
+                log::Level::Error,
+                format!("unhealthy: {url} answered {}", response.status()),
+            );
             ExitCode::FAILURE
         }
         Err(err) => {
-            eprintln!("unhealthy: {url}: {err}");
+            say(log::Level::Error, format!("unhealthy: {url}: {err}"));
             ExitCode::FAILURE
         }
     }

@@ -1,10 +1,12 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use llm_proxy::cli::{self, Command};
+use llm_proxy::config::{self, LogFormat};
 use llm_proxy::ops::logging::{init_logging, report_configuration_error};
 use llm_proxy::ops::reload::Reloader;
 use llm_proxy::policy::MemoryLimiter;
@@ -49,15 +51,25 @@ fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
 
 /// The configuration is read before the runtime exists: `WORKER_THREADS` sizes it.
 fn serve() -> ExitCode {
-    let config = match Config::load() {
+    let variables = match config::environment() {
+        Ok(variables) => variables,
+        Err(err) => {
+            // A `.env` that cannot be read says nothing; the process environment still may.
+            let format = LogFormat::asked_for(|name| std::env::var(name).ok());
+            report_configuration_error(&err, format);
+            return ExitCode::from(2);
+        }
+    };
+    let config = match Config::from_lookup(|name| variables.get(name).cloned()) {
         Ok(config) => config,
         Err(err) => {
-            report_configuration_error(&err);
+            let format = LogFormat::asked_for(|name| variables.get(name).cloned());
+            report_configuration_error(&err, format);
             return ExitCode::from(2);
         }
     };
     match runtime(config.worker_threads) {
-        Ok(runtime) => runtime.block_on(run(config)),
+        Ok(runtime) => runtime.block_on(run(config, variables)),
         Err(err) => {
             eprintln!("cannot start the runtime (WORKER_THREADS): {err}");
             ExitCode::FAILURE
@@ -65,10 +77,10 @@ fn serve() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> ExitCode {
+async fn run(config: Config, variables: HashMap<String, String>) -> ExitCode {
     init_logging(&config);
     log::info!("configuration: {config:?}");
-    warn_about_risky_settings(&config);
+    warn_about_risky_settings(&config, variables.into_keys());
     descriptors::raise_limit(config.limits.max_concurrent_requests);
 
     let address = SocketAddr::new(config.host, config.port);
@@ -87,20 +99,27 @@ async fn run(config: Config) -> ExitCode {
         match BudgetStore::open(&config.state_dir, limiter.clone()) {
             Ok(store) => Some(Arc::new(parking_lot::Mutex::new(store))),
             Err(err) => {
-                report_configuration_error(&err);
+                report_configuration_error(&err, config.log_format);
                 return ExitCode::from(2);
             }
         }
     } else {
         None
     };
-    let state = AppState::with_limiter(config, |shared| {
+    let format = config.log_format;
+    let state = match AppState::with_limiter(config, |shared| {
         if in_redis {
             llm_proxy::state::default_limiter(shared)
         } else {
             limiter
         }
-    });
+    }) {
+        Ok(state) => state,
+        Err(err) => {
+            report_configuration_error(&err, format);
+            return ExitCode::from(2);
+        }
+    };
     if store.is_some() || in_redis {
         state.keep_budgets();
     }
@@ -110,7 +129,7 @@ async fn run(config: Config) -> ExitCode {
              replica using it; STATE_DIR is not used for budgets"
         );
     }
-    let reloader = Reloader::new(state.clone(), Arc::new(llm_proxy::ops::reload::environment));
+    let reloader = Reloader::new(state.reloadable(), Arc::new(config::environment));
     tokio::spawn(reloader.run());
     let writer = store
         .clone()
@@ -149,13 +168,7 @@ async fn run(config: Config) -> ExitCode {
 
 /// One warning per line for what is probably a mistake: a misspelt variable (ignored, so the
 /// setting it was meant for keeps its default) and an open proxy reachable from the network.
-fn warn_about_risky_settings(config: &Config) {
-    let mut names: Vec<String> = std::env::vars_os()
-        .filter_map(|(name, _)| name.into_string().ok())
-        .collect();
-    if let Ok(files) = llm_proxy::config::env_files() {
-        names.extend(files.into_keys());
-    }
+fn warn_about_risky_settings(config: &Config, names: impl IntoIterator<Item = String>) {
     for (name, meant) in cli::misspelt_variables(names) {
         log::warn!("{name} is not a setting of this proxy and is ignored; did you mean {meant}?");
     }

@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use crate::auth::Authenticator;
 use crate::auth::redact::Redactor;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::ops::metrics::Metrics;
+use crate::ops::reload::Reloadable;
 use crate::policy::{Limiter, MemoryLimiter, Policy, RedisLimiter, redis};
 use crate::proxy::Upstream;
+use crate::proxy::clients::UpstreamClients;
 use crate::proxy::models_cache::ModelsCache;
 use crate::shared::Shared;
 
@@ -36,7 +38,7 @@ pub struct Inner {
     /// Set once shutdown has begun: `/readyz` then answers 503.
     draining: AtomicBool,
     /// Whether the daily budgets are written to `STATE_DIR` (set by `main` once the store opened).
-    budgets_kept: AtomicBool,
+    budgets_kept: Arc<AtomicBool>,
 }
 
 impl Deref for AppState {
@@ -57,34 +59,53 @@ pub fn default_limiter(shared: &Shared) -> Arc<dyn Limiter> {
 }
 
 impl AppState {
-    /// Everything that could fail was parsed and checked by `Config`, so this cannot. With
-    /// `REDIS_URL` set it starts the Redis probe, so it needs a tokio runtime.
+    /// With `REDIS_URL` set it starts the Redis probe, so it needs a tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// When the upstream connection pools cannot be built, which `Config` rules out except
+    /// for a machine certificate store without one usable certificate. `main` builds through
+    /// [`AppState::with_limiter`], which reports that as a configuration error instead.
     pub fn new(config: Config) -> AppState {
         AppState::with_limiter(config, |shared| default_limiter(shared))
+            .unwrap_or_else(|err| panic!("configuration error: {err}"))
     }
 
     /// With the limiter backend `make` builds from the shared-state handle (the in-process one
-    /// holds restored budgets at start-up).
+    /// holds restored budgets at start-up). Fails only when the upstream connection pools cannot
+    /// be built.
     pub fn with_limiter(
         config: Config,
         make: impl FnOnce(&Shared) -> Arc<dyn Limiter>,
-    ) -> AppState {
+    ) -> Result<AppState, ConfigError> {
+        let clients = UpstreamClients::build(&config.upstream.connection)?;
         let metrics = Metrics::new();
         let redactor = Arc::new(Redactor::new(&config));
         let shared = Shared::new(&config.shared, metrics.clone());
         let limiter = make(&shared);
-        AppState(Arc::new(Inner {
+        Ok(AppState(Arc::new(Inner {
             auth: Authenticator::new(&config),
-            upstream: Upstream::new(&config, metrics.clone(), redactor.clone(), &shared),
+            upstream: Upstream::new(&config, clients, metrics.clone(), redactor.clone(), &shared),
             shared,
             models: ModelsCache::new(MODELS_CACHE_TTL),
             policy: Policy::new(limiter, metrics.clone()),
             redactor,
             metrics,
             draining: AtomicBool::new(false),
-            budgets_kept: AtomicBool::new(false),
+            budgets_kept: Arc::new(AtomicBool::new(false)),
             config,
-        }))
+        })))
+    }
+
+    /// What a reload replaces or reports to, and the configuration it started from.
+    pub fn reloadable(&self) -> Reloadable {
+        Reloadable {
+            config: self.config.clone(),
+            auth: self.auth.clone(),
+            redactor: self.redactor.clone(),
+            metrics: self.metrics.clone(),
+            budgets_kept: self.budgets_kept.clone(),
+        }
     }
 
     pub fn begin_draining(&self) {

@@ -6,11 +6,11 @@ use std::fmt;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use warp::http::HeaderValue;
 
 use crate::config::Secret;
+pub use crate::config::{digest, token_label};
 
 /// A set of accepted tokens and what each stands for: a label (the name in logs and metrics),
 /// or a whole client with its limits.
@@ -137,19 +137,6 @@ impl<T: fmt::Debug> fmt::Debug for TokenSet<T> {
             .entries(self.entries.iter().map(|(_, label)| label))
             .finish()
     }
-}
-
-/// A short, non-reversible label for a token: the first 8 hex digits of its SHA-256.
-pub fn token_label(token: &Secret) -> String {
-    digest(token.expose().as_bytes())[..4]
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
-}
-
-/// SHA-256, the form every accepted token is kept in.
-pub fn digest(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
 }
 
 /// The token in a header value: `Bearer <t>` (scheme case-insensitive) or a bare `<t>`.

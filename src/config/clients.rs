@@ -1,13 +1,98 @@
 //! The clients file (`CLIENTS_FILE`): one TOML table per client under `[clients.<name>]`, with
-//! its token (or the token's SHA-256) and optional limits. Every problem names the client and the
-//! field; nothing here echoes a token.
+//! its token (or the token's SHA-256) and optional limits, read by serde with unknown fields
+//! refused. Every problem names the client and the field; nothing here echoes a token.
 
 use std::collections::HashSet;
+use std::path::Path;
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::{ClientToken, Secret, is_client_name};
-use crate::auth::digest;
+use super::error::{ConfigError, invalid};
+use super::{Secret, digest, is_client_name, token_label};
+
+/// One `ALLOWED_TOKENS` entry: `token`, or `name:token` to give the client a readable label in
+/// metrics and logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientToken {
+    pub name: Option<String>,
+    pub token: Secret,
+}
+
+impl ClientToken {
+    pub(super) fn parse(entry: &str) -> ClientToken {
+        match entry.split_once(':') {
+            Some((name, token)) if is_client_name(name) && !token.trim().is_empty() => {
+                ClientToken {
+                    name: Some(name.to_string()),
+                    token: Secret::new(token.trim()),
+                }
+            }
+            _ => ClientToken {
+                name: None,
+                token: Secret::new(entry),
+            },
+        }
+    }
+
+    /// The name, or a short hash of the token for an unnamed entry.
+    pub fn label(&self) -> Arc<str> {
+        match &self.name {
+            Some(name) => Arc::from(name.as_str()),
+            None => Arc::from(token_label(&self.token)),
+        }
+    }
+}
+
+/// Every known caller: the `ALLOWED_TOKENS` entries, then the clients file's (`CLIENTS_FILE`).
+pub(super) fn known(
+    allowed_tokens: &[ClientToken],
+    file: Option<&Path>,
+) -> Result<Vec<Client>, ConfigError> {
+    let mut clients: Vec<Client> = allowed_tokens
+        .iter()
+        .map(Client::from_allowed_token)
+        .collect();
+    let Some(path) = file else {
+        return Ok(clients);
+    };
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        invalid(
+            "CLIENTS_FILE",
+            format!("{} cannot be read: {err}", path.display()),
+        )
+    })?;
+    let from_file = parse(&text)
+        .map_err(|message| invalid("CLIENTS_FILE", format!("{}: {message}", path.display())))?;
+    for client in &from_file {
+        // One name is one set of counters: an ALLOWED_TOKENS entry of the same name would share
+        // (and spend) the file client's limits.
+        if clients.iter().any(|known| known.name == client.name) {
+            return Err(invalid(
+                "CLIENTS_FILE",
+                format!(
+                    "{}: clients.{}: the same name as an ALLOWED_TOKENS entry",
+                    path.display(),
+                    client.name
+                ),
+            ));
+        }
+        if clients.iter().any(|known| known.digest == client.digest) {
+            return Err(invalid(
+                "CLIENTS_FILE",
+                format!(
+                    "{}: clients.{}.token: the same token as an ALLOWED_TOKENS entry",
+                    path.display(),
+                    client.name
+                ),
+            ));
+        }
+    }
+    clients.extend(from_file);
+    Ok(clients)
+}
 
 /// One caller the proxy knows: from the clients file, or an `ALLOWED_TOKENS` entry (no limits).
 #[derive(Clone)]
@@ -92,24 +177,50 @@ impl Client {
     }
 }
 
+/// The file: `[clients.<name>]` tables and nothing else.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientsFile {
+    /// Kept as TOML until each name is checked, so an error names the client it is about.
+    #[serde(default)]
+    clients: toml::Table,
+}
+
+/// One `[clients.<name>]` table. Each field's parser checks its value and says what it accepts;
+/// the error is prefixed with the client and field.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    #[serde(default, deserialize_with = "token")]
+    token: Option<Secret>,
+    #[serde(default, deserialize_with = "token_sha256")]
+    token_sha256: Option<[u8; 32]>,
+    #[serde(default, deserialize_with = "count")]
+    requests_per_minute: Option<u64>,
+    #[serde(default, deserialize_with = "count")]
+    tokens_per_minute: Option<u64>,
+    #[serde(default, deserialize_with = "count")]
+    max_concurrent_requests: Option<u64>,
+    #[serde(default, deserialize_with = "count")]
+    tokens_per_day: Option<u64>,
+    #[serde(default, deserialize_with = "models")]
+    models: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "date_time")]
+    expires_at: Option<SystemTime>,
+    #[serde(default, deserialize_with = "boolean")]
+    disabled: bool,
+}
+
 /// Parses the text of a clients file. The error is one line naming the client and field.
 pub fn parse(text: &str) -> Result<Vec<Client>, String> {
     let document: toml::Table = text
         .parse()
         .map_err(|err: toml::de::Error| format!("is not valid TOML: {}", one_line(&err)))?;
+    let file: ClientsFile = serde_path_to_error::deserialize(toml::Value::Table(document))
+        .map_err(|err| at_path("", &err))?;
     let mut clients = Vec::new();
-    for (key, value) in document {
-        if key != "clients" {
-            return Err(format!(
-                "{key}: unknown top-level key (accepted: [clients.<name>] tables)"
-            ));
-        }
-        let toml::Value::Table(table) = value else {
-            return Err("clients: must be a table of [clients.<name>] tables".to_string());
-        };
-        for (name, entry) in table {
-            clients.push(parse_client(&name, entry)?);
-        }
+    for (name, entry) in file.clients {
+        clients.push(parse_client(&name, entry)?);
     }
     let mut digests = HashSet::new();
     for client in &clients {
@@ -132,6 +243,23 @@ fn one_line(err: &toml::de::Error) -> String {
     }
 }
 
+/// `clients.alice.tokens_per_day: must be ...`: where, then what. The message is ours or serde's
+/// (an unknown field, a table that is not one), neither of which quotes a value.
+fn at_path(prefix: &str, err: &serde_path_to_error::Error<toml::de::Error>) -> String {
+    let path = err.path().to_string();
+    let place = match (prefix, path.as_str()) {
+        (prefix, ".") => prefix.to_string(),
+        ("", path) => path.to_string(),
+        (prefix, path) => format!("{prefix}.{path}"),
+    };
+    let message = err.inner().message();
+    if place.is_empty() {
+        message.to_string()
+    } else {
+        format!("{place}: {message}")
+    }
+}
+
 fn parse_client(name: &str, entry: toml::Value) -> Result<Client, String> {
     if !is_client_name(name) {
         return Err(format!(
@@ -139,109 +267,97 @@ fn parse_client(name: &str, entry: toml::Value) -> Result<Client, String> {
             name.chars().take(40).collect::<String>()
         ));
     }
-    let toml::Value::Table(fields) = entry else {
-        return Err(format!("clients.{name}: must be a table"));
-    };
-    let at = |field: &str| format!("clients.{name}.{field}");
-    let mut limits = ClientLimits::default();
-    let mut token = None;
-    let mut digest_value = None;
-    for (field, value) in fields {
-        let field = field.as_str();
-        match field {
-            "token" => match value {
-                toml::Value::String(text) if !text.trim().is_empty() => {
-                    token = Some(Secret::new(text.trim()));
-                }
-                _ => return Err(format!("{}: must be a non-empty string", at(field))),
-            },
-            "token_sha256" => {
-                digest_value = Some(
-                    value
-                        .as_str()
-                        .and_then(hex_digest)
-                        .ok_or_else(|| format!("{}: must be 64 hex digits", at(field)))?,
-                );
-            }
-            "requests_per_minute" => limits.requests_per_minute = Some(count(&value, &at(field))?),
-            "tokens_per_minute" => limits.tokens_per_minute = Some(count(&value, &at(field))?),
-            "max_concurrent_requests" => {
-                limits.max_concurrent_requests = Some(count(&value, &at(field))?);
-            }
-            "tokens_per_day" => limits.tokens_per_day = Some(count(&value, &at(field))?),
-            "models" => limits.models = Some(models(&value, &at(field))?),
-            "expires_at" => limits.expires_at = Some(date_time(&value, &at(field))?),
-            "disabled" => {
-                limits.disabled = value
-                    .as_bool()
-                    .ok_or_else(|| format!("{}: must be true or false", at(field)))?;
-            }
-            _ => {
-                return Err(format!(
-                    "{}: unknown field (accepted: token, token_sha256, requests_per_minute, \
-                     tokens_per_minute, max_concurrent_requests, tokens_per_day, models, \
-                     expires_at, disabled)",
-                    at(field)
-                ));
-            }
-        }
-    }
-    let digest = match (&token, digest_value) {
+    let at = format!("clients.{name}");
+    let entry: Entry = serde_path_to_error::deserialize(entry).map_err(|err| at_path(&at, &err))?;
+    let digest = match (&entry.token, entry.token_sha256) {
         (Some(token), None) => digest(token.expose().as_bytes()),
         (None, Some(digest)) => digest,
         (Some(_), Some(_)) => {
-            return Err(format!(
-                "{}: give token or token_sha256, not both",
-                at("token")
-            ));
+            return Err(format!("{at}.token: give token or token_sha256, not both"));
         }
-        (None, None) => return Err(format!("{}: is required (or token_sha256)", at("token"))),
+        (None, None) => return Err(format!("{at}.token: is required (or token_sha256)")),
     };
     Ok(Client {
         name: Arc::from(name),
         digest,
-        token,
-        limits,
+        token: entry.token,
+        limits: ClientLimits {
+            requests_per_minute: entry.requests_per_minute,
+            tokens_per_minute: entry.tokens_per_minute,
+            max_concurrent_requests: entry.max_concurrent_requests,
+            tokens_per_day: entry.tokens_per_day,
+            models: entry.models,
+            expires_at: entry.expires_at,
+            disabled: entry.disabled,
+        },
     })
+}
+
+/// A field's value as TOML, for the parsers below to check and explain.
+fn value<'de, D: Deserializer<'de>>(deserializer: D) -> Result<toml::Value, D::Error> {
+    toml::Value::deserialize(deserializer)
+}
+
+fn token<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Secret>, D::Error> {
+    match value(deserializer)? {
+        toml::Value::String(text) if !text.trim().is_empty() => Ok(Some(Secret::new(text.trim()))),
+        _ => Err(D::Error::custom("must be a non-empty string")),
+    }
+}
+
+fn token_sha256<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<[u8; 32]>, D::Error> {
+    value(deserializer)?
+        .as_str()
+        .and_then(hex_digest)
+        .map(Some)
+        .ok_or_else(|| D::Error::custom("must be 64 hex digits"))
 }
 
 /// A whole number of at least 1: a limit of 0 would refuse everything by accident (`disabled`
 /// says that on purpose).
-fn count(value: &toml::Value, at: &str) -> Result<u64, String> {
-    match value.as_integer() {
-        Some(number) if number >= 1 => Ok(number as u64),
-        _ => Err(format!("{at}: must be a whole number of at least 1")),
+fn count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    match value(deserializer)?.as_integer() {
+        Some(number) if number >= 1 => Ok(Some(number as u64)),
+        _ => Err(D::Error::custom("must be a whole number of at least 1")),
     }
 }
 
-fn models(value: &toml::Value, at: &str) -> Result<Vec<String>, String> {
-    let accepted = "must be a list of model names, each exact or ending in one *";
-    let list = value
-        .as_array()
-        .ok_or_else(|| format!("{at}: {accepted}"))?;
+fn boolean<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    value(deserializer)?
+        .as_bool()
+        .ok_or_else(|| D::Error::custom("must be true or false"))
+}
+
+fn models<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Vec<String>>, D::Error> {
+    let accepted =
+        || D::Error::custom("must be a list of model names, each exact or ending in one *");
+    let value = value(deserializer)?;
+    let list = value.as_array().ok_or_else(accepted)?;
     list.iter()
         .map(|item| match item.as_str() {
-            Some(name) if !name.is_empty() && !name.trim_end_matches('*').contains('*') => {
-                if name.matches('*').count() > 1 {
-                    Err(format!("{at}: {accepted}"))
-                } else {
-                    Ok(name.to_string())
-                }
+            Some(name)
+                if !name.is_empty()
+                    && !name.trim_end_matches('*').contains('*')
+                    && name.matches('*').count() <= 1 =>
+            {
+                Ok(name.to_string())
             }
-            _ => Err(format!("{at}: {accepted}")),
+            _ => Err(accepted()),
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 /// A TOML offset date-time (or a string) in UTC, such as `2027-01-01T00:00:00Z`.
-fn date_time(value: &toml::Value, at: &str) -> Result<SystemTime, String> {
-    let text = match value {
+fn date_time<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<SystemTime>, D::Error> {
+    let text = match value(deserializer)? {
         toml::Value::Datetime(datetime) => datetime.to_string(),
-        toml::Value::String(text) => text.clone(),
+        toml::Value::String(text) => text,
         _ => String::new(),
     };
     humantime::parse_rfc3339(&text)
-        .map_err(|_| format!("{at}: must be a UTC date-time such as 2027-01-01T00:00:00Z"))
+        .map(Some)
+        .map_err(|_| D::Error::custom("must be a UTC date-time such as 2027-01-01T00:00:00Z"))
 }
 
 fn hex_digest(text: &str) -> Option<[u8; 32]> {
@@ -341,6 +457,15 @@ mod tests {
             assert!(!message.contains("same-secret"), "{message}");
         }
         assert!(error("[clients.a\ntoken=").starts_with("is not valid TOML"));
+        let unknown = error("[clients.a]\ntoken=\"t\"\nrequests_per_minit=5");
+        assert!(
+            unknown.contains("unknown field") && unknown.contains("requests_per_minute"),
+            "names what is accepted: {unknown}"
+        );
+        let top = error("[client.a]\ntoken=\"t\"");
+        assert!(top.starts_with("client: unknown field"), "{top}");
+        let not_a_table = error("[clients]\na = 5");
+        assert!(not_a_table.starts_with("clients.a: "), "{not_a_table}");
     }
 
     #[test]

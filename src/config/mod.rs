@@ -1,34 +1,37 @@
 //! Configuration from the environment, then `.env.local`, then `.env` (the real environment wins):
 //! loaded, validated and parsed once, so that what is built from it cannot fail.
 //!
-//! Loading and validation are separate from the process environment (`Config::from_lookup`) so tests
+//! One job a file: [`env`] merges the sources, [`variables`] is the table of every variable
+//! (defaults, reload, help), [`values`] parses single values, [`upstream`] and [`limits`] the
+//! settings of their part, [`clients`] the clients file, [`error`] the error that names the
+//! variable. Parsing is separate from the process environment (`Config::from_lookup`) so tests
 //! can build any configuration without touching global state.
 
 pub mod clients;
+mod env;
+mod error;
+mod limits;
 mod redis;
 mod secret;
+mod upstream;
 mod values;
 pub mod variables;
 
-use std::collections::HashMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 
-use reqwest::Url;
-use warp::http::{HeaderName, HeaderValue};
+use warp::http::HeaderName;
 
-use crate::auth::token_label;
-pub use clients::{Client, ClientLimits};
+pub use clients::{Client, ClientLimits, ClientToken};
+pub use env::{Settings, environment};
+pub use error::ConfigError;
+use error::invalid;
+pub use limits::Limits;
 pub use redis::{RedisUrl, SharedStateConfig};
-pub use secret::Secret;
-use values::invalid;
+pub use secret::{Secret, digest, token_label};
+pub use upstream::{CaFile, ConnectionSettings, UpstreamConfig, UpstreamKey};
 pub use values::{UpstreamQuery, is_client_name};
-
-pub const DEFAULT_TARGET_HOST: &str = "https://api.example.com";
-pub const DEFAULT_PORT: u16 = 8080;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogLevel {
@@ -51,6 +54,17 @@ impl LogLevel {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+impl LogFormat {
+    /// `LOG_FORMAT` for the lines written before the configuration is known to be valid (a
+    /// configuration error, `healthcheck`): JSON when JSON was asked for, else text.
+    pub fn asked_for(lookup: impl Fn(&str) -> Option<String>) -> LogFormat {
+        match lookup("LOG_FORMAT") {
+            Some(format) if format.trim().eq_ignore_ascii_case("json") => LogFormat::Json,
+            _ => LogFormat::Text,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -80,249 +94,84 @@ pub struct Config {
     pub shared: SharedStateConfig,
     /// `WORKER_THREADS`: the runtime's worker threads; `None`: one per core the process may use.
     pub worker_threads: Option<usize>,
+    /// The variables a reload cannot change, as they were read.
+    restart_only: RestartOnly,
 }
 
-/// Where requests go and with which keys, parsed once.
-#[derive(Clone)]
-pub struct UpstreamConfig {
-    /// What the caller's `/v1` is replaced by, without a trailing slash: `TARGET_HOST` + `/v1`,
-    /// or `TARGET_BASE_URL` as it is (the meaning the OpenAI SDKs give `base_url`).
-    pub base_url: Url,
-    /// `AUTH_BEARER`: one key, or a pool of keys used in turn, in the order given.
-    pub keys: Vec<UpstreamKey>,
-    /// `UPSTREAM_AUTH_HEADER`: the header the key goes in.
-    pub auth_header: HeaderName,
-    /// `UPSTREAM_QUERY`: parameters added to every upstream request.
-    pub query: Option<UpstreamQuery>,
-    /// The connection pools (`UPSTREAM_HTTP2_CONNECTIONS` of them, requests taking them in turn),
-    /// built here because their TLS and timeout settings are configuration: whatever fails about
-    /// them fails at start-up, naming the variable. Never empty.
-    pub clients: Vec<reqwest::Client>,
-    /// HTTP/1.1 only: a WebSocket upgrade cannot ride on an HTTP/2 connection that ALPN may
-    /// pick for the pool above.
-    pub tunnel_client: reqwest::Client,
-}
+/// Each restart-only variable of the table with a fingerprint of its value (a short hash: some
+/// are secrets), so a reload can tell which changed. Not printed with the configuration.
+#[derive(Clone, PartialEq, Eq)]
+struct RestartOnly(Vec<(&'static str, Option<String>)>);
 
-/// One upstream key and the header value it is sent as.
-#[derive(Clone)]
-pub struct UpstreamKey {
-    pub key: Secret,
-    /// `Bearer <key>` for `Authorization`, else the bare key; marked sensitive so hyper never
-    /// logs or indexes it.
-    pub header_value: HeaderValue,
-}
-
-impl fmt::Debug for UpstreamConfig {
+impl fmt::Debug for RestartOnly {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UpstreamConfig")
-            .field("base_url", &self.base_url.as_str())
-            .field("keys", &self.keys.len())
-            .field("auth_header", &self.auth_header)
-            .field("query", &self.query)
-            .finish_non_exhaustive()
-    }
-}
-
-/// One `ALLOWED_TOKENS` entry: `token`, or `name:token` to give the client a readable label in
-/// metrics and logs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClientToken {
-    pub name: Option<String>,
-    pub token: Secret,
-}
-
-impl ClientToken {
-    fn parse(entry: &str) -> ClientToken {
-        match entry.split_once(':') {
-            Some((name, token)) if is_client_name(name) && !token.trim().is_empty() => {
-                ClientToken {
-                    name: Some(name.to_string()),
-                    token: Secret::new(token.trim()),
-                }
-            }
-            _ => ClientToken {
-                name: None,
-                token: Secret::new(entry),
-            },
-        }
-    }
-
-    /// The name, or a short hash of the token for an unnamed entry.
-    pub fn label(&self) -> Arc<str> {
-        match &self.name {
-            Some(name) => Arc::from(name.as_str()),
-            None => Arc::from(token_label(&self.token)),
-        }
-    }
-}
-
-/// Timeouts and size limits: what keeps one bad peer from holding the proxy's resources.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Limits {
-    pub upstream_connect_timeout: Duration,
-    /// From sending the request to the upstream's response headers.
-    pub upstream_timeout: Duration,
-    /// Longest silence between two chunks of an upstream body.
-    pub stream_idle_timeout: Duration,
-    /// How long a client has to send its request headers; also how long an idle keep-alive
-    /// connection is kept, since hyper starts the same clock while waiting for the next request.
-    pub header_read_timeout: Duration,
-    pub shutdown_grace: Duration,
-    pub max_body_bytes: u64,
-    pub max_concurrent_requests: usize,
-    /// `SSE_KEEPALIVE_SECS`: silence after which a comment line goes to an SSE client (`None`: off).
-    pub sse_keepalive: Option<Duration>,
-}
-
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits {
-            upstream_connect_timeout: Duration::from_secs(10),
-            upstream_timeout: Duration::from_secs(600),
-            stream_idle_timeout: Duration::from_secs(300),
-            header_read_timeout: Duration::from_secs(10),
-            shutdown_grace: Duration::from_secs(30),
-            max_body_bytes: 32 * 1024 * 1024,
-            max_concurrent_requests: 1024,
-            sse_keepalive: None,
-        }
-    }
-}
-
-/// A configuration problem, always naming the variable so the operator knows what to fix.
-#[derive(Debug, PartialEq, Eq)]
-pub struct ConfigError {
-    pub variable: String,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.variable, self.message)
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-/// The variables of `.env` and `.env.local` in the working directory, `.env.local` winning.
-pub fn env_files() -> Result<HashMap<String, String>, ConfigError> {
-    let mut files = HashMap::new();
-    // `.env` first so that `.env.local` overrides it; the real environment overrides both.
-    for file in [".env", ".env.local"] {
-        files.extend(values::env_file(Path::new(file))?);
-    }
-    Ok(files)
-}
-
-/// A variable from the process environment, else from the files.
-pub fn lookup_in(files: &HashMap<String, String>) -> impl Fn(&str) -> Option<String> + '_ {
-    |name| {
-        std::env::var(name)
-            .ok()
-            .or_else(|| files.get(name).cloned())
-    }
-}
-
-/// Values trimmed; an empty value means "not set": `docker run -e ADMIN_TOKEN=` should not
-/// enable anything.
-pub fn non_empty(lookup: impl Fn(&str) -> Option<String>) -> impl Fn(&str) -> Option<String> {
-    move |name| {
-        lookup(name)
-            .map(|value| value.trim().to_string())
-            .filter(|value| !value.is_empty())
+        f.write_str("..")
     }
 }
 
 /// `PROXY_HOST` and `PROXY_PORT`, read on their own by `healthcheck`, which must not need the
 /// rest of the configuration.
-pub fn listen_address(get: &impl Fn(&str) -> Option<String>) -> Result<SocketAddr, ConfigError> {
-    let host = match get("PROXY_HOST") {
-        None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        Some(value) => value.parse::<IpAddr>().map_err(|_| {
-            invalid(
-                "PROXY_HOST",
-                format!(
-                    "{value:?} is not an IP address (accepted: 0.0.0.0, ::, 127.0.0.1, ::1, \
-                     or one address of this machine)"
-                ),
-            )
-        })?,
-    };
-    let port = match get("PROXY_PORT") {
-        None => DEFAULT_PORT,
-        Some(value) => value.parse::<u16>().map_err(|_| {
-            invalid(
-                "PROXY_PORT",
-                format!("{value:?} is not a port number (accepted: 0-65535)"),
-            )
-        })?,
-    };
+pub fn listen_address<F: Fn(&str) -> Option<String>>(
+    settings: &Settings<F>,
+) -> Result<SocketAddr, ConfigError> {
+    let host = settings.value("PROXY_HOST").unwrap_or_default();
+    let host = host.parse::<IpAddr>().map_err(|_| {
+        invalid(
+            "PROXY_HOST",
+            format!(
+                "{host:?} is not an IP address (accepted: 0.0.0.0, ::, 127.0.0.1, ::1, \
+                 or one address of this machine)"
+            ),
+        )
+    })?;
+    let port = settings.value("PROXY_PORT").unwrap_or_default();
+    let port = port.parse::<u16>().map_err(|_| {
+        invalid(
+            "PROXY_PORT",
+            format!("{port:?} is not a port number (accepted: 0-65535)"),
+        )
+    })?;
     Ok(SocketAddr::new(host, port))
 }
 
 impl Config {
     /// Reads the process environment, then `.env.local`, then `.env` in the working directory.
     pub fn load() -> Result<Config, ConfigError> {
-        let files = env_files()?;
-        Config::from_lookup(lookup_in(&files))
+        let variables = environment()?;
+        Config::from_lookup(|name| variables.get(name).cloned())
     }
 
     /// Builds and validates a configuration from any source of variables.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let get = non_empty(lookup);
+        let settings = Settings::new(lookup);
+        let limits = Limits::parse(&settings)?;
+        let upstream = UpstreamConfig::parse(&settings, limits.upstream_connect_timeout)?;
+        let listen = listen_address(&settings)?;
 
-        let base_url = match (get("TARGET_HOST"), get("TARGET_BASE_URL")) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    "TARGET_BASE_URL",
-                    "cannot be set together with TARGET_HOST: set TARGET_BASE_URL to the base URL \
-                     your provider documents (the client's /v1/<rest> goes to \
-                     TARGET_BASE_URL/<rest>), or TARGET_HOST to a host whose API is under /v1",
-                ));
-            }
-            (None, Some(base)) => values::upstream_base(
-                "TARGET_BASE_URL",
-                &base,
-                "https://api.openai.com/v1 or https://open.bigmodel.cn/api/paas/v4",
-            )?,
-            (host, None) => {
-                let mut url = values::upstream_base(
-                    "TARGET_HOST",
-                    host.as_deref().unwrap_or(DEFAULT_TARGET_HOST),
-                    "https://api.openai.com or https://host/openai",
-                )?;
-                let path = format!("{}/v1", url.path().trim_end_matches('/'));
-                url.set_path(&path);
-                url
-            }
-        };
-
-        let auth_header_upstream = match get("UPSTREAM_AUTH_HEADER") {
-            None => warp::http::header::AUTHORIZATION,
-            Some(name) => values::header_name("UPSTREAM_AUTH_HEADER", &name)?,
-        };
-        let keys = upstream_keys(get("AUTH_BEARER"), &auth_header_upstream)?;
-        let query = values::upstream_query(get("UPSTREAM_QUERY"))?;
-
-        let listen = listen_address(&get)?;
-
-        let log_level = match get("LOG_LEVEL").map(|v| v.to_ascii_lowercase()).as_deref() {
-            None | Some("info") => LogLevel::Info,
+        let log_level = match settings
+            .value("LOG_LEVEL")
+            .map(|v| v.to_ascii_lowercase())
+            .as_deref()
+        {
+            Some("info") => LogLevel::Info,
             Some("debug") => LogLevel::Debug,
             Some("error") => LogLevel::Error,
-            Some(other) => {
+            other => {
                 return Err(invalid(
                     "LOG_LEVEL",
-                    format!("{other:?} is not a log level (accepted: debug, info, error)"),
+                    format!(
+                        "{:?} is not a log level (accepted: debug, info, error)",
+                        other.unwrap_or_default()
+                    ),
                 ));
             }
         };
 
-        let debug_mode = values::boolean("DEBUG_MODE", get("DEBUG_MODE"))?;
-        let clients_file = get("CLIENTS_FILE").map(PathBuf::from);
+        let debug_mode = values::boolean("DEBUG_MODE", settings.value("DEBUG_MODE"))?;
+        let clients_file = settings.set("CLIENTS_FILE").map(PathBuf::from);
         // A clients file is a list of who may call: it makes no sense with validation off, and
         // silently ignoring it would leave the proxy open.
-        let auth_validation = match (get("AUTH_VALIDATION"), &clients_file) {
+        let auth_validation = match (settings.set("AUTH_VALIDATION"), &clients_file) {
             (None, Some(_)) => true,
             (value, Some(_)) if !values::boolean("AUTH_VALIDATION", value.clone())? => {
                 return Err(invalid(
@@ -331,10 +180,11 @@ impl Config {
                      remove one of the two",
                 ));
             }
-            (value, _) => values::boolean("AUTH_VALIDATION", value)?,
+            _ => values::boolean("AUTH_VALIDATION", settings.value("AUTH_VALIDATION"))?,
         };
 
-        let allowed_tokens: Vec<ClientToken> = get("ALLOWED_TOKENS")
+        let allowed_tokens: Vec<ClientToken> = settings
+            .set("ALLOWED_TOKENS")
             .unwrap_or_default()
             .split(',')
             .map(str::trim)
@@ -348,130 +198,50 @@ impl Config {
                  or set AUTH_VALIDATION=false",
             ));
         }
-        let mut clients: Vec<Client> = allowed_tokens
-            .iter()
-            .map(Client::from_allowed_token)
-            .collect();
-        if let Some(path) = &clients_file {
-            let text = std::fs::read_to_string(path).map_err(|err| {
-                invalid(
-                    "CLIENTS_FILE",
-                    format!("{} cannot be read: {err}", path.display()),
-                )
-            })?;
-            let from_file = clients::parse(&text).map_err(|message| {
-                invalid("CLIENTS_FILE", format!("{}: {message}", path.display()))
-            })?;
-            for client in &from_file {
-                // One name is one set of counters: an ALLOWED_TOKENS entry of the same name
-                // would share (and spend) the file client's limits.
-                if clients.iter().any(|known| known.name == client.name) {
-                    return Err(invalid(
-                        "CLIENTS_FILE",
-                        format!(
-                            "{}: clients.{}: the same name as an ALLOWED_TOKENS entry",
-                            path.display(),
-                            client.name
-                        ),
-                    ));
-                }
-                if clients.iter().any(|known| known.digest == client.digest) {
-                    return Err(invalid(
-                        "CLIENTS_FILE",
-                        format!(
-                            "{}: clients.{}.token: the same token as an ALLOWED_TOKENS entry",
-                            path.display(),
-                            client.name
-                        ),
-                    ));
-                }
-            }
-            clients.extend(from_file);
-        }
-        let state_dir = PathBuf::from(get("STATE_DIR").unwrap_or_else(|| "state".to_string()));
+        let clients = clients::known(&allowed_tokens, clients_file.as_deref())?;
+        let state_dir = PathBuf::from(settings.value("STATE_DIR").unwrap_or_default());
+        let auth_header = values::header_name(
+            "DEFAULT_AUTH_HEADER",
+            &settings.value("DEFAULT_AUTH_HEADER").unwrap_or_default(),
+        )?;
 
-        let auth_header = match get("DEFAULT_AUTH_HEADER") {
-            None => warp::http::header::AUTHORIZATION,
-            Some(name) => values::header_name("DEFAULT_AUTH_HEADER", &name)?,
-        };
+        let admin_token = settings.set("ADMIN_TOKEN").map(Secret::new);
+        let metrics_token = settings.set("METRICS_TOKEN").map(Secret::new);
 
-        let admin_token = get("ADMIN_TOKEN").map(Secret::new);
-        let metrics_token = get("METRICS_TOKEN").map(Secret::new);
-
-        let log_format = match get("LOG_FORMAT").map(|v| v.to_ascii_lowercase()).as_deref() {
-            None | Some("text") => LogFormat::Text,
+        let log_format = match settings
+            .value("LOG_FORMAT")
+            .map(|v| v.to_ascii_lowercase())
+            .as_deref()
+        {
+            Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
-            Some(other) => {
+            other => {
                 return Err(invalid(
                     "LOG_FORMAT",
-                    format!("{other:?} is not a log format (accepted: text, json)"),
+                    format!(
+                        "{:?} is not a log format (accepted: text, json)",
+                        other.unwrap_or_default()
+                    ),
                 ));
             }
         };
 
-        let defaults = Limits::default();
-        let seconds = |name: &str, default: Duration| {
-            values::positive(name, get(name), default.as_secs()).map(Duration::from_secs)
-        };
-        let limits = Limits {
-            upstream_connect_timeout: seconds(
-                "UPSTREAM_CONNECT_TIMEOUT_SECS",
-                defaults.upstream_connect_timeout,
-            )?,
-            upstream_timeout: seconds("UPSTREAM_TIMEOUT_SECS", defaults.upstream_timeout)?,
-            stream_idle_timeout: seconds("STREAM_IDLE_TIMEOUT_SECS", defaults.stream_idle_timeout)?,
-            header_read_timeout: seconds("HEADER_READ_TIMEOUT_SECS", defaults.header_read_timeout)?,
-            shutdown_grace: seconds("SHUTDOWN_GRACE_SECS", defaults.shutdown_grace)?,
-            max_body_bytes: values::positive(
-                "MAX_BODY_BYTES",
-                get("MAX_BODY_BYTES"),
-                defaults.max_body_bytes,
-            )?,
-            max_concurrent_requests: values::positive(
-                "MAX_CONCURRENT_REQUESTS",
-                get("MAX_CONCURRENT_REQUESTS"),
-                defaults.max_concurrent_requests as u64,
-            )?
-            .try_into()
-            .map_err(|_| invalid("MAX_CONCURRENT_REQUESTS", "is too large"))?,
-            sse_keepalive: values::seconds_or_off("SSE_KEEPALIVE_SECS", get("SSE_KEEPALIVE_SECS"))?,
-        };
-
-        let worker_threads = values::worker_threads(get("WORKER_THREADS"))?;
-
-        let extra_roots = match get("UPSTREAM_CA_FILE") {
-            None => Vec::new(),
-            Some(path) => values::ca_file(&path)?,
-        };
-        let shared = redis::shared_state(&get)?;
-        let connections = values::positive(
-            "UPSTREAM_HTTP2_CONNECTIONS",
-            get("UPSTREAM_HTTP2_CONNECTIONS"),
-            1,
-        )?;
-        if connections > MAX_UPSTREAM_CONNECTIONS {
-            return Err(invalid(
-                "UPSTREAM_HTTP2_CONNECTIONS",
-                format!("is more than {MAX_UPSTREAM_CONNECTIONS}"),
-            ));
-        }
-        // One pool each: hyper's client puts every request to a host on its one HTTP/2
-        // connection, and queues those beyond the provider's stream limit rather than opening
-        // another.
-        let pools = (0..connections)
-            .map(|_| http_client(&limits, &extra_roots, Protocols::Negotiated))
-            .collect::<Result<Vec<_>, _>>()?;
-        let tunnel_client = http_client(&limits, &extra_roots, Protocols::Http1Only)?;
+        let worker_threads = values::worker_threads(settings.set("WORKER_THREADS"))?;
+        let shared = redis::shared_state(&settings)?;
+        let restart_only = RestartOnly(
+            variables::restart_only()
+                .map(|variable| {
+                    let value = settings.value(variable.name);
+                    (
+                        variable.name,
+                        value.map(|value| token_label(&Secret::new(value))),
+                    )
+                })
+                .collect(),
+        );
 
         Ok(Config {
-            upstream: UpstreamConfig {
-                base_url,
-                keys,
-                auth_header: auth_header_upstream,
-                query,
-                clients: pools,
-                tunnel_client,
-            },
+            upstream,
             host: listen.ip(),
             port: listen.port(),
             log_level,
@@ -488,6 +258,7 @@ impl Config {
             limits,
             shared,
             worker_threads,
+            restart_only,
         })
     }
 
@@ -512,169 +283,24 @@ impl Config {
             )
     }
 
-    /// The settings a reload cannot change, each as its variable and a fingerprint that holds
-    /// no secret: a reload compares them and logs the ones that need a restart. (`CLIENTS_FILE`
-    /// too, which the reload handles itself: it keeps reading the file it watches.)
-    pub fn restart_only(&self) -> Vec<(&'static str, String)> {
-        let limits = &self.limits;
-        vec![
-            (
-                "TARGET_HOST / TARGET_BASE_URL",
-                self.upstream.base_url.to_string(),
-            ),
-            (
-                "AUTH_BEARER",
-                self.upstream
-                    .keys
-                    .iter()
-                    .map(|key| token_label(&key.key))
-                    .collect::<Vec<_>>()
-                    .join(","),
-            ),
-            (
-                "UPSTREAM_AUTH_HEADER",
-                self.upstream.auth_header.to_string(),
-            ),
-            (
-                "UPSTREAM_QUERY",
-                self.upstream.query.as_ref().map_or(String::new(), |query| {
-                    token_label(&Secret::new(query.encoded.clone()))
-                }),
-            ),
-            ("SSE_KEEPALIVE_SECS", format!("{:?}", limits.sse_keepalive)),
-            ("PROXY_HOST", self.host.to_string()),
-            ("PROXY_PORT", self.port.to_string()),
-            ("LOG_LEVEL", format!("{:?}", self.log_level)),
-            ("LOG_FORMAT", format!("{:?}", self.log_format)),
-            ("DEBUG_MODE", self.debug_mode.to_string()),
-            ("WORKER_THREADS", format!("{:?}", self.worker_threads)),
-            ("DEFAULT_AUTH_HEADER", self.auth_header.to_string()),
-            ("STATE_DIR", self.state_dir.display().to_string()),
-            (
-                "UPSTREAM_CONNECT_TIMEOUT_SECS",
-                format!("{:?}", limits.upstream_connect_timeout),
-            ),
-            (
-                "UPSTREAM_TIMEOUT_SECS",
-                format!("{:?}", limits.upstream_timeout),
-            ),
-            (
-                "STREAM_IDLE_TIMEOUT_SECS",
-                format!("{:?}", limits.stream_idle_timeout),
-            ),
-            (
-                "HEADER_READ_TIMEOUT_SECS",
-                format!("{:?}", limits.header_read_timeout),
-            ),
-            (
-                "SHUTDOWN_GRACE_SECS",
-                format!("{:?}", limits.shutdown_grace),
-            ),
-            ("MAX_BODY_BYTES", limits.max_body_bytes.to_string()),
-            (
-                "MAX_CONCURRENT_REQUESTS",
-                limits.max_concurrent_requests.to_string(),
-            ),
-        ]
+    /// The restart-only variables (the table's) whose value differs in `newer`: a reload logs
+    /// them as taking effect only after a restart. A variable unset is its default.
+    pub fn changed_restart_only(&self, newer: &Config) -> Vec<&'static str> {
+        self.restart_only
+            .0
+            .iter()
+            .zip(&newer.restart_only.0)
+            .filter(|(old, new)| old != new)
+            .map(|((name, _), _)| *name)
+            .collect()
     }
-}
-
-/// `AUTH_BEARER`: keys separated by commas, trimmed, at least one, each sendable in a header.
-fn upstream_keys(
-    value: Option<String>,
-    header: &HeaderName,
-) -> Result<Vec<UpstreamKey>, ConfigError> {
-    let value = value.ok_or_else(|| {
-        invalid(
-            "AUTH_BEARER",
-            "is required: set it to the upstream API key, or several keys separated by commas",
-        )
-    })?;
-    let bearer = header == warp::http::header::AUTHORIZATION;
-    let mut keys = Vec::new();
-    for (index, key) in value.split(',').map(str::trim).enumerate() {
-        let position = index + 1;
-        if key.is_empty() {
-            return Err(invalid(
-                "AUTH_BEARER",
-                format!("key {position} is empty: separate keys by single commas"),
-            ));
-        }
-        let text = if bearer {
-            format!("Bearer {key}")
-        } else {
-            key.to_string()
-        };
-        // The key is not echoed, only its position.
-        let mut header_value = HeaderValue::from_str(&text).map_err(|_| {
-            invalid(
-                "AUTH_BEARER",
-                format!("key {position} contains characters that cannot be sent in an HTTP header"),
-            )
-        })?;
-        header_value.set_sensitive(true);
-        keys.push(UpstreamKey {
-            key: Secret::new(key),
-            header_value,
-        });
-    }
-    Ok(keys)
-}
-
-/// `UPSTREAM_HTTP2_CONNECTIONS` at most: each pool loads its own TLS roots.
-const MAX_UPSTREAM_CONNECTIONS: u64 = 64;
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Protocols {
-    Negotiated,
-    Http1Only,
-}
-
-fn http_client(
-    limits: &Limits,
-    extra_roots: &[reqwest::Certificate],
-    protocols: Protocols,
-) -> Result<reqwest::Client, ConfigError> {
-    let from_file = !extra_roots.is_empty();
-    let mut builder = reqwest::Client::builder();
-    // Without a proxy variable, reqwest would still run its system-proxy matcher on every
-    // request (twice); with one, it reads them as before.
-    if !values::proxy_variable_set(|name| std::env::var_os(name).is_some()) {
-        builder = builder.no_proxy();
-    }
-    if protocols == Protocols::Http1Only {
-        builder = builder.http1_only();
-    }
-    // Trusted: the compiled-in Mozilla roots, the machine's store where it has one (read by
-    // rustls-native-certs, which honours SSL_CERT_FILE and SSL_CERT_DIR), and UPSTREAM_CA_FILE.
-    for certificate in extra_roots {
-        builder = builder.add_root_certificate(certificate.clone());
-    }
-    builder
-        // A followed redirect would send the upstream key wherever `Location` points.
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(limits.upstream_connect_timeout)
-        .tcp_nodelay(true)
-        // Enough warm connections for a burst; without a cap every connection of a peak (one
-        // per concurrent stream) would stay open, buffers and all, for the idle timeout.
-        .pool_max_idle_per_host(256)
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build()
-        .map_err(|err| {
-            invalid(
-                if from_file {
-                    "UPSTREAM_CA_FILE"
-                } else {
-                    "TARGET_HOST"
-                },
-                format!("no HTTP client can be built for the upstream: {err}"),
-            )
-        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+    use std::time::Duration;
 
     fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let vars: HashMap<String, String> = vars
@@ -694,7 +320,7 @@ mod tests {
     fn upstream_http2_connections_is_one_to_sixty_four() {
         let pools = |value: &str| {
             config(&[("AUTH_BEARER", "k"), ("UPSTREAM_HTTP2_CONNECTIONS", value)])
-                .map(|config| config.upstream.clients.len())
+                .map(|config| config.upstream.connection.pools)
         };
         assert_eq!(pools("3").unwrap(), 3);
         assert_eq!(pools("64").unwrap(), 64);
@@ -706,7 +332,7 @@ mod tests {
             );
         }
         let default = config(&[("AUTH_BEARER", "k")]).unwrap();
-        assert_eq!(default.upstream.clients.len(), 1);
+        assert_eq!(default.upstream.connection.pools, 1);
     }
 
     #[test]
@@ -727,7 +353,26 @@ mod tests {
         assert!(config.allowed_tokens.is_empty());
         assert_eq!(config.auth_header, "authorization");
         assert!(config.admin_token.is_none());
-        assert_eq!(config.limits, Limits::default());
+        assert_eq!(
+            config.limits,
+            Limits {
+                upstream_connect_timeout: Duration::from_secs(10),
+                upstream_timeout: Duration::from_secs(600),
+                stream_idle_timeout: Duration::from_secs(300),
+                header_read_timeout: Duration::from_secs(10),
+                shutdown_grace: Duration::from_secs(30),
+                max_body_bytes: 32 * 1024 * 1024,
+                max_concurrent_requests: 1024,
+                sse_keepalive: None,
+            }
+        );
+        assert_eq!(config.log_format, LogFormat::Text);
+        assert_eq!(config.host, IpAddr::from([0, 0, 0, 0]));
+        assert_eq!(config.state_dir, PathBuf::from("state"));
+        assert_eq!(config.upstream.connection.pools, 1);
+        assert!(config.upstream.connection.ca_file.is_none());
+        assert_eq!(config.shared.timeout, Duration::from_millis(50));
+        assert_eq!(config.shared.fallback_replicas, 1);
         assert_eq!(config.limits.max_body_bytes, 33_554_432);
         assert_eq!(config.limits.max_concurrent_requests, 1024);
         assert_eq!(config.limits.upstream_timeout, Duration::from_secs(600));
@@ -743,15 +388,6 @@ mod tests {
         for bad in ["0", "1025", "two", "-1"] {
             assert_eq!(with(bad).unwrap_err().variable, "WORKER_THREADS", "{bad}");
         }
-    }
-
-    #[test]
-    fn any_proxy_variable_in_either_case_counts() {
-        assert!(!values::proxy_variable_set(|_| false));
-        for name in ["HTTPS_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
-            assert!(values::proxy_variable_set(|seen| seen == name), "{name}");
-        }
-        assert!(!values::proxy_variable_set(|seen| seen == "NO_PROXY"));
     }
 
     #[test]

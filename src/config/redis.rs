@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use reqwest::Url;
 
-use super::values::{invalid, positive};
-use super::{ConfigError, Secret};
-
-pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(50);
+use super::Secret;
+use super::env::Settings;
+use super::error::{ConfigError, invalid};
+use super::values::positive;
 
 /// The state shared across replicas.
 #[derive(Clone, PartialEq, Eq)]
@@ -21,16 +21,6 @@ pub struct SharedStateConfig {
     /// `REDIS_FALLBACK_REPLICAS`: while Redis is unreachable, each replica enforces a shared
     /// limit divided by this (rounded up, at least 1).
     pub fallback_replicas: u32,
-}
-
-impl Default for SharedStateConfig {
-    fn default() -> SharedStateConfig {
-        SharedStateConfig {
-            redis: None,
-            timeout: DEFAULT_REDIS_TIMEOUT,
-            fallback_replicas: 1,
-        }
-    }
 }
 
 impl fmt::Debug for SharedStateConfig {
@@ -63,18 +53,23 @@ impl RedisUrl {
     }
 }
 
-pub(super) fn shared_state(
-    get: &impl Fn(&str) -> Option<String>,
+pub(super) fn shared_state<F: Fn(&str) -> Option<String>>(
+    settings: &Settings<F>,
 ) -> Result<SharedStateConfig, ConfigError> {
-    let redis = get("REDIS_URL").map(|url| redis_url(&url)).transpose()?;
+    let redis = settings
+        .set("REDIS_URL")
+        .map(|url| redis_url(&url))
+        .transpose()?;
     let timeout = Duration::from_millis(positive(
         "REDIS_TIMEOUT_MS",
-        get("REDIS_TIMEOUT_MS"),
-        DEFAULT_REDIS_TIMEOUT.as_millis() as u64,
+        settings.value("REDIS_TIMEOUT_MS"),
     )?);
-    let fallback_replicas = positive("REDIS_FALLBACK_REPLICAS", get("REDIS_FALLBACK_REPLICAS"), 1)?
-        .try_into()
-        .map_err(|_| invalid("REDIS_FALLBACK_REPLICAS", "is too large"))?;
+    let fallback_replicas = positive(
+        "REDIS_FALLBACK_REPLICAS",
+        settings.value("REDIS_FALLBACK_REPLICAS"),
+    )?
+    .try_into()
+    .map_err(|_| invalid("REDIS_FALLBACK_REPLICAS", "is too large"))?;
     Ok(SharedStateConfig {
         redis,
         timeout,
@@ -164,17 +159,17 @@ mod tests {
     use super::*;
 
     fn parse(vars: &[(&str, &str)]) -> Result<SharedStateConfig, ConfigError> {
-        shared_state(&|name: &str| {
+        shared_state(&Settings::new(|name: &str| {
             vars.iter()
                 .find(|(key, _)| *key == name)
                 .map(|(_, value)| value.to_string())
-        })
+        }))
     }
 
     #[test]
     fn without_redis_url_state_is_local_with_the_documented_defaults() {
         let config = parse(&[]).unwrap();
-        assert_eq!(config, SharedStateConfig::default());
+        assert!(config.redis.is_none());
         assert_eq!(config.timeout, Duration::from_millis(50));
         assert_eq!(config.fallback_replicas, 1);
     }

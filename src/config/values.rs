@@ -1,22 +1,13 @@
 //! Parsing single values, each failure naming its variable and the accepted values. Nothing here
 //! echoes a value that could be a secret or carry credentials.
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::time::Duration;
 
 use reqwest::Url;
 use url::form_urlencoded;
 use warp::http::HeaderName;
 
-use super::ConfigError;
-
-pub(super) fn invalid(variable: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        variable: variable.to_string(),
-        message: message.into(),
-    }
-}
+use super::error::{ConfigError, invalid};
 
 /// `TARGET_HOST` or `TARGET_BASE_URL`: an absolute http(s) URL, parsed once here, without
 /// credentials, query or fragment; a trailing slash is dropped so that paths can be appended.
@@ -120,45 +111,18 @@ pub(super) fn seconds_or_off(
     }
 }
 
-/// `UPSTREAM_CA_FILE`: the PEM certificates in the file, at least one.
-pub(super) fn ca_file(path: &str) -> Result<Vec<reqwest::Certificate>, ConfigError> {
-    let pem = std::fs::read(path).map_err(|err| {
-        invalid(
-            "UPSTREAM_CA_FILE",
-            format!("{path:?} cannot be read: {err}"),
-        )
-    })?;
-    let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|err| {
-        invalid(
-            "UPSTREAM_CA_FILE",
-            format!("{path:?} is not a PEM certificate file: {err}"),
-        )
-    })?;
-    if certificates.is_empty() {
-        return Err(invalid(
-            "UPSTREAM_CA_FILE",
-            format!("{path:?} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
-        ));
-    }
-    Ok(certificates)
-}
-
 /// A whole number of at least 1 (seconds, bytes or requests): zero would disable a safety limit
-/// by accident.
-pub(super) fn positive(
-    variable: &str,
-    value: Option<String>,
-    default: u64,
-) -> Result<u64, ConfigError> {
-    match value {
-        None => Ok(default),
-        Some(value) => match value.parse::<u64>() {
-            Ok(number) if number >= 1 => Ok(number),
-            _ => Err(invalid(
-                variable,
-                format!("{value:?} is not a whole number of at least 1"),
-            )),
-        },
+/// by accident. `None` only for a variable the table gives no default, which is a bug.
+pub(super) fn positive(variable: &str, value: Option<String>) -> Result<u64, ConfigError> {
+    let Some(value) = value else {
+        return Err(invalid(variable, "has no value and no default"));
+    };
+    match value.parse::<u64>() {
+        Ok(number) if number >= 1 => Ok(number),
+        _ => Err(invalid(
+            variable,
+            format!("{value:?} is not a whole number of at least 1"),
+        )),
     }
 }
 
@@ -181,19 +145,6 @@ pub fn is_client_name(name: &str) -> bool {
             .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'-' | b'.'))
 }
 
-/// The variables of a `.env`-style file; a missing file has none.
-pub(super) fn env_file(path: &Path) -> Result<HashMap<String, String>, ConfigError> {
-    if !path.exists() {
-        return Ok(HashMap::new());
-    }
-    let name = path.display().to_string();
-    let entries = dotenvy::from_path_iter(path)
-        .map_err(|err| invalid(&name, format!("cannot be read: {err}")))?;
-    entries
-        .map(|entry| entry.map_err(|err| invalid(&name, format!("cannot be parsed: {err}"))))
-        .collect()
-}
-
 /// `WORKER_THREADS`: a whole number from 1 to 1024; unset: `None` (one per core).
 pub(super) fn worker_threads(value: Option<String>) -> Result<Option<usize>, ConfigError> {
     let Some(value) = value else {
@@ -206,20 +157,4 @@ pub(super) fn worker_threads(value: Option<String>) -> Result<Option<usize>, Con
             format!("{value:?} is not a whole number from 1 to 1024 (unset: one per core)"),
         )),
     }
-}
-
-/// The variables reqwest reads an outbound proxy from, in both cases.
-const PROXY_VARIABLES: [&str; 6] = [
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "ALL_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "all_proxy",
-];
-
-/// Whether an outbound proxy is configured, by the process environment (which is where reqwest
-/// looks, not the `.env` files).
-pub(super) fn proxy_variable_set(is_set: impl Fn(&str) -> bool) -> bool {
-    PROXY_VARIABLES.iter().any(|name| is_set(name))
 }

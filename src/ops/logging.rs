@@ -7,23 +7,39 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::access::ACCESS_TARGET;
 use crate::config::{Config, ConfigError, LogFormat};
 
-/// One line on stderr; a JSON object when `LOG_FORMAT=json` was asked for, so a log pipeline
-/// that expects JSON sees this line too.
-pub fn report_configuration_error(err: &ConfigError) {
-    let json =
-        std::env::var("LOG_FORMAT").is_ok_and(|format| format.trim().eq_ignore_ascii_case("json"));
-    if json {
-        let line = serde_json::json!({
-            "time": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-            "level": "ERROR",
-            "target": "llm_proxy",
-            "message": format!("configuration error: {err}"),
-            "variable": err.variable,
-        });
-        eprintln!("{line}");
-    } else {
-        eprintln!("configuration error: {err}");
+/// One line on stderr; a JSON object when `LOG_FORMAT=json` was asked for (in the environment or
+/// the `.env` files), so a log pipeline that expects JSON sees this line too.
+pub fn report_configuration_error(err: &ConfigError, format: LogFormat) {
+    let message = format!("configuration error: {err}");
+    match format {
+        LogFormat::Json => eprintln!(
+            "{}",
+            json_line(log::Level::Error, &message, Some(&err.variable))
+        ),
+        LogFormat::Text => eprintln!("{message}"),
     }
+}
+
+/// A line written before logging is set up (`healthcheck`), in the format asked for: the
+/// message as it is, or a JSON object with the time and level.
+pub fn standalone_line(format: LogFormat, level: log::Level, message: &str) -> String {
+    match format {
+        LogFormat::Json => json_line(level, message, None),
+        LogFormat::Text => message.to_string(),
+    }
+}
+
+fn json_line(level: log::Level, message: &str, variable: Option<&str>) -> String {
+    let mut line = serde_json::json!({
+        "time": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
+        "level": level.as_str(),
+        "target": "llm_proxy",
+        "message": message,
+    });
+    if let Some(variable) = variable {
+        line["variable"] = variable.into();
+    }
+    line.to_string()
 }
 
 /// Our own crate logs at the configured level; dependencies only at `warn`, because their debug

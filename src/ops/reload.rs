@@ -14,27 +14,32 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use crate::auth::Authenticator;
+use crate::auth::redact::Redactor;
 use crate::config::{Config, ConfigError};
-use crate::state::AppState;
+use crate::ops::metrics::Metrics;
 
-/// The variables as at start-up, read afresh: the environment over `.env.local` over `.env`.
+/// The variables as at start-up, read afresh: what `main` reloads is
+/// [`crate::config::environment`], the environment over `.env.local` over `.env`.
 pub type Source = Arc<dyn Fn() -> Result<HashMap<String, String>, ConfigError> + Send + Sync>;
 
-/// The process environment over the `.env` files of the working directory: what `main` reloads.
-pub fn environment() -> Result<HashMap<String, String>, ConfigError> {
-    let mut variables = crate::config::env_files()?;
-    // `vars_os`: `vars` would panic on a variable that is not UTF-8 (ours all are).
-    variables.extend(
-        std::env::vars_os().filter_map(|(name, value)| {
-            Some((name.into_string().ok()?, value.into_string().ok()?))
-        }),
-    );
-    Ok(variables)
+/// The parts a reload swaps rules into or reports to, and the configuration it compares with.
+/// Cloning the handles is shallow.
+pub struct Reloadable {
+    /// As loaded at start-up: the restart-only settings stay as they were then.
+    pub config: Config,
+    pub auth: Authenticator,
+    /// Told about new secrets before they are accepted.
+    pub redactor: Arc<Redactor>,
+    pub metrics: Metrics,
+    /// Whether the daily budgets are written to `STATE_DIR`.
+    pub budgets_kept: Arc<AtomicBool>,
 }
 
 /// Events closer together than this are one change (an editor writes, renames, chmods).
@@ -42,7 +47,7 @@ const SETTLE: Duration = Duration::from_millis(100);
 const POLL: Duration = Duration::from_secs(1);
 
 pub struct Reloader {
-    state: AppState,
+    state: Reloadable,
     source: Source,
     /// SHA-256 of the clients file as last loaded, so that events which leave it unchanged
     /// (another file in the directory, a touch) do not reload.
@@ -62,7 +67,7 @@ fn file_digest(path: &Path) -> Option<[u8; 32]> {
 impl Reloader {
     /// From here on `SIGHUP` is this reloader's (it no longer ends the process), and changes
     /// of the clients file are noticed; [`Reloader::run`] acts on them.
-    pub fn new(state: AppState, source: Source) -> Reloader {
+    pub fn new(state: Reloadable, source: Source) -> Reloader {
         let file = state.config.clients_file.clone();
         let loaded = file.as_deref().and_then(file_digest);
         let (changed, changes) = mpsc::unbounded_channel::<()>();
@@ -112,23 +117,15 @@ impl Reloader {
                 return false;
             }
         };
-        for ((variable, old), (_, new)) in self
-            .state
-            .config
-            .restart_only()
-            .iter()
-            .zip(config.restart_only())
-        {
-            if *old != new {
-                log::warn!("{variable} changed: it takes effect only after a restart");
-            }
+        for variable in self.state.config.changed_restart_only(&config) {
+            log::warn!("{variable} changed: it takes effect only after a restart");
         }
         self.loaded = digest;
         if config
             .clients
             .iter()
             .any(|client| client.limits.tokens_per_day.is_some())
-            && !self.state.budgets_kept()
+            && !self.state.budgets_kept.load(Ordering::Relaxed)
         {
             log::warn!(
                 "a tokens_per_day budget was added by a reload: it is enforced, but kept across \

@@ -2,6 +2,7 @@
 //! limits), the request it sends, the answer it shapes, and the body adapters on both paths.
 
 pub mod body;
+pub mod clients;
 pub mod headers;
 pub mod keys;
 pub mod models;
@@ -28,6 +29,7 @@ use crate::shared::Shared;
 use crate::shared::rests::SharedRests;
 use crate::vocab::Endpoint;
 use body::caused_by_body_limit;
+use clients::UpstreamClients;
 use keys::{DEFAULT_REST, KEY_CHECK_PATH, KeyPool, Verdict, rest_duration, retry_after_secs};
 use request::{BodyRules, CallerBody, RequestBody};
 
@@ -65,6 +67,7 @@ impl Upstream {
     /// With `shared` configured, the key rests are shared through Redis.
     pub fn new(
         config: &Config,
+        clients: UpstreamClients,
         metrics: Metrics,
         redactor: Arc<Redactor>,
         shared: &Shared,
@@ -75,9 +78,9 @@ impl Upstream {
             keys::share_rests(&keys, SharedRests::new(shared.clone(), &upstream.keys));
         }
         Upstream(Arc::new(Inner {
-            clients: upstream.clients.clone(),
+            clients: clients.pools,
             next_client: std::sync::atomic::AtomicUsize::new(0),
-            tunnel_client: upstream.tunnel_client.clone(),
+            tunnel_client: clients.tunnel,
             base_url: upstream.base_url.clone(),
             known_paths: request::KnownPaths::new(&upstream.base_url),
             query: upstream.query.clone(),

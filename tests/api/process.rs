@@ -87,6 +87,55 @@ fn env_files_are_read_and_the_environment_wins() {
     );
 }
 
+#[test]
+fn log_format_in_a_dotenv_file_shapes_the_start_up_error_and_healthcheck() {
+    let dir = std::env::temp_dir().join(format!("llm-proxy-dotenv-json-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join(".env"),
+        "LOG_FORMAT=json\nAUTH_BEARER=sk-in-dotenv\nPROXY_PORT=eighty\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(BINARY)
+            .args(args)
+            .env_clear()
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+
+    let failed = run(&[]);
+    assert_eq!(failed.status.code(), Some(2));
+    let line: serde_json::Value = serde_json::from_slice(&failed.stderr).unwrap_or_else(|_| {
+        panic!(
+            "not one JSON line: {}",
+            String::from_utf8_lossy(&failed.stderr)
+        )
+    });
+    assert_eq!(line["variable"], "PROXY_PORT");
+    assert_eq!(line["level"], "ERROR");
+    assert!(!line.to_string().contains("sk-in-dotenv"), "{line}");
+
+    let healthcheck = run(&["healthcheck"]);
+    assert!(!healthcheck.status.success());
+    let line: serde_json::Value =
+        serde_json::from_slice(&healthcheck.stderr).unwrap_or_else(|_| {
+            panic!(
+                "not one JSON line: {}",
+                String::from_utf8_lossy(&healthcheck.stderr)
+            )
+        });
+    assert!(
+        line["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("PROXY_PORT")),
+        "{line}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 pub struct RunningProxy {
     pub child: tokio::process::Child,
     pub port: u16,

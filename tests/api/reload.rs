@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -33,7 +34,7 @@ async fn spawn_reloading(file: &Path) -> TestApp {
     .map(|(name, value)| (name.to_string(), value))
     .collect();
     let source = Arc::new(move || Ok(vars.clone()));
-    tokio::spawn(Reloader::new(app.state.clone(), source).run());
+    tokio::spawn(Reloader::new(app.state.reloadable(), source).run());
     app
 }
 
@@ -273,7 +274,7 @@ async fn a_new_clients_file_path_waits_for_a_restart_while_the_rest_reloads() {
     .into_iter()
     .map(|(name, value)| (name.to_string(), value))
     .collect();
-    let mut reloader = Reloader::new(app.state.clone(), Arc::new(move || Ok(vars.clone())));
+    let mut reloader = Reloader::new(app.state.reloadable(), Arc::new(move || Ok(vars.clone())));
     assert!(reloader.reload("test"));
     // ALLOWED_TOKENS changed; the clients still come from the file being watched.
     assert_eq!(
@@ -291,5 +292,75 @@ async fn a_new_clients_file_path_waits_for_a_restart_while_the_rest_reloads() {
     assert_eq!(
         app.chat("tok-bob", chat_body("gpt-mock")).await.status(),
         401
+    );
+}
+
+/// A TCP relay to `upstream` that counts the connections the proxy opens through it.
+async fn counting_relay(upstream: std::net::SocketAddr) -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut outbound = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    (format!("http://{address}"), accepted)
+}
+
+#[tokio::test]
+async fn a_reload_keeps_the_upstream_connections_warm() {
+    let upstream = mock_upstream::MockUpstream::start().await;
+    let (relay, accepted) = counting_relay(upstream.addr()).await;
+    let file = scratch_dir("reload-pool").join("clients.toml");
+    std::fs::write(&file, ALICE).unwrap();
+    let app = spawn_app_in_front_of(
+        upstream,
+        ("TARGET_HOST", &relay),
+        &[("CLIENTS_FILE", file.to_str().unwrap())],
+    )
+    .await;
+    assert_eq!(
+        app.chat("tok-alice", chat_body("gpt-mock")).await.status(),
+        200
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    // Only a client's limit changes: the reload applies it and leaves the pool alone.
+    std::fs::write(
+        &file,
+        "[clients.alice]\ntoken = \"tok-alice\"\nrequests_per_minute = 1\n",
+    )
+    .unwrap();
+    let vars: HashMap<String, String> = [
+        ("TARGET_HOST", relay.clone()),
+        ("AUTH_BEARER", UPSTREAM_KEY.to_string()),
+        ("ALLOWED_TOKENS", CLIENT_TOKEN.to_string()),
+        ("ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
+        ("CLIENTS_FILE", file.to_str().unwrap().to_string()),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_string(), value))
+    .collect();
+    let mut reloader = Reloader::new(app.state.reloadable(), Arc::new(move || Ok(vars.clone())));
+    assert!(reloader.reload("test"));
+    assert_eq!(
+        app.chat("tok-alice", chat_body("gpt-mock")).await.status(),
+        200
+    );
+    assert_eq!(
+        app.chat("tok-alice", chat_body("gpt-mock")).await.status(),
+        429,
+        "the new limit is in force"
+    );
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "the requests after the reload went on the connection opened before it"
     );
 }

@@ -1,0 +1,263 @@
+//! Where requests go and with which keys: the base URL, the key pool, the query added to every
+//! request, and the settings the upstream connection pools are built from. The pools themselves
+//! are the upstream code's (`proxy::clients`); what can be wrong about them is checked here, so
+//! that start-up fails naming the variable.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Url;
+use warp::http::{HeaderName, HeaderValue};
+
+use super::Secret;
+use super::env::Settings;
+use super::error::{ConfigError, invalid};
+use super::values::{self, UpstreamQuery};
+
+/// `UPSTREAM_HTTP2_CONNECTIONS` at most: each pool loads its own TLS roots.
+const MAX_UPSTREAM_CONNECTIONS: u64 = 64;
+
+/// The variables reqwest reads an outbound proxy from, in both cases.
+const PROXY_VARIABLES: [&str; 6] = [
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+];
+
+#[derive(Clone)]
+pub struct UpstreamConfig {
+    /// What the caller's `/v1` is replaced by, without a trailing slash: `TARGET_HOST` + `/v1`,
+    /// or `TARGET_BASE_URL` as it is (the meaning the OpenAI SDKs give `base_url`).
+    pub base_url: Url,
+    /// `AUTH_BEARER`: one key, or a pool of keys used in turn, in the order given.
+    pub keys: Vec<UpstreamKey>,
+    /// `UPSTREAM_AUTH_HEADER`: the header the key goes in.
+    pub auth_header: HeaderName,
+    /// `UPSTREAM_QUERY`: parameters added to every upstream request.
+    pub query: Option<UpstreamQuery>,
+    pub connection: ConnectionSettings,
+}
+
+/// Everything the upstream connection pools are built from. Two equal settings give pools that
+/// behave alike, so pools built for one serve the other.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionSettings {
+    /// `UPSTREAM_CA_FILE`, read and checked.
+    pub ca_file: Option<CaFile>,
+    /// `UPSTREAM_CONNECT_TIMEOUT_SECS`.
+    pub connect_timeout: Duration,
+    /// `UPSTREAM_HTTP2_CONNECTIONS`: how many pools requests take in turn, 1 to 64.
+    pub pools: usize,
+    /// Whether the process environment names an outbound proxy (where reqwest looks for one,
+    /// not the `.env` files).
+    pub outbound_proxy: bool,
+}
+
+/// The certificates of `UPSTREAM_CA_FILE` as they were read: at least one, each one rustls
+/// accepts as a trust anchor.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CaFile {
+    pub path: PathBuf,
+    pub pem: Arc<[u8]>,
+}
+
+impl fmt::Debug for CaFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("CaFile").field(&self.path).finish()
+    }
+}
+
+/// One upstream key and the header value it is sent as.
+#[derive(Clone)]
+pub struct UpstreamKey {
+    pub key: Secret,
+    /// `Bearer <key>` for `Authorization`, else the bare key; marked sensitive so hyper never
+    /// logs or indexes it.
+    pub header_value: HeaderValue,
+}
+
+impl fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("base_url", &self.base_url.as_str())
+            .field("keys", &self.keys.len())
+            .field("auth_header", &self.auth_header)
+            .field("query", &self.query)
+            .field("connection", &self.connection)
+            .finish()
+    }
+}
+
+impl UpstreamConfig {
+    pub(super) fn parse<F: Fn(&str) -> Option<String>>(
+        settings: &Settings<F>,
+        connect_timeout: Duration,
+    ) -> Result<UpstreamConfig, ConfigError> {
+        let auth_header = values::header_name(
+            "UPSTREAM_AUTH_HEADER",
+            &settings.value("UPSTREAM_AUTH_HEADER").unwrap_or_default(),
+        )?;
+        Ok(UpstreamConfig {
+            base_url: base_url(settings)?,
+            keys: upstream_keys(settings.set("AUTH_BEARER"), &auth_header)?,
+            auth_header,
+            query: values::upstream_query(settings.set("UPSTREAM_QUERY"))?,
+            connection: ConnectionSettings {
+                ca_file: settings
+                    .set("UPSTREAM_CA_FILE")
+                    .map(|path| ca_file(&path))
+                    .transpose()?,
+                connect_timeout,
+                pools: pools(settings.value("UPSTREAM_HTTP2_CONNECTIONS"))?,
+                outbound_proxy: outbound_proxy(|name| std::env::var_os(name).is_some()),
+            },
+        })
+    }
+}
+
+/// Whether an outbound proxy is configured, by the process environment (which is where reqwest
+/// looks, not the `.env` files).
+fn outbound_proxy(is_set: impl Fn(&str) -> bool) -> bool {
+    PROXY_VARIABLES.iter().any(|name| is_set(name))
+}
+
+fn base_url<F: Fn(&str) -> Option<String>>(settings: &Settings<F>) -> Result<Url, ConfigError> {
+    match (settings.set("TARGET_HOST"), settings.set("TARGET_BASE_URL")) {
+        (Some(_), Some(_)) => Err(invalid(
+            "TARGET_BASE_URL",
+            "cannot be set together with TARGET_HOST: set TARGET_BASE_URL to the base URL \
+             your provider documents (the client's /v1/<rest> goes to \
+             TARGET_BASE_URL/<rest>), or TARGET_HOST to a host whose API is under /v1",
+        )),
+        (None, Some(base)) => values::upstream_base(
+            "TARGET_BASE_URL",
+            &base,
+            "https://api.openai.com/v1 or https://open.bigmodel.cn/api/paas/v4",
+        ),
+        (_, None) => {
+            let host = settings.value("TARGET_HOST").unwrap_or_default();
+            let mut url = values::upstream_base(
+                "TARGET_HOST",
+                &host,
+                "https://api.openai.com or https://host/openai",
+            )?;
+            let path = format!("{}/v1", url.path().trim_end_matches('/'));
+            url.set_path(&path);
+            Ok(url)
+        }
+    }
+}
+
+/// `UPSTREAM_HTTP2_CONNECTIONS`: 1 to 64.
+fn pools(value: Option<String>) -> Result<usize, ConfigError> {
+    let pools = values::positive("UPSTREAM_HTTP2_CONNECTIONS", value)?;
+    if pools > MAX_UPSTREAM_CONNECTIONS {
+        return Err(invalid(
+            "UPSTREAM_HTTP2_CONNECTIONS",
+            format!("is more than {MAX_UPSTREAM_CONNECTIONS}"),
+        ));
+    }
+    Ok(pools as usize)
+}
+
+/// `UPSTREAM_CA_FILE`: the PEM certificates in the file, at least one, each accepted by rustls.
+fn ca_file(path: &str) -> Result<CaFile, ConfigError> {
+    let pem = std::fs::read(path).map_err(|err| {
+        invalid(
+            "UPSTREAM_CA_FILE",
+            format!("{path:?} cannot be read: {err}"),
+        )
+    })?;
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|err| {
+        invalid(
+            "UPSTREAM_CA_FILE",
+            format!("{path:?} is not a PEM certificate file: {err}"),
+        )
+    })?;
+    if certificates.is_empty() {
+        return Err(invalid(
+            "UPSTREAM_CA_FILE",
+            format!("{path:?} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
+        ));
+    }
+    // rustls takes a certificate as a trust anchor only when a client is built. One without the
+    // compiled-in and system roots costs next to nothing, and leaves nothing the real pools could
+    // still fail on because of this file.
+    let mut check = reqwest::Client::builder()
+        .no_proxy()
+        .tls_built_in_root_certs(false);
+    for certificate in certificates {
+        check = check.add_root_certificate(certificate);
+    }
+    check.build().map_err(|err| {
+        invalid(
+            "UPSTREAM_CA_FILE",
+            format!("no HTTP client can be built for the upstream: {err}"),
+        )
+    })?;
+    Ok(CaFile {
+        path: PathBuf::from(path),
+        pem: Arc::from(pem),
+    })
+}
+
+/// `AUTH_BEARER`: keys separated by commas, trimmed, at least one, each sendable in a header.
+fn upstream_keys(
+    value: Option<String>,
+    header: &HeaderName,
+) -> Result<Vec<UpstreamKey>, ConfigError> {
+    let value = value.ok_or_else(|| {
+        invalid(
+            "AUTH_BEARER",
+            "is required: set it to the upstream API key, or several keys separated by commas",
+        )
+    })?;
+    let bearer = header == warp::http::header::AUTHORIZATION;
+    let mut keys = Vec::new();
+    for (index, key) in value.split(',').map(str::trim).enumerate() {
+        let position = index + 1;
+        if key.is_empty() {
+            return Err(invalid(
+                "AUTH_BEARER",
+                format!("key {position} is empty: separate keys by single commas"),
+            ));
+        }
+        let text = if bearer {
+            format!("Bearer {key}")
+        } else {
+            key.to_string()
+        };
+        // The key is not echoed, only its position.
+        let mut header_value = HeaderValue::from_str(&text).map_err(|_| {
+            invalid(
+                "AUTH_BEARER",
+                format!("key {position} contains characters that cannot be sent in an HTTP header"),
+            )
+        })?;
+        header_value.set_sensitive(true);
+        keys.push(UpstreamKey {
+            key: Secret::new(key),
+            header_value,
+        });
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_proxy_variable_in_either_case_counts() {
+        assert!(!outbound_proxy(|_| false));
+        for name in ["HTTPS_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+            assert!(outbound_proxy(|seen| seen == name), "{name}");
+        }
+        assert!(!outbound_proxy(|seen| seen == "NO_PROXY"));
+    }
+}
