@@ -501,7 +501,8 @@ mod tests {
                 ("x-ratelimit-reset-tokens", "36s"),
             ],
             NotFound | BadGateway | GatewayTimeout | PayloadTooLarge | InvalidPath
-            | UnreadablePath | KeysRefused | IncompleteBody | ModelNotAllowed | ModelRequired | Internal => vec![],
+            | UnreadablePath | KeysRefused | IncompleteBody | ModelNotAllowed | ModelRequired
+            | Internal => vec![],
         }
     }
 
