@@ -21,6 +21,7 @@ use reqwest::Url;
 use warp::http::{HeaderName, HeaderValue};
 
 use crate::auth::token_label;
+use crate::error::ErrorFormat;
 pub use clients::{Client, ClientLimits};
 pub use redis::{RedisUrl, SharedStateConfig};
 pub use secret::Secret;
@@ -62,6 +63,8 @@ pub struct Config {
     pub log_level: LogLevel,
     pub debug_mode: bool,
     pub log_format: LogFormat,
+    /// `ERROR_FORMAT`: the body of the proxy's own error answers.
+    pub error_format: ErrorFormat,
     pub auth_validation: bool,
     /// The header callers put their token in (`DEFAULT_AUTH_HEADER`).
     pub auth_header: HeaderName,
@@ -409,6 +412,19 @@ impl Config {
             }
         };
 
+        let error_format = match get("ERROR_FORMAT") {
+            None => ErrorFormat::default(),
+            Some(value) => ErrorFormat::parse(value.trim()).ok_or_else(|| {
+                invalid(
+                    "ERROR_FORMAT",
+                    format!(
+                        "{value:?} is not an error format (accepted: {})",
+                        ErrorFormat::ACCEPTED
+                    ),
+                )
+            })?,
+        };
+
         let defaults = Limits::default();
         let seconds = |name: &str, default: Duration| {
             values::positive(name, get(name), default.as_secs()).map(Duration::from_secs)
@@ -477,6 +493,7 @@ impl Config {
             log_level,
             debug_mode,
             log_format,
+            error_format,
             auth_validation,
             auth_header,
             allowed_tokens,
@@ -546,6 +563,7 @@ impl Config {
             ("PROXY_PORT", self.port.to_string()),
             ("LOG_LEVEL", format!("{:?}", self.log_level)),
             ("LOG_FORMAT", format!("{:?}", self.log_format)),
+            ("ERROR_FORMAT", format!("{:?}", self.error_format)),
             ("DEBUG_MODE", self.debug_mode.to_string()),
             ("WORKER_THREADS", format!("{:?}", self.worker_threads)),
             ("DEFAULT_AUTH_HEADER", self.auth_header.to_string()),

@@ -57,6 +57,11 @@ pub const VARIABLES: &[Variable] = &[
     var("LOG_LEVEL", "info", "debug, info or error"),
     var("LOG_FORMAT", "text", "text or json"),
     var(
+        "ERROR_FORMAT",
+        "proxy",
+        "body of the proxy's own errors: proxy, or openai for the OpenAI SDKs' error object",
+    ),
+    var(
         "DEBUG_MODE",
         "false",
         "log request and response details, secrets masked",

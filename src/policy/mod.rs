@@ -17,7 +17,7 @@ use std::time::Duration;
 use warp::http::HeaderMap;
 
 use crate::config::{Client, Config};
-use crate::error::ProxyError;
+use crate::error::{ErrorFormat, ProxyError};
 use crate::ops::metrics::Metrics;
 pub use limiter::{ClientUsage, Limiter, Reason, Refusal, Standing, Window};
 pub use memory::MemoryLimiter;
@@ -35,6 +35,8 @@ struct Inner {
     /// `UPSTREAM_TIMEOUT_SECS`: the same bound a streamed upload has inside the upstream request,
     /// so a caller that stops sending does not hold its place while its body is read whole.
     body_timeout: std::time::Duration,
+    /// `ERROR_FORMAT`: how refusals are written.
+    error_format: ErrorFormat,
 }
 
 impl Policy {
@@ -44,6 +46,7 @@ impl Policy {
             metrics,
             max_body_bytes: config.limits.max_body_bytes,
             body_timeout: config.limits.upstream_timeout,
+            error_format: config.error_format,
         }))
     }
 
@@ -53,6 +56,11 @@ impl Policy {
 
     pub fn max_body_bytes(&self) -> u64 {
         self.0.max_body_bytes
+    }
+
+    /// `ERROR_FORMAT`, for the answers the routes write from this handle's refusals.
+    pub fn error_format(&self) -> ErrorFormat {
+        self.0.error_format
     }
 
     /// How long a body read whole (to find its model) may take to arrive.
@@ -98,7 +106,7 @@ impl Policy {
                 self.0
                     .metrics
                     .limit_refusal(&client.name, refusal.reason.as_str());
-                Err(refusal_response(&refusal))
+                Err(refusal_response(&refusal, client, self.0.error_format))
             }
         }
     }
@@ -149,20 +157,28 @@ pub fn write_rate_limit_headers(headers: &mut HeaderMap, standing: &Standing) {
 }
 
 /// The 429 for a refusal, with `Retry-After` in whole seconds rounded up (so the request is
-/// admitted by then, never before it).
-pub fn refusal_response(refusal: &Refusal) -> warp::reply::Response {
+/// admitted by then, never before it). A concurrency refusal names the client's limit: it is
+/// the one limit without a per-minute window in `standing`.
+pub fn refusal_response(
+    refusal: &Refusal,
+    client: &Client,
+    format: ErrorFormat,
+) -> warp::reply::Response {
     let retry_after = retry_after_secs(refusal.retry_after);
     let error = match refusal.reason {
         Reason::Budget => ProxyError::QuotaExceeded {
             retry_after,
             standing: refusal.standing,
         },
-        _ => ProxyError::RateLimited {
+        reason => ProxyError::RateLimited {
             retry_after,
             standing: refusal.standing,
+            concurrency: (reason == Reason::Concurrency)
+                .then_some(client.limits.max_concurrent_requests)
+                .flatten(),
         },
     };
-    error.into_response()
+    error.into_response(format)
 }
 
 pub fn retry_after_secs(wait: Duration) -> u64 {

@@ -22,7 +22,7 @@ use warp::http::{HeaderMap, HeaderName, Method, StatusCode, header};
 
 use crate::auth::redact::{Redactor, error_chain, searchable};
 use crate::config::{Config, UpstreamQuery};
-use crate::error::ProxyError;
+use crate::error::{ErrorFormat, ProxyError};
 use crate::ops::metrics::{Metrics, UpstreamFailure};
 use crate::server::descriptors::is_out_of_descriptors;
 use crate::shared::Shared;
@@ -59,6 +59,8 @@ struct Inner {
     redactor: Arc<Redactor>,
     /// `DEBUG_MODE`: bodies are logged, secrets masked.
     log_bodies: bool,
+    /// `ERROR_FORMAT`: for the answers and stream-failure events written here.
+    error_format: ErrorFormat,
 }
 
 impl Upstream {
@@ -97,6 +99,7 @@ impl Upstream {
             metrics,
             redactor,
             log_bodies: config.debug_mode,
+            error_format: config.error_format,
         }))
     }
 

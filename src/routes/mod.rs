@@ -20,6 +20,7 @@ pub use route::{Route, reports_usage};
 pub fn routes(
     state: AppState,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone {
+    let format = state.config.error_format;
     ops::healthz()
         .or(ops::readyz(state.clone()))
         .unify()
@@ -33,7 +34,7 @@ pub fn routes(
         .unify()
         .or(proxy::forward(state))
         .unify()
-        .recover(handle_rejection)
+        .recover(move |rejection| handle_rejection(rejection, format))
         .unify()
 }
 

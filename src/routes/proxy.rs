@@ -56,6 +56,7 @@ where
     B: Buf + Send,
 {
     let path = path.as_str();
+    let format = policy.error_format();
     // Errors are answered here rather than rejected, so warp never tries another route.
     let refused = |mut response: warp::reply::Response| {
         response.extensions_mut().insert(Exchange {
@@ -71,14 +72,14 @@ where
     let (body, inspected) = if reads_body {
         let max = policy.max_body_bytes();
         if declared_length(&headers).is_some_and(|length| length > max) {
-            return refused(ProxyError::PayloadTooLarge.into_response());
+            return refused(ProxyError::PayloadTooLarge.into_response(format));
         }
         let bytes = match tokio::time::timeout(policy.body_timeout(), read_body(body, max)).await {
             Ok(Ok(bytes)) => bytes,
-            Ok(Err(error)) => return refused(error.into_response()),
+            Ok(Err(error)) => return refused(error.into_response(format)),
             Err(_) => {
                 log::info!("the request body did not arrive within UPSTREAM_TIMEOUT_SECS");
-                return refused(ProxyError::RequestTimeout.into_response());
+                return refused(ProxyError::RequestTimeout.into_response(format));
             }
         };
         let inspected = inspect(&headers, &bytes);
@@ -103,7 +104,7 @@ where
             .and_then(|inspected| inspected.model.as_deref()));
         let needs_model = reads_body || model_path.is_some() || tunnel;
         if needs_model && let Err(error) = policy.check_model(client, model) {
-            return refused(error.into_response());
+            return refused(error.into_response(format));
         }
         let estimate = inspected.as_ref().map_or(0, Inspected::estimate);
         ticket = match policy.admit(client, estimate).await {
@@ -166,7 +167,7 @@ where
         mut response,
         stream,
     } = forwarded.unwrap_or_else(|error| Forwarded {
-        response: error.into_response(),
+        response: error.into_response(format),
         stream: false,
     });
     if let Some(standing) = standing {

@@ -5,6 +5,7 @@ mod auth;
 mod budget;
 mod client_limits;
 mod clients;
+mod error_format;
 mod filters;
 mod forwarding;
 mod fuzz_corpus;
