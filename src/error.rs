@@ -26,7 +26,7 @@ use warp::Reply;
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reject::{Reject, Rejection};
 
-use crate::policy::limiter::Standing;
+use crate::vocab::standing::Standing;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 // The variant count, for the test that walks every variant against the README's table.
@@ -507,7 +507,7 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::policy::limiter::Window;
+    use crate::vocab::standing::Window;
 
     /// One example of every variant, each at the place `ordinal` gives it.
     const EXAMPLES: [ProxyError; <ProxyError as strum::EnumCount>::COUNT] = [

@@ -27,7 +27,7 @@
 //!    streams, or the model list served from its cache.
 //! 8. [`error`]: every answer the proxy makes itself, in one table.
 //!
-//! Beside the request path, [`ops::reload`] re-reads the clients file and the token settings on
+//! Beside the request path, [`reload`] re-reads the clients file and the token settings on
 //! `SIGHUP` or a change of the file, and swaps them in whole.
 //!
 //! Beside the path, [`shared`] holds the state replicas share through Redis (`REDIS_URL`): the
@@ -35,10 +35,31 @@
 //! slow or down the mode turns `local` and each replica decides alone until Redis answers.
 //!
 //! Beneath them all, [`vocab`] holds the words several floors share (the endpoint a request is
-//! for, the token usage an answer reports) and names none of the modules above.
+//! for, the token usage an answer reports, where a client stands against its limits, what a
+//! WebSocket upgrade is, what running out of descriptors looks like) and names none of the
+//! modules above.
 //!
 //! [`state::AppState`] is where these parts are put together; each route hands its handler only
 //! the part it needs.
+//! # Floors
+//!
+//! Imports run one way: a module names only the modules on the floors below its own, never one
+//! on its floor or above, so `src/` has no import cycle between its folders
+//! (`tests/api/layering.rs` reads this list and every `crate::` path in `src/` to keep it so).
+//!
+//! 1. `vocab`: the words several floors share
+//! 2. `config`: settings, parsed once
+//! 3. `error`: every answer the proxy makes itself
+//! 4. `ops`: ids, access line, metrics, logging
+//! 5. `shared`: the Redis handle and its mode
+//! 6. `auth`: tokens and masking
+//! 7. `policy`: per-client limits
+//! 8. `proxy`: the upstream
+//! 9. `reload`: the clients file and token settings swapped in on a change
+//! 10. `state`: where the parts are put together
+//! 11. `routes`: the route table
+//! 12. `server`: the listener, admission and drain
+//! 13. `cli`: the command line
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod auth;
@@ -48,6 +69,7 @@ pub mod error;
 pub mod ops;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod shared;

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use llm_proxy::cli::{self, Command};
 use llm_proxy::config::{self, LogFormat};
 use llm_proxy::ops::logging::{init_logging, report_configuration_error};
-use llm_proxy::ops::reload::Reloader;
 use llm_proxy::policy::MemoryLimiter;
 use llm_proxy::policy::store::BudgetStore;
+use llm_proxy::reload::Reloader;
 use llm_proxy::server::{descriptors, listener};
 use llm_proxy::{AppState, Config};
 

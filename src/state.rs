@@ -10,11 +10,11 @@ use crate::auth::Authenticator;
 use crate::auth::redact::Redactor;
 use crate::config::{Config, ConfigError};
 use crate::ops::metrics::Metrics;
-use crate::ops::reload::Reloadable;
 use crate::policy::{Limiter, MemoryLimiter, Policy, RedisLimiter, redis};
 use crate::proxy::Upstream;
 use crate::proxy::clients::UpstreamClients;
 use crate::proxy::models_cache::ModelsCache;
+use crate::reload::Reloadable;
 use crate::shared::Shared;
 
 /// How long `/v1/models` answers are kept.

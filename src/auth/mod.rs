@@ -13,7 +13,7 @@ use warp::http::{HeaderMap, HeaderName, Method, header};
 
 use crate::config::{Client, Config};
 use crate::error::ProxyError;
-use crate::proxy::upgrade::{is_websocket_upgrade, subprotocol_token};
+use crate::vocab::websocket::{is_websocket_upgrade, subprotocol_token};
 pub use tokens::{TokenSet, digest, presented_token, token_label};
 
 /// The label of callers when `AUTH_VALIDATION` is off: any token goes, so none can be a label.

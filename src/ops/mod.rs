@@ -5,5 +5,4 @@ pub mod access;
 pub mod exchange;
 pub mod logging;
 pub mod metrics;
-pub mod reload;
 pub mod request_id;

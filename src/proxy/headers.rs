@@ -77,7 +77,7 @@ pub fn request_headers(
     // (the OpenAI SDKs always send one), never the upstream's business.
     headers.remove(header::AUTHORIZATION);
     // A browser's token in the WebSocket subprotocol list, on whatever request it came.
-    crate::proxy::upgrade::drop_token_subprotocol(&mut headers);
+    crate::vocab::websocket::drop_token_subprotocol(&mut headers);
     headers
 }
 

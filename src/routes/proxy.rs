@@ -21,9 +21,10 @@ use crate::proxy::Upstream;
 use crate::proxy::headers::{is_event_stream, is_json};
 use crate::proxy::request::CallerBody;
 use crate::proxy::response::Forwarded;
-use crate::proxy::upgrade::{TunnelHold, is_websocket_upgrade};
+use crate::proxy::upgrade::TunnelHold;
 use crate::proxy::usage::{Metering, Report, Seen};
 use crate::vocab::Endpoint;
+use crate::vocab::websocket::is_websocket_upgrade;
 
 /// ANY /v1/... (POST /v1/chat/completions among them)
 pub fn forward(

@@ -1,8 +1,6 @@
 //! Open-file descriptors: the soft limit is raised to the hard one at start-up, and running out
 //! of them is told apart from an upstream that cannot be reached.
 
-use std::error::Error;
-
 /// Descriptors a proxied request holds: the caller's connection and the upstream's.
 const PER_REQUEST: u64 = 2;
 /// The listener, log files, the runtime's own, and idle keep-alive connections on both sides.
@@ -45,45 +43,12 @@ fn needed_for(max_concurrent_requests: usize) -> u64 {
     (max_concurrent_requests as u64).saturating_mul(PER_REQUEST) + HEADROOM
 }
 
-/// Whether an error, or any of its causes, is this process running out of descriptors (EMFILE,
-/// or ENFILE for the whole system): a local limit, not a fault of the peer.
-pub fn is_out_of_descriptors(err: &(dyn Error + 'static)) -> bool {
-    let mut cause = Some(err);
-    while let Some(current) = cause {
-        if let Some(io) = current.downcast_ref::<std::io::Error>()
-            && io
-                .raw_os_error()
-                .is_some_and(|errno| errno == libc::EMFILE || errno == libc::ENFILE)
-        {
-            return true;
-        }
-        cause = current.source();
-    }
-    false
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn running_out_of_descriptors_is_recognised_through_the_chain() {
-        #[derive(Debug)]
-        struct Wrapper(std::io::Error);
-        impl std::fmt::Display for Wrapper {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("connect failed")
-            }
-        }
-        impl Error for Wrapper {
-            fn source(&self) -> Option<&(dyn Error + 'static)> {
-                Some(&self.0)
-            }
-        }
-        let emfile = Wrapper(std::io::Error::from_raw_os_error(libc::EMFILE));
-        assert!(is_out_of_descriptors(&emfile));
-        let refused = Wrapper(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
-        assert!(!is_out_of_descriptors(&refused));
+    fn each_request_needs_two_descriptors_beside_the_headroom() {
         assert_eq!(needed_for(1024), 2304);
     }
 }

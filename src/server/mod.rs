@@ -26,10 +26,11 @@ use warp::http::{Request, Response};
 use crate::ops::access::{AccessRecord, RequestTap, ResponseTap, Tapped};
 use crate::ops::request_id::{PROXY_REQUEST_ID, REQUEST_ID, request_id};
 use crate::proxy::headers::has_body;
-use crate::proxy::upgrade::{PendingTunnel, TunnelHold, Tunnels, is_websocket_upgrade};
+use crate::proxy::upgrade::{PendingTunnel, TunnelHold, Tunnels};
 use crate::routes::routes;
 use crate::state::AppState;
 use crate::vocab::classify;
+use crate::vocab::websocket::is_websocket_upgrade;
 use admission::Admission;
 pub use shutdown::{ShutdownSignal, ShutdownTrigger, shutdown_channel};
 
@@ -60,7 +61,7 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
                 Err(err) => {
                     // Usually EMFILE: back off briefly instead of spinning on the error. The
                     // connection waits in the backlog meanwhile; it is not lost.
-                    if descriptors::is_out_of_descriptors(&err) {
+                    if crate::vocab::descriptors::is_out_of_descriptors(&err) {
                         log::error!(
                             "accept failed: out of file descriptors (a local resource limit); \
                              retrying in 100 ms"

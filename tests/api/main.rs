@@ -14,6 +14,7 @@ mod helpers;
 mod hostile_input;
 mod keepalive;
 mod key_pool;
+mod layering;
 mod limits;
 mod models;
 mod observability;

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use llm_proxy::ops::reload::Reloader;
+use llm_proxy::reload::Reloader;
 use serde_json::json;
 
 use crate::clients::{chat_body, metrics, scratch_dir};

@@ -191,7 +191,7 @@ fn background(path: &Path) -> u64 {
     };
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|line| line.contains("ops::reload::Reloader::run"))
+        .filter(|line| line.contains("reload::Reloader::run"))
         .filter_map(|line| {
             line.split_whitespace()
                 .next()
