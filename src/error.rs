@@ -22,7 +22,7 @@ use warp::Reply;
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reject::{Reject, Rejection};
 
-use crate::policy::limiter::Standing;
+use crate::policy::limiter::{Standing, TokenLimit};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 // The variant count, for the test that walks every variant against the README's table.
@@ -79,6 +79,15 @@ pub enum ProxyError {
     ModelNotAllowed,
     /// The client has a `models` list, and the proxy could not read a model from the body.
     ModelRequired,
+    /// The request's estimate alone is more than one of the client's token limits: it can never
+    /// be admitted, so it is not told to wait (no `Retry-After`, no `x-ratelimit-*`: those pace
+    /// retries, and no retry of it can succeed).
+    RequestExceedsLimit {
+        limit: TokenLimit,
+    },
+    /// A client with token limits sent an output cap that is not a whole number of at least 0:
+    /// the request cannot be estimated, so it cannot be charged.
+    InvalidOutputCap,
     /// A rejection no route accounts for: a bug, logged where it is turned into this.
     Internal,
 }
@@ -208,6 +217,31 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST,
                 "model_required",
                 "The request body must name a model (a JSON \"model\" field or a model form field)",
+                &[],
+            ),
+            RequestExceedsLimit {
+                limit: TokenLimit::PerMinute,
+            } => row(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_exceeds_limit",
+                "The request's token estimate exceeds this client's tokens_per_minute; \
+                 lower max_tokens or shorten the prompt",
+                &[],
+            ),
+            RequestExceedsLimit {
+                limit: TokenLimit::PerDay,
+            } => row(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_exceeds_limit",
+                "The request's token estimate exceeds this client's tokens_per_day; \
+                 lower max_tokens or shorten the prompt",
+                &[],
+            ),
+            InvalidOutputCap => row(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "max_tokens, max_completion_tokens and max_output_tokens must be whole numbers \
+                 of at least 0",
                 &[],
             ),
             Internal => row(
@@ -441,6 +475,10 @@ mod tests {
         ProxyError::ModelRequired,
         ProxyError::Internal,
         ProxyError::UnreadablePath,
+        ProxyError::RequestExceedsLimit {
+            limit: TokenLimit::PerMinute,
+        },
+        ProxyError::InvalidOutputCap,
     ];
 
     /// No wildcard: a new variant does not compile until it has a place here, and the checks
@@ -467,6 +505,8 @@ mod tests {
             ModelRequired => 16,
             Internal => 17,
             UnreadablePath => 18,
+            RequestExceedsLimit { .. } => 19,
+            InvalidOutputCap => 20,
         }
     }
 
@@ -500,8 +540,18 @@ mod tests {
                 ("x-ratelimit-remaining-tokens", "400"),
                 ("x-ratelimit-reset-tokens", "36s"),
             ],
-            NotFound | BadGateway | GatewayTimeout | PayloadTooLarge | InvalidPath
-            | UnreadablePath | KeysRefused | IncompleteBody | ModelNotAllowed | ModelRequired
+            NotFound
+            | BadGateway
+            | GatewayTimeout
+            | PayloadTooLarge
+            | InvalidPath
+            | UnreadablePath
+            | KeysRefused
+            | IncompleteBody
+            | ModelNotAllowed
+            | ModelRequired
+            | RequestExceedsLimit { .. }
+            | InvalidOutputCap
             | Internal => vec![],
         }
     }
@@ -655,6 +705,20 @@ mod tests {
             unmatched.is_empty(),
             "README rows no variant answers: {unmatched:?}"
         );
+    }
+
+    #[test]
+    fn a_request_exceeding_a_limit_is_told_which() {
+        for (limit, name) in [
+            (TokenLimit::PerMinute, "tokens_per_minute"),
+            (TokenLimit::PerDay, "tokens_per_day"),
+        ] {
+            let message = ProxyError::RequestExceedsLimit { limit }.answer().message;
+            assert!(
+                message.contains(&format!("this client's {name};")),
+                "{message}"
+            );
+        }
     }
 
     #[test]

@@ -124,6 +124,24 @@ impl Reason {
     }
 }
 
+/// A token limit a single request's estimate can be larger than: such a request can never be
+/// admitted, whatever the client has used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenLimit {
+    PerMinute,
+    PerDay,
+}
+
+impl TokenLimit {
+    /// The refusal metric counts it under the limit it exceeds.
+    pub fn reason(self) -> Reason {
+        match self {
+            TokenLimit::PerMinute => Reason::Tokens,
+            TokenLimit::PerDay => Reason::Budget,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Refusal {
     pub reason: Reason,
