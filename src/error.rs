@@ -2,11 +2,15 @@
 //! and headers, and the single `recover` that turns rejections into those answers. Three shapes,
 //! one per kind of answer, each written only here:
 //!
-//! - [`ProxyError`]: `{"error":"<code>","message":"<text>","time":"<RFC 3339>"}`, with the
-//!   headers of its row (`Retry-After`, `x-ratelimit-*`, `Allow`, ...);
-//! - [`StreamFailure`]: the last SSE event of a stream the upstream broke off, OpenAI's
-//!   `{"error":{"code":...,"message":...,"type":"proxy_error"}}`, so SDKs raise;
-//! - [`Readiness`]: `/readyz`, `{"limits":"<mode>","status":"<word>"}`, 503 when not ready.
+//! - [`ProxyError`]: `{"error":"<code>","message":"<text>","time":"<RFC 3339>"}`, or with
+//!   `ERROR_FORMAT=openai` OpenAI's `{"error":{"message":...,"type":...,"code":...,"param":null}}`
+//!   (see [`ErrorFormat`]), with the headers of its row (`Retry-After`, `x-ratelimit-*`, `Allow`,
+//!   ...), the same in both;
+//! - [`StreamFailure`]: the last SSE event of a stream the upstream broke off, an `error` object
+//!   as OpenAI's streams send it, so SDKs raise; its `type` is `proxy_error`, or `server_error`
+//!   with `ERROR_FORMAT=openai`;
+//! - [`Readiness`]: `/readyz`, `{"limits":"<mode>","status":"<word>"}`, 503 when not ready, in
+//!   either format: it answers probes, which read its status, not SDKs.
 //!
 //! Upstream errors are not here: they are forwarded untouched. Messages are fixed strings chosen
 //! here, never echoes of request data, so no token can leak into an error body.
@@ -66,9 +70,12 @@ pub enum ProxyError {
     IncompleteBody,
     /// A client over its requests or tokens per minute, or its concurrency; `retry_after` in
     /// whole seconds, from the limiter's state, which `standing` tells as `x-ratelimit-*`.
+    /// `concurrency` is the client's `max_concurrent_requests` when that is the limit that
+    /// refused, told as `x-ratelimit-limit-concurrency` (and none of its places remaining).
     RateLimited {
         retry_after: u64,
         standing: Standing,
+        concurrency: Option<u64>,
     },
     /// A client over its daily token budget; admitted again at the next UTC midnight.
     QuotaExceeded {
@@ -94,10 +101,22 @@ pub enum ProxyError {
 
 impl Reject for ProxyError {}
 
+pub use crate::config::ErrorFormat;
+
+// OpenAI's error `type`s, one per kind of cause; SDKs pick their exception class from the status,
+// and show the type as it is.
+const INVALID_REQUEST: &str = "invalid_request_error";
+const AUTHENTICATION: &str = "authentication_error";
+const PERMISSION: &str = "permission_error";
+const RATE_LIMIT: &str = "rate_limit_error";
+const SERVER: &str = "server_error";
+
 /// One row of the table.
 struct Answer {
     status: StatusCode,
     code: &'static str,
+    /// The OpenAI `type` of the code, written with `ERROR_FORMAT=openai`.
+    kind: &'static str,
     message: &'static str,
     headers: &'static [(header::HeaderName, &'static str)],
 }
@@ -105,9 +124,10 @@ struct Answer {
 impl ProxyError {
     fn answer(self) -> Answer {
         use ProxyError::*;
-        let row = |status, code, message, headers| Answer {
+        let row = |status, code, kind, message, headers| Answer {
             status,
             code,
+            kind,
             message,
             headers,
         };
@@ -115,26 +135,36 @@ impl ProxyError {
             Unauthorized => row(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
+                AUTHENTICATION,
                 "Invalid or missing authorization token",
                 &[(header::WWW_AUTHENTICATE, "Bearer")],
             ),
-            NotFound => row(StatusCode::NOT_FOUND, "not_found", "No such route", &[]),
+            NotFound => row(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                INVALID_REQUEST,
+                "No such route",
+                &[],
+            ),
             // `Allow` depends on the route and is added in `into_response`.
             MethodNotAllowed { .. } => row(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
+                INVALID_REQUEST,
                 "This route does not accept that HTTP method",
                 &[],
             ),
             ConnectNotSupported => row(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
+                INVALID_REQUEST,
                 "CONNECT is not supported: this is not a forward proxy",
                 &[(header::CONNECTION, "close")],
             ),
             Overloaded => row(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",
+                SERVER,
                 "Too many requests in flight; retry shortly",
                 // Answered at once, without queueing: a client told to retry can go elsewhere.
                 &[(header::RETRY_AFTER, "1")],
@@ -142,36 +172,42 @@ impl ProxyError {
             BadGateway => row(
                 StatusCode::BAD_GATEWAY,
                 "bad_gateway",
+                SERVER,
                 "The upstream server could not be reached",
                 &[],
             ),
             GatewayTimeout => row(
                 StatusCode::GATEWAY_TIMEOUT,
                 "gateway_timeout",
+                SERVER,
                 "The upstream server did not answer in time",
                 &[],
             ),
             PayloadTooLarge => row(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
+                INVALID_REQUEST,
                 "The request body is larger than this proxy accepts",
                 &[],
             ),
             RequestTimeout => row(
                 StatusCode::REQUEST_TIMEOUT,
                 "request_timeout",
+                INVALID_REQUEST,
                 "The request body did not arrive in time",
                 &[(header::CONNECTION, "close")],
             ),
             InvalidPath => row(
                 StatusCode::BAD_REQUEST,
                 "invalid_path",
+                INVALID_REQUEST,
                 "The request path contains dot segments or backslashes",
                 &[],
             ),
             UnreadablePath => row(
                 StatusCode::BAD_REQUEST,
                 "invalid_path",
+                INVALID_REQUEST,
                 "The request path contains an encoded slash, a dot segment or an invalid escape",
                 &[],
             ),
@@ -179,18 +215,21 @@ impl ProxyError {
             KeysResting { .. } => row(
                 StatusCode::TOO_MANY_REQUESTS,
                 "upstream_keys_rate_limited",
+                RATE_LIMIT,
                 "Every upstream key is rate-limited; retry after the time in Retry-After",
                 &[],
             ),
             KeysRefused => row(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream_keys_refused",
+                SERVER,
                 "The upstream refused every key this proxy holds",
                 &[],
             ),
             IncompleteBody => row(
                 StatusCode::BAD_REQUEST,
                 "incomplete_body",
+                INVALID_REQUEST,
                 "The request body ended before it was complete",
                 &[],
             ),
@@ -198,24 +237,28 @@ impl ProxyError {
             RateLimited { .. } => row(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
+                RATE_LIMIT,
                 "This client is over its rate limit; retry after the time in Retry-After",
                 &[],
             ),
             QuotaExceeded { .. } => row(
                 StatusCode::TOO_MANY_REQUESTS,
                 "quota_exceeded",
+                RATE_LIMIT,
                 "This client has used its daily token budget; it renews at midnight UTC",
                 &[],
             ),
             ModelNotAllowed => row(
                 StatusCode::FORBIDDEN,
                 "model_not_allowed",
+                PERMISSION,
                 "This client may not use the requested model",
                 &[],
             ),
             ModelRequired => row(
                 StatusCode::BAD_REQUEST,
                 "model_required",
+                INVALID_REQUEST,
                 "The request body must name a model (a JSON \"model\" field or a model form field)",
                 &[],
             ),
@@ -224,6 +267,7 @@ impl ProxyError {
             } => row(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request_exceeds_limit",
+                INVALID_REQUEST,
                 "The request's token estimate exceeds this client's tokens_per_minute; \
                  lower max_tokens or shorten the prompt",
                 &[],
@@ -233,6 +277,7 @@ impl ProxyError {
             } => row(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request_exceeds_limit",
+                INVALID_REQUEST,
                 "The request's token estimate exceeds this client's tokens_per_day; \
                  lower max_tokens or shorten the prompt",
                 &[],
@@ -240,6 +285,7 @@ impl ProxyError {
             InvalidOutputCap => row(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
+                INVALID_REQUEST,
                 "max_tokens, max_completion_tokens and max_output_tokens must be whole numbers \
                  of at least 0",
                 &[],
@@ -247,23 +293,39 @@ impl ProxyError {
             Internal => row(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",
+                SERVER,
                 "The proxy failed to handle the request",
                 &[],
             ),
         }
     }
 
-    /// The proxy's own error shape: `{"error":"<code>","message":"<text>","time":"<RFC 3339>"}`.
-    pub fn into_response(self) -> warp::reply::Response {
+    /// The answer in `format`; status and headers are the same in both.
+    pub fn into_response(self, format: ErrorFormat) -> warp::reply::Response {
         let answer = self.answer();
-        let body = ErrorBody {
-            error: answer.code,
-            message: answer.message,
-            time: rfc3339_now(),
+        let body = match format {
+            ErrorFormat::Proxy => serde_json::to_vec(&ErrorBody {
+                error: answer.code,
+                message: answer.message,
+                time: rfc3339_now(),
+            }),
+            ErrorFormat::OpenAi => serde_json::to_vec(&OpenAiErrorBody {
+                error: OpenAiError {
+                    message: answer.message,
+                    r#type: answer.kind,
+                    code: answer.code,
+                    param: None,
+                },
+            }),
         };
-        let mut response =
-            warp::reply::with_status(warp::reply::json(&body), answer.status).into_response();
+        // Serialising fixed strings cannot fail.
+        let mut response = warp::reply::Response::new(body.unwrap_or_default().into());
+        *response.status_mut() = answer.status;
         let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         for (name, value) in answer.headers {
             headers.insert(name, HeaderValue::from_static(value));
         }
@@ -274,8 +336,16 @@ impl ProxyError {
             ProxyError::RateLimited {
                 retry_after,
                 standing,
+                concurrency,
+            } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+                standing.write_headers(headers);
+                if let Some(limit) = concurrency {
+                    headers.insert(&LIMIT_CONCURRENCY, HeaderValue::from(limit));
+                    headers.insert(&REMAINING_CONCURRENCY, HeaderValue::from(0));
+                }
             }
-            | ProxyError::QuotaExceeded {
+            ProxyError::QuotaExceeded {
                 retry_after,
                 standing,
             } => {
@@ -291,11 +361,33 @@ impl ProxyError {
     }
 }
 
+// A concurrency refusal's own pair, beside the per-minute trios: no reset, since when a place
+// frees cannot be known (`Retry-After: 1` says so).
+static LIMIT_CONCURRENCY: header::HeaderName =
+    header::HeaderName::from_static("x-ratelimit-limit-concurrency");
+static REMAINING_CONCURRENCY: header::HeaderName =
+    header::HeaderName::from_static("x-ratelimit-remaining-concurrency");
+
 #[derive(Serialize)]
 struct ErrorBody<'a> {
     error: &'a str,
     message: &'a str,
     time: String,
+}
+
+/// `ERROR_FORMAT=openai`: OpenAI's error object, whose `message` and `code` the SDKs read.
+#[derive(Serialize)]
+struct OpenAiErrorBody {
+    error: OpenAiError,
+}
+
+#[derive(Serialize)]
+struct OpenAiError {
+    message: &'static str,
+    r#type: &'static str,
+    code: &'static str,
+    /// Always null: no proxy error is about one parameter.
+    param: Option<&'static str>,
 }
 
 /// Why an upstream body ended early; told to an SSE client by one last event.
@@ -324,18 +416,35 @@ impl StreamFailure {
         }
     }
 
-    /// An OpenAI-style error event, so SDKs reading the stream raise instead of stopping quietly.
-    pub fn sse_event(self) -> Bytes {
-        let event = StreamErrorEvent {
-            error: StreamErrorObject {
-                code: self.code(),
-                message: self.message(),
-                r#type: "proxy_error",
-            },
-        };
+    /// An OpenAI-style error event, so SDKs reading the stream raise instead of stopping quietly:
+    /// they raise on a `data:` whose JSON has an `error`, with its `message` and `code`. No
+    /// `event:` line, which SDK versions read differently.
+    pub fn sse_event(self, format: ErrorFormat) -> Bytes {
         let mut line = b"data: ".to_vec();
-        // Serialising two `&str` fields into a `Vec` cannot fail.
-        let _ = serde_json::to_writer(&mut line, &event);
+        // Serialising fixed strings into a `Vec` cannot fail.
+        let _ = match format {
+            ErrorFormat::Proxy => serde_json::to_writer(
+                &mut line,
+                &StreamErrorEvent {
+                    error: StreamErrorObject {
+                        code: self.code(),
+                        message: self.message(),
+                        r#type: "proxy_error",
+                    },
+                },
+            ),
+            ErrorFormat::OpenAi => serde_json::to_writer(
+                &mut line,
+                &OpenAiErrorBody {
+                    error: OpenAiError {
+                        message: self.message(),
+                        r#type: SERVER,
+                        code: self.code(),
+                        param: None,
+                    },
+                },
+            ),
+        };
         line.extend_from_slice(b"\n\n");
         Bytes::from(line)
     }
@@ -410,7 +519,10 @@ pub fn rfc3339_now() -> String {
 
 /// The one `recover` of the route tree. Our own rejections win over warp's: a route that matched
 /// its path and refused (a token, a method) explains the refusal better than "no such route".
-pub async fn handle_rejection(rejection: Rejection) -> Result<warp::reply::Response, Infallible> {
+pub async fn handle_rejection(
+    rejection: Rejection,
+    format: ErrorFormat,
+) -> Result<warp::reply::Response, Infallible> {
     let error = if let Some(error) = rejection.find::<ProxyError>() {
         *error
     } else if rejection.is_not_found() {
@@ -421,7 +533,7 @@ pub async fn handle_rejection(rejection: Rejection) -> Result<warp::reply::Respo
         log::error!("unhandled rejection: {rejection:?}");
         ProxyError::Internal
     };
-    Ok(error.into_response())
+    Ok(error.into_response(format))
 }
 
 #[cfg(test)]
@@ -459,6 +571,7 @@ mod tests {
                 }),
                 tokens: None,
             },
+            concurrency: Some(2),
         },
         ProxyError::QuotaExceeded {
             retry_after: 3600,
@@ -533,6 +646,8 @@ mod tests {
                 ("x-ratelimit-limit-requests", "5"),
                 ("x-ratelimit-remaining-requests", "0"),
                 ("x-ratelimit-reset-requests", "59.5s"),
+                ("x-ratelimit-limit-concurrency", "2"),
+                ("x-ratelimit-remaining-concurrency", "0"),
             ],
             QuotaExceeded { .. } => vec![
                 ("retry-after", "3600"),
@@ -565,10 +680,11 @@ mod tests {
         ("x-ratelimit-", "`x-ratelimit-*`"),
     ];
 
-    /// A row of the error table: status, code, and the text of its last column.
+    /// A row of the error table: status, code, OpenAI type, and the text of its last column.
     struct Row {
         status: u16,
         code: String,
+        kind: String,
         when: String,
     }
 
@@ -592,10 +708,12 @@ mod tests {
                 let cells: Vec<&str> = line.trim_matches('|').split(" | ").map(str::trim).collect();
                 let status = cells[0].parse().ok()?;
                 let code = cells[1].strip_prefix('`')?.strip_suffix('`')?.to_owned();
+                let kind = cells[2].strip_prefix('`')?.strip_suffix('`')?.to_owned();
                 Some(Row {
                     status,
                     code,
-                    when: cells[2..].join(" | "),
+                    kind,
+                    when: cells[3..].join(" | "),
                 })
             })
             .collect()
@@ -634,7 +752,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn every_variant_answers_as_its_row_of_the_readme_table_says() {
+    async fn every_variant_answers_as_its_row_of_the_readme_table_says_in_both_formats() {
         let readme = include_str!("../README.md");
         let rows = error_table(readme);
         let mut matched = vec![false; rows.len()];
@@ -657,6 +775,7 @@ mod tests {
                 answer.status,
                 answer.code
             );
+            let row = &rows[candidates[0]];
             // Two spellings of one refusal, told apart only by their message, share a row.
             let shares_by_design = matches!(error, ProxyError::UnreadablePath);
             assert!(
@@ -664,36 +783,59 @@ mod tests {
                 "{error:?} shares a README row"
             );
             matched[candidates[0]] = true;
-
-            let response = error.into_response();
-            assert_eq!(response.status(), answer.status, "{error:?}");
-            let mut headers: BTreeMap<String, String> = response
-                .headers()
-                .iter()
-                .map(|(name, value)| (name.to_string(), value.to_str().unwrap().to_owned()))
-                .collect();
-            assert_eq!(
-                headers.remove("content-type").as_deref(),
-                Some("application/json"),
+            assert_eq!(row.kind, answer.kind, "{error:?}: the README's OpenAI type");
+            assert!(
+                [
+                    INVALID_REQUEST,
+                    AUTHENTICATION,
+                    PERMISSION,
+                    RATE_LIMIT,
+                    SERVER
+                ]
+                .contains(&answer.kind),
                 "{error:?}"
             );
+
             let expected: BTreeMap<String, String> = expected_headers(error)
                 .into_iter()
                 .map(|(name, value)| (name.to_owned(), value.to_owned()))
                 .collect();
-            assert_eq!(headers, expected, "{error:?}");
+            for format in [ErrorFormat::Proxy, ErrorFormat::OpenAi] {
+                let response = error.into_response(format);
+                assert_eq!(response.status(), answer.status, "{error:?} {format:?}");
+                let mut headers: BTreeMap<String, String> = response
+                    .headers()
+                    .iter()
+                    .map(|(name, value)| (name.to_string(), value.to_str().unwrap().to_owned()))
+                    .collect();
+                assert_eq!(
+                    headers.remove("content-type").as_deref(),
+                    Some("application/json"),
+                    "{error:?} {format:?}"
+                );
+                assert_eq!(headers, expected, "{error:?} {format:?}");
 
-            let body = body_of(response).await;
-            let parsed: Value = serde_json::from_slice(&body).unwrap();
-            let time = parsed["time"].as_str().unwrap();
-            assert!(humantime::parse_rfc3339(time).is_ok(), "{time}");
-            // The exact bytes: the default shape, its fields in this order.
-            let expected_body = format!(
-                "{{\"error\":\"{}\",\"message\":{},\"time\":\"{time}\"}}",
-                answer.code,
-                serde_json::to_string(answer.message).unwrap()
-            );
-            assert_eq!(String::from_utf8(body).unwrap(), expected_body);
+                let body = String::from_utf8(body_of(response).await).unwrap();
+                let message = serde_json::to_string(answer.message).unwrap();
+                // The exact bytes, fields in this order.
+                let expected_body = match format {
+                    ErrorFormat::Proxy => {
+                        let parsed: Value = serde_json::from_str(&body).unwrap();
+                        let time = parsed["time"].as_str().unwrap();
+                        assert!(humantime::parse_rfc3339(time).is_ok(), "{time}");
+                        format!(
+                            "{{\"error\":\"{}\",\"message\":{message},\"time\":\"{time}\"}}",
+                            answer.code
+                        )
+                    }
+                    ErrorFormat::OpenAi => format!(
+                        "{{\"error\":{{\"message\":{message},\"type\":\"{}\",\"code\":\"{}\",\
+                         \"param\":null}}}}",
+                        answer.kind, answer.code
+                    ),
+                };
+                assert_eq!(body, expected_body, "{error:?} {format:?}");
+            }
         }
         let unmatched: Vec<String> = rows
             .iter()
@@ -722,11 +864,24 @@ mod tests {
     }
 
     #[test]
+    fn error_format_accepts_its_two_names_in_any_case_and_nothing_else() {
+        assert_eq!(ErrorFormat::parse("proxy"), Some(ErrorFormat::Proxy));
+        assert_eq!(ErrorFormat::parse("OpenAI"), Some(ErrorFormat::OpenAi));
+        assert_eq!(ErrorFormat::parse("openai"), Some(ErrorFormat::OpenAi));
+        assert_eq!(ErrorFormat::parse("json"), None);
+        assert_eq!(ErrorFormat::parse(""), None);
+        assert_eq!(ErrorFormat::default(), ErrorFormat::Proxy);
+    }
+
+    #[test]
     fn the_chinese_readme_has_the_same_table() {
         let key = |rows: Vec<Row>| {
-            let mut rows: Vec<(u16, String, Vec<&str>)> = rows
+            let mut rows: Vec<(u16, String, String, Vec<&str>)> = rows
                 .iter()
-                .map(|row| (row.status, row.code.clone(), mentioned_headers(row)))
+                .map(|row| {
+                    let headers = mentioned_headers(row);
+                    (row.status, row.code.clone(), row.kind.clone(), headers)
+                })
                 .collect();
             rows.sort();
             rows
@@ -739,23 +894,38 @@ mod tests {
 
     #[test]
     fn the_stream_failure_events_are_the_ones_the_readme_shows() {
-        let readme = include_str!("../README.md");
-        let stalled = StreamFailure::Stalled.sse_event();
-        let line = std::str::from_utf8(&stalled).unwrap();
-        assert!(line.ends_with("\n\n"));
-        assert!(
-            readme.contains(&format!(
-                "```text\n{}```",
-                line.trim_end_matches('\n').to_owned() + "\n"
-            )),
-            "{line}"
-        );
+        for readme in [
+            include_str!("../README.md"),
+            include_str!("../README.zh-CN.md"),
+        ] {
+            for format in [ErrorFormat::Proxy, ErrorFormat::OpenAi] {
+                let stalled = StreamFailure::Stalled.sse_event(format);
+                let line = std::str::from_utf8(&stalled).unwrap();
+                assert!(line.ends_with("\n\n"));
+                assert!(
+                    readme.contains(&format!(
+                        "```text\n{}```",
+                        line.trim_end_matches('\n').to_owned() + "\n"
+                    )),
+                    "{line}"
+                );
+            }
+        }
         assert_eq!(
-            StreamFailure::Interrupted.sse_event(),
+            StreamFailure::Interrupted.sse_event(ErrorFormat::Proxy),
             "data: {\"error\":{\"code\":\"upstream_stream_interrupted\",\"message\":\"The upstream \
              connection broke; the response is incomplete\",\"type\":\"proxy_error\"}}\n\n"
         );
-        assert!(readme.contains("(`upstream_stream_interrupted` when the connection broke.)"));
+        assert_eq!(
+            StreamFailure::Interrupted.sse_event(ErrorFormat::OpenAi),
+            "data: {\"error\":{\"message\":\"The upstream connection broke; the response is \
+             incomplete\",\"type\":\"server_error\",\"code\":\"upstream_stream_interrupted\",\
+             \"param\":null}}\n\n"
+        );
+        assert!(
+            include_str!("../README.md")
+                .contains("(`upstream_stream_interrupted` when the connection broke.)")
+        );
     }
 
     #[tokio::test]

@@ -88,7 +88,7 @@ impl AppState {
             upstream: Upstream::new(&config, clients, metrics.clone(), redactor.clone(), &shared),
             shared,
             models: ModelsCache::new(MODELS_CACHE_TTL),
-            policy: Policy::new(limiter, metrics.clone()),
+            policy: Policy::new(&config, limiter, metrics.clone()),
             redactor,
             metrics,
             draining: AtomicBool::new(false),

@@ -67,6 +67,34 @@ impl LogFormat {
     }
 }
 
+/// `ERROR_FORMAT`: the body the proxy's own errors are written in. Read at start-up only: a
+/// client library is written against one shape, and a reload that changed it under running
+/// clients would break them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ErrorFormat {
+    /// `{"error":"<code>","message":"<text>","time":"<RFC 3339>"}`, the shape the proxy has
+    /// always had.
+    #[default]
+    Proxy,
+    /// `{"error":{"message":"<text>","type":"<OpenAI type>","code":"<code>","param":null}}`, the
+    /// object the OpenAI SDKs read `message` and `code` from.
+    OpenAi,
+}
+
+impl ErrorFormat {
+    /// The accepted values of `ERROR_FORMAT`, as the start-up error lists them.
+    pub const ACCEPTED: &'static str = "proxy, openai";
+
+    /// `proxy` or `openai`, in any case.
+    pub fn parse(value: &str) -> Option<ErrorFormat> {
+        match value.to_ascii_lowercase().as_str() {
+            "proxy" => Some(ErrorFormat::Proxy),
+            "openai" => Some(ErrorFormat::OpenAi),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub upstream: UpstreamConfig,
@@ -76,6 +104,8 @@ pub struct Config {
     pub log_level: LogLevel,
     pub debug_mode: bool,
     pub log_format: LogFormat,
+    /// `ERROR_FORMAT`: the body of the proxy's own error answers.
+    pub error_format: ErrorFormat,
     pub auth_validation: bool,
     /// The header callers put their token in (`DEFAULT_AUTH_HEADER`).
     pub auth_header: HeaderName,
@@ -226,6 +256,19 @@ impl Config {
             }
         };
 
+        let error_format = match settings.set("ERROR_FORMAT") {
+            None => ErrorFormat::default(),
+            Some(value) => ErrorFormat::parse(value.trim()).ok_or_else(|| {
+                invalid(
+                    "ERROR_FORMAT",
+                    format!(
+                        "{value:?} is not an error format (accepted: {})",
+                        ErrorFormat::ACCEPTED
+                    ),
+                )
+            })?,
+        };
+
         let worker_threads = values::worker_threads(settings.set("WORKER_THREADS"))?;
         let shared = redis::shared_state(&settings)?;
         let restart_only = RestartOnly(
@@ -247,6 +290,7 @@ impl Config {
             log_level,
             debug_mode,
             log_format,
+            error_format,
             auth_validation,
             auth_header,
             allowed_tokens,

@@ -122,6 +122,13 @@ pub const VARIABLES: &[Variable] = &[
         meaning: "text or json",
     },
     Variable {
+        name: "ERROR_FORMAT",
+        default: Default::Value("proxy"),
+        reload: Reload::Restart,
+        ours_by_prefix: None,
+        meaning: "body of the proxy's own errors: proxy ({\"error\":code,...}) or openai ({\"error\":{...}})",
+    },
+    Variable {
         name: "DEBUG_MODE",
         default: Default::Value("false"),
         reload: Reload::Restart,

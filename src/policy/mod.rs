@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use warp::http::HeaderMap;
 
-use crate::config::{Client, ClientLimits};
-use crate::error::ProxyError;
+use crate::config::{Client, ClientLimits, Config};
+use crate::error::{ErrorFormat, ProxyError};
 use crate::ops::metrics::Metrics;
 pub use limiter::{ClientUsage, Limiter, Reason, Refusal, Standing, TokenLimit, Window};
 pub use memory::MemoryLimiter;
@@ -31,15 +31,26 @@ pub struct Policy(Arc<Inner>);
 struct Inner {
     limiter: Arc<dyn Limiter>,
     metrics: Metrics,
+    /// `ERROR_FORMAT`: how refusals are written.
+    error_format: ErrorFormat,
 }
 
 impl Policy {
-    pub fn new(limiter: Arc<dyn Limiter>, metrics: Metrics) -> Policy {
-        Policy(Arc::new(Inner { limiter, metrics }))
+    pub fn new(config: &Config, limiter: Arc<dyn Limiter>, metrics: Metrics) -> Policy {
+        Policy(Arc::new(Inner {
+            limiter,
+            metrics,
+            error_format: config.error_format,
+        }))
     }
 
     pub fn limiter(&self) -> &Arc<dyn Limiter> {
         &self.0.limiter
+    }
+
+    /// `ERROR_FORMAT`, for the answers the routes write from this handle's refusals.
+    pub fn error_format(&self) -> ErrorFormat {
+        self.0.error_format
     }
 
     /// The model check: `Ok` when the client may use `model` (or has no list).
@@ -72,7 +83,7 @@ impl Policy {
                     .metrics
                     .limit_refusal(&client.name, limit.reason().as_str());
             }
-            return Err(error.into_response());
+            return Err(error.into_response(self.0.error_format));
         }
         let estimate = inspected.map_or(0, Inspected::estimate);
         match self
@@ -92,7 +103,7 @@ impl Policy {
                 self.0
                     .metrics
                     .limit_refusal(&client.name, refusal.reason.as_str());
-                Err(refusal_response(&refusal))
+                Err(refusal_response(&refusal, client, self.0.error_format))
             }
         }
     }
@@ -172,20 +183,28 @@ pub fn write_rate_limit_headers(headers: &mut HeaderMap, standing: &Standing) {
 }
 
 /// The 429 for a refusal, with `Retry-After` in whole seconds rounded up (so the request is
-/// admitted by then, never before it).
-pub fn refusal_response(refusal: &Refusal) -> warp::reply::Response {
+/// admitted by then, never before it). A concurrency refusal names the client's limit: it is
+/// the one limit without a per-minute window in `standing`.
+pub fn refusal_response(
+    refusal: &Refusal,
+    client: &Client,
+    format: ErrorFormat,
+) -> warp::reply::Response {
     let retry_after = retry_after_secs(refusal.retry_after);
     let error = match refusal.reason {
         Reason::Budget => ProxyError::QuotaExceeded {
             retry_after,
             standing: refusal.standing,
         },
-        _ => ProxyError::RateLimited {
+        reason => ProxyError::RateLimited {
             retry_after,
             standing: refusal.standing,
+            concurrency: (reason == Reason::Concurrency)
+                .then_some(client.limits.max_concurrent_requests)
+                .flatten(),
         },
     };
-    error.into_response()
+    error.into_response(format)
 }
 
 pub fn retry_after_secs(wait: Duration) -> u64 {

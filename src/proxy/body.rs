@@ -19,6 +19,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::usage::UsageMeter;
 use crate::auth::redact::{Redactor, error_chain};
+use crate::error::ErrorFormat;
 pub use crate::error::StreamFailure;
 use crate::ops::metrics::{Metrics, UpstreamFailure};
 
@@ -119,9 +120,9 @@ pub struct GuardedBody<S> {
     /// per-chunk path never touches the timer wheel.
     deadline: Option<Pin<Box<Sleep>>>,
     last_chunk: Instant,
-    /// Whether a failure is told with a final SSE error event (an event stream of undeclared
-    /// length) or only by ending the body abnormally.
-    error_event: bool,
+    /// Whether a failure is told with a final SSE error event, and in which `ERROR_FORMAT` (an
+    /// event stream of undeclared length), or only by ending the body abnormally (`None`).
+    error_event: Option<ErrorFormat>,
     ended_on_event_boundary: bool,
     /// The last four bytes of the body so far, to see an event end split across chunks.
     tail: [u8; 4],
@@ -133,7 +134,12 @@ pub struct GuardedBody<S> {
 }
 
 impl<S> GuardedBody<S> {
-    pub fn new(inner: S, idle: Duration, error_event: bool, metrics: Metrics) -> Self {
+    pub fn new(
+        inner: S,
+        idle: Duration,
+        error_event: Option<ErrorFormat>,
+        metrics: Metrics,
+    ) -> Self {
         let now = Instant::now();
         GuardedBody {
             inner,
@@ -196,12 +202,12 @@ impl<S> GuardedBody<S> {
             StreamFailure::Stalled => UpstreamFailure::Timeout,
             StreamFailure::Interrupted => UpstreamFailure::Reset,
         });
-        if !self.error_event {
+        let Some(format) = self.error_event else {
             self.phase = Phase::Done;
             return Poll::Ready(Some(Err(failure)));
-        }
+        };
         self.phase = Phase::Failing(failure);
-        let event = failure.sse_event();
+        let event = failure.sse_event(format);
         if self.ended_on_event_boundary {
             return Poll::Ready(Some(Ok(event)));
         }
@@ -325,7 +331,12 @@ mod tests {
         let silent =
             futures::stream::iter([Ok::<_, Infallible>(Bytes::from_static(b"data: 1\n\n"))])
                 .chain(futures::stream::pending());
-        let mut guarded = GuardedBody::new(silent, Duration::from_secs(5), true, Metrics::new());
+        let mut guarded = GuardedBody::new(
+            silent,
+            Duration::from_secs(5),
+            Some(ErrorFormat::Proxy),
+            Metrics::new(),
+        );
         assert_eq!(guarded.next().await.unwrap().unwrap(), "data: 1\n\n");
         let event = guarded.next().await.unwrap().unwrap();
         assert!(event.starts_with(b"data: {\"error\""));
@@ -355,7 +366,7 @@ mod tests {
         let guarded = GuardedBody::new(
             Box::pin(upstream),
             Duration::from_secs(60),
-            true,
+            Some(ErrorFormat::Proxy),
             Metrics::new(),
         )
         .with_keepalive(Duration::from_secs(1));
@@ -387,7 +398,7 @@ mod tests {
         let guarded = GuardedBody::new(
             Box::pin(upstream),
             Duration::from_secs(60),
-            true,
+            Some(ErrorFormat::Proxy),
             Metrics::new(),
         );
         let all: Vec<Bytes> = guarded.map(Result::unwrap).collect().await;
@@ -399,7 +410,7 @@ mod tests {
         let mut guarded = GuardedBody::new(
             futures::stream::empty::<Result<Bytes, Infallible>>(),
             Duration::from_secs(1),
-            true,
+            Some(ErrorFormat::Proxy),
             Metrics::new(),
         );
         for (chunk, boundary) in [
@@ -433,7 +444,7 @@ mod tests {
         let guarded = GuardedBody::new(
             Box::pin(ticks),
             Duration::from_secs(5),
-            true,
+            Some(ErrorFormat::Proxy),
             Metrics::new(),
         );
         let all: Vec<_> = guarded.collect().await;

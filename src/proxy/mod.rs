@@ -22,7 +22,7 @@ use warp::http::{HeaderMap, HeaderName, Method, StatusCode, header};
 
 use crate::auth::redact::{Redactor, error_chain, searchable};
 use crate::config::{Config, UpstreamQuery};
-use crate::error::ProxyError;
+use crate::error::{ErrorFormat, ProxyError};
 use crate::ops::metrics::{Metrics, PassedRefusal, UpstreamFailure};
 use crate::server::descriptors::is_out_of_descriptors;
 use crate::shared::Shared;
@@ -61,6 +61,8 @@ struct Inner {
     redactor: Arc<Redactor>,
     /// `DEBUG_MODE`: bodies are logged, secrets masked.
     log_bodies: bool,
+    /// `ERROR_FORMAT`: for the answers and stream-failure events written here.
+    error_format: ErrorFormat,
 }
 
 impl Upstream {
@@ -100,6 +102,7 @@ impl Upstream {
             metrics,
             redactor,
             log_bodies: config.debug_mode,
+            error_format: config.error_format,
         }))
     }
 

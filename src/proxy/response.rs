@@ -91,7 +91,7 @@ impl Upstream {
         let guarded = GuardedBody::new(
             body,
             self.0.stream_idle_timeout,
-            error_event,
+            error_event.then_some(self.0.error_format),
             self.0.metrics.clone(),
         );
         match self.body_log() {
@@ -114,11 +114,11 @@ impl Upstream {
                     "reading an upstream error body failed: {}",
                     error_chain(&err)
                 );
-                return ProxyError::BadGateway.into_response();
+                return ProxyError::BadGateway.into_response(self.0.error_format);
             }
             Err(_) => {
                 log::error!("the upstream stalled while sending an error body");
-                return ProxyError::GatewayTimeout.into_response();
+                return ProxyError::GatewayTimeout.into_response(self.0.error_format);
             }
         };
         if let Some(masked) = mask_every(&body, self.keys_to_mask()) {

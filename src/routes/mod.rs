@@ -21,6 +21,7 @@ use crate::vocab::{Endpoint, Route, classify};
 pub fn routes(
     state: AppState,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone {
+    let format = state.config.error_format;
     ops::healthz()
         .or(ops::readyz(state.clone()))
         .unify()
@@ -34,7 +35,7 @@ pub fn routes(
         .unify()
         .or(proxy::forward(state))
         .unify()
-        .recover(handle_rejection)
+        .recover(move |rejection| handle_rejection(rejection, format))
         .unify()
 }
 

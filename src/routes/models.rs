@@ -70,7 +70,7 @@ async fn list_models(
             }
             _ => cached_reply(&cached, cache_status),
         },
-        Err(error) => error.into_response(),
+        Err(error) => error.into_response(state.config.error_format),
     };
     reply.extensions_mut().insert(Exchange {
         client: caller.label,

@@ -63,6 +63,7 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Send + Sync + 'static,
     B: Buf + Send,
 {
+    let format = policy.error_format();
     // Errors are answered here rather than rejected, so warp never tries another route.
     let refused = |mut response: warp::reply::Response| {
         response.extensions_mut().insert(Exchange {
@@ -73,7 +74,7 @@ where
         Ok(response)
     };
     let Some(path) = endpoint.path(path.as_str()) else {
-        return refused(ProxyError::UnreadablePath.into_response());
+        return refused(ProxyError::UnreadablePath.into_response(format));
     };
     let client = caller.client.as_ref();
     let mut body = CallerBody::new(&headers, body);
@@ -82,7 +83,7 @@ where
     let inspected = if reads_body {
         match upstream.read_whole(&mut body).await {
             Ok(bytes) => Some(inspect(&headers, &bytes)),
-            Err(error) => return refused(error.into_response()),
+            Err(error) => return refused(error.into_response(format)),
         }
     } else {
         None
@@ -102,7 +103,7 @@ where
             .and_then(|inspected| inspected.model.as_deref()));
         let needs_model = reads_body || model_path.is_some() || tunnel;
         if needs_model && let Err(error) = policy.check_model(client, model) {
-            return refused(error.into_response());
+            return refused(error.into_response(format));
         }
         ticket = match policy.admit(client, inspected.as_ref()).await {
             Ok(ticket) => Some(ticket),
@@ -169,7 +170,7 @@ where
         mut response,
         stream,
     } = forwarded.unwrap_or_else(|error| Forwarded {
-        response: error.into_response(),
+        response: error.into_response(format),
         stream: false,
     });
     if let Some(standing) = standing {

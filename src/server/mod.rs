@@ -111,7 +111,9 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
             let (response, permit) = match admission.admit(request.method(), route) {
                 Ok(permit) => (Either::Right(service.call(request)), permit),
                 Err(refusal) => (
-                    Either::Left(std::future::ready(Ok(refusal.into_response()))),
+                    Either::Left(std::future::ready(Ok(
+                        refusal.into_response(state.config.error_format)
+                    ))),
                     None,
                 ),
             };
