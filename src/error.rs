@@ -26,7 +26,7 @@ use warp::Reply;
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reject::{Reject, Rejection};
 
-use crate::vocab::standing::Standing;
+use crate::vocab::standing::{Standing, TokenLimit};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 // The variant count, for the test that walks every variant against the README's table.
@@ -86,6 +86,15 @@ pub enum ProxyError {
     ModelNotAllowed,
     /// The client has a `models` list, and the proxy could not read a model from the body.
     ModelRequired,
+    /// The request's estimate alone is more than one of the client's token limits: it can never
+    /// be admitted, so it is not told to wait (no `Retry-After`, no `x-ratelimit-*`: those pace
+    /// retries, and no retry of it can succeed).
+    RequestExceedsLimit {
+        limit: TokenLimit,
+    },
+    /// A client with token limits sent an output cap that is not a whole number of at least 0:
+    /// the request cannot be estimated, so it cannot be charged.
+    InvalidOutputCap,
     /// A rejection no route accounts for: a bug, logged where it is turned into this.
     Internal,
 }
@@ -251,6 +260,34 @@ impl ProxyError {
                 "model_required",
                 INVALID_REQUEST,
                 "The request body must name a model (a JSON \"model\" field or a model form field)",
+                &[],
+            ),
+            RequestExceedsLimit {
+                limit: TokenLimit::PerMinute,
+            } => row(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_exceeds_limit",
+                INVALID_REQUEST,
+                "The request's token estimate exceeds this client's tokens_per_minute; \
+                 lower max_tokens or shorten the prompt",
+                &[],
+            ),
+            RequestExceedsLimit {
+                limit: TokenLimit::PerDay,
+            } => row(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_exceeds_limit",
+                INVALID_REQUEST,
+                "The request's token estimate exceeds this client's tokens_per_day; \
+                 lower max_tokens or shorten the prompt",
+                &[],
+            ),
+            InvalidOutputCap => row(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                INVALID_REQUEST,
+                "max_tokens, max_completion_tokens and max_output_tokens must be whole numbers \
+                 of at least 0",
                 &[],
             ),
             Internal => row(
@@ -551,6 +588,10 @@ mod tests {
         ProxyError::ModelRequired,
         ProxyError::Internal,
         ProxyError::UnreadablePath,
+        ProxyError::RequestExceedsLimit {
+            limit: TokenLimit::PerMinute,
+        },
+        ProxyError::InvalidOutputCap,
     ];
 
     /// No wildcard: a new variant does not compile until it has a place here, and the checks
@@ -577,6 +618,8 @@ mod tests {
             ModelRequired => 16,
             Internal => 17,
             UnreadablePath => 18,
+            RequestExceedsLimit { .. } => 19,
+            InvalidOutputCap => 20,
         }
     }
 
@@ -612,8 +655,18 @@ mod tests {
                 ("x-ratelimit-remaining-tokens", "400"),
                 ("x-ratelimit-reset-tokens", "36s"),
             ],
-            NotFound | BadGateway | GatewayTimeout | PayloadTooLarge | InvalidPath
-            | UnreadablePath | KeysRefused | IncompleteBody | ModelNotAllowed | ModelRequired
+            NotFound
+            | BadGateway
+            | GatewayTimeout
+            | PayloadTooLarge
+            | InvalidPath
+            | UnreadablePath
+            | KeysRefused
+            | IncompleteBody
+            | ModelNotAllowed
+            | ModelRequired
+            | RequestExceedsLimit { .. }
+            | InvalidOutputCap
             | Internal => vec![],
         }
     }
@@ -794,6 +847,20 @@ mod tests {
             unmatched.is_empty(),
             "README rows no variant answers: {unmatched:?}"
         );
+    }
+
+    #[test]
+    fn a_request_exceeding_a_limit_is_told_which() {
+        for (limit, name) in [
+            (TokenLimit::PerMinute, "tokens_per_minute"),
+            (TokenLimit::PerDay, "tokens_per_day"),
+        ] {
+            let message = ProxyError::RequestExceedsLimit { limit }.answer().message;
+            assert!(
+                message.contains(&format!("this client's {name};")),
+                "{message}"
+            );
+        }
     }
 
     #[test]

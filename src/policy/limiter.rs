@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::config::ClientLimits;
-pub use crate::vocab::standing::{Standing, Window, openai_duration};
+pub use crate::vocab::standing::{Standing, TokenLimit, Window, openai_duration};
 use futures::future::BoxFuture;
 
 /// Which limit refused a request; also the `reason` label of the refusal metric.
@@ -29,6 +29,14 @@ impl Reason {
             Reason::Model => "model_not_allowed",
             Reason::ModelRequired => "model_required",
         }
+    }
+}
+
+/// The refusal metric counts a request that can never fit under the limit it exceeds.
+pub fn reason_exceeded(limit: TokenLimit) -> Reason {
+    match limit {
+        TokenLimit::PerMinute => Reason::Tokens,
+        TokenLimit::PerDay => Reason::Budget,
     }
 }
 

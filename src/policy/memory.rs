@@ -104,7 +104,9 @@ fn signed(count: u64) -> i64 {
 
 /// The GCRA decision for `cost` units: the new TAT, or how long until it would be admitted.
 /// A cost above the whole limit is admitted only when nothing is counted (an empty bucket), so a
-/// single large request is never refused forever.
+/// single large request is never refused forever. The policy refuses a request above the
+/// client's own limit before any limiter is asked (413), so the cost that reaches this is above
+/// a replica's share of the limit while Redis is down.
 fn gcra(tat: Option<Instant>, now: Instant, limit: u64, cost: u64) -> Result<Instant, Duration> {
     let period = period(limit);
     let base = tat.map_or(now, |tat| tat.max(now));

@@ -16,12 +16,13 @@ use std::time::Duration;
 
 use warp::http::HeaderMap;
 
-use crate::config::{Client, Config};
+use crate::config::{Client, ClientLimits, Config};
 use crate::error::{ErrorFormat, ProxyError};
 use crate::ops::metrics::Metrics;
-pub use limiter::{ClientUsage, Limiter, Reason, Refusal, Standing, Window};
+pub use limiter::{ClientUsage, Limiter, Reason, Refusal, Standing, TokenLimit, Window};
 pub use memory::MemoryLimiter;
 pub use redis::RedisLimiter;
+use request::Inspected;
 
 /// The limiter and what the routes need around it. Cloning is shallow.
 #[derive(Clone)]
@@ -67,12 +68,24 @@ impl Policy {
     }
 
     /// Admits the request or answers the refusal. A client without limits is always admitted,
-    /// and counted all the same: `/admin/clients` shows everybody's usage.
+    /// and counted all the same: `/admin/clients` shows everybody's usage. `inspected` is what
+    /// was read from the body, when it was read.
     pub async fn admit(
         &self,
         client: &Arc<Client>,
-        estimate: u64,
+        inspected: Option<&Inspected>,
     ) -> Result<Ticket, warp::reply::Response> {
+        if let Some(error) =
+            inspected.and_then(|inspected| refused_outright(&client.limits, inspected))
+        {
+            if let ProxyError::RequestExceedsLimit { limit } = error {
+                self.0
+                    .metrics
+                    .limit_refusal(&client.name, limiter::reason_exceeded(limit).as_str());
+            }
+            return Err(error.into_response(self.0.error_format));
+        }
+        let estimate = inspected.map_or(0, Inspected::estimate);
         match self
             .0
             .limiter
@@ -94,6 +107,35 @@ impl Policy {
             }
         }
     }
+}
+
+/// What is refused from the request alone, before the limiter is asked: no state is read, so it
+/// is cheap and the same for every backend. Only for a client with token limits: for anybody
+/// else the upstream judges an odd `max_tokens`, and nothing is too large.
+fn refused_outright(limits: &ClientLimits, inspected: &Inspected) -> Option<ProxyError> {
+    if !limits.counts_tokens() {
+        return None;
+    }
+    if inspected.invalid_output_cap {
+        return Some(ProxyError::InvalidOutputCap);
+    }
+    exceeded_limit(limits, inspected.estimate())
+        .map(|limit| ProxyError::RequestExceedsLimit { limit })
+}
+
+/// The token limit an estimate is larger than; when it is larger than both, the smaller, which
+/// is the one it has to come under. Exactly the limit fits: a client idle for a minute may use
+/// its whole `tokens_per_minute` at once (the GCRA's burst), and a fresh day its whole budget.
+pub fn exceeded_limit(limits: &ClientLimits, estimate: u64) -> Option<TokenLimit> {
+    [
+        (limits.tokens_per_minute, TokenLimit::PerMinute),
+        (limits.tokens_per_day, TokenLimit::PerDay),
+    ]
+    .into_iter()
+    .filter_map(|(limit, name)| Some((limit?, name)))
+    .filter(|(limit, _)| estimate > *limit)
+    .min_by_key(|(limit, _)| *limit)
+    .map(|(_, name)| name)
 }
 
 /// A request's charge against its client's limits, held until its answer ends. Dropped without
@@ -173,6 +215,35 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
 mod tests {
     use super::limiter::openai_duration;
     use super::*;
+
+    #[test]
+    fn an_estimate_exceeds_a_limit_only_when_it_is_larger_than_it() {
+        let limits = |minute, day| ClientLimits {
+            tokens_per_minute: minute,
+            tokens_per_day: day,
+            ..ClientLimits::default()
+        };
+        assert_eq!(exceeded_limit(&limits(Some(100), None), 100), None);
+        assert_eq!(
+            exceeded_limit(&limits(Some(100), None), 101),
+            Some(TokenLimit::PerMinute)
+        );
+        assert_eq!(exceeded_limit(&limits(None, Some(1000)), 1000), None);
+        assert_eq!(
+            exceeded_limit(&limits(Some(5000), Some(1000)), 1001),
+            Some(TokenLimit::PerDay)
+        );
+        // Larger than both: the smaller is named, the one it has to come under.
+        assert_eq!(
+            exceeded_limit(&limits(Some(5000), Some(1000)), 9000),
+            Some(TokenLimit::PerDay)
+        );
+        assert_eq!(
+            exceeded_limit(&limits(Some(500), Some(1000)), 9000),
+            Some(TokenLimit::PerMinute)
+        );
+        assert_eq!(exceeded_limit(&limits(None, None), u64::MAX), None);
+    }
 
     #[test]
     fn reset_durations_are_written_the_openai_way() {

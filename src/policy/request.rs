@@ -3,7 +3,10 @@
 //! model (the request's [`crate::vocab::Endpoint`] says which); the body is read once, by the
 //! proxy's [`crate::proxy::request::CallerBody`], and the same bytes are forwarded unchanged.
 
+use std::fmt;
+
 use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use warp::http::{HeaderMap, header};
 
 /// What was read from a body.
@@ -13,8 +16,12 @@ pub struct Inspected {
     /// The prompt's tokens, estimated from the body's size.
     pub prompt: u64,
     /// The output cap the request gives (`max_tokens`, `max_completion_tokens`,
-    /// `max_output_tokens`), 0 without one.
+    /// `max_output_tokens`, the largest valid one), 0 without one.
     pub output_cap: u64,
+    /// One of those fields is present but not a whole number of at least 0 (negative, a
+    /// fraction, a string, an object, beyond `u64`): the upstream will judge the request, but
+    /// the proxy cannot estimate it.
+    pub invalid_output_cap: bool,
 }
 
 impl Inspected {
@@ -22,14 +29,6 @@ impl Inspected {
     pub fn estimate(&self) -> u64 {
         self.prompt.saturating_add(self.output_cap)
     }
-}
-
-#[derive(Deserialize)]
-struct JsonFields {
-    model: Option<String>,
-    max_tokens: Option<u64>,
-    max_completion_tokens: Option<u64>,
-    max_output_tokens: Option<u64>,
 }
 
 /// The prompt estimate: a token per 4 bytes of the JSON body, structure included. Cheap, never
@@ -57,29 +56,215 @@ pub fn inspect(headers: &HeaderMap, body: &[u8]) -> Inspected {
             ..Inspected::default()
         };
     }
-    match serde_json::from_slice::<JsonFields>(body) {
-        Ok(fields) => {
-            let output = [
-                fields.max_tokens,
-                fields.max_completion_tokens,
-                fields.max_output_tokens,
-            ]
-            .into_iter()
-            .flatten()
-            .max()
-            .unwrap_or(0);
-            Inspected {
-                model: fields.model.filter(|model| !model.is_empty()),
-                prompt: prompt_estimate(body.len()),
-                output_cap: output,
+    let fields = serde_json::from_slice::<JsonFields>(body).unwrap_or_default();
+    Inspected {
+        model: fields.model.filter(|model| !model.is_empty()),
+        prompt: prompt_estimate(body.len()),
+        output_cap: fields.output_cap,
+        invalid_output_cap: fields.invalid_output_cap,
+    }
+}
+
+/// The top-level fields of a JSON body the policy reads, each on its own: a bad value in one (a
+/// `max_tokens` of -1) must not hide the others, as one derived struct failing whole would.
+/// Every other value is skipped without being built (`IgnoredAny`), so a huge or deeply nested
+/// body costs no memory beyond its bytes.
+#[derive(Default)]
+struct JsonFields {
+    model: Option<String>,
+    output_cap: u64,
+    invalid_output_cap: bool,
+}
+
+impl<'de> Deserialize<'de> for JsonFields {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<JsonFields, D::Error> {
+        deserializer.deserialize_map(FieldsVisitor)
+    }
+}
+
+struct FieldsVisitor;
+
+impl<'de> Visitor<'de> for FieldsVisitor {
+    type Value = JsonFields;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<JsonFields, A::Error> {
+        let mut fields = JsonFields::default();
+        let mut models = 0;
+        while let Some(key) = map.next_key::<Key>()? {
+            match key {
+                Key::Model => {
+                    models += 1;
+                    fields.model = map.next_value::<Model>()?.0;
+                }
+                // A field given twice is taken at its largest: whichever copy the upstream
+                // reads, the estimate is not below it.
+                Key::OutputCap => match map.next_value::<OutputCap>()? {
+                    OutputCap::Absent => {}
+                    OutputCap::Valid(cap) => fields.output_cap = fields.output_cap.max(cap),
+                    OutputCap::Invalid => fields.invalid_output_cap = true,
+                },
+                Key::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
             }
         }
-        Err(_) => Inspected {
-            model: None,
-            prompt: prompt_estimate(body.len()),
-            output_cap: 0,
-        },
+        // Upstreams differ on which of two `model` fields they take: two are as good as none.
+        if models > 1 {
+            fields.model = None;
+        }
+        Ok(fields)
     }
+}
+
+/// A top-level key, as the JSON text spells it once its escapes are decoded.
+enum Key {
+    Model,
+    OutputCap,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Key, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = Key;
+
+            fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+                formatter.write_str("a field name")
+            }
+
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<Key, E> {
+                Ok(match key {
+                    "model" => Key::Model,
+                    "max_tokens" | "max_completion_tokens" | "max_output_tokens" => Key::OutputCap,
+                    _ => Key::Other,
+                })
+            }
+        }
+        deserializer.deserialize_identifier(KeyVisitor)
+    }
+}
+
+/// `model`: its text when it is a string; anything else names no model.
+struct Model(Option<String>);
+
+impl<'de> Deserialize<'de> for Model {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Model, D::Error> {
+        struct ModelVisitor;
+        impl<'de> Visitor<'de> for ModelVisitor {
+            type Value = Model;
+
+            fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+                formatter.write_str("any JSON value")
+            }
+
+            fn visit_str<E: de::Error>(self, model: &str) -> Result<Model, E> {
+                Ok(Model(Some(model.to_string())))
+            }
+
+            fn visit_string<E: de::Error>(self, model: String) -> Result<Model, E> {
+                Ok(Model(Some(model)))
+            }
+
+            fn visit_unit<E: de::Error>(self) -> Result<Model, E> {
+                Ok(Model(None))
+            }
+
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Model, E> {
+                Ok(Model(None))
+            }
+
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Model, E> {
+                Ok(Model(None))
+            }
+
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Model, E> {
+                Ok(Model(None))
+            }
+
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Model, E> {
+                Ok(Model(None))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Model, A::Error> {
+                skip_seq(seq).map(|()| Model(None))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Model, A::Error> {
+                skip_map(map).map(|()| Model(None))
+            }
+        }
+        deserializer.deserialize_any(ModelVisitor)
+    }
+}
+
+/// An output cap: `null` is the same as no field (the OpenAI API takes it so); a whole number
+/// of at least 0 that fits a `u64` is valid; anything else (serde_json reads a number beyond
+/// `u64`, or written with a fraction or an exponent, as a float) is not.
+enum OutputCap {
+    Absent,
+    Valid(u64),
+    Invalid,
+}
+
+impl<'de> Deserialize<'de> for OutputCap {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<OutputCap, D::Error> {
+        struct CapVisitor;
+        impl<'de> Visitor<'de> for CapVisitor {
+            type Value = OutputCap;
+
+            fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+                formatter.write_str("any JSON value")
+            }
+
+            fn visit_unit<E: de::Error>(self) -> Result<OutputCap, E> {
+                Ok(OutputCap::Absent)
+            }
+
+            fn visit_u64<E: de::Error>(self, cap: u64) -> Result<OutputCap, E> {
+                Ok(OutputCap::Valid(cap))
+            }
+
+            fn visit_i64<E: de::Error>(self, cap: i64) -> Result<OutputCap, E> {
+                Ok(u64::try_from(cap).map_or(OutputCap::Invalid, OutputCap::Valid))
+            }
+
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<OutputCap, E> {
+                Ok(OutputCap::Invalid)
+            }
+
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<OutputCap, E> {
+                Ok(OutputCap::Invalid)
+            }
+
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<OutputCap, E> {
+                Ok(OutputCap::Invalid)
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<OutputCap, A::Error> {
+                skip_seq(seq).map(|()| OutputCap::Invalid)
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<OutputCap, A::Error> {
+                skip_map(map).map(|()| OutputCap::Invalid)
+            }
+        }
+        deserializer.deserialize_any(CapVisitor)
+    }
+}
+
+fn skip_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+    while seq.next_element::<IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+fn skip_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
+    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+    Ok(())
 }
 
 fn boundary(content_type: &str) -> Option<String> {
@@ -168,6 +353,64 @@ mod tests {
         assert_eq!(inspected.model.as_deref(), Some("gpt-4o"));
         assert_eq!(inspected.estimate(), prompt_estimate(body.len()) + 100);
         assert_eq!(inspect(&HeaderMap::new(), b"not json").model, None);
+    }
+
+    #[test]
+    fn an_invalid_output_cap_is_told_and_hides_nothing_else() {
+        for cap in [
+            "-1",
+            "1.5",
+            "100.0",
+            "1e3",
+            "18446744073709551616",
+            "\"100\"",
+            "true",
+            "[100]",
+            "{\"tokens\":100}",
+        ] {
+            let body = format!(r#"{{"model":"gpt-4o","max_tokens":{cap},"max_output_tokens":7}}"#);
+            let inspected = inspect(&typed("application/json"), body.as_bytes());
+            assert_eq!(inspected.model.as_deref(), Some("gpt-4o"), "{cap}");
+            assert!(inspected.invalid_output_cap, "{cap}");
+            assert_eq!(inspected.output_cap, 7, "{cap}");
+        }
+        let valid = |body: &str| inspect(&typed("application/json"), body.as_bytes());
+        let zero = valid(r#"{"model":"gpt-4o","max_tokens":0}"#);
+        assert!(!zero.invalid_output_cap);
+        // `null` is the API's "no cap", not an invalid one.
+        let null = valid(r#"{"model":"gpt-4o","max_completion_tokens":null}"#);
+        assert!(!null.invalid_output_cap);
+        assert_eq!(null.output_cap, 0);
+        let largest = valid(r#"{"max_tokens":18446744073709551615}"#);
+        assert_eq!(largest.output_cap, u64::MAX);
+        assert_eq!(largest.estimate(), u64::MAX);
+    }
+
+    #[test]
+    fn fields_are_read_as_the_upstream_would_read_them() {
+        let read = |body: &str| inspect(&typed("application/json"), body.as_bytes());
+        // A key's escapes are decoded, as the upstream's parser decodes them.
+        let escaped = read(r#"{"mod\u0065l":"gpt-4o","max\u005ftokens":300}"#);
+        assert_eq!(escaped.model.as_deref(), Some("gpt-4o"));
+        assert_eq!(escaped.output_cap, 300);
+        // A field twice: the largest cap, whichever copy the upstream takes; no model.
+        let twice = read(r#"{"model":"a","max_tokens":5,"model":"b","max_tokens":900}"#);
+        assert_eq!(twice.model, None);
+        assert_eq!(twice.output_cap, 900);
+        // A model that is not a string names none, and the cap is still read.
+        let numbered = read(r#"{"model":4,"max_tokens":20}"#);
+        assert_eq!(numbered.model, None);
+        assert_eq!(numbered.output_cap, 20);
+        // Only top-level fields count.
+        let nested = read(r#"{"model":"gpt-4o","metadata":{"model":"x","max_tokens":-1}}"#);
+        assert_eq!(nested.model.as_deref(), Some("gpt-4o"));
+        assert!(!nested.invalid_output_cap);
+        // Not an object, or not JSON at all: nothing read, the size still estimated.
+        for body in ["[1,2]", "\"gpt-4o\"", r#"{"model":"gpt-4o"} trailing"#] {
+            let inspected = read(body);
+            assert_eq!(inspected.model, None, "{body}");
+            assert_eq!(inspected.prompt, prompt_estimate(body.len()), "{body}");
+        }
     }
 
     #[test]

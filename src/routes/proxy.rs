@@ -15,7 +15,7 @@ use crate::auth::Caller;
 use crate::auth::filters::caller;
 use crate::error::ProxyError;
 use crate::ops::exchange::{Answered, Exchange, Spend, loggable};
-use crate::policy::request::{Inspected, inspect};
+use crate::policy::request::inspect;
 use crate::policy::{Policy, Ticket, write_rate_limit_headers};
 use crate::proxy::Upstream;
 use crate::proxy::headers::{is_event_stream, is_json};
@@ -106,8 +106,7 @@ where
         if needs_model && let Err(error) = policy.check_model(client, model) {
             return refused(error.into_response(format));
         }
-        let estimate = inspected.as_ref().map_or(0, Inspected::estimate);
-        ticket = match policy.admit(client, estimate).await {
+        ticket = match policy.admit(client, inspected.as_ref()).await {
             Ok(ticket) => Some(ticket),
             Err(response) => return refused(response),
         };

@@ -95,3 +95,11 @@ pub fn openai_duration(duration: Duration) -> String {
     text.push('s');
     text
 }
+
+/// A token limit a single request's estimate can be larger than: such a request can never be
+/// admitted, whatever the client has used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenLimit {
+    PerMinute,
+    PerDay,
+}

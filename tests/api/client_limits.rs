@@ -287,3 +287,145 @@ async fn the_daily_budget_refuses_with_quota_exceeded_until_midnight_utc() {
     .await;
     assert_eq!(admin_usage(&app, "alice").await["tokens_today"], 26);
 }
+
+/// A chat body naming `model` with `cap` as its `max_tokens`, as the bytes sent.
+fn capped_chat(model: &str, cap: &str) -> String {
+    format!(
+        r#"{{"model":"{model}","max_tokens":{cap},"messages":[{{"role":"user","content":"hi"}}]}}"#
+    )
+}
+
+async fn send_raw(app: &TestApp, token: &str, body: &str) -> reqwest::Response {
+    app.request_as(token, reqwest::Method::POST, "/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A 413 tells no time to come back, and no standing: nothing about it is a rate.
+fn assert_no_retry_headers(response: &reqwest::Response) {
+    assert!(response.headers().get("retry-after").is_none());
+    let paced: Vec<_> = response
+        .headers()
+        .keys()
+        .filter(|name| name.as_str().starts_with("x-ratelimit-"))
+        .collect();
+    assert!(paced.is_empty(), "{paced:?}");
+}
+
+#[tokio::test]
+async fn a_request_larger_than_the_daily_budget_is_refused_with_413_and_costs_nothing() {
+    let (app, _) =
+        spawn_with_clients("[clients.alice]\ntoken = \"tok-alice\"\ntokens_per_day = 1000\n").await;
+    let refused = send_raw(&app, "tok-alice", &capped_chat("gpt-mock", "5000")).await;
+    assert_no_retry_headers(&refused);
+    assert_json_error(
+        refused,
+        413,
+        "request_exceeds_limit",
+        "The request's token estimate exceeds this client's tokens_per_day; \
+         lower max_tokens or shorten the prompt",
+    )
+    .await;
+    assert_eq!(app.upstream.requests_started(), 0, "nothing went upstream");
+    let usage = admin_usage(&app, "alice").await;
+    assert_eq!(usage["tokens_today"], 0);
+    assert_eq!(usage["in_flight"], 0);
+
+    // The budget is untouched: a small request goes through, and is the only one counted.
+    let small = app.chat("tok-alice", chat_body("gpt-mock")).await;
+    assert_eq!(small.status(), 200);
+    small.bytes().await.unwrap();
+    assert_eq!(admin_usage(&app, "alice").await["tokens_today"], 13);
+    let metrics = metrics(&app).await;
+    assert!(
+        metrics.contains(
+            "llm_proxy_limit_refusals_total{client=\"alice\",reason=\"tokens_per_day\"} 1"
+        ),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_larger_than_tokens_per_minute_is_refused_with_413_but_exactly_the_limit_fits() {
+    let (app, _) =
+        spawn_with_clients("[clients.alice]\ntoken = \"tok-alice\"\ntokens_per_minute = 1000\n")
+            .await;
+    // A token per 4 bytes of body plus max_tokens: the cap that makes the estimate 1000 exactly
+    // (three digits either way, so the body's size is the same).
+    let prompt = capped_chat("gpt-mock", "999").len().div_ceil(4);
+    let fitting = (1000 - prompt).to_string();
+    let over = (1001 - prompt).to_string();
+    assert_eq!((fitting.len(), over.len()), (3, 3));
+
+    let refused = send_raw(&app, "tok-alice", &capped_chat("gpt-mock", &over)).await;
+    assert_no_retry_headers(&refused);
+    assert_json_error(
+        refused,
+        413,
+        "request_exceeds_limit",
+        "The request's token estimate exceeds this client's tokens_per_minute; \
+         lower max_tokens or shorten the prompt",
+    )
+    .await;
+    assert_eq!(app.upstream.requests_started(), 0, "nothing went upstream");
+    assert_eq!(admin_usage(&app, "alice").await["tokens_last_minute"], 0);
+
+    // The whole limit at once is the burst a fresh client has.
+    let whole = send_raw(&app, "tok-alice", &capped_chat("gpt-mock", &fitting)).await;
+    assert_eq!(whole.status(), 200);
+    assert_eq!(header(&whole, "x-ratelimit-remaining-tokens"), "0");
+    whole.bytes().await.unwrap();
+    assert_eq!(app.upstream.requests_started(), 1);
+}
+
+#[tokio::test]
+async fn an_invalid_max_tokens_is_forwarded_untouched_for_a_client_with_only_a_model_list() {
+    let (app, _) =
+        spawn_with_clients("[clients.alice]\ntoken = \"tok-alice\"\nmodels = [\"gpt-mock\"]\n")
+            .await;
+    for cap in ["-1", "1.5", "\"100\"", "{\"n\":1}", "18446744073709551616"] {
+        let body = capped_chat("gpt-mock", cap);
+        let answer = send_raw(&app, "tok-alice", &body).await;
+        assert_eq!(answer.status(), 200, "{cap}");
+        answer.bytes().await.unwrap();
+        let sent = app.upstream.last_request().unwrap();
+        assert_eq!(sent.body, body.as_bytes(), "{cap}: the same bytes upstream");
+    }
+    // The model is still read beside it, and still checked.
+    let refused = send_raw(&app, "tok-alice", &capped_chat("gpt-4o", "-1")).await;
+    assert_json_error(
+        refused,
+        403,
+        "model_not_allowed",
+        "This client may not use the requested model",
+    )
+    .await;
+    assert_eq!(app.upstream.requests_started(), 5);
+}
+
+#[tokio::test]
+async fn an_invalid_max_tokens_is_refused_for_a_client_with_token_limits() {
+    let (app, _) = spawn_with_clients(
+        "[clients.alice]\ntoken = \"tok-alice\"\ntokens_per_day = 100000\nmodels = [\"gpt-mock\"]\n",
+    )
+    .await;
+    for cap in ["-1", "1.5", "\"100\"", "[1]", "18446744073709551616"] {
+        let refused = send_raw(&app, "tok-alice", &capped_chat("gpt-mock", cap)).await;
+        assert_json_error(
+            refused,
+            400,
+            "invalid_request",
+            "max_tokens, max_completion_tokens and max_output_tokens must be whole numbers of \
+             at least 0",
+        )
+        .await;
+    }
+    assert_eq!(app.upstream.requests_started(), 0, "nothing went upstream");
+    assert_eq!(admin_usage(&app, "alice").await["tokens_today"], 0);
+    // `null` is the API's own "no cap".
+    let uncapped = send_raw(&app, "tok-alice", &capped_chat("gpt-mock", "null")).await;
+    assert_eq!(uncapped.status(), 200);
+}

@@ -761,3 +761,57 @@ async fn an_outage_starts_the_token_window_and_the_places_where_redis_left_them(
     limiter.settle("p", &places, local, 0);
     assert_eq!(limiter.usage("p").await.in_flight, 0);
 }
+
+#[tokio::test]
+#[cfg_attr(
+    no_redis_server,
+    ignore = "redis-server is not installed (Debian package redis-server)"
+)]
+async fn a_request_larger_than_a_shared_limit_is_refused_with_413_without_asking_redis() {
+    let redis = RedisServer::start();
+    let upstream = MockUpstream::start().await;
+    let file = clients_file(
+        "[clients.alice]\ntoken = \"tok-alice\"\ntokens_per_day = 1000\n\n\
+         [clients.bob]\ntoken = \"tok-bob\"\ntokens_per_minute = 1000\n",
+    );
+    let proxy = replica(&upstream, &redis, &file, &[]).await;
+    let huge = serde_json::json!({"model": "gpt-mock", "max_tokens": 5000, "messages": []});
+    let calls = script_calls(&redis);
+    for (token, limit) in [
+        ("tok-alice", "tokens_per_day"),
+        ("tok-bob", "tokens_per_minute"),
+    ] {
+        let refused = reqwest::Client::new()
+            .post(proxy.url("/v1/chat/completions"))
+            .bearer_auth(token)
+            .json(&huge)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 413, "{limit}");
+        assert_eq!(header(&refused, "retry-after"), "", "{limit}");
+        assert_eq!(header(&refused, "x-ratelimit-limit-tokens"), "", "{limit}");
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["error"], "request_exceeds_limit");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("this client's {limit};")),
+            "{body}"
+        );
+    }
+    // Decided from the clients file alone: Redis was not asked, so nothing is charged there.
+    assert_eq!(script_calls(&redis), calls);
+    assert!(upstream.requests().is_empty(), "nothing went upstream");
+
+    // Both are admitted at once with a small request, charged in Redis as usual.
+    assert_eq!(chat_as(&proxy, "tok-alice").await.status(), 200);
+    assert_eq!(chat_as(&proxy, "tok-bob").await.status(), 200);
+    assert!(script_calls(&redis) > calls);
+    wait_until(Duration::from_secs(5), || async {
+        usage_of(&proxy, "alice").await["tokens_today"] == 13
+    })
+    .await
+    .expect("only the small request is counted");
+}
