@@ -364,3 +364,40 @@ async fn a_reload_keeps_the_upstream_connections_warm() {
         "the requests after the reload went on the connection opened before it"
     );
 }
+
+#[tokio::test]
+async fn an_emptied_file_is_rejected_and_the_clients_stay_unless_it_says_allow_empty() {
+    let file = scratch_dir("reload-empty").join("clients.toml");
+    std::fs::write(&file, ALICE).unwrap();
+    let app = spawn_reloading(&file).await;
+    // A truncated write, as a failed deploy can leave it.
+    std::fs::write(&file, "").unwrap();
+    let failed = "llm_proxy_config_reloads_total{result=\"failed\"} 1";
+    let mut seen = false;
+    for _ in 0..200 {
+        if metrics(&app).await.contains(failed) {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen, "{}", metrics(&app).await);
+    assert_eq!(
+        app.chat("tok-alice", chat_body("gpt-mock")).await.status(),
+        200,
+        "alice stays"
+    );
+
+    // Meant: every client of the file goes; ALLOWED_TOKENS entries stay.
+    std::fs::write(&file, "allow_empty = true\n").unwrap();
+    assert!(until_status(&app, "tok-alice", 401).await < Duration::from_secs(2));
+    assert_eq!(
+        app.chat(CLIENT_TOKEN, chat_body("gpt-mock")).await.status(),
+        200
+    );
+    let after = metrics(&app).await;
+    assert!(
+        after.contains("llm_proxy_config_reloads_total{result=\"ok\"} 1"),
+        "{after}"
+    );
+}
