@@ -10,6 +10,13 @@
 //! The file's directory is watched rather than the file: editors and `mv` replace the file (a
 //! watch on the old inode would go quiet), and a Kubernetes ConfigMap swaps a `..data` symlink
 //! next to it. Should the watch fail to start, the file is polled every second instead.
+//!
+//! A clients file that disappears (deleted, a dangling link, no longer readable) is not taken
+//! for "no clients": the clients loaded before stay in force, and an error line says so once
+//! the file has been gone for [`GRACE`] and then every minute, with the
+//! `llm_proxy_clients_file_missing` gauge at 1, until the file is back and loaded. A shorter
+//! absence is not reported: a ConfigMap update or an editor's save may remove and re-create an
+//! entry in a moment.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +26,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::auth::Authenticator;
 use crate::auth::redact::Redactor;
@@ -45,6 +53,34 @@ pub struct Reloadable {
 /// Events closer together than this are one change (an editor writes, renames, chmods).
 const SETTLE: Duration = Duration::from_millis(100);
 const POLL: Duration = Duration::from_secs(1);
+/// How long the clients file may be gone before that is reported.
+pub const GRACE: Duration = Duration::from_secs(1);
+/// While the file is missing, how often it is looked for: the watch may have gone with its
+/// directory, or may never say that the file is back.
+const LOOK_AGAIN: Duration = Duration::from_secs(1);
+/// How often the error line of a missing file is repeated.
+pub const MISSING_REPEAT: Duration = Duration::from_secs(60);
+/// A test-only knob (not a setting, not in the README's table): [`MISSING_REPEAT`] in
+/// milliseconds, so that a test can see the line repeated without waiting a minute.
+pub const TEST_MISSING_REPEAT_VARIABLE: &str = "LLM_PROXY_TEST_CLIENTS_FILE_REPEAT_MS";
+
+/// [`MISSING_REPEAT`], or the test knob's value.
+fn missing_repeat() -> Duration {
+    std::env::var(TEST_MISSING_REPEAT_VARIABLE)
+        .ok()
+        .and_then(|value| value.parse::<u64>().ok())
+        .filter(|millis| *millis > 0)
+        .map_or(MISSING_REPEAT, Duration::from_millis)
+}
+
+/// The clients file could not be read when last looked at.
+struct Missing {
+    since: Instant,
+    /// Whether the error line and the gauge have said so (only after [`GRACE`]).
+    reported: bool,
+    /// When the error line is due: the end of the grace, then every [`missing_repeat`].
+    due: Instant,
+}
 
 pub struct Reloader {
     state: Reloadable,
@@ -54,14 +90,21 @@ pub struct Reloader {
     loaded: Option<[u8; 32]>,
     hangups: Hangups,
     changes: mpsc::UnboundedReceiver<()>,
+    /// For a new watch once a missing file is back: a watch on a directory that was removed
+    /// with it has gone quiet.
+    changed: mpsc::UnboundedSender<()>,
     /// Kept alive for as long as the reloader.
-    _watcher: Option<notify::RecommendedWatcher>,
+    watcher: Option<notify::RecommendedWatcher>,
+    missing: Option<Missing>,
+    repeat: Duration,
+}
+
+fn read_digest(path: &Path) -> std::io::Result<[u8; 32]> {
+    std::fs::read(path).map(|bytes| Sha256::digest(bytes).into())
 }
 
 fn file_digest(path: &Path) -> Option<[u8; 32]> {
-    std::fs::read(path)
-        .ok()
-        .map(|bytes| Sha256::digest(bytes).into())
+    read_digest(path).ok()
 }
 
 impl Reloader {
@@ -75,7 +118,7 @@ impl Reloader {
             .as_deref()
             .and_then(|file| watch(file, changed.clone()));
         if let Some(file) = file.filter(|_| watcher.is_none()) {
-            tokio::spawn(poll(file, changed));
+            tokio::spawn(poll(file, changed.clone()));
         }
         Reloader {
             state,
@@ -83,7 +126,10 @@ impl Reloader {
             loaded,
             hangups: hangups(),
             changes,
-            _watcher: watcher,
+            changed,
+            watcher,
+            missing: None,
+            repeat: missing_repeat(),
         }
     }
 
@@ -146,6 +192,11 @@ impl Reloader {
         let watched = self.state.config.clients_file.clone();
         let mut hangups = std::mem::take(&mut self.hangups);
         loop {
+            // Only while the file is missing: when to look for it again or repeat the error.
+            let wake = self
+                .missing
+                .as_ref()
+                .map(|missing| missing.due.min(Instant::now() + LOOK_AGAIN));
             tokio::select! {
                 () = next_hangup(&mut hangups) => {
                     log::info!("SIGHUP received: reloading");
@@ -154,14 +205,78 @@ impl Reloader {
                 Some(()) = self.changes.recv() => {
                     tokio::time::sleep(SETTLE).await;
                     while self.changes.try_recv().is_ok() {}
-                    let now = watched.as_deref().and_then(file_digest);
-                    if now.is_some() && now != self.loaded {
-                        self.reload("clients file changed");
+                    if let Some(file) = &watched {
+                        self.look(file);
+                    }
+                }
+                () = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
+                    if let Some(file) = &watched {
+                        self.look(file);
                     }
                 }
             }
         }
     }
+
+    /// After a change in the file's directory, or while the file is missing: reloads when the
+    /// file differs from the one loaded, and keeps account of its absence.
+    fn look(&mut self, file: &Path) {
+        let now = Instant::now();
+        match read_digest(file) {
+            Ok(digest) => {
+                let why = match self.missing.take() {
+                    Some(missing) if missing.reported => {
+                        self.state.metrics.clients_file_missing(false);
+                        log::info!(
+                            "CLIENTS_FILE {} is back after {}: loading it",
+                            file.display(),
+                            humantime::format_duration(rounded(now - missing.since))
+                        );
+                        if self.watcher.is_some() {
+                            self.watcher = watch(file, self.changed.clone());
+                            if self.watcher.is_none() {
+                                tokio::spawn(poll(file.to_path_buf(), self.changed.clone()));
+                            }
+                        }
+                        "clients file is back"
+                    }
+                    _ => "clients file changed",
+                };
+                if Some(digest) != self.loaded {
+                    self.reload(why);
+                }
+            }
+            Err(err) => {
+                let missing = self.missing.get_or_insert(Missing {
+                    since: now,
+                    reported: false,
+                    due: now + GRACE,
+                });
+                if now < missing.due {
+                    return;
+                }
+                if !missing.reported {
+                    missing.reported = true;
+                    self.state.metrics.clients_file_missing(true);
+                }
+                missing.due = now + self.repeat;
+                // Whatever comes back is loaded, even the very file that went.
+                self.loaded = None;
+                log::error!(
+                    "CLIENTS_FILE {} cannot be read ({err}) for {}: the clients loaded before \
+                     stay in force until it is back; said again every {}",
+                    file.display(),
+                    humantime::format_duration(rounded(now - missing.since)),
+                    humantime::format_duration(self.repeat)
+                );
+            }
+        }
+    }
+}
+
+/// To the millisecond: the log says "1s 3ms", not nine digits of nanoseconds.
+fn rounded(duration: Duration) -> Duration {
+    Duration::from_millis(duration.as_millis() as u64)
 }
 
 fn watch(file: &Path, changed: mpsc::UnboundedSender<()>) -> Option<notify::RecommendedWatcher> {

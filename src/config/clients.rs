@@ -177,10 +177,14 @@ impl Client {
     }
 }
 
-/// The file: `[clients.<name>]` tables and nothing else.
+/// The file: `[clients.<name>]` tables, and above them `allow_empty`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ClientsFile {
+    /// A file with no client is refused unless it says so: an empty file is far more often a
+    /// mistake (a truncated write, a ConfigMap key misnamed) than a wish to let no client in.
+    #[serde(default, deserialize_with = "boolean")]
+    allow_empty: bool,
     /// Kept as TOML until each name is checked, so an error names the client it is about.
     #[serde(default)]
     clients: toml::Table,
@@ -218,6 +222,13 @@ pub fn parse(text: &str) -> Result<Vec<Client>, String> {
         .map_err(|err: toml::de::Error| format!("is not valid TOML: {}", one_line(&err)))?;
     let file: ClientsFile = serde_path_to_error::deserialize(toml::Value::Table(document))
         .map_err(|err| at_path("", &err))?;
+    if file.clients.is_empty() && !file.allow_empty {
+        return Err(
+            "has no clients (no [clients.<name>] table); if that is meant, put \
+             allow_empty = true at the top of the file"
+                .to_string(),
+        );
+    }
     let mut clients = Vec::new();
     for (name, entry) in file.clients {
         clients.push(parse_client(&name, entry)?);
@@ -466,6 +477,33 @@ mod tests {
         assert!(top.starts_with("client: unknown field"), "{top}");
         let not_a_table = error("[clients]\na = 5");
         assert!(not_a_table.starts_with("clients.a: "), "{not_a_table}");
+    }
+
+    #[test]
+    fn a_file_without_clients_is_refused_unless_it_allows_that() {
+        for text in ["", "  \n# no one yet\n", "[clients]\n"] {
+            let message = error(text);
+            assert!(
+                message.starts_with("has no clients") && message.contains("allow_empty = true"),
+                "{text:?}: {message}"
+            );
+        }
+        assert!(parse("allow_empty = true\n").unwrap().is_empty());
+        assert!(parse("allow_empty = true\n[clients]\n").unwrap().is_empty());
+        assert!(error("allow_empty = false\n").starts_with("has no clients"));
+        let with_one = parse("allow_empty = true\n[clients.a]\ntoken = \"t\"\n").unwrap();
+        assert_eq!(with_one.len(), 1);
+        let not_a_boolean = error("allow_empty = \"yes\"\n[clients.a]\ntoken = \"t\"\n");
+        assert!(
+            not_a_boolean.starts_with("allow_empty: must be true or false"),
+            "{not_a_boolean}"
+        );
+        // Below a client's table it is that client's field, and not one a client has.
+        let misplaced = error("[clients.a]\ntoken = \"t\"\nallow_empty = true\n");
+        assert!(
+            misplaced.starts_with("clients.a.allow_empty: unknown field"),
+            "{misplaced}"
+        );
     }
 
     #[test]

@@ -712,6 +712,25 @@ mod tests {
     }
 
     #[test]
+    fn an_allowed_empty_clients_file_alone_lets_nobody_in() {
+        let file =
+            std::env::temp_dir().join(format!("llm-proxy-unit-empty-{}.toml", std::process::id()));
+        std::fs::write(&file, "allow_empty = true\n").unwrap();
+        let path = file.to_str().unwrap();
+        let config = config(&[("AUTH_BEARER", "k"), ("CLIENTS_FILE", path)]).unwrap();
+        // Validation stays on with nobody to validate: every token is refused, not every token
+        // let through.
+        assert!(config.auth_validation);
+        assert!(config.clients.is_empty());
+        std::fs::write(&file, "").unwrap();
+        assert_eq!(
+            error_variable(&[("AUTH_BEARER", "k"), ("CLIENTS_FILE", path)]),
+            "CLIENTS_FILE"
+        );
+        let _ = std::fs::remove_file(&file);
+    }
+
+    #[test]
     fn errors_do_not_echo_secrets_or_urls() {
         let err = config(&[
             ("AUTH_BEARER", "sk-secret\n"),

@@ -252,7 +252,10 @@ pub const VARIABLES: &[Variable] = &[
         default: Default::Unset,
         reload: Reload::Restart,
         ours_by_prefix: Some("REDIS_"),
-        meaning: "redis:// or rediss:// (TLS): key rests shared by replicas; unset: per process",
+        meaning: "redis:// or rediss:// (TLS); every replica using it shares the clients' \
+                  requests_per_minute, tokens_per_minute, max_concurrent_requests and \
+                  tokens_per_day (budgets then not in STATE_DIR), their /admin/clients usage, \
+                  and the upstream key rests after a 429; unset: each process on its own",
     },
     Variable {
         name: "REDIS_TIMEOUT_MS",

@@ -268,6 +268,7 @@ struct Families {
     refusals_passed: Family<PassedRefusalLabels, Counter>,
     limit_refusals: Family<RefusalLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
+    clients_file_missing: Gauge,
     state_mode: Family<ModeLabels, Gauge>,
     redis_failures: Family<RedisFailureLabels, Counter>,
     /// Per-route histogram handles, indexed by `Route::index`: a family lookup hashes the
@@ -413,6 +414,13 @@ impl Metrics {
             "Reloads of the clients file and token settings, by result (ok, failed)",
             reloads.clone(),
         );
+        let clients_file_missing = Gauge::default();
+        registry.register(
+            "clients_file_missing",
+            "1 while the clients file (CLIENTS_FILE) cannot be read; the clients loaded before \
+             stay in force",
+            clients_file_missing.clone(),
+        );
         let state_mode = Family::<ModeLabels, Gauge>::default();
         registry.register(
             "shared_state_mode",
@@ -446,6 +454,7 @@ impl Metrics {
             refusals_passed,
             limit_refusals,
             reloads,
+            clients_file_missing,
             state_mode,
             redis_failures,
             cached: Default::default(),
@@ -622,6 +631,10 @@ impl Metrics {
     pub fn reload(&self, succeeded: bool) {
         let result = if succeeded { "ok" } else { "failed" };
         self.0.reloads.get_or_create(&ReloadLabels { result }).inc();
+    }
+
+    pub fn clients_file_missing(&self, missing: bool) {
+        self.0.clients_file_missing.set(i64::from(missing));
     }
 }
 

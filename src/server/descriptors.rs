@@ -27,7 +27,7 @@ pub fn raise_limit(max_concurrent_requests: usize) {
     } else {
         soft
     };
-    log::info!("open-file limit: {in_effect} (raised from {soft})");
+    log::info!("{}", limit_line(soft, in_effect));
     let needed = needed_for(max_concurrent_requests);
     if in_effect < needed {
         log::warn!(
@@ -36,6 +36,16 @@ pub fn raise_limit(max_concurrent_requests: usize) {
              get 503 overloaded. Raise the hard limit (ulimit -Hn, LimitNOFILE=, docker --ulimit \
              nofile=) or lower MAX_CONCURRENT_REQUESTS"
         );
+    }
+}
+
+/// "Raised" only when it was: a limit already at the hard one (a container's `--ulimit`, say) is
+/// stated as it is, so the line never hints at a change that did not happen.
+fn limit_line(soft: u64, in_effect: u64) -> String {
+    if in_effect > soft {
+        format!("open-file limit: {in_effect} (raised from {soft})")
+    } else {
+        format!("open-file limit: {in_effect}")
     }
 }
 
@@ -50,5 +60,14 @@ mod tests {
     #[test]
     fn each_request_needs_two_descriptors_beside_the_headroom() {
         assert_eq!(needed_for(1024), 2304);
+    }
+
+    #[test]
+    fn the_limit_line_says_raised_only_when_it_was() {
+        assert_eq!(
+            limit_line(1024, 524_288),
+            "open-file limit: 524288 (raised from 1024)"
+        );
+        assert_eq!(limit_line(20_000, 20_000), "open-file limit: 20000");
     }
 }

@@ -351,3 +351,46 @@ async fn another_spelling_of_a_model_endpoint_is_checked_all_the_same() {
     }
     assert_eq!(app.upstream.requests_started(), 0, "nothing went upstream");
 }
+
+#[test]
+fn an_empty_clients_file_stops_start_up_unless_it_says_allow_empty() {
+    let dir = scratch_dir("empty-clients");
+    let file = dir.join("clients.toml");
+    let start = || {
+        std::process::Command::new(crate::process::BINARY)
+            .env_clear()
+            .env("AUTH_BEARER", "k")
+            .env("CLIENTS_FILE", &file)
+            .current_dir(&dir)
+            .output()
+            .unwrap()
+    };
+    for text in ["", "# nobody yet\n", "[clients]\n"] {
+        std::fs::write(&file, text).unwrap();
+        let output = start();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{text:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one message: {stderr}");
+        assert!(
+            stderr.contains("CLIENTS_FILE")
+                && stderr.contains("has no clients")
+                && stderr.contains("allow_empty = true"),
+            "{text:?}: {stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_allowed_empty_clients_file_leaves_only_the_allowed_tokens() {
+    let (app, _) = spawn_with_clients("allow_empty = true\n").await;
+    assert_eq!(
+        app.chat(CLIENT_TOKEN, chat_body("gpt-mock")).await.status(),
+        200,
+        "an ALLOWED_TOKENS entry still gets in"
+    );
+    assert_eq!(
+        app.chat("tok-alice", chat_body("gpt-mock")).await.status(),
+        401
+    );
+    assert_eq!(app.upstream.requests_started(), 1);
+}

@@ -364,3 +364,157 @@ async fn a_reload_keeps_the_upstream_connections_warm() {
         "the requests after the reload went on the connection opened before it"
     );
 }
+
+#[tokio::test]
+async fn an_emptied_file_is_rejected_and_the_clients_stay_unless_it_says_allow_empty() {
+    let file = scratch_dir("reload-empty").join("clients.toml");
+    std::fs::write(&file, ALICE).unwrap();
+    let app = spawn_reloading(&file).await;
+    // A truncated write, as a failed deploy can leave it.
+    std::fs::write(&file, "").unwrap();
+    let failed = "llm_proxy_config_reloads_total{result=\"failed\"} 1";
+    let mut seen = false;
+    for _ in 0..200 {
+        if metrics(&app).await.contains(failed) {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen, "{}", metrics(&app).await);
+    assert_eq!(
+        app.chat("tok-alice", chat_body("gpt-mock")).await.status(),
+        200,
+        "alice stays"
+    );
+
+    // Meant: every client of the file goes; ALLOWED_TOKENS entries stay.
+    std::fs::write(&file, "allow_empty = true\n").unwrap();
+    assert!(until_status(&app, "tok-alice", 401).await < Duration::from_secs(2));
+    assert_eq!(
+        app.chat(CLIENT_TOKEN, chat_body("gpt-mock")).await.status(),
+        200
+    );
+    let after = metrics(&app).await;
+    assert!(
+        after.contains("llm_proxy_config_reloads_total{result=\"ok\"} 1"),
+        "{after}"
+    );
+}
+
+/// The binary with `file` as its clients file, its missing-file line repeated every 300 ms.
+async fn start_watching(
+    file: &Path,
+) -> (mock_upstream::MockUpstream, crate::process::RunningProxy) {
+    let (upstream, proxy) = crate::process::start_binary_with_mock(&[
+        ("CLIENTS_FILE", file.to_str().unwrap()),
+        ("ADMIN_TOKEN", ADMIN_TOKEN),
+        ("LLM_PROXY_TEST_CLIENTS_FILE_REPEAT_MS", "300"),
+    ])
+    .await;
+    (upstream, proxy)
+}
+
+/// The next log line with every one of `wanted` in it, within `within`.
+async fn next_line_with(
+    proxy: &mut crate::process::RunningProxy,
+    wanted: &[&str],
+    within: Duration,
+) -> String {
+    let found = tokio::time::timeout(within, async {
+        loop {
+            let line = proxy.log.recv().await.expect("the proxy exited");
+            if wanted.iter().all(|part| line.contains(part)) {
+                return line;
+            }
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("no line with {wanted:?}: {}", drain(&mut proxy.log)))
+}
+
+async fn missing_gauge(proxy: &crate::process::RunningProxy) -> f64 {
+    let text = reqwest::Client::new()
+        .get(proxy.url("/metrics"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix("llm_proxy_clients_file_missing "))
+        .unwrap_or_else(|| panic!("no llm_proxy_clients_file_missing in {text}"))
+        .parse()
+        .unwrap()
+}
+
+async fn chat_status(proxy: &crate::process::RunningProxy, token: &str) -> u16 {
+    reqwest::Client::new()
+        .post(proxy.url("/v1/chat/completions"))
+        .bearer_auth(token)
+        .json(&chat_body("gpt-mock"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn a_deleted_file_keeps_the_clients_and_is_reported_until_it_is_back() {
+    let file = scratch_dir("reload-deleted").join("clients.toml");
+    std::fs::write(&file, ALICE).unwrap();
+    let (_upstream, mut proxy) = start_watching(&file).await;
+    assert_eq!(missing_gauge(&proxy).await, 0.0);
+
+    std::fs::remove_file(&file).unwrap();
+    let said = ["CLIENTS_FILE", "cannot be read", "stay in force"];
+    let first = next_line_with(&mut proxy, &said, Duration::from_secs(5)).await;
+    assert!(first.contains("ERROR"), "{first}");
+    assert_eq!(missing_gauge(&proxy).await, 1.0);
+    assert_eq!(chat_status(&proxy, "tok-alice").await, 200, "alice stays");
+    // Said again while it is missing (every minute; every 300 ms by the test knob).
+    next_line_with(&mut proxy, &said, Duration::from_secs(3)).await;
+    next_line_with(&mut proxy, &said, Duration::from_secs(3)).await;
+
+    // Back with another client: loaded as it is now.
+    std::fs::write(&file, BOB).unwrap();
+    next_line_with(&mut proxy, &["is back"], Duration::from_secs(5)).await;
+    next_line_with(
+        &mut proxy,
+        &["reloaded (clients file is back): 1 clients"],
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(missing_gauge(&proxy).await, 0.0);
+    assert_eq!(chat_status(&proxy, "tok-bob").await, 200);
+    assert_eq!(chat_status(&proxy, "tok-alice").await, 401);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = drain(&mut proxy.log);
+    assert!(
+        !after.contains("cannot be read"),
+        "the error stops once the file is back: {after}"
+    );
+}
+
+#[tokio::test]
+async fn a_file_gone_for_a_moment_is_not_reported_as_missing() {
+    let file = scratch_dir("reload-moment").join("clients.toml");
+    std::fs::write(&file, ALICE).unwrap();
+    let (_upstream, mut proxy) = start_watching(&file).await;
+    // What a ConfigMap update or an editor's save may do: the entry removed and made again.
+    std::fs::remove_file(&file).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::fs::write(&file, ALICE).unwrap();
+    // Well past the grace and several of the knob's repeats.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = drain(&mut proxy.log);
+    assert!(
+        !log.contains("cannot be read") && !log.contains("is back"),
+        "{log}"
+    );
+    assert_eq!(missing_gauge(&proxy).await, 0.0);
+    assert_eq!(chat_status(&proxy, "tok-alice").await, 200);
+}

@@ -244,6 +244,19 @@ async fn fifteen_hundred_streams_complete_under_a_soft_limit_of_1024() {
 }
 
 #[tokio::test]
+async fn a_limit_already_at_the_hard_one_is_stated_not_said_to_be_raised() {
+    let proxy = start_with_file_limit(2048, 2048, &[("AUTH_BEARER", UPSTREAM_KEY)]).await;
+    let line = proxy
+        .startup_log
+        .lines()
+        .find(|line| line.contains("open-file limit"))
+        .unwrap_or_else(|| panic!("no open-file limit line: {}", proxy.startup_log))
+        .to_string();
+    assert!(line.ends_with("open-file limit: 2048"), "{line}");
+    assert!(!line.contains("raised"), "{line}");
+}
+
+#[tokio::test]
 async fn out_of_descriptors_is_503_overloaded_never_502_and_the_proxy_recovers() {
     raise_own_file_limit();
     let upstream = MockUpstream::start_without_recording_on("127.0.0.1:0".parse().unwrap())
