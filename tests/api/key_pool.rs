@@ -62,8 +62,7 @@ async fn metric_becomes(app: &TestApp, series: &str, value: f64) -> bool {
 
 async fn metric_at_becomes(metrics_url: &str, series: &str, value: f64) -> bool {
     let client = reqwest::Client::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
+    eventually(Duration::from_secs(5), async || {
         let text = client
             .get(metrics_url)
             .bearer_auth(ADMIN_TOKEN)
@@ -76,14 +75,9 @@ async fn metric_at_becomes(metrics_url: &str, series: &str, value: f64) -> bool 
         let read = text
             .lines()
             .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok());
-        if read == Some(value) {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        read == Some(value)
+    })
+    .await
 }
 
 fn disabled(position: u32) -> String {
