@@ -2,7 +2,6 @@
 //! lost after SIGKILL, and no start-up when it could not be kept.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use mock_upstream::MockUpstream;
@@ -10,7 +9,7 @@ use serde_json::Value;
 
 use crate::clients::{chat_body, scratch_dir};
 use crate::helpers::*;
-use crate::process::{BINARY, RunningProxy, drain};
+use crate::process::{RunningProxy, drain};
 
 const BUDGET: &str = "[clients.alice]\ntoken = \"tok-alice\"\ntokens_per_day = 1000000\n";
 
@@ -116,14 +115,12 @@ fn a_budget_that_cannot_be_kept_stops_start_up_naming_state_dir() {
     std::fs::write(dir.join("clients.toml"), BUDGET).unwrap();
     // A directory below a regular file cannot be created, whoever runs the test.
     std::fs::write(dir.join("not-a-dir"), "").unwrap();
-    let output = Command::new(BINARY)
-        .env_clear()
+    let output = Proxy::new()
         .env("AUTH_BEARER", "k")
-        .env("CLIENTS_FILE", dir.join("clients.toml"))
-        .env("STATE_DIR", dir.join("not-a-dir/state"))
-        .current_dir(&dir)
-        .output()
-        .unwrap();
+        .clients_file(&dir.join("clients.toml"))
+        .env("STATE_DIR", dir.join("not-a-dir/state").to_str().unwrap())
+        .in_dir(&dir)
+        .run(&[]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("STATE_DIR"), "{stderr}");

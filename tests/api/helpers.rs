@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 mod start;
 mod wait;
 
-pub use start::{BINARY, Proxy, RunningProxy, TEST_SETTINGS, drain};
+pub use start::{Proxy, RunningProxy, TEST_SETTINGS, drain};
 pub use wait::eventually;
 
 pub const UPSTREAM_KEY: &str = "sk-upstream-secret-key";
@@ -165,6 +165,22 @@ pub async fn spawn_app_in_front_of(
     Proxy::new()
         .owning(upstream)
         .env(target.0, target.1)
+        .envs(TEST_SETTINGS)
+        .envs(extra)
+        .start_in_process()
+        .await
+}
+
+/// [`spawn_app`] in front of a server running `filter`, a test's own upstream, and `extra` on
+/// top.
+pub async fn spawn_app_before_server<F>(filter: F, extra: &[(&str, &str)]) -> TestApp
+where
+    F: warp::Filter + Clone + Send + Sync + 'static,
+    F::Extract: warp::Reply,
+{
+    let target = format!("http://{}", spawn_server(filter).await);
+    Proxy::new()
+        .env("TARGET_HOST", target)
         .envs(TEST_SETTINGS)
         .envs(extra)
         .start_in_process()

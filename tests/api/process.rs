@@ -1,6 +1,5 @@
 //! The real binary: configuration errors, signals and what ends up in its logs.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -9,19 +8,13 @@ use mock_upstream::MockUpstream;
 use crate::helpers::*;
 
 // The harness that starts the binary lives with the other helpers; these names stay here too.
-pub use crate::helpers::{BINARY, RunningProxy, drain};
+pub use crate::helpers::{RunningProxy, drain};
 
 /// Runs the binary in an empty directory (no `.env` files) with only `vars` set.
 pub fn run_with(vars: &[(&str, &str)]) -> std::process::Output {
     let dir = std::env::temp_dir().join(format!("llm-proxy-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    Command::new(BINARY)
-        .env_clear()
-        .envs(vars.iter().copied())
-        .current_dir(&dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("binary runs")
+    Proxy::new().envs(vars).in_dir(&dir).run(&[])
 }
 
 #[test]
@@ -64,14 +57,7 @@ fn env_files_are_read_and_the_environment_wins() {
     )
     .unwrap();
     std::fs::write(dir.join(".env.local"), "PROXY_PORT=eighty\n").unwrap();
-    let run = |vars: &[(&str, &str)]| {
-        Command::new(BINARY)
-            .env_clear()
-            .envs(vars.iter().copied())
-            .current_dir(&dir)
-            .output()
-            .unwrap()
-    };
+    let run = |vars: &[(&str, &str)]| Proxy::new().envs(vars).in_dir(&dir).run(&[]);
     let output = run(&[]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -96,15 +82,7 @@ fn log_format_in_a_dotenv_file_shapes_the_start_up_error_and_healthcheck() {
         "LOG_FORMAT=json\nAUTH_BEARER=sk-in-dotenv\nPROXY_PORT=eighty\n",
     )
     .unwrap();
-    let run = |args: &[&str]| {
-        Command::new(BINARY)
-            .args(args)
-            .env_clear()
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| Proxy::new().in_dir(&dir).run(args);
 
     let failed = run(&[]);
     assert_eq!(failed.status.code(), Some(2));

@@ -1,7 +1,6 @@
 //! The binary in production: its command line, listen addresses, open-file limits, start-up
 //! warnings, and the access line of a WebSocket tunnel.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -12,14 +11,7 @@ use crate::helpers::*;
 use crate::process::{run_with, start_binary, start_binary_with_mock};
 
 fn run_args(args: &[&str], vars: &[(&str, &str)]) -> std::process::Output {
-    Command::new(BINARY)
-        .args(args)
-        .env_clear()
-        .envs(vars.iter().copied())
-        .current_dir(std::env::temp_dir())
-        .stdin(Stdio::null())
-        .output()
-        .expect("binary runs")
+    Proxy::new().envs(vars).run(args)
 }
 
 #[test]

@@ -15,7 +15,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::{ADMIN_TOKEN, CLIENT_TOKEN, TestApp, UPSTREAM_KEY, config_from};
 
-pub const BINARY: &str = env!("CARGO_BIN_EXE_llm-proxy");
+const BINARY: &str = env!("CARGO_BIN_EXE_llm-proxy");
 
 /// What most tests run with: the upstream key, validation on with `CLIENT_TOKEN`, an admin token.
 pub const TEST_SETTINGS: &[(&str, &str)] = &[
@@ -110,6 +110,19 @@ impl Proxy {
             shutdown,
             server: Some(server),
         }
+    }
+
+    /// The binary run to its end with `args` and only these settings (no `PROXY_PORT` added):
+    /// a command, or a start-up that is meant to fail.
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(BINARY)
+            .args(args)
+            .env_clear()
+            .envs(self.settings())
+            .current_dir(self.dir.clone().unwrap_or_else(std::env::temp_dir))
+            .stdin(Stdio::null())
+            .output()
+            .expect("the binary runs")
     }
 
     /// The binary with only these settings and `PROXY_PORT=0` under them, once its log says
