@@ -544,9 +544,7 @@ async fn every_key_of_the_pool_is_masked_in_answers() {
             .body(format!("you sent {auth}"))
             .unwrap()
     });
-    let addr = spawn_server(echo).await;
-    let target = format!("http://{addr}");
-    let app = spawn_app(&[("TARGET_HOST", target.as_str()), ("AUTH_BEARER", POOL)]).await;
+    let app = spawn_app_before_server(echo, &[("AUTH_BEARER", POOL)]).await;
     for _ in 0..2 {
         let response = app.chat(CLIENT_TOKEN, hello()).await;
         assert_eq!(response.status(), 400);
