@@ -161,10 +161,9 @@ async fn a_running_stream_holds_its_estimate_so_a_second_cannot_overshoot_the_to
     // Settled from the usage event (7 prompt + 20 completion): the estimate's rest is given
     // back, so a second stream fits at once.
     assert!(
-        eventually(Duration::from_secs(2), async || app
-            .upstream
-            .streams_completed()
-            == 1)
+        eventually(Duration::from_secs(2), async || {
+            app.upstream.streams_completed() == 1
+        })
         .await
     );
     let third = stream("1").await.unwrap();

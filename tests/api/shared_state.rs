@@ -366,16 +366,7 @@ async fn without_redis_url_the_state_is_local_and_readyz_says_so() {
         ready,
         serde_json::json!({"status": "ready", "limits": "local"})
     );
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     assert!(
         text.contains(r#"llm_proxy_shared_state_mode{mode="local"} 1"#),
         "{text}"

@@ -186,12 +186,9 @@ async fn messages_cross_the_tunnel_both_ways_byte_for_byte() {
         seen[0].headers
     );
     assert!(
-        eventually(Duration::from_secs(3), async || app
-            .state
-            .metrics
-            .requests_in_flight()
-            .get()
-            == 0)
+        eventually(Duration::from_secs(3), async || {
+            app.state.metrics.requests_in_flight().get() == 0
+        })
         .await,
         "the tunnel's request ended with it"
     );
