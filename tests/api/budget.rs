@@ -2,7 +2,6 @@
 //! lost after SIGKILL, and no start-up when it could not be kept.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use mock_upstream::MockUpstream;
@@ -10,34 +9,30 @@ use serde_json::Value;
 
 use crate::clients::{chat_body, scratch_dir};
 use crate::helpers::*;
-use crate::process::{BINARY, RunningProxy, drain, start_binary_in};
+use crate::process::{RunningProxy, drain};
 
 const BUDGET: &str = "[clients.alice]\ntoken = \"tok-alice\"\ntokens_per_day = 1000000\n";
 
 async fn start(dir: &Path, target: &str) -> RunningProxy {
-    let file = dir.join("clients.toml");
     let state = dir.join("state");
-    start_binary_in(
-        dir,
-        &[
+    Proxy::new()
+        .envs(&[
             ("TARGET_HOST", target),
             ("AUTH_BEARER", UPSTREAM_KEY),
             ("ADMIN_TOKEN", ADMIN_TOKEN),
-            ("CLIENTS_FILE", file.to_str().unwrap()),
             ("STATE_DIR", state.to_str().unwrap()),
-        ],
-    )
-    .await
+        ])
+        .clients_file(&dir.join("clients.toml"))
+        .in_dir(dir)
+        .start_binary()
+        .await
 }
 
 async fn chats(proxy: &RunningProxy, count: usize) {
     let client = reqwest::Client::new();
     for _ in 0..count {
         let answer = client
-            .post(format!(
-                "http://127.0.0.1:{}/v1/chat/completions",
-                proxy.port
-            ))
+            .post(proxy.url("/v1/chat/completions"))
             .bearer_auth("tok-alice")
             .json(&chat_body("gpt-mock"))
             .send()
@@ -54,17 +49,6 @@ async fn tokens_today(proxy: &RunningProxy) -> u64 {
         .unwrap()
 }
 
-fn signal(proxy: &RunningProxy, name: &str) {
-    let pid = proxy.child.id().unwrap().to_string();
-    assert!(
-        Command::new("kill")
-            .args([name, &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-}
-
 #[tokio::test]
 async fn the_daily_budget_survives_a_sigterm_restart_exactly() {
     let upstream = MockUpstream::start().await;
@@ -74,7 +58,7 @@ async fn the_daily_budget_survives_a_sigterm_restart_exactly() {
     chats(&proxy, 3).await;
     // 7 prompt + 6 completion tokens a chat.
     assert_eq!(tokens_today(&proxy).await, 39);
-    signal(&proxy, "-TERM");
+    proxy.signal("-TERM");
     assert!(proxy.child.wait().await.unwrap().success());
     let log = drain(&mut proxy.log);
     assert!(
@@ -92,7 +76,7 @@ async fn the_daily_budget_survives_a_sigterm_restart_exactly() {
     assert_eq!(tokens_today(&proxy).await, 39);
     chats(&proxy, 1).await;
     assert_eq!(tokens_today(&proxy).await, 52);
-    signal(&proxy, "-TERM");
+    proxy.signal("-TERM");
     proxy.child.wait().await.unwrap();
 }
 
@@ -113,14 +97,12 @@ async fn a_sigkill_restart_loses_at_most_the_last_second() {
             .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
             .is_some_and(|file| file["tokens_today"]["alice"] == 26)
     };
-    while !written(&state) {
-        assert!(
-            last.elapsed() < Duration::from_millis(1500),
-            "not written within a second"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    signal(&proxy, "-KILL");
+    let limit = Duration::from_millis(1500).saturating_sub(last.elapsed());
+    assert!(
+        eventually(limit, async || written(&state)).await,
+        "not written within a second"
+    );
+    proxy.signal("-KILL");
     proxy.child.wait().await.unwrap();
 
     let proxy = start(&dir, &upstream.base_url()).await;
@@ -133,14 +115,12 @@ fn a_budget_that_cannot_be_kept_stops_start_up_naming_state_dir() {
     std::fs::write(dir.join("clients.toml"), BUDGET).unwrap();
     // A directory below a regular file cannot be created, whoever runs the test.
     std::fs::write(dir.join("not-a-dir"), "").unwrap();
-    let output = Command::new(BINARY)
-        .env_clear()
+    let output = Proxy::new()
         .env("AUTH_BEARER", "k")
-        .env("CLIENTS_FILE", dir.join("clients.toml"))
-        .env("STATE_DIR", dir.join("not-a-dir/state"))
-        .current_dir(&dir)
-        .output()
-        .unwrap();
+        .clients_file(&dir.join("clients.toml"))
+        .env("STATE_DIR", dir.join("not-a-dir/state").to_str().unwrap())
+        .in_dir(&dir)
+        .run(&[]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("STATE_DIR"), "{stderr}");

@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::client_limits::admin_usage;
 use crate::clients::{chat_body, spawn_with_clients};
 use crate::helpers::*;
-use crate::process::{RunningProxy, drain, start_binary_with_mock};
+use crate::process::start_binary_with_mock;
 
 /// The three spellings of chat a client could use to pass the usage scan by.
 const ODD_CHAT_PATHS: [&str; 3] = [
@@ -21,15 +21,11 @@ const ODD_CHAT_PATHS: [&str; 3] = [
 /// Polls the `/metrics` series until it reads `expected` (the access record of a response is
 /// written just after its last byte went out), and asserts it does.
 async fn assert_metric_reaches(app: &TestApp, series: &str, expected: f64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let value = app.metric(series).await;
-        if value == expected || tokio::time::Instant::now() > deadline {
-            assert_eq!(value, expected, "{series}");
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(Duration::from_secs(5), async || {
+        app.metric(series).await == expected
+    })
+    .await;
+    assert_eq!(app.metric(series).await, expected, "{series}");
 }
 
 #[tokio::test]
@@ -157,21 +153,21 @@ async fn a_model_id_with_an_encoded_slash_is_forwarded_as_it_came() {
 
 /// Waits for `count` access lines of `POST /v1/chat/completions` and returns them.
 async fn chat_access_lines(proxy: &mut RunningProxy, count: usize) -> Vec<String> {
-    let mut log = String::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        log.push_str(&drain(&mut proxy.log));
-        let lines: Vec<String> = log
-            .lines()
+    let access = |log: &str| -> Vec<String> {
+        log.lines()
             .filter(|line| line.contains("POST /v1/chat/completions status="))
             .map(str::to_string)
-            .collect();
-        if lines.len() >= count || tokio::time::Instant::now() > deadline {
-            assert_eq!(lines.len(), count, "{log}");
-            return lines;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+            .collect()
+    };
+    let mut log = String::new();
+    eventually(Duration::from_secs(5), async || {
+        log.push_str(&drain(&mut proxy.log));
+        access(&log).len() >= count
+    })
+    .await;
+    let lines = access(&log);
+    assert_eq!(lines.len(), count, "{log}");
+    lines
 }
 
 #[tokio::test]

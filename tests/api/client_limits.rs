@@ -161,8 +161,9 @@ async fn a_running_stream_holds_its_estimate_so_a_second_cannot_overshoot_the_to
     // Settled from the usage event (7 prompt + 20 completion): the estimate's rest is given
     // back, so a second stream fits at once.
     assert!(
-        eventually(Duration::from_secs(2), || app.upstream.streams_completed()
-            == 1)
+        eventually(Duration::from_secs(2), async || {
+            app.upstream.streams_completed() == 1
+        })
         .await
     );
     let third = stream("1").await.unwrap();
@@ -212,14 +213,10 @@ async fn concurrency_refusals_are_answered_at_once() {
     );
     assert!(stream.text().await.unwrap().ends_with("[DONE]\n\n"));
     // The place is given back when the stream's last byte went out.
-    let mut admitted = false;
-    for _ in 0..50 {
-        if app.chat("tok-alice", chat_body("gpt-mock")).await.status() == 200 {
-            admitted = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let admitted = eventually(Duration::from_secs(1), async || {
+        app.chat("tok-alice", chat_body("gpt-mock")).await.status() == 200
+    })
+    .await;
     assert!(admitted);
 }
 

@@ -303,13 +303,11 @@ async fn a_clients_file_error_stops_start_up_naming_the_client_and_field() {
         "[clients.alice]\ntoken = \"tok-alice-secret\"\nrequests_per_minit = 5\n",
     )
     .unwrap();
-    let output = std::process::Command::new(crate::process::BINARY)
-        .env_clear()
+    let output = Proxy::new()
         .env("AUTH_BEARER", "k")
-        .env("CLIENTS_FILE", &file)
-        .current_dir(file.parent().unwrap())
-        .output()
-        .unwrap();
+        .clients_file(&file)
+        .in_dir(file.parent().unwrap())
+        .run(&[]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(

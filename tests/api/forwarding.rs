@@ -96,9 +96,7 @@ async fn upstream_hop_by_hop_response_headers_are_dropped() {
             .body("ok")
             .unwrap()
     });
-    let addr = spawn_server(upstream).await;
-    let target = format!("http://{addr}");
-    let app = spawn_app(&[("TARGET_HOST", target.as_str())]).await;
+    let app = spawn_app_before_server(upstream, &[]).await;
     let response = app.chat(CLIENT_TOKEN, serde_json::json!({})).await;
     assert_eq!(response.status(), 200);
     assert!(response.headers().get("x-upstream-scoped").is_none());
@@ -287,9 +285,7 @@ async fn upstream_redirects_are_returned_not_followed() {
             .body("")
             .unwrap()
     });
-    let addr = spawn_server(upstream).await;
-    let target = format!("http://{addr}");
-    let app = spawn_app(&[("TARGET_HOST", target.as_str())]).await;
+    let app = spawn_app_before_server(upstream, &[]).await;
     let no_redirects = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()

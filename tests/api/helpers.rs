@@ -1,14 +1,21 @@
-//! Spawning the proxy on 127.0.0.1:0 in front of a mock upstream, as a real listener.
+//! What the tests share: starting the proxy (in process or as the binary) in front of a mock
+//! upstream, waiting for what happens in the background, raw sockets, and assertions.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use llm_proxy::server::{ShutdownTrigger, shutdown_channel};
+use llm_proxy::server::ShutdownTrigger;
 use llm_proxy::{AppState, Config};
 use mock_upstream::{MockOptions, MockUpstream};
 use tokio::net::TcpListener;
+
+mod start;
+mod wait;
+
+pub use start::{Proxy, RunningProxy, TEST_SETTINGS, drain};
+pub use wait::eventually;
 
 pub const UPSTREAM_KEY: &str = "sk-upstream-secret-key";
 pub const CLIENT_TOKEN: &str = "client-token-1";
@@ -131,9 +138,12 @@ impl TestApp {
 
 /// The proxy with validation on (token `CLIENT_TOKEN`), an admin token, and `extra` on top.
 pub async fn spawn_app(extra: &[(&str, &str)]) -> TestApp {
-    let upstream = MockUpstream::start().await;
-    let target = upstream.base_url();
-    spawn_app_in_front_of(upstream, ("TARGET_HOST", &target), extra).await
+    Proxy::new()
+        .upstream(MockUpstream::start().await)
+        .envs(TEST_SETTINGS)
+        .envs(extra)
+        .start_in_process()
+        .await
 }
 
 /// The proxy in front of a mock serving as `options` say, reached through
@@ -152,33 +162,38 @@ pub async fn spawn_app_in_front_of(
     target: (&str, &str),
     extra: &[(&str, &str)],
 ) -> TestApp {
-    let mut vars = vec![
-        target,
-        ("AUTH_BEARER", UPSTREAM_KEY),
-        ("AUTH_VALIDATION", "true"),
-        ("ALLOWED_TOKENS", CLIENT_TOKEN),
-        ("ADMIN_TOKEN", ADMIN_TOKEN),
-    ];
-    vars.extend_from_slice(extra);
-    spawn_app_with_upstream(upstream, &vars).await
+    Proxy::new()
+        .owning(upstream)
+        .env(target.0, target.1)
+        .envs(TEST_SETTINGS)
+        .envs(extra)
+        .start_in_process()
+        .await
+}
+
+/// [`spawn_app`] in front of a server running `filter`, a test's own upstream, and `extra` on
+/// top.
+pub async fn spawn_app_before_server<F>(filter: F, extra: &[(&str, &str)]) -> TestApp
+where
+    F: warp::Filter + Clone + Send + Sync + 'static,
+    F::Extract: warp::Reply,
+{
+    let target = format!("http://{}", spawn_server(filter).await);
+    Proxy::new()
+        .env("TARGET_HOST", target)
+        .envs(TEST_SETTINGS)
+        .envs(extra)
+        .start_in_process()
+        .await
 }
 
 /// The proxy configured with exactly `vars` (later entries win), in front of `upstream`.
 pub async fn spawn_app_with_upstream(upstream: MockUpstream, vars: &[(&str, &str)]) -> TestApp {
-    let config = config_from(vars);
-    let state = AppState::new(config);
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("local addr");
-    let (shutdown, signal) = shutdown_channel();
-    let server = tokio::spawn(llm_proxy::serve(listener, state.clone(), signal));
-    TestApp {
-        addr,
-        state,
-        upstream,
-        client: reqwest::Client::new(),
-        shutdown,
-        server: Some(server),
-    }
+    Proxy::new()
+        .owning(upstream)
+        .envs(vars)
+        .start_in_process()
+        .await
 }
 
 pub fn config_from(vars: &[(&str, &str)]) -> Config {
@@ -201,18 +216,6 @@ where
     let addr = listener.local_addr().expect("local addr");
     tokio::spawn(warp::serve(filter).incoming(listener).run());
     addr
-}
-
-/// Polls `condition` every 10 ms for up to `limit`.
-pub async fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    condition()
 }
 
 pub fn assert_rfc3339(time: &str) {

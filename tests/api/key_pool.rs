@@ -62,8 +62,7 @@ async fn metric_becomes(app: &TestApp, series: &str, value: f64) -> bool {
 
 async fn metric_at_becomes(metrics_url: &str, series: &str, value: f64) -> bool {
     let client = reqwest::Client::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
+    eventually(Duration::from_secs(5), async || {
         let text = client
             .get(metrics_url)
             .bearer_auth(ADMIN_TOKEN)
@@ -76,14 +75,9 @@ async fn metric_at_becomes(metrics_url: &str, series: &str, value: f64) -> bool 
         let read = text
             .lines()
             .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok());
-        if read == Some(value) {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        read == Some(value)
+    })
+    .await
 }
 
 fn disabled(position: u32) -> String {
@@ -550,9 +544,7 @@ async fn every_key_of_the_pool_is_masked_in_answers() {
             .body(format!("you sent {auth}"))
             .unwrap()
     });
-    let addr = spawn_server(echo).await;
-    let target = format!("http://{addr}");
-    let app = spawn_app(&[("TARGET_HOST", target.as_str()), ("AUTH_BEARER", POOL)]).await;
+    let app = spawn_app_before_server(echo, &[("AUTH_BEARER", POOL)]).await;
     for _ in 0..2 {
         let response = app.chat(CLIENT_TOKEN, hello()).await;
         assert_eq!(response.status(), 400);

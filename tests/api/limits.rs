@@ -66,8 +66,9 @@ async fn a_chunked_body_over_the_limit_is_413_and_never_completes_upstream() {
     // The body is streamed, so the upstream has begun the request; what must not happen is
     // that it gets all of it. Once it has given up on the request, it can no longer.
     assert!(
-        eventually(Duration::from_secs(5), || app.upstream.requests_abandoned()
-            == 1)
+        eventually(Duration::from_secs(5), async || {
+            app.upstream.requests_abandoned() == 1
+        })
         .await,
         "the upstream was not left with a cut-off request: started {}, answered {}",
         app.upstream.requests_started(),
@@ -128,7 +129,7 @@ async fn beyond_max_concurrent_requests_callers_get_503_at_once() {
     // gauge reads zero, the next request cannot find the proxy full.
     let in_flight = || app.state.metrics.requests_in_flight().get();
     assert!(
-        eventually(Duration::from_secs(5), || in_flight() == 0).await,
+        eventually(Duration::from_secs(5), async || in_flight() == 0).await,
         "still {} in flight",
         in_flight()
     );

@@ -43,14 +43,14 @@ async fn scrape_until(
     app: &TestApp,
     check: impl Fn(&HashMap<String, f64>) -> bool,
 ) -> HashMap<String, f64> {
-    for _ in 0..100 {
-        let sample = scrape(app).await;
-        if check(&sample) {
-            return sample;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let sample = eventually(Duration::from_secs(2), async || {
+        Some(scrape(app).await).filter(|sample| check(sample))
+    })
+    .await;
+    match sample {
+        Some(sample) => sample,
+        None => scrape(app).await,
     }
-    scrape(app).await
 }
 
 #[tokio::test]
@@ -276,7 +276,7 @@ async fn health_endpoints_need_no_token_and_readiness_ends_with_the_drain() {
     let stream = app.stream_chat(10, 100).send().await.unwrap();
     let routes = llm_proxy::routes(app.state.clone());
     let server = app.begin_shutdown();
-    assert!(eventually(Duration::from_secs(2), || app.state.is_draining()).await);
+    assert!(eventually(Duration::from_secs(2), async || app.state.is_draining()).await);
     let ready = warp::test::request().path("/readyz").reply(&routes).await;
     assert_eq!(ready.status(), 503);
     assert_eq!(

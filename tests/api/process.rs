@@ -1,27 +1,20 @@
 //! The real binary: configuration errors, signals and what ends up in its logs.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use futures::StreamExt;
 use mock_upstream::MockUpstream;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::helpers::*;
 
-pub const BINARY: &str = env!("CARGO_BIN_EXE_llm-proxy");
+// The harness that starts the binary lives with the other helpers; these names stay here too.
+pub use crate::helpers::{RunningProxy, drain};
 
 /// Runs the binary in an empty directory (no `.env` files) with only `vars` set.
 pub fn run_with(vars: &[(&str, &str)]) -> std::process::Output {
     let dir = std::env::temp_dir().join(format!("llm-proxy-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    Command::new(BINARY)
-        .env_clear()
-        .envs(vars.iter().copied())
-        .current_dir(&dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("binary runs")
+    Proxy::new().envs(vars).in_dir(&dir).run(&[])
 }
 
 #[test]
@@ -64,14 +57,7 @@ fn env_files_are_read_and_the_environment_wins() {
     )
     .unwrap();
     std::fs::write(dir.join(".env.local"), "PROXY_PORT=eighty\n").unwrap();
-    let run = |vars: &[(&str, &str)]| {
-        Command::new(BINARY)
-            .env_clear()
-            .envs(vars.iter().copied())
-            .current_dir(&dir)
-            .output()
-            .unwrap()
-    };
+    let run = |vars: &[(&str, &str)]| Proxy::new().envs(vars).in_dir(&dir).run(&[]);
     let output = run(&[]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -96,15 +82,7 @@ fn log_format_in_a_dotenv_file_shapes_the_start_up_error_and_healthcheck() {
         "LOG_FORMAT=json\nAUTH_BEARER=sk-in-dotenv\nPROXY_PORT=eighty\n",
     )
     .unwrap();
-    let run = |args: &[&str]| {
-        Command::new(BINARY)
-            .args(args)
-            .env_clear()
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| Proxy::new().in_dir(&dir).run(args);
 
     let failed = run(&[]);
     assert_eq!(failed.status.code(), Some(2));
@@ -136,51 +114,8 @@ fn log_format_in_a_dotenv_file_shapes_the_start_up_error_and_healthcheck() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-pub struct RunningProxy {
-    pub child: tokio::process::Child,
-    pub port: u16,
-    /// Where it listens, as its log says.
-    pub addr: std::net::SocketAddr,
-    /// The lines up to and including "listening on".
-    pub startup_log: String,
-    pub log: tokio::sync::mpsc::UnboundedReceiver<String>,
-}
-
-impl RunningProxy {
-    pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    /// The `usage` of client `name` in `/admin/clients` (read with `ADMIN_TOKEN`); null when the
-    /// client is not listed.
-    pub async fn admin_usage(&self, name: &str) -> serde_json::Value {
-        let listed: serde_json::Value = reqwest::Client::new()
-            .get(self.url("/admin/clients"))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        listed["clients"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|client| client["name"] == name)
-            .map(|client| client["usage"].clone())
-            .unwrap_or_default()
-    }
-
-    pub fn terminate(&self) {
-        let pid = self.child.id().unwrap().to_string();
-        let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(killed.success());
-    }
-}
-
 /// The binary in front of a fresh mock upstream with the test key, `extra` on top; the mock
-/// comes back too, since it stops when dropped.
+/// comes back too, for the test to see what reached it.
 pub async fn start_binary_with_mock(extra: &[(&str, &str)]) -> (MockUpstream, RunningProxy) {
     let upstream = MockUpstream::start().await;
     let target = upstream.base_url();
@@ -195,79 +130,12 @@ pub async fn start_binary_with_mock(extra: &[(&str, &str)]) -> (MockUpstream, Ru
 
 /// The binary on an ephemeral port with only `vars` set, its log lines collected.
 pub async fn start_binary(vars: &[(&str, &str)]) -> RunningProxy {
-    start_command(tokio::process::Command::new(BINARY), vars).await
+    Proxy::new().envs(vars).start_binary().await
 }
 
 /// The binary with only `vars` set, run in `dir` (where it reads `.env` files), once it listens.
 pub async fn start_binary_in(dir: &std::path::Path, vars: &[(&str, &str)]) -> RunningProxy {
-    start_command_in(tokio::process::Command::new(BINARY), dir, vars).await
-}
-
-/// `command` (the binary, perhaps with limits set for it) in a clean environment with
-/// `PROXY_PORT=0` and then `vars`; resolves once it listens.
-pub async fn start_command(
-    command: tokio::process::Command,
-    vars: &[(&str, &str)],
-) -> RunningProxy {
-    start_command_in(command, &std::env::temp_dir(), vars).await
-}
-
-async fn start_command_in(
-    mut command: tokio::process::Command,
-    dir: &std::path::Path,
-    vars: &[(&str, &str)],
-) -> RunningProxy {
-    let mut child = command
-        .env_clear()
-        .env("PROXY_PORT", "0")
-        .envs(vars.iter().copied())
-        .current_dir(dir)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let (sender, mut log) = tokio::sync::mpsc::unbounded_channel();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            let _ = sender.send(line);
-        }
-    });
-    let mut startup_log = String::new();
-    let addr: std::net::SocketAddr = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let line = log.recv().await.expect("the proxy exited before listening");
-            startup_log.push_str(&line);
-            startup_log.push('\n');
-            if let Some((_, rest)) = line.split_once("listening on ") {
-                // The address ends where the line, a JSON string or a colour code does.
-                let address: String = rest
-                    .chars()
-                    .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'))
-                    .collect();
-                return address.parse().unwrap();
-            }
-        }
-    })
-    .await
-    .expect("the proxy did not start listening");
-    RunningProxy {
-        child,
-        port: addr.port(),
-        addr,
-        startup_log,
-        log,
-    }
-}
-
-pub fn drain(log: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
-    let mut all = String::new();
-    while let Ok(line) = log.try_recv() {
-        all.push_str(&line);
-        all.push('\n');
-    }
-    all
+    Proxy::new().envs(vars).in_dir(dir).start_binary().await
 }
 
 #[tokio::test]
@@ -287,9 +155,7 @@ async fn sigterm_lets_a_running_stream_finish_then_exits_zero() {
     let mut body = response.bytes_stream();
     let mut all = body.next().await.unwrap().unwrap().to_vec();
 
-    let pid = proxy.child.id().unwrap().to_string();
-    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(killed.success());
+    proxy.terminate();
 
     while let Some(chunk) = body.next().await {
         all.extend_from_slice(&chunk.expect("stream cut by SIGTERM"));
@@ -396,8 +262,7 @@ async fn every_log_line_is_json_with_log_format_json() {
         .unwrap();
     assert_eq!(rejected.status(), 401);
 
-    let pid = proxy.child.id().unwrap().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    proxy.terminate();
     proxy.child.wait().await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let log = drain(&mut proxy.log);

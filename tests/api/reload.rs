@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -20,34 +19,45 @@ use crate::process::{drain, start_binary_in};
 const ALICE: &str = "[clients.alice]\ntoken = \"tok-alice\"\ntokens_per_minute = 100000\n";
 const BOB: &str = "[clients.bob]\ntoken = \"tok-bob\"\n";
 
+/// A reloader of `app` that reads `vars` where `main`'s reads the environment and `.env` files.
+fn reloader(app: &TestApp, vars: &[(&str, &str)]) -> Reloader {
+    let vars: HashMap<String, String> = vars
+        .iter()
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect();
+    Reloader::new(app.state.reloadable(), Arc::new(move || Ok(vars.clone())))
+}
+
 /// The proxy with `file` as its clients file and a reloader watching it, as `main` runs one.
 async fn spawn_reloading(file: &Path) -> TestApp {
-    let app = spawn_app(&[("CLIENTS_FILE", file.to_str().unwrap())]).await;
-    let vars: HashMap<String, String> = [
-        ("TARGET_HOST", app.upstream.base_url()),
-        ("AUTH_BEARER", UPSTREAM_KEY.to_string()),
-        ("ALLOWED_TOKENS", CLIENT_TOKEN.to_string()),
-        ("ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
-        ("CLIENTS_FILE", file.to_str().unwrap().to_string()),
-    ]
-    .into_iter()
-    .map(|(name, value)| (name.to_string(), value))
-    .collect();
-    let source = Arc::new(move || Ok(vars.clone()));
-    tokio::spawn(Reloader::new(app.state.reloadable(), source).run());
+    let file = file.to_str().unwrap();
+    let app = spawn_app(&[("CLIENTS_FILE", file)]).await;
+    let target = app.upstream.base_url();
+    let reloader = reloader(
+        &app,
+        &[
+            ("TARGET_HOST", &target),
+            ("AUTH_BEARER", UPSTREAM_KEY),
+            ("ALLOWED_TOKENS", CLIENT_TOKEN),
+            ("ADMIN_TOKEN", ADMIN_TOKEN),
+            ("CLIENTS_FILE", file),
+        ],
+    );
+    tokio::spawn(reloader.run());
     app
 }
 
-/// Sends a chat as `token` every 20 ms until it gets `status`; how long that took.
+/// Sends a chat as `token` until it gets `status`; how long that took.
 async fn until_status(app: &TestApp, token: &str, status: u16) -> Duration {
     let started = std::time::Instant::now();
-    while started.elapsed() < Duration::from_secs(5) {
-        if app.chat(token, chat_body("gpt-mock")).await.status() == status {
-            return started.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let got = eventually(Duration::from_secs(5), async || {
+        app.chat(token, chat_body("gpt-mock")).await.status() == status
+    })
+    .await;
+    if !got {
+        panic!("{token} never got {status}");
     }
-    panic!("{token} never got {status}");
+    started.elapsed()
 }
 
 fn stream_as(app: &TestApp, token: &str) -> reqwest::RequestBuilder {
@@ -137,14 +147,10 @@ async fn a_broken_file_is_rejected_whole_and_counted() {
     )
     .unwrap();
     let failed = "llm_proxy_config_reloads_total{result=\"failed\"} 1";
-    let mut seen = false;
-    for _ in 0..200 {
-        if metrics(&app).await.contains(failed) {
-            seen = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let seen = eventually(Duration::from_secs(3), async || {
+        metrics(&app).await.contains(failed)
+    })
+    .await;
     assert!(seen, "{}", metrics(&app).await);
     assert_eq!(
         app.chat("tok-alice", chat_body("gpt-mock")).await.status(),
@@ -179,17 +185,17 @@ async fn sighup_reloads_the_tokens_while_a_removed_clients_stream_runs_to_its_en
         ],
     )
     .await;
-    let base = format!("http://127.0.0.1:{}", proxy.port);
+    let url = proxy.url("/v1/chat/completions");
     let client = reqwest::Client::new();
     let chat = |token: &'static str| {
         client
-            .post(format!("{base}/v1/chat/completions"))
+            .post(&url)
             .bearer_auth(token)
             .json(&chat_body("gpt-mock"))
             .send()
     };
     let running = client
-        .post(format!("{base}/v1/chat/completions"))
+        .post(&url)
         .bearer_auth("tok-carol")
         .header("x-mock-chunks", "20")
         .header("x-mock-interval-ms", "50")
@@ -201,27 +207,9 @@ async fn sighup_reloads_the_tokens_while_a_removed_clients_stream_runs_to_its_en
     let mut body = running.bytes_stream();
     let mut streamed = body.next().await.unwrap().unwrap().to_vec();
 
-    let pid = proxy.child.id().unwrap().to_string();
-    let hangup = || {
-        assert!(
-            Command::new("kill")
-                .args(["-HUP", &pid])
-                .status()
-                .unwrap()
-                .success()
-        )
-    };
-    async fn line_with(proxy: &mut crate::process::RunningProxy, wanted: &[&str]) -> String {
-        let found = tokio::time::timeout(Duration::from_secs(2), async {
-            loop {
-                let line = proxy.log.recv().await.expect("the proxy exited on SIGHUP");
-                if wanted.iter().all(|part| line.contains(part)) {
-                    return line;
-                }
-            }
-        })
-        .await;
-        found.unwrap_or_else(|_| panic!("no line with {wanted:?}: {}", drain(&mut proxy.log)))
+    async fn line_with(proxy: &mut RunningProxy, wanted: &[&str]) -> String {
+        let found = proxy.log_line_with(wanted, Duration::from_secs(2)).await;
+        found.unwrap_or_else(|| panic!("no line with {wanted:?}: {}", drain(&mut proxy.log)))
     }
 
     // A bad .env is rejected whole: carol keeps her access, and the error names the problem.
@@ -230,14 +218,14 @@ async fn sighup_reloads_the_tokens_while_a_removed_clients_stream_runs_to_its_en
         "ALLOWED_TOKENS=dave:tok-dave\nLOG_LEVEL=loud\n",
     )
     .unwrap();
-    hangup();
+    proxy.signal("-HUP");
     let rejected = line_with(&mut proxy, &["reload (SIGHUP) rejected", "LOG_LEVEL"]).await;
     assert!(!rejected.contains("tok-dave"), "{rejected}");
     assert_eq!(chat("tok-carol").await.unwrap().status(), 200);
     assert_eq!(chat("tok-dave").await.unwrap().status(), 401);
 
     std::fs::write(dir.join(".env"), "ALLOWED_TOKENS=dave:tok-dave\n").unwrap();
-    hangup();
+    proxy.signal("-HUP");
     line_with(&mut proxy, &["reloaded (SIGHUP): 1 clients"]).await;
 
     assert_eq!(chat("tok-carol").await.unwrap().status(), 401);
@@ -251,7 +239,7 @@ async fn sighup_reloads_the_tokens_while_a_removed_clients_stream_runs_to_its_en
         "SIGHUP never ends the process"
     );
 
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    proxy.terminate();
     let status = proxy.child.wait().await.unwrap();
     assert!(status.success(), "{status}");
 }
@@ -262,19 +250,17 @@ async fn a_new_clients_file_path_waits_for_a_restart_while_the_rest_reloads() {
     std::fs::write(dir.join("first.toml"), ALICE).unwrap();
     std::fs::write(dir.join("second.toml"), BOB).unwrap();
     let app = spawn_app(&[("CLIENTS_FILE", dir.join("first.toml").to_str().unwrap())]).await;
-    let vars: HashMap<String, String> = [
-        ("TARGET_HOST", app.upstream.base_url()),
-        ("AUTH_BEARER", UPSTREAM_KEY.to_string()),
-        ("ALLOWED_TOKENS", "erin:tok-erin".to_string()),
-        (
-            "CLIENTS_FILE",
-            dir.join("second.toml").display().to_string(),
-        ),
-    ]
-    .into_iter()
-    .map(|(name, value)| (name.to_string(), value))
-    .collect();
-    let mut reloader = Reloader::new(app.state.reloadable(), Arc::new(move || Ok(vars.clone())));
+    let target = app.upstream.base_url();
+    let second = dir.join("second.toml").display().to_string();
+    let mut reloader = reloader(
+        &app,
+        &[
+            ("TARGET_HOST", &target),
+            ("AUTH_BEARER", UPSTREAM_KEY),
+            ("ALLOWED_TOKENS", "erin:tok-erin"),
+            ("CLIENTS_FILE", &second),
+        ],
+    );
     assert!(reloader.reload("test"));
     // ALLOWED_TOKENS changed; the clients still come from the file being watched.
     assert_eq!(
@@ -337,17 +323,16 @@ async fn a_reload_keeps_the_upstream_connections_warm() {
         "[clients.alice]\ntoken = \"tok-alice\"\nrequests_per_minute = 1\n",
     )
     .unwrap();
-    let vars: HashMap<String, String> = [
-        ("TARGET_HOST", relay.clone()),
-        ("AUTH_BEARER", UPSTREAM_KEY.to_string()),
-        ("ALLOWED_TOKENS", CLIENT_TOKEN.to_string()),
-        ("ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
-        ("CLIENTS_FILE", file.to_str().unwrap().to_string()),
-    ]
-    .into_iter()
-    .map(|(name, value)| (name.to_string(), value))
-    .collect();
-    let mut reloader = Reloader::new(app.state.reloadable(), Arc::new(move || Ok(vars.clone())));
+    let mut reloader = reloader(
+        &app,
+        &[
+            ("TARGET_HOST", &relay),
+            ("AUTH_BEARER", UPSTREAM_KEY),
+            ("ALLOWED_TOKENS", CLIENT_TOKEN),
+            ("ADMIN_TOKEN", ADMIN_TOKEN),
+            ("CLIENTS_FILE", file.to_str().unwrap()),
+        ],
+    );
     assert!(reloader.reload("test"));
     assert_eq!(
         app.chat("tok-alice", chat_body("gpt-mock")).await.status(),

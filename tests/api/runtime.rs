@@ -1,7 +1,6 @@
 //! The binary in production: its command line, listen addresses, open-file limits, start-up
 //! warnings, and the access line of a WebSocket tunnel.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -9,19 +8,10 @@ use mock_upstream::MockUpstream;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::helpers::*;
-use crate::process::{
-    BINARY, RunningProxy, drain, run_with, start_binary, start_binary_with_mock, start_command,
-};
+use crate::process::{run_with, start_binary, start_binary_with_mock};
 
 fn run_args(args: &[&str], vars: &[(&str, &str)]) -> std::process::Output {
-    Command::new(BINARY)
-        .args(args)
-        .env_clear()
-        .envs(vars.iter().copied())
-        .current_dir(std::env::temp_dir())
-        .stdin(Stdio::null())
-        .output()
-        .expect("binary runs")
+    Proxy::new().envs(vars).run(args)
 }
 
 #[test]
@@ -145,15 +135,11 @@ async fn each_listen_address_takes_exactly_its_own_families() {
 
 /// The binary with its open-file limits set to `soft`/`hard` before it runs.
 async fn start_with_file_limit(soft: u64, hard: u64, vars: &[(&str, &str)]) -> RunningProxy {
-    let mut command = tokio::process::Command::new(BINARY);
-    // SAFETY: setrlimit is async-signal-safe and touches nothing shared with the parent.
-    unsafe {
-        command.pre_exec(move || {
-            rlimit::setrlimit(rlimit::Resource::NOFILE, soft, hard)?;
-            Ok(())
-        });
-    }
-    start_command(command, vars).await
+    Proxy::new()
+        .envs(vars)
+        .file_limit(soft, hard)
+        .start_binary()
+        .await
 }
 
 /// Streams `count` chats at once through `proxy`, each held open about two seconds by the mock;
@@ -324,16 +310,10 @@ async fn a_tunnel_gets_one_access_line_with_its_bytes_each_way() {
     socket.close(None).await.unwrap();
     while socket.next().await.is_some() {}
 
-    let line = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let line = proxy.log.recv().await.expect("the proxy is running");
-            if line.contains("GET /v1/realtime status=101") {
-                return line;
-            }
-        }
-    })
-    .await
-    .expect("an access line for the tunnel");
+    let line = proxy
+        .log_line_with(&["GET /v1/realtime status=101"], Duration::from_secs(5))
+        .await
+        .expect("an access line for the tunnel");
     let field = |name: &str| -> u64 {
         let (_, rest) = line.split_once(&format!("{name}=")).unwrap();
         rest.split(' ').next().unwrap().parse().unwrap()

@@ -12,7 +12,6 @@ use serde_json::Value;
 
 use crate::clients::{chat_body, scratch_dir};
 use crate::helpers::*;
-use crate::process::{RunningProxy, start_binary};
 use crate::redis_server::RedisServer;
 
 const TIMEOUT_MS: u64 = 250;
@@ -25,19 +24,16 @@ async fn replica(
     clients: &std::path::Path,
     extra: &[(&str, &str)],
 ) -> RunningProxy {
-    let target = upstream.base_url();
-    let url = redis.url();
-    let timeout = TIMEOUT_MS.to_string();
-    let mut vars = vec![
-        ("TARGET_HOST", target.as_str()),
-        ("AUTH_BEARER", UPSTREAM_KEY),
-        ("ADMIN_TOKEN", ADMIN_TOKEN),
-        ("CLIENTS_FILE", clients.to_str().unwrap()),
-        ("REDIS_URL", url.as_str()),
-        ("REDIS_TIMEOUT_MS", timeout.as_str()),
-    ];
-    vars.extend_from_slice(extra);
-    let proxy = start_binary(&vars).await;
+    let proxy = Proxy::new()
+        .env("TARGET_HOST", upstream.base_url())
+        .env("AUTH_BEARER", UPSTREAM_KEY)
+        .env("ADMIN_TOKEN", ADMIN_TOKEN)
+        .clients_file(clients)
+        .env("REDIS_URL", redis.url())
+        .env("REDIS_TIMEOUT_MS", TIMEOUT_MS.to_string())
+        .envs(extra)
+        .start_binary()
+        .await;
     assert!(
         proxy.startup_log.contains("shared state mode: shared"),
         "{}",
@@ -114,22 +110,6 @@ async fn readyz_limits(proxy: &RunningProxy) -> Value {
         .await
         .unwrap();
     body["limits"].clone()
-}
-
-/// Polls `check` every 50 ms until it holds; how long that took, or `None` after `limit`.
-async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> Option<Duration>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while started.elapsed() < limit {
-        if check().await {
-            return Some(started.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    None
 }
 
 #[tokio::test]
@@ -222,20 +202,24 @@ async fn a_concurrency_limit_and_a_daily_budget_hold_across_replicas() {
     }
     drop(stream);
     // Once the stream has ended (and A's settlement reached Redis), B is admitted.
-    wait_until(Duration::from_secs(5), || async {
-        chat(&b).await.status() == 200
-    })
-    .await
-    .expect("B is admitted once A's stream has ended");
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            chat(&b).await.status() == 200
+        })
+        .await,
+        "B is admitted once A's stream has ended"
+    );
 
     // A chat uses 13 tokens (7 prompt, 6 completion) of bob's 20 a day, charged on A; the
     // budget is shared, so B refuses the next one.
     assert_eq!(chat_as(&a, "tok-bob").await.status(), 200);
-    wait_until(Duration::from_secs(5), || async {
-        usage_of(&b, "bob").await["tokens_today"] == 13
-    })
-    .await
-    .expect("B sees the tokens A charged");
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            usage_of(&b, "bob").await["tokens_today"] == 13
+        })
+        .await,
+        "B sees the tokens A charged"
+    );
     let refused = chat_as(&b, "tok-bob").await;
     assert_eq!(refused.status(), 429);
     let retry: u64 = header(&refused, "retry-after").parse().unwrap();
@@ -268,17 +252,21 @@ async fn without_redis_each_replica_enforces_its_share_and_the_outage_charges_re
     let b = replica(&upstream, &redis, &file, &extra).await;
     assert_eq!(chat(&a).await.status(), 200, "warm: the connection is up");
     // Its settlement is in Redis before Redis stops (else it would join the outage charges).
-    wait_until(Duration::from_secs(5), || async {
-        usage(&a).await["tokens_today"] == 13
-    })
-    .await
-    .expect("the first chat is settled in Redis");
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            usage(&a).await["tokens_today"] == 13
+        })
+        .await,
+        "the first chat is settled in Redis"
+    );
     assert_eq!(chat_as(&a, "tok-bob").await.status(), 200);
-    wait_until(Duration::from_secs(5), || async {
-        usage_of(&a, "bob").await["tokens_today"] == 13
-    })
-    .await
-    .expect("bob's chat is settled in Redis");
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            usage_of(&a, "bob").await["tokens_today"] == 13
+        })
+        .await,
+        "bob's chat is settled in Redis"
+    );
 
     redis.stop();
     // 4 a minute over 2 replicas: 2 each, decided locally, none waiting longer than the timeout.
@@ -318,22 +306,22 @@ async fn without_redis_each_replica_enforces_its_share_and_the_outage_charges_re
     // of 13 tokens each, are added to it.
     redis.restart();
     for proxy in [&a, &b] {
-        wait_until(Duration::from_secs(5), || async {
-            readyz_limits(proxy).await == "shared"
-        })
-        .await
-        .expect("shared again");
+        assert!(
+            eventually(Duration::from_secs(5), async || {
+                readyz_limits(proxy).await == "shared"
+            })
+            .await,
+            "shared again"
+        );
     }
-    wait_until(Duration::from_secs(5), || async {
-        usage(&b).await["tokens_today"] == 39
-    })
-    .await
-    .unwrap_or_else(|| {
-        panic!(
-            "the outage charges reach Redis: {}",
-            redis.command(&["HGETALL", "llm-proxy:{client:alice}:day"])
-        )
-    });
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            usage(&b).await["tokens_today"] == 39
+        })
+        .await,
+        "the outage charges reach Redis: {}",
+        redis.command(&["HGETALL", "llm-proxy:{client:alice}:day"])
+    );
     let day: String = redis.command(&["HGET", "llm-proxy:{client:alice}:day", "tokens"]);
     assert!(day.contains("39"), "{day}");
     // And the limit is shared again: the fresh Redis has the whole minute's 4.
@@ -373,11 +361,14 @@ async fn a_replica_killed_mid_stream_does_not_hold_its_slot_past_the_expiry() {
     a.child.start_kill().unwrap();
     let _ = a.child.wait().await;
     let killed = Instant::now();
-    let took = wait_until(Duration::from_secs(10), || async {
-        chat(&b).await.status() == 200
-    })
-    .await
-    .expect("the dead replica's slot expires");
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            chat(&b).await.status() == 200
+        })
+        .await,
+        "the dead replica's slot expires"
+    );
+    let took = killed.elapsed();
     assert!(
         killed.elapsed() < Duration::from_millis(SHORT_SLOT_TTL_MS + 2000),
         "freed {took:?} after the kill"
@@ -457,11 +448,10 @@ async fn the_redis_limiter_decides_as_the_in_process_one_does() {
     // Settled at 50 tokens: the 750 refunded make room for 300 more.
     limiter.settle("b", &both, charge, 50);
     assert!(
-        wait_until(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(5), async || {
             limiter.usage("b").await.in_flight == 0
         })
         .await
-        .is_some()
     );
     let (_, standing) = limiter.acquire("b", &both, 300).await.unwrap();
     let tokens = standing.tokens.unwrap().remaining;
@@ -521,8 +511,8 @@ async fn a_caller_that_leaves_during_its_decision_does_not_keep_the_slot() {
     );
     let slots = || redis.command(&["ZCARD", "llm-proxy:{client:alice}:slots"]);
     // The warm request's slot is given back in the background: gone before the test begins.
-    let settled = wait_until(Duration::from_secs(3), || async { slots() == ":0\r\n" }).await;
-    assert!(settled.is_some(), "the warm request settled");
+    let settled = eventually(Duration::from_secs(3), async || slots() == ":0\r\n").await;
+    assert!(settled, "the warm request settled");
 
     redis.signal("-STOP");
     let body = serde_json::to_string(&chat_body("gpt-mock")).unwrap();
@@ -541,16 +531,17 @@ async fn a_caller_that_leaves_during_its_decision_does_not_keep_the_slot() {
     // The caller has left (the socket is dropped); the script it sent runs once Redis thaws
     // and takes the slot in Redis, which nobody must go on refreshing.
     redis.signal("-CONT");
-    let landed = wait_until(Duration::from_secs(3), || async { slots() == ":1\r\n" }).await;
+    let landed = eventually(Duration::from_secs(3), async || slots() == ":1\r\n").await;
+    assert!(landed, "the abandoned decision took its slot in Redis");
+    let started = Instant::now();
     assert!(
-        landed.is_some(),
-        "the abandoned decision took its slot in Redis"
+        eventually(Duration::from_secs(10), async || {
+            chat(&proxy).await.status() == 200
+        })
+        .await,
+        "the abandoned slot expires"
     );
-    let freed = wait_until(Duration::from_secs(10), || async {
-        chat(&proxy).await.status() == 200
-    })
-    .await
-    .expect("the abandoned slot expires");
+    let freed = started.elapsed();
     assert!(
         freed < Duration::from_millis(SHORT_SLOT_TTL_MS + 3000),
         "freed after {freed:?}"
@@ -617,11 +608,11 @@ async fn a_settlement_rides_with_the_next_decision_or_follows_alone_within_the_d
     // No next decision: the settlement goes alone once the delay has passed.
     let (charge, _) = limiter.acquire("bob", &limits, 100).await.unwrap();
     limiter.settle("bob", &limits, charge, 40);
-    let settled = wait_until(Duration::from_secs(5), || async {
+    let settled = eventually(Duration::from_secs(5), async || {
         limiter.usage("bob").await.in_flight == 0
     })
     .await;
-    assert!(settled.is_some(), "the settlement never reached Redis");
+    assert!(settled, "the settlement never reached Redis");
     assert_eq!(limiter.usage("bob").await.tokens_today, 40);
 }
 

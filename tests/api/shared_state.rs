@@ -10,7 +10,7 @@ use llm_proxy::shared::{Mode, Shared, Unavailable};
 use mock_upstream::MockUpstream;
 
 use crate::helpers::*;
-use crate::process::{RunningProxy, drain, run_with, start_binary};
+use crate::process::{run_with, start_binary};
 use crate::redis_server::RedisServer;
 
 const KEY_1: &str = "sk-shared-key-number-one";
@@ -20,16 +20,13 @@ const KEY_3: &str = "sk-shared-key-number-three";
 const TIMEOUT_MS: u64 = 250;
 
 async fn replica(upstream: &MockUpstream, redis: &RedisServer, keys: &str) -> RunningProxy {
-    let target = upstream.base_url();
-    let url = redis.url();
-    let timeout = TIMEOUT_MS.to_string();
-    start_binary(&[
-        ("TARGET_HOST", target.as_str()),
-        ("AUTH_BEARER", keys),
-        ("REDIS_URL", url.as_str()),
-        ("REDIS_TIMEOUT_MS", timeout.as_str()),
-    ])
-    .await
+    Proxy::new()
+        .env("TARGET_HOST", upstream.base_url())
+        .env("AUTH_BEARER", keys)
+        .env("REDIS_URL", redis.url())
+        .env("REDIS_TIMEOUT_MS", TIMEOUT_MS.to_string())
+        .start_binary()
+        .await
 }
 
 async fn chat(proxy: &RunningProxy) -> (u16, Duration) {
@@ -64,14 +61,7 @@ async fn metric(proxy: &RunningProxy, series: &str) -> Option<f64> {
 
 /// Polls `/readyz` until its body says `limits` is `mode`.
 async fn wait_for_mode(proxy: &RunningProxy, mode: &str, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if readyz(proxy).await.1["limits"] == mode {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
+    eventually(limit, async || readyz(proxy).await.1["limits"] == mode).await
 }
 
 /// Polls `/metrics` until `series` has `value`; returns how long that took.
@@ -82,13 +72,8 @@ async fn wait_for_metric(
     limit: Duration,
 ) -> Option<Duration> {
     let started = Instant::now();
-    while started.elapsed() < limit {
-        if metric(proxy, series).await == Some(value) {
-            return Some(started.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    None
+    let reached = eventually(limit, async || metric(proxy, series).await == Some(value)).await;
+    reached.then(|| started.elapsed())
 }
 
 fn keys_seen(upstream: &MockUpstream) -> Vec<String> {
@@ -313,7 +298,9 @@ async fn a_frozen_redis_costs_a_call_the_timeout_once_then_nothing_until_it_answ
 
     redis.signal("-CONT");
     assert!(
-        eventually(Duration::from_secs(5), || shared.mode() == Mode::Shared).await,
+        eventually(Duration::from_secs(5), async || shared.mode()
+            == Mode::Shared)
+        .await,
         "the probe brings it back"
     );
     // 4, not 3: the call that timed out was still in Redis's socket and ran once it thawed.
@@ -379,16 +366,7 @@ async fn without_redis_url_the_state_is_local_and_readyz_says_so() {
         ready,
         serde_json::json!({"status": "ready", "limits": "local"})
     );
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     assert!(
         text.contains(r#"llm_proxy_shared_state_mode{mode="local"} 1"#),
         "{text}"

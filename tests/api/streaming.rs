@@ -94,8 +94,9 @@ async fn client_disconnect_mid_stream_cancels_the_upstream() {
     }
     drop(socket);
     assert!(
-        eventually(Duration::from_secs(3), || app.upstream.streams_cancelled()
-            == 1)
+        eventually(Duration::from_secs(3), async || {
+            app.upstream.streams_cancelled() == 1
+        })
         .await,
         "the upstream stream was not cancelled"
     );
@@ -107,15 +108,17 @@ async fn client_disconnect_before_response_headers_cancels_the_upstream_request(
     let app = spawn_app(&[]).await;
     let socket = open_raw_stream(&app, "x-mock-delay-ms: 1500\r\n").await;
     assert!(
-        eventually(Duration::from_secs(2), || app.upstream.requests_started()
-            == 1)
+        eventually(Duration::from_secs(2), async || {
+            app.upstream.requests_started() == 1
+        })
         .await
     );
     drop(socket);
     // Abandoned, not answered after its delay: the proxy hung up on the upstream as well.
     assert!(
-        eventually(Duration::from_secs(5), || app.upstream.requests_abandoned()
-            == 1)
+        eventually(Duration::from_secs(5), async || {
+            app.upstream.requests_abandoned() == 1
+        })
         .await,
         "the upstream request was not dropped: answered {}",
         app.upstream.requests_answered()

@@ -186,12 +186,9 @@ async fn messages_cross_the_tunnel_both_ways_byte_for_byte() {
         seen[0].headers
     );
     assert!(
-        eventually(Duration::from_secs(3), || app
-            .state
-            .metrics
-            .requests_in_flight()
-            .get()
-            == 0)
+        eventually(Duration::from_secs(3), async || {
+            app.state.metrics.requests_in_flight().get() == 0
+        })
         .await,
         "the tunnel's request ended with it"
     );
@@ -308,14 +305,12 @@ async fn an_open_tunnel_holds_its_place_in_max_concurrent_requests() {
     .await;
     socket.close(None).await.unwrap();
     while next_message(&mut socket).await.is_some() {}
-    let mut status = 0;
-    for _ in 0..100 {
-        status = probe().await.unwrap().status().as_u16();
-        if status != 503 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let status = eventually(Duration::from_secs(2), async || {
+        let status = probe().await.unwrap().status().as_u16();
+        (status != 503).then_some(status)
+    })
+    .await
+    .unwrap_or(503);
     assert_eq!(
         status, 404,
         "the place was given back when the tunnel closed"
@@ -435,14 +430,10 @@ async fn an_open_tunnel_holds_its_clients_concurrency_place() {
     assert_eq!(refusal_code(second), (429, "rate_limited".to_string()));
     tunnel.close(None).await.unwrap();
     while next_message(&mut tunnel).await.is_some() {}
-    let mut again = None;
-    for _ in 0..100 {
-        if let Ok(socket) = connect_to(&app, "?model=gpt-realtime").await {
-            again = Some(socket);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let again = eventually(Duration::from_secs(2), async || {
+        connect_to(&app, "?model=gpt-realtime").await.ok()
+    })
+    .await;
     assert!(
         again.is_some(),
         "the place came back when the tunnel closed"
