@@ -355,13 +355,11 @@ fn an_empty_clients_file_stops_start_up_unless_it_says_allow_empty() {
     let dir = scratch_dir("empty-clients");
     let file = dir.join("clients.toml");
     let start = || {
-        std::process::Command::new(crate::process::BINARY)
-            .env_clear()
+        Proxy::new()
             .env("AUTH_BEARER", "k")
-            .env("CLIENTS_FILE", &file)
-            .current_dir(&dir)
-            .output()
-            .unwrap()
+            .clients_file(&file)
+            .in_dir(&dir)
+            .run(&[])
     };
     for text in ["", "# nobody yet\n", "[clients]\n"] {
         std::fs::write(&file, text).unwrap();
