@@ -79,6 +79,12 @@ pub enum ProxyError {
     ModelNotAllowed,
     /// The client has a `models` list, and the proxy could not read a model from the body.
     ModelRequired,
+    /// The client has a `models` list, and the endpoint can generate without naming a model
+    /// where the proxy can read it, and is not in the client's `endpoints`.
+    EndpointNotAllowed,
+    /// The request names its model twice where the upstream reads one (a tunnel's `model` query
+    /// parameter): the proxy cannot know which one the upstream would take.
+    DuplicateModel,
     /// A rejection no route accounts for: a bug, logged where it is turned into this.
     Internal,
 }
@@ -208,6 +214,19 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST,
                 "model_required",
                 "The request body must name a model (a JSON \"model\" field or a model form field)",
+                &[],
+            ),
+            EndpointNotAllowed => row(
+                StatusCode::FORBIDDEN,
+                "endpoint_not_allowed",
+                "This client may not call this endpoint: it can generate without naming a model \
+                 the proxy can check",
+                &[],
+            ),
+            DuplicateModel => row(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "The request names its model more than once",
                 &[],
             ),
             Internal => row(
@@ -441,6 +460,8 @@ mod tests {
         ProxyError::ModelRequired,
         ProxyError::Internal,
         ProxyError::UnreadablePath,
+        ProxyError::EndpointNotAllowed,
+        ProxyError::DuplicateModel,
     ];
 
     /// No wildcard: a new variant does not compile until it has a place here, and the checks
@@ -467,6 +488,8 @@ mod tests {
             ModelRequired => 16,
             Internal => 17,
             UnreadablePath => 18,
+            EndpointNotAllowed => 19,
+            DuplicateModel => 20,
         }
     }
 
@@ -502,7 +525,7 @@ mod tests {
             ],
             NotFound | BadGateway | GatewayTimeout | PayloadTooLarge | InvalidPath
             | UnreadablePath | KeysRefused | IncompleteBody | ModelNotAllowed | ModelRequired
-            | Internal => vec![],
+            | EndpointNotAllowed | DuplicateModel | Internal => vec![],
         }
     }
 

@@ -360,7 +360,14 @@ mod tests {
             let base = Url::parse(base).unwrap();
             let known = KnownPaths::new(&base);
             for path in fixed.iter().copied().chain(["/v1/files", "/v1"]) {
-                let endpoint = crate::vocab::classify(&warp::http::Method::POST, path, true);
+                let endpoint = crate::vocab::classify(
+                    &warp::http::Method::POST,
+                    path,
+                    crate::vocab::Shape {
+                        has_body: true,
+                        upgrade: false,
+                    },
+                );
                 for query in [None, Some("a=1&b=%20"), Some("")] {
                     for added in [None, added.as_ref()] {
                         assert_eq!(

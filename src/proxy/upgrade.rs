@@ -15,11 +15,11 @@ use warp::Reply;
 use warp::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 
 use super::Upstream;
-use super::headers::{request_headers, response_headers};
+use super::headers::{has_body, request_headers, response_headers};
 use super::request::RequestBody;
 use super::response::Forwarded;
 use crate::error::ProxyError;
-use crate::vocab::Endpoint;
+use crate::vocab::{Endpoint, Shape};
 
 /// Browsers cannot set headers on a WebSocket, so Realtime clients there send their token as
 /// this subprotocol; it is read like the token header and never forwarded.
@@ -33,6 +33,14 @@ pub fn is_websocket_upgrade(method: &Method, headers: &HeaderMap) -> bool {
             .get_all(header::UPGRADE)
             .iter()
             .any(|value| value.as_bytes().eq_ignore_ascii_case(b"websocket"))
+}
+
+/// What the classification needs of a request besides its method and path.
+pub fn shape(method: &Method, headers: &HeaderMap) -> Shape {
+    Shape {
+        has_body: has_body(headers),
+        upgrade: is_websocket_upgrade(method, headers),
+    }
 }
 
 /// The token a browser client put in `Sec-WebSocket-Protocol`, if any.

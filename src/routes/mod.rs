@@ -13,7 +13,7 @@ use warp::http::Method;
 use warp::{Filter, Rejection};
 
 use crate::error::{ProxyError, handle_rejection};
-use crate::proxy::headers::has_body;
+use crate::proxy::upgrade::shape;
 use crate::state::AppState;
 use crate::vocab::{Endpoint, Route, classify};
 
@@ -51,7 +51,7 @@ fn endpoint() -> impl Filter<Extract = (Endpoint,), Error = Infallible> + Clone 
             .and(warp::path::full())
             .and(warp::header::headers_cloned())
             .map(|method, path: warp::path::FullPath, headers| {
-                classify(&method, path.as_str(), has_body(&headers))
+                classify(&method, path.as_str(), shape(&method, &headers))
             }))
         .unify()
 }

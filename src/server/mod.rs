@@ -25,8 +25,7 @@ use warp::http::{Request, Response};
 
 use crate::ops::access::{AccessRecord, RequestTap, ResponseTap, Tapped};
 use crate::ops::request_id::{PROXY_REQUEST_ID, REQUEST_ID, request_id};
-use crate::proxy::headers::has_body;
-use crate::proxy::upgrade::{PendingTunnel, TunnelHold, Tunnels, is_websocket_upgrade};
+use crate::proxy::upgrade::{PendingTunnel, TunnelHold, Tunnels, is_websocket_upgrade, shape};
 use crate::routes::routes;
 use crate::state::AppState;
 use crate::vocab::classify;
@@ -94,7 +93,7 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
             let endpoint = classify(
                 request.method(),
                 request.uri().path(),
-                has_body(request.headers()),
+                shape(request.method(), request.headers()),
             );
             let route = endpoint.route;
             request.extensions_mut().insert(endpoint);

@@ -5,5 +5,5 @@
 pub mod endpoint;
 pub mod usage;
 
-pub use endpoint::{Endpoint, Route, classify};
+pub use endpoint::{Endpoint, Model, Route, Shape, classify};
 pub use usage::Usage;
