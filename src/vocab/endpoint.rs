@@ -1,5 +1,6 @@
-//! What a request is for, decided once per request from its canonical path: its route, whether
-//! its body names a model, whether its answer reports usage, and its metrics label. Admission,
+//! What a request is for, decided once per request from its canonical path, method and shape:
+//! its route, where the model check reads its model, whether its answer reports usage, and its
+//! metrics label. Admission,
 //! the route table, the allow-list, the limits, the usage scan, the key pool's retries, the
 //! metrics and the access line all read the one [`Endpoint`] value; there is no other list of
 //! paths.
