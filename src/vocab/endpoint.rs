@@ -1,9 +1,8 @@
 //! What a request is for, decided once per request from its canonical path, method and shape:
 //! its route, where the model check reads its model, whether its answer reports usage, and its
-//! metrics label. Admission,
-//! the route table, the allow-list, the limits, the usage scan, the key pool's retries, the
-//! metrics and the access line all read the one [`Endpoint`] value; there is no other list of
-//! paths.
+//! metrics label. Admission, the route table, the allow-list, the limits, the usage scan, the key
+//! pool's retries, the metrics and the access line all read the one [`Endpoint`] value; there is
+//! no other list of paths.
 //!
 //! Paths under `/v1` are compared in their canonical form, the one upstreams route by after
 //! decoding `%XX` and folding `//` and a trailing `/`: compared as received,
