@@ -95,6 +95,12 @@ pub enum ProxyError {
     /// A client with token limits sent an output cap that is not a whole number of at least 0:
     /// the request cannot be estimated, so it cannot be charged.
     InvalidOutputCap,
+    /// The client has a `models` list, and the endpoint can generate without naming a model
+    /// where the proxy can read it, and is not in the client's `endpoints`.
+    EndpointNotAllowed,
+    /// The request names its model twice where the upstream reads one (a tunnel's `model` query
+    /// parameter): the proxy cannot know which one the upstream would take.
+    DuplicateModel,
     /// A rejection no route accounts for: a bug, logged where it is turned into this.
     Internal,
 }
@@ -288,6 +294,21 @@ impl ProxyError {
                 INVALID_REQUEST,
                 "max_tokens, max_completion_tokens and max_output_tokens must be whole numbers \
                  of at least 0",
+                &[],
+            ),
+            EndpointNotAllowed => row(
+                StatusCode::FORBIDDEN,
+                "endpoint_not_allowed",
+                PERMISSION,
+                "This client may not call this endpoint: it can generate without naming a model \
+                 the proxy can check",
+                &[],
+            ),
+            DuplicateModel => row(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                INVALID_REQUEST,
+                "The request names its model more than once",
                 &[],
             ),
             Internal => row(
@@ -592,6 +613,8 @@ mod tests {
             limit: TokenLimit::PerMinute,
         },
         ProxyError::InvalidOutputCap,
+        ProxyError::EndpointNotAllowed,
+        ProxyError::DuplicateModel,
     ];
 
     /// No wildcard: a new variant does not compile until it has a place here, and the checks
@@ -620,6 +643,8 @@ mod tests {
             UnreadablePath => 18,
             RequestExceedsLimit { .. } => 19,
             InvalidOutputCap => 20,
+            EndpointNotAllowed => 21,
+            DuplicateModel => 22,
         }
     }
 
@@ -667,6 +692,8 @@ mod tests {
             | ModelRequired
             | RequestExceedsLimit { .. }
             | InvalidOutputCap
+            | EndpointNotAllowed
+            | DuplicateModel
             | Internal => vec![],
         }
     }
@@ -776,8 +803,12 @@ mod tests {
                 answer.code
             );
             let row = &rows[candidates[0]];
-            // Two spellings of one refusal, told apart only by their message, share a row.
-            let shares_by_design = matches!(error, ProxyError::UnreadablePath);
+            // Refusals of one kind, told apart only by their message, share a row: two spellings of
+            // an unreadable path, and the two invalid requests (an output cap, a model named twice).
+            let shares_by_design = matches!(
+                error,
+                ProxyError::UnreadablePath | ProxyError::DuplicateModel
+            );
             assert!(
                 !matched[candidates[0]] || shares_by_design,
                 "{error:?} shares a README row"

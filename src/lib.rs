@@ -18,8 +18,10 @@
 //! 5. [`auth`]: after its path matched, the route checks the caller's token and learns the
 //!    caller's label; all masking of secrets lives here too.
 //! 6. [`policy`]: for a client from the clients file, the model it asks for is checked against
-//!    its list and the request is charged against its limits (an estimate first, settled from
-//!    the answer's `usage` when it ends), or refused with 429 before anything goes upstream.
+//!    its list (an endpoint that generates without naming one is refused unless the client's
+//!    `endpoints` allows it), and the request is charged against its limits (an estimate
+//!    first, settled from the answer's `usage` when it ends), or refused with 429 before
+//!    anything goes upstream.
 //! 7. [`proxy`]: the [`proxy::Upstream`] handle sends the request with a key from the pool
 //!    ([`proxy::keys`]) swapped in, on to the next key after a rate limit (a key answered 401 is
 //!    probed alone before it is taken out), and shapes the answer: headers cleaned, the body

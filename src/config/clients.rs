@@ -127,6 +127,10 @@ pub struct ClientLimits {
     pub tokens_per_day: Option<u64>,
     /// Exact names or a prefix ending in `*`; `None`: every model.
     pub models: Option<Vec<String>>,
+    /// With `models`: the endpoints that generate without naming a model where the proxy can
+    /// read it (batches, eval runs, ...) which the client may call all the same, as canonical
+    /// `/v1/...` paths, exact or a prefix ending in `*`; `None`: none of them.
+    pub endpoints: Option<Vec<String>>,
     pub expires_at: Option<SystemTime>,
     pub disabled: bool,
 }
@@ -156,6 +160,18 @@ impl ClientLimits {
                 .any(|pattern| match pattern.strip_suffix('*') {
                     Some(prefix) => model.starts_with(prefix),
                     None => model == pattern,
+                })
+        })
+    }
+
+    /// Whether `path` (canonical) is one of the `endpoints` the client may call.
+    pub fn allows_endpoint(&self, path: &str) -> bool {
+        self.endpoints.as_ref().is_some_and(|patterns| {
+            patterns
+                .iter()
+                .any(|pattern| match pattern.strip_suffix('*') {
+                    Some(prefix) => path.starts_with(prefix),
+                    None => path == pattern,
                 })
         })
     }
@@ -209,6 +225,8 @@ struct Entry {
     tokens_per_day: Option<u64>,
     #[serde(default, deserialize_with = "models")]
     models: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "endpoints")]
+    endpoints: Option<Vec<String>>,
     #[serde(default, deserialize_with = "date_time")]
     expires_at: Option<SystemTime>,
     #[serde(default, deserialize_with = "boolean")]
@@ -288,6 +306,13 @@ fn parse_client(name: &str, entry: toml::Value) -> Result<Client, String> {
         }
         (None, None) => return Err(format!("{at}.token: is required (or token_sha256)")),
     };
+    if entry.endpoints.is_some() && entry.models.is_none() {
+        // Without a model list every endpoint is open to the client: a list of endpoints alone
+        // would read as a restriction that is not one.
+        return Err(format!(
+            "{at}.endpoints: is for a client with a models list (without one, every endpoint is open)"
+        ));
+    }
     Ok(Client {
         name: Arc::from(name),
         digest,
@@ -298,6 +323,7 @@ fn parse_client(name: &str, entry: toml::Value) -> Result<Client, String> {
             max_concurrent_requests: entry.max_concurrent_requests,
             tokens_per_day: entry.tokens_per_day,
             models: entry.models,
+            endpoints: entry.endpoints,
             expires_at: entry.expires_at,
             disabled: entry.disabled,
         },
@@ -359,6 +385,55 @@ fn models<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Vec<Strin
         .map(Some)
 }
 
+/// Canonical `/v1` paths, as the proxy compares them (no `%` escape, no empty, `.` or `..`
+/// segment, no trailing `/`), each exact or a prefix ending in one `*`.
+fn endpoints<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Vec<String>>, D::Error> {
+    let accepted = || {
+        D::Error::custom(
+            "must be a list of paths under /v1 as the proxy compares them (no %, no //, no . or \
+             .. segment, no trailing /), each exact or ending in one *, such as \"/v1/batches*\"",
+        )
+    };
+    let value = value(deserializer)?;
+    let list = value.as_array().ok_or_else(accepted)?;
+    list.iter()
+        .map(|item| {
+            item.as_str()
+                .filter(|pattern| is_endpoint_pattern(pattern))
+                .map(str::to_string)
+                .ok_or_else(accepted)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+fn is_endpoint_pattern(pattern: &str) -> bool {
+    let (path, prefix) = match pattern.strip_suffix('*') {
+        Some(path) => (path, true),
+        None => (pattern, false),
+    };
+    let Some(rest) = path
+        .strip_prefix("/v1")
+        .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+    else {
+        return false;
+    };
+    let segments: Vec<&str> = rest.split('/').skip(1).collect();
+    let (last, inner) = match segments.split_last() {
+        Some((last, inner)) => (*last, inner),
+        None => ("v1", &[][..]),
+    };
+    // The last segment may be empty only before a `*` (`/v1/threads/*`).
+    (!last.is_empty() || prefix)
+        && inner.iter().all(|segment| !segment.is_empty())
+        && segments
+            .iter()
+            .all(|segment| !matches!(*segment, "." | ".."))
+        && path
+            .bytes()
+            .all(|byte| byte.is_ascii_graphic() && !b"%*?#\\".contains(&byte))
+}
+
 /// A TOML offset date-time (or a string) in UTC, such as `2027-01-01T00:00:00Z`.
 fn date_time<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<SystemTime>, D::Error> {
     let text = match value(deserializer)? {
@@ -395,6 +470,7 @@ mod tests {
         max_concurrent_requests = 4
         tokens_per_day = 2000000
         models = ["gpt-4o-mini", "gpt-4o-*"]
+        endpoints = ["/v1/batches*", "/v1/evals/eval_1/runs"]
         expires_at = 2027-01-01T00:00:00Z
         disabled = false
 
@@ -417,6 +493,11 @@ mod tests {
         assert!(alice.limits.allows_model("gpt-4o-mini"));
         assert!(alice.limits.allows_model("gpt-4o-2024-08-06"));
         assert!(!alice.limits.allows_model("gpt-4"));
+        assert!(alice.limits.allows_endpoint("/v1/batches"));
+        assert!(alice.limits.allows_endpoint("/v1/batches/batch_1/cancel"));
+        assert!(alice.limits.allows_endpoint("/v1/evals/eval_1/runs"));
+        assert!(!alice.limits.allows_endpoint("/v1/evals/eval_2/runs"));
+        assert!(!alice.limits.allows_endpoint("/v1/evals/eval_1/runs/run_1"));
         assert_eq!(
             alice.limits.expires_at,
             Some(humantime::parse_rfc3339("2027-01-01T00:00:00Z").unwrap())
@@ -425,6 +506,7 @@ mod tests {
         assert_eq!(bob.digest, digest(b"123456"));
         assert!(bob.token.is_none());
         assert!(bob.limits.allows_model("anything"));
+        assert!(!bob.limits.allows_endpoint("/v1/batches"));
         assert!(!bob.limits.is_limited());
     }
 
@@ -503,6 +585,52 @@ mod tests {
         assert!(
             misplaced.starts_with("clients.a.allow_empty: unknown field"),
             "{misplaced}"
+        );
+    }
+
+    #[test]
+    fn endpoints_are_canonical_v1_paths_for_a_client_with_a_model_list() {
+        let with = |endpoints: &str| {
+            parse(&format!(
+                "[clients.a]\ntoken=\"t\"\nmodels=[\"m\"]\nendpoints={endpoints}"
+            ))
+        };
+        for good in [
+            r#"["/v1/batches"]"#,
+            r#"["/v1/batches*"]"#,
+            r#"["/v1/threads/*"]"#,
+            r#"["/v1*", "/v1"]"#,
+            "[]",
+        ] {
+            assert!(with(good).is_ok(), "{good}: {:?}", with(good).err());
+        }
+        for bad in [
+            r#""/v1/batches""#,
+            r#"["v1/batches"]"#,
+            r#"["/v2/batches"]"#,
+            r#"["/v1x"]"#,
+            r#"["/v1/batches/"]"#,
+            r#"["/v1//batches"]"#,
+            r#"["/v1/%62atches"]"#,
+            r#"["/v1/../admin*"]"#,
+            r#"["/v1/./batches"]"#,
+            r#"["/v1/*/runs"]"#,
+            r#"["/v1/batches**"]"#,
+            r#"["/v1/batches?x=1"]"#,
+            r#"["/v1/bat ches"]"#,
+            r#"[""]"#,
+            "[5]",
+        ] {
+            let message = with(bad).expect_err(bad);
+            assert!(
+                message.starts_with("clients.a.endpoints: must be"),
+                "{bad}: {message}"
+            );
+        }
+        let alone = error("[clients.a]\ntoken=\"t\"\nendpoints=[\"/v1/batches\"]");
+        assert!(
+            alone.starts_with("clients.a.endpoints: is for a client with a models list"),
+            "{alone}"
         );
     }
 

@@ -17,6 +17,10 @@ pub enum Reason {
     Budget,
     Model,
     ModelRequired,
+    /// An endpoint that generates without a readable model, outside the client's `endpoints`.
+    Endpoint,
+    /// A model named twice where one is read.
+    DuplicateModel,
 }
 
 impl Reason {
@@ -28,6 +32,8 @@ impl Reason {
             Reason::Budget => "tokens_per_day",
             Reason::Model => "model_not_allowed",
             Reason::ModelRequired => "model_required",
+            Reason::Endpoint => "endpoint_not_allowed",
+            Reason::DuplicateModel => "invalid_request",
         }
     }
 }

@@ -53,15 +53,26 @@ impl Policy {
         self.0.error_format
     }
 
-    /// The model check: `Ok` when the client may use `model` (or has no list).
-    pub fn check_model(&self, client: &Client, model: Option<&str>) -> Result<(), ProxyError> {
-        if client.limits.models.is_none() {
+    /// The model check: `Ok` when the client may make the request (or has no list).
+    pub fn check_model(&self, client: &Client, asked: Asked<'_>) -> Result<(), ProxyError> {
+        let limits = &client.limits;
+        if limits.models.is_none() {
             return Ok(());
         }
-        let (error, reason) = match model {
-            None => (ProxyError::ModelRequired, Reason::ModelRequired),
-            Some(model) if client.limits.allows_model(model) => return Ok(()),
-            Some(_) => (ProxyError::ModelNotAllowed, Reason::Model),
+        let refused = |model: &str| !limits.allows_model(model);
+        let (error, reason) = match asked {
+            Asked::Nothing => return Ok(()),
+            Asked::Model { model: None, .. } => (ProxyError::ModelRequired, Reason::ModelRequired),
+            Asked::Model {
+                model: Some(model),
+                other,
+            } if refused(model) || other.is_some_and(refused) => {
+                (ProxyError::ModelNotAllowed, Reason::Model)
+            }
+            Asked::Model { .. } => return Ok(()),
+            Asked::Twice => (ProxyError::DuplicateModel, Reason::DuplicateModel),
+            Asked::Unreadable { path } if limits.allows_endpoint(path) => return Ok(()),
+            Asked::Unreadable { .. } => (ProxyError::EndpointNotAllowed, Reason::Endpoint),
         };
         self.0.metrics.limit_refusal(&client.name, reason.as_str());
         Err(error)
@@ -136,6 +147,26 @@ pub fn exceeded_limit(limits: &ClientLimits, estimate: u64) -> Option<TokenLimit
     .filter(|(limit, _)| estimate > *limit)
     .min_by_key(|(limit, _)| *limit)
     .map(|(_, name)| name)
+}
+
+/// What a request names for the model check, read where its endpoint names it (see
+/// [`crate::vocab::Model`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Asked<'a> {
+    /// Nothing to check: the request makes the upstream generate nothing.
+    Nothing,
+    /// `model` is what the request names where the endpoint reads it (`None`: nothing readable
+    /// there); `other` another model it names that the upstream may read too (a realtime
+    /// session's `model` beside its `session.model`), checked as well.
+    Model {
+        model: Option<&'a str>,
+        other: Option<&'a str>,
+    },
+    /// The model named more than once where one is read.
+    Twice,
+    /// The endpoint at this canonical path can generate without naming a model where the proxy
+    /// can read it.
+    Unreadable { path: &'a str },
 }
 
 /// A request's charge against its client's limits, held until its answer ends. Dropped without

@@ -38,18 +38,26 @@ pub fn prompt_estimate(body_len: usize) -> u64 {
     (body_len as u64).div_ceil(4)
 }
 
-pub fn inspect(headers: &HeaderMap, body: &[u8]) -> Inspected {
-    let content_type = headers
+fn content_type(headers: &HeaderMap) -> &str {
+    headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
-        .unwrap_or("");
-    let essence = content_type
+        .unwrap_or("")
+}
+
+/// Whether the body is a form upload (RFC 7578), as its `Content-Type` says.
+pub fn is_multipart(headers: &HeaderMap) -> bool {
+    content_type(headers)
         .split(';')
         .next()
         .unwrap_or("")
         .trim()
-        .to_ascii_lowercase();
-    if essence == "multipart/form-data" {
+        .eq_ignore_ascii_case("multipart/form-data")
+}
+
+pub fn inspect(headers: &HeaderMap, body: &[u8]) -> Inspected {
+    let content_type = content_type(headers);
+    if is_multipart(headers) {
         // An upload's bytes are audio or images, not prompt tokens: no estimate from its size.
         return Inspected {
             model: boundary(content_type).and_then(|boundary| form_field(body, &boundary, "model")),
@@ -267,6 +275,37 @@ fn skip_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
     Ok(())
 }
 
+/// What a realtime session's JSON body names: its top-level `model` and its `session.model`
+/// (client secrets nest the session, session creation is the session). Empty names read as none.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SessionModels {
+    pub top: Option<String>,
+    pub nested: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SessionFields {
+    model: Option<String>,
+    session: Option<NestedSession>,
+}
+
+#[derive(Deserialize)]
+struct NestedSession {
+    model: Option<String>,
+}
+
+/// The models a realtime session's body names; `None` when it is not a JSON object with a
+/// string in each of the two places it fills (a name given twice included, which upstream
+/// parsers settle differently): then nothing in it can be relied on.
+pub fn session_models(body: &[u8]) -> Option<SessionModels> {
+    let fields: SessionFields = serde_json::from_slice(body).ok()?;
+    let named = |model: Option<String>| model.filter(|model| !model.is_empty());
+    Some(SessionModels {
+        top: named(fields.model),
+        nested: named(fields.session.and_then(|session| session.model)),
+    })
+}
+
 fn boundary(content_type: &str) -> Option<String> {
     content_type.split(';').skip(1).find_map(|parameter| {
         let (name, value) = parameter.trim().split_once('=')?;
@@ -410,6 +449,29 @@ mod tests {
             let inspected = read(body);
             assert_eq!(inspected.model, None, "{body}");
             assert_eq!(inspected.prompt, prompt_estimate(body.len()), "{body}");
+        }
+    }
+
+    #[test]
+    fn a_session_body_gives_the_models_of_both_places() {
+        let read = |body: &str| session_models(body.as_bytes());
+        let nested = read(r#"{"session":{"type":"realtime","model":"gpt-realtime"}}"#).unwrap();
+        assert_eq!(nested.nested.as_deref(), Some("gpt-realtime"));
+        assert_eq!(nested.top, None);
+        let both = read(r#"{"model":"a","session":{"model":"b"}}"#).unwrap();
+        assert_eq!(
+            (both.top.as_deref(), both.nested.as_deref()),
+            (Some("a"), Some("b"))
+        );
+        assert_eq!(read(r#"{"model":""}"#), Some(SessionModels::default()));
+        for unreadable in [
+            r#"{"session":{"model":"a","model":"b"}}"#,
+            r#"{"model":"a","model":"b"}"#,
+            r#"{"session":"gpt-4"}"#,
+            r#"{"session":{"model":["gpt-4"]}}"#,
+            "not json",
+        ] {
+            assert_eq!(read(unreadable), None, "{unreadable}");
         }
     }
 

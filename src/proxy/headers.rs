@@ -91,15 +91,6 @@ pub fn response_headers<K: AsRef<[u8]>>(mut headers: HeaderMap, upstream_keys: &
     headers
 }
 
-/// Whether a message carries a body worth streaming on. Without one, no body is sent at all, so
-/// a `GET` does not go out as an empty chunked message.
-pub fn has_body(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::TRANSFER_ENCODING)
-        || headers
-            .get(header::CONTENT_LENGTH)
-            .is_some_and(|length| length.as_bytes() != b"0")
-}
-
 /// The declared `Content-Length`, if any.
 pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers

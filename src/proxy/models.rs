@@ -11,7 +11,7 @@ use super::request::RequestBody;
 use super::response::mask_every;
 use crate::auth::redact::error_chain;
 use crate::error::ProxyError;
-use crate::vocab::classify;
+use crate::vocab::{Shape, classify};
 
 impl Upstream {
     /// One upstream fetch shared by every waiting caller, so it carries no caller's headers: only
@@ -23,7 +23,11 @@ impl Upstream {
         let mut headers = HeaderMap::with_capacity(2);
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         const MODELS: &str = "/v1/models";
-        let url = self.url(&classify(&Method::GET, MODELS, false), MODELS, None)?;
+        let url = self.url(
+            &classify(&Method::GET, MODELS, Shape::default()),
+            MODELS,
+            None,
+        )?;
         let mut response = self
             .send_with_keys(self.client(), Method::GET, url, headers, RequestBody::None)
             .await?;

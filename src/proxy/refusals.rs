@@ -14,7 +14,7 @@ use super::keys::{KEY_CHECK_PATH, KeyChange, RATE_LIMIT_BODY_READ, exceeds_the_l
 use super::{Inner, Upstream};
 use crate::auth::redact::error_chain;
 use crate::ops::metrics::ProbeOutcome;
-use crate::vocab::classify;
+use crate::vocab::{Shape, classify};
 
 /// Why a probe started: what its outcome is logged as.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -49,7 +49,7 @@ impl Upstream {
     /// `GET KEY_CHECK_PATH` with the key at `position` alone (no caller header, body or query
     /// but `UPSTREAM_QUERY`), within `UPSTREAM_TIMEOUT_SECS`.
     async fn probe(&self, position: usize) -> ProbeOutcome {
-        let endpoint = classify(&Method::GET, KEY_CHECK_PATH, false);
+        let endpoint = classify(&Method::GET, KEY_CHECK_PATH, Shape::default());
         let (Ok(url), Some(key)) = (
             self.url(&endpoint, KEY_CHECK_PATH, None),
             self.keys().header_value(position),

@@ -13,10 +13,11 @@ use warp::Buf;
 use warp::http::HeaderMap;
 
 use super::body::LimitedBody;
-use super::headers::{declared_length, has_body};
+use super::headers::declared_length;
 use crate::auth::redact::Redactor;
 use crate::config::UpstreamQuery;
 use crate::error::ProxyError;
+use crate::vocab::endpoint::has_body;
 use crate::vocab::endpoint::{Endpoint, FIXED_POSITIONS, fixed_paths};
 
 /// The upstream URL for a caller's `/v1/<rest>`: the configured base (which stands for `/v1`) +
@@ -360,7 +361,14 @@ mod tests {
             let base = Url::parse(base).unwrap();
             let known = KnownPaths::new(&base);
             for path in fixed.iter().copied().chain(["/v1/files", "/v1"]) {
-                let endpoint = crate::vocab::classify(&warp::http::Method::POST, path, true);
+                let endpoint = crate::vocab::classify(
+                    &warp::http::Method::POST,
+                    path,
+                    crate::vocab::Shape {
+                        has_body: true,
+                        upgrade: false,
+                    },
+                );
                 for query in [None, Some("a=1&b=%20"), Some("")] {
                     for added in [None, added.as_ref()] {
                         assert_eq!(

@@ -79,6 +79,7 @@ fn limits_json(limits: &ClientLimits) -> serde_json::Value {
     );
     put("tokens_per_day", limits.tokens_per_day.map(Into::into));
     put("models", limits.models.clone().map(Into::into));
+    put("endpoints", limits.endpoints.clone().map(Into::into));
     put(
         "expires_at",
         limits

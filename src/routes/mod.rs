@@ -13,8 +13,8 @@ use warp::http::Method;
 use warp::{Filter, Rejection};
 
 use crate::error::{ProxyError, handle_rejection};
-use crate::proxy::headers::has_body;
 use crate::state::AppState;
+use crate::vocab::endpoint::Shape;
 use crate::vocab::{Endpoint, Route, classify};
 
 /// Every route the proxy serves, with errors already turned into JSON responses.
@@ -52,7 +52,7 @@ fn endpoint() -> impl Filter<Extract = (Endpoint,), Error = Infallible> + Clone 
             .and(warp::path::full())
             .and(warp::header::headers_cloned())
             .map(|method, path: warp::path::FullPath, headers| {
-                classify(&method, path.as_str(), has_body(&headers))
+                classify(&method, path.as_str(), Shape::of(&method, &headers))
             }))
         .unify()
 }

@@ -15,16 +15,16 @@ use crate::auth::Caller;
 use crate::auth::filters::caller;
 use crate::error::ProxyError;
 use crate::ops::exchange::{Answered, Exchange, Spend, loggable};
-use crate::policy::request::inspect;
-use crate::policy::{Policy, Ticket, write_rate_limit_headers};
+use crate::policy::request::{Inspected, SessionModels, inspect, is_multipart, session_models};
+use crate::policy::{Asked, Policy, Ticket, write_rate_limit_headers};
 use crate::proxy::Upstream;
 use crate::proxy::headers::{is_event_stream, is_json};
 use crate::proxy::request::CallerBody;
 use crate::proxy::response::Forwarded;
 use crate::proxy::upgrade::TunnelHold;
 use crate::proxy::usage::{Metering, Report, Seen};
-use crate::vocab::Endpoint;
 use crate::vocab::websocket::is_websocket_upgrade;
+use crate::vocab::{Endpoint, Model};
 
 /// ANY /v1/... (POST /v1/chat/completions among them)
 pub fn forward(
@@ -80,10 +80,17 @@ where
     let client = caller.client.as_ref();
     let mut body = CallerBody::new(&headers, body);
     let reads_body =
-        client.is_some_and(|client| client.limits.reads_body()) && endpoint.takes_model;
+        client.is_some_and(|client| client.limits.reads_body()) && endpoint.model.in_body();
+    let mut sessions = None;
     let inspected = if reads_body {
         match upstream.read_whole(&mut body).await {
-            Ok(bytes) => Some(inspect(&headers, &bytes)),
+            Ok(bytes) => {
+                let inspected = inspect(&headers, &bytes);
+                if let Model::Session { .. } = endpoint.model {
+                    sessions = Some(session_names(&headers, &bytes, &inspected));
+                }
+                Some(inspected)
+            }
             Err(error) => return refused(error.into_response(format)),
         }
     } else {
@@ -92,18 +99,46 @@ where
     let tunnel = is_websocket_upgrade(&method, &headers);
     let mut ticket = None;
     if let Some(client) = client {
-        // `GET /v1/models/{id}` names its model in the path, a Realtime WebSocket in its query.
-        let model_path = (method == Method::GET && !tunnel)
-            .then(|| path.strip_prefix("/v1/models/"))
-            .flatten();
-        let tunnel_model = tunnel
-            .then(|| query_parameter(query.as_deref(), "model"))
-            .flatten();
-        let model = model_path.or(tunnel_model.as_deref()).or(inspected
+        let tunnel_model = match endpoint.model {
+            Model::Query => query_model(query.as_deref()),
+            _ => Ok(None),
+        };
+        let body_model = inspected
             .as_ref()
-            .and_then(|inspected| inspected.model.as_deref()));
-        let needs_model = reads_body || model_path.is_some() || tunnel;
-        if needs_model && let Err(error) = policy.check_model(client, model) {
+            .and_then(|inspected| inspected.model.as_deref());
+        let asked = match endpoint.model {
+            // `GET /v1/models/{id}` names its model in the path.
+            Model::None => match (method == Method::GET)
+                .then(|| path.strip_prefix("/v1/models/"))
+                .flatten()
+            {
+                Some(model) => Asked::Model {
+                    model: Some(model),
+                    other: None,
+                },
+                None => Asked::Nothing,
+            },
+            Model::Body => Asked::Model {
+                model: body_model,
+                other: None,
+            },
+            Model::Session { nested } => {
+                let names = sessions.as_ref();
+                let top = names.and_then(|names| names.top.as_deref());
+                let inner = names.and_then(|names| names.nested.as_deref());
+                let (model, other) = if nested { (inner, top) } else { (top, inner) };
+                Asked::Model { model, other }
+            }
+            Model::Query => match &tunnel_model {
+                Ok(model) => Asked::Model {
+                    model: model.as_deref(),
+                    other: None,
+                },
+                Err(()) => Asked::Twice,
+            },
+            Model::Generates => Asked::Unreadable { path },
+        };
+        if let Err(error) = policy.check_model(client, asked) {
             return refused(error.into_response(format));
         }
         ticket = match policy.admit(client, inspected.as_ref()).await {
@@ -214,9 +249,30 @@ fn settlement(
     })
 }
 
-/// The first value of `name` in a query string, decoded.
-fn query_parameter(query: Option<&str>, name: &str) -> Option<String> {
-    url::form_urlencoded::parse(query?.as_bytes())
-        .find(|(key, _)| key == name)
-        .map(|(_, value)| value.into_owned())
+/// The tunnel's `model` query parameter, decoded (`None` when absent or empty); `Err` when it is
+/// there more than once, spelled alike once decoded (`model`, `%6Dodel`): upstream frameworks
+/// differ on which of two values they take.
+fn query_model(query: Option<&str>) -> Result<Option<String>, ()> {
+    let mut values = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .filter(|(key, _)| key == "model")
+        .map(|(_, value)| value);
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(());
+    }
+    Ok(first
+        .filter(|value| !value.is_empty())
+        .map(|value| value.into_owned()))
+}
+
+/// The models a realtime session's body names: both places of a JSON body, or the form field of
+/// a multipart one (its `session` part is not read).
+fn session_names(headers: &HeaderMap, body: &[u8], inspected: &Inspected) -> SessionModels {
+    if is_multipart(headers) {
+        return SessionModels {
+            top: inspected.model.clone(),
+            nested: None,
+        };
+    }
+    session_models(body).unwrap_or_default()
 }

@@ -25,11 +25,11 @@ use warp::http::{Request, Response};
 
 use crate::ops::access::{AccessRecord, RequestTap, ResponseTap, Tapped};
 use crate::ops::request_id::{PROXY_REQUEST_ID, REQUEST_ID, request_id};
-use crate::proxy::headers::has_body;
 use crate::proxy::upgrade::{PendingTunnel, TunnelHold, Tunnels};
 use crate::routes::routes;
 use crate::state::AppState;
 use crate::vocab::classify;
+use crate::vocab::endpoint::Shape;
 use crate::vocab::websocket::is_websocket_upgrade;
 use admission::Admission;
 pub use shutdown::{ShutdownSignal, ShutdownTrigger, shutdown_channel};
@@ -95,7 +95,7 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
             let endpoint = classify(
                 request.method(),
                 request.uri().path(),
-                has_body(request.headers()),
+                Shape::of(request.method(), request.headers()),
             );
             let route = endpoint.route;
             request.extensions_mut().insert(endpoint);

@@ -1,8 +1,8 @@
-//! What a request is for, decided once per request from its canonical path: its route, whether
-//! its body names a model, whether its answer reports usage, and its metrics label. Admission,
-//! the route table, the allow-list, the limits, the usage scan, the key pool's retries, the
-//! metrics and the access line all read the one [`Endpoint`] value; there is no other list of
-//! paths.
+//! What a request is for, decided once per request from its canonical path, method and shape:
+//! its route, where the model check reads its model, whether its answer reports usage, and its
+//! metrics label. Admission, the route table, the allow-list, the limits, the usage scan, the key
+//! pool's retries, the metrics and the access line all read the one [`Endpoint`] value; there is
+//! no other list of paths.
 //!
 //! Paths under `/v1` are compared in their canonical form, the one upstreams route by after
 //! decoding `%XX` and folding `//` and a trailing `/`: compared as received,
@@ -13,7 +13,9 @@
 
 use std::sync::Arc;
 
-use warp::http::Method;
+use warp::http::{HeaderMap, Method, header};
+
+use super::websocket::is_websocket_upgrade;
 
 /// Declares [`Route`] and [`Route::ALL`] from one list of variants, so that tables sized by
 /// [`Route::COUNT`] can never fall behind the enum.
@@ -105,14 +107,35 @@ impl Route {
     }
 }
 
-/// Where a request to an endpoint names the model it asks for (`POST` only: `GET
-/// /v1/responses/{id}` names none).
+/// What the model check reads of a request to an endpoint, for a client with a `models` list.
+/// The column of [`TABLE`] says it for the methods that can make the upstream act (`POST`, `PUT`,
+/// `PATCH` and any other); `GET`, `HEAD`, `OPTIONS` and `DELETE` read or remove and pass
+/// ([`Model::None`]), except a WebSocket upgrade, which opens a session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Model {
-    /// Nowhere the proxy reads.
+    /// Nothing: the endpoint stores, reads or cancels, and makes the upstream generate nothing.
     None,
-    /// The body's `model` (a JSON field, or a form field of a multipart upload).
+    /// The body's `model` (a JSON field, or a form field of a multipart upload), required.
     Body,
+    /// A realtime session's model, from a JSON body: the top-level `model` and `session.model`
+    /// are both read and every one present is checked. `nested` says which one the endpoint
+    /// takes (`session.model` for client secrets, `model` for sessions): it is required, since
+    /// without it the upstream picks its default model for the key it mints.
+    Session { nested: bool },
+    /// The `model` query parameter of a WebSocket upgrade (a Realtime tunnel): required, and
+    /// only once, since the proxy cannot know which of two values the upstream takes.
+    Query,
+    /// Generates (or mints credentials) without naming a model where the proxy can read it (a
+    /// batch's models are in its uploaded file, a run uses its assistant's): refused unless the
+    /// client's `endpoints` list allows the path.
+    Generates,
+}
+
+impl Model {
+    /// Whether the check needs the request's body.
+    pub fn in_body(self) -> bool {
+        matches!(self, Model::Body | Model::Session { .. })
+    }
 }
 
 /// How much of the path space a row covers.
@@ -134,42 +157,91 @@ struct Row {
     usage: bool,
 }
 
+const SESSION: Model = Model::Session { nested: false };
+const SESSION_NESTED: Model = Model::Session { nested: true };
+const GENERATES: Model = Model::Generates;
+
 /// Every endpoint the proxy tells apart, first match winning. Paths under `/v1` are canonical.
+/// A path under `/v1` that no other row names is taken as one that may generate: the proxy
+/// cannot know that a new endpoint of the upstream does not.
 #[rustfmt::skip]
 const TABLE: &[Row] = &[
-    //   path                                  extent         route              model        usage
-    row("/v1/chat/completions",                Extent::Exact, Route::Chat,       Model::Body, true),
-    // Stored completions (`GET /v1/chat/completions/{id}`) answer with their usage.
-    row("/v1/chat/completions",                Extent::Below, Route::Passthrough, Model::None, true),
-    row("/v1/completions",                     Extent::Exact, Route::Passthrough, Model::Body, true),
-    row("/v1/completions",                     Extent::Below, Route::Passthrough, Model::None, true),
-    row("/v1/embeddings",                      Extent::Exact, Route::Passthrough, Model::Body, true),
-    row("/v1/embeddings",                      Extent::Below, Route::Passthrough, Model::None, true),
-    row("/v1/responses",                       Extent::Exact, Route::Passthrough, Model::Body, true),
+    //   path                                     extent         route               model             usage
+    row("/v1/chat/completions",                   Extent::Exact, Route::Chat,        Model::Body,      true),
+    // `POST /v1/chat/completions/{id}` updates a stored completion's metadata; `GET` answers with
+    // its usage.
+    row("/v1/chat/completions/*",                 Extent::Exact, Route::Passthrough, Model::None,      true),
+    row("/v1/chat/completions",                   Extent::Below, Route::Passthrough, GENERATES,        true),
+    row("/v1/completions",                        Extent::Exact, Route::Passthrough, Model::Body,      true),
+    row("/v1/completions",                        Extent::Below, Route::Passthrough, GENERATES,        true),
+    row("/v1/embeddings",                         Extent::Exact, Route::Passthrough, Model::Body,      true),
+    row("/v1/embeddings",                         Extent::Below, Route::Passthrough, GENERATES,        true),
+    row("/v1/responses",                          Extent::Exact, Route::Passthrough, Model::Body,      true),
+    row("/v1/responses/input_tokens",             Extent::Exact, Route::Passthrough, Model::Body,      false),
+    row("/v1/responses/compact",                  Extent::Exact, Route::Passthrough, Model::Body,      true),
+    row("/v1/responses/*/cancel",                 Extent::Exact, Route::Passthrough, Model::None,      true),
     // `GET /v1/responses/{id}` answers with the response's usage.
-    row("/v1/responses",                       Extent::Below, Route::Passthrough, Model::None, true),
-    row("/v1/models",                          Extent::Exact, Route::Models,      Model::None, false),
-    row("/v1/moderations",                     Extent::Exact, Route::Passthrough, Model::Body, false),
-    row("/v1/audio/transcriptions",            Extent::Exact, Route::Passthrough, Model::Body, false),
-    row("/v1/audio/translations",              Extent::Exact, Route::Passthrough, Model::Body, false),
-    row("/v1/audio/speech",                    Extent::Exact, Route::Passthrough, Model::Body, false),
-    row("/v1/images/generations",              Extent::Exact, Route::Passthrough, Model::Body, false),
-    row("/v1/images/edits",                    Extent::Exact, Route::Passthrough, Model::Body, false),
-    row("/v1/images/variations",               Extent::Exact, Route::Passthrough, Model::Body, false),
-    row("/v1/realtime/sessions",               Extent::Exact, Route::Passthrough, Model::Body, false),
-    row("/v1/realtime/transcription_sessions", Extent::Exact, Route::Passthrough, Model::Body, false),
-    row("/v1/assistants",                      Extent::Exact, Route::Passthrough, Model::Body, false),
-    row("/v1/fine_tuning/jobs",                Extent::Exact, Route::Passthrough, Model::Body, false),
-    row("/v1/threads/runs",                    Extent::Exact, Route::Passthrough, Model::Body, false),
-    row("/v1/threads/*/runs",                  Extent::Exact, Route::Passthrough, Model::Body, false),
-    row("/v1",                                 Extent::Exact, Route::Passthrough, Model::None, false),
-    row("/v1",                                 Extent::Below, Route::Passthrough, Model::None, false),
-    row("/healthz",                            Extent::Exact, Route::Healthz,     Model::None, false),
-    row("/readyz",                             Extent::Exact, Route::Readyz,      Model::None, false),
-    row("/metrics",                            Extent::Exact, Route::Metrics,     Model::None, false),
-    row("/admin/clients",                      Extent::Exact, Route::AdminClients, Model::None, false),
-    row("/admin/cache/clear",                  Extent::Exact, Route::CacheClear,  Model::None, false),
-    row("/admin",                              Extent::Below, Route::Admin,       Model::None, false),
+    row("/v1/responses",                          Extent::Below, Route::Passthrough, GENERATES,        true),
+    row("/v1/models",                             Extent::Exact, Route::Models,      Model::None,      false),
+    row("/v1/models",                             Extent::Below, Route::Passthrough, Model::None,      false),
+    row("/v1/moderations",                        Extent::Exact, Route::Passthrough, Model::Body,      false),
+    row("/v1/audio/transcriptions",               Extent::Exact, Route::Passthrough, Model::Body,      false),
+    row("/v1/audio/translations",                 Extent::Exact, Route::Passthrough, Model::Body,      false),
+    row("/v1/audio/speech",                       Extent::Exact, Route::Passthrough, Model::Body,      false),
+    row("/v1/images/generations",                 Extent::Exact, Route::Passthrough, Model::Body,      false),
+    row("/v1/images/edits",                       Extent::Exact, Route::Passthrough, Model::Body,      false),
+    row("/v1/images/variations",                  Extent::Exact, Route::Passthrough, Model::Body,      false),
+    row("/v1/videos",                             Extent::Exact, Route::Passthrough, Model::Body,      false),
+    // A Realtime WebSocket names its model in the query.
+    row("/v1/realtime",                           Extent::Exact, Route::Passthrough, Model::Query,     false),
+    // Both mint an ephemeral key the client then uses at the provider directly.
+    row("/v1/realtime/sessions",                  Extent::Exact, Route::Passthrough, SESSION,          false),
+    row("/v1/realtime/client_secrets",            Extent::Exact, Route::Passthrough, SESSION_NESTED,   false),
+    // Mints a key too, but its transcription model can be changed over that key afterwards.
+    row("/v1/realtime/transcription_sessions",    Extent::Exact, Route::Passthrough, GENERATES,        false),
+    // A call's model is in its multipart `session` field (SDP offers), or in the body of accept.
+    row("/v1/realtime/calls",                     Extent::Exact, Route::Passthrough, GENERATES,        false),
+    row("/v1/realtime/calls/*/accept",            Extent::Exact, Route::Passthrough, Model::Body,      false),
+    row("/v1/realtime/calls/*/hangup",            Extent::Exact, Route::Passthrough, Model::None,      false),
+    row("/v1/realtime/calls/*/reject",            Extent::Exact, Route::Passthrough, Model::None,      false),
+    row("/v1/realtime/calls/*/refer",             Extent::Exact, Route::Passthrough, Model::None,      false),
+    // A batch's models are in its input file.
+    row("/v1/batches",                            Extent::Exact, Route::Passthrough, GENERATES,        false),
+    row("/v1/batches/*/cancel",                   Extent::Exact, Route::Passthrough, Model::None,      false),
+    // Creating or renaming an eval runs nothing; a run samples with the models its data source
+    // names, and with its graders'.
+    row("/v1/evals",                              Extent::Exact, Route::Passthrough, Model::None,      false),
+    row("/v1/evals/*",                            Extent::Exact, Route::Passthrough, Model::None,      false),
+    row("/v1/evals/*/runs",                       Extent::Exact, Route::Passthrough, GENERATES,        false),
+    row("/v1/evals/*/runs/*",                     Extent::Exact, Route::Passthrough, Model::None,      false),
+    // A job's graders name models of their own, and resuming a job trains on.
+    row("/v1/fine_tuning",                        Extent::Below, Route::Passthrough, GENERATES,        false),
+    // An assistant generates only in a run, which uses the assistant's model (whoever made it)
+    // unless the run names another.
+    row("/v1/assistants",                         Extent::Exact, Route::Passthrough, Model::Body,      false),
+    row("/v1/assistants",                         Extent::Below, Route::Passthrough, Model::None,      false),
+    row("/v1/threads/runs",                       Extent::Exact, Route::Passthrough, GENERATES,        false),
+    row("/v1/threads/*/runs",                     Extent::Exact, Route::Passthrough, GENERATES,        false),
+    row("/v1/threads/*/runs/*/submit_tool_outputs", Extent::Exact, Route::Passthrough, GENERATES,      false),
+    row("/v1/threads",                            Extent::Exact, Route::Passthrough, Model::None,      false),
+    row("/v1/threads",                            Extent::Below, Route::Passthrough, Model::None,      false),
+    row("/v1/files",                              Extent::Exact, Route::Passthrough, Model::None,      false),
+    row("/v1/files",                              Extent::Below, Route::Passthrough, Model::None,      false),
+    row("/v1/uploads",                            Extent::Exact, Route::Passthrough, Model::None,      false),
+    row("/v1/uploads",                            Extent::Below, Route::Passthrough, Model::None,      false),
+    row("/v1/conversations",                      Extent::Exact, Route::Passthrough, Model::None,      false),
+    row("/v1/conversations",                      Extent::Below, Route::Passthrough, Model::None,      false),
+    // Files added to a vector store, and its searches, are embedded.
+    row("/v1/vector_stores",                      Extent::Exact, Route::Passthrough, GENERATES,        false),
+    row("/v1/vector_stores",                      Extent::Below, Route::Passthrough, GENERATES,        false),
+    row("/v1",                                    Extent::Exact, Route::Passthrough, GENERATES,        false),
+    row("/v1",                                    Extent::Below, Route::Passthrough, GENERATES,        false),
+    row("/healthz",                               Extent::Exact, Route::Healthz,     Model::None,      false),
+    row("/readyz",                                Extent::Exact, Route::Readyz,      Model::None,      false),
+    row("/metrics",                               Extent::Exact, Route::Metrics,     Model::None,      false),
+    row("/admin/clients",                         Extent::Exact, Route::AdminClients, Model::None,     false),
+    row("/admin/cache/clear",                     Extent::Exact, Route::CacheClear,  Model::None,      false),
+    row("/admin",                                 Extent::Below, Route::Admin,       Model::None,      false),
 ];
 
 const fn row(path: &'static str, extent: Extent, route: Route, model: Model, usage: bool) -> Row {
@@ -220,8 +292,8 @@ fn segments_match(pattern: &str, path: &str) -> bool {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
     pub route: Route,
-    /// The request names its model where the policy can read it (today: in its body).
-    pub takes_model: bool,
+    /// What the model check reads of this request: its row's column for the request's method.
+    pub model: Model,
     /// Its answer carries a `usage` object worth counting.
     pub reports_usage: bool,
     /// The table row of a fixed path the request is for, see [`Endpoint::fixed`].
@@ -275,29 +347,62 @@ pub fn fixed_paths() -> impl Iterator<Item = (usize, &'static str)> {
 /// How many positions [`Endpoint::fixed`] can give, for tables indexed by it.
 pub const FIXED_POSITIONS: usize = TABLE.len();
 
-/// Classifies a request. `has_body` says whether it carries a body: a request with a body whose
-/// path has no safe canonical form (an encoded `/`, a dot segment, an invalid escape) is
-/// refused; without one its path is kept as it came (model ids with an encoded `/` are real:
-/// `GET /v1/models/meta-llama%2FLlama-3.1-8B`) and it is passthrough.
-pub fn classify(method: &Method, path: &str, has_body: bool) -> Endpoint {
+/// The shape of a request, as far as its classification depends on more than its path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Shape {
+    /// It carries a body.
+    pub has_body: bool,
+    /// It asks to become a WebSocket.
+    pub upgrade: bool,
+}
+
+/// Whether a message carries a body worth streaming on. Without one, no body is sent at all, so
+/// a `GET` does not go out as an empty chunked message.
+pub fn has_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|length| length.as_bytes() != b"0")
+}
+
+impl Shape {
+    /// What the classification needs of a request besides its method and path.
+    pub fn of(method: &Method, headers: &HeaderMap) -> Shape {
+        Shape {
+            has_body: has_body(headers),
+            upgrade: is_websocket_upgrade(method, headers),
+        }
+    }
+}
+
+/// Classifies a request. A request with a body whose path has no safe canonical form (an
+/// encoded `/`, a dot segment, an invalid escape) is refused; without one its path is kept as it
+/// came (model ids with an encoded `/` are real: `GET /v1/models/meta-llama%2FLlama-3.1-8B`) and
+/// it is passthrough, checked as a path that may generate.
+pub fn classify(method: &Method, path: &str, shape: Shape) -> Endpoint {
     let under_v1 = path
         .strip_prefix("/v1")
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
     if !under_v1 {
-        return lookup(method, path, Spelling::AsReceived);
+        return lookup(method, path, shape, Spelling::AsReceived);
     }
     match canonical(path) {
-        Canonical::Same => lookup(method, path, Spelling::AsReceived),
+        Canonical::Same => lookup(method, path, shape, Spelling::AsReceived),
         Canonical::Rewritten(canonical) => {
             let canonical: Arc<str> = Arc::from(canonical);
-            lookup(method, &canonical, Spelling::Rewritten(canonical.clone()))
+            lookup(
+                method,
+                &canonical,
+                shape,
+                Spelling::Rewritten(canonical.clone()),
+            )
         }
         Canonical::Unsafe => Endpoint {
             route: Route::Passthrough,
-            takes_model: false,
+            model: demand(Model::Generates, method, shape),
             reports_usage: false,
             fixed: None,
-            path: if has_body {
+            path: if shape.has_body {
                 Spelling::Unsafe
             } else {
                 Spelling::AsReceived
@@ -306,13 +411,18 @@ pub fn classify(method: &Method, path: &str, has_body: bool) -> Endpoint {
     }
 }
 
-fn lookup(method: &Method, path: &str, spelling: Spelling) -> Endpoint {
+fn lookup(method: &Method, path: &str, shape: Shape, spelling: Spelling) -> Endpoint {
     match TABLE.iter().position(|row| row.matches(path)) {
         Some(position) => {
             let row = &TABLE[position];
             Endpoint {
                 route: row.route,
-                takes_model: row.model != Model::None && method == Method::POST,
+                // Only what goes upstream is checked.
+                model: if row.route.is_forwarded() {
+                    demand(row.model, method, shape)
+                } else {
+                    Model::None
+                },
                 reports_usage: row.usage,
                 fixed: row.is_fixed().then_some(position),
                 path: spelling,
@@ -320,11 +430,35 @@ fn lookup(method: &Method, path: &str, spelling: Spelling) -> Endpoint {
         }
         None => Endpoint {
             route: Route::Other,
-            takes_model: false,
+            model: Model::None,
             reports_usage: false,
             fixed: None,
             path: spelling,
         },
+    }
+}
+
+/// What the model check reads of a request to an endpoint whose column is `column`. Every method
+/// but the four that read or remove is checked (an upstream may take `PUT` or `PATCH` like
+/// `POST`). A tunnel carries its requests in messages the proxy does not read, so only the
+/// query of one to an endpoint that takes its model there says a model.
+fn demand(column: Model, method: &Method, shape: Shape) -> Model {
+    if shape.upgrade {
+        return match column {
+            Model::Query => Model::Query,
+            _ => Model::Generates,
+        };
+    }
+    if matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE
+    ) {
+        return Model::None;
+    }
+    match column {
+        // Only an upgrade carries its model in the query.
+        Model::Query => Model::Generates,
+        column => column,
     }
 }
 
@@ -397,8 +531,13 @@ fn is_plainly_canonical(path: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    const BODY: Shape = Shape {
+        has_body: true,
+        upgrade: false,
+    };
+
     fn route(path: &str) -> Route {
-        classify(&Method::GET, path, false).route
+        classify(&Method::GET, path, Shape::default()).route
     }
 
     #[test]
@@ -450,23 +589,95 @@ mod tests {
             "/v1/chat/%63ompletions",
             "/v1/chat/%63%6F%6dpletions//",
         ] {
-            let endpoint = classify(&Method::POST, path, true);
+            let endpoint = classify(&Method::POST, path, BODY);
             assert_eq!(endpoint.route, Route::Chat, "{path}");
-            assert!(endpoint.takes_model && endpoint.reports_usage, "{path}");
+            assert_eq!(endpoint.model, Model::Body, "{path}");
+            assert!(endpoint.reports_usage, "{path}");
             assert_eq!(endpoint.label(), "chat", "{path}");
             assert_eq!(endpoint.path(path), Some("/v1/chat/completions"), "{path}");
         }
-        for path in ["/v1/threads/thread_1/runs", "/v1/threads/runs"] {
-            assert!(classify(&Method::POST, path, true).takes_model, "{path}");
+    }
+
+    fn model(method: Method, path: &str) -> Model {
+        classify(&method, path, BODY).model
+    }
+
+    #[test]
+    fn every_method_that_can_make_the_upstream_act_is_checked() {
+        let extension = Method::from_bytes(b"PROPPATCH").unwrap();
+        for method in [Method::POST, Method::PUT, Method::PATCH, extension] {
+            assert_eq!(model(method.clone(), "/v1/chat/completions"), Model::Body);
+            assert_eq!(model(method.clone(), "/v1/batches"), Model::Generates);
+            assert_eq!(model(method, "/v1/files"), Model::None);
         }
-        assert!(!classify(&Method::POST, "/v1/threads/a/b/runs", true).takes_model);
-        assert!(!classify(&Method::GET, "/v1/chat/completions", false).takes_model);
-        assert!(!classify(&Method::POST, "/v1/files", true).takes_model);
+        for method in [Method::GET, Method::HEAD, Method::OPTIONS, Method::DELETE] {
+            for path in ["/v1/chat/completions", "/v1/batches", "/v1/evals/e/runs"] {
+                assert_eq!(model(method.clone(), path), Model::None, "{method} {path}");
+            }
+        }
+    }
+
+    #[test]
+    fn each_endpoint_is_checked_where_it_names_its_model() {
+        let cases = [
+            (
+                "/v1/realtime/client_secrets",
+                Model::Session { nested: true },
+            ),
+            ("/v1/realtime/sessions", Model::Session { nested: false }),
+            ("/v1/videos", Model::Body),
+            ("/v1/realtime/calls/rtc_1/accept", Model::Body),
+            ("/v1/responses/compact", Model::Body),
+            ("/v1/realtime/calls", Model::Generates),
+            ("/v1/realtime/calls/rtc_1/other", Model::Generates),
+            ("/v1/realtime/transcription_sessions", Model::Generates),
+            ("/v1/evals/eval_1/runs", Model::Generates),
+            ("/v1/fine_tuning/jobs", Model::Generates),
+            ("/v1/fine_tuning/jobs/ft_1/resume", Model::Generates),
+            ("/v1/threads/runs", Model::Generates),
+            ("/v1/threads/thread_1/runs", Model::Generates),
+            ("/v1/threads/t/runs/r/submit_tool_outputs", Model::Generates),
+            ("/v1/vector_stores/vs_1/file_batches", Model::Generates),
+            ("/v1/videos/video_1/remix", Model::Generates),
+            ("/v1/realtime", Model::Generates),
+            ("/v1/something/new", Model::Generates),
+            ("/v1", Model::Generates),
+            ("/v1/chat/completions/chatcmpl_1", Model::None),
+            ("/v1/responses/resp_1/cancel", Model::None),
+            ("/v1/batches/batch_1/cancel", Model::None),
+            ("/v1/evals/eval_1/runs/run_1", Model::None),
+            ("/v1/threads/thread_1/messages", Model::None),
+            ("/v1/threads/t/runs/r/cancel", Model::None),
+            ("/v1/uploads/upload_1/parts", Model::None),
+            ("/v1/conversations/conv_1/items", Model::None),
+            ("/admin/cache/clear", Model::None),
+        ];
+        for (path, expected) in cases {
+            assert_eq!(model(Method::POST, path), expected, "{path}");
+        }
+        // A path with no safe canonical form cannot be placed: it may generate.
+        let unplaced = classify(&Method::POST, "/v1/files%2Fx", Shape::default());
+        assert_eq!(unplaced.model, Model::Generates);
+    }
+
+    #[test]
+    fn a_tunnel_is_checked_by_its_query_only_where_the_upstream_reads_one() {
+        let upgrade = Shape {
+            has_body: false,
+            upgrade: true,
+        };
+        let tunnel = |path| classify(&Method::GET, path, upgrade).model;
+        assert_eq!(tunnel("/v1/realtime"), Model::Query);
+        assert_eq!(tunnel("/v1//realtime/"), Model::Query);
+        assert_eq!(tunnel("/v1/responses"), Model::Generates);
+        assert_eq!(tunnel("/v1/files"), Model::Generates);
+        let plain = classify(&Method::GET, "/v1/realtime", Shape::default());
+        assert_eq!(plain.model, Model::None);
     }
 
     #[test]
     fn usage_endpoints_include_their_sub_paths_only() {
-        let reports = |path| classify(&Method::GET, path, false).reports_usage;
+        let reports = |path| classify(&Method::GET, path, Shape::default()).reports_usage;
         assert!(reports("/v1/responses/resp_1"));
         assert!(reports("/v1/chat/completions"));
         assert!(reports("/v1/chat/completions/chatcmpl_1"));
@@ -483,7 +694,7 @@ mod tests {
             "/v1/.well-known",
             "/v1/files/a%20b",
         ] {
-            let endpoint = classify(&Method::POST, path, true);
+            let endpoint = classify(&Method::POST, path, BODY);
             assert_eq!(endpoint.path, Spelling::AsReceived, "{path}");
         }
     }
@@ -499,9 +710,9 @@ mod tests {
             "/v1/chat/completions%2",
             "/v1/chat/completions%",
         ] {
-            let posted = classify(&Method::POST, path, true);
+            let posted = classify(&Method::POST, path, BODY);
             assert_eq!(posted.path(path), None, "{path}");
-            let got = classify(&Method::GET, path, false);
+            let got = classify(&Method::GET, path, Shape::default());
             assert_eq!(got.path(path), Some(path), "{path}");
             assert_eq!(got.route, Route::Passthrough, "{path}");
             assert!(!got.reports_usage, "{path}");
@@ -510,7 +721,7 @@ mod tests {
 
     #[test]
     fn only_unreserved_escapes_are_decoded() {
-        let endpoint = classify(&Method::POST, "/v1/files/%41%20%3f%7E/", true);
+        let endpoint = classify(&Method::POST, "/v1/files/%41%20%3f%7E/", BODY);
         assert_eq!(endpoint.path("-"), Some("/v1/files/A%20%3f~"));
     }
 
@@ -523,7 +734,7 @@ mod tests {
             "/V1/chat/completions",
             "/healthz/",
         ] {
-            let endpoint = classify(&Method::POST, path, true);
+            let endpoint = classify(&Method::POST, path, BODY);
             assert!(!endpoint.route.is_forwarded(), "{path}");
             assert!(
                 !matches!(endpoint.route, Route::CacheClear | Route::Healthz),
@@ -538,9 +749,9 @@ mod tests {
         let fixed: Vec<&str> = fixed_paths().map(|(_, path)| path).collect();
         assert!(fixed.contains(&"/v1/chat/completions"));
         assert!(!fixed.iter().any(|path| path.contains('*')));
-        let endpoint = classify(&Method::POST, "/v1/chat/%63ompletions", true);
+        let endpoint = classify(&Method::POST, "/v1/chat/%63ompletions", BODY);
         let position = endpoint.fixed().unwrap();
         assert_eq!(TABLE[position].path, "/v1/chat/completions");
-        assert_eq!(classify(&Method::POST, "/v1/files/x", true).fixed(), None);
+        assert_eq!(classify(&Method::POST, "/v1/files/x", BODY).fixed(), None);
     }
 }

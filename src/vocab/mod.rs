@@ -10,5 +10,5 @@ pub mod standing;
 pub mod usage;
 pub mod websocket;
 
-pub use endpoint::{Endpoint, Route, classify};
+pub use endpoint::{Endpoint, Model, Route, Shape, classify};
 pub use usage::Usage;

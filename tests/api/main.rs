@@ -6,6 +6,7 @@ mod budget;
 mod classification;
 mod client_limits;
 mod clients;
+mod endpoints;
 mod error_format;
 mod filters;
 mod forwarding;

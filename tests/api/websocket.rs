@@ -439,3 +439,47 @@ async fn an_open_tunnel_holds_its_clients_concurrency_place() {
         "the place came back when the tunnel closed"
     );
 }
+
+#[tokio::test]
+async fn a_tunnel_naming_its_model_twice_or_going_elsewhere_is_refused_before_the_upgrade() {
+    let echo = spawn_echo_upstream().await;
+    let app = spawn_app_with_clients_before(&echo).await;
+    for query in [
+        "?model=gpt-realtime&model=gpt-4o",
+        "?model=gpt-realtime&%6Dodel=gpt-4o",
+        "?model=gpt-realtime&model=gpt-realtime",
+    ] {
+        let twice = connect_to(&app, query).await.unwrap_err();
+        assert_eq!(
+            refusal_code(twice),
+            (400, "invalid_request".to_string()),
+            "{query}"
+        );
+    }
+    // Elsewhere the model is in messages the proxy does not read: the query proves nothing.
+    let mut request = format!("ws://{}/v1/responses?model=gpt-realtime", app.addr)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer tok-voice".parse().unwrap());
+    let elsewhere = tokio_tungstenite::connect_async(request).await.unwrap_err();
+    assert_eq!(
+        refusal_code(elsewhere),
+        (403, "endpoint_not_allowed".to_string())
+    );
+    assert_eq!(
+        echo.connections.load(Ordering::SeqCst),
+        0,
+        "nothing went upstream"
+    );
+    let mut allowed = connect_to(&app, "?model=gpt-realtime&voice=alloy")
+        .await
+        .unwrap();
+    allowed.send(Message::text("hi")).await.unwrap();
+    assert_eq!(next_message(&mut allowed).await, Some(Message::text("hi")));
+    assert_eq!(
+        echo.seen.lock()[0].uri,
+        "/v1/realtime?model=gpt-realtime&voice=alloy"
+    );
+}
