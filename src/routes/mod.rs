@@ -22,18 +22,21 @@ pub fn routes(
     state: AppState,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone {
     let format = state.config.error_format;
-    ops::healthz()
+    // The `/v1` routes first: nearly every request is one, and each route tried before the one
+    // that takes it costs a filter chain. The model list comes before the forward, which would
+    // take `GET /v1/models` too.
+    models::list(state.clone())
+        .or(proxy::forward(state.clone()))
+        .unify()
+        .or(ops::healthz())
+        .unify()
         .or(ops::readyz(state.clone()))
         .unify()
         .or(ops::metrics(state.clone()))
         .unify()
         .or(admin::clear_cache(state.clone()))
         .unify()
-        .or(admin::clients(state.clone()))
-        .unify()
-        .or(models::list(state.clone()))
-        .unify()
-        .or(proxy::forward(state))
+        .or(admin::clients(state))
         .unify()
         .recover(move |rejection| handle_rejection(rejection, format))
         .unify()
