@@ -162,6 +162,24 @@ fn spawn(cmd: &mut Command, what: &str) -> Result<Child, BenchError> {
         .map_err(|e| BenchError::Failed(format!("cannot start {what}: {e}")))
 }
 
+/// `child` once something accepts connections on `port`; else it is ended and the error says
+/// where to look (`log`).
+fn listening(
+    mut child: Child,
+    port: u16,
+    what: &str,
+    log: impl std::fmt::Display,
+) -> Result<Child, BenchError> {
+    if wait_listening(port, &mut child, Duration::from_secs(10))? {
+        return Ok(child);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Err(BenchError::Failed(format!(
+        "{what} did not start (see {log})"
+    )))
+}
+
 /// True once something accepts connections on the port; false if the process exits or
 /// `timeout` passes first.
 pub fn wait_listening(port: u16, child: &mut Child, timeout: Duration) -> Result<bool, BenchError> {
@@ -254,15 +272,8 @@ pub fn start_redis(
         .stderr(log2)
         .stdin(Stdio::null())
         .current_dir(workdir);
-    let mut child = spawn(&mut cmd, "redis-server")?;
-    if !wait_listening(port, &mut child, Duration::from_secs(10))? {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(BenchError::Failed(format!(
-            "redis-server did not start (see {})",
-            log_path.display()
-        )));
-    }
+    let child = spawn(&mut cmd, "redis-server")?;
+    let child = listening(child, port, "redis-server", log_path.display())?;
     Ok(Proc::new("redis", child, port))
 }
 
@@ -425,15 +436,13 @@ pub fn start_proxy(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(proxy_log_target(settings, &log_path)?);
-    let mut child = spawn(&mut cmd, "llm-proxy")?;
-    if !wait_listening(port, &mut child, Duration::from_secs(10))? {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(BenchError::Failed(format!(
-            "llm-proxy ({name}) did not start (see {})",
-            log_path.display()
-        )));
-    }
+    let child = spawn(&mut cmd, "llm-proxy")?;
+    let child = listening(
+        child,
+        port,
+        &format!("llm-proxy ({name})"),
+        log_path.display(),
+    )?;
     let mut proc = Proc::new(name, child, port);
     proc.log_path = (settings.proxy_log != "discard").then_some(log_path);
     if let Some(redis) = redis {
@@ -527,16 +536,9 @@ pub fn start_nginx(
     cpus: Option<&[usize]>,
 ) -> Result<Proc, BenchError> {
     let port = port()?;
-    let (mut child, access) =
+    let (child, access) =
         spawn_nginx(settings, paths, workdir, "bench", port, upstream_port, cpus)?;
-    if !wait_listening(port, &mut child, Duration::from_secs(10))? {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(BenchError::Failed(format!(
-            "nginx did not start (see {}/error.log)",
-            workdir.display()
-        )));
-    }
+    let child = listening(child, port, "nginx", workdir.join("error.log").display())?;
     let mut proc = Proc::new("nginx", child, port);
     proc.log_path = Some(PathBuf::from(access));
     let deadline = Instant::now() + Duration::from_secs(5);
