@@ -256,6 +256,18 @@ pub fn find_plain<'a>(rows: &'a [PlainRow], target: &str, conc: u32) -> Option<&
     find(rows, target, conc, |r| (r.target.as_str(), r.concurrency))
 }
 
+/// The rows of `base` and `with` at `conc` and their CPU per request, when both measured one.
+fn cpu_pair<'a>(
+    rows: &'a [PlainRow],
+    base: &str,
+    with: &str,
+    conc: u32,
+) -> Option<(&'a PlainRow, f64, &'a PlainRow, f64)> {
+    let (b, w) = (find_plain(rows, base, conc)?, find_plain(rows, with, conc)?);
+    let (bc, wc) = (b.cpu_us_per_request?, w.cpu_us_per_request?);
+    (bc != 0.0 && wc != 0.0).then_some((b, bc, w, wc))
+}
+
 pub fn find_stream<'a>(rows: &'a [StreamRow], target: &str, conc: u32) -> Option<&'a StreamRow> {
     find(rows, target, conc, |r| (r.target.as_str(), r.concurrency))
 }
@@ -645,18 +657,9 @@ pub fn check_targets(f: &Figures) -> Vec<Check> {
             ),
             ("clients1", "clients10k", clients_what.as_str()),
         ] {
-            let (Some(b), Some(w)) = (
-                find_plain(f.plain, base_t, conc),
-                find_plain(f.plain, with_t, conc),
-            ) else {
+            let Some((b, bc, w, wc)) = cpu_pair(f.plain, base_t, with_t, conc) else {
                 continue;
             };
-            let (Some(bc), Some(wc)) = (b.cpu_us_per_request, w.cpu_us_per_request) else {
-                continue;
-            };
-            if bc == 0.0 || wc == 0.0 {
-                continue;
-            }
             let Some(ratio) = paired_ratio(&b.round_cpu(), &w.round_cpu()) else {
                 continue;
             };
@@ -673,13 +676,7 @@ pub fn check_targets(f: &Figures) -> Vec<Check> {
                 &[&b.window, &w.window],
             );
         }
-        if let (Some(l), Some(sh)) = (
-            find_plain(f.plain, "limited", conc),
-            find_plain(f.plain, "shared", conc),
-        ) && let (Some(lc), Some(sc)) = (l.cpu_us_per_request, sh.cpu_us_per_request)
-            && lc != 0.0
-            && sc != 0.0
-        {
+        if let Some((l, lc, sh, sc)) = cpu_pair(f.plain, "limited", "shared", conc) {
             checks.add(
                 format!("Limits in Redis, c={conc}: shared vs limited"),
                 None,
@@ -913,18 +910,9 @@ pub fn table(h: &Header, f: &Figures, fp: Option<&FootprintView>, checks: &[Chec
                 ("clients1", "clients10k", clients_what.as_str()),
                 ("limited", "shared", "limits in Redis"),
             ] {
-                let (Some(b), Some(w)) = (
-                    find_plain(f.plain, base_t, conc),
-                    find_plain(f.plain, with_t, conc),
-                ) else {
+                let Some((b, bc, w, wc)) = cpu_pair(f.plain, base_t, with_t, conc) else {
                     continue;
                 };
-                let (Some(bc), Some(wc)) = (b.cpu_us_per_request, w.cpu_us_per_request) else {
-                    continue;
-                };
-                if bc == 0.0 || wc == 0.0 {
-                    continue;
-                }
                 let extra = if with_t == "shared" {
                     format!(
                         ", {:+} us p50, {:+} us p99, {} Redis round trips per request",
