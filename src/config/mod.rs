@@ -14,6 +14,7 @@ mod limits;
 mod redis;
 mod secret;
 mod upstream;
+pub mod upstreams;
 mod values;
 pub mod variables;
 
@@ -31,6 +32,7 @@ pub use limits::Limits;
 pub use redis::{RedisUrl, SharedStateConfig};
 pub use secret::{Secret, digest, token_label};
 pub use upstream::{CaFile, ConnectionSettings, UpstreamConfig, UpstreamKey};
+pub use upstreams::{NamedUpstream, UpstreamsConfig};
 pub use values::{UpstreamQuery, is_client_name};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +100,8 @@ impl ErrorFormat {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub upstream: UpstreamConfig,
+    /// Every upstream and the routing between them (`UPSTREAMS_FILE`, else the environment's one).
+    pub upstreams: UpstreamsConfig,
     /// `PROXY_HOST`: `0.0.0.0` (all IPv4 interfaces), `::` (IPv4 and IPv6), or one address.
     pub host: IpAddr,
     pub port: u16,
@@ -283,8 +287,10 @@ impl Config {
                 .collect(),
         );
 
+        let upstreams = UpstreamsConfig::from_env(&upstream, limits.upstream_timeout);
         Ok(Config {
             upstream,
+            upstreams,
             host: listen.ip(),
             port: listen.port(),
             log_level,

@@ -13,6 +13,8 @@ use warp::http::{HeaderMap, header};
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Inspected {
     pub model: Option<String>,
+    /// STUB: where the model's value is in the body.
+    pub model_span: Option<std::ops::Range<usize>>,
     /// The prompt's tokens, estimated from the body's size.
     pub prompt: u64,
     /// The output cap the request gives (`max_tokens`, `max_completion_tokens`,
@@ -67,6 +69,7 @@ pub fn inspect(headers: &HeaderMap, body: &[u8]) -> Inspected {
     let fields = serde_json::from_slice::<JsonFields>(body).unwrap_or_default();
     Inspected {
         model: fields.model.filter(|model| !model.is_empty()),
+        model_span: None,
         prompt: prompt_estimate(body.len()),
         output_cap: fields.output_cap,
         invalid_output_cap: fields.invalid_output_cap,

@@ -2,12 +2,15 @@
 //! limits), the request it sends, the answer it shapes, and the body adapters on both paths.
 
 pub mod body;
+pub mod breaker;
+pub mod choice;
 pub mod clients;
 pub mod headers;
 pub mod keys;
 pub mod models;
 pub mod models_cache;
 mod refusals;
+pub mod rename;
 pub mod request;
 pub mod response;
 pub mod upgrade;

@@ -6,6 +6,7 @@
 
 pub mod descriptors;
 pub mod endpoint;
+pub mod models;
 pub mod standing;
 pub mod usage;
 pub mod websocket;
