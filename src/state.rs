@@ -4,21 +4,17 @@
 use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use crate::auth::Authenticator;
 use crate::auth::redact::Redactor;
 use crate::config::{Config, ConfigError};
 use crate::ops::metrics::Metrics;
 use crate::policy::{Limiter, MemoryLimiter, Policy, RedisLimiter, redis};
-use crate::proxy::Upstream;
-use crate::proxy::clients::UpstreamClients;
-use crate::proxy::models_cache::ModelsCache;
+use crate::proxy::router::Router;
 use crate::reload::Reloadable;
 use crate::shared::Shared;
 
-/// How long `/v1/models` answers are kept.
-pub const MODELS_CACHE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+pub use crate::proxy::MODELS_CACHE_TTL;
 
 /// Cloning is shallow: every clone shares one configuration, connection pool and cache.
 #[derive(Clone)]
@@ -27,8 +23,8 @@ pub struct AppState(Arc<Inner>);
 pub struct Inner {
     pub config: Config,
     pub auth: Authenticator,
-    pub upstream: Upstream,
-    pub models: ModelsCache,
+    /// The upstreams and the routing between them; each upstream caches its own model list.
+    pub router: Router,
     pub metrics: Metrics,
     pub policy: Policy,
     /// Debug-log masking; told about new secrets on reload.
@@ -78,16 +74,14 @@ impl AppState {
         config: Config,
         make: impl FnOnce(&Shared) -> Arc<dyn Limiter>,
     ) -> Result<AppState, ConfigError> {
-        let clients = UpstreamClients::build(&config.upstream.connection)?;
         let metrics = Metrics::new();
         let redactor = Arc::new(Redactor::new(&config));
         let shared = Shared::new(&config.shared, metrics.clone());
         let limiter = make(&shared);
         Ok(AppState(Arc::new(Inner {
             auth: Authenticator::new(&config),
-            upstream: Upstream::new(&config, clients, metrics.clone(), redactor.clone(), &shared),
+            router: Router::new(&config, metrics.clone(), redactor.clone(), &shared)?,
             shared,
-            models: ModelsCache::new(MODELS_CACHE_TTL),
             policy: Policy::new(&config, limiter, metrics.clone()),
             redactor,
             metrics,

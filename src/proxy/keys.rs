@@ -306,6 +306,25 @@ impl KeyPool {
             .min()
     }
 
+    /// Every key by position: `usable`, `resting` (and until when) or `disabled`.
+    pub fn states(&self) -> Vec<(usize, &'static str, Option<Instant>)> {
+        let now = Instant::now();
+        self.slots
+            .lock()
+            .iter()
+            .enumerate()
+            .map(|(index, slot)| {
+                if slot.disabled {
+                    (index + 1, "disabled", None)
+                } else if slot.usable(now) {
+                    (index + 1, "usable", None)
+                } else {
+                    (index + 1, "resting", slot.resting_until)
+                }
+            })
+            .collect()
+    }
+
     /// Whether any key is still in turn (resting keys come back by themselves).
     pub fn any_enabled(&self) -> bool {
         self.slots.lock().iter().any(|slot| !slot.disabled)

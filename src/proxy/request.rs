@@ -303,7 +303,20 @@ pub(crate) enum RequestBody {
 impl RequestBody {
     /// Whether a refused attempt may be followed by another.
     pub(crate) fn replayable(&self) -> bool {
-        !matches!(self, RequestBody::Once(_))
+        match self {
+            RequestBody::None => true,
+            // A body read whole for its model may be larger than is kept for retries.
+            RequestBody::Kept(bytes) => bytes.len() as u64 <= REPLAYABLE_BODY,
+            RequestBody::Once(_) => false,
+        }
+    }
+
+    /// The bytes every attempt sends, when the body was read.
+    pub(crate) fn kept(&self) -> Option<&Bytes> {
+        match self {
+            RequestBody::Kept(bytes) => Some(bytes),
+            _ => None,
+        }
     }
 
     /// The body for the next attempt: `Err` once a streamed body has been used.
