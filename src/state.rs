@@ -99,6 +99,8 @@ impl AppState {
             redactor: self.redactor.clone(),
             metrics: self.metrics.clone(),
             budgets_kept: self.budgets_kept.clone(),
+            router: self.router.clone(),
+            shared: self.shared.clone(),
         }
     }
 

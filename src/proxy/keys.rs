@@ -325,9 +325,10 @@ impl KeyPool {
             .collect()
     }
 
-    /// Whether any key is still in turn (resting keys come back by themselves).
+    /// Whether any key is still in turn (resting keys come back by themselves); an upstream
+    /// without keys needs none.
     pub fn any_enabled(&self) -> bool {
-        self.slots.lock().iter().any(|slot| !slot.disabled)
+        self.is_empty() || self.slots.lock().iter().any(|slot| !slot.disabled)
     }
 
     /// Brings the per-key state gauges up to date (a rest ends by the clock, not by an event);

@@ -192,7 +192,7 @@ impl Upstream {
 
     /// Whether one of its keys may be used now (none rests, or one's rest is over).
     pub fn has_usable_key(&self, now: tokio::time::Instant) -> bool {
-        self.0.keys.first_usable_at().is_some_and(|at| at <= now)
+        self.0.keys.is_empty() || self.0.keys.first_usable_at().is_some_and(|at| at <= now)
     }
 
     /// Its cached `/v1/models` answer.
@@ -314,6 +314,11 @@ impl Upstream {
         budget: &mut Budget<'_>,
     ) -> Attempted {
         let pool = &self.0.keys;
+        if pool.is_empty() {
+            return self
+                .send_keyless(client, method, url, headers, body, budget)
+                .await;
+        }
         let mut tried = Vec::with_capacity(pool.len());
         let mut last_answer: Option<reqwest::Response> = None;
         let mut last_failure: Option<ProxyError> = None;
@@ -483,6 +488,39 @@ impl Upstream {
                 },
                 None => ProxyError::KeysRefused,
             }),
+        }
+    }
+
+    /// An upstream without keys (a local server): one attempt, with no credential.
+    async fn send_keyless(
+        &self,
+        client: &reqwest::Client,
+        method: &Method,
+        url: Url,
+        headers: HeaderMap,
+        body: &mut RequestBody,
+        budget: &mut Budget<'_>,
+    ) -> Attempted {
+        let Ok(attempt_body) = body.attempt() else {
+            return Attempted::Stop(ProxyError::BadGateway);
+        };
+        budget.spend();
+        let timeout = budget.head_timeout(self.0.head_timeout);
+        match self
+            .send_with(client, method.clone(), url, headers, attempt_body, timeout)
+            .await
+        {
+            Ok(response) => budget.judge(response),
+            Err(SendFailure {
+                error,
+                failover: Some(reason),
+                ..
+            }) => Attempted::Failed(Failed {
+                reason,
+                answer: None,
+                error,
+            }),
+            Err(failure) => Attempted::Stop(failure.error),
         }
     }
 
