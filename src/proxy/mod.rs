@@ -8,6 +8,7 @@ pub mod keys;
 pub mod models;
 pub mod models_cache;
 mod refusals;
+pub mod rename;
 pub mod request;
 pub mod response;
 pub mod upgrade;
