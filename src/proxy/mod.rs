@@ -2,6 +2,8 @@
 //! limits), the request it sends, the answer it shapes, and the body adapters on both paths.
 
 pub mod body;
+pub mod breaker;
+pub mod choice;
 pub mod clients;
 pub mod headers;
 pub mod keys;
