@@ -4,17 +4,21 @@
 //! proxy's [`crate::proxy::request::CallerBody`], and the same bytes are forwarded unchanged.
 
 use std::fmt;
+use std::ops::Range;
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use warp::http::{HeaderMap, header};
 
 /// What was read from a body.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Inspected {
     pub model: Option<String>,
-    /// STUB: where the model's value is in the body.
-    pub model_span: Option<std::ops::Range<usize>>,
+    /// Where `model` is written in the body, exactly when it is read from there: the top-level
+    /// JSON string with its quotes, or the multipart field's value (without the line break
+    /// before the next boundary). A renamed model replaces these bytes and no others.
+    pub model_span: Option<Range<usize>>,
     /// The prompt's tokens, estimated from the body's size.
     pub prompt: u64,
     /// The output cap the request gives (`max_tokens`, `max_completion_tokens`,
@@ -60,35 +64,59 @@ pub fn is_multipart(headers: &HeaderMap) -> bool {
 pub fn inspect(headers: &HeaderMap, body: &[u8]) -> Inspected {
     let content_type = content_type(headers);
     if is_multipart(headers) {
+        let (model, model_span) = boundary(content_type)
+            .and_then(|boundary| form_field(body, &boundary, "model"))
+            .unzip();
         // An upload's bytes are audio or images, not prompt tokens: no estimate from its size.
         return Inspected {
-            model: boundary(content_type).and_then(|boundary| form_field(body, &boundary, "model")),
+            model,
+            model_span,
             ..Inspected::default()
         };
     }
     let fields = serde_json::from_slice::<JsonFields>(body).unwrap_or_default();
+    let (model, model_span) = fields.model.and_then(|raw| json_model(body, raw)).unzip();
     Inspected {
-        model: fields.model.filter(|model| !model.is_empty()),
-        model_span: None,
+        model,
+        model_span,
         prompt: prompt_estimate(body.len()),
         output_cap: fields.output_cap,
         invalid_output_cap: fields.invalid_output_cap,
     }
 }
 
+/// The model a top-level `model` value names, when it is a non-empty string (anything else
+/// names none), and where that string lies in `body`, its quotes included.
+fn json_model(body: &[u8], raw: &RawValue) -> Option<(String, Range<usize>)> {
+    let text = raw.get();
+    if !text.starts_with('"') {
+        return None;
+    }
+    // Decodes the string's escapes; the value is the string alone, so this reads a few bytes.
+    let model = serde_json::from_str::<String>(text)
+        .ok()
+        .filter(|model| !model.is_empty())?;
+    // The raw value is a slice of `body` itself (borrowed, never copied), so its place in the
+    // body is the distance between the two; checked, not trusted.
+    let start = (text.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+    let span = start..start.checked_add(text.len())?;
+    (body.get(span.clone())? == text.as_bytes()).then_some((model, span))
+}
+
 /// The top-level fields of a JSON body the policy reads, each on its own: a bad value in one (a
 /// `max_tokens` of -1) must not hide the others, as one derived struct failing whole would.
 /// Every other value is skipped without being built (`IgnoredAny`), so a huge or deeply nested
-/// body costs no memory beyond its bytes.
+/// body costs no memory beyond its bytes; `model` is kept as the raw text the body holds, so its
+/// place in the body is known without a second pass.
 #[derive(Default)]
-struct JsonFields {
-    model: Option<String>,
+struct JsonFields<'de> {
+    model: Option<&'de RawValue>,
     output_cap: u64,
     invalid_output_cap: bool,
 }
 
-impl<'de> Deserialize<'de> for JsonFields {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<JsonFields, D::Error> {
+impl<'de> Deserialize<'de> for JsonFields<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<JsonFields<'de>, D::Error> {
         deserializer.deserialize_map(FieldsVisitor)
     }
 }
@@ -96,20 +124,20 @@ impl<'de> Deserialize<'de> for JsonFields {
 struct FieldsVisitor;
 
 impl<'de> Visitor<'de> for FieldsVisitor {
-    type Value = JsonFields;
+    type Value = JsonFields<'de>;
 
     fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
         formatter.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<JsonFields, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<JsonFields<'de>, A::Error> {
         let mut fields = JsonFields::default();
         let mut models = 0;
         while let Some(key) = map.next_key::<Key>()? {
             match key {
                 Key::Model => {
                     models += 1;
-                    fields.model = map.next_value::<Model>()?.0;
+                    fields.model = Some(map.next_value::<&'de RawValue>()?);
                 }
                 // A field given twice is taken at its largest: whichever copy the upstream
                 // reads, the estimate is not below it.
@@ -157,59 +185,6 @@ impl<'de> Deserialize<'de> for Key {
             }
         }
         deserializer.deserialize_identifier(KeyVisitor)
-    }
-}
-
-/// `model`: its text when it is a string; anything else names no model.
-struct Model(Option<String>);
-
-impl<'de> Deserialize<'de> for Model {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Model, D::Error> {
-        struct ModelVisitor;
-        impl<'de> Visitor<'de> for ModelVisitor {
-            type Value = Model;
-
-            fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
-                formatter.write_str("any JSON value")
-            }
-
-            fn visit_str<E: de::Error>(self, model: &str) -> Result<Model, E> {
-                Ok(Model(Some(model.to_string())))
-            }
-
-            fn visit_string<E: de::Error>(self, model: String) -> Result<Model, E> {
-                Ok(Model(Some(model)))
-            }
-
-            fn visit_unit<E: de::Error>(self) -> Result<Model, E> {
-                Ok(Model(None))
-            }
-
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Model, E> {
-                Ok(Model(None))
-            }
-
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Model, E> {
-                Ok(Model(None))
-            }
-
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Model, E> {
-                Ok(Model(None))
-            }
-
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Model, E> {
-                Ok(Model(None))
-            }
-
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Model, A::Error> {
-                skip_seq(seq).map(|()| Model(None))
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Model, A::Error> {
-                skip_map(map).map(|()| Model(None))
-            }
-        }
-        deserializer.deserialize_any(ModelVisitor)
     }
 }
 
@@ -320,8 +295,9 @@ fn boundary(content_type: &str) -> Option<String> {
 
 /// The value of the form field `name` in a multipart body (RFC 7578), if it is text and there
 /// is exactly one: field names are case-sensitive, and upstream frameworks differ on which of
-/// two values they take, so two are as good as none.
-fn form_field(body: &[u8], boundary: &str, name: &str) -> Option<String> {
+/// two values they take, so two are as good as none. With it, where its bytes lie in `body`
+/// (untrimmed: a new value replaces the whole of the old one).
+fn form_field(body: &[u8], boundary: &str, name: &str) -> Option<(String, Range<usize>)> {
     let delimiter = format!("--{boundary}");
     let wanted = format!("name=\"{name}\"");
     let mut found = None;
@@ -346,7 +322,11 @@ fn form_field(body: &[u8], boundary: &str, name: &str) -> Option<String> {
                 return None;
             }
             let value = value.strip_suffix(b"\r\n").unwrap_or(value);
-            found = Some(std::str::from_utf8(value).ok()?.trim().to_string());
+            let value_start = start + delimiter.len() + split + 4;
+            found = Some((
+                std::str::from_utf8(value).ok()?.trim().to_string(),
+                value_start..value_start + value.len(),
+            ));
         }
     }
     found
@@ -368,7 +348,9 @@ mod tests {
             body.push_str("--b--\r\n");
             body
         };
-        let model = |fields: &[(&str, &str)]| form_field(body(fields).as_bytes(), "b", "model");
+        let model = |fields: &[(&str, &str)]| {
+            form_field(body(fields).as_bytes(), "b", "model").map(|(model, _)| model)
+        };
         assert_eq!(
             model(&[("model", "whisper-1")]).as_deref(),
             Some("whisper-1")
@@ -452,6 +434,32 @@ mod tests {
             let inspected = read(body);
             assert_eq!(inspected.model, None, "{body}");
             assert_eq!(inspected.prompt, prompt_estimate(body.len()), "{body}");
+        }
+    }
+
+    #[test]
+    fn the_span_is_of_the_top_level_model_read_and_of_nothing_else() {
+        let body = r#"{"metadata":{"model":"x"},"model" : "gpt-4"}"#;
+        let span = inspect(&typed("application/json"), body.as_bytes()).model_span;
+        assert_eq!(span.map(|span| &body[span]), Some("\"gpt-4\""));
+        // No model read, no span: twice, not a string, empty, nested only, not JSON.
+        for body in [
+            r#"{"model":"a","model":"b"}"#,
+            r#"{"model":"a","x":1,"mod\u0065l":"a"}"#,
+            r#"{"model":4}"#,
+            r#"{"model":null}"#,
+            r#"{"model":["gpt-4"]}"#,
+            r#"{"model":""}"#,
+            r#"{"metadata":{"model":"gpt-4"}}"#,
+            r#"{"model":"gpt-4"} trailing"#,
+            "not json",
+        ] {
+            let inspected = inspect(&typed("application/json"), body.as_bytes());
+            assert_eq!(
+                (inspected.model, inspected.model_span),
+                (None, None),
+                "{body}"
+            );
         }
     }
 
