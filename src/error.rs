@@ -638,6 +638,7 @@ mod tests {
         ProxyError::InvalidOutputCap,
         ProxyError::EndpointNotAllowed,
         ProxyError::DuplicateModel,
+        ProxyError::ModelNotFound,
     ];
 
     /// No wildcard: a new variant does not compile until it has a place here, and the checks
@@ -668,6 +669,7 @@ mod tests {
             InvalidOutputCap => 20,
             EndpointNotAllowed => 21,
             DuplicateModel => 22,
+            ModelNotFound => 23,
         }
     }
 
@@ -717,6 +719,7 @@ mod tests {
             | InvalidOutputCap
             | EndpointNotAllowed
             | DuplicateModel
+            | ModelNotFound
             | Internal => vec![],
         }
     }
@@ -989,8 +992,9 @@ mod tests {
             (Readiness::Ready, 200, "local"),
             (Readiness::Draining, 503, "shared"),
             (Readiness::NoUpstreamKey, 503, "local"),
+            (Readiness::NoHealthyUpstream, 503, "local"),
         ] {
-            let response = readiness.into_response(limits);
+            let response = readiness.into_response(limits, None);
             assert_eq!(response.status(), status);
             assert_eq!(response.headers().len(), 1);
             assert_eq!(response.headers()["content-type"], "application/json");
@@ -1004,5 +1008,14 @@ mod tests {
         assert!(readme.contains("200 `{\"limits\":\"local\",\"status\":\"ready\"}`"));
         assert!(readme.contains("503 `\"status\":\"draining\"`"));
         assert!(readme.contains("`\"status\":\"no_upstream_key\"`"));
+        assert!(readme.contains("`\"status\":\"no_healthy_upstream\"`"));
+        let with_file = Readiness::NoHealthyUpstream.into_response(
+            "local",
+            Some([("a".to_string(), "open"), ("b".to_string(), "open")].into()),
+        );
+        assert_eq!(
+            String::from_utf8(body_of(with_file).await).unwrap(),
+            r#"{"limits":"local","status":"no_healthy_upstream","upstreams":{"a":"open","b":"open"}}"#
+        );
     }
 }

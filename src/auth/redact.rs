@@ -51,7 +51,12 @@ impl Redactor {
             HeaderName::from_static("x-api-key"),
             HeaderName::from_static("api-key"),
         ];
-        for name in [&config.auth_header, &config.upstream.auth_header] {
+        let upstream_headers = config
+            .upstreams
+            .list
+            .iter()
+            .map(|upstream| &upstream.settings.auth_header);
+        for name in std::iter::once(&config.auth_header).chain(upstream_headers) {
             if !credential_headers.contains(name) {
                 credential_headers.push(name.clone());
             }
@@ -297,6 +302,41 @@ mod tests {
             redactor.describe_headers(&headers),
             "x-caller-key: ***, x-note: ***"
         );
+    }
+
+    #[test]
+    fn every_upstreams_keys_and_key_header_are_masked() {
+        let dir = std::env::temp_dir().join(format!("llm-proxy-redact-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("upstreams.toml");
+        std::fs::write(
+            &file,
+            "default = \"a\"\n\
+             [upstreams.a]\nbase_url = \"https://a/v1\"\nkeys_env = \"A\"\nmodels = [\"x\"]\n\
+             [upstreams.b]\nbase_url = \"https://b/v1\"\nkeys_env = \"B\"\nmodels = [\"y\"]\n\
+             auth_header = \"x-goog-api-key\"\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap().to_string();
+        let config = Config::from_lookup(|name| {
+            match name {
+                "UPSTREAMS_FILE" => Some(path.as_str()),
+                "A" => Some("sk-first-upstream"),
+                "B" => Some("sk-second-upstream"),
+                _ => None,
+            }
+            .map(str::to_string)
+        })
+        .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let redactor = Redactor::new(&config);
+        assert_eq!(
+            redactor.mask("sk-first-upstream sk-second-upstream"),
+            "*** ***"
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert("x-goog-api-key", HeaderValue::from_static("anything"));
+        assert_eq!(redactor.describe_headers(&headers), "x-goog-api-key: ***");
     }
 
     #[test]

@@ -263,7 +263,7 @@ pub fn parse(text: &str) -> Result<Vec<Client>, String> {
     Ok(clients)
 }
 
-fn one_line(err: &toml::de::Error) -> String {
+pub(super) fn one_line(err: &toml::de::Error) -> String {
     // The span, not the snippet: the snippet could show a token.
     let line = err.message().to_string();
     match err.span() {
@@ -274,7 +274,7 @@ fn one_line(err: &toml::de::Error) -> String {
 
 /// `clients.alice.tokens_per_day: must be ...`: where, then what. The message is ours or serde's
 /// (an unknown field, a table that is not one), neither of which quotes a value.
-fn at_path(prefix: &str, err: &serde_path_to_error::Error<toml::de::Error>) -> String {
+pub(super) fn at_path(prefix: &str, err: &serde_path_to_error::Error<toml::de::Error>) -> String {
     let path = err.path().to_string();
     let place = match (prefix, path.as_str()) {
         (prefix, ".") => prefix.to_string(),
@@ -331,7 +331,7 @@ fn parse_client(name: &str, entry: toml::Value) -> Result<Client, String> {
 }
 
 /// A field's value as TOML, for the parsers below to check and explain.
-fn value<'de, D: Deserializer<'de>>(deserializer: D) -> Result<toml::Value, D::Error> {
+pub(super) fn value<'de, D: Deserializer<'de>>(deserializer: D) -> Result<toml::Value, D::Error> {
     toml::Value::deserialize(deserializer)
 }
 
@@ -352,7 +352,7 @@ fn token_sha256<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<[u8
 
 /// A whole number of at least 1: a limit of 0 would refuse everything by accident (`disabled`
 /// says that on purpose).
-fn count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+pub(super) fn count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
     match value(deserializer)?.as_integer() {
         Some(number) if number >= 1 => Ok(Some(number as u64)),
         _ => Err(D::Error::custom("must be a whole number of at least 1")),

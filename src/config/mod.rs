@@ -3,8 +3,8 @@
 //!
 //! One job a file: [`env`] merges the sources, [`variables`] is the table of every variable
 //! (defaults, reload, help), [`values`] parses single values, [`upstream`] and [`limits`] the
-//! settings of their part, [`clients`] the clients file, [`error`] the error that names the
-//! variable. Parsing is separate from the process environment (`Config::from_lookup`) so tests
+//! settings of their part, [`upstreams`] the upstreams file (or the environment's one upstream),
+//! [`clients`] the clients file, [`error`] the error that names the variable. Parsing is separate from the process environment (`Config::from_lookup`) so tests
 //! can build any configuration without touching global state.
 
 pub mod clients;
@@ -14,7 +14,7 @@ mod limits;
 mod redis;
 mod secret;
 mod upstream;
-pub mod upstreams;
+mod upstreams;
 mod values;
 pub mod variables;
 
@@ -32,7 +32,7 @@ pub use limits::Limits;
 pub use redis::{RedisUrl, SharedStateConfig};
 pub use secret::{Secret, digest, token_label};
 pub use upstream::{CaFile, ConnectionSettings, UpstreamConfig, UpstreamKey};
-pub use upstreams::{NamedUpstream, UpstreamsConfig};
+pub use upstreams::{NamedUpstream, UpstreamDefaults, UpstreamsConfig};
 pub use values::{UpstreamQuery, is_client_name};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,8 +99,9 @@ impl ErrorFormat {
 
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// The settings of the `default` upstream of `upstreams`.
     pub upstream: UpstreamConfig,
-    /// Every upstream and the routing between them (`UPSTREAMS_FILE`, else the environment's one).
+    /// `UPSTREAMS_FILE`, or the environment's one upstream.
     pub upstreams: UpstreamsConfig,
     /// `PROXY_HOST`: `0.0.0.0` (all IPv4 interfaces), `::` (IPv4 and IPv6), or one address.
     pub host: IpAddr,
@@ -179,7 +180,38 @@ impl Config {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let settings = Settings::new(lookup);
         let limits = Limits::parse(&settings)?;
-        let upstream = UpstreamConfig::parse(&settings, limits.upstream_connect_timeout)?;
+        let upstreams = match settings.set("UPSTREAMS_FILE") {
+            None => UpstreamsConfig::single(
+                UpstreamConfig::parse(&settings, limits.upstream_connect_timeout)?,
+                limits.upstream_timeout,
+            ),
+            Some(path) => {
+                // The file says where each upstream is and which keys it takes: a variable that
+                // says it too would be ignored, and an operator would not know which one counts.
+                let also: Vec<&str> = ["TARGET_HOST", "TARGET_BASE_URL", "AUTH_BEARER"]
+                    .into_iter()
+                    .filter(|name| settings.set(name).is_some())
+                    .collect();
+                if !also.is_empty() {
+                    return Err(invalid(
+                        "UPSTREAMS_FILE",
+                        format!(
+                            "cannot be set together with {}: with an upstreams file each \
+                             upstream's URL is its base_url and its keys are in keys_file or \
+                             keys_env; remove {}",
+                            also.join(", "),
+                            also.join(", ")
+                        ),
+                    ));
+                }
+                UpstreamsConfig::load(
+                    std::path::Path::new(&path),
+                    |name| settings.set(name),
+                    UpstreamDefaults::from_limits(&limits),
+                )?
+            }
+        };
+        let upstream = upstreams.default_upstream().settings.clone();
         let listen = listen_address(&settings)?;
 
         let log_level = match settings
@@ -287,7 +319,6 @@ impl Config {
                 .collect(),
         );
 
-        let upstreams = UpstreamsConfig::from_env(&upstream, limits.upstream_timeout);
         Ok(Config {
             upstream,
             upstreams,
@@ -314,10 +345,10 @@ impl Config {
 
     /// Every secret the configuration holds, for redaction.
     pub fn secrets(&self) -> impl Iterator<Item = &Secret> {
-        self.upstream
-            .keys
+        self.upstreams
+            .list
             .iter()
-            .map(|key| &key.key)
+            .flat_map(|upstream| upstream.settings.keys.iter().map(|key| &key.key))
             .chain(
                 self.clients
                     .iter()
@@ -734,6 +765,81 @@ mod tests {
             "CLIENTS_FILE"
         );
         let _ = std::fs::remove_file(&file);
+    }
+
+    #[test]
+    fn an_upstreams_file_replaces_the_environments_upstream() {
+        let dir = std::env::temp_dir().join(format!("llm-proxy-unit-up-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("upstreams.toml");
+        std::fs::write(
+            &file,
+            "default = \"b\"\n\
+             [upstreams.a]\nbase_url = \"https://a.example/v1\"\nkeys_env = \"A_KEYS\"\nmodels = [\"x\"]\n\
+             [upstreams.b]\nbase_url = \"https://b.example/v1\"\nkeys_env = \"B_KEYS\"\nmodels = [\"y\"]\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let keys = [("A_KEYS", "a1,a2"), ("B_KEYS", "b1")];
+        let with_file = config(&[("UPSTREAMS_FILE", path), keys[0], keys[1]]).unwrap();
+        assert_eq!(with_file.upstreams.list.len(), 2);
+        assert_eq!(with_file.upstreams.file.as_deref(), Some(file.as_path()));
+        assert_eq!(
+            with_file.upstream, with_file.upstreams.list[1].settings,
+            "Config.upstream is the default upstream's"
+        );
+        assert_eq!(
+            with_file.upstreams.list[1].timeout,
+            with_file.limits.upstream_timeout
+        );
+        let secrets: Vec<&str> = with_file.secrets().map(Secret::expose).collect();
+        for key in ["a1", "a2", "b1"] {
+            assert!(secrets.contains(&key), "{key} is redacted");
+        }
+
+        for variable in ["TARGET_HOST", "TARGET_BASE_URL", "AUTH_BEARER"] {
+            let value = if variable == "AUTH_BEARER" {
+                "k"
+            } else {
+                "https://h/v1"
+            };
+            let err = config(&[
+                ("UPSTREAMS_FILE", path),
+                keys[0],
+                keys[1],
+                (variable, value),
+            ])
+            .unwrap_err();
+            assert_eq!(err.variable, "UPSTREAMS_FILE", "{variable}");
+            assert!(err.message.contains(variable), "{variable}: {err}");
+        }
+        let missing = config(&[("UPSTREAMS_FILE", path), keys[0]]).unwrap_err();
+        assert_eq!(missing.variable, "UPSTREAMS_FILE");
+        assert!(
+            missing
+                .message
+                .contains("upstreams.b.keys_env: B_KEYS is not set"),
+            "{missing}"
+        );
+        let gone = config(&[("UPSTREAMS_FILE", "/nonexistent/upstreams.toml")]).unwrap_err();
+        assert_eq!(gone.variable, "UPSTREAMS_FILE");
+        assert!(gone.message.contains("cannot be read"), "{gone}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn without_an_upstreams_file_the_environment_is_one_upstream_named_default() {
+        let config = config(&[("AUTH_BEARER", "k1,k2"), ("UPSTREAM_TIMEOUT_SECS", "7")]).unwrap();
+        let upstreams = &config.upstreams;
+        assert_eq!(upstreams.file, None);
+        assert_eq!(upstreams.list.len(), 1);
+        let only = upstreams.default_upstream();
+        assert_eq!(&*only.name, "default");
+        assert_eq!(only.settings, config.upstream);
+        assert_eq!(only.timeout, Duration::from_secs(7));
+        assert!(only.models.matches("any-model"));
+        assert_eq!(upstreams.max_attempts, None);
+        assert_eq!(config.secrets().count(), 2, "each key once");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use warp::http::{HeaderName, HeaderValue};
 use super::Secret;
 use super::env::Settings;
 use super::error::{ConfigError, invalid};
-use super::values::{self, UpstreamQuery};
+use super::values::{self, IN_THE_ENVIRONMENT, UpstreamQuery};
 
 /// `UPSTREAM_HTTP2_CONNECTIONS` at most: each pool loads its own TLS roots.
 const MAX_UPSTREAM_CONNECTIONS: u64 = 64;
@@ -29,7 +29,9 @@ const PROXY_VARIABLES: [&str; 6] = [
     "all_proxy",
 ];
 
-#[derive(Clone)]
+/// Equal when every setting and every key (by value) is: a reload keeps what was built from an
+/// upstream whose configuration did not change.
+#[derive(Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
     /// What the caller's `/v1` is replaced by, without a trailing slash: `TARGET_HOST` + `/v1`,
     /// or `TARGET_BASE_URL` as it is (the meaning the OpenAI SDKs give `base_url`).
@@ -73,7 +75,7 @@ impl fmt::Debug for CaFile {
 }
 
 /// One upstream key and the header value it is sent as.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct UpstreamKey {
     pub key: Secret,
     /// `Bearer <key>` for `Authorization`, else the bare key; marked sensitive so hyper never
@@ -102,26 +104,43 @@ impl UpstreamConfig {
             "UPSTREAM_AUTH_HEADER",
             &settings.value("UPSTREAM_AUTH_HEADER").unwrap_or_default(),
         )?;
+        let base_url = base_url(settings)?;
+        let bearer = settings.set("AUTH_BEARER").ok_or_else(|| {
+            invalid(
+                "AUTH_BEARER",
+                "is required: set it to the upstream API key, or several keys separated by commas",
+            )
+        })?;
         Ok(UpstreamConfig {
-            base_url: base_url(settings)?,
-            keys: upstream_keys(settings.set("AUTH_BEARER"), &auth_header)?,
+            base_url,
+            keys: comma_separated_keys("AUTH_BEARER", &bearer, &auth_header)?,
             auth_header,
-            query: values::upstream_query(settings.set("UPSTREAM_QUERY"))?,
+            query: values::upstream_query("UPSTREAM_QUERY", settings.set("UPSTREAM_QUERY"))?,
             connection: ConnectionSettings {
                 ca_file: settings
                     .set("UPSTREAM_CA_FILE")
-                    .map(|path| ca_file(&path))
+                    .map(|path| ca_file("UPSTREAM_CA_FILE", &path))
                     .transpose()?,
                 connect_timeout,
-                pools: pools(settings.value("UPSTREAM_HTTP2_CONNECTIONS"))?,
-                outbound_proxy: outbound_proxy(|name| std::env::var_os(name).is_some()),
+                pools: pools(
+                    "UPSTREAM_HTTP2_CONNECTIONS",
+                    values::positive(
+                        "UPSTREAM_HTTP2_CONNECTIONS",
+                        settings.value("UPSTREAM_HTTP2_CONNECTIONS"),
+                    )?,
+                )?,
+                outbound_proxy: outbound_proxy_set(),
             },
         })
     }
 }
 
-/// Whether an outbound proxy is configured, by the process environment (which is where reqwest
-/// looks, not the `.env` files).
+/// Whether the process environment names an outbound proxy (which is where reqwest looks, not the
+/// `.env` files).
+pub(super) fn outbound_proxy_set() -> bool {
+    outbound_proxy(|name| std::env::var_os(name).is_some())
+}
+
 fn outbound_proxy(is_set: impl Fn(&str) -> bool) -> bool {
     PROXY_VARIABLES.iter().any(|name| is_set(name))
 }
@@ -138,6 +157,7 @@ fn base_url<F: Fn(&str) -> Option<String>>(settings: &Settings<F>) -> Result<Url
             "TARGET_BASE_URL",
             &base,
             "https://api.openai.com/v1 or https://open.bigmodel.cn/api/paas/v4",
+            &IN_THE_ENVIRONMENT,
         ),
         (_, None) => {
             let host = settings.value("TARGET_HOST").unwrap_or_default();
@@ -145,6 +165,7 @@ fn base_url<F: Fn(&str) -> Option<String>>(settings: &Settings<F>) -> Result<Url
                 "TARGET_HOST",
                 &host,
                 "https://api.openai.com or https://host/openai",
+                &IN_THE_ENVIRONMENT,
             )?;
             let path = format!("{}/v1", url.path().trim_end_matches('/'));
             url.set_path(&path);
@@ -153,35 +174,32 @@ fn base_url<F: Fn(&str) -> Option<String>>(settings: &Settings<F>) -> Result<Url
     }
 }
 
-/// `UPSTREAM_HTTP2_CONNECTIONS`: 1 to 64.
-fn pools(value: Option<String>) -> Result<usize, ConfigError> {
-    let pools = values::positive("UPSTREAM_HTTP2_CONNECTIONS", value)?;
+/// `UPSTREAM_HTTP2_CONNECTIONS` or an upstream's `http2_connections` (`variable`), already at
+/// least 1: at most 64.
+pub(super) fn pools(variable: &str, pools: u64) -> Result<usize, ConfigError> {
     if pools > MAX_UPSTREAM_CONNECTIONS {
         return Err(invalid(
-            "UPSTREAM_HTTP2_CONNECTIONS",
+            variable,
             format!("is more than {MAX_UPSTREAM_CONNECTIONS}"),
         ));
     }
     Ok(pools as usize)
 }
 
-/// `UPSTREAM_CA_FILE`: the PEM certificates in the file, at least one, each accepted by rustls.
-fn ca_file(path: &str) -> Result<CaFile, ConfigError> {
-    let pem = std::fs::read(path).map_err(|err| {
-        invalid(
-            "UPSTREAM_CA_FILE",
-            format!("{path:?} cannot be read: {err}"),
-        )
-    })?;
+/// `UPSTREAM_CA_FILE` or an upstream's `ca_file` (`variable`): the PEM certificates in the file,
+/// at least one, each accepted by rustls.
+pub(super) fn ca_file(variable: &str, path: &str) -> Result<CaFile, ConfigError> {
+    let pem = std::fs::read(path)
+        .map_err(|err| invalid(variable, format!("{path:?} cannot be read: {err}")))?;
     let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|err| {
         invalid(
-            "UPSTREAM_CA_FILE",
+            variable,
             format!("{path:?} is not a PEM certificate file: {err}"),
         )
     })?;
     if certificates.is_empty() {
         return Err(invalid(
-            "UPSTREAM_CA_FILE",
+            variable,
             format!("{path:?} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
         ));
     }
@@ -196,7 +214,7 @@ fn ca_file(path: &str) -> Result<CaFile, ConfigError> {
     }
     check.build().map_err(|err| {
         invalid(
-            "UPSTREAM_CA_FILE",
+            variable,
             format!("no HTTP client can be built for the upstream: {err}"),
         )
     })?;
@@ -206,27 +224,33 @@ fn ca_file(path: &str) -> Result<CaFile, ConfigError> {
     })
 }
 
-/// `AUTH_BEARER`: keys separated by commas, trimmed, at least one, each sendable in a header.
-fn upstream_keys(
-    value: Option<String>,
+/// `AUTH_BEARER` or the variable an upstream's `keys_env` names (`variable`): keys separated by
+/// commas, trimmed, at least one.
+pub(super) fn comma_separated_keys(
+    variable: &str,
+    value: &str,
     header: &HeaderName,
 ) -> Result<Vec<UpstreamKey>, ConfigError> {
-    let value = value.ok_or_else(|| {
-        invalid(
-            "AUTH_BEARER",
-            "is required: set it to the upstream API key, or several keys separated by commas",
-        )
-    })?;
+    let keys: Vec<&str> = value.split(',').map(str::trim).collect();
+    if let Some(index) = keys.iter().position(|key| key.is_empty()) {
+        return Err(invalid(
+            variable,
+            format!("key {} is empty: separate keys by single commas", index + 1),
+        ));
+    }
+    upstream_keys(variable, &keys, header)
+}
+
+/// Keys as they are sent in `header`, each checked to be sendable there.
+pub(super) fn upstream_keys(
+    variable: &str,
+    keys: &[&str],
+    header: &HeaderName,
+) -> Result<Vec<UpstreamKey>, ConfigError> {
     let bearer = header == warp::http::header::AUTHORIZATION;
-    let mut keys = Vec::new();
-    for (index, key) in value.split(',').map(str::trim).enumerate() {
+    let mut pool = Vec::new();
+    for (index, key) in keys.iter().enumerate() {
         let position = index + 1;
-        if key.is_empty() {
-            return Err(invalid(
-                "AUTH_BEARER",
-                format!("key {position} is empty: separate keys by single commas"),
-            ));
-        }
         let text = if bearer {
             format!("Bearer {key}")
         } else {
@@ -235,17 +259,17 @@ fn upstream_keys(
         // The key is not echoed, only its position.
         let mut header_value = HeaderValue::from_str(&text).map_err(|_| {
             invalid(
-                "AUTH_BEARER",
+                variable,
                 format!("key {position} contains characters that cannot be sent in an HTTP header"),
             )
         })?;
         header_value.set_sensitive(true);
-        keys.push(UpstreamKey {
-            key: Secret::new(key),
+        pool.push(UpstreamKey {
+            key: Secret::new(*key),
             header_value,
         });
     }
-    Ok(keys)
+    Ok(pool)
 }
 
 #[cfg(test)]

@@ -9,9 +9,27 @@ use warp::http::HeaderName;
 
 use super::error::{ConfigError, invalid};
 
-/// `TARGET_HOST` or `TARGET_BASE_URL`: an absolute http(s) URL, parsed once here, without
-/// credentials, query or fragment; a trailing slash is dropped so that paths can be appended.
-pub(super) fn upstream_base(variable: &str, raw: &str, example: &str) -> Result<Url, ConfigError> {
+/// Where the settings a base URL must not carry are written instead, for its error's hint.
+pub(super) struct Elsewhere {
+    pub keys: &'static str,
+    pub query: &'static str,
+}
+
+/// The environment's upstream: its key in `AUTH_BEARER`, its query in `UPSTREAM_QUERY`.
+pub(super) const IN_THE_ENVIRONMENT: Elsewhere = Elsewhere {
+    keys: "AUTH_BEARER",
+    query: "UPSTREAM_QUERY",
+};
+
+/// `TARGET_HOST`, `TARGET_BASE_URL` or an upstream's `base_url`: an absolute http(s) URL, parsed
+/// once here, without credentials, query or fragment; a trailing slash is dropped so that paths
+/// can be appended. `variable` is what the error names.
+pub(super) fn upstream_base(
+    variable: &str,
+    raw: &str,
+    example: &str,
+    elsewhere: &Elsewhere,
+) -> Result<Url, ConfigError> {
     let accepted = format!("must be an absolute http:// or https:// URL, such as {example}");
     // The value is not echoed back: a URL may carry credentials.
     let mut url = Url::parse(raw).map_err(|_| invalid(variable, accepted.clone()))?;
@@ -21,14 +39,20 @@ pub(super) fn upstream_base(variable: &str, raw: &str, example: &str) -> Result<
     if !url.username().is_empty() || url.password().is_some() {
         return Err(invalid(
             variable,
-            "must not contain user:password@; put the upstream key in AUTH_BEARER",
+            format!(
+                "must not contain user:password@; put the upstream key in {}",
+                elsewhere.keys
+            ),
         ));
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(invalid(
             variable,
-            "must not contain a query string or fragment; put query parameters such as \
-             api-version=2024-10-21 in UPSTREAM_QUERY",
+            format!(
+                "must not contain a query string or fragment; put query parameters such as \
+                 api-version=2024-10-21 in {}",
+                elsewhere.query
+            ),
         ));
     }
     let prefix = url.path().trim_end_matches('/').to_string();
@@ -36,9 +60,13 @@ pub(super) fn upstream_base(variable: &str, raw: &str, example: &str) -> Result<
     Ok(url)
 }
 
-/// `UPSTREAM_QUERY`: `name=value` pairs joined by `&`, as in a URL. Kept in its wire form, and the
-/// names decoded, so that a caller's parameter of the same name can be dropped.
-pub(super) fn upstream_query(value: Option<String>) -> Result<Option<UpstreamQuery>, ConfigError> {
+/// `UPSTREAM_QUERY` or an upstream's `query` (`variable`, for the error): `name=value` pairs
+/// joined by `&`, as in a URL. Kept in its wire form, and the names decoded, so that a caller's
+/// parameter of the same name can be dropped.
+pub(super) fn upstream_query(
+    variable: &str,
+    value: Option<String>,
+) -> Result<Option<UpstreamQuery>, ConfigError> {
     let Some(value) = value else {
         return Ok(None);
     };
@@ -48,7 +76,7 @@ pub(super) fn upstream_query(value: Option<String>) -> Result<Option<UpstreamQue
     for (name, parameter) in form_urlencoded::parse(value.as_bytes()) {
         if name.is_empty() {
             return Err(invalid(
-                "UPSTREAM_QUERY",
+                variable,
                 "has a parameter without a name (accepted: name=value pairs joined by &, such \
                  as api-version=2024-10-21)",
             ));

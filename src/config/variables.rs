@@ -70,7 +70,8 @@ pub const VARIABLES: &[Variable] = &[
         default: Default::Required,
         reload: Reload::Restart,
         ours_by_prefix: Some("AUTH_"),
-        meaning: "upstream API key, or several comma-separated, used in turn with failover",
+        meaning: "upstream API key, or several comma-separated, used in turn with failover \
+                  (not with UPSTREAMS_FILE)",
     },
     Variable {
         name: "UPSTREAM_AUTH_HEADER",
@@ -92,6 +93,14 @@ pub const VARIABLES: &[Variable] = &[
         reload: Reload::Restart,
         ours_by_prefix: Some("UPSTREAM_"),
         meaning: "PEM file of extra CA certificates trusted for the upstream",
+    },
+    Variable {
+        name: "UPSTREAMS_FILE",
+        default: Default::Unset,
+        reload: Reload::FileOnly,
+        ours_by_prefix: Some("UPSTREAMS_"),
+        meaning: "TOML file of several upstreams routed by model; replaces TARGET_HOST, \
+                  TARGET_BASE_URL and AUTH_BEARER",
     },
     Variable {
         name: "PROXY_HOST",
@@ -502,10 +511,9 @@ mod tests {
         ] {
             assert!(!restart.contains(&live), "{live}");
         }
-        assert!(
-            !restart.contains(&"CLIENTS_FILE"),
-            "the reload re-reads the file"
-        );
+        for file in ["CLIENTS_FILE", "UPSTREAMS_FILE"] {
+            assert!(!restart.contains(&file), "the reload re-reads {file}");
+        }
     }
 
     #[test]

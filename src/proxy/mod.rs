@@ -210,7 +210,7 @@ impl Upstream {
 
     /// Whether `named` configures this upstream exactly as it is (a reload keeps it whole).
     pub fn is_configured_as(&self, named: &NamedUpstream) -> bool {
-        self.0.configured.unchanged(named)
+        self.0.configured == *named
     }
 
     /// Whether this upstream was built with the connection settings `named` asks for, so that

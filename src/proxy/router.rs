@@ -199,7 +199,7 @@ impl Table {
             || routing
                 .list
                 .iter()
-                .any(|named| !named.model_names.is_empty() || !named.models.matches_all());
+                .any(|named| !named.model_names.is_empty() || named.models.iter().all(|pattern| pattern.to_string() != "*"));
         let mut table = Table {
             default_plan: Arc::new(Plan::of(
                 None,
@@ -293,7 +293,10 @@ impl Table {
             Arc::from(""),
             &self.upstreams,
             |index| {
-                let matched = self.upstreams[index].models().matching(model);
+                let matched = self.upstreams[index]
+                    .models()
+                    .iter()
+                    .find(|pattern| pattern.matches(model));
                 if label.is_none() {
                     label = matched.map(|pattern| Arc::<str>::from(pattern.to_string()));
                 }

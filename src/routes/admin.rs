@@ -126,7 +126,11 @@ pub fn upstreams(
                         "name": &**upstream.name(),
                         "tier": upstream.tier(),
                         "weight": upstream.weight(),
-                        "models": upstream.models().to_strings(),
+                        "models": upstream
+                            .models()
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>(),
                         "breaker": {
                             "state": breaker_word(breaker.state()),
                             "closes_at": breaker.closes_at().map(rfc3339_at),

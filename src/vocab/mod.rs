@@ -1,7 +1,7 @@
 //! Words that several floors of the proxy share, at the bottom of the layering: what kind of
 //! endpoint a request is for, the token usage an answer reports, where a client stands against
-//! its limits, whether a request is a WebSocket upgrade, and whether an error is a lack of file
-//! descriptors. Nothing here names a module
+//! its limits, whether a request is a WebSocket upgrade, whether an error is a lack of file
+//! descriptors, and which models an upstream serves. Nothing here names a module
 //! above it (config, auth, policy, proxy, routes, ops, server), so every floor may use it.
 
 pub mod descriptors;
@@ -12,4 +12,5 @@ pub mod usage;
 pub mod websocket;
 
 pub use endpoint::{Endpoint, Model, Route, Shape, classify};
+pub use models::{ModelPattern, ModelPatterns};
 pub use usage::Usage;

@@ -296,3 +296,88 @@ async fn every_log_line_is_json_with_log_format_json() {
     let line: serde_json::Value = serde_json::from_slice(&failed.stderr).expect("JSON error line");
     assert_eq!(line["variable"], "AUTH_BEARER");
 }
+
+/// An upstreams file with two upstreams in `dir`, the default one in front of `base` with its
+/// keys in a keys file, `extra` added to the second's table.
+fn upstreams_file(dir: &std::path::Path, base: &str, extra: &str) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let keys = dir.join("primary-keys");
+    std::fs::write(&keys, format!("# the team key\n{UPSTREAM_KEY}\n")).unwrap();
+    let file = dir.join("upstreams.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "default = \"primary\"\n\
+             [upstreams.primary]\nbase_url = \"{base}/v1\"\nkeys_file = \"{}\"\nmodels = [\"*\"]\n\
+             [upstreams.azure-eu]\nbase_url = \"https://eu.example/openai/v1\"\n\
+             keys_env = \"AZURE_EU_KEYS\"\nmodels = [\"gpt-4o\"]\n{extra}\n",
+            keys.display()
+        ),
+    )
+    .unwrap();
+    file.to_str().unwrap().to_string()
+}
+
+#[test]
+fn an_upstreams_file_refuses_auth_bearer_and_names_a_broken_upstreams_field() {
+    let dir = std::env::temp_dir().join(format!("llm-proxy-upstreams-{}", std::process::id()));
+    let file = upstreams_file(&dir, "http://127.0.0.1:9", "");
+    let refused = |vars: &[(&str, &str)]| {
+        let output = run_with(vars);
+        let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+        assert_eq!(output.status.code(), Some(2), "{vars:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one message: {stderr}");
+        stderr
+    };
+
+    let both = refused(&[
+        ("UPSTREAMS_FILE", &file),
+        ("AZURE_EU_KEYS", "sk-eu"),
+        ("AUTH_BEARER", "sk-env-secret"),
+    ]);
+    assert!(
+        both.contains("UPSTREAMS_FILE") && both.contains("AUTH_BEARER"),
+        "{both}"
+    );
+    assert!(!both.contains("sk-env-secret"), "{both}");
+
+    let file = upstreams_file(&dir, "http://127.0.0.1:9", "weight = 0");
+    let broken = refused(&[("UPSTREAMS_FILE", &file), ("AZURE_EU_KEYS", "sk-eu")]);
+    assert!(
+        broken.contains("UPSTREAMS_FILE")
+            && broken.contains("upstreams.azure-eu.weight: must be a whole number of at least 1"),
+        "{broken}"
+    );
+
+    let file = upstreams_file(&dir, "http://127.0.0.1:9", "");
+    let keyless = refused(&[("UPSTREAMS_FILE", &file)]);
+    assert!(
+        keyless.contains("upstreams.azure-eu.keys_env: AZURE_EU_KEYS is not set"),
+        "{keyless}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn with_an_upstreams_file_requests_go_to_the_default_upstream_with_its_keys() {
+    let upstream = MockUpstream::start().await;
+    let dir = std::env::temp_dir().join(format!("llm-proxy-upstreams-ok-{}", std::process::id()));
+    let file = upstreams_file(&dir, &upstream.base_url(), "");
+    let proxy = start_binary(&[("UPSTREAMS_FILE", &file), ("AZURE_EU_KEYS", "sk-eu")]).await;
+    let response = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{}/v1/chat/completions",
+            proxy.port
+        ))
+        .json(&serde_json::json!({"model": "gpt-4o-mini"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = upstream
+        .last_request()
+        .expect("the request reached the upstream");
+    assert_eq!(seen.path, "/v1/chat/completions");
+    assert_eq!(seen.key(), Some(UPSTREAM_KEY), "the keys file's key");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
