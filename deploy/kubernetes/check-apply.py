@@ -5,20 +5,24 @@
 
 Renders a copy of this directory with `KUBECTL kustomize` and fails (exit 1, one line per
 finding) unless:
-- without the operator's secret.env and clients.toml nothing renders at all, so a cluster can
-  never get a placeholder instead;
-- with files of random values standing in for the operator's, the one Secret and the clients
-  ConfigMap hold exactly those values: no tracked manifest supplies a Secret, and no *.example
-  template is part of the apply;
+- without any one of the operator's files (secret.env, clients.toml, upstreams.toml, the key
+  file keys/openai) nothing renders at all, so a cluster can never get a placeholder instead;
+- with files of random values standing in for the operator's (the upstreams file: the
+  template), the two Secrets and the clients and upstreams ConfigMaps hold exactly those values:
+  no tracked manifest supplies a Secret, and no *.example template is part of the apply;
 - no rendered value is a placeholder (replace-me, changeme, ...), and no credential is a literal
   `value` in a manifest;
 - the templates hold no credential an unedited copy could apply;
 - the Deployment fits long streams (termination grace covers the preStop pause and
-  SHUTDOWN_GRACE_SECS, which is minutes), sets REDIS_URL and turns Service links off.
+  SHUTDOWN_GRACE_SECS, which is minutes), sets REDIS_URL and turns Service links off;
+- the Deployment reads its upstreams from the file: UPSTREAMS_FILE is the mounted upstreams
+  ConfigMap's file, none of TARGET_HOST, TARGET_BASE_URL, AUTH_BEARER is set (start-up would stop
+  on the conflict), and every keys_file of the upstreams file is a key of the mounted keys Secret.
 Then it checks itself: a copy with a placeholder Secret among the resources, and one whose
 secretGenerator reads the template, must both be refused.
 
-RENDERED, when given, receives the render, for kubernetes-validate. Needs PyYAML.
+RENDERED, when given, receives the render, for kubernetes-validate. Needs PyYAML and Python 3.11
+(tomllib).
 """
 
 import base64
@@ -28,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -35,10 +40,18 @@ import yaml
 HERE = Path(__file__).resolve().parent
 SECRET_ENV = "secret.env"
 CLIENTS_TOML = "clients.toml"
+UPSTREAMS_TOML = "upstreams.toml"
+# The upstream key files the kustomization's keys Secret is generated from, by Secret key.
+KEY_FILES = {"openai": "keys/openai"}
+OPERATOR_FILES = (SECRET_ENV, CLIENTS_TOML, UPSTREAMS_TOML, *KEY_FILES.values())
+ENV_SECRET = "llm-proxy-keys"
+KEYS_SECRET = "llm-proxy-upstream-keys"
 # Words that mark a value someone meant to replace; matched in every rendered string.
 PLACEHOLDER = re.compile(r"replace[-_ ]?me|change[-_ ]?me|placeholder|your[-_ ]?(key|token)", re.I)
 # Variables whose value is a credential: they may only come from a Secret.
 CREDENTIALS = {"AUTH_BEARER", "ALLOWED_TOKENS", "ADMIN_TOKEN", "METRICS_TOKEN", "REDIS_URL"}
+# The environment's one upstream, which the proxy refuses beside UPSTREAMS_FILE.
+SINGLE_UPSTREAM = ("TARGET_HOST", "TARGET_BASE_URL", "AUTH_BEARER")
 # Non-secret values a template may carry: the bundled Redis's address, which has no password.
 TEMPLATE_DEFAULTS = {"REDIS_URL": "redis://llm-proxy-redis:6379/0"}
 # Streams last minutes: the drain must allow at least this long.
@@ -83,24 +96,42 @@ def secret_values(document):
     return values
 
 
-def check_render(text, operator_env, operator_clients):
-    """Findings for one render made with the operator's files `operator_env`/`operator_clients`."""
+def config_map_file(documents, name, file):
+    """The `file` entries of every ConfigMap called `name`."""
+    return [
+        d.get("data", {}).get(file)
+        for d in documents
+        if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == name
+    ]
+
+
+def check_render(text, operator):
+    """Findings for one render made with the operator's files, `operator` (what they hold)."""
     findings = []
     documents = [d for d in yaml.safe_load_all(text) if d]
     secrets_seen = [d for d in documents if d.get("kind") == "Secret"]
-    if len(secrets_seen) != 1:
-        findings.append(f"{len(secrets_seen)} Secrets in the apply, expected the generated one")
+    expected = {
+        # The env Secret's name carries a hash of its values; the keys Secret's is fixed.
+        ENV_SECRET: (operator["env"], "secret.env's"),
+        KEYS_SECRET: (operator["keys"], "the key files'"),
+    }
+    found = set()
     for document in secrets_seen:
         name = document["metadata"]["name"]
-        if secret_values(document) != operator_env:
-            findings.append(f"Secret {name} holds values that are not secret.env's")
-    clients = [
-        d
-        for d in documents
-        if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == "llm-proxy-clients"
-    ]
-    if [c.get("data", {}).get(CLIENTS_TOML) for c in clients] != [operator_clients]:
+        base = name if name == KEYS_SECRET else name.rsplit("-", 1)[0]
+        if base not in expected or base in found:
+            findings.append(f"Secret {name} in the apply is not one of the generated ones")
+            continue
+        found.add(base)
+        values, whose = expected[base]
+        if secret_values(document) != values:
+            findings.append(f"Secret {name} holds values that are not {whose}")
+    for missing in expected.keys() - found:
+        findings.append(f"no {missing} Secret in the apply")
+    if config_map_file(documents, "llm-proxy-clients", CLIENTS_TOML) != [operator["clients"]]:
         findings.append("the llm-proxy-clients ConfigMap is not clients.toml as given")
+    if config_map_file(documents, "llm-proxy-upstreams", UPSTREAMS_TOML) != [operator["upstreams"]]:
+        findings.append("the llm-proxy-upstreams ConfigMap is not upstreams.toml as given")
     for document in documents:
         where = f"{document.get('kind')} {document.get('metadata', {}).get('name')}"
         for value in strings(document):
@@ -138,6 +169,46 @@ def check_render(text, operator_env, operator_clients):
             f"Deployment llm-proxy: terminationGracePeriodSeconds {termination} does not cover "
             f"the preStop pause {pause} s + SHUTDOWN_GRACE_SECS {grace} s: SIGKILL cuts the drain"
         )
+    return findings + check_upstreams(pod, env, operator["upstreams"])
+
+
+def check_upstreams(pod, env, upstreams_toml):
+    """The Deployment reads the upstreams file it is given, and finds every key file it names."""
+    findings = []
+    for name in SINGLE_UPSTREAM:
+        if name in env:
+            findings.append(f"Deployment llm-proxy: {name} is set beside UPSTREAMS_FILE")
+    # Where each volume's source is mounted: (kind, name) -> mount path.
+    sources = {}
+    for volume in pod.get("volumes", []):
+        if "configMap" in volume:
+            sources[volume["name"]] = ("ConfigMap", volume["configMap"]["name"])
+        elif "secret" in volume:
+            sources[volume["name"]] = ("Secret", volume["secret"]["secretName"])
+    mounted = {
+        sources[m["name"]]: m["mountPath"]
+        for c in pod["containers"]
+        for m in c.get("volumeMounts", [])
+        if m["name"] in sources and "subPath" not in m
+    }
+    upstreams_dir = mounted.get(("ConfigMap", "llm-proxy-upstreams"))
+    if upstreams_dir is None:
+        findings.append("Deployment llm-proxy: the llm-proxy-upstreams ConfigMap is not mounted")
+    elif env.get("UPSTREAMS_FILE", {}).get("value") != f"{upstreams_dir}/{UPSTREAMS_TOML}":
+        findings.append(
+            f"Deployment llm-proxy: UPSTREAMS_FILE is not {upstreams_dir}/{UPSTREAMS_TOML}"
+        )
+    keys_dir = mounted.get(("Secret", KEYS_SECRET))
+    for name, upstream in tomllib.loads(upstreams_toml).get("upstreams", {}).items():
+        keys_file = upstream.get("keys_file")
+        if keys_file is None:
+            continue
+        directory, _, key = keys_file.rpartition("/")
+        if directory != keys_dir or key not in KEY_FILES:
+            findings.append(
+                f"{UPSTREAMS_TOML}: upstreams.{name}.keys_file {keys_file} is not a key of the "
+                f"{KEYS_SECRET} Secret as mounted"
+            )
     return findings
 
 
@@ -154,9 +225,9 @@ def check_templates(directory):
 
 
 def operator_files(directory):
-    """Writes random stand-ins for the operator's files; returns what they hold."""
+    """Writes random stand-ins for the operator's files (the upstreams file: a copy of the
+    template, which holds no secret); returns what they hold."""
     env = {
-        "AUTH_BEARER": "sk-" + secrets.token_hex(16),
         "ALLOWED_TOKENS": "ci:" + secrets.token_hex(16),
         "ADMIN_TOKEN": secrets.token_hex(16),
         "REDIS_URL": "redis://llm-proxy-redis:6379/0",
@@ -164,21 +235,36 @@ def operator_files(directory):
     (directory / SECRET_ENV).write_text("".join(f"{k}={v}\n" for k, v in env.items()))
     clients = f'[clients.ci]\ntoken_sha256 = "{secrets.token_hex(32)}"\n'
     (directory / CLIENTS_TOML).write_text(clients)
-    return env, clients
+    upstreams = (directory / f"{UPSTREAMS_TOML}.example").read_text()
+    (directory / UPSTREAMS_TOML).write_text(upstreams)
+    keys = {}
+    for key, path in KEY_FILES.items():
+        keys[key] = f"sk-{secrets.token_hex(16)}\nsk-{secrets.token_hex(16)}\n"
+        (directory / path).parent.mkdir(exist_ok=True)
+        (directory / path).write_text(keys[key])
+    return {"env": env, "clients": clients, "upstreams": upstreams, "keys": keys}
+
+
+def remove_operator_files(directory):
+    for own in OPERATOR_FILES:
+        (directory / own).unlink(missing_ok=True)
 
 
 def check(kubectl, directory):
     """Findings for the kustomization in `directory` (a scratch copy), and the render."""
-    for own in (SECRET_ENV, CLIENTS_TOML):
-        (directory / own).unlink(missing_ok=True)
-    text, _ = render(kubectl, directory)
-    if text is not None:
-        return ["renders without secret.env and clients.toml"], text
-    env, clients = operator_files(directory)
+    findings = []
+    for left_out in OPERATOR_FILES:
+        remove_operator_files(directory)
+        operator_files(directory)
+        (directory / left_out).unlink()
+        if render(kubectl, directory)[0] is not None:
+            findings.append(f"renders without {left_out}")
+    remove_operator_files(directory)
+    operator = operator_files(directory)
     text, error = render(kubectl, directory)
     if text is None:
-        return [f"does not render with secret.env and clients.toml: {error}"], ""
-    return check_render(text, env, clients) + check_templates(directory), text
+        return findings + [f"does not render with the operator's files: {error}"], ""
+    return findings + check_render(text, operator) + check_templates(directory), text
 
 
 def scratch_copy(parent, name):
@@ -222,7 +308,7 @@ def main():
         print(f"deploy/kubernetes: {finding}", file=sys.stderr)
     if findings:
         sys.exit(1)
-    print("deploy/kubernetes: the apply holds only the operator's secrets and clients")
+    print("deploy/kubernetes: the apply holds only the operator's secrets, clients and upstreams")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,11 @@ async fn respond(
         );
     }
 
+    let head_delay = state.head_delay_ms.load(Ordering::SeqCst);
+    if head_delay > 0 {
+        tokio::time::sleep(Duration::from_millis(head_delay.min(MAX_WAIT_MS))).await;
+    }
+
     if state.options.azure {
         if !headers.contains_key("api-key") {
             return error_response(
@@ -135,9 +140,9 @@ async fn respond(
     match path {
         "/v1/chat/completions" if method == Method::POST => chat(&headers, &body, state),
         "/v1/embeddings" if method == Method::POST => embeddings(&body),
-        "/v1/models" if get_like => models(),
+        "/v1/models" if get_like => models(&state),
         _ if path.starts_with("/v1/") => match path.strip_prefix("/v1/models/") {
-            Some(id) if get_like && !id.is_empty() && !id.contains('/') => model(id),
+            Some(id) if get_like && !id.is_empty() && !id.contains('/') => model(&state, id),
             _ => echo(&method, path, query.as_deref(), &headers, &body),
         },
         _ => error_response(
@@ -385,18 +390,26 @@ fn model_object(id: &str) -> Model<'_> {
     }
 }
 
-fn models() -> Response {
+/// The ids this mock serves: its own list, else [`MODELS`].
+fn model_ids(state: &State) -> Vec<&str> {
+    match &state.options.models {
+        Some(ids) => ids.iter().map(String::as_str).collect(),
+        None => MODELS.to_vec(),
+    }
+}
+
+fn models(state: &State) -> Response {
     let body = List {
         object: "list",
-        data: MODELS.iter().map(|id| model_object(id)).collect(),
+        data: model_ids(state).into_iter().map(model_object).collect(),
     };
     let mut res = json_response(StatusCode::OK, to_json(&body));
     add_headers(&mut res, &[("x-request-id", "req_mock_models")]);
     res
 }
 
-fn model(id: &str) -> Response {
-    if MODELS.contains(&id) {
+fn model(state: &State, id: &str) -> Response {
+    if model_ids(state).contains(&id) {
         json_response(StatusCode::OK, to_json(&model_object(id)))
     } else {
         error_response(

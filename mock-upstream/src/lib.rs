@@ -21,6 +21,9 @@
 //! [`MockOptions`] mounts the API under another base path (as Zhipu's `/api/paas/v4` or an Azure
 //! deployment), and [`MockUpstream::answer_key`] makes one upstream key always get one answer
 //! (a key pool's rate-limited or revoked key) until [`MockUpstream::forget_key`].
+//! [`MockOptions::models`] gives one upstream its own model list, and
+//! [`MockUpstream::delay_heads`] makes one upstream slow to answer whatever the request says (the
+//! `x-mock-*` headers reach every upstream a proxy tries, so they cannot slow down just one).
 //!
 //! [`MockUpstream::start_tls_on`] serves the same API over HTTPS with a [`SelfSigned`]
 //! certificate, offering HTTP/2 and HTTP/1.1 by ALPN, as real providers do.
@@ -104,6 +107,9 @@ pub struct MockOptions {
     /// Azure-like: only the `api-key` header is accepted as the key (401 without it, even with
     /// `Authorization`), and an `api-version` query parameter is required (400 without).
     pub azure: bool,
+    /// The ids `GET /v1/models` lists and `GET /v1/models/{id}` knows, in this order; `None`:
+    /// `gpt-mock`, `gpt-mock-mini` and `text-embedding-mock`.
+    pub models: Option<Vec<String>>,
 }
 
 /// A fixed answer for every request made with one key.
@@ -122,6 +128,8 @@ pub(crate) struct State {
     /// the per-event copy into `last_stream`).
     pub(crate) record: bool,
     pub(crate) requests: Mutex<Vec<RecordedRequest>>,
+    /// Set by [`MockUpstream::delay_heads`]; 0: none.
+    pub(crate) head_delay_ms: AtomicU64,
     pub(crate) models_fetches: AtomicUsize,
     pub(crate) requests_started: AtomicUsize,
     pub(crate) requests_answered: AtomicUsize,
@@ -148,6 +156,7 @@ impl State {
             key_answers: Mutex::new(Vec::new()),
             record,
             requests: Mutex::new(Vec::new()),
+            head_delay_ms: AtomicU64::new(0),
             models_fetches: AtomicUsize::new(0),
             requests_started: AtomicUsize::new(0),
             requests_answered: AtomicUsize::new(0),
@@ -221,6 +230,14 @@ impl MockUpstream {
         let mut answers = self.state.key_answers.lock();
         answers.retain(|(known, _)| known != key);
         answers.push((key.to_string(), answer));
+    }
+
+    /// Every later request, whatever it asks for, waits `delay` after it was recorded before
+    /// anything else happens (a key's fixed answer, `x-mock-delay-ms`, the response head);
+    /// `Duration::ZERO` ends that. Requests already waiting keep their delay.
+    pub fn delay_heads(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.state.head_delay_ms.store(ms, Ordering::SeqCst);
     }
 
     /// Requests made with `key` are answered as any other again.

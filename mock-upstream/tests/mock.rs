@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use mock_upstream::MockUpstream;
+use mock_upstream::{MockOptions, MockUpstream};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -474,6 +474,70 @@ async fn other_v1_paths_are_echoed_and_recorded() {
     assert_eq!(res.status, 404);
     assert_eq!(res.json()["error"]["type"], "invalid_request_error");
     assert_eq!(mock.requests().len(), 4);
+}
+
+#[tokio::test]
+async fn a_mock_of_its_own_lists_and_knows_only_its_models() {
+    let mock = MockUpstream::start_with(MockOptions {
+        models: Some(vec![
+            "o3".to_string(),
+            "meta-llama/Llama-3.1-8B".to_string(),
+        ]),
+        ..MockOptions::default()
+    })
+    .await;
+    let res = send(mock.addr(), "GET", "/v1/models", &[], b"").await;
+    let ids: Vec<String> = res.json()["data"]
+        .as_array()
+        .expect("data array")
+        .iter()
+        .map(|m| m["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(ids, ["o3", "meta-llama/Llama-3.1-8B"]);
+    assert_eq!(
+        send(mock.addr(), "GET", "/v1/models/o3", &[], b"")
+            .await
+            .status,
+        200
+    );
+    let missing = send(mock.addr(), "GET", "/v1/models/gpt-mock", &[], b"").await;
+    assert_eq!(missing.status, 404);
+}
+
+#[tokio::test]
+async fn delayed_heads_hold_back_every_answer_until_switched_off() {
+    let mock = MockUpstream::start().await;
+    mock.answer_key("sk-slow", 503, &[]);
+    mock.delay_heads(Duration::from_millis(300));
+    let started = Instant::now();
+    let res = send(mock.addr(), "GET", "/v1/models", &[], b"").await;
+    assert_eq!(res.status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let started = Instant::now();
+    let keyed = send(
+        mock.addr(),
+        "GET",
+        "/v1/models",
+        &[("authorization", "Bearer sk-slow")],
+        b"",
+    )
+    .await;
+    assert_eq!(keyed.status, 503);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "a key's answer waits too"
+    );
+
+    mock.delay_heads(Duration::ZERO);
+    let started = Instant::now();
+    assert_eq!(
+        send(mock.addr(), "GET", "/v1/models", &[], b"")
+            .await
+            .status,
+        200
+    );
+    assert!(started.elapsed() < Duration::from_millis(300));
+    assert_eq!(mock.requests_started(), 3);
 }
 
 #[tokio::test]

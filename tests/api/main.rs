@@ -23,6 +23,7 @@ mod process;
 mod providers;
 mod redis_server;
 mod reload;
+mod routing;
 mod runtime;
 mod shared_limits;
 mod shared_state;

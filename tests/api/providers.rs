@@ -9,7 +9,7 @@ use crate::helpers::*;
 fn mounted(mount: &str) -> MockOptions {
     MockOptions {
         mount: Some(mount.to_string()),
-        azure: false,
+        ..MockOptions::default()
     }
 }
 
@@ -17,6 +17,7 @@ fn azure_deployment() -> MockOptions {
     MockOptions {
         mount: Some("/openai/deployments/D".to_string()),
         azure: true,
+        ..MockOptions::default()
     }
 }
 
