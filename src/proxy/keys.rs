@@ -95,6 +95,9 @@ pub struct KeyPool {
     reprobe_every: Duration,
     /// Set once the re-probing of disabled keys runs; it runs for the rest of the pool's life.
     reprobing: AtomicBool,
+    /// An upstream of the upstreams file rests even its only key after a 429: other upstreams
+    /// can take its requests meanwhile, where the environment's one upstream has nobody else.
+    rests_alone: bool,
 }
 
 /// What an upstream status means for the key that got it.
@@ -145,7 +148,20 @@ impl KeyPool {
             rested_here: Arc::new(Notify::new()),
             reprobe_every: reprobe_interval(),
             reprobing: AtomicBool::new(false),
+            rests_alone: false,
         }
+    }
+
+    /// The pool of an upstream that has others beside it (see `rests_alone`).
+    pub fn resting_alone(mut self) -> KeyPool {
+        self.rests_alone = true;
+        self
+    }
+
+    /// Whether a key that got a 429 rests: always in a pool of several, and the only key of an
+    /// upstream from the upstreams file.
+    pub fn rests(&self) -> bool {
+        self.fails_over() || self.rests_alone
     }
 
     pub fn len(&self) -> usize {
@@ -189,7 +205,7 @@ impl KeyPool {
     /// The key at `position` got a 429: it is not chosen before `until`. Returns whether it rests.
     pub fn rested(&self, position: usize, until: Instant) -> bool {
         self.metrics.key_rate_limited(position);
-        if !self.fails_over() {
+        if !self.rests() {
             return false;
         }
         let mut slots = self.slots.lock();
@@ -306,6 +322,11 @@ impl KeyPool {
             .min()
     }
 
+    /// Whether some key may be used at `now`.
+    pub fn usable_at(&self, now: Instant) -> bool {
+        self.slots.lock().iter().any(|slot| slot.usable(now))
+    }
+
     /// Every key by position: `usable`, `resting` (and until when) or `disabled`.
     pub fn states(&self) -> Vec<(usize, &'static str, Option<Instant>)> {
         let now = Instant::now();
@@ -353,7 +374,7 @@ impl KeyPool {
 /// merges them every `REST_SYNC_INTERVAL` and right after each 429. A pool of one key is never
 /// rested, so it has nothing to share.
 pub fn share_rests(pool: &Arc<KeyPool>, rests: SharedRests) {
-    if pool.fails_over() {
+    if pool.rests() {
         tokio::spawn(sync_rests(
             Arc::downgrade(pool),
             pool.rested_here.clone(),

@@ -112,7 +112,11 @@ impl Upstream {
         shared: &Shared,
     ) -> Upstream {
         let upstream = &named.settings;
-        let keys = Arc::new(KeyPool::new(&upstream.keys, metrics.clone()));
+        let mut keys = KeyPool::new(&upstream.keys, metrics.clone());
+        if config.upstreams.file.is_some() {
+            keys = keys.resting_alone();
+        }
+        let keys = Arc::new(keys);
         if shared.is_configured() {
             keys::share_rests(&keys, SharedRests::new(shared.clone(), &upstream.keys));
         }
@@ -192,7 +196,7 @@ impl Upstream {
 
     /// Whether one of its keys may be used now (none rests, or one's rest is over).
     pub fn has_usable_key(&self, now: tokio::time::Instant) -> bool {
-        self.0.keys.is_empty() || self.0.keys.first_usable_at().is_some_and(|at| at <= now)
+        self.0.keys.is_empty() || self.0.keys.usable_at(now)
     }
 
     /// Its cached `/v1/models` answer.
@@ -382,6 +386,7 @@ impl Upstream {
             };
             // A pool of one key keeps the behaviour without a pool: every answer is the answer.
             let verdict = match Verdict::of(response.status()) {
+                Verdict::RateLimited if pool.rests() => Verdict::RateLimited,
                 _ if !pool.fails_over() => Verdict::Answer,
                 verdict => verdict,
             };

@@ -226,6 +226,11 @@ impl CallerBody {
         if self.declared.is_some_and(|length| length > keep) {
             return Ok(());
         }
+        // Read already (whole, or as far as it was kept): nothing more to do, and what was read
+        // stays where it is.
+        if !matches!(self.held, Held::Unread(_)) {
+            return Ok(());
+        }
         let Held::Unread(mut body) = std::mem::replace(&mut self.held, Held::None) else {
             return Ok(());
         };

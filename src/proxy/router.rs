@@ -373,12 +373,16 @@ impl Table {
             let Some(caller_headers) = super::take_or_clone(&mut headers, last_candidate) else {
                 break;
             };
-            let attempt_headers = headers::request_headers(
+            let mut attempt_headers = headers::request_headers(
                 caller_headers,
                 &upstream.0.caller_token_header,
                 &upstream.0.key_header,
             );
             let mut renamed = self.renamed(plan, upstream, &outgoing, &body);
+            if renamed.is_some() {
+                // The renamed body has its own length, which the client sets from it.
+                attempt_headers.remove(warp::http::header::CONTENT_LENGTH);
+            }
             let attempt_body = renamed.as_mut().unwrap_or(&mut body);
             let sent = InFlight::new(upstream);
             let outcome = upstream
