@@ -14,6 +14,7 @@
 //! hash tag, so the keys one script touches are in one slot; and every key has an expiry.
 
 pub mod rests;
+pub mod signals;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
