@@ -353,8 +353,8 @@ async fn listen(inner: Weak<Inner>, client: redis::Client) {
         strong.shared.0.metrics.redis_failure(failure);
         if !was_lost {
             log::warn!(
-                "signals from other replicas (Redis pub/sub) paused: {reason}; connecting \
-                 again (key rests still reach this replica at the next merge)"
+                "no signals from other replicas (Redis pub/sub): {reason}; connecting again \
+                 (key rests still reach this replica at the next merge)"
             );
         } else {
             log::debug!("signals: still no subscriber connection: {reason}");
@@ -424,7 +424,9 @@ async fn relay(
                 };
                 let bound = CONNECT_TIMEOUT + strong.timeout();
                 drop(strong);
-                match tokio::time::timeout(bound, sink.ping::<String>()).await {
+                // Any answer will do: a subscribed RESP2 connection answers `["pong", ""]`,
+                // not `PONG`.
+                match tokio::time::timeout(bound, sink.ping::<redis::Value>()).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(err)) => {
                         let Some(strong) = inner.upgrade() else {

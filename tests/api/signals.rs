@@ -58,7 +58,7 @@ fn ttl(redis: &RedisServer, name: &str) -> i64 {
 )]
 async fn a_breaker_opening_reaches_another_replica_within_100_ms_and_a_late_one_on_start() {
     let redis = RedisServer::start();
-    let (a, _) = handle(&redis).await;
+    let (a, a_metrics) = handle(&redis).await;
     let (b, _) = handle(&redis).await;
     caught_up(&a).await;
     caught_up(&b).await;
@@ -122,6 +122,16 @@ async fn a_breaker_opening_reaches_another_replica_within_100_ms_and_a_late_one_
     assert!(
         *remaining > Duration::from_secs(25) && *remaining <= Duration::from_secs(30),
         "{remaining:?}"
+    );
+
+    // The subscriber's PINGs (every second) keep a live connection: nothing dropped.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let text = a_metrics.encode();
+    assert!(!text.contains("llm_proxy_redis_failures_total{"), "{text}");
+    assert_eq!(
+        redis.command(&["PUBSUB", "NUMSUB", CHANNEL]).lines().last(),
+        Some(":3"),
+        "one subscriber connection per replica"
     );
 }
 
