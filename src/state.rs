@@ -16,6 +16,7 @@ use crate::proxy::clients::UpstreamClients;
 use crate::proxy::models_cache::ModelsCache;
 use crate::reload::Reloadable;
 use crate::shared::Shared;
+use crate::shared::signals::Signals;
 
 /// How long `/v1/models` answers are kept.
 pub const MODELS_CACHE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
@@ -35,6 +36,8 @@ pub struct Inner {
     pub redactor: Arc<Redactor>,
     /// The state shared by replicas (Redis), and its mode.
     pub shared: Shared,
+    /// Key rests and breaker openings told to and heard from the other replicas (Redis).
+    pub signals: Signals,
     /// Set once shutdown has begun: `/readyz` then answers 503.
     draining: AtomicBool,
     /// Whether the daily budgets are written to `STATE_DIR` (set by `main` once the store opened).
@@ -82,11 +85,20 @@ impl AppState {
         let metrics = Metrics::new();
         let redactor = Arc::new(Redactor::new(&config));
         let shared = Shared::new(&config.shared, metrics.clone());
+        let signals = Signals::new(&shared);
         let limiter = make(&shared);
         Ok(AppState(Arc::new(Inner {
             auth: Authenticator::new(&config),
-            upstream: Upstream::new(&config, clients, metrics.clone(), redactor.clone(), &shared),
+            upstream: Upstream::new(
+                &config,
+                clients,
+                metrics.clone(),
+                redactor.clone(),
+                &shared,
+                &signals,
+            ),
             shared,
+            signals,
             models: ModelsCache::new(MODELS_CACHE_TTL),
             policy: Policy::new(&config, limiter, metrics.clone()),
             redactor,

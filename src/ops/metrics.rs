@@ -430,7 +430,7 @@ impl Metrics {
         let redis_failures = Family::<RedisFailureLabels, Counter>::default();
         registry.register(
             "redis_failures",
-            "Redis calls that gave no answer, by kind (timeout, connection, error)",
+            "Redis calls that gave no answer, and drops of the signals connection, by kind (timeout, connection, error)",
             redis_failures.clone(),
         );
         let metrics = Metrics(Arc::new(Families {

@@ -29,6 +29,7 @@ use crate::error::{ErrorFormat, ProxyError};
 use crate::ops::metrics::{Metrics, PassedRefusal, UpstreamFailure};
 use crate::shared::Shared;
 use crate::shared::rests::SharedRests;
+use crate::shared::signals::Signals;
 use crate::vocab::Endpoint;
 use crate::vocab::descriptors::is_out_of_descriptors;
 use body::caused_by_body_limit;
@@ -69,18 +70,24 @@ struct Inner {
 }
 
 impl Upstream {
-    /// With `shared` configured, the key rests are shared through Redis.
+    /// With `shared` configured, the key rests are shared through Redis, and announced to the
+    /// other replicas (and heard from them) through `signals`.
     pub fn new(
         config: &Config,
         clients: UpstreamClients,
         metrics: Metrics,
         redactor: Arc<Redactor>,
         shared: &Shared,
+        signals: &Signals,
     ) -> Upstream {
         let upstream = &config.upstream;
         let keys = Arc::new(KeyPool::new(&upstream.keys, metrics.clone()));
         if shared.is_configured() {
-            keys::share_rests(&keys, SharedRests::new(shared.clone(), &upstream.keys));
+            keys::share_rests(
+                &keys,
+                SharedRests::new(shared.clone(), &upstream.keys),
+                signals,
+            );
         }
         Upstream(Arc::new(Inner {
             clients: clients.pools,
