@@ -33,7 +33,8 @@
 //! `SIGHUP` or a change of the file, and swaps them in whole.
 //!
 //! Beside the path, [`shared`] holds the state replicas share through Redis (`REDIS_URL`): the
-//! key pool merges its rests there in the background, so no request waits for it; when Redis is
+//! key pool announces its rests to the other replicas over pub/sub and merges them there in the
+//! background, so no request waits for it; when Redis is
 //! slow or down the mode turns `local` and each replica decides alone until Redis answers.
 //!
 //! Beneath them all, [`vocab`] holds the words several floors share (the endpoint a request is

@@ -136,6 +136,12 @@ async fn run(config: Config, variables: HashMap<String, String>) -> ExitCode {
         .map(|store| tokio::spawn(BudgetStore::run(store)));
     // The start-up log says which mode the shared state begins in.
     state.shared.first_contact().await;
+    // The rests and open breakers the other replicas recorded are known before the first
+    // request; bounded, so that a subscriber that cannot connect never holds start-up.
+    if state.shared.mode() == llm_proxy::shared::Mode::Shared {
+        let bound = llm_proxy::shared::CONNECT_TIMEOUT * 2;
+        let _ = tokio::time::timeout(bound, state.signals.caught_up()).await;
+    }
     let listener = match listener::bind(address) {
         Ok(listener) => listener,
         Err(err) => {

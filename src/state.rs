@@ -13,6 +13,7 @@ use crate::policy::{Limiter, MemoryLimiter, Policy, RedisLimiter, redis};
 use crate::proxy::router::Router;
 use crate::reload::Reloadable;
 use crate::shared::Shared;
+use crate::shared::signals::Signals;
 
 pub use crate::proxy::MODELS_CACHE_TTL;
 
@@ -31,6 +32,8 @@ pub struct Inner {
     pub redactor: Arc<Redactor>,
     /// The state shared by replicas (Redis), and its mode.
     pub shared: Shared,
+    /// Key rests and breaker openings told to and heard from the other replicas (Redis).
+    pub signals: Signals,
     /// Set once shutdown has begun: `/readyz` then answers 503.
     draining: AtomicBool,
     /// Whether the daily budgets are written to `STATE_DIR` (set by `main` once the store opened).
@@ -77,11 +80,19 @@ impl AppState {
         let metrics = Metrics::new();
         let redactor = Arc::new(Redactor::new(&config));
         let shared = Shared::new(&config.shared, metrics.clone());
+        let signals = Signals::new(&shared);
         let limiter = make(&shared);
         Ok(AppState(Arc::new(Inner {
             auth: Authenticator::new(&config),
-            router: Router::new(&config, metrics.clone(), redactor.clone(), &shared)?,
+            router: Router::new(
+                &config,
+                metrics.clone(),
+                redactor.clone(),
+                &shared,
+                &signals,
+            )?,
             shared,
+            signals,
             policy: Policy::new(&config, limiter, metrics.clone()),
             redactor,
             metrics,

@@ -229,7 +229,10 @@ impl AccessRecord {
                 if let Some(way) = way {
                     push(line, &[" upstream=", &way.upstream, " attempts="]);
                     push_count(line, u64::from(way.attempts));
-                    push(line, &[" failover=", way.failover.as_deref().unwrap_or("-")]);
+                    push(
+                        line,
+                        &[" failover=", way.failover.as_deref().unwrap_or("-")],
+                    );
                 }
                 log::info!(target: ACCESS_TARGET, "{line}");
             }),

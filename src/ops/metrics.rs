@@ -497,7 +497,7 @@ impl Metrics {
         let redis_failures = Family::<RedisFailureLabels, Counter>::default();
         registry.register(
             "redis_failures",
-            "Redis calls that gave no answer, by kind (timeout, connection, error)",
+            "Redis calls that gave no answer, and drops of the signals connection, by kind (timeout, connection, error)",
             redis_failures.clone(),
         );
         let upstream_requests = Family::<UpstreamClassLabels, Counter>::default();

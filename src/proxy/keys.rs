@@ -13,7 +13,9 @@
 //!
 //! The pool's state is behind a small interface (`choose`, `rested`, `probed`,
 //! `first_usable_at`). With `REDIS_URL`, rests are also shared by replicas ([`share_rests`]):
-//! a background task merges this pool's rests with Redis's, so `choose` never waits for Redis.
+//! a background task announces each rest of its own to the other replicas at once
+//! ([`crate::shared::signals`]), rests the keys they announce, and merges this pool's rests with
+//! Redis's now and then as a safety net, so `choose` never waits for Redis.
 //! Disabled keys stay per process: a replica finds out with its own probe, and taking a key out
 //! for every replica on one replica's word is not worth the risk.
 
@@ -22,7 +24,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, broadcast};
 // tokio's clock, so that tests with paused time can step over a rest.
 use tokio::time::Instant;
 use warp::http::{HeaderMap, HeaderValue, StatusCode};
@@ -30,14 +32,28 @@ use warp::http::{HeaderMap, HeaderValue, StatusCode};
 use crate::config::UpstreamKey;
 use crate::ops::metrics::{KeyState, Metrics, ProbeOutcome};
 use crate::shared::rests::SharedRests;
+use crate::shared::signals::{Signal, Signals};
 
 /// How long a key rests after a 429 whose answer names no time.
 pub const DEFAULT_REST: Duration = Duration::from_secs(60);
 
-/// How often a replica merges its rests with Redis's. With the merge right after a 429 of its
-/// own, this bounds how stale a replica's view is: a rest recorded by one replica is respected
-/// by the others within this interval plus two Redis round trips.
+/// How often a replica merges its rests with Redis's. A rest reaches the other replicas as a
+/// signal within a round trip; this merge (and the one right after a 429 of its own) is the
+/// safety net for a signal missed while a subscriber connection was down: a rest recorded by
+/// one replica is respected by the others within this interval plus two round trips at worst.
 pub const REST_SYNC_INTERVAL: Duration = Duration::from_millis(500);
+/// A test-only knob (not a setting, not in the README's table): [`REST_SYNC_INTERVAL`] in
+/// milliseconds, so that a test can show a rest arriving by signal and not by the merge.
+pub const TEST_REST_SYNC_VARIABLE: &str = "LLM_PROXY_TEST_REST_SYNC_MS";
+
+/// [`REST_SYNC_INTERVAL`], or the test knob's value.
+fn rest_sync_interval() -> Duration {
+    std::env::var(TEST_REST_SYNC_VARIABLE)
+        .ok()
+        .and_then(|value| value.parse::<u64>().ok())
+        .filter(|millis| *millis > 0)
+        .map_or(REST_SYNC_INTERVAL, Duration::from_millis)
+}
 
 /// What a probe asks for with one key alone, in the caller's terms (`/v1/...`: the upstream
 /// base URL stands for `/v1`, and `UPSTREAM_QUERY` is added as to any request). Nearly every
@@ -73,6 +89,8 @@ struct Slot {
     disabled: bool,
     /// A probe of this key is on its way: no second one is started.
     probing: bool,
+    /// This replica rested the key (or made its rest longer) and has not told the others yet.
+    unannounced: bool,
 }
 
 impl Slot {
@@ -213,7 +231,10 @@ impl KeyPool {
             return false;
         };
         // A later answer naming a shorter rest does not cut a longer one short.
-        slot.resting_until = Some(slot.resting_until.map_or(until, |old| old.max(until)));
+        if slot.resting_until.is_none_or(|old| old < until) {
+            slot.resting_until = Some(until);
+            slot.unannounced = true;
+        }
         self.metrics.key_state(position, KeyState::Resting);
         drop(slots);
         // A permit is kept if the sync is busy, so this rest is not missed.
@@ -234,18 +255,43 @@ impl KeyPool {
             .collect()
     }
 
+    /// The rests this replica recorded since it last asked, to announce: (0-based index,
+    /// remaining), each taken once.
+    fn take_unannounced(&self) -> Vec<(usize, Duration)> {
+        let now = Instant::now();
+        let mut slots = self.slots.lock();
+        slots
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(index, slot)| {
+                if !std::mem::take(&mut slot.unannounced) {
+                    return None;
+                }
+                let rest = slot.resting_until?.saturating_duration_since(now);
+                (!rest.is_zero()).then_some((index, rest))
+            })
+            .collect()
+    }
+
     /// Rests other replicas recorded, as remaining times in pool order: each key rests until
     /// the later of its own rest and theirs.
     fn rests_seen(&self, theirs: &[Duration]) {
-        let now = Instant::now();
+        for (index, rest) in theirs.iter().enumerate() {
+            self.rest_heard(index, *rest);
+        }
+    }
+
+    /// Another replica rested the key at `index` (0-based) for `rest` from now: it rests until
+    /// the later of its own rest and theirs, so hearing one rest twice changes nothing.
+    fn rest_heard(&self, index: usize, rest: Duration) {
+        if rest.is_zero() {
+            return;
+        }
+        // Whatever Redis holds (a stray key, another version's), no longer than any answer
+        // could have asked for here.
+        let until = Instant::now() + rest.min(MAX_REST);
         let mut slots = self.slots.lock();
-        for (slot, rest) in slots.iter_mut().zip(theirs) {
-            if rest.is_zero() {
-                continue;
-            }
-            // Whatever Redis holds (a stray key, another version's), no longer than any answer
-            // could have asked for here.
-            let until = now + (*rest).min(MAX_REST);
+        if let Some(slot) = slots.get_mut(index) {
             slot.resting_until = Some(slot.resting_until.map_or(until, |old| old.max(until)));
         }
     }
@@ -371,32 +417,87 @@ impl KeyPool {
 }
 
 /// Shares the pool's rests through Redis: a background task, ended when the pool is dropped,
-/// merges them every `REST_SYNC_INTERVAL` and right after each 429. A pool of one key is never
-/// rested, so it has nothing to share.
-pub fn share_rests(pool: &Arc<KeyPool>, rests: SharedRests) {
+/// announces each rest of this replica's as a signal and merges right after it, rests the keys
+/// other replicas announce, and merges every `REST_SYNC_INTERVAL` too (the safety net for a
+/// signal missed while the subscriber was reconnecting). A pool of one key that never rests
+/// has nothing to share.
+pub fn share_rests(pool: &Arc<KeyPool>, rests: SharedRests, signals: &Signals) {
     if pool.rests() {
+        signals.track_rests(rests.names());
         tokio::spawn(sync_rests(
             Arc::downgrade(pool),
             pool.rested_here.clone(),
             rests,
+            signals.clone(),
         ));
     }
 }
 
-async fn sync_rests(pool: Weak<KeyPool>, rested_here: Arc<Notify>, rests: SharedRests) {
+/// What woke the rest sync.
+enum Wake {
+    RestedHere,
+    Tick,
+    Heard(Result<Signal, broadcast::error::RecvError>),
+}
+
+async fn sync_rests(
+    pool: Weak<KeyPool>,
+    rested_here: Arc<Notify>,
+    rests: SharedRests,
+    signals: Signals,
+) {
+    let mut heard = signals.subscribe();
+    let mut hearing = true;
+    // The first tick is at once: the merge on start reads the rests already in Redis.
+    let mut tick = tokio::time::interval(rest_sync_interval());
+    // A burst of signals must not hold the merge back, nor bring a burst of merges after it.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        {
-            let Some(pool) = pool.upgrade() else {
-                return;
-            };
-            // In local mode this returns at once; the rests stay this replica's own.
-            if let Ok(theirs) = rests.merge(&pool.remaining_rests()).await {
-                pool.rests_seen(&theirs);
+        let wake = tokio::select! {
+            () = rested_here.notified() => Wake::RestedHere,
+            _ = tick.tick() => Wake::Tick,
+            heard = heard.recv(), if hearing => Wake::Heard(heard),
+        };
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        match wake {
+            Wake::Heard(Ok(Signal::KeyRest { key, remaining })) => {
+                if let Some(index) = rests.names().iter().position(|name| *name == key) {
+                    pool.rest_heard(index, remaining);
+                }
+                continue;
+            }
+            Wake::Heard(Ok(Signal::BreakerOpened { .. })) => continue,
+            Wake::Heard(Err(broadcast::error::RecvError::Closed)) => {
+                hearing = false;
+                continue;
+            }
+            // Signals were missed: the merge below reads what they said.
+            Wake::Heard(Err(broadcast::error::RecvError::Lagged(_))) | Wake::Tick => {}
+            Wake::RestedHere => {
+                let announced = pool
+                    .take_unannounced()
+                    .into_iter()
+                    .filter_map(|(index, rest)| {
+                        let key = rests.names().get(index)?.clone();
+                        Some(Signal::KeyRest {
+                            key,
+                            remaining: rest,
+                        })
+                    });
+                // In local mode each returns at once; the merge is what carries a rest
+                // across an outage.
+                let signals = &signals;
+                futures::future::join_all(announced.map(|signal| async move {
+                    let _ = signals.publish(&signal).await;
+                }))
+                .await;
             }
         }
-        tokio::select! {
-            () = rested_here.notified() => {}
-            () = tokio::time::sleep(REST_SYNC_INTERVAL) => {}
+        // In local mode this returns at once; the rests stay this replica's own.
+        if let Ok(theirs) = rests.merge(&pool.remaining_rests()).await {
+            pool.rests_seen(&theirs);
         }
     }
 }

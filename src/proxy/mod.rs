@@ -30,17 +30,20 @@ use std::sync::atomic::AtomicUsize;
 
 use crate::config::{Config, NamedUpstream, UpstreamQuery};
 use crate::error::{ErrorFormat, ProxyError};
-use crate::ops::metrics::{AttemptClass, Metrics, PassedRefusal, UpstreamCounters, UpstreamFailure};
+use crate::ops::metrics::{
+    AttemptClass, Metrics, PassedRefusal, UpstreamCounters, UpstreamFailure,
+};
 use crate::shared::Shared;
 use crate::shared::rests::SharedRests;
+use crate::shared::signals::Signals;
 use crate::vocab::Endpoint;
 use crate::vocab::descriptors::is_out_of_descriptors;
 use crate::vocab::models::ModelPatterns;
-use breaker::Breaker;
 use body::caused_by_body_limit;
-use models_cache::ModelsCache;
+use breaker::Breaker;
 use clients::UpstreamClients;
 use keys::{DEFAULT_REST, KEY_CHECK_PATH, KeyPool, Verdict, rest_duration, retry_after_secs};
+use models_cache::ModelsCache;
 use request::{BodyRules, CallerBody, RequestBody};
 
 /// How long `/v1/models` answers are kept.
@@ -102,7 +105,8 @@ struct Inner {
 
 impl Upstream {
     /// The upstream `named` configures. With `shared` configured, the key rests are shared
-    /// through Redis.
+    /// through Redis, and announced to the other replicas (and heard from them) through
+    /// `signals`.
     pub fn new(
         config: &Config,
         named: &NamedUpstream,
@@ -110,6 +114,7 @@ impl Upstream {
         metrics: Metrics,
         redactor: Arc<Redactor>,
         shared: &Shared,
+        signals: &Signals,
     ) -> Upstream {
         let upstream = &named.settings;
         let mut keys = KeyPool::new(&upstream.keys, metrics.clone());
@@ -118,7 +123,11 @@ impl Upstream {
         }
         let keys = Arc::new(keys);
         if shared.is_configured() {
-            keys::share_rests(&keys, SharedRests::new(shared.clone(), &upstream.keys));
+            keys::share_rests(
+                &keys,
+                SharedRests::new(shared.clone(), &upstream.keys),
+                signals,
+            );
         }
         Upstream(Arc::new(Inner {
             name: named.name.clone(),
@@ -334,8 +343,7 @@ impl Upstream {
             && let Some(key) = pool.choose(&tried)
         {
             tried.push(key.position);
-            let last =
-                tried.len() == pool.len() || !body.replayable() || budget.left == Some(1);
+            let last = tried.len() == pool.len() || !body.replayable() || budget.left == Some(1);
             let (Some(mut attempt_headers), Some(attempt_url)) = (
                 take_or_clone(&mut headers, last),
                 take_or_clone(&mut url, last),
@@ -361,9 +369,7 @@ impl Upstream {
                 Ok(response) => response,
                 // Another key cannot mend a connection; only without another upstream to go
                 // to is it worth the next key's try (the connection may be new by then).
-                Err(failure)
-                    if failure.nothing_sent && body.replayable() && !budget.others =>
-                {
+                Err(failure) if failure.nothing_sent && body.replayable() && !budget.others => {
                     log::info!(
                         "upstream {} connection failed with key {} of {}; trying the next key",
                         self.0.name,

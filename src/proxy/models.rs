@@ -9,9 +9,9 @@ use super::headers::response_headers;
 use std::collections::BTreeMap;
 
 use super::models_cache::{CacheStatus, CachedResponse, FetchResult};
-use super::router::Table;
 use super::request::RequestBody;
 use super::response::mask_every;
+use super::router::Table;
 use crate::auth::redact::error_chain;
 use crate::error::ProxyError;
 use crate::vocab::{Shape, classify};

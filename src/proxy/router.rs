@@ -12,8 +12,8 @@
 //! (`request_timeout_secs`), so retries never multiply.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -32,7 +32,9 @@ use crate::config::{Config, ConfigError};
 use crate::error::ProxyError;
 use crate::ops::metrics::Metrics;
 use crate::shared::Shared;
+use crate::shared::signals::{Signal, Signals};
 use crate::vocab::Endpoint;
+use tokio::sync::broadcast;
 
 /// The routing table in force. Cloning is shallow; a request loads the table once and keeps it
 /// (and its upstreams) to its end, whatever a reload swaps in meanwhile.
@@ -40,15 +42,24 @@ use crate::vocab::Endpoint;
 pub struct Router(Arc<ArcSwap<Table>>);
 
 impl Router {
-    /// The table `config` describes, every upstream built anew.
+    /// The table `config` describes, every upstream built anew. With `REDIS_URL`, breaker
+    /// openings are told to the other replicas through `signals`, and theirs heard.
     pub fn new(
         config: &Config,
         metrics: Metrics,
         redactor: Arc<Redactor>,
         shared: &Shared,
+        signals: &Signals,
     ) -> Result<Router, ConfigError> {
-        let table = Table::build(config, None, metrics, redactor, shared)?;
-        Ok(Router(Arc::new(ArcSwap::from_pointee(table))))
+        let table = Table::build(config, None, metrics, redactor, shared, signals)?;
+        let router = Router(Arc::new(ArcSwap::from_pointee(table)));
+        if shared.is_configured() {
+            tokio::spawn(hear_openings(
+                Arc::downgrade(&router.0),
+                signals.subscribe(),
+            ));
+        }
+        Ok(router)
     }
 
     pub fn table(&self) -> Arc<Table> {
@@ -66,7 +77,8 @@ impl Router {
         shared: &Shared,
     ) -> Result<(), ConfigError> {
         let previous = self.table();
-        let table = Table::build(config, Some(&previous), metrics, redactor, shared)?;
+        let signals = previous.signals.clone();
+        let table = Table::build(config, Some(&previous), metrics, redactor, shared, &signals)?;
         self.0.store(Arc::new(table));
         Ok(())
     }
@@ -93,6 +105,7 @@ pub struct Table {
     panicking: Mutex<Vec<Arc<str>>>,
     panics: AtomicUsize,
     metrics: Metrics,
+    signals: Signals,
 }
 
 /// Where a model's requests may go.
@@ -151,6 +164,7 @@ impl Table {
         metrics: Metrics,
         redactor: Arc<Redactor>,
         shared: &Shared,
+        signals: &Signals,
     ) -> Result<Table, ConfigError> {
         let routing = &config.upstreams;
         let mut upstreams = Vec::with_capacity(routing.list.len());
@@ -180,33 +194,44 @@ impl Table {
                         metrics.clone(),
                         redactor.clone(),
                         shared,
+                        signals,
                     )
                     .with_health_of(before)
                 }
-                None => Upstream::new(
-                    config,
-                    named,
-                    UpstreamClients::build(&named.settings.connection)?,
-                    metrics.clone(),
-                    redactor.clone(),
-                    shared,
-                ),
+                None => {
+                    let upstream = Upstream::new(
+                        config,
+                        named,
+                        UpstreamClients::build(&named.settings.connection)?,
+                        metrics.clone(),
+                        redactor.clone(),
+                        shared,
+                        signals,
+                    );
+                    // An opening another replica told of before this upstream was built.
+                    if let Some(opening) = signals.last_opening(&named.name) {
+                        upstream
+                            .breaker()
+                            .open_until(opening.until, opening.reopenings);
+                    }
+                    upstream
+                }
             };
             upstreams.push(upstream);
         }
         let by_model = upstreams.len() > 1
             || !routing.aliases.is_empty()
-            || routing
-                .list
-                .iter()
-                .any(|named| !named.model_names.is_empty() || named.models.iter().all(|pattern| pattern.to_string() != "*"));
+            || routing.list.iter().any(|named| {
+                !named.model_names.is_empty()
+                    || named
+                        .models
+                        .iter()
+                        .all(|pattern| pattern.to_string() != "*")
+            });
         let mut table = Table {
-            default_plan: Arc::new(Plan::of(
-                None,
-                Arc::from("-"),
-                &upstreams,
-                |index| index == routing.default,
-            )),
+            default_plan: Arc::new(Plan::of(None, Arc::from("-"), &upstreams, |index| {
+                index == routing.default
+            })),
             upstreams,
             default: routing.default,
             plans: HashMap::new(),
@@ -223,6 +248,7 @@ impl Table {
             panicking: Mutex::new(Vec::new()),
             panics: AtomicUsize::new(0),
             metrics,
+            signals: signals.clone(),
         };
         let mut plans = HashMap::new();
         for upstream in &table.upstreams {
@@ -357,7 +383,8 @@ impl Table {
             };
             if let Some((name, reason)) = last
                 .as_ref()
-                .map(|(failed, sent)| (sent.upstream().name().clone(), failed.reason)) && left.last().is_none_or(|(seen, _)| *seen != name)
+                .map(|(failed, sent)| (sent.upstream().name().clone(), failed.reason))
+                && left.last().is_none_or(|(seen, _)| *seen != name)
             {
                 self.metrics.failover(&name, reason.to_string());
                 left.push((name, reason));
@@ -430,10 +457,7 @@ impl Table {
                     None => (Err(failed.error), trail),
                 }
             }
-            None => (
-                Err(unavailable.unwrap_or(ProxyError::BadGateway)),
-                trail,
-            ),
+            None => (Err(unavailable.unwrap_or(ProxyError::BadGateway)), trail),
         }
     }
 
@@ -543,6 +567,13 @@ impl Table {
                 opened.reopenings + 1
             );
             self.metrics.breaker_state(upstream.name(), BREAKER_OPEN);
+            self.signals.announce(Signal::BreakerOpened {
+                upstream: upstream.name().to_string(),
+                remaining: opened
+                    .until
+                    .saturating_duration_since(tokio::time::Instant::now()),
+                reopenings: opened.reopenings,
+            });
         }
     }
 
@@ -562,6 +593,44 @@ impl Table {
 }
 
 const BREAKER_OPEN: i64 = 2;
+
+/// Applies the breaker openings other replicas tell of to the table in force, for as long as the
+/// router lives.
+async fn hear_openings(router: Weak<ArcSwap<Table>>, mut heard: broadcast::Receiver<Signal>) {
+    loop {
+        let signal = match heard.recv().await {
+            Ok(signal) => signal,
+            // Missed signals: the openings among them are read with the state on the
+            // subscriber's next reconnect; the next ones still come.
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let Some(router) = router.upgrade() else {
+            return;
+        };
+        if let Signal::BreakerOpened {
+            upstream,
+            remaining,
+            reopenings,
+        } = signal
+        {
+            let table = router.load();
+            if let Some(found) = table
+                .upstreams
+                .iter()
+                .find(|candidate| **candidate.name() == *upstream)
+            {
+                found
+                    .breaker()
+                    .open_until(tokio::time::Instant::now() + remaining, reopenings);
+                log::info!(
+                    "upstream {upstream} breaker open for {:.0}s, as another replica saw",
+                    remaining.as_secs_f64()
+                );
+            }
+        }
+    }
+}
 
 impl Plan {
     fn of(
@@ -625,7 +694,12 @@ fn group_key(members: &[(usize, u32)]) -> u64 {
 }
 
 impl Trail {
-    fn ended(mut self, upstream: &Upstream, budget: &Budget<'_>, left: &[(Arc<str>, Failure)]) -> Trail {
+    fn ended(
+        mut self,
+        upstream: &Upstream,
+        budget: &Budget<'_>,
+        left: &[(Arc<str>, Failure)],
+    ) -> Trail {
         self.upstream = Some(upstream.name().clone());
         self.attempts = budget.spent;
         if !left.is_empty() {
@@ -661,4 +735,3 @@ impl Drop for InFlight {
         self.0.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
-

@@ -3,15 +3,15 @@
 use std::convert::Infallible;
 use std::time::Instant;
 
-use warp::http::{HeaderMap, HeaderValue, header};
 use serde_json::json;
+use warp::http::{HeaderMap, HeaderValue, header};
 use warp::{Filter, Rejection, Reply};
 
 use super::{raw_query, route, with};
 use crate::auth::Caller;
 use crate::auth::filters::caller;
-use crate::ops::exchange::Exchange;
 use crate::error::{ErrorFormat, ProxyError};
+use crate::ops::exchange::Exchange;
 use crate::proxy::models_cache::{CacheStatus, CachedResponse};
 use crate::proxy::router::Table;
 use crate::state::AppState;
@@ -111,11 +111,7 @@ async fn list_models(
 
 /// `GET /v1/models/{id}` with an upstreams file: the merged list's entry, or 404
 /// `model_not_found` (the model list and the routing agree on what exists).
-pub async fn model_entry(
-    table: &Table,
-    id: &str,
-    format: ErrorFormat,
-) -> warp::reply::Response {
+pub async fn model_entry(table: &Table, id: &str, format: ErrorFormat) -> warp::reply::Response {
     let (entries, _) = table.merged_models().await;
     match entries
         .into_iter()

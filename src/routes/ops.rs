@@ -34,7 +34,9 @@ pub fn readyz(
         .map(|state: AppState| {
             let table = state.router.table();
             let upstreams = table.upstreams();
-            let keyed = upstreams.iter().any(|upstream| upstream.keys().any_enabled());
+            let keyed = upstreams
+                .iter()
+                .any(|upstream| upstream.keys().any_enabled());
             let healthy = upstreams.iter().any(|upstream| {
                 upstream.keys().any_enabled() && upstream.breaker().state() != BreakerState::Open
             });

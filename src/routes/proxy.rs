@@ -14,15 +14,15 @@ use super::{endpoint, raw_query, with};
 use crate::auth::Caller;
 use crate::auth::filters::caller;
 use crate::error::ProxyError;
+use crate::ops::exchange::Way;
 use crate::ops::exchange::{Answered, Exchange, Spend, loggable};
 use crate::policy::request::{Inspected, SessionModels, inspect, is_multipart, session_models};
 use crate::policy::{Asked, Policy, Ticket, write_rate_limit_headers};
-use crate::ops::exchange::Way;
-use crate::proxy::rename;
-use crate::proxy::router::{ModelInBody, Outgoing, Router};
 use crate::proxy::headers::{is_event_stream, is_json};
+use crate::proxy::rename;
 use crate::proxy::request::CallerBody;
 use crate::proxy::response::Forwarded;
+use crate::proxy::router::{ModelInBody, Outgoing, Router};
 use crate::proxy::upgrade::TunnelHold;
 use crate::proxy::usage::{Metering, Report, Seen};
 use crate::vocab::websocket::is_websocket_upgrade;
@@ -119,7 +119,10 @@ where
                 names.top.as_deref()
             }
         }),
-        Model::Query => tunnel_model.as_ref().ok().and_then(|model| model.as_deref()),
+        Model::Query => tunnel_model
+            .as_ref()
+            .ok()
+            .and_then(|model| model.as_deref()),
         Model::None | Model::Generates => None,
     };
     let mut ticket = None;

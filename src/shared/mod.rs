@@ -1,5 +1,7 @@
 //! State shared across replicas, kept in Redis (`REDIS_URL`): the upstream key rests
-//! ([`rests`]) and the per-client limits and budgets ([`crate::policy::redis`]).
+//! ([`rests`]), the per-client limits and budgets ([`crate::policy::redis`]), and the signals
+//! that tell every replica of a rest or a breaker opening at once ([`signals`], which keeps a
+//! pub/sub connection of its own beside the one described here).
 //!
 //! The contract for everything built on it: a call is one round trip (a Lua script through
 //! [`Shared::eval`], sent as EVALSHA), bounded by `REDIS_TIMEOUT_MS`, and it either answers or
@@ -14,6 +16,7 @@
 //! hash tag, so the keys one script touches are in one slot; and every key has an expiry.
 
 pub mod rests;
+pub mod signals;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Weak};

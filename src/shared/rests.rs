@@ -12,6 +12,7 @@
 //! own, and decides from what it holds. Remaining times, not clock readings, go both ways, so
 //! the replicas' clocks do not matter.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Script;
@@ -56,7 +57,7 @@ return out
 pub struct SharedRests {
     shared: Shared,
     /// The Redis key of each upstream key, in pool order.
-    names: Vec<String>,
+    names: Arc<[String]>,
     merge: Script,
 }
 
@@ -73,7 +74,7 @@ impl SharedRests {
     /// back every replica's, the longer of the two for each key.
     pub async fn merge(&self, mine: &[Duration]) -> Result<Vec<Duration>, Unavailable> {
         let mut invocation = self.merge.prepare_invoke();
-        for name in &self.names {
+        for name in self.names.iter() {
             invocation.key(name);
         }
         invocation.arg(millis(SLACK));
@@ -83,6 +84,11 @@ impl SharedRests {
         }
         let theirs: Vec<u64> = self.shared.eval(&invocation).await?;
         Ok(theirs.into_iter().map(Duration::from_millis).collect())
+    }
+
+    /// The rest key of each upstream key, in pool order: how a signal names a key.
+    pub fn names(&self) -> &Arc<[String]> {
+        &self.names
     }
 
     pub fn shared(&self) -> &Shared {
@@ -104,7 +110,7 @@ pub fn rest_key(key: &str) -> String {
 }
 
 /// Whole milliseconds, rounded up so that a rest never ends early.
-fn millis(duration: Duration) -> u64 {
+pub(super) fn millis(duration: Duration) -> u64 {
     let whole = duration.as_millis();
     let rounded = whole + u128::from(!duration.subsec_nanos().is_multiple_of(1_000_000));
     u64::try_from(rounded).unwrap_or(u64::MAX)

@@ -28,6 +28,7 @@ mod runtime;
 mod shared_limits;
 mod shared_state;
 mod shutdown;
+mod signals;
 mod streaming;
 mod tls;
 mod upstream_faults;
