@@ -84,6 +84,9 @@ pub enum ProxyError {
     },
     /// The request names a model outside the client's `models` list.
     ModelNotAllowed,
+    /// The request names a model no upstream of the upstreams file serves (nor an alias of one):
+    /// nothing is sent.
+    ModelNotFound,
     /// The client has a `models` list, and the proxy could not read a model from the body.
     ModelRequired,
     /// The request's estimate alone is more than one of the client's token limits: it can never
@@ -259,6 +262,13 @@ impl ProxyError {
                 "model_not_allowed",
                 PERMISSION,
                 "This client may not use the requested model",
+                &[],
+            ),
+            ModelNotFound => row(
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                INVALID_REQUEST,
+                "No upstream serves the requested model",
                 &[],
             ),
             ModelRequired => row(
@@ -499,13 +509,17 @@ pub enum Readiness {
     Ready,
     Draining,
     NoUpstreamKey,
+    /// Every upstream with a key has its breaker open.
+    NoHealthyUpstream,
 }
 
 impl Readiness {
     pub fn status(self) -> StatusCode {
         match self {
             Readiness::Ready => StatusCode::OK,
-            Readiness::Draining | Readiness::NoUpstreamKey => StatusCode::SERVICE_UNAVAILABLE,
+            Readiness::Draining | Readiness::NoUpstreamKey | Readiness::NoHealthyUpstream => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -514,14 +528,21 @@ impl Readiness {
             Readiness::Ready => "ready",
             Readiness::Draining => "draining",
             Readiness::NoUpstreamKey => "no_upstream_key",
+            Readiness::NoHealthyUpstream => "no_healthy_upstream",
         }
     }
 
-    /// `{"limits":"<mode>","status":"<word>"}`; `limits` says where the shared state is kept.
-    pub fn into_response(self, limits: &str) -> warp::reply::Response {
+    /// `{"limits":"<mode>","status":"<word>"}`; `limits` says where the shared state is kept,
+    /// and with an upstreams file, `upstreams` each upstream's breaker state.
+    pub fn into_response(
+        self,
+        limits: &str,
+        upstreams: Option<std::collections::BTreeMap<String, &'static str>>,
+    ) -> warp::reply::Response {
         let body = ReadinessBody {
             limits,
             status: self.word(),
+            upstreams,
         };
         warp::reply::with_status(warp::reply::json(&body), self.status()).into_response()
     }
@@ -531,6 +552,8 @@ impl Readiness {
 struct ReadinessBody<'a> {
     limits: &'a str,
     status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstreams: Option<std::collections::BTreeMap<String, &'static str>>,
 }
 
 /// Now, as RFC 3339 in UTC with second precision, e.g. `2024-01-01T12:00:00Z`.
@@ -615,6 +638,7 @@ mod tests {
         ProxyError::InvalidOutputCap,
         ProxyError::EndpointNotAllowed,
         ProxyError::DuplicateModel,
+        ProxyError::ModelNotFound,
     ];
 
     /// No wildcard: a new variant does not compile until it has a place here, and the checks
@@ -645,6 +669,7 @@ mod tests {
             InvalidOutputCap => 20,
             EndpointNotAllowed => 21,
             DuplicateModel => 22,
+            ModelNotFound => 23,
         }
     }
 
@@ -694,6 +719,7 @@ mod tests {
             | InvalidOutputCap
             | EndpointNotAllowed
             | DuplicateModel
+            | ModelNotFound
             | Internal => vec![],
         }
     }
@@ -966,8 +992,9 @@ mod tests {
             (Readiness::Ready, 200, "local"),
             (Readiness::Draining, 503, "shared"),
             (Readiness::NoUpstreamKey, 503, "local"),
+            (Readiness::NoHealthyUpstream, 503, "local"),
         ] {
-            let response = readiness.into_response(limits);
+            let response = readiness.into_response(limits, None);
             assert_eq!(response.status(), status);
             assert_eq!(response.headers().len(), 1);
             assert_eq!(response.headers()["content-type"], "application/json");
@@ -981,5 +1008,14 @@ mod tests {
         assert!(readme.contains("200 `{\"limits\":\"local\",\"status\":\"ready\"}`"));
         assert!(readme.contains("503 `\"status\":\"draining\"`"));
         assert!(readme.contains("`\"status\":\"no_upstream_key\"`"));
+        assert!(readme.contains("`\"status\":\"no_healthy_upstream\"`"));
+        let with_file = Readiness::NoHealthyUpstream.into_response(
+            "local",
+            Some([("a".to_string(), "open"), ("b".to_string(), "open")].into()),
+        );
+        assert_eq!(
+            String::from_utf8(body_of(with_file).await).unwrap(),
+            r#"{"limits":"local","status":"no_healthy_upstream","upstreams":{"a":"open","b":"open"}}"#
+        );
     }
 }

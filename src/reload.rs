@@ -32,6 +32,8 @@ use crate::auth::Authenticator;
 use crate::auth::redact::Redactor;
 use crate::config::{Config, ConfigError};
 use crate::ops::metrics::Metrics;
+use crate::proxy::router::Router;
+use crate::shared::Shared;
 
 /// The variables as at start-up, read afresh: what `main` reloads is
 /// [`crate::config::environment`], the environment over `.env.local` over `.env`.
@@ -48,6 +50,9 @@ pub struct Reloadable {
     pub metrics: Metrics,
     /// Whether the daily budgets are written to `STATE_DIR`.
     pub budgets_kept: Arc<AtomicBool>,
+    /// The upstreams, swapped for the ones a changed `UPSTREAMS_FILE` describes.
+    pub router: Router,
+    pub shared: Shared,
 }
 
 /// Events closer together than this are one change (an editor writes, renames, chmods).
@@ -97,6 +102,49 @@ pub struct Reloader {
     watcher: Option<notify::RecommendedWatcher>,
     missing: Option<Missing>,
     repeat: Duration,
+    /// The upstreams file and its keys files, each with its digest as last loaded and the
+    /// watch of its directory: a change reloads, as one of the clients file does.
+    routing_files: Vec<Watched>,
+}
+
+struct Watched {
+    path: PathBuf,
+    loaded: Option<[u8; 32]>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+/// The files of the routing configuration: `UPSTREAMS_FILE` and every `keys_file` it names.
+fn routing_paths(config: &Config) -> Vec<PathBuf> {
+    config
+        .upstreams
+        .file
+        .iter()
+        .cloned()
+        .chain(
+            config
+                .upstreams
+                .list
+                .iter()
+                .filter_map(|upstream| upstream.keys_file.clone()),
+        )
+        .collect()
+}
+
+fn watch_all(paths: Vec<PathBuf>, changed: &mpsc::UnboundedSender<()>) -> Vec<Watched> {
+    paths
+        .into_iter()
+        .map(|path| {
+            let watcher = watch(&path, changed.clone());
+            if watcher.is_none() {
+                tokio::spawn(poll(path.clone(), changed.clone()));
+            }
+            Watched {
+                loaded: file_digest(&path),
+                path,
+                _watcher: watcher,
+            }
+        })
+        .collect()
 }
 
 fn read_digest(path: &Path) -> std::io::Result<[u8; 32]> {
@@ -120,6 +168,7 @@ impl Reloader {
         if let Some(file) = file.filter(|_| watcher.is_none()) {
             tokio::spawn(poll(file, changed.clone()));
         }
+        let routing_files = watch_all(routing_paths(&state.config), &changed);
         Reloader {
             state,
             source,
@@ -130,6 +179,7 @@ impl Reloader {
             watcher,
             missing: None,
             repeat: missing_repeat(),
+            routing_files,
         }
     }
 
@@ -137,28 +187,62 @@ impl Reloader {
     /// was rejected and the old one kept.
     pub fn reload(&mut self, why: &str) -> bool {
         let clients_file = self.state.config.clients_file.clone();
+        let upstreams_file = self.state.config.upstreams.file.clone();
         let digest = clients_file.as_deref().and_then(file_digest);
-        // The file being watched is the one read: a new CLIENTS_FILE waits for a restart.
+        let routing_digests: Vec<_> = self
+            .routing_files
+            .iter()
+            .map(|watched| file_digest(&watched.path))
+            .collect();
+        // The files being watched are the ones read: a new CLIENTS_FILE or UPSTREAMS_FILE waits
+        // for a restart.
         let loaded = (self.source)().and_then(|variables| {
-            let named = variables
-                .get("CLIENTS_FILE")
-                .map(|value| value.trim())
-                .filter(|value| !value.is_empty())
-                .map(PathBuf::from);
-            if named != clients_file {
+            let named = |variable: &str| {
+                variables
+                    .get(variable)
+                    .map(|value| value.trim())
+                    .filter(|value| !value.is_empty())
+                    .map(PathBuf::from)
+            };
+            if named("CLIENTS_FILE") != clients_file {
                 log::warn!("CLIENTS_FILE changed: it takes effect only after a restart");
+            }
+            if named("UPSTREAMS_FILE") != upstreams_file {
+                log::warn!("UPSTREAMS_FILE changed: it takes effect only after a restart");
             }
             Config::from_lookup(|name| match name {
                 "CLIENTS_FILE" => clients_file.as_ref().map(|path| path.display().to_string()),
+                "UPSTREAMS_FILE" => upstreams_file
+                    .as_ref()
+                    .map(|path| path.display().to_string()),
                 _ => variables.get(name).cloned(),
             })
+        });
+        // The upstreams are built before anything is swapped in: a configuration whose
+        // upstreams cannot be built is rejected whole.
+        let loaded = loaded.and_then(|config| {
+            self.state
+                .router
+                .reload(
+                    &config,
+                    self.state.metrics.clone(),
+                    self.state.redactor.clone(),
+                    &self.state.shared,
+                )
+                .map(|()| config)
         });
         let config = match loaded {
             Ok(config) => config,
             Err(err) => {
-                // Not tried again until the file changes again (or SIGHUP).
+                // Not tried again until a file changes again (or SIGHUP).
                 self.loaded = digest;
-                log::error!("reload ({why}) rejected, the previous clients stay in force: {err}");
+                for (watched, digest) in self.routing_files.iter_mut().zip(routing_digests) {
+                    watched.loaded = digest;
+                }
+                log::error!(
+                    "reload ({why}) rejected, the previous clients and upstreams stay in force: \
+                     {err}"
+                );
                 self.state.metrics.reload(false);
                 return false;
             }
@@ -183,7 +267,23 @@ impl Reloader {
         self.state.redactor.add_secrets(&config);
         self.state.auth.replace(&config);
         self.state.metrics.reload(true);
-        log::info!("reloaded ({why}): {} clients", config.clients.len());
+        // A keys file added or dropped by the new upstreams file is watched from now on.
+        let paths = routing_paths(&config);
+        if paths
+            .iter()
+            .ne(self.routing_files.iter().map(|watched| &watched.path))
+        {
+            self.routing_files = watch_all(paths, &self.changed);
+        } else {
+            for (watched, digest) in self.routing_files.iter_mut().zip(routing_digests) {
+                watched.loaded = digest;
+            }
+        }
+        log::info!(
+            "reloaded ({why}): {} clients, {} upstreams",
+            config.clients.len(),
+            config.upstreams.list.len()
+        );
         true
     }
 
@@ -205,7 +305,9 @@ impl Reloader {
                 Some(()) = self.changes.recv() => {
                     tokio::time::sleep(SETTLE).await;
                     while self.changes.try_recv().is_ok() {}
-                    if let Some(file) = &watched {
+                    if self.routing_changed() {
+                        self.reload("upstreams file changed");
+                    } else if let Some(file) = &watched {
                         self.look(file);
                     }
                 }
@@ -216,6 +318,15 @@ impl Reloader {
                 }
             }
         }
+    }
+
+    /// Whether the upstreams file or one of its keys files differs from the one loaded. One
+    /// that cannot be read counts as changed: the reload then fails and says why, keeping the
+    /// upstreams in force.
+    fn routing_changed(&self) -> bool {
+        self.routing_files
+            .iter()
+            .any(|watched| file_digest(&watched.path) != watched.loaded)
     }
 
     /// After a change in the file's directory, or while the file is missing: reloads when the

@@ -4,22 +4,18 @@
 use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use crate::auth::Authenticator;
 use crate::auth::redact::Redactor;
 use crate::config::{Config, ConfigError};
 use crate::ops::metrics::Metrics;
 use crate::policy::{Limiter, MemoryLimiter, Policy, RedisLimiter, redis};
-use crate::proxy::Upstream;
-use crate::proxy::clients::UpstreamClients;
-use crate::proxy::models_cache::ModelsCache;
+use crate::proxy::router::Router;
 use crate::reload::Reloadable;
 use crate::shared::Shared;
 use crate::shared::signals::Signals;
 
-/// How long `/v1/models` answers are kept.
-pub const MODELS_CACHE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+pub use crate::proxy::MODELS_CACHE_TTL;
 
 /// Cloning is shallow: every clone shares one configuration, connection pool and cache.
 #[derive(Clone)]
@@ -28,8 +24,8 @@ pub struct AppState(Arc<Inner>);
 pub struct Inner {
     pub config: Config,
     pub auth: Authenticator,
-    pub upstream: Upstream,
-    pub models: ModelsCache,
+    /// The upstreams and the routing between them; each upstream caches its own model list.
+    pub router: Router,
     pub metrics: Metrics,
     pub policy: Policy,
     /// Debug-log masking; told about new secrets on reload.
@@ -81,7 +77,6 @@ impl AppState {
         config: Config,
         make: impl FnOnce(&Shared) -> Arc<dyn Limiter>,
     ) -> Result<AppState, ConfigError> {
-        let clients = UpstreamClients::build(&config.upstream.connection)?;
         let metrics = Metrics::new();
         let redactor = Arc::new(Redactor::new(&config));
         let shared = Shared::new(&config.shared, metrics.clone());
@@ -89,17 +84,15 @@ impl AppState {
         let limiter = make(&shared);
         Ok(AppState(Arc::new(Inner {
             auth: Authenticator::new(&config),
-            upstream: Upstream::new(
+            router: Router::new(
                 &config,
-                clients,
                 metrics.clone(),
                 redactor.clone(),
                 &shared,
                 &signals,
-            ),
+            )?,
             shared,
             signals,
-            models: ModelsCache::new(MODELS_CACHE_TTL),
             policy: Policy::new(&config, limiter, metrics.clone()),
             redactor,
             metrics,
@@ -117,6 +110,8 @@ impl AppState {
             redactor: self.redactor.clone(),
             metrics: self.metrics.clone(),
             budgets_kept: self.budgets_kept.clone(),
+            router: self.router.clone(),
+            shared: self.shared.clone(),
         }
     }
 

@@ -330,11 +330,8 @@ fn parse_upstream<F: Fn(&str) -> Option<String>>(
                 "{at}.keys_file: give keys_file or keys_env, not both"
             ));
         }
-        (None, None) => {
-            return Err(format!(
-                "{at}.keys_file: is required (or keys_env): upstream {name} has no keys"
-            ));
-        }
+        // A server that takes no key (a local vLLM): requests go without a credential.
+        (None, None) => Vec::new(),
         (Some(path), None) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|err| format!("{at}.keys_file: {path} cannot be read: {err}"))?;
@@ -613,6 +610,17 @@ mod tests {
     }
 
     #[test]
+    fn an_upstream_without_keys_file_or_keys_env_takes_no_key() {
+        let dir = Dir::new();
+        let text = "default = \"local\"\n[upstreams.local]\nbase_url = \"http://vllm:8000/v1\"\n\
+                    models = [\"llama\"]\n";
+        let loaded = load_with(&dir, text, &[]).unwrap();
+        assert!(loaded.list[0].settings.keys.is_empty());
+        assert_eq!(loaded.list[0].keys_file, None);
+        assert_eq!(loaded.list[0].keys_env, None);
+    }
+
+    #[test]
     fn every_field_is_read_in_file_order() {
         let dir = Dir::new();
         let keys = dir.file(
@@ -813,11 +821,6 @@ mod tests {
             (
                 one("keys_file = \"/k\""),
                 "upstreams.a.keys_file: give keys_file or keys_env, not both",
-            ),
-            (
-                "default = \"a\"\n[upstreams.a]\nbase_url = \"https://h/v1\"\nmodels = [\"m\"]"
-                    .into(),
-                "upstreams.a.keys_file: is required (or keys_env): upstream a has no keys",
             ),
             (
                 "default = \"a\"\n[upstreams.a]\nkeys_env = \"KEYS\"\nmodels = [\"m\"]".into(),

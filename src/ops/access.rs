@@ -169,6 +169,10 @@ impl AccessRecord {
             .spend
             .as_ref()
             .and_then(|spend| spend.answered.lock().usage);
+        let way = self
+            .exchange
+            .as_ref()
+            .and_then(|exchange| exchange.way.as_deref());
         // The path only: query strings are the caller's business and may carry secrets.
         match self.format {
             LogFormat::Json => log::info!(
@@ -191,6 +195,9 @@ impl AccessRecord {
                     "model": model,
                     "prompt_tokens": usage.map(|usage| usage.prompt),
                     "completion_tokens": usage.map(|usage| usage.completion),
+                    "upstream": way.map(|way| &*way.upstream),
+                    "attempts": way.map(|way| way.attempts),
+                    "failover": way.and_then(|way| way.failover.as_deref()),
                 })
             ),
             LogFormat::Text => with_line_buffer(|line| {
@@ -219,6 +226,14 @@ impl AccessRecord {
                 push_optional_count(line, usage.map(|usage| usage.prompt));
                 line.push_str(" completion_tokens=");
                 push_optional_count(line, usage.map(|usage| usage.completion));
+                if let Some(way) = way {
+                    push(line, &[" upstream=", &way.upstream, " attempts="]);
+                    push_count(line, u64::from(way.attempts));
+                    push(
+                        line,
+                        &[" failover=", way.failover.as_deref().unwrap_or("-")],
+                    );
+                }
                 log::info!(target: ACCESS_TARGET, "{line}");
             }),
         }

@@ -82,6 +82,67 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    /// An upstream's name in the upstreams file (`default` without one).
+    upstream: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamClassLabels {
+    upstream: Arc<str>,
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailoverLabels {
+    upstream: Arc<str>,
+    /// `connect`, `timeout` or `status_<code>` of a `failover_on` status.
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: Arc<str>,
+}
+
+/// How an attempt sent to an upstream ended, for `llm_proxy_upstream_requests_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttemptClass {
+    Status(StatusCode),
+    Connect,
+    Timeout,
+}
+
+/// One upstream's own series.
+pub struct UpstreamCounters {
+    /// 2xx, 3xx, 4xx, 5xx, connect, timeout.
+    classes: [Counter; 6],
+    head: Histogram,
+}
+
+impl UpstreamCounters {
+    pub fn request(&self, class: AttemptClass) {
+        let index = match class {
+            AttemptClass::Status(status) => match status.as_u16() {
+                0..=299 => 0,
+                300..=399 => 1,
+                400..=499 => 2,
+                _ => 3,
+            },
+            AttemptClass::Connect => 4,
+            AttemptClass::Timeout => 5,
+        };
+        self.classes[index].inc();
+    }
+
+    /// An answer's head arrived after `wait`.
+    pub fn answered(&self, status: StatusCode, wait: Duration) {
+        self.request(AttemptClass::Status(status));
+        self.head.observe(wait.as_secs_f64());
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     route: &'static str,
 }
@@ -271,6 +332,12 @@ struct Families {
     clients_file_missing: Gauge,
     state_mode: Family<ModeLabels, Gauge>,
     redis_failures: Family<RedisFailureLabels, Counter>,
+    upstream_requests: Family<UpstreamClassLabels, Counter>,
+    upstream_head: Family<UpstreamLabels, Histogram>,
+    failovers: Family<FailoverLabels, Counter>,
+    breaker_state: Family<UpstreamLabels, Gauge>,
+    attempts: Histogram,
+    panic_routing: Family<ModelLabels, Counter>,
     /// Per-route histogram handles, indexed by `Route::index`: a family lookup hashes the
     /// labels under a lock on every request; the handles share the family's storage, so the
     /// exposition is unchanged.
@@ -433,6 +500,45 @@ impl Metrics {
             "Redis calls that gave no answer, and drops of the signals connection, by kind (timeout, connection, error)",
             redis_failures.clone(),
         );
+        let upstream_requests = Family::<UpstreamClassLabels, Counter>::default();
+        registry.register(
+            "upstream_requests",
+            "Attempts sent to each upstream, by the class of their answer (2xx to 5xx) or how they \
+             failed (connect, timeout)",
+            upstream_requests.clone(),
+        );
+        let upstream_head = Family::<UpstreamLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "upstream_head_seconds",
+            "Time from sending an attempt to the upstream's response head, by upstream",
+            upstream_head.clone(),
+        );
+        let failovers = Family::<FailoverLabels, Counter>::default();
+        registry.register(
+            "failovers",
+            "Requests that left an upstream for another, by the upstream left and why",
+            failovers.clone(),
+        );
+        let breaker_state = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "upstream_breaker_state",
+            "Each upstream's breaker: 0 closed, 1 half-open, 2 open",
+            breaker_state.clone(),
+        );
+        let attempts = Histogram::new([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0]);
+        registry.register(
+            "upstream_attempts",
+            "Attempts per forwarded request, across keys and upstreams",
+            attempts.clone(),
+        );
+        let panic_routing = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "panic_routing",
+            "Requests sent to upstreams whose breakers were all open, by model",
+            panic_routing.clone(),
+        );
         let metrics = Metrics(Arc::new(Families {
             registry,
             requests,
@@ -457,6 +563,12 @@ impl Metrics {
             clients_file_missing,
             state_mode,
             redis_failures,
+            upstream_requests,
+            upstream_head,
+            failovers,
+            breaker_state,
+            attempts,
+            panic_routing,
             cached: Default::default(),
         }));
         metrics.state_mode(StateMode::Local);
@@ -549,6 +661,70 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// The series of one upstream, looked up once: a family lookup per attempt would hash the
+    /// labels under a lock.
+    pub fn upstream_counters(&self, upstream: &Arc<str>) -> UpstreamCounters {
+        let families = &self.0;
+        let class = |class: &'static str| {
+            families
+                .upstream_requests
+                .get_or_create(&UpstreamClassLabels {
+                    upstream: upstream.clone(),
+                    class,
+                })
+                .clone()
+        };
+        UpstreamCounters {
+            classes: [
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+                class("connect"),
+                class("timeout"),
+            ],
+            head: families
+                .upstream_head
+                .get_or_create(&UpstreamLabels {
+                    upstream: upstream.clone(),
+                })
+                .clone(),
+        }
+    }
+
+    /// A request left `upstream` for another because of `reason`.
+    pub fn failover(&self, upstream: &Arc<str>, reason: String) {
+        self.0
+            .failovers
+            .get_or_create(&FailoverLabels {
+                upstream: upstream.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// 0 closed, 1 half-open, 2 open.
+    pub fn breaker_state(&self, upstream: &Arc<str>, state: i64) {
+        self.0
+            .breaker_state
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.clone(),
+            })
+            .set(state);
+    }
+
+    pub fn attempts(&self, attempts: u32) {
+        self.0.attempts.observe(f64::from(attempts));
+    }
+
+    /// `model`: a configured name or pattern, never a caller's free text.
+    pub fn panic_routing(&self, model: Arc<str>) {
+        self.0
+            .panic_routing
+            .get_or_create(&ModelLabels { model })
+            .inc();
+    }
+
     pub fn key_request(&self, position: usize) {
         self.0
             .key_requests

@@ -113,6 +113,9 @@ pub struct KeyPool {
     reprobe_every: Duration,
     /// Set once the re-probing of disabled keys runs; it runs for the rest of the pool's life.
     reprobing: AtomicBool,
+    /// An upstream of the upstreams file rests even its only key after a 429: other upstreams
+    /// can take its requests meanwhile, where the environment's one upstream has nobody else.
+    rests_alone: bool,
 }
 
 /// What an upstream status means for the key that got it.
@@ -163,7 +166,20 @@ impl KeyPool {
             rested_here: Arc::new(Notify::new()),
             reprobe_every: reprobe_interval(),
             reprobing: AtomicBool::new(false),
+            rests_alone: false,
         }
+    }
+
+    /// The pool of an upstream that has others beside it (see `rests_alone`).
+    pub fn resting_alone(mut self) -> KeyPool {
+        self.rests_alone = true;
+        self
+    }
+
+    /// Whether a key that got a 429 rests: always in a pool of several, and the only key of an
+    /// upstream from the upstreams file.
+    pub fn rests(&self) -> bool {
+        self.fails_over() || self.rests_alone
     }
 
     pub fn len(&self) -> usize {
@@ -207,7 +223,7 @@ impl KeyPool {
     /// The key at `position` got a 429: it is not chosen before `until`. Returns whether it rests.
     pub fn rested(&self, position: usize, until: Instant) -> bool {
         self.metrics.key_rate_limited(position);
-        if !self.fails_over() {
+        if !self.rests() {
             return false;
         }
         let mut slots = self.slots.lock();
@@ -352,9 +368,34 @@ impl KeyPool {
             .min()
     }
 
-    /// Whether any key is still in turn (resting keys come back by themselves).
+    /// Whether some key may be used at `now`.
+    pub fn usable_at(&self, now: Instant) -> bool {
+        self.slots.lock().iter().any(|slot| slot.usable(now))
+    }
+
+    /// Every key by position: `usable`, `resting` (and until when) or `disabled`.
+    pub fn states(&self) -> Vec<(usize, &'static str, Option<Instant>)> {
+        let now = Instant::now();
+        self.slots
+            .lock()
+            .iter()
+            .enumerate()
+            .map(|(index, slot)| {
+                if slot.disabled {
+                    (index + 1, "disabled", None)
+                } else if slot.usable(now) {
+                    (index + 1, "usable", None)
+                } else {
+                    (index + 1, "resting", slot.resting_until)
+                }
+            })
+            .collect()
+    }
+
+    /// Whether any key is still in turn (resting keys come back by themselves); an upstream
+    /// without keys needs none.
     pub fn any_enabled(&self) -> bool {
-        self.slots.lock().iter().any(|slot| !slot.disabled)
+        self.is_empty() || self.slots.lock().iter().any(|slot| !slot.disabled)
     }
 
     /// Brings the per-key state gauges up to date (a rest ends by the clock, not by an event);
@@ -378,10 +419,10 @@ impl KeyPool {
 /// Shares the pool's rests through Redis: a background task, ended when the pool is dropped,
 /// announces each rest of this replica's as a signal and merges right after it, rests the keys
 /// other replicas announce, and merges every `REST_SYNC_INTERVAL` too (the safety net for a
-/// signal missed while the subscriber was reconnecting). A pool of one key is never rested, so
-/// it has nothing to share.
+/// signal missed while the subscriber was reconnecting). A pool of one key that never rests
+/// has nothing to share.
 pub fn share_rests(pool: &Arc<KeyPool>, rests: SharedRests, signals: &Signals) {
-    if pool.fails_over() {
+    if pool.rests() {
         signals.track_rests(rests.names());
         tokio::spawn(sync_rests(
             Arc::downgrade(pool),

@@ -60,7 +60,7 @@ impl Upstream {
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         headers.insert(&self.0.key_header, key);
         let request = self.client().get(url).headers(headers).send();
-        let timeout = self.0.upstream_timeout;
+        let timeout = self.0.head_timeout;
         match tokio::time::timeout(timeout, request).await {
             Ok(Ok(answer)) if answer.status().is_success() => ProbeOutcome::Accepted,
             Ok(Ok(answer)) if answer.status() == StatusCode::UNAUTHORIZED => ProbeOutcome::Refused,
@@ -146,7 +146,7 @@ impl Upstream {
         }
         let mut read = BytesMut::new();
         let mut failure = None;
-        let whole = tokio::time::timeout(self.0.upstream_timeout, async {
+        let whole = tokio::time::timeout(self.0.head_timeout, async {
             loop {
                 match answer.chunk().await {
                     Ok(Some(chunk)) => {

@@ -226,6 +226,11 @@ impl CallerBody {
         if self.declared.is_some_and(|length| length > keep) {
             return Ok(());
         }
+        // Read already (whole, or as far as it was kept): nothing more to do, and what was read
+        // stays where it is.
+        if !matches!(self.held, Held::Unread(_)) {
+            return Ok(());
+        }
         let Held::Unread(mut body) = std::mem::replace(&mut self.held, Held::None) else {
             return Ok(());
         };
@@ -303,7 +308,20 @@ pub(crate) enum RequestBody {
 impl RequestBody {
     /// Whether a refused attempt may be followed by another.
     pub(crate) fn replayable(&self) -> bool {
-        !matches!(self, RequestBody::Once(_))
+        match self {
+            RequestBody::None => true,
+            // A body read whole for its model may be larger than is kept for retries.
+            RequestBody::Kept(bytes) => bytes.len() as u64 <= REPLAYABLE_BODY,
+            RequestBody::Once(_) => false,
+        }
+    }
+
+    /// The bytes every attempt sends, when the body was read.
+    pub(crate) fn kept(&self) -> Option<&Bytes> {
+        match self {
+            RequestBody::Kept(bytes) => Some(bytes),
+            _ => None,
+        }
     }
 
     /// The body for the next attempt: `Err` once a streamed body has been used.

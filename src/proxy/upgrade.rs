@@ -71,9 +71,9 @@ impl Upstream {
         // Through the key pool like any request: an upgrade has no body, so a key answered 429
         // is rested and the next one tried.
         let mut answer = self
-            .send_with_keys(
+            .send_alone(
                 &self.0.tunnel_client,
-                Method::GET,
+                &Method::GET,
                 url,
                 headers,
                 RequestBody::None,

@@ -3,14 +3,17 @@
 use std::convert::Infallible;
 use std::time::Instant;
 
+use serde_json::json;
 use warp::http::{HeaderMap, HeaderValue, header};
-use warp::{Filter, Rejection};
+use warp::{Filter, Rejection, Reply};
 
 use super::{raw_query, route, with};
 use crate::auth::Caller;
 use crate::auth::filters::caller;
+use crate::error::{ErrorFormat, ProxyError};
 use crate::ops::exchange::Exchange;
 use crate::proxy::models_cache::{CacheStatus, CachedResponse};
+use crate::proxy::router::Table;
 use crate::state::AppState;
 use crate::vocab::Route;
 
@@ -41,12 +44,52 @@ async fn list_models(
     caller: Caller,
     state: AppState,
 ) -> Result<warp::reply::Response, Infallible> {
-    let upstream = state.upstream.clone();
+    let table = state.router.table();
     let asked = Instant::now();
-    let (result, cache_status) = state
-        .models
-        .get_or_fetch(move || upstream.fetch_models())
-        .await;
+    let models = caller
+        .client
+        .as_ref()
+        .and_then(|client| client.limits.models.is_some().then_some(&client.limits));
+    let (mut reply, cache_status) = if table.merges_models() {
+        let (entries, cache_status) = table.merged_models().await;
+        let entries = entries
+            .into_iter()
+            .filter(|entry| {
+                models.is_none_or(|limits| {
+                    entry
+                        .get("id")
+                        .and_then(|id| id.as_str())
+                        .is_some_and(|id| limits.allows_model(id))
+                })
+            })
+            .collect::<Vec<_>>();
+        let mut reply =
+            warp::reply::json(&json!({"object": "list", "data": entries})).into_response();
+        reply.headers_mut().insert(
+            CACHE_STATUS_HEADER,
+            HeaderValue::from_static(cache_status.as_str()),
+        );
+        (reply, cache_status)
+    } else {
+        let upstream = table.default_upstream().clone();
+        let fetching = upstream.clone();
+        let (result, cache_status) = upstream
+            .models_cache()
+            .get_or_fetch(move || fetching.fetch_models())
+            .await;
+        // Errors are answered here rather than rejected: a rejection would make warp try the
+        // next route and send the request upstream a second time.
+        let reply = match result {
+            Ok(cached) => match models {
+                Some(limits) if cached.status.is_success() => {
+                    filtered_reply(&cached, cache_status, |id| limits.allows_model(id))
+                }
+                _ => cached_reply(&cached, cache_status),
+            },
+            Err(error) => error.into_response(state.config.error_format),
+        };
+        (reply, cache_status)
+    };
     let upstream_wait = match cache_status {
         CacheStatus::Hit => {
             state.metrics.cache_hit();
@@ -57,27 +100,26 @@ async fn list_models(
             Some(asked.elapsed())
         }
     };
-    // Errors are answered here rather than rejected: a rejection would make warp try the next
-    // route and send the request upstream a second time.
-    let models = caller
-        .client
-        .as_ref()
-        .and_then(|client| client.limits.models.is_some().then_some(&client.limits));
-    let mut reply = match result {
-        Ok(cached) => match models {
-            Some(limits) if cached.status.is_success() => {
-                filtered_reply(&cached, cache_status, |id| limits.allows_model(id))
-            }
-            _ => cached_reply(&cached, cache_status),
-        },
-        Err(error) => error.into_response(state.config.error_format),
-    };
     reply.extensions_mut().insert(Exchange {
         client: caller.label,
         upstream_wait,
         stream: false,
+        way: None,
     });
     Ok(reply)
+}
+
+/// `GET /v1/models/{id}` with an upstreams file: the merged list's entry, or 404
+/// `model_not_found` (the model list and the routing agree on what exists).
+pub async fn model_entry(table: &Table, id: &str, format: ErrorFormat) -> warp::reply::Response {
+    let (entries, _) = table.merged_models().await;
+    match entries
+        .into_iter()
+        .find(|entry| entry.get("id").and_then(|found| found.as_str()) == Some(id))
+    {
+        Some(entry) => warp::reply::json(&entry).into_response(),
+        None => ProxyError::ModelNotFound.into_response(format),
+    }
 }
 
 /// The shared list with only the models `allowed` keeps: one cache for everybody, filtered per

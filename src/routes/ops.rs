@@ -8,7 +8,8 @@ use super::{allow, route, with};
 use crate::auth::filters::scraper;
 use crate::error::Readiness;
 use crate::ops::metrics::{self, Metrics};
-use crate::proxy::Upstream;
+use crate::proxy::breaker::BreakerState;
+use crate::proxy::router::Router;
 use crate::state::AppState;
 use crate::vocab::Route;
 
@@ -31,14 +32,36 @@ pub fn readyz(
         .and(allow(Route::Readyz))
         .and(with(state))
         .map(|state: AppState| {
+            let table = state.router.table();
+            let upstreams = table.upstreams();
+            let keyed = upstreams
+                .iter()
+                .any(|upstream| upstream.keys().any_enabled());
+            let healthy = upstreams.iter().any(|upstream| {
+                upstream.keys().any_enabled() && upstream.breaker().state() != BreakerState::Open
+            });
             let readiness = if state.is_draining() {
                 Readiness::Draining
-            } else if !state.upstream.keys().any_enabled() {
+            } else if !keyed {
                 Readiness::NoUpstreamKey
+            } else if !healthy {
+                Readiness::NoHealthyUpstream
             } else {
                 Readiness::Ready
             };
-            readiness.into_response(state.shared.mode().as_str())
+            // Only with an upstreams file: the body without one stays as it always was.
+            let breakers = state.config.upstreams.file.is_some().then(|| {
+                upstreams
+                    .iter()
+                    .map(|upstream| {
+                        (
+                            upstream.name().to_string(),
+                            super::admin::breaker_word(upstream.breaker().state()),
+                        )
+                    })
+                    .collect()
+            });
+            readiness.into_response(state.shared.mode().as_str(), breakers)
         })
 }
 
@@ -51,9 +74,9 @@ pub fn metrics(
         .and(allow(Route::Metrics))
         .and(scraper(state.auth.clone()))
         .and(with(state.metrics.clone()))
-        .and(with(state.upstream.clone()))
-        .map(|metrics: Metrics, upstream: Upstream| {
-            upstream.keys().publish_state();
+        .and(with(state.router.clone()))
+        .map(|metrics: Metrics, router: Router| {
+            router.table().publish_state();
             let mut reply = warp::reply::Response::new(metrics.encode().into());
             reply.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -14,13 +14,15 @@ use super::{endpoint, raw_query, with};
 use crate::auth::Caller;
 use crate::auth::filters::caller;
 use crate::error::ProxyError;
+use crate::ops::exchange::Way;
 use crate::ops::exchange::{Answered, Exchange, Spend, loggable};
 use crate::policy::request::{Inspected, SessionModels, inspect, is_multipart, session_models};
 use crate::policy::{Asked, Policy, Ticket, write_rate_limit_headers};
-use crate::proxy::Upstream;
 use crate::proxy::headers::{is_event_stream, is_json};
+use crate::proxy::rename;
 use crate::proxy::request::CallerBody;
 use crate::proxy::response::Forwarded;
+use crate::proxy::router::{ModelInBody, Outgoing, Router};
 use crate::proxy::upgrade::TunnelHold;
 use crate::proxy::usage::{Metering, Report, Seen};
 use crate::vocab::websocket::is_websocket_upgrade;
@@ -43,7 +45,7 @@ pub fn forward(
         .and(warp::path::full())
         .and(raw_query())
         .and(warp::body::stream())
-        .and(with(state.upstream.clone()))
+        .and(with(state.router.clone()))
         .and(with(state.policy.clone()))
         .and_then(forward_request)
 }
@@ -57,7 +59,7 @@ async fn forward_request<S, B>(
     path: FullPath,
     query: Option<String>,
     body: S,
-    upstream: Upstream,
+    router: Router,
     policy: Policy,
 ) -> Result<warp::reply::Response, Infallible>
 where
@@ -71,6 +73,7 @@ where
             client: caller.label.clone(),
             upstream_wait: None,
             stream: false,
+            way: None,
         });
         Ok(response)
     };
@@ -78,9 +81,12 @@ where
         return refused(ProxyError::UnreadablePath.into_response(format));
     };
     let client = caller.client.as_ref();
+    let table = router.table();
+    let upstream = table.default_upstream();
     let mut body = CallerBody::new(&headers, body);
-    let reads_body =
-        client.is_some_and(|client| client.limits.reads_body()) && endpoint.model.in_body();
+    // With more than one place to go, the body is read for its model.
+    let reads_body = (table.by_model() || client.is_some_and(|client| client.limits.reads_body()))
+        && endpoint.model.in_body();
     let mut sessions = None;
     let inspected = if reads_body {
         match upstream.read_whole(&mut body).await {
@@ -97,12 +103,31 @@ where
         None
     };
     let tunnel = is_websocket_upgrade(&method, &headers);
+    let tunnel_model = match endpoint.model {
+        Model::Query => query_model(query.as_deref()),
+        _ => Ok(None),
+    };
+    // The model the upstream reads: where the policy finds it too.
+    let routed_model: Option<&str> = match endpoint.model {
+        Model::Body => inspected
+            .as_ref()
+            .and_then(|inspected| inspected.model.as_deref()),
+        Model::Session { nested } => sessions.as_ref().and_then(|names| {
+            if nested {
+                names.nested.as_deref()
+            } else {
+                names.top.as_deref()
+            }
+        }),
+        Model::Query => tunnel_model
+            .as_ref()
+            .ok()
+            .and_then(|model| model.as_deref()),
+        Model::None | Model::Generates => None,
+    };
     let mut ticket = None;
+    let mut plan = None;
     if let Some(client) = client {
-        let tunnel_model = match endpoint.model {
-            Model::Query => query_model(query.as_deref()),
-            _ => Ok(None),
-        };
         let body_model = inspected
             .as_ref()
             .and_then(|inspected| inspected.model.as_deref());
@@ -141,10 +166,52 @@ where
         if let Err(error) = policy.check_model(client, asked) {
             return refused(error.into_response(format));
         }
+        // An alias cannot open a model the client may not use: the model it stands for must be
+        // allowed too.
+        match table.plan(routed_model) {
+            Ok(found) => {
+                if let (Some(asked), Some(served)) = (routed_model, found.model())
+                    && asked != served
+                    && let Err(error) = policy.check_model(
+                        client,
+                        Asked::Model {
+                            model: Some(served),
+                            other: None,
+                        },
+                    )
+                {
+                    return refused(error.into_response(format));
+                }
+                plan = Some(found);
+            }
+            Err(error) => return refused(error.into_response(format)),
+        }
         ticket = match policy.admit(client, inspected.as_ref()).await {
             Ok(ticket) => Some(ticket),
             Err(response) => return refused(response),
         };
+    }
+    let plan = match plan {
+        Some(plan) => plan,
+        None => match table.plan(routed_model) {
+            Ok(plan) => plan,
+            Err(error) => return refused(error.into_response(format)),
+        },
+    };
+    // With an upstreams file, a model's entry is the merged list's (the list and the routing
+    // agree on what exists).
+    if table.merges_models()
+        && method == Method::GET
+        && let Some(id) = path.strip_prefix("/v1/models/")
+    {
+        let mut reply = crate::routes::models::model_entry(&table, id, format).await;
+        reply.extensions_mut().insert(Exchange {
+            client: caller.label.clone(),
+            upstream_wait: None,
+            stream: false,
+            way: None,
+        });
+        return Ok(reply);
     }
     let spend = Spend {
         model: inspected
@@ -156,11 +223,34 @@ where
 
     let asked = Instant::now();
     let standing = ticket.as_ref().and_then(Ticket::standing);
+    let way;
     let forwarded = if tunnel {
         // A tunnel's bytes are not metered, but its admission (the client's concurrency place)
-        // is held as long as the tunnel is open, by the server that joins the connections.
+        // is held as long as the tunnel is open, by the server that joins the connections. It
+        // goes to the first candidate and is never failed over: an upgrade is a conversation.
+        let upstream = plan
+            .first()
+            .and_then(|index| table.upstreams().get(index))
+            .unwrap_or(upstream);
+        let renamed_query = match (routed_model, plan.model()) {
+            (Some(asked), Some(served)) if upstream.upstream_name(served) != asked => query
+                .as_deref()
+                .map(|query| rename::query(query, upstream.upstream_name(served))),
+            _ => None,
+        };
+        way = Some(Arc::new(Way {
+            upstream: upstream.name().clone(),
+            attempts: 1,
+            failover: None,
+            hold: None,
+        }));
         upstream
-            .open_tunnel(headers, &endpoint, path, query.as_deref())
+            .open_tunnel(
+                headers,
+                &endpoint,
+                path,
+                renamed_query.as_deref().or(query.as_deref()),
+            )
             .await
             .map(|mut forwarded| {
                 if let Some(ticket) = ticket.take() {
@@ -172,11 +262,26 @@ where
                 forwarded
             })
     } else {
-        match upstream
-            .forward(headers, method, &endpoint, path, query.as_deref(), body)
-            .await
-        {
-            Ok(answer) => {
+        let model = match (routed_model, inspected.as_ref()) {
+            (Some(name), Some(inspected)) => inspected.model_span.clone().map(|span| ModelInBody {
+                name,
+                span,
+                content_type: content_type_of(&headers),
+            }),
+            _ => None,
+        };
+        let outgoing = Outgoing {
+            headers,
+            method,
+            endpoint: &endpoint,
+            path,
+            query: query.as_deref(),
+            model,
+        };
+        let (result, trail) = table.forward(&plan, outgoing, body).await;
+        let mut hold = None;
+        let forwarded = match result {
+            Ok((answer, sent)) => {
                 let scan = endpoint.reports_usage;
                 // The access line names a model for every request: when the body was not read
                 // for it, the answer's is looked for (JSON and event streams only).
@@ -196,10 +301,21 @@ where
                         is_event_stream(answer.headers()),
                     )),
                 });
-                Ok(upstream.into_reply(answer, metering).await)
+                let reply = sent.upstream().into_reply(answer, metering).await;
+                hold = Some(Box::new(sent) as Box<dyn std::any::Any + Send + Sync>);
+                Ok(reply)
             }
             Err(error) => Err(error),
-        }
+        };
+        way = trail.upstream.map(|upstream| {
+            Arc::new(Way {
+                upstream,
+                attempts: trail.attempts,
+                failover: trail.failover,
+                hold,
+            })
+        });
+        forwarded
     };
     let upstream_wait = asked.elapsed();
     let Forwarded {
@@ -217,6 +333,7 @@ where
         client: caller.label,
         upstream_wait: Some(upstream_wait),
         stream,
+        way,
     });
     Ok(response)
 }
@@ -275,4 +392,13 @@ fn session_names(headers: &HeaderMap, body: &[u8], inspected: &Inspected) -> Ses
         };
     }
     session_models(body).unwrap_or_default()
+}
+
+/// The body's `Content-Type` alone, for renaming its model (JSON and forms differ).
+fn content_type_of(headers: &HeaderMap) -> HeaderMap {
+    let mut only = HeaderMap::new();
+    if let Some(value) = headers.get(warp::http::header::CONTENT_TYPE) {
+        only.insert(warp::http::header::CONTENT_TYPE, value.clone());
+    }
+    only
 }

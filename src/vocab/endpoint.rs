@@ -47,6 +47,8 @@ routes! {
         CacheClear,
         /// `GET /admin/clients`: every client's limits and usage.
         AdminClients,
+        /// `GET /admin/upstreams`: every upstream's breaker, keys and load.
+        AdminUpstreams,
         /// Any other `/admin/...` path: none exists, but its 404s count as admin traffic.
         Admin,
         Healthz,
@@ -72,7 +74,9 @@ impl Route {
             Route::Chat => "chat",
             Route::Models => "models",
             Route::Passthrough => "passthrough",
-            Route::CacheClear | Route::AdminClients | Route::Admin => "admin",
+            Route::CacheClear | Route::AdminClients | Route::AdminUpstreams | Route::Admin => {
+                "admin"
+            }
             Route::Healthz | Route::Readyz => "health",
             Route::Metrics => "metrics",
             Route::Other => "other",
@@ -95,7 +99,11 @@ impl Route {
     /// paths that also take `POST`), so the proxy never answers 405 for them.
     pub fn allow(self) -> Option<&'static str> {
         match self {
-            Route::Healthz | Route::Readyz | Route::Metrics | Route::AdminClients => Some("GET"),
+            Route::Healthz
+            | Route::Readyz
+            | Route::Metrics
+            | Route::AdminClients
+            | Route::AdminUpstreams => Some("GET"),
             Route::CacheClear => Some("POST"),
             Route::Chat | Route::Models | Route::Passthrough | Route::Admin | Route::Other => None,
         }
@@ -240,6 +248,7 @@ const TABLE: &[Row] = &[
     row("/readyz",                                Extent::Exact, Route::Readyz,      Model::None,      false),
     row("/metrics",                               Extent::Exact, Route::Metrics,     Model::None,      false),
     row("/admin/clients",                         Extent::Exact, Route::AdminClients, Model::None,     false),
+    row("/admin/upstreams",                       Extent::Exact, Route::AdminUpstreams, Model::None,   false),
     row("/admin/cache/clear",                     Extent::Exact, Route::CacheClear,  Model::None,      false),
     row("/admin",                                 Extent::Below, Route::Admin,       Model::None,      false),
 ];
@@ -552,6 +561,7 @@ mod tests {
             ("/admin/cache/clear", Route::CacheClear),
             ("/admin/other", Route::Admin),
             ("/admin/clients", Route::AdminClients),
+            ("/admin/upstreams", Route::AdminUpstreams),
             ("/healthz", Route::Healthz),
             ("/readyz", Route::Readyz),
             ("/metrics", Route::Metrics),
