@@ -1,50 +1,35 @@
 //! Operator actions, behind `ADMIN_TOKEN`.
 
 use serde_json::json;
-use warp::{Filter, Rejection, Reply};
+use warp::{Rejection, Reply};
 
-use super::{allow, route, with};
-use crate::auth::filters::{admin, admin_enabled};
+use super::{Request, allow};
 use crate::config::ClientLimits;
 use crate::error::rfc3339_now;
-use crate::proxy::models_cache::ModelsCache;
 use crate::state::AppState;
-use crate::vocab::Route;
 
 /// POST /admin/cache/clear
-pub fn clear_cache(
-    state: AppState,
-) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    route(Route::CacheClear)
-        .and(admin_enabled(state.auth.clone()))
-        .and(allow(Route::CacheClear))
-        .and(admin(state.auth.clone()))
-        .and(with(state.models.clone()))
-        .map(|models: ModelsCache| {
-            models.clear();
-            log::info!("models cache cleared by admin request");
-            warp::reply::json(&json!({
-                "message": "models cache cleared",
-                "time": rfc3339_now(),
-            }))
-            .into_response()
-        })
+pub fn clear_cache<S>(
+    request: &Request<S>,
+    state: &AppState,
+) -> Result<warp::reply::Response, Rejection> {
+    admitted(request, state)?;
+    state.models.clear();
+    log::info!("models cache cleared by admin request");
+    Ok(warp::reply::json(&json!({
+        "message": "models cache cleared",
+        "time": rfc3339_now(),
+    }))
+    .into_response())
 }
 
 /// GET /admin/clients: every client's limits (the clients file's field names) and usage; never a
 /// token.
-pub fn clients(
+pub async fn clients<S>(
+    request: Request<S>,
     state: AppState,
-) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    route(Route::AdminClients)
-        .and(admin_enabled(state.auth.clone()))
-        .and(allow(Route::AdminClients))
-        .and(admin(state.auth.clone()))
-        .and(with(state))
-        .then(list_clients)
-}
-
-async fn list_clients(state: AppState) -> warp::reply::Response {
+) -> Result<warp::reply::Response, Rejection> {
+    admitted(&request, &state)?;
     let mut listed = Vec::new();
     for client in state.auth.clients() {
         let usage = state.policy.limiter().usage(&client.name).await;
@@ -54,7 +39,20 @@ async fn list_clients(state: AppState) -> warp::reply::Response {
             "usage": usage,
         }));
     }
-    warp::reply::json(&json!({ "clients": listed })).into_response()
+    Ok(warp::reply::json(&json!({ "clients": listed })).into_response())
+}
+
+/// Without `ADMIN_TOKEN` configured the admin routes do not exist: 404, whatever the method.
+/// Then the method (405), then the token.
+fn admitted<S>(request: &Request<S>, state: &AppState) -> Result<(), Rejection> {
+    if !state.auth.admin_enabled() {
+        return Err(warp::reject::not_found());
+    }
+    allow(request)?;
+    state
+        .auth
+        .check_admin(&request.headers)
+        .map_err(warp::reject::custom)
 }
 
 /// The limits as the file spells them; fields the client does not set are left out.

@@ -1,46 +1,32 @@
 //! The cached model list.
 
-use std::convert::Infallible;
 use std::time::Instant;
 
-use warp::http::{HeaderMap, HeaderValue, header};
-use warp::{Filter, Rejection};
+use warp::Rejection;
+use warp::http::{HeaderValue, Method, header};
 
-use super::{raw_query, route, with};
-use crate::auth::Caller;
-use crate::auth::filters::caller;
+use super::Request;
 use crate::ops::exchange::Exchange;
 use crate::proxy::models_cache::{CacheStatus, CachedResponse};
 use crate::state::AppState;
-use crate::vocab::Route;
 
 const CACHE_STATUS_HEADER: &str = "x-proxy-cache";
 
-/// GET /v1/models (with a query string, or another method, it is not cached and goes through
-/// the generic proxy)
-pub fn list(
-    state: AppState,
-) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    route(Route::Models)
-        .and(warp::get())
-        .and(raw_query())
-        .and_then(|query: Option<String>| async move {
-            match query {
-                None => Ok(()),
-                Some(_) => Err(warp::reject::not_found()),
-            }
-        })
-        .untuple_one()
-        .and(caller(state.auth.clone()))
-        .and(with(state))
-        .and_then(list_models)
+/// Whether a request for the model list is answered from the cache: a `GET` without a query
+/// string. Any other goes through the generic proxy.
+pub fn is_cached<S>(request: &Request<S>) -> bool {
+    request.method == Method::GET && request.query.is_none()
 }
 
-async fn list_models(
-    _caller_headers: HeaderMap,
-    caller: Caller,
+/// GET /v1/models
+pub async fn list<S>(
+    request: Request<S>,
     state: AppState,
-) -> Result<warp::reply::Response, Infallible> {
+) -> Result<warp::reply::Response, Rejection> {
+    let caller = state
+        .auth
+        .caller(&request.headers)
+        .map_err(warp::reject::custom)?;
     let upstream = state.upstream.clone();
     let asked = Instant::now();
     let (result, cache_status) = state
@@ -57,8 +43,7 @@ async fn list_models(
             Some(asked.elapsed())
         }
     };
-    // Errors are answered here rather than rejected: a rejection would make warp try the next
-    // route and send the request upstream a second time.
+    // Errors are answered here rather than rejected, like every error once the caller passed.
     let models = caller
         .client
         .as_ref()

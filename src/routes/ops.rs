@@ -2,21 +2,17 @@
 
 use serde_json::json;
 use warp::http::{HeaderValue, header};
-use warp::{Filter, Rejection, Reply};
+use warp::{Rejection, Reply};
 
-use super::{allow, route, with};
-use crate::auth::filters::scraper;
+use super::{Request, allow};
 use crate::error::Readiness;
-use crate::ops::metrics::{self, Metrics};
-use crate::proxy::Upstream;
+use crate::ops::metrics;
 use crate::state::AppState;
-use crate::vocab::Route;
 
 /// GET /healthz: 200 while the process serves, no token needed.
-pub fn healthz() -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    route(Route::Healthz)
-        .and(allow(Route::Healthz))
-        .map(|| warp::reply::json(&json!({"status": "ok"})).into_response())
+pub fn healthz<S>(request: &Request<S>) -> Result<warp::reply::Response, Rejection> {
+    allow(request)?;
+    Ok(warp::reply::json(&json!({"status": "ok"})).into_response())
 }
 
 /// GET /readyz: 200 while taking traffic, 503 once shutdown has begun or while every key is
@@ -24,41 +20,37 @@ pub fn healthz() -> impl Filter<Extract = (warp::reply::Response,), Error = Reje
 /// itself). The body says
 /// where the shared state is kept, `"limits":"shared"` or `"local"`: Redis being down does not
 /// make a replica unready, it still serves with local state.
-pub fn readyz(
-    state: AppState,
-) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    route(Route::Readyz)
-        .and(allow(Route::Readyz))
-        .and(with(state))
-        .map(|state: AppState| {
-            let readiness = if state.is_draining() {
-                Readiness::Draining
-            } else if !state.upstream.keys().any_enabled() {
-                Readiness::NoUpstreamKey
-            } else {
-                Readiness::Ready
-            };
-            readiness.into_response(state.shared.mode().as_str())
-        })
+pub fn readyz<S>(
+    request: &Request<S>,
+    state: &AppState,
+) -> Result<warp::reply::Response, Rejection> {
+    allow(request)?;
+    let readiness = if state.is_draining() {
+        Readiness::Draining
+    } else if !state.upstream.keys().any_enabled() {
+        Readiness::NoUpstreamKey
+    } else {
+        Readiness::Ready
+    };
+    Ok(readiness.into_response(state.shared.mode().as_str()))
 }
 
 /// GET /metrics: Prometheus text format. Needs `METRICS_TOKEN` when set, else `ADMIN_TOKEN` when
 /// set; open when neither is set.
-pub fn metrics(
-    state: AppState,
-) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    route(Route::Metrics)
-        .and(allow(Route::Metrics))
-        .and(scraper(state.auth.clone()))
-        .and(with(state.metrics.clone()))
-        .and(with(state.upstream.clone()))
-        .map(|metrics: Metrics, upstream: Upstream| {
-            upstream.keys().publish_state();
-            let mut reply = warp::reply::Response::new(metrics.encode().into());
-            reply.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(metrics::CONTENT_TYPE),
-            );
-            reply
-        })
+pub fn metrics<S>(
+    request: &Request<S>,
+    state: &AppState,
+) -> Result<warp::reply::Response, Rejection> {
+    allow(request)?;
+    state
+        .auth
+        .check_scraper(&request.headers)
+        .map_err(warp::reject::custom)?;
+    state.upstream.keys().publish_state();
+    let mut reply = warp::reply::Response::new(state.metrics.encode().into());
+    reply.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(metrics::CONTENT_TYPE),
+    );
+    Ok(reply)
 }
