@@ -19,7 +19,7 @@ use warp::{Buf, Filter, Rejection};
 
 use crate::error::{ProxyError, handle_rejection};
 use crate::state::AppState;
-use crate::vocab::endpoint::Shape;
+use crate::vocab::endpoint::{Shape, Target};
 use crate::vocab::{Endpoint, Route, classify};
 
 /// Every route the proxy serves, with errors already turned into JSON responses.
@@ -27,10 +27,9 @@ pub fn routes(
     state: AppState,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone {
     let format = state.config.error_format;
-    endpoint()
+    target()
         .and(warp::method())
         .and(warp::path::full())
-        .and(raw_query())
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .and(warp::any().map(move || state.clone()))
@@ -53,9 +52,9 @@ struct Request<S> {
 /// an `/admin/...` path that is no action) is a 404.
 async fn dispatch<S, B>(
     endpoint: Endpoint,
+    query: Option<String>,
     method: Method,
     path: FullPath,
-    query: Option<String>,
     headers: HeaderMap,
     body: S,
     state: AppState,
@@ -93,16 +92,21 @@ where
     }
 }
 
-/// The request's classification: the one the server made, or (for a request handed to the route
-/// table directly, as `warp::test` does) made here the same way.
-fn endpoint() -> impl Filter<Extract = (Endpoint,), Error = Infallible> + Clone {
-    warp::ext::get::<Endpoint>()
+/// The request's classification and query: the ones the server took, or (for a request handed
+/// to the route table directly, as `warp::test` does) taken here the same way.
+fn target() -> impl Filter<Extract = (Endpoint, Option<String>), Error = Infallible> + Clone {
+    warp::ext::get::<Target>()
+        .map(|target: Target| (target.endpoint, target.query))
+        .untuple_one()
         .or(warp::method()
             .and(warp::path::full())
             .and(warp::header::headers_cloned())
-            .map(|method, path: warp::path::FullPath, headers| {
-                classify(&method, path.as_str(), Shape::of(&method, &headers))
-            }))
+            .and(raw_query())
+            .map(|method, path: warp::path::FullPath, headers, query| {
+                let shape = Shape::of(&method, &headers);
+                (classify(&method, path.as_str(), shape), query)
+            })
+            .untuple_one())
         .unify()
 }
 
