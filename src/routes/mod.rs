@@ -27,13 +27,17 @@ pub fn routes(
     state: AppState,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone {
     let format = state.config.error_format;
-    target()
-        .and(warp::method())
+    // Smallest first, for the same reason.
+    warp::method()
         .and(warp::path::full())
+        .and(target())
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
-        .and(warp::any().map(move || state.clone()))
-        .and_then(dispatch)
+        // The state is handed over by the handler's closure, not by a filter of its own: each
+        // filter joined with `.and()` moves everything extracted before it once more.
+        .and_then(move |method, path, endpoint, query, headers, body| {
+            dispatch(method, path, endpoint, query, headers, body, state.clone())
+        })
         .recover(move |rejection| handle_rejection(rejection, format))
         .unify()
 }
@@ -51,10 +55,10 @@ struct Request<S> {
 /// The route table: each route to its family's handler. A route none takes (an unknown path,
 /// an `/admin/...` path that is no action) is a 404.
 async fn dispatch<S, B>(
-    endpoint: Endpoint,
-    query: Option<String>,
     method: Method,
     path: FullPath,
+    endpoint: Endpoint,
+    query: Option<String>,
     headers: HeaderMap,
     body: S,
     state: AppState,
