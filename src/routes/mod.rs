@@ -27,14 +27,13 @@ pub fn routes(
     state: AppState,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone {
     let format = state.config.error_format;
-    // Smallest first, for the same reason.
+    // Each filter joined with `.and()` moves everything extracted before it once more: the small
+    // extractions come first, and the state comes with the handler's closure, not in a filter.
     warp::method()
         .and(warp::path::full())
         .and(target())
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
-        // The state is handed over by the handler's closure, not by a filter of its own: each
-        // filter joined with `.and()` moves everything extracted before it once more.
         .and_then(move |method, path, endpoint, query, headers, body| {
             dispatch(method, path, endpoint, query, headers, body, state.clone())
         })
