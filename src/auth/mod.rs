@@ -1,7 +1,7 @@
-//! Who may call what: the token sets, the caller a request is from, the warp filters that check
-//! them after a route's path has matched, and every kind of redaction.
+//! Who may call what: the token sets, the caller a request is from, the checks the route handlers
+//! make after a request's route is known (so that unknown paths stay 404s), and every kind of
+//! redaction.
 
-pub mod filters;
 pub mod redact;
 mod tokens;
 

@@ -74,11 +74,15 @@ impl Spend {
 /// there would forge log lines.
 pub fn loggable(model: &str) -> Arc<str> {
     const MAX: usize = 64;
+    if model.len() <= MAX && model.bytes().all(is_loggable) {
+        // The usual name, kept whole: one allocation, no per-character rewrite.
+        return Arc::from(model);
+    }
     let kept: String = model
         .chars()
         .take(MAX)
         .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-' | '@' | '+') {
+            if u8::try_from(c).is_ok_and(is_loggable) {
                 c
             } else {
                 '?'
@@ -86,6 +90,10 @@ pub fn loggable(model: &str) -> Arc<str> {
         })
         .collect();
     Arc::from(kept)
+}
+
+fn is_loggable(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b':' | b'/' | b'-' | b'@' | b'+')
 }
 
 #[cfg(test)]

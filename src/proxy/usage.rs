@@ -306,12 +306,17 @@ impl ModelScanner {
                 },
                 ModelState::Value(value) => match memchr::memchr2(b'"', b'\\', chunk) {
                     Some(end) if chunk[end] == b'"' => {
-                        value.extend_from_slice(&chunk[..end]);
-                        let name = String::from_utf8_lossy(value);
-                        self.state = if name.is_empty() || value.len() > MAX_MODEL {
+                        // The usual name lies whole in one chunk: read where it is, not copied.
+                        let name = if value.is_empty() {
+                            &chunk[..end]
+                        } else {
+                            value.extend_from_slice(&chunk[..end]);
+                            value.as_slice()
+                        };
+                        self.state = if name.is_empty() || name.len() > MAX_MODEL {
                             ModelState::Searching
                         } else {
-                            ModelState::Found(loggable(&name))
+                            ModelState::Found(loggable(&String::from_utf8_lossy(name)))
                         };
                         chunk = &chunk[end + 1..];
                     }

@@ -1,53 +1,38 @@
 //! Operator actions, behind `ADMIN_TOKEN`.
 
 use serde_json::json;
-use warp::{Filter, Rejection, Reply};
+use warp::{Rejection, Reply};
 
-use super::{allow, route, with};
-use crate::auth::filters::{admin, admin_enabled};
+use super::{Request, allow};
 use crate::config::ClientLimits;
 use crate::error::rfc3339_now;
 use crate::proxy::breaker::BreakerState;
-use crate::proxy::router::Router;
 use crate::state::AppState;
-use crate::vocab::Route;
 
 /// POST /admin/cache/clear
-pub fn clear_cache(
-    state: AppState,
-) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    route(Route::CacheClear)
-        .and(admin_enabled(state.auth.clone()))
-        .and(allow(Route::CacheClear))
-        .and(admin(state.auth.clone()))
-        .and(with(state.router.clone()))
-        .map(|router: Router| {
-            for upstream in router.table().upstreams() {
-                upstream.models_cache().clear();
-            }
-            log::info!("models cache cleared by admin request");
-            warp::reply::json(&json!({
-                "message": "models cache cleared",
-                "time": rfc3339_now(),
-            }))
-            .into_response()
-        })
+pub fn clear_cache<S>(
+    request: &Request<S>,
+    state: &AppState,
+) -> Result<warp::reply::Response, Rejection> {
+    admitted(request, state)?;
+    for upstream in state.router.table().upstreams() {
+        upstream.models_cache().clear();
+    }
+    log::info!("models cache cleared by admin request");
+    Ok(warp::reply::json(&json!({
+        "message": "models cache cleared",
+        "time": rfc3339_now(),
+    }))
+    .into_response())
 }
 
 /// GET /admin/clients: every client's limits (the clients file's field names) and usage; never a
 /// token.
-pub fn clients(
+pub async fn clients<S>(
+    request: Request<S>,
     state: AppState,
-) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    route(Route::AdminClients)
-        .and(admin_enabled(state.auth.clone()))
-        .and(allow(Route::AdminClients))
-        .and(admin(state.auth.clone()))
-        .and(with(state))
-        .then(list_clients)
-}
-
-async fn list_clients(state: AppState) -> warp::reply::Response {
+) -> Result<warp::reply::Response, Rejection> {
+    admitted(&request, &state)?;
     let mut listed = Vec::new();
     for client in state.auth.clients() {
         let usage = state.policy.limiter().usage(&client.name).await;
@@ -57,7 +42,91 @@ async fn list_clients(state: AppState) -> warp::reply::Response {
             "usage": usage,
         }));
     }
-    warp::reply::json(&json!({ "clients": listed })).into_response()
+    Ok(warp::reply::json(&json!({ "clients": listed })).into_response())
+}
+
+/// GET /admin/upstreams: every upstream's tier, weight, models, breaker, load, last failure and
+/// keys by position; never a key.
+pub fn upstreams<S>(
+    request: &Request<S>,
+    state: &AppState,
+) -> Result<warp::reply::Response, Rejection> {
+    admitted(request, state)?;
+    let table = state.router.table();
+    let listed: Vec<serde_json::Value> = table
+        .upstreams()
+        .iter()
+        .map(|upstream| {
+            let breaker = upstream.breaker();
+            let keys: Vec<serde_json::Value> = upstream
+                .keys()
+                .states()
+                .into_iter()
+                .map(|(position, state, resting_until)| {
+                    json!({
+                        "position": position,
+                        "state": state,
+                        "resting_until": resting_until.map(rfc3339_at),
+                    })
+                })
+                .collect();
+            json!({
+                "name": &**upstream.name(),
+                "tier": upstream.tier(),
+                "weight": upstream.weight(),
+                "models": upstream
+                    .models()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>(),
+                "breaker": {
+                    "state": breaker_word(breaker.state()),
+                    "closes_at": breaker.closes_at().map(rfc3339_at),
+                },
+                "in_flight": upstream.in_flight(),
+                "last_failure": upstream.last_failure().map(|failure| failure.to_string()),
+                "keys": keys,
+            })
+        })
+        .collect();
+    let mut reply = warp::reply::json(&json!({ "upstreams": listed })).into_response();
+    reply.headers_mut().insert(
+        warp::http::header::CACHE_CONTROL,
+        warp::http::HeaderValue::from_static("no-store"),
+    );
+    Ok(reply)
+}
+
+pub fn breaker_word(state: BreakerState) -> &'static str {
+    match state {
+        BreakerState::Closed => "closed",
+        BreakerState::HalfOpen => "half_open",
+        BreakerState::Open => "open",
+    }
+}
+
+/// A moment on tokio's clock as RFC 3339 wall-clock time, to the second.
+fn rfc3339_at(at: tokio::time::Instant) -> String {
+    let now = tokio::time::Instant::now();
+    let wall = if at >= now {
+        std::time::SystemTime::now() + (at - now)
+    } else {
+        std::time::SystemTime::now() - (now - at)
+    };
+    humantime::format_rfc3339_seconds(wall).to_string()
+}
+
+/// Without `ADMIN_TOKEN` configured the admin routes do not exist: 404, whatever the method.
+/// Then the method (405), then the token.
+fn admitted<S>(request: &Request<S>, state: &AppState) -> Result<(), Rejection> {
+    if !state.auth.admin_enabled() {
+        return Err(warp::reject::not_found());
+    }
+    allow(request)?;
+    state
+        .auth
+        .check_admin(&request.headers)
+        .map_err(warp::reject::custom)
 }
 
 /// The limits as the file spells them; fields the client does not set are left out.
@@ -91,80 +160,4 @@ fn limits_json(limits: &ClientLimits) -> serde_json::Value {
     );
     put("disabled", Some(limits.disabled.into()));
     serde_json::Value::Object(object)
-}
-
-/// GET /admin/upstreams: every upstream's tier, weight, models, breaker, load, last failure and
-/// keys by position; never a key.
-pub fn upstreams(
-    state: AppState,
-) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    route(Route::AdminUpstreams)
-        .and(admin_enabled(state.auth.clone()))
-        .and(allow(Route::AdminUpstreams))
-        .and(admin(state.auth.clone()))
-        .and(with(state.router.clone()))
-        .map(|router: Router| {
-            let table = router.table();
-            let listed: Vec<serde_json::Value> = table
-                .upstreams()
-                .iter()
-                .map(|upstream| {
-                    let breaker = upstream.breaker();
-                    let keys: Vec<serde_json::Value> = upstream
-                        .keys()
-                        .states()
-                        .into_iter()
-                        .map(|(position, state, resting_until)| {
-                            json!({
-                                "position": position,
-                                "state": state,
-                                "resting_until": resting_until.map(rfc3339_at),
-                            })
-                        })
-                        .collect();
-                    json!({
-                        "name": &**upstream.name(),
-                        "tier": upstream.tier(),
-                        "weight": upstream.weight(),
-                        "models": upstream
-                            .models()
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>(),
-                        "breaker": {
-                            "state": breaker_word(breaker.state()),
-                            "closes_at": breaker.closes_at().map(rfc3339_at),
-                        },
-                        "in_flight": upstream.in_flight(),
-                        "last_failure": upstream.last_failure().map(|failure| failure.to_string()),
-                        "keys": keys,
-                    })
-                })
-                .collect();
-            let mut reply = warp::reply::json(&json!({ "upstreams": listed })).into_response();
-            reply.headers_mut().insert(
-                warp::http::header::CACHE_CONTROL,
-                warp::http::HeaderValue::from_static("no-store"),
-            );
-            reply
-        })
-}
-
-pub fn breaker_word(state: BreakerState) -> &'static str {
-    match state {
-        BreakerState::Closed => "closed",
-        BreakerState::HalfOpen => "half_open",
-        BreakerState::Open => "open",
-    }
-}
-
-/// A moment on tokio's clock as RFC 3339 wall-clock time, to the second.
-fn rfc3339_at(at: tokio::time::Instant) -> String {
-    let now = tokio::time::Instant::now();
-    let wall = if at >= now {
-        std::time::SystemTime::now() + (at - now)
-    } else {
-        std::time::SystemTime::now() - (now - at)
-    };
-    humantime::format_rfc3339_seconds(wall).to_string()
 }

@@ -1,6 +1,9 @@
-//! The warp route table. Each route family lives in its own file; this module composes them with
-//! `.or()` and attaches the one `recover`. Routes are told apart by the request's [`Endpoint`]
-//! (classified once, by the server), not by path literals of their own.
+//! The warp route table. One filter takes what any route needs of the request and reads its
+//! [`Endpoint`] (classified once, by the server); a `match` on the endpoint's route hands it to
+//! the family's handler, each family in its own file, and the one `recover` answers the errors.
+//!
+//! One dispatch rather than a filter per family tried in turn with `.or()`: every family tried
+//! before the one that takes a request cost a filter chain and a rejection, on every request.
 
 mod admin;
 mod models;
@@ -9,12 +12,14 @@ mod proxy;
 
 use std::convert::Infallible;
 
-use warp::http::Method;
-use warp::{Filter, Rejection};
+use futures::Stream;
+use warp::filters::path::FullPath;
+use warp::http::{HeaderMap, Method};
+use warp::{Buf, Filter, Rejection};
 
 use crate::error::{ProxyError, handle_rejection};
 use crate::state::AppState;
-use crate::vocab::endpoint::Shape;
+use crate::vocab::endpoint::{Shape, Target};
 use crate::vocab::{Endpoint, Route, classify};
 
 /// Every route the proxy serves, with errors already turned into JSON responses.
@@ -22,74 +27,104 @@ pub fn routes(
     state: AppState,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone {
     let format = state.config.error_format;
-    // The `/v1` routes first: nearly every request is one, and each route tried before the one
-    // that takes it costs a filter chain. The model list comes before the forward, which would
-    // take `GET /v1/models` too.
-    models::list(state.clone())
-        .or(proxy::forward(state.clone()))
-        .unify()
-        .or(ops::healthz())
-        .unify()
-        .or(ops::readyz(state.clone()))
-        .unify()
-        .or(ops::metrics(state.clone()))
-        .unify()
-        .or(admin::clear_cache(state.clone()))
-        .unify()
-        .or(admin::clients(state.clone()))
-        .unify()
-        .or(admin::upstreams(state))
-        .unify()
+    // Each filter joined with `.and()` moves everything extracted before it once more: the small
+    // extractions come first, and the state comes with the handler's closure, not in a filter.
+    warp::method()
+        .and(warp::path::full())
+        .and(target())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .and_then(move |method, path, endpoint, query, headers, body| {
+            dispatch(method, path, endpoint, query, headers, body, state.clone())
+        })
         .recover(move |rejection| handle_rejection(rejection, format))
         .unify()
 }
 
-/// Hands each request a clone of a shared handle (cloning is shallow).
-fn with<T: Clone + Send>(handle: T) -> impl Filter<Extract = (T,), Error = Infallible> + Clone {
-    warp::any().map(move || handle.clone())
+/// What a route's handler may read of the request.
+struct Request<S> {
+    endpoint: Endpoint,
+    method: Method,
+    path: FullPath,
+    query: Option<String>,
+    headers: HeaderMap,
+    body: S,
 }
 
-/// The request's classification: the one the server made, or (for a request handed to the route
-/// table directly, as `warp::test` does) made here the same way.
-fn endpoint() -> impl Filter<Extract = (Endpoint,), Error = Infallible> + Clone {
-    warp::ext::get::<Endpoint>()
+/// The route table: each route to its family's handler. A route none takes (an unknown path,
+/// an `/admin/...` path that is no action) is a 404.
+async fn dispatch<S, B>(
+    method: Method,
+    path: FullPath,
+    endpoint: Endpoint,
+    query: Option<String>,
+    headers: HeaderMap,
+    body: S,
+    state: AppState,
+) -> Result<warp::reply::Response, Rejection>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send + Sync + 'static,
+    B: Buf + Send,
+{
+    let request = Request {
+        endpoint,
+        method,
+        path,
+        query,
+        headers,
+        body,
+    };
+    match request.endpoint.route {
+        // With a query string, or another method, the list is not cached: it is forwarded.
+        Route::Models if models::is_cached(&request) => {
+            // Boxed: a rare, cold future kept out of the size of every request's future.
+            Box::pin(models::list(request, state)).await
+        }
+        // Boxed too, for the opposite reason: the forward's future is the largest by far, and
+        // warp and hyper move the request's future a few times before it first runs; boxed, each
+        // move copies a pointer instead of the whole forward.
+        Route::Chat | Route::Models | Route::Passthrough => {
+            Box::pin(proxy::forward(request, state)).await
+        }
+        Route::Healthz => ops::healthz(&request),
+        Route::Readyz => ops::readyz(&request, &state),
+        Route::Metrics => ops::metrics(&request, &state),
+        Route::CacheClear => admin::clear_cache(&request, &state),
+        Route::AdminClients => Box::pin(admin::clients(request, state)).await,
+        Route::AdminUpstreams => admin::upstreams(&request, &state),
+        Route::Admin | Route::Other => Err(warp::reject::not_found()),
+    }
+}
+
+/// The request's classification and query: the ones the server took, or (for a request handed
+/// to the route table directly, as `warp::test` does) taken here the same way.
+fn target() -> impl Filter<Extract = (Endpoint, Option<String>), Error = Infallible> + Clone {
+    warp::ext::get::<Target>()
+        .map(|target: Target| (target.endpoint, target.query))
+        .untuple_one()
         .or(warp::method()
             .and(warp::path::full())
             .and(warp::header::headers_cloned())
-            .map(|method, path: warp::path::FullPath, headers| {
-                classify(&method, path.as_str(), Shape::of(&method, &headers))
-            }))
+            .and(raw_query())
+            .map(|method, path: warp::path::FullPath, headers, query| {
+                let shape = Shape::of(&method, &headers);
+                (classify(&method, path.as_str(), shape), query)
+            })
+            .untuple_one())
         .unify()
 }
 
-/// Lets only requests classified as `route` through; the others go on to the next route, and
-/// end as 404 when none takes them.
-fn route(route: Route) -> impl Filter<Extract = (), Error = Rejection> + Clone {
-    endpoint()
-        .and_then(move |endpoint: Endpoint| async move {
-            if endpoint.route == route {
-                Ok(())
-            } else {
-                Err(warp::reject::not_found())
-            }
-        })
-        .untuple_one()
-}
-
-/// Lets only the method `route` takes through; any other is answered 405 with that route's own
-/// `Allow`, after the path matched so that unknown paths stay 404s.
-fn allow(route: Route) -> impl Filter<Extract = (), Error = Rejection> + Clone {
-    warp::method()
-        .and_then(move |method: Method| async move {
-            if route.accepts(&method) {
-                Ok(())
-            } else {
-                Err(warp::reject::custom(ProxyError::MethodNotAllowed {
-                    allow: route.allow().unwrap_or(""),
-                }))
-            }
-        })
-        .untuple_one()
+/// Lets only the method the request's route takes through; any other is answered 405 with that
+/// route's own `Allow`, after the path matched so that unknown paths stay 404s.
+fn allow<S>(request: &Request<S>) -> Result<(), Rejection> {
+    let route = request.endpoint.route;
+    if route.accepts(&request.method) {
+        Ok(())
+    } else {
+        Err(warp::reject::custom(ProxyError::MethodNotAllowed {
+            allow: route.allow().unwrap_or(""),
+        }))
+    }
 }
 
 /// The raw query string, if the request has one.

@@ -1,49 +1,35 @@
 //! The cached model list.
 
-use std::convert::Infallible;
 use std::time::Instant;
 
 use serde_json::json;
-use warp::http::{HeaderMap, HeaderValue, header};
-use warp::{Filter, Rejection, Reply};
+use warp::http::{HeaderValue, Method, header};
+use warp::{Rejection, Reply};
 
-use super::{raw_query, route, with};
-use crate::auth::Caller;
-use crate::auth::filters::caller;
-use crate::error::{ErrorFormat, ProxyError};
+use super::Request;
 use crate::ops::exchange::Exchange;
+use crate::error::{ErrorFormat, ProxyError};
 use crate::proxy::models_cache::{CacheStatus, CachedResponse};
 use crate::proxy::router::Table;
 use crate::state::AppState;
-use crate::vocab::Route;
 
 const CACHE_STATUS_HEADER: &str = "x-proxy-cache";
 
-/// GET /v1/models (with a query string, or another method, it is not cached and goes through
-/// the generic proxy)
-pub fn list(
-    state: AppState,
-) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    route(Route::Models)
-        .and(warp::get())
-        .and(raw_query())
-        .and_then(|query: Option<String>| async move {
-            match query {
-                None => Ok(()),
-                Some(_) => Err(warp::reject::not_found()),
-            }
-        })
-        .untuple_one()
-        .and(caller(state.auth.clone()))
-        .and(with(state))
-        .and_then(list_models)
+/// Whether a request for the model list is answered from the cache: a `GET` without a query
+/// string. Any other goes through the generic proxy.
+pub fn is_cached<S>(request: &Request<S>) -> bool {
+    request.method == Method::GET && request.query.is_none()
 }
 
-async fn list_models(
-    _caller_headers: HeaderMap,
-    caller: Caller,
+/// GET /v1/models
+pub async fn list<S>(
+    request: Request<S>,
     state: AppState,
-) -> Result<warp::reply::Response, Infallible> {
+) -> Result<warp::reply::Response, Rejection> {
+    let caller = state
+        .auth
+        .caller(&request.headers)
+        .map_err(warp::reject::custom)?;
     let table = state.router.table();
     let asked = Instant::now();
     let models = caller

@@ -8,11 +8,10 @@ use std::time::Instant;
 use futures::Stream;
 use warp::filters::path::FullPath;
 use warp::http::{HeaderMap, Method};
-use warp::{Buf, Filter, Rejection};
+use warp::{Buf, Rejection};
 
-use super::{endpoint, raw_query, with};
+use super::Request;
 use crate::auth::Caller;
-use crate::auth::filters::caller;
 use crate::error::ProxyError;
 use crate::ops::exchange::Way;
 use crate::ops::exchange::{Answered, Exchange, Spend, loggable};
@@ -25,29 +24,41 @@ use crate::proxy::response::Forwarded;
 use crate::proxy::router::{ModelInBody, Outgoing, Router};
 use crate::proxy::upgrade::TunnelHold;
 use crate::proxy::usage::{Metering, Report, Seen};
+use crate::state::AppState;
 use crate::vocab::websocket::is_websocket_upgrade;
 use crate::vocab::{Endpoint, Model};
 
 /// ANY /v1/... (POST /v1/chat/completions among them)
-pub fn forward(
-    state: crate::state::AppState,
-) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    endpoint()
-        .and_then(|endpoint: Endpoint| async move {
-            if endpoint.route.is_forwarded() {
-                Ok(endpoint)
-            } else {
-                Err(warp::reject::not_found())
-            }
-        })
-        .and(caller(state.auth.clone()))
-        .and(warp::method())
-        .and(warp::path::full())
-        .and(raw_query())
-        .and(warp::body::stream())
-        .and(with(state.router.clone()))
-        .and(with(state.policy.clone()))
-        .and_then(forward_request)
+pub async fn forward<S, B>(
+    request: Request<S>,
+    state: AppState,
+) -> Result<warp::reply::Response, Rejection>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send + Sync + 'static,
+    B: Buf + Send,
+{
+    let Request {
+        endpoint,
+        method,
+        path,
+        query,
+        headers,
+        body,
+    } = request;
+    let caller = state.auth.caller(&headers).map_err(warp::reject::custom)?;
+    Ok(forward_request(
+        endpoint,
+        headers,
+        caller,
+        method,
+        path,
+        query,
+        body,
+        state.router.clone(),
+        state.policy.clone(),
+    )
+    .await
+    .unwrap_or_else(|never| match never {}))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -29,7 +29,7 @@ use crate::proxy::upgrade::{PendingTunnel, TunnelHold, Tunnels};
 use crate::routes::routes;
 use crate::state::AppState;
 use crate::vocab::classify;
-use crate::vocab::endpoint::Shape;
+use crate::vocab::endpoint::{Shape, Target};
 use crate::vocab::websocket::is_websocket_upgrade;
 use admission::Admission;
 pub use shutdown::{ShutdownSignal, ShutdownTrigger, shutdown_channel};
@@ -98,7 +98,8 @@ pub async fn serve(listener: TcpListener, state: AppState, mut shutdown: Shutdow
                 Shape::of(request.method(), request.headers()),
             );
             let route = endpoint.route;
-            request.extensions_mut().insert(endpoint);
+            let query = request.uri().query().map(str::to_owned);
+            request.extensions_mut().insert(Target { endpoint, query });
             let (record, bytes_in) = AccessRecord::start(
                 &request,
                 route,

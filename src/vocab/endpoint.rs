@@ -344,6 +344,16 @@ impl Endpoint {
     }
 }
 
+/// What the server hands the route table in the request's extensions: the classification and
+/// the raw query string, taken from the request once. One extension, since each costs an
+/// allocation; and the route table need not ask warp for a query that is not there, which warp
+/// answers with an allocated rejection.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub endpoint: Endpoint,
+    pub query: Option<String>,
+}
+
 /// Every endpoint with one fixed path, with the position [`Endpoint::fixed`] gives it.
 pub fn fixed_paths() -> impl Iterator<Item = (usize, &'static str)> {
     TABLE
