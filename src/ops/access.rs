@@ -195,9 +195,9 @@ impl AccessRecord {
                     "model": model,
                     "prompt_tokens": usage.map(|usage| usage.prompt),
                     "completion_tokens": usage.map(|usage| usage.completion),
-                    "upstream": way.map(|way| &*way.upstream),
-                    "attempts": way.map(|way| way.attempts),
-                    "failover": way.and_then(|way| way.failover.as_deref()),
+                    "upstream": way.map(|way| way.upstream()),
+                    "attempts": way.map(|way| way.attempts()),
+                    "failover": way.and_then(|way| way.failover()),
                 })
             ),
             LogFormat::Text => with_line_buffer(|line| {
@@ -227,12 +227,9 @@ impl AccessRecord {
                 line.push_str(" completion_tokens=");
                 push_optional_count(line, usage.map(|usage| usage.completion));
                 if let Some(way) = way {
-                    push(line, &[" upstream=", &way.upstream, " attempts="]);
-                    push_count(line, u64::from(way.attempts));
-                    push(
-                        line,
-                        &[" failover=", way.failover.as_deref().unwrap_or("-")],
-                    );
+                    push(line, &[" upstream=", way.upstream(), " attempts="]);
+                    push_count(line, u64::from(way.attempts()));
+                    push(line, &[" failover=", way.failover().unwrap_or("-")]);
                 }
                 log::info!(target: ACCESS_TARGET, "{line}");
             }),

@@ -17,28 +17,17 @@ pub struct Exchange {
     pub stream: bool,
     /// Which upstream answered, after how many attempts, leaving which; `None` when no upstream
     /// was asked.
-    pub way: Option<Arc<Way>>,
+    pub way: Option<Arc<dyn Way>>,
 }
 
-/// A forwarded request's way through the upstreams, for the access line.
-pub struct Way {
-    pub upstream: Arc<str>,
-    pub attempts: u32,
+/// A forwarded request's way through the upstreams, for the access line. The value is kept
+/// until the access line is written, after the answer's last byte: the answering upstream counts
+/// the request in flight until it is dropped.
+pub trait Way: Send + Sync + std::fmt::Debug {
+    fn upstream(&self) -> &str;
+    fn attempts(&self) -> u32;
     /// `<upstream>:<reason>` of each upstream left, comma-separated.
-    pub failover: Option<String>,
-    /// Kept until the access line is written, after the answer's last byte: the answering
-    /// upstream's count of requests in flight.
-    pub hold: Option<Box<dyn std::any::Any + Send + Sync>>,
-}
-
-impl std::fmt::Debug for Way {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Way")
-            .field("upstream", &self.upstream)
-            .field("attempts", &self.attempts)
-            .field("failover", &self.failover)
-            .finish()
-    }
+    fn failover(&self) -> Option<&str>;
 }
 
 /// The model and token counts of an exchange, for the access line. Set by the `/v1` handler; what

@@ -30,6 +30,7 @@ use super::{Attempted, Budget, Failed, Failure, Upstream, rename};
 use crate::auth::redact::Redactor;
 use crate::config::{Config, ConfigError};
 use crate::error::ProxyError;
+use crate::ops::exchange::Way;
 use crate::ops::metrics::Metrics;
 use crate::shared::Shared;
 use crate::shared::signals::{Signal, Signals};
@@ -127,14 +128,51 @@ struct Tier {
     members: Vec<(usize, u32)>,
 }
 
-/// What the access line says of a forwarded request's way.
-#[derive(Default)]
+/// What the access line says of a forwarded request's way; kept (by the access record) until
+/// the answer's last byte, with the answering upstream's count of requests in flight.
+#[derive(Default, Debug)]
 pub struct Trail {
     /// The upstream whose answer (or error) the caller got.
-    pub upstream: Option<Arc<str>>,
-    pub attempts: u32,
+    upstream: Option<Arc<str>>,
+    attempts: u32,
     /// `<upstream>:<reason>` of each upstream left, comma-separated.
-    pub failover: Option<String>,
+    failover: Option<String>,
+    held: Option<InFlight>,
+}
+
+impl Trail {
+    /// A WebSocket tunnel's: one upstream, one attempt.
+    pub fn tunnel(upstream: &Upstream) -> Trail {
+        Trail {
+            upstream: Some(upstream.name().clone()),
+            attempts: 1,
+            ..Trail::default()
+        }
+    }
+
+    /// Holds the answering upstream's in-flight count until the trail is dropped.
+    pub fn keep(&mut self, sent: InFlight) {
+        self.held = Some(sent);
+    }
+
+    /// For the access line, when an upstream was asked.
+    pub fn into_way(self) -> Option<Arc<dyn Way>> {
+        self.upstream.is_some().then(|| Arc::new(self) as Arc<dyn Way>)
+    }
+}
+
+impl Way for Trail {
+    fn upstream(&self) -> &str {
+        self.upstream.as_deref().unwrap_or("-")
+    }
+
+    fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    fn failover(&self) -> Option<&str> {
+        self.failover.as_deref()
+    }
 }
 
 /// The request as every attempt sends it.
@@ -167,6 +205,15 @@ impl Table {
         signals: &Signals,
     ) -> Result<Table, ConfigError> {
         let routing = &config.upstreams;
+        if routing.list.len() > MAX_UPSTREAMS {
+            return Err(ConfigError {
+                variable: "UPSTREAMS_FILE".to_string(),
+                message: format!(
+                    "has {} upstreams; at most {MAX_UPSTREAMS} are supported",
+                    routing.list.len()
+                ),
+            });
+        }
         let mut upstreams = Vec::with_capacity(routing.list.len());
         for named in &routing.list {
             let before = previous.and_then(|table| {
@@ -364,7 +411,7 @@ impl Table {
             failover_on: &self.failover_on,
             others: false,
         };
-        let mut tried: Vec<usize> = Vec::with_capacity(plan.candidates);
+        let mut tried = Upstreams::default();
         let mut left: Vec<(Arc<str>, Failure)> = Vec::new();
         let mut last: Option<(Failed, InFlight)> = None;
         let mut unavailable: Option<ProxyError> = None;
@@ -389,9 +436,9 @@ impl Table {
                 self.metrics.failover(&name, reason.to_string());
                 left.push((name, reason));
             }
-            tried.push(index);
+            tried.insert(index);
             let upstream = &self.upstreams[index];
-            budget.others = tried.len() < plan.candidates;
+            budget.others = tried.count() < plan.candidates;
             let url = match upstream.url(outgoing.endpoint, outgoing.path, outgoing.query) {
                 Ok(url) => url,
                 Err(error) => return (Err(error), trail.ended(upstream, &budget, &left)),
@@ -486,17 +533,22 @@ impl Table {
 
     /// The next upstream to try: the lowest tier with a usable candidate not tried yet, by
     /// weight within it. With none usable before anything was tried: panic mode.
-    fn next(&self, plan: &Plan, tried: &[usize], panic: &mut bool) -> Option<(usize, Pass)> {
+    fn next(&self, plan: &Plan, tried: &Upstreams, panic: &mut bool) -> Option<(usize, Pass)> {
         if !*panic {
             let now = tokio::time::Instant::now();
-            let mut refused: Vec<usize> = Vec::new();
+            let mut refused = Upstreams::default();
             for tier in &plan.tiers {
                 loop {
-                    let picked = self.rotation.pick(tier.group, &tier.members, |index| {
-                        !tried.contains(&index)
-                            && !refused.contains(&index)
+                    let eligible = |index| {
+                        !tried.contains(index)
+                            && !refused.contains(index)
                             && self.upstreams[index].has_usable_key(now)
-                    });
+                    };
+                    // A tier of one has no turn to keep.
+                    let picked = match tier.members.as_slice() {
+                        [(only, _)] => Some(*only).filter(|index| eligible(*index)),
+                        members => self.rotation.pick(tier.group, members, eligible),
+                    };
                     let Some(picked) = picked else {
                         break;
                     };
@@ -505,19 +557,19 @@ impl Table {
                             self.calm(plan);
                             return Some((picked, pass));
                         }
-                        None => refused.push(picked),
+                        None => refused.insert(picked),
                     }
                 }
             }
-            if !tried.is_empty() {
+            if tried.count() > 0 {
                 return None;
             }
             *panic = true;
-            self.panic(plan, !refused.is_empty());
+            self.panic(plan, refused.count() > 0);
         }
         plan.tiers.iter().find_map(|tier| {
             self.rotation
-                .pick(tier.group, &tier.members, |index| !tried.contains(&index))
+                .pick(tier.group, &tier.members, |index| !tried.contains(index))
                 .map(|picked| (picked, self.upstreams[picked].breaker().force()))
         })
     }
@@ -593,6 +645,27 @@ impl Table {
 }
 
 const BREAKER_OPEN: i64 = 2;
+
+/// At most this many upstreams in a file: a set of them is one machine word.
+pub const MAX_UPSTREAMS: usize = 64;
+
+/// A set of upstreams by index (a request's tried ones): a bit each, no allocation per request.
+#[derive(Default, Clone, Copy)]
+struct Upstreams(u64);
+
+impl Upstreams {
+    fn insert(&mut self, index: usize) {
+        self.0 |= 1 << index;
+    }
+
+    fn contains(&self, index: usize) -> bool {
+        self.0 & (1 << index) != 0
+    }
+
+    fn count(&self) -> usize {
+        self.0.count_ones() as usize
+    }
+}
 
 /// Applies the breaker openings other replicas tell of to the table in force, for as long as the
 /// router lives.
@@ -727,6 +800,12 @@ impl InFlight {
     /// The upstream that answered.
     pub fn upstream(&self) -> &Upstream {
         &self.0
+    }
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("InFlight").field(self.0.name()).finish()
     }
 }
 

@@ -13,7 +13,6 @@ use warp::{Buf, Rejection};
 use super::Request;
 use crate::auth::Caller;
 use crate::error::ProxyError;
-use crate::ops::exchange::Way;
 use crate::ops::exchange::{Answered, Exchange, Spend, loggable};
 use crate::policy::request::{Inspected, SessionModels, inspect, is_multipart, session_models};
 use crate::policy::{Asked, Policy, Ticket, write_rate_limit_headers};
@@ -21,7 +20,7 @@ use crate::proxy::headers::{is_event_stream, is_json};
 use crate::proxy::rename;
 use crate::proxy::request::CallerBody;
 use crate::proxy::response::Forwarded;
-use crate::proxy::router::{ModelInBody, Outgoing, Router};
+use crate::proxy::router::{ModelInBody, Outgoing, Router, Trail};
 use crate::proxy::upgrade::TunnelHold;
 use crate::proxy::usage::{Metering, Report, Seen};
 use crate::state::AppState;
@@ -249,12 +248,7 @@ where
                 .map(|query| rename::query(query, upstream.upstream_name(served))),
             _ => None,
         };
-        way = Some(Arc::new(Way {
-            upstream: upstream.name().clone(),
-            attempts: 1,
-            failover: None,
-            hold: None,
-        }));
+        way = Trail::tunnel(upstream).into_way();
         upstream
             .open_tunnel(
                 headers,
@@ -289,8 +283,7 @@ where
             query: query.as_deref(),
             model,
         };
-        let (result, trail) = table.forward(&plan, outgoing, body).await;
-        let mut hold = None;
+        let (result, mut trail) = table.forward(&plan, outgoing, body).await;
         let forwarded = match result {
             Ok((answer, sent)) => {
                 let scan = endpoint.reports_usage;
@@ -313,19 +306,12 @@ where
                     )),
                 });
                 let reply = sent.upstream().into_reply(answer, metering).await;
-                hold = Some(Box::new(sent) as Box<dyn std::any::Any + Send + Sync>);
+                trail.keep(sent);
                 Ok(reply)
             }
             Err(error) => Err(error),
         };
-        way = trail.upstream.map(|upstream| {
-            Arc::new(Way {
-                upstream,
-                attempts: trail.attempts,
-                failover: trail.failover,
-                hold,
-            })
-        });
+        way = trail.into_way();
         forwarded
     };
     let upstream_wait = asked.elapsed();
