@@ -157,7 +157,9 @@ impl Trail {
 
     /// For the access line, when an upstream was asked.
     pub fn into_way(self) -> Option<Arc<dyn Way>> {
-        self.upstream.is_some().then(|| Arc::new(self) as Arc<dyn Way>)
+        self.upstream
+            .is_some()
+            .then(|| Arc::new(self) as Arc<dyn Way>)
     }
 }
 

@@ -7,8 +7,8 @@ use warp::http::{HeaderValue, Method, header};
 use warp::{Rejection, Reply};
 
 use super::Request;
-use crate::ops::exchange::Exchange;
 use crate::error::{ErrorFormat, ProxyError};
+use crate::ops::exchange::Exchange;
 use crate::proxy::models_cache::{CacheStatus, CachedResponse};
 use crate::proxy::router::Table;
 use crate::state::AppState;
