@@ -883,3 +883,36 @@ fn status_class(status: StatusCode) -> &'static str {
         _ => "5xx",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_series_name_the_upstream_only_when_given_one() {
+        let metrics = Metrics::new();
+        let alone = metrics.key_counters(None);
+        let named = metrics.key_counters(Some(Arc::from("azure-eu")));
+        for counted in [&alone, &named] {
+            counted.request(2);
+            counted.probe(2, ProbeOutcome::Refused);
+            counted.state(2, KeyState::Disabled);
+        }
+        let text = metrics.encode();
+        for line in [
+            "llm_proxy_upstream_key_requests_total{key=\"2\"} 1",
+            "llm_proxy_upstream_key_requests_total{upstream=\"azure-eu\",key=\"2\"} 1",
+            "llm_proxy_upstream_key_probes_total{key=\"2\",outcome=\"refused\"} 1",
+            "llm_proxy_upstream_key_probes_total{upstream=\"azure-eu\",key=\"2\",outcome=\"refused\"} 1",
+            "llm_proxy_upstream_key_disabled{key=\"2\"} 1",
+            "llm_proxy_upstream_key_disabled{upstream=\"azure-eu\",key=\"2\"} 1",
+            "llm_proxy_upstream_key_resting{upstream=\"azure-eu\",key=\"2\"} 0",
+        ] {
+            assert!(
+                text.lines().any(|found| found == line),
+                "{line} in:\n{text}"
+            );
+        }
+        assert!(!text.contains("upstream=\"\""), "{text}");
+    }
+}

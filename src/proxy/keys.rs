@@ -2,8 +2,9 @@
 //! after a 429 and until when, which the upstream refused and are out of turn until a probe finds
 //! them accepted again, and how long the upstream asked us to wait.
 //!
-//! Keys are known by their position in `AUTH_BEARER` (1 for the first), never by any part of the
-//! key: that is what logs and metrics show.
+//! Keys are known by their position in `AUTH_BEARER` (1 for the first), or in their upstream's
+//! `keys_file` or `keys_env`, never by any part of the key: that is what logs and metrics show
+//! (the metrics with the upstream's name when the pools come from an upstreams file).
 //!
 //! An upstream refusal may belong to the request rather than to the key (a restricted key without
 //! the scope for one path, a firewall rule, a request larger than the rate limit itself), and one
