@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """The proxy's own errors as the OpenAI Python SDK sees them: run by scripts/sdk-errors.sh.
 
-    python3 scripts/sdk_errors.py openai|proxy http://127.0.0.1:PORT
+    python3 scripts/sdk_errors.py openai|proxy http://127.0.0.1:PORT [environment|file]
 
 The proxy runs with ERROR_FORMAT set to the first argument, AUTH_VALIDATION on, the token
 `sdk-client-token` unlimited, and the clients of scripts/sdk-errors.sh (`sdk-once`: one request a
 minute; `sdk-picky`: only the model `gpt-allowed`), with STREAM_IDLE_TIMEOUT_SECS=1, in front of
-the bundled mock upstream. One PASS/FAIL line per check; exits 1 on any FAIL.
+the bundled mock upstream, configured by the environment or by a one-upstream UPSTREAMS_FILE (the
+third argument, which only names the run: the checks are the same, since the SDK must see no
+difference). One PASS/FAIL line per check; exits 1 on any FAIL.
 """
 
 import sys
@@ -14,16 +16,17 @@ import sys
 import openai
 
 FORMAT, PROXY = sys.argv[1], sys.argv[2]
+RUN = f"{FORMAT}, {sys.argv[3]}" if len(sys.argv) > 3 else FORMAT
 FAILURES = 0
 
 
 def check(name, condition, detail):
     global FAILURES
     if condition:
-        print(f"PASS  {FORMAT}: {name}")
+        print(f"PASS  {RUN}: {name}")
     else:
         FAILURES += 1
-        print(f"FAIL  {FORMAT}: {name}: {detail}")
+        print(f"FAIL  {RUN}: {name}: {detail}")
 
 
 def client(token, base="/v1"):
@@ -72,6 +75,30 @@ def expect(name, call, exception, status, code, message):
               sorted(body) == ["error", "message", "time"] and body["error"] == code
               and body["message"] == message, body)
 
+
+# The answers themselves first: what every error below is the exception to.
+sdk = client("sdk-client-token")
+try:
+    reply = chat(sdk)
+    check("a chat is answered", reply.choices[0].message.content == "Hello from the mock upstream.",
+          reply)
+except openai.OpenAIError as error:
+    check("a chat is answered", False, repr(error))
+try:
+    pieces = list(sdk.chat.completions.create(
+        model="gpt-mock", messages=[{"role": "user", "content": "hi"}], stream=True))
+    text = "".join(piece.choices[0].delta.content or "" for piece in pieces if piece.choices)
+    finish = [piece.choices[0].finish_reason for piece in pieces if piece.choices][-1:]
+    check("a stream is read to its end", text.startswith("chunk-0 ") and finish == ["stop"],
+          (text, finish))
+except openai.OpenAIError as error:
+    check("a stream is read to its end", False, repr(error))
+try:
+    ids = [model.id for model in sdk.models.list()]
+    check("the model list is the upstream's",
+          sorted(ids) == ["gpt-mock", "gpt-mock-mini", "text-embedding-mock"], ids)
+except openai.OpenAIError as error:
+    check("the model list is the upstream's", False, repr(error))
 
 expect("bad token", lambda: chat(client("wrong-token")), openai.AuthenticationError, 401,
        "unauthorized", "Invalid or missing authorization token")

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::prometheus_text;
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::{
+    EncodeLabel, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder,
+};
 
 /// The `Content-Type` of `Metrics::encode`.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -204,16 +206,39 @@ impl PassedRefusal {
     }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// The labels of the per-key families. Encoded by hand: `upstream` is left out where it is
+/// `None` (no upstreams file, one pool), so those series stay as they were before upstreams
+/// files existed; the derive would write `upstream=""` instead.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct KeyLabels {
-    /// The key's 1-based position in `AUTH_BEARER`: never any part of the key.
+    /// The upstream the pool belongs to, with an upstreams file: each upstream has its own pool,
+    /// and positions alone would mix their keys.
+    upstream: Option<Arc<str>>,
+    /// The key's 1-based position in its pool (`AUTH_BEARER`, `keys_file` or `keys_env`):
+    /// never any part of the key.
     key: u64,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+impl EncodeLabelSet for KeyLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        if let Some(upstream) = &self.upstream {
+            ("upstream", upstream.as_ref()).encode(encoder.encode_label())?;
+        }
+        ("key", self.key).encode(encoder.encode_label())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct KeyProbeLabels {
-    key: u64,
+    key: KeyLabels,
     outcome: ProbeOutcome,
+}
+
+impl EncodeLabelSet for KeyProbeLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        self.key.encode(encoder)?;
+        ("outcome", self.outcome).encode(encoder.encode_label())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -725,28 +750,12 @@ impl Metrics {
             .inc();
     }
 
-    pub fn key_request(&self, position: usize) {
-        self.0
-            .key_requests
-            .get_or_create(&key_labels(position))
-            .inc();
-    }
-
-    pub fn key_rate_limited(&self, position: usize) {
-        self.0
-            .key_rate_limited
-            .get_or_create(&key_labels(position))
-            .inc();
-    }
-
-    pub fn key_probe(&self, position: usize, outcome: ProbeOutcome) {
-        self.0
-            .key_probes
-            .get_or_create(&KeyProbeLabels {
-                key: position as u64,
-                outcome,
-            })
-            .inc();
+    /// The per-key series of one pool: `upstream` names its upstream with an upstreams file.
+    pub fn key_counters(&self, upstream: Option<Arc<str>>) -> KeyCounters {
+        KeyCounters {
+            metrics: self.clone(),
+            upstream,
+        }
     }
 
     pub fn refusal_passed(&self, status: PassedRefusal) {
@@ -754,18 +763,6 @@ impl Metrics {
             .refusals_passed
             .get_or_create(&PassedRefusalLabels { status })
             .inc();
-    }
-
-    pub fn key_state(&self, position: usize, state: KeyState) {
-        let labels = key_labels(position);
-        self.0
-            .key_resting
-            .get_or_create(&labels)
-            .set(i64::from(state == KeyState::Resting));
-        self.0
-            .key_disabled
-            .get_or_create(&labels)
-            .set(i64::from(state == KeyState::Disabled));
     }
 }
 
@@ -787,9 +784,59 @@ impl Metrics {
     }
 }
 
-fn key_labels(position: usize) -> KeyLabels {
-    KeyLabels {
-        key: position as u64,
+/// The per-key series of one key pool. Cloning is shallow.
+#[derive(Clone)]
+pub struct KeyCounters {
+    metrics: Metrics,
+    upstream: Option<Arc<str>>,
+}
+
+impl KeyCounters {
+    fn labels(&self, position: usize) -> KeyLabels {
+        KeyLabels {
+            upstream: self.upstream.clone(),
+            key: position as u64,
+        }
+    }
+
+    pub fn request(&self, position: usize) {
+        let families = &self.metrics.0;
+        families
+            .key_requests
+            .get_or_create(&self.labels(position))
+            .inc();
+    }
+
+    pub fn rate_limited(&self, position: usize) {
+        let families = &self.metrics.0;
+        families
+            .key_rate_limited
+            .get_or_create(&self.labels(position))
+            .inc();
+    }
+
+    pub fn probe(&self, position: usize, outcome: ProbeOutcome) {
+        let families = &self.metrics.0;
+        families
+            .key_probes
+            .get_or_create(&KeyProbeLabels {
+                key: self.labels(position),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn state(&self, position: usize, state: KeyState) {
+        let families = &self.metrics.0;
+        let labels = self.labels(position);
+        families
+            .key_resting
+            .get_or_create(&labels)
+            .set(i64::from(state == KeyState::Resting));
+        families
+            .key_disabled
+            .get_or_create(&labels)
+            .set(i64::from(state == KeyState::Disabled));
     }
 }
 
@@ -834,5 +881,38 @@ fn status_class(status: StatusCode) -> &'static str {
         300..=399 => "3xx",
         400..=499 => "4xx",
         _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_series_name_the_upstream_only_when_given_one() {
+        let metrics = Metrics::new();
+        let alone = metrics.key_counters(None);
+        let named = metrics.key_counters(Some(Arc::from("azure-eu")));
+        for counted in [&alone, &named] {
+            counted.request(2);
+            counted.probe(2, ProbeOutcome::Refused);
+            counted.state(2, KeyState::Disabled);
+        }
+        let text = metrics.encode();
+        for line in [
+            "llm_proxy_upstream_key_requests_total{key=\"2\"} 1",
+            "llm_proxy_upstream_key_requests_total{upstream=\"azure-eu\",key=\"2\"} 1",
+            "llm_proxy_upstream_key_probes_total{key=\"2\",outcome=\"refused\"} 1",
+            "llm_proxy_upstream_key_probes_total{upstream=\"azure-eu\",key=\"2\",outcome=\"refused\"} 1",
+            "llm_proxy_upstream_key_disabled{key=\"2\"} 1",
+            "llm_proxy_upstream_key_disabled{upstream=\"azure-eu\",key=\"2\"} 1",
+            "llm_proxy_upstream_key_resting{upstream=\"azure-eu\",key=\"2\"} 0",
+        ] {
+            assert!(
+                text.lines().any(|found| found == line),
+                "{line} in:\n{text}"
+            );
+        }
+        assert!(!text.contains("upstream=\"\""), "{text}");
     }
 }

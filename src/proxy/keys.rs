@@ -2,8 +2,9 @@
 //! after a 429 and until when, which the upstream refused and are out of turn until a probe finds
 //! them accepted again, and how long the upstream asked us to wait.
 //!
-//! Keys are known by their position in `AUTH_BEARER` (1 for the first), never by any part of the
-//! key: that is what logs and metrics show.
+//! Keys are known by their position in `AUTH_BEARER` (1 for the first), or in their upstream's
+//! `keys_file` or `keys_env`, never by any part of the key: that is what logs and metrics show
+//! (the metrics with the upstream's name when the pools come from an upstreams file).
 //!
 //! An upstream refusal may belong to the request rather than to the key (a restricted key without
 //! the scope for one path, a firewall rule, a request larger than the rate limit itself), and one
@@ -30,7 +31,7 @@ use tokio::time::Instant;
 use warp::http::{HeaderMap, HeaderValue, StatusCode};
 
 use crate::config::UpstreamKey;
-use crate::ops::metrics::{KeyState, Metrics, ProbeOutcome};
+use crate::ops::metrics::{KeyCounters, KeyState, ProbeOutcome};
 use crate::shared::rests::SharedRests;
 use crate::shared::signals::{Signal, Signals};
 
@@ -107,7 +108,7 @@ pub struct KeyPool {
     slots: Mutex<Vec<Slot>>,
     /// Where the next round-robin scan starts.
     next: AtomicUsize,
-    metrics: Metrics,
+    metrics: KeyCounters,
     /// Wakes the rest sync (when there is one) as soon as a key starts resting here.
     rested_here: Arc<Notify>,
     reprobe_every: Duration,
@@ -154,9 +155,9 @@ pub enum KeyChange {
 }
 
 impl KeyPool {
-    pub fn new(keys: &[UpstreamKey], metrics: Metrics) -> KeyPool {
+    pub fn new(keys: &[UpstreamKey], metrics: KeyCounters) -> KeyPool {
         for position in 1..=keys.len() {
-            metrics.key_state(position, KeyState::Usable);
+            metrics.state(position, KeyState::Usable);
         }
         KeyPool {
             header_values: keys.iter().map(|key| key.header_value.clone()).collect(),
@@ -205,7 +206,7 @@ impl KeyPool {
             .map(|offset| (start + offset) % count)
             .find(|&index| slots[index].usable(now) && !tried.contains(&(index + 1)))
             .map(|index| {
-                self.metrics.key_request(index + 1);
+                self.metrics.request(index + 1);
                 KeyChoice {
                     position: index + 1,
                     header_value: self.header_values[index].clone(),
@@ -222,7 +223,7 @@ impl KeyPool {
 
     /// The key at `position` got a 429: it is not chosen before `until`. Returns whether it rests.
     pub fn rested(&self, position: usize, until: Instant) -> bool {
-        self.metrics.key_rate_limited(position);
+        self.metrics.rate_limited(position);
         if !self.rests() {
             return false;
         }
@@ -235,7 +236,7 @@ impl KeyPool {
             slot.resting_until = Some(until);
             slot.unannounced = true;
         }
-        self.metrics.key_state(position, KeyState::Resting);
+        self.metrics.state(position, KeyState::Resting);
         drop(slots);
         // A permit is kept if the sync is busy, so this rest is not missed.
         self.rested_here.notify_one();
@@ -314,7 +315,7 @@ impl KeyPool {
     /// out of turn; accepted alone, it is back in turn; anything else (another status, no answer)
     /// proves nothing about the key and changes nothing.
     pub fn probed(&self, position: usize, outcome: ProbeOutcome) -> KeyChange {
-        self.metrics.key_probe(position, outcome);
+        self.metrics.probe(position, outcome);
         let mut slots = self.slots.lock();
         let Some(slot) = slots.get_mut(position - 1) else {
             return KeyChange::Unchanged;
@@ -332,7 +333,7 @@ impl KeyPool {
             slot if slot.usable(now) => KeyState::Usable,
             _ => KeyState::Resting,
         };
-        self.metrics.key_state(position, state);
+        self.metrics.state(position, state);
         change
     }
 
@@ -411,7 +412,7 @@ impl KeyPool {
             } else {
                 KeyState::Resting
             };
-            self.metrics.key_state(index + 1, state);
+            self.metrics.state(index + 1, state);
         }
     }
 }
@@ -625,6 +626,7 @@ fn go_duration(text: &str) -> Option<Duration> {
 mod tests {
     use super::*;
     use crate::config::Secret;
+    use crate::ops::metrics::Metrics;
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         pairs
@@ -645,7 +647,7 @@ mod tests {
                 header_value: HeaderValue::from_str(&format!("Bearer k{n}")).unwrap(),
             })
             .collect();
-        KeyPool::new(&keys, Metrics::new())
+        KeyPool::new(&keys, Metrics::new().key_counters(None))
     }
 
     #[test]

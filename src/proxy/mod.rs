@@ -117,8 +117,12 @@ impl Upstream {
         signals: &Signals,
     ) -> Upstream {
         let upstream = &named.settings;
-        let mut keys = KeyPool::new(&upstream.keys, metrics.clone());
-        if config.upstreams.file.is_some() {
+        let from_file = config.upstreams.file.is_some();
+        // With a file, each upstream has a pool of its own whose positions start at 1 again:
+        // its series carry its name. Without one they stay as they always were.
+        let counted_keys = metrics.key_counters(from_file.then(|| named.name.clone()));
+        let mut keys = KeyPool::new(&upstream.keys, counted_keys);
+        if from_file {
             keys = keys.resting_alone();
         }
         let keys = Arc::new(keys);

@@ -1203,6 +1203,42 @@ async fn admin_upstreams_shows_each_upstream_without_a_key_and_readyz_names_thei
 }
 
 #[tokio::test]
+async fn each_upstreams_keys_are_counted_under_its_own_name() {
+    let (app, mocks) = Fleet::new("default = \"a\"\nmax_attempts = 1")
+        .mock("a", "models = [\"am\"]")
+        .mock("b", "models = [\"bm\"]")
+        .start()
+        .await;
+    mocks
+        .get("b")
+        .answer_key(&key("b", 1), 429, &[("retry-after", "60")]);
+    assert_eq!(chat(&app, "am").await.status(), 200);
+    assert_eq!(chat(&app, "am").await.status(), 200);
+    assert_eq!(chat(&app, "bm").await.status(), 429);
+
+    // Both pools have a key at position 1: only the upstream label keeps them apart.
+    let text = metrics_at(&base(&app)).await;
+    let of = |family: &str, upstream: &str| {
+        series(&text, family, &[("upstream", upstream), ("key", "1")])
+    };
+    let requests = "llm_proxy_upstream_key_requests_total";
+    assert_eq!(of(requests, "a"), Some(2.0), "{text}");
+    assert_eq!(of(requests, "b"), Some(1.0), "{text}");
+    let limited = "llm_proxy_upstream_key_rate_limited_total";
+    assert_eq!(of(limited, "a"), None, "{text}");
+    assert_eq!(of(limited, "b"), Some(1.0), "{text}");
+    let resting = "llm_proxy_upstream_key_resting";
+    assert_eq!(of(resting, "a"), Some(0.0), "{text}");
+    assert_eq!(of(resting, "b"), Some(1.0), "{text}");
+    let disabled = "llm_proxy_upstream_key_disabled";
+    assert_eq!(of(disabled, "a"), Some(0.0), "{text}");
+    assert_eq!(of(disabled, "b"), Some(0.0), "{text}");
+    for family in [requests, limited, resting, disabled] {
+        assert_eq!(series(&text, family, &[("key", "1")]), None, "{text}");
+    }
+}
+
+#[tokio::test]
 async fn an_alias_cannot_open_a_model_the_clients_list_does_not_allow() {
     let clients = scratch_dir("routing-clients").join("clients.toml");
     std::fs::write(
