@@ -13,6 +13,8 @@ use tokio::io::AsyncWriteExt;
 
 use crate::clients::{chat_body, scratch_dir};
 use crate::helpers::*;
+use crate::redis_server::RedisServer;
+use llm_proxy::shared::signals::CHANNEL;
 
 const CHAT_PATH: &str = "/v1/chat/completions";
 
@@ -52,6 +54,8 @@ struct Mocks {
     file: PathBuf,
     /// The file as written.
     text: String,
+    /// The proxy's settings besides the file.
+    extra: Vec<(String, String)>,
 }
 
 impl Fleet {
@@ -122,21 +126,14 @@ impl Fleet {
         text.push_str(&self.tail);
         let file = dir.join("upstreams.toml");
         std::fs::write(&file, &text).unwrap();
-        let proxy = Proxy::new()
-            .env("AUTH_VALIDATION", "true")
-            .env("ALLOWED_TOKENS", CLIENT_TOKEN)
-            .env("ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("UPSTREAMS_FILE", file.to_str().unwrap());
-        let proxy = self.extra.iter().fold(proxy, |proxy, (name, value)| {
-            proxy.env(name, value.as_str())
-        });
         let mocks = Mocks {
             mocks,
             dir,
             file,
             text,
+            extra: self.extra,
         };
-        (proxy, mocks)
+        (mocks.proxy(), mocks)
     }
 
     /// The proxy in this process.
@@ -158,6 +155,18 @@ fn table(dir: &std::path::Path, name: &str, base_url: &str, keys: usize, fields:
 }
 
 impl Mocks {
+    /// A proxy on this file with the fleet's settings: one more replica of the same set.
+    fn proxy(&self) -> Proxy {
+        let proxy = Proxy::new()
+            .env("AUTH_VALIDATION", "true")
+            .env("ALLOWED_TOKENS", CLIENT_TOKEN)
+            .env("ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("UPSTREAMS_FILE", self.file.to_str().unwrap());
+        self.extra.iter().fold(proxy, |proxy, (name, value)| {
+            proxy.env(name, value.as_str())
+        })
+    }
+
     fn get(&self, name: &str) -> &MockUpstream {
         self.mocks
             .iter()
@@ -943,6 +952,152 @@ async fn clients_hanging_up_never_open_a_breaker() {
     assert_eq!(chat(&app, "m").await.status(), 200);
     assert_eq!(mocks.chats("a").len(), 6);
     assert!(sent_to(mocks.get("b")).is_empty());
+}
+
+// ----- replicas (REDIS_URL) ---------------------------------------------
+
+/// What the issue asks: an opening on one replica is honoured by another within this.
+const WITHIN: Duration = Duration::from_millis(100);
+
+/// The entry of upstream `name` in `/admin/upstreams` of the replica at `base`.
+async fn admin_entry_at(base: &str, name: &str) -> Value {
+    let listed: Value = reqwest::Client::new()
+        .get(format!("{base}/admin/upstreams"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    listed["upstreams"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no upstreams array: {listed}"))
+        .iter()
+        .find(|upstream| upstream["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {listed}"))
+        .clone()
+}
+
+/// How long until an open breaker's `closes_at` (an `/admin/upstreams` entry).
+fn open_for(entry: &Value) -> Duration {
+    let closes_at = entry["breaker"]["closes_at"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no closes_at: {entry}"));
+    humantime::parse_rfc3339(closes_at)
+        .unwrap()
+        .duration_since(SystemTime::now())
+        .unwrap_or_default()
+}
+
+fn replica_base(proxy: &RunningProxy) -> String {
+    proxy.url("").trim_end_matches('/').to_string()
+}
+
+async fn chat_through(proxy: &RunningProxy, model: &str) -> u16 {
+    let response = reqwest::Client::new()
+        .post(proxy.url(CHAT_PATH))
+        .bearer_auth(CLIENT_TOKEN)
+        .json(&chat_body(model))
+        .send()
+        .await
+        .expect("the replica answers");
+    let status = response.status().as_u16();
+    let _ = response.bytes().await;
+    status
+}
+
+#[tokio::test]
+#[cfg_attr(
+    no_redis_server,
+    ignore = "redis-server is not installed (Debian package redis-server)"
+)]
+async fn a_breaker_opened_on_one_replica_is_honoured_by_another_within_100_ms_and_by_a_new_one() {
+    let redis = RedisServer::start();
+    let (proxy, mocks) = Fleet::new("default = \"a\"\nmax_attempts = 3")
+        .mock("a", "models = [\"m\"]\ntier = 0")
+        .mock("b", "models = [\"m\"]\ntier = 1")
+        .env("REDIS_URL", &redis.url())
+        .prepare()
+        .await;
+    let first = proxy.start_binary().await;
+    let second = mocks.proxy().start_binary().await;
+    let subscribed = eventually(Duration::from_secs(5), async || {
+        redis
+            .command(&["PUBSUB", "NUMSUB", CHANNEL])
+            .ends_with(":2\r\n")
+    })
+    .await;
+    assert!(subscribed, "both replicas listen");
+    let (on_first, on_second) = (replica_base(&first), replica_base(&second));
+    let state = [("upstream", "a")];
+    let gauge = "llm_proxy_upstream_breaker_state";
+
+    mocks.get("a").answer_key(&key("a", 1), 503, &[]);
+    for _ in 0..4 {
+        assert_eq!(chat_through(&first, "m").await, 200, "b answers each time");
+    }
+    assert_eq!(
+        series(&metrics_at(&on_first).await, gauge, &state),
+        Some(0.0)
+    );
+    assert_eq!(
+        series(&metrics_at(&on_second).await, gauge, &state),
+        Some(0.0)
+    );
+    // Taken before the fifth failure: this overstates the time since the opening.
+    let started = Instant::now();
+    assert_eq!(chat_through(&first, "m").await, 200);
+    let heard = eventually(Duration::from_secs(5), async || {
+        series(&metrics_at(&on_second).await, gauge, &state) == Some(2.0)
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(heard, "the second replica sees a's breaker open");
+    assert!(
+        took < WITHIN,
+        "the second replica saw it {took:?} after the request"
+    );
+    assert_eq!(
+        series(&metrics_at(&on_first).await, gauge, &state),
+        Some(2.0)
+    );
+    assert_eq!(mocks.chats("a").len(), 5);
+    assert_eq!(mocks.chats("b").len(), 5);
+
+    // The second replica never saw a fail itself, yet skips it.
+    assert_eq!(chat_through(&second, "m").await, 200);
+    assert_eq!(
+        mocks.chats("a").len(),
+        5,
+        "the second replica did not ask a"
+    );
+    assert_eq!(mocks.chats("b").len(), 6);
+    let entry = admin_entry_at(&on_second, "a").await;
+    assert_eq!(entry["breaker"]["state"], "open", "{entry}");
+    let left = open_for(&entry);
+    assert!(
+        left > Duration::from_secs(8) && left <= Duration::from_secs(11),
+        "open for what is left of the first replica's 10 s: {left:?}"
+    );
+
+    // A replica started after the opening reads it before it serves.
+    let third = mocks.proxy().start_binary().await;
+    let on_third = replica_base(&third);
+    let entry = admin_entry_at(&on_third, "a").await;
+    assert_eq!(entry["breaker"]["state"], "open", "{entry}");
+    let left = open_for(&entry);
+    assert!(
+        left > Duration::from_secs(5) && left <= Duration::from_secs(11),
+        "{left:?}"
+    );
+    assert_eq!(
+        series(&metrics_at(&on_third).await, gauge, &state),
+        Some(2.0)
+    );
+    assert_eq!(chat_through(&third, "m").await, 200);
+    assert_eq!(mocks.chats("a").len(), 5, "the third replica did not ask a");
+    assert_eq!(mocks.chats("b").len(), 7);
 }
 
 // ----- model list --------------------------------------------------------
