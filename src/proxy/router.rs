@@ -411,6 +411,13 @@ impl Table {
                 attempt_headers.remove(warp::http::header::CONTENT_LENGTH);
             }
             let attempt_body = renamed.as_mut().unwrap_or(&mut body);
+            // Whether earlier attempts used time this one needs: the deadline then ends it
+            // before the upstream's own timeout would. (The first attempt has all the time
+            // the request has.)
+            let cut_short = budget.spent > 0
+                && budget.deadline.is_some_and(|deadline| {
+                    deadline < tokio::time::Instant::now() + upstream.0.head_timeout
+                });
             let sent = InFlight::new(upstream);
             let outcome = upstream
                 .send_with_keys(
@@ -427,6 +434,16 @@ impl Table {
                     pass.succeeded();
                     self.metrics.attempts(budget.spent);
                     return (Ok((answer, sent)), trail.ended(upstream, &budget, &left));
+                }
+                // An upstream that was not given its own `timeout_secs` did not fail: a slow
+                // tier above it used the time, and counting it would open the breaker of a
+                // healthy upstream that answers slowly.
+                Attempted::Failed(failed) if failed.reason == Failure::Timeout && cut_short => {
+                    drop(pass);
+                    last = Some((failed, sent));
+                    if !body.replayable() {
+                        break;
+                    }
                 }
                 Attempted::Failed(failed) => {
                     self.failed(upstream, pass, failed.reason);

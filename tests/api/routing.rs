@@ -805,6 +805,55 @@ async fn max_attempts_three_across_five_failing_upstreams_makes_three_attempts()
     );
 }
 
+#[tokio::test]
+async fn the_request_deadline_bounds_two_hanging_upstreams_and_a_cut_attempt_is_no_failure() {
+    let (app, mocks) = Fleet::new("default = \"a\"\nmax_attempts = 3\nrequest_timeout_secs = 2")
+        .mock("a", "models = [\"m\"]\ntier = 0\ntimeout_secs = 1")
+        .mock("b", "models = [\"m\"]\ntier = 1\ntimeout_secs = 10")
+        .start()
+        .await;
+    // a hangs past its second; b works but needs three seconds for its head, more than the
+    // deadline leaves it after a.
+    mocks.get("a").delay_heads(Duration::from_secs(10));
+    mocks.get("b").delay_heads(Duration::from_secs(3));
+    let timed = futures::future::join_all((0..5).map(|_| async {
+        let started = Instant::now();
+        let response = chat(&app, "m").await;
+        (started.elapsed(), response)
+    }))
+    .await;
+    for (took, response) in timed {
+        assert!(took >= Duration::from_millis(1900), "{took:?}");
+        assert!(
+            took < Duration::from_secs(3),
+            "two seconds in all: {took:?}"
+        );
+        assert_eq!(response.status(), 504);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "gateway_timeout", "{body}");
+    }
+    assert_eq!(mocks.get("a").requests_started(), 5);
+    assert_eq!(mocks.get("b").requests_started(), 5);
+
+    // a let five heads wait past its own timeout: open. b was never given its ten seconds: the
+    // deadline cut it short, which is no failure of b's.
+    assert_eq!(breaker_state(&app, "a").await, "open");
+    let entry = admin_entry(&app, "b").await;
+    assert_eq!(
+        entry["breaker"],
+        json!({"state": "closed", "closes_at": null}),
+        "{entry}"
+    );
+    assert_eq!(entry["last_failure"], Value::Null, "{entry}");
+    mocks.get("b").delay_heads(Duration::ZERO);
+    assert_eq!(chat(&app, "m").await.status(), 200);
+    assert_eq!(
+        mocks.get("a").requests_started(),
+        5,
+        "a is open and skipped"
+    );
+}
+
 // ----- health ------------------------------------------------------------
 
 #[tokio::test]
