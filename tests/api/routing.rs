@@ -1003,6 +1003,48 @@ async fn clients_hanging_up_never_open_a_breaker() {
     assert!(sent_to(mocks.get("b")).is_empty());
 }
 
+#[tokio::test]
+async fn the_proxys_own_413_after_the_upstream_was_asked_never_counts_against_its_breaker() {
+    let (app, mocks) = Fleet::new("default = \"a\"\nmax_attempts = 3")
+        .mock("a", "models = [\"m\"]\ntier = 0")
+        .mock("b", "models = [\"m\"]\ntier = 1")
+        .env("MAX_BODY_BYTES", "1000")
+        .start()
+        .await;
+    // A streamed upload cut off past the cap: a has begun the request, and the fault is the
+    // caller's. More than the five that would open a breaker.
+    for upload in 1..=6 {
+        let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
+            (0..10).map(|_| Ok(vec![b'x'; 500])).collect();
+        let response = app
+            .authorised(reqwest::Method::POST, "/v1/files")
+            .body(reqwest::Body::wrap_stream(futures::stream::iter(pieces)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 413, "upload {upload}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "payload_too_large", "{body}");
+    }
+    assert_eq!(
+        mocks.get("a").requests_started(),
+        6,
+        "a was asked each time"
+    );
+    assert_eq!(mocks.get("a").requests_answered(), 0);
+    assert!(sent_to(mocks.get("b")).is_empty(), "no failover either");
+    let entry = admin_entry(&app, "a").await;
+    assert_eq!(
+        entry["breaker"],
+        json!({"state": "closed", "closes_at": null}),
+        "{entry}"
+    );
+    assert_eq!(entry["last_failure"], Value::Null, "{entry}");
+    assert_eq!(chat(&app, "m").await.status(), 200);
+    assert_eq!(mocks.chats("a").len(), 1, "a still serves m");
+    assert!(sent_to(mocks.get("b")).is_empty());
+}
+
 // ----- replicas (REDIS_URL) ---------------------------------------------
 
 /// What the issue asks: an opening on one replica is honoured by another within this.
