@@ -693,6 +693,54 @@ async fn a_429_fails_over_once_every_key_of_the_upstream_rests() {
 }
 
 #[tokio::test]
+async fn a_429_with_keys_of_the_pool_still_usable_never_counts_against_the_breaker() {
+    // Two attempts a request: ten of a's eleven keys at their limits use them up two by two.
+    let (app, mocks) = Fleet::new("default = \"a\"\nmax_attempts = 2")
+        .mock_with(
+            "a",
+            MockOptions::default(),
+            11,
+            "models = [\"m\"]\ntier = 0",
+        )
+        .mock("b", "models = [\"m\"]\ntier = 1")
+        .start()
+        .await;
+    for position in 1..=10 {
+        mocks
+            .get("a")
+            .answer_key(&key("a", position), 429, &[("retry-after", "60")]);
+    }
+    for request in 1..=5 {
+        let response = chat(&app, "m").await;
+        assert_eq!(
+            response.status(),
+            429,
+            "request {request}: the answer as it came"
+        );
+        assert_eq!(response.text().await.unwrap(), key_answer_body(429));
+    }
+    assert_eq!(mocks.chats("a").len(), 10);
+    assert!(
+        sent_to(mocks.get("b")).is_empty(),
+        "no attempt was left for b"
+    );
+    let entry = admin_entry(&app, "a").await;
+    assert_eq!(
+        entry["breaker"],
+        json!({"state": "closed", "closes_at": null}),
+        "a's eleventh key was usable all along: {entry}"
+    );
+    let response = chat(&app, "m").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        mocks.chats("a")[10].key(),
+        Some(key("a", 11).as_str()),
+        "a serves with its eleventh key"
+    );
+    assert!(sent_to(mocks.get("b")).is_empty());
+}
+
+#[tokio::test]
 async fn a_400_404_or_422_is_the_answer_and_never_fails_over() {
     let (app, mocks) = Fleet::new("default = \"a\"\nmax_attempts = 3")
         .mock("a", "models = [\"m\"]\ntier = 0")
