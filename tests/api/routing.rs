@@ -902,6 +902,34 @@ async fn the_request_deadline_bounds_two_hanging_upstreams_and_a_cut_attempt_is_
     );
 }
 
+#[tokio::test]
+async fn max_attempts_counts_the_keys_of_a_pool_and_the_upstreams_together() {
+    let (app, mocks) = Fleet::new("default = \"a\"\nmax_attempts = 3")
+        .mock_with("a", MockOptions::default(), 2, "models = [\"m\"]\ntier = 0")
+        .mock("b", "models = [\"m\"]\ntier = 1")
+        .mock("c", "models = [\"m\"]\ntier = 2")
+        .start()
+        .await;
+    for position in [1, 2] {
+        mocks
+            .get("a")
+            .answer_key(&key("a", position), 429, &[("retry-after", "60")]);
+    }
+    mocks
+        .get("b")
+        .answer_key(&key("b", 1), 503, &[("x-from", "b")]);
+    let response = chat(&app, "m").await;
+    assert_eq!(response.status(), 503, "b's answer: c was never asked");
+    assert_eq!(response.headers()["x-from"], "b");
+    assert_eq!(mocks.chats("a").len(), 2, "both of a's keys");
+    assert_eq!(mocks.chats("b").len(), 1);
+    assert!(sent_to(mocks.get("c")).is_empty(), "three attempts in all");
+    assert_eq!(
+        series_becomes(&base(&app), "llm_proxy_upstream_attempts_sum", &[], 3.0).await,
+        Some(3.0)
+    );
+}
+
 // ----- health ------------------------------------------------------------
 
 #[tokio::test]
