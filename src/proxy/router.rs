@@ -99,6 +99,10 @@ pub struct Table {
     failover_on: Vec<StatusCode>,
     /// `None` without an upstreams file: no deadline beyond each attempt's, as before.
     request_timeout: Option<Duration>,
+    /// Whether failures count towards the breakers: only with an upstreams file. The
+    /// environment's one upstream has nowhere else to send a request, and an open breaker
+    /// would only turn `/readyz` unready on every replica at once after a few failed answers.
+    breakers: bool,
     rotation: Rotation,
     aliases: Vec<(String, String)>,
     /// The plans (by label) in a panic episode, so that it is logged once, not per request.
@@ -239,6 +243,7 @@ impl Table {
             max_attempts: routing.max_attempts,
             failover_on: routing.failover_on.clone(),
             request_timeout: routing.file.as_ref().map(|_| routing.request_timeout),
+            breakers: routing.file.is_some(),
             rotation: Rotation::default(),
             aliases: routing
                 .aliases
@@ -573,6 +578,9 @@ impl Table {
     /// `upstream` failed the request: its breaker counts it, and an opening is told.
     fn failed(&self, upstream: &Upstream, pass: Pass, reason: Failure) {
         *upstream.0.last_failure.lock() = Some(reason);
+        if !self.breakers {
+            return;
+        }
         if let Some(opened) = pass.failed() {
             let seconds = opened
                 .until
