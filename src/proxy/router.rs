@@ -419,7 +419,7 @@ impl Table {
             // Whether earlier attempts used time this one needs: the deadline then ends it
             // before the upstream's own timeout would. (The first attempt has all the time
             // the request has.)
-            let cut_short = budget.spent > 0
+            let deadline_first = budget.spent > 0
                 && budget.deadline.is_some_and(|deadline| {
                     deadline < tokio::time::Instant::now() + upstream.0.head_timeout
                 });
@@ -440,10 +440,16 @@ impl Table {
                     self.metrics.attempts(budget.spent);
                     return (Ok((answer, sent)), trail.ended(upstream, &budget, &left));
                 }
-                // An upstream that was not given its own `timeout_secs` did not fail: a slow
-                // tier above it used the time, and counting it would open the breaker of a
-                // healthy upstream that answers slowly.
-                Attempted::Failed(failed) if failed.reason == Failure::Timeout && cut_short => {
+                // Ended by the request's deadline before the upstream had its own
+                // `timeout_secs`: not its failure. A slow tier above it used the time, and
+                // counting it would open the breaker of a healthy upstream that answers slowly.
+                Attempted::Failed(failed)
+                    if failed.reason == Failure::Timeout
+                        && deadline_first
+                        && budget
+                            .deadline
+                            .is_some_and(|deadline| tokio::time::Instant::now() >= deadline) =>
+                {
                     drop(pass);
                     last = Some((failed, sent));
                     if !body.replayable() {
