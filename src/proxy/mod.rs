@@ -468,7 +468,7 @@ impl Upstream {
                 }
             };
             if !body.replayable() {
-                return budget.judge(response);
+                return self.judge_with_keys(budget, response);
             }
             last_answer = Some(response);
         }
@@ -488,7 +488,7 @@ impl Upstream {
                 if answer.status() == StatusCode::UNAUTHORIZED && pool.fails_over() {
                     self.0.metrics.refusal_passed(PassedRefusal::Unauthorized);
                 }
-                budget.judge(answer)
+                self.judge_with_keys(budget, answer)
             }
             (None, Some(error)) => Attempted::Failed(Failed {
                 reason: Failure::Connect,
@@ -504,6 +504,20 @@ impl Upstream {
                 None => ProxyError::KeysRefused,
             }),
         }
+    }
+
+    /// The pool's last answer: [`Budget::judge`], except that a 429 while another of its keys
+    /// may still be used is that key's limit, not this upstream failing (the request stopped
+    /// here because its attempts ran out or its body cannot be sent again). It goes to the
+    /// caller as it came, and the breaker does not count it: otherwise a few keys at their
+    /// limits would open the breaker of an upstream whose other keys serve.
+    fn judge_with_keys(&self, budget: &Budget<'_>, answer: reqwest::Response) -> Attempted {
+        if answer.status() == StatusCode::TOO_MANY_REQUESTS
+            && self.0.keys.usable_at(tokio::time::Instant::now())
+        {
+            return Attempted::Answer(answer);
+        }
+        budget.judge(answer)
     }
 
     /// An upstream without keys (a local server): one attempt, with no credential.

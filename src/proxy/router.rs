@@ -100,6 +100,10 @@ pub struct Table {
     failover_on: Vec<StatusCode>,
     /// `None` without an upstreams file: no deadline beyond each attempt's, as before.
     request_timeout: Option<Duration>,
+    /// Whether failures count towards the breakers: only with an upstreams file. The
+    /// environment's one upstream has nowhere else to send a request, and an open breaker
+    /// would only turn `/readyz` unready on every replica at once after a few failed answers.
+    breakers: bool,
     rotation: Rotation,
     aliases: Vec<(String, String)>,
     /// The plans (by label) in a panic episode, so that it is logged once, not per request.
@@ -288,6 +292,7 @@ impl Table {
             max_attempts: routing.max_attempts,
             failover_on: routing.failover_on.clone(),
             request_timeout: routing.file.as_ref().map(|_| routing.request_timeout),
+            breakers: routing.file.is_some(),
             rotation: Rotation::default(),
             aliases: routing
                 .aliases
@@ -460,6 +465,13 @@ impl Table {
                 attempt_headers.remove(warp::http::header::CONTENT_LENGTH);
             }
             let attempt_body = renamed.as_mut().unwrap_or(&mut body);
+            // Whether earlier attempts used time this one needs: the deadline then ends it
+            // before the upstream's own timeout would. (The first attempt has all the time
+            // the request has.)
+            let deadline_first = budget.spent > 0
+                && budget.deadline.is_some_and(|deadline| {
+                    deadline < tokio::time::Instant::now() + upstream.0.head_timeout
+                });
             let sent = InFlight::new(upstream);
             let outcome = upstream
                 .send_with_keys(
@@ -476,6 +488,22 @@ impl Table {
                     pass.succeeded();
                     self.metrics.attempts(budget.spent);
                     return (Ok((answer, sent)), trail.ended(upstream, &budget, &left));
+                }
+                // Ended by the request's deadline before the upstream had its own
+                // `timeout_secs`: not its failure. A slow tier above it used the time, and
+                // counting it would open the breaker of a healthy upstream that answers slowly.
+                Attempted::Failed(failed)
+                    if failed.reason == Failure::Timeout
+                        && deadline_first
+                        && budget
+                            .deadline
+                            .is_some_and(|deadline| tokio::time::Instant::now() >= deadline) =>
+                {
+                    drop(pass);
+                    last = Some((failed, sent));
+                    if !body.replayable() {
+                        break;
+                    }
                 }
                 Attempted::Failed(failed) => {
                     self.failed(upstream, pass, failed.reason);
@@ -610,6 +638,9 @@ impl Table {
     /// `upstream` failed the request: its breaker counts it, and an opening is told.
     fn failed(&self, upstream: &Upstream, pass: Pass, reason: Failure) {
         *upstream.0.last_failure.lock() = Some(reason);
+        if !self.breakers {
+            return;
+        }
         if let Some(opened) = pass.failed() {
             let seconds = opened
                 .until

@@ -143,6 +143,45 @@ async fn a_rate_limited_key_is_not_seen_by_the_client_nor_tried_while_it_rests()
 }
 
 #[tokio::test]
+async fn a_body_read_whole_for_a_clients_limits_reaches_the_next_key_whole() {
+    // A client with a token limit has its body read whole (for its estimate) before the key
+    // pool keeps it for the retry: the retry must send those bytes, not the caller's
+    // Content-Length with nothing behind it.
+    let clients = crate::clients::scratch_dir("pool-clients").join("clients.toml");
+    std::fs::write(
+        &clients,
+        "[clients.alice]\ntoken = \"tok-alice\"\ntokens_per_minute = 100000\n",
+    )
+    .unwrap();
+    let app = spawn_app(&[
+        ("AUTH_BEARER", POOL),
+        ("CLIENTS_FILE", clients.to_str().unwrap()),
+    ])
+    .await;
+    app.upstream
+        .answer_key(KEY_1, 429, &[("retry-after", "30")]);
+    let sent =
+        r#"{"model":"gpt-mock","messages":[{"role":"user","content":"read once, sent twice"}]}"#;
+    let response = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth("tok-alice")
+        .header("content-type", "application/json")
+        .body(sent)
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await
+        .expect("an answer within 3 s, not a request left waiting for its body");
+    assert_eq!(response.status(), 200);
+    let answer: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(answer["object"], "chat.completion");
+    assert_eq!(keys_seen(&app), [KEY_1, KEY_2]);
+    for request in app.upstream.requests() {
+        assert_eq!(request.body, sent.as_bytes(), "{:?}", request.key());
+    }
+}
+
+#[tokio::test]
 async fn a_rest_ends_when_the_upstream_said() {
     let app = pool_app().await;
     app.upstream

@@ -13,6 +13,8 @@ use tokio::io::AsyncWriteExt;
 
 use crate::clients::{chat_body, scratch_dir};
 use crate::helpers::*;
+use crate::redis_server::RedisServer;
+use llm_proxy::shared::signals::CHANNEL;
 
 const CHAT_PATH: &str = "/v1/chat/completions";
 
@@ -52,6 +54,8 @@ struct Mocks {
     file: PathBuf,
     /// The file as written.
     text: String,
+    /// The proxy's settings besides the file.
+    extra: Vec<(String, String)>,
 }
 
 impl Fleet {
@@ -122,21 +126,14 @@ impl Fleet {
         text.push_str(&self.tail);
         let file = dir.join("upstreams.toml");
         std::fs::write(&file, &text).unwrap();
-        let proxy = Proxy::new()
-            .env("AUTH_VALIDATION", "true")
-            .env("ALLOWED_TOKENS", CLIENT_TOKEN)
-            .env("ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("UPSTREAMS_FILE", file.to_str().unwrap());
-        let proxy = self.extra.iter().fold(proxy, |proxy, (name, value)| {
-            proxy.env(name, value.as_str())
-        });
         let mocks = Mocks {
             mocks,
             dir,
             file,
             text,
+            extra: self.extra,
         };
-        (proxy, mocks)
+        (mocks.proxy(), mocks)
     }
 
     /// The proxy in this process.
@@ -158,6 +155,18 @@ fn table(dir: &std::path::Path, name: &str, base_url: &str, keys: usize, fields:
 }
 
 impl Mocks {
+    /// A proxy on this file with the fleet's settings: one more replica of the same set.
+    fn proxy(&self) -> Proxy {
+        let proxy = Proxy::new()
+            .env("AUTH_VALIDATION", "true")
+            .env("ALLOWED_TOKENS", CLIENT_TOKEN)
+            .env("ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("UPSTREAMS_FILE", self.file.to_str().unwrap());
+        self.extra.iter().fold(proxy, |proxy, (name, value)| {
+            proxy.env(name, value.as_str())
+        })
+    }
+
     fn get(&self, name: &str) -> &MockUpstream {
         self.mocks
             .iter()
@@ -684,6 +693,54 @@ async fn a_429_fails_over_once_every_key_of_the_upstream_rests() {
 }
 
 #[tokio::test]
+async fn a_429_with_keys_of_the_pool_still_usable_never_counts_against_the_breaker() {
+    // Two attempts a request: ten of a's eleven keys at their limits use them up two by two.
+    let (app, mocks) = Fleet::new("default = \"a\"\nmax_attempts = 2")
+        .mock_with(
+            "a",
+            MockOptions::default(),
+            11,
+            "models = [\"m\"]\ntier = 0",
+        )
+        .mock("b", "models = [\"m\"]\ntier = 1")
+        .start()
+        .await;
+    for position in 1..=10 {
+        mocks
+            .get("a")
+            .answer_key(&key("a", position), 429, &[("retry-after", "60")]);
+    }
+    for request in 1..=5 {
+        let response = chat(&app, "m").await;
+        assert_eq!(
+            response.status(),
+            429,
+            "request {request}: the answer as it came"
+        );
+        assert_eq!(response.text().await.unwrap(), key_answer_body(429));
+    }
+    assert_eq!(mocks.chats("a").len(), 10);
+    assert!(
+        sent_to(mocks.get("b")).is_empty(),
+        "no attempt was left for b"
+    );
+    let entry = admin_entry(&app, "a").await;
+    assert_eq!(
+        entry["breaker"],
+        json!({"state": "closed", "closes_at": null}),
+        "a's eleventh key was usable all along: {entry}"
+    );
+    let response = chat(&app, "m").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        mocks.chats("a")[10].key(),
+        Some(key("a", 11).as_str()),
+        "a serves with its eleventh key"
+    );
+    assert!(sent_to(mocks.get("b")).is_empty());
+}
+
+#[tokio::test]
 async fn a_400_404_or_422_is_the_answer_and_never_fails_over() {
     let (app, mocks) = Fleet::new("default = \"a\"\nmax_attempts = 3")
         .mock("a", "models = [\"m\"]\ntier = 0")
@@ -793,6 +850,83 @@ async fn max_attempts_three_across_five_failing_upstreams_makes_three_attempts()
     assert_eq!(
         series_becomes(&base(&app), "llm_proxy_upstream_attempts_count", &[], 1.0).await,
         Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn the_request_deadline_bounds_two_hanging_upstreams_and_a_cut_attempt_is_no_failure() {
+    let (app, mocks) = Fleet::new("default = \"a\"\nmax_attempts = 3\nrequest_timeout_secs = 2")
+        .mock("a", "models = [\"m\"]\ntier = 0\ntimeout_secs = 1")
+        .mock("b", "models = [\"m\"]\ntier = 1\ntimeout_secs = 10")
+        .start()
+        .await;
+    // a hangs past its second; b works but needs three seconds for its head, more than the
+    // deadline leaves it after a.
+    mocks.get("a").delay_heads(Duration::from_secs(10));
+    mocks.get("b").delay_heads(Duration::from_secs(3));
+    let timed = futures::future::join_all((0..5).map(|_| async {
+        let started = Instant::now();
+        let response = chat(&app, "m").await;
+        (started.elapsed(), response)
+    }))
+    .await;
+    for (took, response) in timed {
+        assert!(took >= Duration::from_millis(1900), "{took:?}");
+        assert!(
+            took < Duration::from_secs(3),
+            "two seconds in all: {took:?}"
+        );
+        assert_eq!(response.status(), 504);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "gateway_timeout", "{body}");
+    }
+    assert_eq!(mocks.get("a").requests_started(), 5);
+    assert_eq!(mocks.get("b").requests_started(), 5);
+
+    // a let five heads wait past its own timeout: open. b was never given its ten seconds: the
+    // deadline cut it short, which is no failure of b's.
+    assert_eq!(breaker_state(&app, "a").await, "open");
+    let entry = admin_entry(&app, "b").await;
+    assert_eq!(
+        entry["breaker"],
+        json!({"state": "closed", "closes_at": null}),
+        "{entry}"
+    );
+    assert_eq!(entry["last_failure"], Value::Null, "{entry}");
+    mocks.get("b").delay_heads(Duration::ZERO);
+    assert_eq!(chat(&app, "m").await.status(), 200);
+    assert_eq!(
+        mocks.get("a").requests_started(),
+        5,
+        "a is open and skipped"
+    );
+}
+
+#[tokio::test]
+async fn max_attempts_counts_the_keys_of_a_pool_and_the_upstreams_together() {
+    let (app, mocks) = Fleet::new("default = \"a\"\nmax_attempts = 3")
+        .mock_with("a", MockOptions::default(), 2, "models = [\"m\"]\ntier = 0")
+        .mock("b", "models = [\"m\"]\ntier = 1")
+        .mock("c", "models = [\"m\"]\ntier = 2")
+        .start()
+        .await;
+    for position in [1, 2] {
+        mocks
+            .get("a")
+            .answer_key(&key("a", position), 429, &[("retry-after", "60")]);
+    }
+    mocks
+        .get("b")
+        .answer_key(&key("b", 1), 503, &[("x-from", "b")]);
+    let response = chat(&app, "m").await;
+    assert_eq!(response.status(), 503, "b's answer: c was never asked");
+    assert_eq!(response.headers()["x-from"], "b");
+    assert_eq!(mocks.chats("a").len(), 2, "both of a's keys");
+    assert_eq!(mocks.chats("b").len(), 1);
+    assert!(sent_to(mocks.get("c")).is_empty(), "three attempts in all");
+    assert_eq!(
+        series_becomes(&base(&app), "llm_proxy_upstream_attempts_sum", &[], 3.0).await,
+        Some(3.0)
     );
 }
 
@@ -943,6 +1077,194 @@ async fn clients_hanging_up_never_open_a_breaker() {
     assert_eq!(chat(&app, "m").await.status(), 200);
     assert_eq!(mocks.chats("a").len(), 6);
     assert!(sent_to(mocks.get("b")).is_empty());
+}
+
+#[tokio::test]
+async fn the_proxys_own_413_after_the_upstream_was_asked_never_counts_against_its_breaker() {
+    let (app, mocks) = Fleet::new("default = \"a\"\nmax_attempts = 3")
+        .mock("a", "models = [\"m\"]\ntier = 0")
+        .mock("b", "models = [\"m\"]\ntier = 1")
+        .env("MAX_BODY_BYTES", "1000")
+        .start()
+        .await;
+    // A streamed upload cut off past the cap: a has begun the request, and the fault is the
+    // caller's. More than the five that would open a breaker.
+    for upload in 1..=6 {
+        let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
+            (0..10).map(|_| Ok(vec![b'x'; 500])).collect();
+        let response = app
+            .authorised(reqwest::Method::POST, "/v1/files")
+            .body(reqwest::Body::wrap_stream(futures::stream::iter(pieces)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 413, "upload {upload}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "payload_too_large", "{body}");
+    }
+    assert_eq!(
+        mocks.get("a").requests_started(),
+        6,
+        "a was asked each time"
+    );
+    assert_eq!(mocks.get("a").requests_answered(), 0);
+    assert!(sent_to(mocks.get("b")).is_empty(), "no failover either");
+    let entry = admin_entry(&app, "a").await;
+    assert_eq!(
+        entry["breaker"],
+        json!({"state": "closed", "closes_at": null}),
+        "{entry}"
+    );
+    assert_eq!(entry["last_failure"], Value::Null, "{entry}");
+    assert_eq!(chat(&app, "m").await.status(), 200);
+    assert_eq!(mocks.chats("a").len(), 1, "a still serves m");
+    assert!(sent_to(mocks.get("b")).is_empty());
+}
+
+// ----- replicas (REDIS_URL) ---------------------------------------------
+
+/// What the issue asks: an opening on one replica is honoured by another within this.
+const WITHIN: Duration = Duration::from_millis(100);
+
+/// The entry of upstream `name` in `/admin/upstreams` of the replica at `base`.
+async fn admin_entry_at(base: &str, name: &str) -> Value {
+    let listed: Value = reqwest::Client::new()
+        .get(format!("{base}/admin/upstreams"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    listed["upstreams"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no upstreams array: {listed}"))
+        .iter()
+        .find(|upstream| upstream["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {listed}"))
+        .clone()
+}
+
+/// How long until an open breaker's `closes_at` (an `/admin/upstreams` entry).
+fn open_for(entry: &Value) -> Duration {
+    let closes_at = entry["breaker"]["closes_at"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no closes_at: {entry}"));
+    humantime::parse_rfc3339(closes_at)
+        .unwrap()
+        .duration_since(SystemTime::now())
+        .unwrap_or_default()
+}
+
+fn replica_base(proxy: &RunningProxy) -> String {
+    proxy.url("").trim_end_matches('/').to_string()
+}
+
+async fn chat_through(proxy: &RunningProxy, model: &str) -> u16 {
+    let response = reqwest::Client::new()
+        .post(proxy.url(CHAT_PATH))
+        .bearer_auth(CLIENT_TOKEN)
+        .json(&chat_body(model))
+        .send()
+        .await
+        .expect("the replica answers");
+    let status = response.status().as_u16();
+    let _ = response.bytes().await;
+    status
+}
+
+#[tokio::test]
+#[cfg_attr(
+    no_redis_server,
+    ignore = "redis-server is not installed (Debian package redis-server)"
+)]
+async fn a_breaker_opened_on_one_replica_is_honoured_by_another_within_100_ms_and_by_a_new_one() {
+    let redis = RedisServer::start();
+    let (proxy, mocks) = Fleet::new("default = \"a\"\nmax_attempts = 3")
+        .mock("a", "models = [\"m\"]\ntier = 0")
+        .mock("b", "models = [\"m\"]\ntier = 1")
+        .env("REDIS_URL", &redis.url())
+        .prepare()
+        .await;
+    let first = proxy.start_binary().await;
+    let second = mocks.proxy().start_binary().await;
+    let subscribed = eventually(Duration::from_secs(5), async || {
+        redis
+            .command(&["PUBSUB", "NUMSUB", CHANNEL])
+            .ends_with(":2\r\n")
+    })
+    .await;
+    assert!(subscribed, "both replicas listen");
+    let (on_first, on_second) = (replica_base(&first), replica_base(&second));
+    let state = [("upstream", "a")];
+    let gauge = "llm_proxy_upstream_breaker_state";
+
+    mocks.get("a").answer_key(&key("a", 1), 503, &[]);
+    for _ in 0..4 {
+        assert_eq!(chat_through(&first, "m").await, 200, "b answers each time");
+    }
+    assert_eq!(
+        series(&metrics_at(&on_first).await, gauge, &state),
+        Some(0.0)
+    );
+    assert_eq!(
+        series(&metrics_at(&on_second).await, gauge, &state),
+        Some(0.0)
+    );
+    // Taken before the fifth failure: this overstates the time since the opening.
+    let started = Instant::now();
+    assert_eq!(chat_through(&first, "m").await, 200);
+    let heard = eventually(Duration::from_secs(5), async || {
+        series(&metrics_at(&on_second).await, gauge, &state) == Some(2.0)
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(heard, "the second replica sees a's breaker open");
+    assert!(
+        took < WITHIN,
+        "the second replica saw it {took:?} after the request"
+    );
+    assert_eq!(
+        series(&metrics_at(&on_first).await, gauge, &state),
+        Some(2.0)
+    );
+    assert_eq!(mocks.chats("a").len(), 5);
+    assert_eq!(mocks.chats("b").len(), 5);
+
+    // The second replica never saw a fail itself, yet skips it.
+    assert_eq!(chat_through(&second, "m").await, 200);
+    assert_eq!(
+        mocks.chats("a").len(),
+        5,
+        "the second replica did not ask a"
+    );
+    assert_eq!(mocks.chats("b").len(), 6);
+    let entry = admin_entry_at(&on_second, "a").await;
+    assert_eq!(entry["breaker"]["state"], "open", "{entry}");
+    let left = open_for(&entry);
+    assert!(
+        left > Duration::from_secs(8) && left <= Duration::from_secs(11),
+        "open for what is left of the first replica's 10 s: {left:?}"
+    );
+
+    // A replica started after the opening reads it before it serves.
+    let third = mocks.proxy().start_binary().await;
+    let on_third = replica_base(&third);
+    let entry = admin_entry_at(&on_third, "a").await;
+    assert_eq!(entry["breaker"]["state"], "open", "{entry}");
+    let left = open_for(&entry);
+    assert!(
+        left > Duration::from_secs(5) && left <= Duration::from_secs(11),
+        "{left:?}"
+    );
+    assert_eq!(
+        series(&metrics_at(&on_third).await, gauge, &state),
+        Some(2.0)
+    );
+    assert_eq!(chat_through(&third, "m").await, 200);
+    assert_eq!(mocks.chats("a").len(), 5, "the third replica did not ask a");
+    assert_eq!(mocks.chats("b").len(), 7);
 }
 
 // ----- model list --------------------------------------------------------

@@ -167,3 +167,36 @@ async fn a_request_that_may_have_arrived_goes_out_once(keys: &str) {
     assert!(!heads[0].contains("x-marker"), "{heads:#?}");
     assert!(heads[1].contains("x-marker: after"), "{heads:#?}");
 }
+
+#[tokio::test]
+async fn without_an_upstreams_file_failing_answers_open_no_breaker_and_keep_the_proxy_ready() {
+    // One upstream from the environment, as before there were several: its 503s are the
+    // caller's answers, and a run of them must not take the replica out of its load balancer.
+    let app = spawn_app(&[]).await;
+    app.upstream.answer_key(UPSTREAM_KEY, 503, &[]);
+    for _ in 0..6 {
+        assert_eq!(app.chat(CLIENT_TOKEN, chat_body()).await.status(), 503);
+    }
+    assert_eq!(app.upstream.requests().len(), 6, "every request was sent");
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let ready: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(
+        ready,
+        serde_json::json!({"limits": "local", "status": "ready"}),
+        "the body as it always was"
+    );
+    let metrics = app.metrics_text().await;
+    assert!(
+        !metrics.contains("llm_proxy_panic_routing_total{"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("llm_proxy_upstream_breaker_state{upstream=\"default\"} 0"),
+        "{metrics}"
+    );
+}
+
+fn chat_body() -> serde_json::Value {
+    serde_json::json!({"model": "gpt-mock", "messages": [{"role": "user", "content": "hi"}]})
+}
