@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark: llm-proxy against nginx doing the same job, and against the upstream itself.
 #
-#   scripts/bench.sh            # about 6 minutes on a 2-core machine (plus the release build)
+#   scripts/bench.sh            # about 7 minutes on a 2-core machine (plus the release build)
 #
 # One command, loopback only, every load bounded in count and time. It installs what it lacks
 # (nginx, wrk and redis-server from Debian packages), builds the release binaries (the proxy, the mock upstream
@@ -17,6 +17,10 @@
 #                 trusted through UPSTREAM_CA_FILE), offering h2 by ALPN as real providers do:
 #                 memory and CPU per chunk through an HTTP/2 upstream (stream phases only).
 #   quiet      -- "proxy" with LOG_LEVEL=error: no access line; proxy vs quiet is its cost.
+#   routed     -- "proxy" with UPSTREAMS_FILE instead of TARGET_HOST/AUTH_BEARER: 3 upstreams
+#                 (each the same mock, keys from a keys_file), 30 model patterns, 10 aliases, the
+#                 benchmark's model in a tier weighted 3:1; next to "proxy", what routing by model
+#                 costs per request and per streamed chunk (issue 19: at most +3%).
 #   limited    -- the same binary with the token as a clients-file client (CLIENTS_FILE) with every
 #                 limit set, none reached, and a model list: next to "proxy", the CPU a client's
 #                 limits cost per request (body read for the model, charge, settlement).
@@ -28,8 +32,9 @@
 # Every llm-proxy gets MAX_CONCURRENT_REQUESTS above the largest stream count, so none is refused.
 # Phases: footprint (start-up, idle RSS); plain requests (wrk) at c=1 and 32 for every target but
 # proxy-h2; streams at 200 and 1000 (20 chunks 50 ms apart) and at 5000 (20 chunks 250 ms apart,
-# about the same events per second as 1000) for direct, nginx, proxy and proxy-h2. limited and
-# shared are not streamed (their cost is per request), to keep the run near 6 minutes.
+# about the same events per second as 1000) for direct, nginx, proxy and proxy-h2, and routed at
+# 200 and 1000 too. limited and shared are not streamed (their cost is per request), to keep the
+# run near 7 minutes.
 # It prints a table with PASS/FAIL per target of issue 13 (INFO for figures only reported), how
 # the cost grows from 200 to 5000 streams and from 1 to 10,000 clients, and writes JSON to
 # target/bench/results.json.
@@ -46,9 +51,9 @@
 #   BENCH_MANY_STREAMS=5000      the many-stream run(s) ("none" skips them), with chunks
 #   BENCH_MANY_INTERVAL_MS=250   this far apart, in
 #   BENCH_MANY_ROUNDS=1          rounds per target
-#   BENCH_PLAIN_TARGETS=direct,nginx,quiet,proxy,limited,shared,clients1,clients10k
-#                                (rows compared with each other run back to back in each round)
-#   BENCH_STREAM_TARGETS=direct,nginx,proxy,proxy-h2  BENCH_MANY_TARGETS=direct,nginx,proxy,proxy-h2
+#   BENCH_PLAIN_TARGETS=direct,nginx,quiet,proxy,routed,limited,shared,clients1,clients10k
+#                                (rows compared with each other run together in each round)
+#   BENCH_STREAM_TARGETS=direct,nginx,proxy,routed,proxy-h2  BENCH_MANY_TARGETS=direct,nginx,proxy,proxy-h2
 #                                which targets each phase measures ("none": none)
 #   BENCH_CLIENTS=10000          clients in clients10k's file
 #   BENCH_STARTUP_TRIES=10       fresh starts for start-up time and idle RSS
@@ -64,8 +69,8 @@
 #                                against other work on the machine; 0 leaves it alone
 #   BENCH_PROXY_ENV="K=V ..."    extra environment for llm-proxy, for experiments
 #                                (e.g. LD_PRELOAD=.../libjemalloc.so.2, MALLOC_ARENA_MAX=2)
-# Defaults take about 6 minutes for the measurements on a 2-core machine: plain ~165 s, streams
-# at 200 and 1000 ~120 s, 5000 streams ~50 s, footprint ~10 s (tools/loadgen/src/bench/mod.rs
+# Defaults take about 7 minutes for the measurements on a 2-core machine: plain ~185 s, streams
+# at 200 and 1000 ~150 s, 5000 streams ~50 s, footprint ~10 s (tools/loadgen/src/bench/mod.rs
 # has the sum).
 #
 # Pinning (BENCH_PIN=split, the default). With 2 cores there is no clean answer; the choice:

@@ -438,8 +438,18 @@ fn watched_names(file: &Path) -> Vec<std::ffi::OsString> {
 
 /// Whether an event in the watched directory may have changed the clients file. Everything else
 /// there (a log file written next to it, say, thousands of times a second) is not worth
-/// re-reading and hashing the whole file for.
+/// re-reading and hashing the whole file for. Opening or reading a file changes nothing, and
+/// inotify reports every open: counting them, each look at the file (its digest is read on
+/// every wake-up) would wake the reloader again, re-reading and hashing the watched files about
+/// ten times a second for the life of the process.
 fn concerns(event: &notify::Event, names: &[std::ffi::OsString]) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    if let EventKind::Access(access) = event.kind
+        && access != AccessKind::Close(AccessMode::Write)
+        && !event.need_rescan()
+    {
+        return false;
+    }
     event.need_rescan()
         || event.paths.is_empty()
         || event.paths.iter().any(|path| {
@@ -500,7 +510,7 @@ async fn next_hangup(hangups: &mut Hangups) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notify::event::{CreateKind, EventKind, ModifyKind, RenameMode};
+    use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, RenameMode};
 
     fn event(kind: EventKind, paths: &[&str]) -> notify::Event {
         paths.iter().fold(notify::Event::new(kind), |event, path| {
@@ -538,6 +548,27 @@ mod tests {
         ));
         assert!(!concerns(
             &event(written, &["/etc/llm-proxy/clients.toml.swp"]),
+            &names
+        ));
+
+        // Opened or read (the reloader's own look among them): nothing changed. Closed after
+        // writing: it may have.
+        for read in [
+            AccessKind::Open(AccessMode::Any),
+            AccessKind::Read,
+            AccessKind::Close(AccessMode::Read),
+        ] {
+            assert!(
+                !concerns(
+                    &event(EventKind::Access(read), &["/etc/llm-proxy/clients.toml"]),
+                    &names
+                ),
+                "{read:?}"
+            );
+        }
+        let closed = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        assert!(concerns(
+            &event(closed, &["/etc/llm-proxy/clients.toml"]),
             &names
         ));
     }

@@ -15,7 +15,10 @@
 //! limit set, none reached, and a model list). --clients N puts the token in a clients file of
 //! N clients (one is the benchmark's), to see how the token lookup grows with the number of
 //! clients (the clients-file watcher, which runs on a clock rather than per request, is left out
-//! of the counts). Prints one JSON object. Needs valgrind (Debian package `valgrind`).
+//! of the counts). --routed starts the proxy as the bench's "routed" target: UPSTREAMS_FILE with
+//! 3 upstreams (each the same mock), 30 model patterns and 10 aliases, the benchmark's model in a
+//! weighted tier; against a run without it, what routing by model costs per request and per
+//! chunk. Prints one JSON object. Needs valgrind (Debian package `valgrind`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -32,7 +35,7 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpStream;
 
-use crate::bench::LIMITS;
+use crate::bench::{LIMITS, write_upstreams_file};
 use crate::sys;
 
 const TOKEN: &str = "bench-client-token-6f1d";
@@ -57,6 +60,9 @@ pub struct Args {
     /// Give the benchmark's client the bench's limits (implies --clients 1).
     #[arg(long)]
     limited: bool,
+    /// Route by model through the bench's upstreams file (the "routed" target).
+    #[arg(long)]
+    routed: bool,
     #[arg(long, default_value_t = 2000)]
     plain: usize,
     #[arg(long, default_value_t = 60)]
@@ -317,6 +323,7 @@ struct Counts {
     workers: u32,
     clients: usize,
     limited: bool,
+    routed: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     plain_requests: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -386,8 +393,6 @@ fn run(args: &Args, runtime: &tokio::runtime::Runtime) -> Result<Counts, String>
             "HOME",
             std::env::var("HOME").unwrap_or_else(|_| "/root".into()),
         )
-        .env("TARGET_HOST", format!("http://127.0.0.1:{mock_port}"))
-        .env("AUTH_BEARER", KEY)
         .env("PROXY_PORT", port.to_string())
         .env("PROXY_HOST", "127.0.0.1")
         .env("LOG_LEVEL", "info")
@@ -395,6 +400,16 @@ fn run(args: &Args, runtime: &tokio::runtime::Runtime) -> Result<Counts, String>
         // Both names: a binary from before WORKER_THREADS only knew tokio's.
         .env("TOKIO_WORKER_THREADS", args.workers.to_string())
         .env("WORKER_THREADS", args.workers.to_string());
+    let mock_url = format!("http://127.0.0.1:{mock_port}");
+    if args.routed {
+        // A directory of its own, as for the clients file below.
+        let dir = workdir.join("upstreams");
+        let path =
+            write_upstreams_file(&dir, &mock_url).map_err(|e| format!("{}: {e}", dir.display()))?;
+        cmd.env("UPSTREAMS_FILE", &path);
+    } else {
+        cmd.env("TARGET_HOST", &mock_url).env("AUTH_BEARER", KEY);
+    }
     if clients > 0 {
         // A directory of its own (as a ConfigMap mount is): the proxy watches the file's
         // directory, and its log is written in the work dir.
@@ -432,6 +447,7 @@ fn run(args: &Args, runtime: &tokio::runtime::Runtime) -> Result<Counts, String>
         workers: args.workers,
         clients,
         limited: args.limited,
+        routed: args.routed,
         plain_requests: None,
         instructions_per_request: None,
         streams: None,

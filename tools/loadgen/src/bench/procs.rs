@@ -286,6 +286,8 @@ pub struct ProxyEnv<'a> {
     pub redis_port: Option<u16>,
     pub log_level: &'a str,
     pub ca_file: Option<&'a Path>,
+    /// UPSTREAMS_FILE, which takes the place of TARGET_HOST and AUTH_BEARER.
+    pub upstreams_file: Option<&'a Path>,
 }
 
 pub fn proxy_env(settings: &Settings, e: &ProxyEnv) -> BTreeMap<String, String> {
@@ -313,6 +315,12 @@ pub fn proxy_env(settings: &Settings, e: &ProxyEnv) -> BTreeMap<String, String> 
     );
     if let Some(ca) = e.ca_file {
         set("UPSTREAM_CA_FILE", ca.display().to_string());
+    }
+    if let Some(file) = e.upstreams_file {
+        // The proxy refuses to start with both: the file names every upstream and its keys.
+        env.remove("TARGET_HOST");
+        env.remove("AUTH_BEARER");
+        env.insert("UPSTREAMS_FILE".into(), file.display().to_string());
     }
     if let Some(file) = e.clients_file {
         // The token moves from ALLOWED_TOKENS into the clients file (one token, one client).
@@ -354,6 +362,111 @@ max_concurrent_requests = 100000
 tokens_per_day = 1000000000000000
 models = [\"gpt-4o-*\"]
 ";
+
+/// The "routed" target's upstreams, as (name, tier, weight, models): 30 patterns in all, exact
+/// names and trailing-`*` ones. The benchmark's model (gpt-4o-mini) is an exact name of two
+/// upstreams of tier 0 weighted 3:1, so every request goes through the weighted choice, and of
+/// the tier-1 one behind them.
+pub const ROUTED_UPSTREAMS: [(&str, u32, u32, [&str; 10]); 3] = [
+    (
+        "openai",
+        0,
+        3,
+        [
+            "gpt-4o",
+            "gpt-4o-mini",
+            "gpt-4.1",
+            "gpt-4.1-mini",
+            "gpt-4.1-nano",
+            "o1*",
+            "o3*",
+            "o4-mini*",
+            "text-embedding-3-*",
+            "whisper-1",
+        ],
+    ),
+    (
+        "azure-eu",
+        0,
+        1,
+        [
+            "gpt-4o",
+            "gpt-4o-mini",
+            "gpt-4o-2024-*",
+            "gpt-35-turbo*",
+            "o3-mini",
+            "text-embedding-ada-002",
+            "dall-e-3",
+            "tts-1*",
+            "omni-moderation-*",
+            "gpt-image-1",
+        ],
+    ),
+    (
+        "local",
+        1,
+        1,
+        [
+            "gpt-4o-mini",
+            "llama-3.1-8b",
+            "llama-3.1-70b",
+            "llama-3.3-*",
+            "qwen2.5-*",
+            "mistral-*",
+            "mixtral-*",
+            "deepseek-*",
+            "phi-4*",
+            "gemma-2-*",
+        ],
+    ),
+];
+
+/// The "routed" target's aliases (alias, model); the benchmark's requests name no alias.
+pub const ROUTED_ALIASES: [(&str, &str); 10] = [
+    ("gpt-4", "gpt-4o"),
+    ("gpt-4-turbo", "gpt-4o"),
+    ("chat", "gpt-4o"),
+    ("gpt-3.5-turbo", "gpt-4o-mini"),
+    ("fast", "gpt-4o-mini"),
+    ("smart", "gpt-4.1"),
+    ("reasoning", "o3"),
+    ("embed", "text-embedding-3-small"),
+    ("llama", "llama-3.1-70b"),
+    ("cheap", "llama-3.1-8b"),
+];
+
+/// The "routed" target's upstreams file: every upstream is the same mock (`mock_url`, reached
+/// through `/v1` as a provider's base URL is), each under its own name, pool and breaker, with
+/// its key in `keys_file`.
+pub fn upstreams_file_text(mock_url: &str, keys_file: &Path) -> String {
+    let quoted = |text: &str| format!("{text:?}");
+    let mut text = String::from("default = \"openai\"\n");
+    for (name, tier, weight, models) in ROUTED_UPSTREAMS {
+        let models: Vec<String> = models.iter().map(|m| quoted(m)).collect();
+        text.push_str(&format!(
+            "\n[upstreams.{name}]\nbase_url = {}\nkeys_file = {}\nmodels = [{}]\ntier = {tier}\nweight = {weight}\n",
+            quoted(&format!("{mock_url}/v1")),
+            quoted(&keys_file.display().to_string()),
+            models.join(", ")
+        ));
+    }
+    text.push_str("\n[aliases]\n");
+    for (alias, model) in ROUTED_ALIASES {
+        text.push_str(&format!("{} = {}\n", quoted(alias), quoted(model)));
+    }
+    text
+}
+
+/// Writes the "routed" target's upstreams file and its keys file into `dir` (a directory of its
+/// own, as for the clients file: the proxy watches the file's directory); returns the file.
+pub fn write_upstreams_file(dir: &Path, mock_url: &str) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let keys = dir.join("keys");
+    std::fs::write(&keys, format!("{UPSTREAM_KEY}\n"))?;
+    let file = dir.join("upstreams.toml");
+    std::fs::write(&file, upstreams_file_text(mock_url, &keys))?;
+    Ok(file)
+}
 
 fn plain_client() -> String {
     format!("[clients.bench]\ntoken = \"{CLIENT_TOKEN}\"\n")
@@ -417,6 +530,15 @@ pub fn start_proxy(
         clients_file = Some(file);
         state_dir = Some(workdir.join(format!("{name}-state")));
     }
+    let upstreams_file = if name == "routed" {
+        let dir = workdir.join(format!("upstreams-{name}"));
+        Some(
+            write_upstreams_file(&dir, &upstream.url)
+                .map_err(|e| BenchError::Failed(format!("{}: {e}", dir.display())))?,
+        )
+    } else {
+        None
+    };
     let env = proxy_env(
         settings,
         &ProxyEnv {
@@ -427,6 +549,7 @@ pub fn start_proxy(
             redis_port: redis.map(|r| r.port),
             log_level: if name == "quiet" { "error" } else { "info" },
             ca_file: upstream.ca_file.as_deref(),
+            upstreams_file: upstreams_file.as_deref(),
         },
     );
     let mut cmd = pinned(&paths.proxy, cpus);
@@ -622,6 +745,7 @@ pub fn measure_startup(
                     redis_port: None,
                     log_level: "info",
                     ca_file: None,
+                    upstreams_file: None,
                 },
             );
             let mut cmd = pinned(&paths.proxy, cpus);
@@ -763,6 +887,94 @@ pub fn run_captured(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use llm_proxy::config::{UpstreamDefaults, UpstreamsConfig};
+
+    /// The routed target's file as the proxy reads it: what issue 19's bench row asks for.
+    #[test]
+    fn the_routed_upstreams_file_is_read_by_the_proxy_as_the_bench_means_it() {
+        let dir = std::env::temp_dir().join(format!("loadgen-routed-{}", std::process::id()));
+        let file = write_upstreams_file(&dir, "http://127.0.0.1:4010").unwrap();
+        let loaded = UpstreamsConfig::load(
+            &file,
+            |_| None,
+            UpstreamDefaults {
+                connect_timeout: Duration::from_secs(5),
+                timeout: Duration::from_secs(60),
+                outbound_proxy: false,
+            },
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        let loaded = loaded.unwrap();
+
+        let names: Vec<&str> = loaded.list.iter().map(|u| &*u.name).collect();
+        assert_eq!(names, ["openai", "azure-eu", "local"]);
+        assert_eq!(loaded.default_upstream().name.as_ref(), "openai");
+        let patterns: usize = loaded.list.iter().map(|u| u.models.iter().count()).sum();
+        assert_eq!(patterns, 30);
+        let stars = loaded
+            .list
+            .iter()
+            .flat_map(|u| u.models.iter())
+            .filter(|p| p.to_string().ends_with('*'))
+            .count();
+        assert!(
+            stars > 0 && stars < 30,
+            "exact names and patterns: {stars} with a *"
+        );
+        assert_eq!(loaded.aliases.len(), 10);
+        for upstream in &loaded.list {
+            // Every upstream is the bench's mock, reached through /v1, with the one key.
+            assert_eq!(
+                upstream.settings.base_url.as_str().trim_end_matches('/'),
+                "http://127.0.0.1:4010/v1"
+            );
+            assert_eq!(upstream.settings.keys.len(), 1);
+            assert_eq!(
+                upstream.keys_file.as_deref(),
+                Some(dir.join("keys").as_path())
+            );
+        }
+
+        // The benchmark's model: two upstreams of the lowest tier, weighted 3:1, so each request
+        // is a weighted choice; a third behind them.
+        let serving: Vec<(&str, u32, u32)> = loaded
+            .list
+            .iter()
+            .filter(|u| u.models.matches("gpt-4o-mini"))
+            .map(|u| (&*u.name, u.tier, u.weight))
+            .collect();
+        assert_eq!(
+            serving,
+            [("openai", 0, 3), ("azure-eu", 0, 1), ("local", 1, 1)]
+        );
+        // No alias names it: the benchmark's requests are routed by their own name.
+        assert!(!loaded.aliases.contains_key("gpt-4o-mini"));
+    }
+
+    #[test]
+    fn the_routed_proxy_has_no_environment_upstream() {
+        let settings = super::super::settings::tests::defaults();
+        let file = Path::new("/tmp/upstreams.toml");
+        let env = proxy_env(
+            &settings,
+            &ProxyEnv {
+                upstream_url: "http://127.0.0.1:4010",
+                port: 8080,
+                clients_file: None,
+                state_dir: None,
+                redis_port: None,
+                log_level: "info",
+                ca_file: None,
+                upstreams_file: Some(file),
+            },
+        );
+        // The proxy refuses UPSTREAMS_FILE together with either.
+        assert!(!env.contains_key("TARGET_HOST"));
+        assert!(!env.contains_key("AUTH_BEARER"));
+        assert_eq!(env["UPSTREAMS_FILE"], "/tmp/upstreams.toml");
+        assert_eq!(env["ALLOWED_TOKENS"], CLIENT_TOKEN);
+    }
 
     #[test]
     fn status_lines_parse() {

@@ -525,6 +525,21 @@ impl Checks {
     }
 }
 
+/// What routing by model may cost at most, per request and per chunk, over the one-upstream
+/// proxy (issue 19): percent.
+const ROUTED_LIMIT_PCT: f64 = 3.0;
+const ROUTED_WHAT: &str =
+    "routing by model (3 upstreams, 30 model patterns, 10 aliases; a weighted tier)";
+
+/// How a paired ratio of routed over proxy reads against ROUTED_LIMIT_PCT.
+fn within(ratio: f64) -> String {
+    if ratio <= 1.0 + ROUTED_LIMIT_PCT / 100.0 {
+        format!("within {ROUTED_LIMIT_PCT}%")
+    } else {
+        format!("more than {ROUTED_LIMIT_PCT}% over")
+    }
+}
+
 /// The issue's targets (PASS/FAIL) and the figures it asks to be reported (pass None).
 pub fn check_targets(f: &Figures) -> Vec<Check> {
     let s = f.settings;
@@ -676,6 +691,23 @@ pub fn check_targets(f: &Figures) -> Vec<Check> {
                 &[&b.window, &w.window],
             );
         }
+        if let Some((b, bc, w, wc)) = cpu_pair(f.plain, "proxy", "routed", conc)
+            && let Some(ratio) = paired_ratio(&b.round_cpu(), &w.round_cpu())
+        {
+            checks.add(
+                format!("CPU per request, c={conc}: routed vs proxy <= +{ROUTED_LIMIT_PCT}%"),
+                Some(ratio <= 1.0 + ROUTED_LIMIT_PCT / 100.0),
+                format!("{:+.1}%", (ratio - 1.0) * 100.0),
+                format!("+{ROUTED_LIMIT_PCT}%"),
+                Some(ratio),
+                format!(
+                    "{ROUTED_WHAT}; {}; median of {} rounds' ratios; pooled {wc:.1} vs {bc:.1} us",
+                    within(ratio),
+                    w.per_round.len()
+                ),
+                &[&b.window, &w.window],
+            );
+        }
         if let Some((l, lc, sh, sc)) = cpu_pair(f.plain, "limited", "shared", conc) {
             checks.add(
                 format!("Limits in Redis, c={conc}: shared vs limited"),
@@ -691,6 +723,43 @@ pub fn check_targets(f: &Figures) -> Vec<Check> {
                 &[&l.window, &sh.window],
             );
         }
+    }
+    // Routing is decided once per request: a forwarded chunk costs what it costs without it.
+    for e in f.stream {
+        if e.target != "routed" {
+            continue;
+        }
+        let Some(b) = find_stream(f.stream, "proxy", e.concurrency) else {
+            continue;
+        };
+        let round_cpu = |row: &StreamRow| -> Vec<Option<f64>> {
+            row.per_round.iter().map(|r| r.cpu_us_per_event).collect()
+        };
+        let (Some(ratio), Some(ec), Some(bc)) = (
+            paired_ratio(&round_cpu(b), &round_cpu(e)),
+            e.cpu_us_per_event,
+            b.cpu_us_per_event,
+        ) else {
+            continue;
+        };
+        checks.add(
+            format!(
+                "CPU per streamed chunk, {} streams: routed vs proxy unchanged (<= +{ROUTED_LIMIT_PCT}%)",
+                e.concurrency
+            ),
+            Some(ratio <= 1.0 + ROUTED_LIMIT_PCT / 100.0),
+            format!("{:+.1}%", (ratio - 1.0) * 100.0),
+            format!("+{ROUTED_LIMIT_PCT}%"),
+            Some(ratio),
+            format!(
+                "{ROUTED_WHAT}; {}; {} ms between chunks; median of {} rounds' ratios; pooled {ec:.2} vs {bc:.2} us \
+                 (the request's own cost spread over its chunks included)",
+                within(ratio),
+                e.interval_ms,
+                e.per_round.len()
+            ),
+            &[&b.window, &e.window],
+        );
     }
     for e in f.plain {
         if e.target != "shared" {
@@ -899,13 +968,14 @@ pub fn table(h: &Header, f: &Figures, fp: Option<&FootprintView>, checks: &[Chec
             );
         }
         line!(
-            "(quiet = proxy with LOG_LEVEL=error, no access line; limited = the token as a clients-file client with limits and a model list; shared = limited with REDIS_URL, the limits in Redis; clients1/clients10k = the token as a client without limits, alone or among {})",
+            "(quiet = proxy with LOG_LEVEL=error, no access line; routed = proxy with an upstreams file of 3 upstreams (the same mock), 30 model patterns and 10 aliases, the model in a weighted tier; limited = the token as a clients-file client with limits and a model list; shared = limited with REDIS_URL, the limits in Redis; clients1/clients10k = the token as a client without limits, alone or among {})",
             s.clients
         );
         for &conc in &s.plain_concurrency {
             let clients_what = format!("{} clients", s.clients);
             for (base_t, with_t, what) in [
                 ("proxy", "limited", "client limits"),
+                ("proxy", "routed", "routing by model"),
                 ("quiet", "proxy", "access line"),
                 ("clients1", "clients10k", clients_what.as_str()),
                 ("limited", "shared", "limits in Redis"),

@@ -7,12 +7,13 @@ use serde::Serialize;
 use super::BenchError;
 
 /// Every target, in the order the run reports them (what each is: see the module doc).
-pub const ALL_TARGETS: [&str; 9] = [
+pub const ALL_TARGETS: [&str; 10] = [
     "direct",
     "nginx",
     "proxy",
     "proxy-h2",
     "quiet",
+    "routed",
     "limited",
     "shared",
     "clients1",
@@ -135,15 +136,17 @@ impl Settings {
                     "nginx",
                     "quiet",
                     "proxy",
+                    "routed",
                     "limited",
                     "shared",
                     "clients1",
                     "clients10k",
                 ],
             ),
+            // "routed" next to "proxy": its CPU per chunk is compared with the proxy's.
             stream_targets: names(
                 "BENCH_STREAM_TARGETS",
-                &["direct", "nginx", "proxy", "proxy-h2"],
+                &["direct", "nginx", "proxy", "routed", "proxy-h2"],
             ),
             many_targets: names(
                 "BENCH_MANY_TARGETS",
@@ -271,8 +274,13 @@ impl Paths {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+
+    /// The default settings, whatever the test's environment says.
+    pub(in crate::bench) fn defaults() -> Settings {
+        settings()
+    }
 
     fn settings() -> Settings {
         // Defaults, whatever the test's environment says.
