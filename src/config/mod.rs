@@ -775,12 +775,12 @@ mod tests {
         std::fs::write(
             &file,
             "default = \"b\"\n\
-             [upstreams.a]\nbase_url = \"https://a.example/v1\"\nkeys_env = \"A_KEYS\"\nmodels = [\"x\"]\n\
-             [upstreams.b]\nbase_url = \"https://b.example/v1\"\nkeys_env = \"B_KEYS\"\nmodels = [\"y\"]\n",
+             [upstreams.a]\nbase_url = \"https://a.example/v1\"\nkeys_env = \"OPENAI_KEYS\"\nmodels = [\"x\"]\n\
+             [upstreams.b]\nbase_url = \"https://b.example/v1\"\nkeys_env = \"AZURE_EU_KEYS\"\nmodels = [\"y\"]\n",
         )
         .unwrap();
         let path = file.to_str().unwrap();
-        let keys = [("A_KEYS", "a1,a2"), ("B_KEYS", "b1")];
+        let keys = [("OPENAI_KEYS", "a1,a2"), ("AZURE_EU_KEYS", "b1")];
         let with_file = config(&[("UPSTREAMS_FILE", path), keys[0], keys[1]]).unwrap();
         assert_eq!(with_file.upstreams.list.len(), 2);
         assert_eq!(with_file.upstreams.file.as_deref(), Some(file.as_path()));
@@ -818,7 +818,7 @@ mod tests {
         assert!(
             missing
                 .message
-                .contains("upstreams.b.keys_env: B_KEYS is not set"),
+                .contains("upstreams.b.keys_env: AZURE_EU_KEYS is not set"),
             "{missing}"
         );
         let gone = config(&[("UPSTREAMS_FILE", "/nonexistent/upstreams.toml")]).unwrap_err();

@@ -650,7 +650,6 @@ mod tests {
 
             [upstreams.local]
             base_url = "http://vllm:8000/v1"
-            keys_env = "LOCAL_KEY"
             models = ["llama-3.1-70b"]
             model_names = {{ "llama-3.1-70b" = "meta-llama/Llama-3.1-70B-Instruct" }}
             timeout_secs = 120
@@ -662,12 +661,7 @@ mod tests {
             "fast" = "gpt-4o-mini"
             "#
         );
-        let config = load_with(
-            &dir,
-            &text,
-            &[("AZURE_EU_KEYS", " az-1 , az-2 "), ("LOCAL_KEY", "local")],
-        )
-        .unwrap();
+        let config = load_with(&dir, &text, &[("AZURE_EU_KEYS", " az-1 , az-2 ")]).unwrap();
         let names: Vec<&str> = config.list.iter().map(|up| &*up.name).collect();
         assert_eq!(names, ["openai", "azure-eu", "local"], "the file's order");
         assert_eq!(config.default, 0);
@@ -727,6 +721,10 @@ mod tests {
         assert_eq!(azure.keys_env.as_deref(), Some("AZURE_EU_KEYS"));
 
         let local = &config.list[2];
+        assert!(
+            local.settings.keys.is_empty(),
+            "no keys_file or keys_env: no key"
+        );
         assert_eq!(local.timeout, Duration::from_secs(120));
         assert_eq!(
             local.settings.connection.connect_timeout,
