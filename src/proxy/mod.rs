@@ -383,16 +383,7 @@ impl Upstream {
                     last_failure = Some(failure.error);
                     continue;
                 }
-                Err(failure) => {
-                    return match failure.failover {
-                        Some(reason) => Attempted::Failed(Failed {
-                            reason,
-                            answer: None,
-                            error: failure.error,
-                        }),
-                        None => Attempted::Stop(failure.error),
-                    };
-                }
+                Err(failure) => return failure.into(),
             };
             // A pool of one key keeps the behaviour without a pool: every answer is the answer.
             let verdict = match Verdict::of(response.status()) {
@@ -540,16 +531,7 @@ impl Upstream {
             .await
         {
             Ok(response) => budget.judge(response),
-            Err(SendFailure {
-                error,
-                failover: Some(reason),
-                ..
-            }) => Attempted::Failed(Failed {
-                reason,
-                answer: None,
-                error,
-            }),
-            Err(failure) => Attempted::Stop(failure.error),
+            Err(failure) => failure.into(),
         }
     }
 
@@ -704,6 +686,21 @@ impl From<ProxyError> for SendFailure {
             error,
             nothing_sent: false,
             failover: None,
+        }
+    }
+}
+
+/// A failed send is the upstream's failure when another upstream may be asked instead, else the
+/// end of the request.
+impl From<SendFailure> for Attempted {
+    fn from(failure: SendFailure) -> Attempted {
+        match failure.failover {
+            Some(reason) => Attempted::Failed(Failed {
+                reason,
+                answer: None,
+                error: failure.error,
+            }),
+            None => Attempted::Stop(failure.error),
         }
     }
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use parking_lot::Mutex;
-use warp::http::{HeaderMap, Method, StatusCode};
+use warp::http::{HeaderMap, HeaderValue, Method, StatusCode};
 
 use super::breaker::{BreakerState, Pass};
 use super::choice::Rotation;
@@ -197,8 +197,8 @@ pub struct Outgoing<'a> {
 pub struct ModelInBody<'a> {
     pub name: &'a str,
     pub span: std::ops::Range<usize>,
-    /// The body's `Content-Type` (JSON or a form), alone.
-    pub content_type: HeaderMap,
+    /// The body's `Content-Type` (JSON or a form), for a rename to read.
+    pub content_type: Option<HeaderValue>,
 }
 
 impl Table {
@@ -335,14 +335,10 @@ impl Table {
         &self.upstreams[self.default]
     }
 
-    /// Whether requests are routed by their model, so that the body must be read to route it.
+    /// Whether requests are routed by their model (more than one place a model could go, or a
+    /// name to rename): the body is then read to route it, and the model list is the merge of
+    /// every upstream's.
     pub fn by_model(&self) -> bool {
-        self.by_model
-    }
-
-    /// Whether there is more than one place a model could go, or a name to rename: the model
-    /// list is then the merge of every upstream's.
-    pub fn merges_models(&self) -> bool {
         self.by_model
     }
 
@@ -358,11 +354,6 @@ impl Table {
         self.plan_for(asked)
             .map(Arc::new)
             .ok_or(ProxyError::ModelNotFound)
-    }
-
-    /// The model `asked` names once its alias is resolved, if it has one.
-    pub fn resolved<'a>(&self, plan: &'a Plan, asked: &'a str) -> &'a str {
-        plan.model.as_deref().unwrap_or(asked)
     }
 
     /// The plan of a model name (not an alias), from the patterns.
@@ -553,8 +544,12 @@ impl Table {
             return None;
         }
         let bytes: &Bytes = body.kept()?;
+        let mut content_type = HeaderMap::new();
+        if let Some(value) = &asked.content_type {
+            content_type.insert(warp::http::header::CONTENT_TYPE, value.clone());
+        }
         Some(RequestBody::Kept(rename::body(
-            &asked.content_type,
+            &content_type,
             bytes,
             asked.span.clone(),
             wanted,

@@ -36,7 +36,7 @@ pub async fn list<S>(
         .client
         .as_ref()
         .and_then(|client| client.limits.models.is_some().then_some(&client.limits));
-    let (mut reply, cache_status) = if table.merges_models() {
+    let (mut reply, cache_status) = if table.by_model() {
         let (entries, cache_status) = table.merged_models().await;
         let entries = entries
             .into_iter()

@@ -210,7 +210,7 @@ where
     };
     // With an upstreams file, a model's entry is the merged list's (the list and the routing
     // agree on what exists).
-    if table.merges_models()
+    if table.by_model()
         && method == Method::GET
         && let Some(id) = path.strip_prefix("/v1/models/")
     {
@@ -271,7 +271,7 @@ where
             (Some(name), Some(inspected)) => inspected.model_span.clone().map(|span| ModelInBody {
                 name,
                 span,
-                content_type: content_type_of(&headers),
+                content_type: headers.get(warp::http::header::CONTENT_TYPE).cloned(),
             }),
             _ => None,
         };
@@ -389,13 +389,4 @@ fn session_names(headers: &HeaderMap, body: &[u8], inspected: &Inspected) -> Ses
         };
     }
     session_models(body).unwrap_or_default()
-}
-
-/// The body's `Content-Type` alone, for renaming its model (JSON and forms differ).
-fn content_type_of(headers: &HeaderMap) -> HeaderMap {
-    let mut only = HeaderMap::new();
-    if let Some(value) = headers.get(warp::http::header::CONTENT_TYPE) {
-        only.insert(warp::http::header::CONTENT_TYPE, value.clone());
-    }
-    only
 }
