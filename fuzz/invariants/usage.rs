@@ -10,6 +10,7 @@ const KNOWN: Usage = Usage {
     prompt: 11,
     completion: 22,
     total: 33,
+    cached: 0,
 };
 
 fn scan(pieces: impl Iterator<Item = impl AsRef<[u8]>>) -> Option<Usage> {

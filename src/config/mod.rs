@@ -11,6 +11,7 @@ pub mod clients;
 mod env;
 mod error;
 mod limits;
+pub mod prices;
 mod redis;
 mod secret;
 mod upstream;

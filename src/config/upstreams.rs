@@ -4,7 +4,7 @@
 //! serving every model. Read by serde with unknown fields refused; every problem names the
 //! upstream and the field (`upstreams.<name>.<field>`), and nothing here echoes a key.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,9 +16,11 @@ use warp::http::StatusCode;
 use super::clients::{at_path, count, one_line, value};
 use super::env::Settings;
 use super::error::{ConfigError, invalid};
+use super::prices::{litellm_file, price_list};
 use super::upstream::{self, ConnectionSettings, UpstreamConfig};
 use super::values::{self, Elsewhere};
-use crate::vocab::ModelPatterns;
+use crate::vocab::price::PriceList;
+use crate::vocab::{ModelPatterns, PriceTable};
 
 /// `max_attempts` when the file does not say.
 const DEFAULT_MAX_ATTEMPTS: u32 = 3;
@@ -51,6 +53,8 @@ pub struct UpstreamsConfig {
     pub list: Vec<NamedUpstream>,
     /// Alias -> model; a model is never itself an alias (one level).
     pub aliases: BTreeMap<String, String>,
+    /// `[prices]`, each upstream's own and the `prices_file`'s.
+    pub prices: PriceTable,
 }
 
 /// One upstream with its place in the routing. Equal (`==`) to the same upstream of another
@@ -125,6 +129,7 @@ impl UpstreamsConfig {
                 keys_env: None,
             }],
             aliases: BTreeMap::new(),
+            prices: PriceTable::default(),
         }
     }
 
@@ -175,6 +180,10 @@ struct UpstreamsFile {
     upstreams: toml::Table,
     #[serde(default)]
     aliases: BTreeMap<String, Name>,
+    #[serde(default)]
+    prices: toml::Table,
+    #[serde(default, deserialize_with = "text")]
+    prices_file: Option<String>,
 }
 
 /// One `[upstreams.<name>]` table. Each field's parser checks its type; what the value means is
@@ -208,6 +217,8 @@ struct Entry {
     weight: Option<u64>,
     #[serde(default, deserialize_with = "tier")]
     tier: Option<u32>,
+    #[serde(default)]
+    prices: toml::Table,
 }
 
 /// Only the position of each upstream's table, for keeping the file's order: the table above is
@@ -233,9 +244,22 @@ fn parse<F: Fn(&str) -> Option<String>>(
         return Err("has no upstreams (no [upstreams.<name>] table)".to_string());
     }
     let mut list = Vec::new();
+    let mut per_upstream = HashMap::new();
     for (name, entry) in file.upstreams {
-        list.push(parse_upstream(&name, entry, variables, defaults)?);
+        let (upstream, prices) = parse_upstream(&name, entry, variables, defaults)?;
+        if !prices.is_empty() {
+            per_upstream.insert(upstream.name.clone(), prices);
+        }
+        list.push(upstream);
     }
+    let prices = PriceTable {
+        per_upstream,
+        shared: price_list("prices", file.prices)?,
+        file: match file.prices_file {
+            Some(path) => litellm_file(Path::new(&path))?,
+            None => HashMap::new(),
+        },
+    };
     // The document parsed above, so this parse of the same text succeeds; a failure would only
     // lose the order, never the content.
     if let Ok(order) = toml::from_str::<Order>(text) {
@@ -280,6 +304,7 @@ fn parse<F: Fn(&str) -> Option<String>>(
             .map_or(DEFAULT_REQUEST_TIMEOUT, Duration::from_secs),
         list,
         aliases,
+        prices,
     })
 }
 
@@ -296,7 +321,7 @@ fn parse_upstream<F: Fn(&str) -> Option<String>>(
     entry: toml::Value,
     variables: &Settings<F>,
     defaults: UpstreamDefaults,
-) -> Result<NamedUpstream, String> {
+) -> Result<(NamedUpstream, PriceList), String> {
     if !is_upstream_name(name) {
         return Err(format!(
             "upstreams.{}: an upstream name is one or more of A-Z a-z 0-9 _ . -",
@@ -381,12 +406,13 @@ fn parse_upstream<F: Fn(&str) -> Option<String>>(
             "{at}.model_names: {ours:?} is not one of this upstream's models"
         ));
     }
+    let prices = price_list(&field("prices"), entry.prices)?;
     let weight = match entry.weight {
         None => 1,
         Some(weight) => u32::try_from(weight).map_err(|_| format!("{at}.weight: is too large"))?,
     };
 
-    Ok(NamedUpstream {
+    let upstream = NamedUpstream {
         name: Arc::from(name),
         settings: UpstreamConfig {
             base_url,
@@ -411,7 +437,8 @@ fn parse_upstream<F: Fn(&str) -> Option<String>>(
         tier: entry.tier.unwrap_or(0),
         keys_file: entry.keys_file.map(PathBuf::from),
         keys_env: entry.keys_env,
-    })
+    };
+    Ok((upstream, prices))
 }
 
 /// The keys of a keys file: one a line, trimmed; blank lines and `#` comment lines skipped.
@@ -607,6 +634,71 @@ mod tests {
             "default = \"a\"\n[upstreams.a]\nbase_url = \"https://a.example/v1\"\n\
              keys_env = \"KEYS\"\nmodels = [\"m\", \"p-*\"]\n{extra}\n"
         )
+    }
+
+    #[test]
+    fn prices_come_from_the_upstreams_own_table_the_shared_one_and_the_prices_file() {
+        let dir = Dir::new();
+        let litellm = dir.file(
+            "model_prices.json",
+            r#"{"claude-x": {"input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05}}"#,
+        );
+        let text = format!(
+            "default = \"a\"\nprices_file = {litellm:?}\n\
+             [prices]\n\"m\" = {{ input = 1.0, output = 2.0 }}\n\
+             [upstreams.a]\nbase_url = \"https://a.example/v1\"\nmodels = [\"m\", \"claude-x\"]\n\
+             [upstreams.a.prices]\n\"m\" = {{ input = 1.5, output = 3.0 }}\n\
+             [upstreams.b]\nbase_url = \"https://b.example/v1\"\nmodels = [\"m\"]\n"
+        );
+        let config = load_with(&dir, &text, &[]).unwrap();
+        let input = |upstream: &str, model: &str| {
+            config
+                .prices
+                .price(upstream, model)
+                .map(|price| price.input)
+        };
+        assert_eq!(input("a", "m"), Some(1_500_000));
+        assert_eq!(input("b", "m"), Some(1_000_000));
+        assert_eq!(input("b", "claude-x"), Some(3_000_000));
+        assert_eq!(input("b", "other"), None);
+        // A price is not part of an upstream: changing one rebuilds nothing.
+        let cheaper = text.replace("input = 1.5", "input = 1.25");
+        let reloaded = load_with(&dir, &cheaper, &[]).unwrap();
+        assert_eq!(reloaded.list, config.list);
+        assert_ne!(reloaded.prices, config.prices);
+    }
+
+    #[test]
+    fn a_bad_price_rejects_the_file_naming_where_it_is() {
+        assert_eq!(
+            error(&format!(
+                "{}[upstreams.a.prices]\n\"m\" = {{ output = 1.0 }}\n",
+                one("")
+            )),
+            "upstreams.a.prices.m: missing field `input`"
+        );
+        assert_eq!(
+            error(&format!(
+                "{}[prices]\n\"m\" = {{ input = \"free\" }}\n",
+                one("")
+            )),
+            "prices.m.input: must be a number of US dollars per million tokens"
+        );
+        // Written after a table, prices_file would belong to that table.
+        assert_eq!(
+            error(&format!(
+                "{}[upstreams.a.prices]\nprices_file = \"/x.json\"\n",
+                one("")
+            )),
+            "upstreams.a.prices.prices_file: prices_file is a top-level setting: write it before the first [table]"
+        );
+        assert!(
+            error(&format!(
+                "prices_file = \"/nonexistent/prices.json\"\n{}",
+                one("")
+            ))
+            .starts_with("prices_file: /nonexistent/prices.json cannot be read: ")
+        );
     }
 
     #[test]

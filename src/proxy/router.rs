@@ -34,7 +34,7 @@ use crate::ops::exchange::Way;
 use crate::ops::metrics::Metrics;
 use crate::shared::Shared;
 use crate::shared::signals::{Signal, Signals};
-use crate::vocab::Endpoint;
+use crate::vocab::{Endpoint, PriceTable};
 use tokio::sync::broadcast;
 
 /// The routing table in force. Cloning is shallow; a request loads the table once and keeps it
@@ -106,6 +106,8 @@ pub struct Table {
     breakers: bool,
     rotation: Rotation,
     aliases: Vec<(String, String)>,
+    /// What each upstream's models cost, swapped in with the routing it prices.
+    prices: Arc<PriceTable>,
     /// The plans (by label) in a panic episode, so that it is logged once, not per request.
     panicking: Mutex<Vec<Arc<str>>>,
     panics: AtomicUsize,
@@ -299,6 +301,7 @@ impl Table {
                 .iter()
                 .map(|(alias, target)| (alias.clone(), target.clone()))
                 .collect(),
+            prices: Arc::new(routing.prices.clone()),
             panicking: Mutex::new(Vec::new()),
             panics: AtomicUsize::new(0),
             metrics,
@@ -328,6 +331,11 @@ impl Table {
 
     pub fn upstreams(&self) -> &[Upstream] {
         &self.upstreams
+    }
+
+    /// The prices of this routing's models, by the upstream that serves them.
+    pub fn prices(&self) -> &Arc<PriceTable> {
+        &self.prices
     }
 
     /// The upstream requests without a model go to.

@@ -25,6 +25,14 @@ struct RawUsage {
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
     total_tokens: Option<u64>,
+    prompt_tokens_details: Option<Details>,
+    input_tokens_details: Option<Details>,
+}
+
+/// Only the cached count of the details; the rest (audio, reasoning) is inside the totals.
+#[derive(Deserialize)]
+struct Details {
+    cached_tokens: Option<u64>,
 }
 
 impl RawUsage {
@@ -43,6 +51,11 @@ impl RawUsage {
             total: self
                 .total_tokens
                 .unwrap_or(prompt.saturating_add(completion)),
+            cached: self
+                .prompt_tokens_details
+                .or(self.input_tokens_details)
+                .and_then(|details| details.cached_tokens)
+                .unwrap_or(0),
         })
     }
 }
@@ -448,6 +461,7 @@ mod tests {
             prompt: 7,
             completion: 6,
             total: 13,
+            cached: 0,
         });
         for piece in 1..CHAT.len() {
             assert_eq!(scan_in_pieces(CHAT, piece), expected, "pieces of {piece}");
@@ -465,7 +479,8 @@ mod tests {
                 Some(Usage {
                     prompt: 3,
                     completion: 5,
-                    total: 8
+                    total: 8,
+                    cached: 0
                 })
             );
         }
@@ -480,9 +495,30 @@ mod tests {
             Some(Usage {
                 prompt: 10,
                 completion: 4,
-                total: 14
+                total: 14,
+                cached: 0
             })
         );
+    }
+
+    #[test]
+    fn cached_prompt_tokens_are_read_from_either_shape_of_details() {
+        let chat = br#"{"usage":{"prompt_tokens":1000,"completion_tokens":200,"total_tokens":1200,"prompt_tokens_details":{"cached_tokens":400,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":150}}}"#;
+        let responses = br#"{"usage":{"input_tokens":1000,"input_tokens_details":{"cached_tokens":400},"output_tokens":200,"output_tokens_details":{"reasoning_tokens":150},"total_tokens":1200}}"#;
+        for body in [&chat[..], &responses[..]] {
+            for piece in [1, 13, body.len()] {
+                assert_eq!(
+                    scan_in_pieces(body, piece),
+                    Some(Usage {
+                        prompt: 1000,
+                        completion: 200,
+                        total: 1200,
+                        cached: 400,
+                    }),
+                    "pieces of {piece}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -493,7 +529,8 @@ mod tests {
             Some(Usage {
                 prompt: u64::MAX,
                 completion: 1,
-                total: u64::MAX
+                total: u64::MAX,
+                cached: 0
             })
         );
     }
@@ -522,7 +559,8 @@ mod tests {
                 Some(Usage {
                     prompt: 3,
                     completion: 0,
-                    total: 3
+                    total: 3,
+                    cached: 0
                 }),
                 "pieces of {piece}"
             );

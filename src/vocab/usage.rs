@@ -8,4 +8,7 @@ pub struct Usage {
     pub prompt: u64,
     pub completion: u64,
     pub total: u64,
+    /// Prompt tokens the upstream read from its cache (`prompt_tokens_details.cached_tokens`,
+    /// `input_tokens_details.cached_tokens`): part of `prompt`, and priced apart.
+    pub cached: u64,
 }
