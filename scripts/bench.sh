@@ -24,6 +24,8 @@
 #   limited    -- the same binary with the token as a clients-file client (CLIENTS_FILE) with every
 #                 limit set, none reached, and a model list: next to "proxy", the CPU a client's
 #                 limits cost per request (body read for the model, charge, settlement).
+#   priced     -- "limited" with dollar budgets and PRICES_FILE: a reservation before the call, the
+#                 cost of the usage after it (issue 20: at most 2% over "limited")
 #   shared     -- the same client with REDIS_URL: its limits kept in a redis-server started for the
 #                 run (Debian package redis-server); next to "limited", what Redis adds per request
 #                 (CPU of the proxy and the redis-server together, latency, script calls).
@@ -51,7 +53,7 @@
 #   BENCH_MANY_STREAMS=5000      the many-stream run(s) ("none" skips them), with chunks
 #   BENCH_MANY_INTERVAL_MS=250   this far apart, in
 #   BENCH_MANY_ROUNDS=1          rounds per target
-#   BENCH_PLAIN_TARGETS=direct,nginx,quiet,proxy,routed,limited,shared,clients1,clients10k
+#   BENCH_PLAIN_TARGETS=direct,nginx,quiet,proxy,routed,limited,priced,shared,clients1,clients10k
 #                                (rows compared with each other run together in each round)
 #   BENCH_STREAM_TARGETS=direct,nginx,proxy,routed,proxy-h2  BENCH_MANY_TARGETS=direct,nginx,proxy,proxy-h2
 #                                which targets each phase measures ("none": none)

@@ -24,6 +24,10 @@
 //!   limited    -- the token as a clients-file client (CLIENTS_FILE) with every limit set, none
 //!                 reached, and a model list: the body read for the model, the charge before the
 //!                 call and the settlement from `usage` after it;
+//!   priced     -- "limited" with dollar budgets (usd_per_day, usd_per_month) and PRICES_FILE
+//!                 pricing the benchmark's model: a reservation before the call and the cost of
+//!                 the usage after it. Issue 20 asks for at most 2% more CPU per request than
+//!                 "limited";
 //!   shared     -- "limited" with REDIS_URL: its limits in a redis-server started for the run
 //!                 (one script call per decision and per settlement; the redis-server's CPU is
 //!                 counted with the proxy's, since a deployment pays for both; the script calls
@@ -431,6 +435,7 @@ fn run(args: &Args) -> Result<(), BenchError> {
             log_level: "info",
             ca_file: None,
             upstreams_file: None,
+            prices_file: None,
         },
     )
     .into_iter()

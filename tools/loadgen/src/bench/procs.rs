@@ -288,6 +288,7 @@ pub struct ProxyEnv<'a> {
     pub ca_file: Option<&'a Path>,
     /// UPSTREAMS_FILE, which takes the place of TARGET_HOST and AUTH_BEARER.
     pub upstreams_file: Option<&'a Path>,
+    pub prices_file: Option<&'a Path>,
 }
 
 pub fn proxy_env(settings: &Settings, e: &ProxyEnv) -> BTreeMap<String, String> {
@@ -321,6 +322,9 @@ pub fn proxy_env(settings: &Settings, e: &ProxyEnv) -> BTreeMap<String, String> 
         env.remove("TARGET_HOST");
         env.remove("AUTH_BEARER");
         env.insert("UPSTREAMS_FILE".into(), file.display().to_string());
+    }
+    if let Some(file) = e.prices_file {
+        env.insert("PRICES_FILE".into(), file.display().to_string());
     }
     if let Some(file) = e.clients_file {
         // The token moves from ALLOWED_TOKENS into the clients file (one token, one client).
@@ -361,6 +365,17 @@ tokens_per_minute = 1000000000000
 max_concurrent_requests = 100000
 tokens_per_day = 1000000000000000
 models = [\"gpt-4o-*\"]
+";
+
+/// The "priced" client: the limited one with dollar budgets that the load never reaches, so each
+/// request reserves its estimated cost before the call and settles the cost of its usage after.
+pub const DOLLAR_BUDGETS: &str = "usd_per_day = 1000000
+usd_per_month = 10000000
+";
+
+/// The "priced" target's PRICES_FILE: the benchmark's model priced as gpt-4o-mini is.
+pub const PRICES: &str = "[prices]
+\"gpt-4o-*\" = { input = 0.15, cached_input = 0.075, output = 0.60 }
 ";
 
 /// The "routed" target's upstreams, as (name, tier, weight, models): 30 patterns in all, exact
@@ -476,6 +491,7 @@ fn plain_client() -> String {
 pub fn clients_file_text(settings: &Settings, name: &str) -> Option<String> {
     match name {
         "limited" | "shared" => Some(plain_client() + LIMITS),
+        "priced" => Some(plain_client() + LIMITS + DOLLAR_BUDGETS),
         "clients1" => Some(plain_client()),
         "clients10k" => {
             // The benchmark's client among BENCH_CLIENTS - 1 others with random tokens, in the
@@ -539,6 +555,16 @@ pub fn start_proxy(
     } else {
         None
     };
+    let prices_file = if name == "priced" {
+        let dir = workdir.join(format!("prices-{name}"));
+        let file = dir.join("prices.toml");
+        std::fs::create_dir_all(&dir)
+            .and_then(|_| std::fs::write(&file, PRICES))
+            .map_err(|e| BenchError::Failed(format!("{}: {e}", file.display())))?;
+        Some(file)
+    } else {
+        None
+    };
     let env = proxy_env(
         settings,
         &ProxyEnv {
@@ -550,6 +576,7 @@ pub fn start_proxy(
             log_level: if name == "quiet" { "error" } else { "info" },
             ca_file: upstream.ca_file.as_deref(),
             upstreams_file: upstreams_file.as_deref(),
+            prices_file: prices_file.as_deref(),
         },
     );
     let mut cmd = pinned(&paths.proxy, cpus);
@@ -746,6 +773,7 @@ pub fn measure_startup(
                     log_level: "info",
                     ca_file: None,
                     upstreams_file: None,
+                    prices_file: None,
                 },
             );
             let mut cmd = pinned(&paths.proxy, cpus);
@@ -967,6 +995,7 @@ mod tests {
                 log_level: "info",
                 ca_file: None,
                 upstreams_file: Some(file),
+                prices_file: None,
             },
         );
         // The proxy refuses UPSTREAMS_FILE together with either.

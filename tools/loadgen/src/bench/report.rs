@@ -531,6 +531,10 @@ const ROUTED_LIMIT_PCT: f64 = 3.0;
 const ROUTED_WHAT: &str =
     "routing by model (3 upstreams, 30 model patterns, 10 aliases; a weighted tier)";
 
+/// What pricing and dollar budgets may cost at most per request over the limited client
+/// (issue 20): percent.
+const PRICED_LIMIT_PCT: f64 = 2.0;
+
 /// How a paired ratio of routed over proxy reads against ROUTED_LIMIT_PCT.
 fn within(ratio: f64) -> String {
     if ratio <= 1.0 + ROUTED_LIMIT_PCT / 100.0 {
@@ -703,6 +707,22 @@ pub fn check_targets(f: &Figures) -> Vec<Check> {
                 format!(
                     "{ROUTED_WHAT}; {}; median of {} rounds' ratios; pooled {wc:.1} vs {bc:.1} us",
                     within(ratio),
+                    w.per_round.len()
+                ),
+                &[&b.window, &w.window],
+            );
+        }
+        if let Some((b, bc, w, wc)) = cpu_pair(f.plain, "limited", "priced", conc)
+            && let Some(ratio) = paired_ratio(&b.round_cpu(), &w.round_cpu())
+        {
+            checks.add(
+                format!("CPU per request, c={conc}: priced vs limited <= +{PRICED_LIMIT_PCT}%"),
+                Some(ratio <= 1.0 + PRICED_LIMIT_PCT / 100.0),
+                format!("{:+.1}%", (ratio - 1.0) * 100.0),
+                format!("+{PRICED_LIMIT_PCT}%"),
+                Some(ratio),
+                format!(
+                    "dollar budgets and prices (a reservation before the call, the cost of the usage after it); median of {} rounds' ratios; pooled {wc:.1} vs {bc:.1} us",
                     w.per_round.len()
                 ),
                 &[&b.window, &w.window],
@@ -968,7 +988,7 @@ pub fn table(h: &Header, f: &Figures, fp: Option<&FootprintView>, checks: &[Chec
             );
         }
         line!(
-            "(quiet = proxy with LOG_LEVEL=error, no access line; routed = proxy with an upstreams file of 3 upstreams (the same mock), 30 model patterns and 10 aliases, the model in a weighted tier; limited = the token as a clients-file client with limits and a model list; shared = limited with REDIS_URL, the limits in Redis; clients1/clients10k = the token as a client without limits, alone or among {})",
+            "(quiet = proxy with LOG_LEVEL=error, no access line; routed = proxy with an upstreams file of 3 upstreams (the same mock), 30 model patterns and 10 aliases, the model in a weighted tier; limited = the token as a clients-file client with limits and a model list; priced = limited with dollar budgets and PRICES_FILE; shared = limited with REDIS_URL, the limits in Redis; clients1/clients10k = the token as a client without limits, alone or among {})",
             s.clients
         );
         for &conc in &s.plain_concurrency {
@@ -978,6 +998,7 @@ pub fn table(h: &Header, f: &Figures, fp: Option<&FootprintView>, checks: &[Chec
                 ("proxy", "routed", "routing by model"),
                 ("quiet", "proxy", "access line"),
                 ("clients1", "clients10k", clients_what.as_str()),
+                ("limited", "priced", "dollar budgets"),
                 ("limited", "shared", "limits in Redis"),
             ] {
                 let Some((b, bc, w, wc)) = cpu_pair(f.plain, base_t, with_t, conc) else {

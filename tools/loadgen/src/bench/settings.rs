@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::BenchError;
 
 /// Every target, in the order the run reports them (what each is: see the module doc).
-pub const ALL_TARGETS: [&str; 10] = [
+pub const ALL_TARGETS: [&str; 11] = [
     "direct",
     "nginx",
     "proxy",
@@ -15,6 +15,7 @@ pub const ALL_TARGETS: [&str; 10] = [
     "quiet",
     "routed",
     "limited",
+    "priced",
     "shared",
     "clients1",
     "clients10k",
@@ -138,6 +139,7 @@ impl Settings {
                     "proxy",
                     "routed",
                     "limited",
+                    "priced",
                     "shared",
                     "clients1",
                     "clients10k",

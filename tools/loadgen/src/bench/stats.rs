@@ -40,10 +40,11 @@ pub fn rotate<T: Clone>(items: &[T], n: usize) -> Vec<T> {
 }
 
 /// (base, feature) rows compared by `paired_ratio`, so run close to each other.
-pub const PAIRS: [(&str, &str); 5] = [
+pub const PAIRS: [(&str, &str); 6] = [
     ("quiet", "proxy"),
     ("proxy", "routed"),
     ("proxy", "limited"),
+    ("limited", "priced"),
     ("limited", "shared"),
     ("clients1", "clients10k"),
 ];
