@@ -444,8 +444,9 @@ fn watch(file: &Path, changed: mpsc::UnboundedSender<()>) -> Option<notify::Reco
         Ok(watcher) => Some(watcher),
         Err(err) => {
             log::warn!(
-                "cannot watch {} for changes ({err}); polling the clients file every second",
-                directory.display()
+                "cannot watch {} for changes ({err}); polling {} every second",
+                directory.display(),
+                file.display()
             );
             None
         }
