@@ -81,6 +81,7 @@ async fn run(config: Config, variables: HashMap<String, String>) -> ExitCode {
     init_logging(&config);
     log::info!("configuration: {config:?}");
     warn_about_risky_settings(&config, variables.into_keys());
+    llm_proxy::reload::report_prices(&config.upstreams, false);
     descriptors::raise_limit(config.limits.max_concurrent_requests);
 
     let address = SocketAddr::new(config.host, config.port);

@@ -1,6 +1,6 @@
-//! Reloading what can change without a restart: the clients file and the token settings
-//! (`ALLOWED_TOKENS`, `ADMIN_TOKEN`, `METRICS_TOKEN`), re-read on `SIGHUP` and whenever the
-//! clients file changes.
+//! Reloading what can change without a restart: the clients file, the upstreams and prices files
+//! and the token settings (`ALLOWED_TOKENS`, `ADMIN_TOKEN`, `METRICS_TOKEN`), re-read on `SIGHUP`
+//! and whenever one of those files changes.
 //!
 //! The whole configuration is loaded and validated again; only when that succeeds are the new
 //! rules swapped in, in one step ([`crate::auth::Authenticator::replace`]). A request holds the
@@ -30,6 +30,8 @@ use tokio::time::Instant;
 
 use crate::auth::Authenticator;
 use crate::auth::redact::Redactor;
+use crate::config::UpstreamsConfig;
+use crate::config::prices::unpriced;
 use crate::config::{Config, ConfigError};
 use crate::ops::metrics::Metrics;
 use crate::proxy::router::Router;
@@ -113,7 +115,8 @@ struct Watched {
     _watcher: Option<notify::RecommendedWatcher>,
 }
 
-/// The files of the routing configuration: `UPSTREAMS_FILE` and every `keys_file` it names.
+/// The files of the routing configuration: `UPSTREAMS_FILE` and every `keys_file` it names,
+/// `PRICES_FILE`, and the `prices_file` either of them names.
 fn routing_paths(config: &Config) -> Vec<PathBuf> {
     config
         .upstreams
@@ -127,7 +130,29 @@ fn routing_paths(config: &Config) -> Vec<PathBuf> {
                 .iter()
                 .filter_map(|upstream| upstream.keys_file.clone()),
         )
+        .chain(config.prices_file.clone())
+        .chain(config.upstreams.litellm_file.clone())
         .collect()
+}
+
+/// Never a silent $0: one line naming the routed models that have no price (see
+/// [`crate::config::prices::unpriced`]), nothing when every one has; or, with no price at all,
+/// that spend is not tracked, said once rather than after every reload (`said_untracked`: the
+/// prices in force until now had none either).
+pub fn report_prices(upstreams: &UpstreamsConfig, said_untracked: bool) {
+    if upstreams.prices.is_empty() {
+        if !said_untracked {
+            log::info!(
+                "prices: none configured, spend is not tracked (PRICES_FILE, or [prices] in \
+                 UPSTREAMS_FILE, sets them)"
+            );
+        }
+        return;
+    }
+    let missing = unpriced(upstreams);
+    if !missing.is_empty() {
+        log::warn!("prices: no price for {}", missing.join(", "));
+    }
 }
 
 fn watch_all(paths: Vec<PathBuf>, changed: &mpsc::UnboundedSender<()>) -> Vec<Watched> {
@@ -188,6 +213,7 @@ impl Reloader {
     pub fn reload(&mut self, why: &str) -> bool {
         let clients_file = self.state.config.clients_file.clone();
         let upstreams_file = self.state.config.upstreams.file.clone();
+        let prices_file = self.state.config.prices_file.clone();
         let digest = clients_file.as_deref().and_then(file_digest);
         let routing_digests: Vec<_> = self
             .routing_files
@@ -210,14 +236,19 @@ impl Reloader {
             if named("UPSTREAMS_FILE") != upstreams_file {
                 log::warn!("UPSTREAMS_FILE changed: it takes effect only after a restart");
             }
+            if named("PRICES_FILE") != prices_file {
+                log::warn!("PRICES_FILE changed: it takes effect only after a restart");
+            }
             Config::from_lookup(|name| match name {
                 "CLIENTS_FILE" => clients_file.as_ref().map(|path| path.display().to_string()),
                 "UPSTREAMS_FILE" => upstreams_file
                     .as_ref()
                     .map(|path| path.display().to_string()),
+                "PRICES_FILE" => prices_file.as_ref().map(|path| path.display().to_string()),
                 _ => variables.get(name).cloned(),
             })
         });
+        let untracked_before = self.state.router.table().prices().is_empty();
         // The upstreams are built before anything is swapped in: a configuration whose
         // upstreams cannot be built is rejected whole.
         let loaded = loaded.and_then(|config| {
@@ -240,8 +271,8 @@ impl Reloader {
                     watched.loaded = digest;
                 }
                 log::error!(
-                    "reload ({why}) rejected, the previous clients and upstreams stay in force: \
-                     {err}"
+                    "reload ({why}) rejected, the previous clients, upstreams and prices stay in \
+                     force: {err}"
                 );
                 self.state.metrics.reload(false);
                 return false;
@@ -284,6 +315,7 @@ impl Reloader {
             config.clients.len(),
             config.upstreams.list.len()
         );
+        report_prices(&config.upstreams, untracked_before);
         true
     }
 
@@ -306,7 +338,7 @@ impl Reloader {
                     tokio::time::sleep(SETTLE).await;
                     while self.changes.try_recv().is_ok() {}
                     if self.routing_changed() {
-                        self.reload("upstreams file changed");
+                        self.reload("upstreams or prices file changed");
                     } else if let Some(file) = &watched {
                         self.look(file);
                     }
@@ -412,8 +444,9 @@ fn watch(file: &Path, changed: mpsc::UnboundedSender<()>) -> Option<notify::Reco
         Ok(watcher) => Some(watcher),
         Err(err) => {
             log::warn!(
-                "cannot watch {} for changes ({err}); polling the clients file every second",
-                directory.display()
+                "cannot watch {} for changes ({err}); polling {} every second",
+                directory.display(),
+                file.display()
             );
             None
         }

@@ -104,6 +104,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// `UPSTREAMS_FILE`, or the environment's one upstream.
     pub upstreams: UpstreamsConfig,
+    /// `PRICES_FILE`, read again on reload: the one upstream's prices (in `upstreams.prices`).
+    pub prices_file: Option<PathBuf>,
     /// `PROXY_HOST`: `0.0.0.0` (all IPv4 interfaces), `::` (IPv4 and IPv6), or one address.
     pub host: IpAddr,
     pub port: u16,
@@ -181,7 +183,17 @@ impl Config {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let settings = Settings::new(lookup);
         let limits = Limits::parse(&settings)?;
-        let upstreams = match settings.set("UPSTREAMS_FILE") {
+        let prices_file = settings.set("PRICES_FILE").map(PathBuf::from);
+        // Two places for prices would leave it unclear which one counts.
+        if prices_file.is_some() && settings.set("UPSTREAMS_FILE").is_some() {
+            return Err(invalid(
+                "PRICES_FILE",
+                "cannot be set together with UPSTREAMS_FILE: an upstreams file holds its own \
+                 prices ([prices], [upstreams.<name>.prices], prices_file); move them there and \
+                 remove PRICES_FILE",
+            ));
+        }
+        let mut upstreams = match settings.set("UPSTREAMS_FILE") {
             None => UpstreamsConfig::single(
                 UpstreamConfig::parse(&settings, limits.upstream_connect_timeout)?,
                 limits.upstream_timeout,
@@ -212,6 +224,9 @@ impl Config {
                 )?
             }
         };
+        if let Some(path) = &prices_file {
+            (upstreams.prices, upstreams.litellm_file) = prices::load_prices_file(path)?;
+        }
         let upstream = upstreams.default_upstream().settings.clone();
         let listen = listen_address(&settings)?;
 
@@ -323,6 +338,7 @@ impl Config {
         Ok(Config {
             upstream,
             upstreams,
+            prices_file,
             host: listen.ip(),
             port: listen.port(),
             log_level,

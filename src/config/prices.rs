@@ -2,16 +2,67 @@
 //! upstream's own `[upstreams.<name>.prices]`, and a `prices_file` in LiteLLM's
 //! `model_prices_and_context_window.json` format for the models the tables do not price. An
 //! entry that does not parse rejects the whole file, naming the table, the model and the field.
+//!
+//! Without an upstreams file, `PRICES_FILE` holds the same `[prices]` table (and optionally
+//! `prices_file`) for the environment's one upstream.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde::de::Error as _;
 
-use super::clients::{at_path, value};
+use super::UpstreamsConfig;
+use super::clients::{at_path, one_line, value};
+use super::error::{ConfigError, invalid};
+use crate::vocab::PriceTable;
 use crate::vocab::models::ModelPattern;
 use crate::vocab::price::{Price, PriceList, picos_per_token};
+
+/// `PRICES_FILE`: what an upstreams file says of prices, without the upstreams.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PricesFile {
+    #[serde(default)]
+    prices: toml::Table,
+    #[serde(default, deserialize_with = "path")]
+    prices_file: Option<String>,
+}
+
+fn path<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    match value(deserializer)? {
+        toml::Value::String(text) if !text.trim().is_empty() => Ok(Some(text.trim().to_string())),
+        _ => Err(D::Error::custom("must be a non-empty string")),
+    }
+}
+
+/// The prices `PRICES_FILE` names, for every model of the environment's one upstream, and the
+/// LiteLLM file it read them from too, if any (watched with it). The error names `PRICES_FILE`,
+/// the path, and the table, model and field.
+pub fn load_prices_file(path: &Path) -> Result<(PriceTable, Option<PathBuf>), ConfigError> {
+    let failed = |message: String| invalid("PRICES_FILE", format!("{}: {message}", path.display()));
+    let text =
+        std::fs::read_to_string(path).map_err(|err| failed(format!("cannot be read: {err}")))?;
+    parse_prices_file(&text).map_err(failed)
+}
+
+fn parse_prices_file(text: &str) -> Result<(PriceTable, Option<PathBuf>), String> {
+    let document: toml::Table = text
+        .parse()
+        .map_err(|err: toml::de::Error| format!("is not valid TOML: {}", one_line(&err)))?;
+    let file: PricesFile = serde_path_to_error::deserialize(toml::Value::Table(document))
+        .map_err(|err| at_path("", &err))?;
+    let litellm = file.prices_file.map(PathBuf::from);
+    let table = PriceTable {
+        per_upstream: HashMap::new(),
+        shared: price_list("prices", file.prices)?,
+        file: match &litellm {
+            Some(path) => litellm_file(path)?,
+            None => HashMap::new(),
+        },
+    };
+    Ok((table, litellm))
+}
 
 /// One model's entry: `{ input = 2.50, cached_input = 1.25, output = 10.00 }`.
 #[derive(Deserialize)]
@@ -70,6 +121,34 @@ pub fn price_list(at: &str, table: toml::Table) -> Result<PriceList, String> {
         ));
     }
     Ok(PriceList::new(entries))
+}
+
+/// The routed models that have no price, as `upstream:model`, in file order: for each upstream,
+/// each of its exact model names and of the alias targets it serves that has no price there, and
+/// each of its patterns not wholly covered by a price pattern (`local:llama*`; `default:*` for
+/// the environment's one upstream unless a `"*"` price covers everything). Each is a way to a
+/// request that would be served without a cost.
+pub fn unpriced(upstreams: &UpstreamsConfig) -> Vec<String> {
+    let mut missing = Vec::new();
+    for upstream in &upstreams.list {
+        let name = &*upstream.name;
+        let targets = upstreams
+            .aliases
+            .values()
+            .filter(|target| upstream.models.matches(target))
+            .map(|target| ModelPattern::Exact(target.clone()));
+        for pattern in upstream.models.iter().cloned().chain(targets) {
+            let priced = match &pattern {
+                ModelPattern::Exact(model) => upstreams.prices.price(name, model).is_some(),
+                ModelPattern::Prefix(prefix) => upstreams.prices.covers(name, prefix),
+            };
+            let entry = format!("{name}:{pattern}");
+            if !priced && !missing.contains(&entry) {
+                missing.push(entry);
+            }
+        }
+    }
+    missing
 }
 
 /// A model name as TOML writes a key: bare when it can be, quoted otherwise (`"gpt-4o"` is
@@ -211,6 +290,62 @@ mod tests {
                 .unwrap_err()
                 .starts_with("prices.gpt-4o: ")
         );
+    }
+
+    #[test]
+    fn prices_file_holds_only_prices_and_prices_file() {
+        let dir = std::env::temp_dir().join(format!("llm-proxy-prices-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let json = dir.join("model_prices.json");
+        std::fs::write(&json, r#"{"claude-x": {"input_cost_per_token": 3e-06}}"#).unwrap();
+        let (table, litellm) = parse_prices_file(&format!(
+            "prices_file = {:?}\n[prices]\n\"gpt-4o\" = {{ input = 2.5, output = 10 }}\n",
+            json.display()
+        ))
+        .unwrap();
+        assert_eq!(litellm.as_deref(), Some(json.as_path()));
+        assert_eq!(
+            table.price("default", "gpt-4o").map(|price| price.output),
+            Some(10_000_000)
+        );
+        assert_eq!(
+            table.price("default", "claude-x").map(|price| price.input),
+            Some(3_000_000)
+        );
+        let (empty, none) = parse_prices_file("").unwrap();
+        assert!(empty.is_empty() && none.is_none());
+
+        let error = |text: &str| parse_prices_file(text).map(|_| ()).unwrap_err();
+        let unknown = error("[upstreams.a]\nbase_url = \"https://a\"\n");
+        assert!(
+            unknown.starts_with("upstreams: unknown field `upstreams`"),
+            "{unknown}"
+        );
+        assert_eq!(
+            error("[prices]\n\"gpt-4o\" = { input = 2.5, outptu = 10 }\n")
+                .split(", expected")
+                .next(),
+            Some("prices.gpt-4o.outptu: unknown field `outptu`")
+        );
+        assert_eq!(
+            error("prices_file = 3\n"),
+            "prices_file: must be a non-empty string"
+        );
+        assert!(
+            error("prices_file = \"/nonexistent/prices.json\"\n")
+                .starts_with("prices_file: /nonexistent/prices.json cannot be read: ")
+        );
+        assert!(error("[prices\n").starts_with("is not valid TOML: "));
+        let missing = load_prices_file(&dir.join("absent.toml")).unwrap_err();
+        assert_eq!(missing.variable, "PRICES_FILE");
+        assert!(
+            missing.message.starts_with(&format!(
+                "{}: cannot be read: ",
+                dir.join("absent.toml").display()
+            )),
+            "{missing}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -53,8 +53,12 @@ pub struct UpstreamsConfig {
     pub list: Vec<NamedUpstream>,
     /// Alias -> model; a model is never itself an alias (one level).
     pub aliases: BTreeMap<String, String>,
-    /// `[prices]`, each upstream's own and the `prices_file`'s.
+    /// `[prices]`, each upstream's own and the `prices_file`'s (from `PRICES_FILE` without an
+    /// upstreams file).
     pub prices: PriceTable,
+    /// The `prices_file` (LiteLLM's JSON) the prices were read from: watched, as the file
+    /// naming it is.
+    pub litellm_file: Option<PathBuf>,
 }
 
 /// One upstream with its place in the routing. Equal (`==`) to the same upstream of another
@@ -130,6 +134,7 @@ impl UpstreamsConfig {
             }],
             aliases: BTreeMap::new(),
             prices: PriceTable::default(),
+            litellm_file: None,
         }
     }
 
@@ -252,11 +257,12 @@ fn parse<F: Fn(&str) -> Option<String>>(
         }
         list.push(upstream);
     }
+    let litellm = file.prices_file.map(PathBuf::from);
     let prices = PriceTable {
         per_upstream,
         shared: price_list("prices", file.prices)?,
-        file: match file.prices_file {
-            Some(path) => litellm_file(Path::new(&path))?,
+        file: match &litellm {
+            Some(path) => litellm_file(path)?,
             None => HashMap::new(),
         },
     };
@@ -305,6 +311,7 @@ fn parse<F: Fn(&str) -> Option<String>>(
         list,
         aliases,
         prices,
+        litellm_file: litellm,
     })
 }
 
@@ -666,6 +673,39 @@ mod tests {
         let reloaded = load_with(&dir, &cheaper, &[]).unwrap();
         assert_eq!(reloaded.list, config.list);
         assert_ne!(reloaded.prices, config.prices);
+    }
+
+    #[test]
+    fn the_unpriced_are_each_upstreams_names_alias_targets_and_uncovered_patterns() {
+        let dir = Dir::new();
+        let text = "default = \"openai\"\n\
+             [prices]\n\"gpt-4o\" = { input = 2.5 }\n\"o3*\" = { input = 2.0 }\n\
+             [upstreams.openai]\nbase_url = \"https://o.example/v1\"\n\
+             models = [\"gpt-4o\", \"o3-pro*\", \"gpt-4o-mini\", \"gpt-5*\"]\n\
+             [upstreams.azure-eu]\nbase_url = \"https://a.example/v1\"\n\
+             models = [\"gpt-4o\", \"gpt-4o-mini\"]\n\
+             [upstreams.azure-eu.prices]\n\"gpt-4o-mini\" = { input = 0.15 }\n\
+             [upstreams.local]\nbase_url = \"http://127.0.0.1:8000/v1\"\n\
+             models = [\"llama*\"]\n\
+             [aliases]\n\"fast\" = \"gpt-5-mini\"\n\"small\" = \"gpt-4o-mini\"\n";
+        let config = load_with(&dir, text, &[]).unwrap();
+        // o3-pro* is covered by o3*; azure-eu prices gpt-4o-mini itself; the alias fast goes
+        // to a model only openai's gpt-5* serves, small to one listed already.
+        assert_eq!(
+            crate::config::prices::unpriced(&config),
+            [
+                "openai:gpt-4o-mini",
+                "openai:gpt-5*",
+                "openai:gpt-5-mini",
+                "local:llama*",
+            ]
+        );
+        let priced = text.replace(
+            "[upstreams.openai]",
+            "\"gpt-*\" = { input = 1.0 }\n\"llama*\" = { input = 0.1 }\n[upstreams.openai]",
+        );
+        let config = load_with(&dir, &priced, &[]).unwrap();
+        assert!(crate::config::prices::unpriced(&config).is_empty());
     }
 
     #[test]

@@ -103,6 +103,14 @@ pub const VARIABLES: &[Variable] = &[
                   TARGET_BASE_URL and AUTH_BEARER",
     },
     Variable {
+        name: "PRICES_FILE",
+        default: Default::Unset,
+        reload: Reload::FileOnly,
+        ours_by_prefix: Some("PRICES_"),
+        meaning: "TOML file of [prices] (USD per million tokens) and optionally prices_file \
+                  (LiteLLM JSON) for the one upstream; not with UPSTREAMS_FILE, which has its own",
+    },
+    Variable {
         name: "PROXY_HOST",
         default: Default::Value("0.0.0.0"),
         reload: Reload::Restart,
@@ -511,7 +519,7 @@ mod tests {
         ] {
             assert!(!restart.contains(&live), "{live}");
         }
-        for file in ["CLIENTS_FILE", "UPSTREAMS_FILE"] {
+        for file in ["CLIENTS_FILE", "UPSTREAMS_FILE", "PRICES_FILE"] {
             assert!(!restart.contains(&file), "the reload re-reads {file}");
         }
     }

@@ -137,6 +137,14 @@ impl PriceList {
     pub fn is_empty(&self) -> bool {
         self.exact.is_empty() && self.prefixes.is_empty()
     }
+
+    /// Whether every model starting with `prefix` has a price here: a price pattern whose
+    /// prefix is a prefix of it (`o3*` covers `o3-pro*`; exact names never cover a pattern).
+    pub fn covers(&self, prefix: &str) -> bool {
+        self.prefixes
+            .iter()
+            .any(|(priced, _)| prefix.starts_with(priced.as_str()))
+    }
 }
 
 /// Every price the proxy knows: each upstream's own, the `[prices]` table for every upstream,
@@ -158,6 +166,15 @@ impl PriceTable {
             .and_then(|list| list.get(model))
             .or_else(|| self.shared.get(model))
             .or_else(|| self.file.get(model).copied())
+    }
+
+    /// Whether every model starting with `prefix` has a price at `upstream`. The prices file
+    /// names exact models only, so it never covers a pattern.
+    pub fn covers(&self, upstream: &str, prefix: &str) -> bool {
+        self.per_upstream
+            .get(upstream)
+            .is_some_and(|list| list.covers(prefix))
+            || self.shared.covers(prefix)
     }
 
     /// Whether any price is known at all: without, nothing is priced and nothing need be looked

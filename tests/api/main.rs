@@ -19,6 +19,7 @@ mod layering;
 mod limits;
 mod models;
 mod observability;
+mod prices;
 mod process;
 mod providers;
 mod redis_server;
