@@ -18,6 +18,7 @@ use super::metrics::Metrics;
 use super::request_id::REQUEST_ID;
 use crate::config::LogFormat;
 use crate::vocab::Route;
+use crate::vocab::price::format_usd;
 
 /// The log target of access lines; the JSON log format recognises it.
 pub const ACCESS_TARGET: &str = "llm_proxy::access";
@@ -165,10 +166,10 @@ impl AccessRecord {
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
         let model = self.spend.as_ref().and_then(Spend::model);
         let model = model.as_deref();
-        let usage = self
-            .spend
-            .as_ref()
-            .and_then(|spend| spend.answered.lock().usage);
+        let (usage, cost) = self.spend.as_ref().map_or((None, None), |spend| {
+            let answered = spend.answered.lock();
+            (answered.usage, answered.cost)
+        });
         let way = self
             .exchange
             .as_ref()
@@ -195,6 +196,8 @@ impl AccessRecord {
                     "model": model,
                     "prompt_tokens": usage.map(|usage| usage.prompt),
                     "completion_tokens": usage.map(|usage| usage.completion),
+                    // Six decimals, as the text line writes them.
+                    "cost_usd": cost.and_then(|nanos| format_usd(nanos).parse::<f64>().ok()),
                     "upstream": way.map(|way| way.upstream()),
                     "attempts": way.map(|way| way.attempts()),
                     "failover": way.and_then(|way| way.failover()),
@@ -226,6 +229,11 @@ impl AccessRecord {
                 push_optional_count(line, usage.map(|usage| usage.prompt));
                 line.push_str(" completion_tokens=");
                 push_optional_count(line, usage.map(|usage| usage.completion));
+                line.push_str(" cost_usd=");
+                match cost {
+                    Some(nanos) => line.push_str(&format_usd(nanos)),
+                    None => line.push('-'),
+                }
                 if let Some(way) = way {
                     push(line, &[" upstream=", way.upstream(), " attempts="]);
                     push_count(line, u64::from(way.attempts()));
