@@ -230,10 +230,7 @@ impl AccessRecord {
                 line.push_str(" completion_tokens=");
                 push_optional_count(line, usage.map(|usage| usage.completion));
                 line.push_str(" cost_usd=");
-                match cost {
-                    Some(nanos) => line.push_str(&format_usd(nanos)),
-                    None => line.push('-'),
-                }
+                push_usd(line, cost);
                 if let Some(way) = way {
                     push(line, &[" upstream=", way.upstream(), " attempts="]);
                     push_count(line, u64::from(way.attempts()));
@@ -279,6 +276,26 @@ fn push_optional_count(line: &mut String, count: Option<u64>) {
         Some(count) => push_count(line, count),
         None => line.push('-'),
     }
+}
+
+/// Dollars with six decimals (as [`format_usd`] writes them), or `-`, from integers: no
+/// allocation per line.
+fn push_usd(line: &mut String, nanos: Option<u64>) {
+    let Some(nanos) = nanos else {
+        line.push('-');
+        return;
+    };
+    let micros = nanos.saturating_add(500) / 1_000;
+    push_count(line, micros / 1_000_000);
+    line.push('.');
+    let fraction = micros % 1_000_000;
+    // Zero-padded to six digits.
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(fraction);
+    for _ in digits.len()..6 {
+        line.push('0');
+    }
+    line.push_str(digits);
 }
 
 /// Milliseconds with one decimal, or `-`, from integers: float formatting was a visible share of
@@ -412,5 +429,32 @@ impl Tap for RequestTap {
         {
             self.0.fetch_add(data.len() as u64, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dollars_on_the_line_are_what_format_usd_writes() {
+        for nanos in [
+            0,
+            1,
+            499,
+            500,
+            1_234_499,
+            1_234_500,
+            4_000_000,
+            12_000_005_000,
+            u64::MAX,
+        ] {
+            let mut line = String::new();
+            push_usd(&mut line, Some(nanos));
+            assert_eq!(line, format_usd(nanos), "{nanos}");
+        }
+        let mut line = String::new();
+        push_usd(&mut line, None);
+        assert_eq!(line, "-");
     }
 }

@@ -115,9 +115,10 @@ pub fn day_text(day: u64) -> String {
 #[derive(Default)]
 struct Totals {
     day: u64,
-    /// `YYYY-MM-DD` and `YYYY-MM` of `day`.
-    day_text: String,
-    month_text: String,
+    /// `YYYY-MM-DD` and `YYYY-MM` of `day`: shared, so that what waits for Redis names its
+    /// period without a copy per request.
+    day_text: Arc<str>,
+    month_text: Arc<str>,
     today: Groups,
     this_month: Groups,
 }
@@ -130,19 +131,38 @@ impl Totals {
             return;
         }
         let text = day_text(day);
-        let month = text[..7].to_string();
+        let month = &text[..7];
         self.today = Groups::default();
-        if month != self.month_text {
+        if month != &*self.month_text {
             self.this_month = Groups::default();
+            self.month_text = Arc::from(month);
         }
         self.day = day;
-        self.day_text = text;
-        self.month_text = month;
+        self.day_text = Arc::from(text);
     }
 }
 
-/// What waits to go to Redis: per hash key, per field key, the sum.
-type Pending = HashMap<String, HashMap<Arc<str>, Sum>>;
+/// One of the ledger's Redis hashes: a group's day or month.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Period {
+    group: Group,
+    month: bool,
+    /// `YYYY-MM-DD` or `YYYY-MM`.
+    text: Arc<str>,
+}
+
+impl Period {
+    fn key(&self) -> String {
+        if self.month {
+            month_key(self.group, &self.text)
+        } else {
+            day_key(self.group, &self.text)
+        }
+    }
+}
+
+/// What waits to go to Redis: per hash, per key of the group, the sum.
+type Pending = HashMap<Period, HashMap<Arc<str>, Sum>>;
 
 /// The ledger. Cloning is shallow.
 #[derive(Clone)]
@@ -203,9 +223,14 @@ impl Ledger {
             let mut pending = self.0.pending.lock();
             for group in Group::ALL {
                 let key = keys[group.index()];
-                for hash in [day_key(group, &day), month_key(group, &month)] {
+                for (month, text) in [(false, &day), (true, &month)] {
+                    let period = Period {
+                        group,
+                        month,
+                        text: text.clone(),
+                    };
                     pending
-                        .entry(hash)
+                        .entry(period)
                         .or_default()
                         .entry(key.clone())
                         .or_default()
@@ -238,12 +263,12 @@ impl Ledger {
         let sent = if self.0.shared.mode() == Mode::Shared {
             let mut invocation = self.0.add.prepare_invoke();
             let mut fields = Vec::new();
-            for (index, (hash, sums)) in batch.iter().enumerate() {
-                invocation.key(hash);
-                let ttl = if hash.contains(":d:") {
-                    DAY_TTL_MS
-                } else {
+            for (index, (period, sums)) in batch.iter().enumerate() {
+                invocation.key(period.key());
+                let ttl = if period.month {
                     MONTH_TTL_MS
+                } else {
+                    DAY_TTL_MS
                 };
                 invocation.arg(ttl);
                 for (key, sum) in sums {
@@ -292,7 +317,11 @@ impl Ledger {
             let mut totals = self.0.totals.lock();
             totals.roll_to(today());
             let lines = lines(&totals.today[by.index()], &totals.this_month[by.index()]);
-            (totals.day_text.clone(), totals.month_text.clone(), lines)
+            (
+                totals.day_text.to_string(),
+                totals.month_text.to_string(),
+                lines,
+            )
         };
         let lines = match self.read_shared(by, &day, &month).await {
             Some(lines) => lines,
@@ -330,8 +359,8 @@ impl Ledger {
         };
         LedgerFile {
             version: 1,
-            day: totals.day_text.clone(),
-            month: totals.month_text.clone(),
+            day: totals.day_text.to_string(),
+            month: totals.month_text.to_string(),
             today: file_groups(&totals.today),
             this_month: file_groups(&totals.this_month),
         }
@@ -352,10 +381,10 @@ impl Ledger {
                 }
             }
         };
-        if file.month == totals.month_text {
+        if *file.month == *totals.month_text {
             into_groups(file.this_month, &mut totals.this_month);
         }
-        if file.day == totals.day_text {
+        if *file.day == *totals.day_text {
             into_groups(file.today, &mut totals.today);
         }
     }
