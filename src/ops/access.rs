@@ -197,7 +197,7 @@ impl AccessRecord {
                     "prompt_tokens": usage.map(|usage| usage.prompt),
                     "completion_tokens": usage.map(|usage| usage.completion),
                     // Six decimals, as the text line writes them.
-                    "cost_usd": cost.and_then(|nanos| format_usd(nanos).parse::<f64>().ok()),
+                    "cost_usd": cost.and_then(json_usd),
                     "upstream": way.map(|way| way.upstream()),
                     "attempts": way.map(|way| way.attempts()),
                     "failover": way.and_then(|way| way.failover()),
@@ -276,6 +276,11 @@ fn push_optional_count(line: &mut String, count: Option<u64>) {
         Some(count) => push_count(line, count),
         None => line.push('-'),
     }
+}
+
+/// Dollars rounded to six decimals as a JSON number, the text line's value.
+fn json_usd(nanos: u64) -> Option<f64> {
+    format_usd(nanos).parse().ok()
 }
 
 /// Dollars with six decimals (as [`format_usd`] writes them), or `-`, from integers: no
@@ -456,5 +461,15 @@ mod tests {
         let mut line = String::new();
         push_usd(&mut line, None);
         assert_eq!(line, "-");
+        // The JSON line's number, as the README's example shows it (7 prompt and 5 completion
+        // tokens of gpt-4o-mini: $0.00000405).
+        assert_eq!(
+            json!({ "cost_usd": json_usd(4_050) }).to_string(),
+            r#"{"cost_usd":4e-6}"#
+        );
+        assert_eq!(
+            json!({ "cost_usd": json_usd(4_000_000) }).to_string(),
+            r#"{"cost_usd":0.004}"#
+        );
     }
 }

@@ -571,3 +571,34 @@ async fn two_replicas_with_redis_see_each_others_spend() {
         assert!(ttl > 0, "{key}: {ttl}");
     }
 }
+
+#[tokio::test]
+async fn the_json_access_line_has_the_cost_as_a_number_or_null() {
+    let fleet = fleet("spend-json").await;
+    let mut proxy = fleet.proxy().env("LOG_FORMAT", "json").start_binary().await;
+    let base = proxy.url("");
+    let mut access_line = async |model: &str| -> Value {
+        call(
+            &base,
+            "tok-alice",
+            "/v1/chat/completions",
+            chat(model),
+            json!({"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200,
+                   "prompt_tokens_details": {"cached_tokens": 400}}),
+        )
+        .await;
+        let line = proxy
+            .log_line_with(
+                &["\"target\":\"access\"", "/v1/chat"],
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("an access line");
+        serde_json::from_str(&line).unwrap()
+    };
+    let priced = access_line("gpt-4o").await;
+    assert_eq!(priced["cost_usd"], json!(0.004), "{priced}");
+    let unpriced = access_line("free-1").await;
+    assert_eq!(unpriced["cost_usd"], Value::Null, "{unpriced}");
+    assert_eq!(unpriced["model"], "free-1");
+}
