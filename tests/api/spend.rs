@@ -602,3 +602,36 @@ async fn the_json_access_line_has_the_cost_as_a_number_or_null() {
     assert_eq!(unpriced["cost_usd"], Value::Null, "{unpriced}");
     assert_eq!(unpriced["model"], "free-1");
 }
+
+#[tokio::test]
+#[cfg_attr(
+    no_redis_server,
+    ignore = "redis-server is not installed (Debian package redis-server)"
+)]
+async fn spend_made_while_redis_is_down_reaches_it_once_it_answers() {
+    let mut redis = RedisServer::start();
+    let fleet = fleet("spend-outage").await;
+    let url = redis.url();
+    let mut a = fleet.proxy().env("REDIS_URL", &url).start_binary().await;
+    let b = fleet.proxy().env("REDIS_URL", &url).start_binary().await;
+    let (base_a, base_b) = (a.url(""), b.url(""));
+    redis.stop();
+    call(
+        &base_a,
+        "tok-alice",
+        "/v1/chat/completions",
+        chat("gpt-4o"),
+        json!({"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200,
+               "prompt_tokens_details": {"cached_tokens": 400}}),
+    )
+    .await;
+    assert_eq!(next_cost(&mut a).await, "0.004000");
+    // Without Redis, each replica answers with its own spend.
+    let alone = [("alice".to_string(), 4_000_000, 4_000_000, 1)];
+    spend_becomes(&base_a, "client", &alone).await;
+    spend_becomes(&base_b, "client", &[]).await;
+    // Back (empty): the batch that waited arrives, and both replicas read it there.
+    redis.restart();
+    spend_becomes(&base_b, "client", &alone).await;
+    spend_becomes(&base_a, "client", &alone).await;
+}
