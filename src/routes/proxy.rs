@@ -311,7 +311,7 @@ where
                             policy: policy.clone(),
                             client: caller.label.clone(),
                             upstream: sent.upstream().name().clone(),
-                            model: served.clone(),
+                            model: served,
                         },
                     )),
                 });
