@@ -104,6 +104,8 @@ pub enum ProxyError {
     /// The request names its model twice where the upstream reads one (a tunnel's `model` query
     /// parameter): the proxy cannot know which one the upstream would take.
     DuplicateModel,
+    /// `GET /admin/spend?by=` something other than `client`, `model` or `upstream`.
+    InvalidSpendGroup,
     /// A rejection no route accounts for: a bug, logged where it is turned into this.
     Internal,
 }
@@ -319,6 +321,13 @@ impl ProxyError {
                 "invalid_request",
                 INVALID_REQUEST,
                 "The request names its model more than once",
+                &[],
+            ),
+            InvalidSpendGroup => row(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                INVALID_REQUEST,
+                "by must be client, model or upstream",
                 &[],
             ),
             Internal => row(
@@ -639,6 +648,7 @@ mod tests {
         ProxyError::EndpointNotAllowed,
         ProxyError::DuplicateModel,
         ProxyError::ModelNotFound,
+        ProxyError::InvalidSpendGroup,
     ];
 
     /// No wildcard: a new variant does not compile until it has a place here, and the checks
@@ -670,6 +680,7 @@ mod tests {
             EndpointNotAllowed => 21,
             DuplicateModel => 22,
             ModelNotFound => 23,
+            InvalidSpendGroup => 24,
         }
     }
 
@@ -720,6 +731,7 @@ mod tests {
             | EndpointNotAllowed
             | DuplicateModel
             | ModelNotFound
+            | InvalidSpendGroup
             | Internal => vec![],
         }
     }
@@ -830,10 +842,13 @@ mod tests {
             );
             let row = &rows[candidates[0]];
             // Refusals of one kind, told apart only by their message, share a row: two spellings of
-            // an unreadable path, and the two invalid requests (an output cap, a model named twice).
+            // an unreadable path, and the invalid requests (an output cap, a model named twice, a
+            // spend grouping that is none).
             let shares_by_design = matches!(
                 error,
-                ProxyError::UnreadablePath | ProxyError::DuplicateModel
+                ProxyError::UnreadablePath
+                    | ProxyError::DuplicateModel
+                    | ProxyError::InvalidSpendGroup
             );
             assert!(
                 !matched[candidates[0]] || shares_by_design,

@@ -21,7 +21,9 @@
 //!    its list (an endpoint that generates without naming one is refused unless the client's
 //!    `endpoints` allows it), and the request is charged against its limits (an estimate
 //!    first, settled from the answer's `usage` when it ends), or refused with 429 before
-//!    anything goes upstream.
+//!    anything goes upstream. When the answer ends, its usage is priced (by the upstream that
+//!    served it and the model it was served as) and the cost counted in the spend ledger
+//!    ([`policy::ledger`]) and the metrics.
 //! 7. [`proxy`]: the [`proxy::Upstream`] handle sends the request with a key from the pool
 //!    ([`proxy::keys`]) swapped in, on to the next key after a rate limit (a key answered 401 is
 //!    probed alone before it is taken out), and shapes the answer: headers cleaned, the body

@@ -9,6 +9,7 @@ use llm_proxy::cli::{self, Command};
 use llm_proxy::config::{self, LogFormat};
 use llm_proxy::ops::logging::{init_logging, report_configuration_error};
 use llm_proxy::policy::MemoryLimiter;
+use llm_proxy::policy::ledger::LedgerStore;
 use llm_proxy::policy::store::BudgetStore;
 use llm_proxy::reload::Reloader;
 use llm_proxy::server::{descriptors, listener};
@@ -130,6 +131,22 @@ async fn run(config: Config, variables: HashMap<String, String>) -> ExitCode {
              replica using it; STATE_DIR is not used for budgets"
         );
     }
+    // The spend ledger is kept beside the budgets once there are prices to spend by; with Redis
+    // it is kept there.
+    let ledger_store = if !in_redis && !state.router.table().prices().is_empty() {
+        match LedgerStore::open(&state.config.state_dir, state.policy.ledger().clone()) {
+            Ok(store) => Some(Arc::new(parking_lot::Mutex::new(store))),
+            Err(err) => {
+                report_configuration_error(&err, format);
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
+    let ledger_writer = ledger_store
+        .clone()
+        .map(|store| tokio::spawn(LedgerStore::run(store)));
     let reloader = Reloader::new(state.reloadable(), Arc::new(config::environment));
     tokio::spawn(reloader.run());
     let writer = store
@@ -160,6 +177,15 @@ async fn run(config: Config, variables: HashMap<String, String>) -> ExitCode {
     }
     llm_proxy::serve(listener, state.clone(), shutdown).await;
     state.policy.limiter().flush().await;
+    state.policy.ledger().flush().await;
+    if let Some(writer) = ledger_writer {
+        writer.abort();
+    }
+    if let Some(store) = ledger_store
+        && let Err(err) = store.lock().write()
+    {
+        log::error!("cannot write the spend ledger to STATE_DIR at shutdown: {err}");
+    }
     if let Some(writer) = writer {
         writer.abort();
     }

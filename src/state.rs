@@ -9,7 +9,7 @@ use crate::auth::Authenticator;
 use crate::auth::redact::Redactor;
 use crate::config::{Config, ConfigError};
 use crate::ops::metrics::Metrics;
-use crate::policy::{Limiter, MemoryLimiter, Policy, RedisLimiter, redis};
+use crate::policy::{Ledger, Limiter, MemoryLimiter, Policy, RedisLimiter, redis};
 use crate::proxy::router::Router;
 use crate::reload::Reloadable;
 use crate::shared::Shared;
@@ -82,6 +82,7 @@ impl AppState {
         let shared = Shared::new(&config.shared, metrics.clone());
         let signals = Signals::new(&shared);
         let limiter = make(&shared);
+        let ledger = Ledger::new(shared.clone());
         Ok(AppState(Arc::new(Inner {
             auth: Authenticator::new(&config),
             router: Router::new(
@@ -93,7 +94,7 @@ impl AppState {
             )?,
             shared,
             signals,
-            policy: Policy::new(&config, limiter, metrics.clone()),
+            policy: Policy::new(&config, limiter, ledger, metrics.clone()),
             redactor,
             metrics,
             draining: AtomicBool::new(false),

@@ -139,7 +139,8 @@ async fn respond(
     let get_like = method == Method::GET || method == Method::HEAD;
     match path {
         "/v1/chat/completions" if method == Method::POST => chat(&headers, &body, state),
-        "/v1/embeddings" if method == Method::POST => embeddings(&body),
+        "/v1/embeddings" if method == Method::POST => embeddings(&headers, &body),
+        "/v1/responses" if method == Method::POST => responses(&headers, &body),
         "/v1/models" if get_like => models(&state),
         _ if path.starts_with("/v1/") => match path.strip_prefix("/v1/models/") {
             Some(id) if get_like && !id.is_empty() && !id.contains('/') => model(&state, id),
@@ -337,20 +338,26 @@ fn chat(headers: &HeaderMap, body: &Bytes, state: Arc<State>) -> Response {
                     .min(MAX_WAIT_MS),
             ),
             include_usage,
+            usage: chosen_usage(headers),
         };
         return sse::response(state, plan);
     }
+    let usage = chosen_usage(headers).unwrap_or_else(|| {
+        format!(
+            r#"{{"prompt_tokens":{PROMPT_TOKENS},"completion_tokens":6,"total_tokens":{}}}"#,
+            PROMPT_TOKENS + 6
+        )
+    });
 
     let body = format!(
         concat!(
             r#"{{"id":"chatcmpl-mock","object":"chat.completion","created":{created},"model":{model},"#,
             r#""choices":[{{"index":0,"message":{{"role":"assistant","content":"Hello from the mock upstream.","refusal":null}},"logprobs":null,"finish_reason":"stop"}}],"#,
-            r#""usage":{{"prompt_tokens":{prompt},"completion_tokens":6,"total_tokens":{total}}},"system_fingerprint":null}}"#
+            r#""usage":{usage},"system_fingerprint":null}}"#
         ),
         created = CREATED,
         model = model,
-        prompt = PROMPT_TOKENS,
-        total = PROMPT_TOKENS + 6,
+        usage = usage,
     );
     let mut res = json_response(StatusCode::OK, body);
     add_headers(
@@ -363,6 +370,51 @@ fn chat(headers: &HeaderMap, body: &Bytes, state: Arc<State>) -> Response {
         ],
     );
     res
+}
+
+/// `x-mock-usage`: the usage object the answer reports (chat, streamed chat with
+/// `include_usage`, responses, embeddings), as raw JSON; ignored unless it is a JSON object.
+fn chosen_usage(headers: &HeaderMap) -> Option<String> {
+    let text = headers.get("x-mock-usage")?.to_str().ok()?;
+    serde_json::from_str::<serde_json::Map<String, Value>>(text)
+        .ok()
+        .map(|object| Value::Object(object).to_string())
+}
+
+// ----- responses ---------------------------------------------------------
+
+/// `POST /v1/responses`, not streamed: a completed response with the Responses API's usage
+/// shape (`input_tokens`, `output_tokens`, their details).
+fn responses(headers: &HeaderMap, body: &Bytes) -> Response {
+    let request: Value = match serde_json::from_slice(body) {
+        Ok(request) => request,
+        Err(err) => {
+            return bad_request(&format!(
+                "We could not parse the JSON body of your request. ({err})"
+            ));
+        }
+    };
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or(DEFAULT_CHAT_MODEL);
+    let usage = chosen_usage(headers).unwrap_or_else(|| {
+        format!(
+            r#"{{"input_tokens":{PROMPT_TOKENS},"input_tokens_details":{{"cached_tokens":0}},"output_tokens":6,"output_tokens_details":{{"reasoning_tokens":0}},"total_tokens":{}}}"#,
+            PROMPT_TOKENS + 6
+        )
+    });
+    let body = format!(
+        concat!(
+            r#"{{"id":"resp_mock","object":"response","created_at":{created},"status":"completed","model":{model},"#,
+            r#""output":[{{"type":"message","id":"msg_mock","status":"completed","role":"assistant","content":[{{"type":"output_text","text":"Hello from the mock upstream.","annotations":[]}}]}}],"#,
+            r#""usage":{usage}}}"#
+        ),
+        created = CREATED,
+        model = Value::from(model),
+        usage = usage,
+    );
+    json_response(StatusCode::OK, body)
 }
 
 // ----- models ------------------------------------------------------------
@@ -423,7 +475,7 @@ fn model(state: &State, id: &str) -> Response {
 
 // ----- embeddings --------------------------------------------------------
 
-fn embeddings(body: &Bytes) -> Response {
+fn embeddings(headers: &HeaderMap, body: &Bytes) -> Response {
     let request: Value = match serde_json::from_slice(body) {
         Ok(request) => request,
         Err(err) => {
@@ -473,7 +525,15 @@ fn embeddings(body: &Bytes) -> Response {
             total_tokens: prompt_tokens,
         },
     };
-    let mut res = json_response(StatusCode::OK, to_json(&body));
+    let mut body = to_json(&body);
+    if let Some(usage) = chosen_usage(headers) {
+        // The chosen usage in place of the counted one.
+        if let Ok(mut value) = serde_json::from_slice::<Value>(&body) {
+            value["usage"] = serde_json::from_str(&usage).unwrap_or(Value::Null);
+            body = value.to_string().into_bytes();
+        }
+    }
+    let mut res = json_response(StatusCode::OK, body);
     add_headers(&mut res, &[("x-request-id", "req_mock_embeddings")]);
     res
 }

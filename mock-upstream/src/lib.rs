@@ -13,6 +13,8 @@
 //! | `x-mock-delay-ms`    | wait that long before sending the response headers       |
 //! | `x-mock-chunks`      | number of content events in a streamed chat (default 5)  |
 //! | `x-mock-interval-ms` | pause between streamed events (default 10)               |
+//! | `x-mock-usage`       | the usage object to report, as JSON (chat, streamed chat |
+//! |                      | with `include_usage`, `/v1/responses`, embeddings)       |
 //!
 //! Besides recording, it counts requests from their headers on (started,
 //! then answered or abandoned), so a test can wait for the upstream to be

@@ -26,6 +26,8 @@ pub(crate) struct Plan {
     pub(crate) chunks: usize,
     pub(crate) interval: Duration,
     pub(crate) include_usage: bool,
+    /// The final usage object, as `x-mock-usage` chose it; else counted from the plan.
+    pub(crate) usage: Option<String>,
 }
 
 pub(crate) fn response(state: Arc<State>, plan: Plan) -> Response {
@@ -86,13 +88,14 @@ impl SseStream {
         }
         if self.plan.include_usage && index == chunks + 2 {
             let p = PROMPT_TOKENS;
-            return self.chunk(
-                "[]",
-                &format!(
+            let usage = match &self.plan.usage {
+                Some(usage) => format!(r#","usage":{usage}"#),
+                None => format!(
                     r#","usage":{{"prompt_tokens":{p},"completion_tokens":{chunks},"total_tokens":{}}}"#,
                     p + chunks
                 ),
-            );
+            };
+            return self.chunk("[]", &usage);
         }
         // OpenAI sends `"usage":null` on every other chunk when usage was asked for.
         let usage = if self.plan.include_usage {

@@ -18,6 +18,7 @@ use super::metrics::Metrics;
 use super::request_id::REQUEST_ID;
 use crate::config::LogFormat;
 use crate::vocab::Route;
+use crate::vocab::price::format_usd;
 
 /// The log target of access lines; the JSON log format recognises it.
 pub const ACCESS_TARGET: &str = "llm_proxy::access";
@@ -165,10 +166,10 @@ impl AccessRecord {
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
         let model = self.spend.as_ref().and_then(Spend::model);
         let model = model.as_deref();
-        let usage = self
-            .spend
-            .as_ref()
-            .and_then(|spend| spend.answered.lock().usage);
+        let (usage, cost) = self.spend.as_ref().map_or((None, None), |spend| {
+            let answered = spend.answered.lock();
+            (answered.usage, answered.cost)
+        });
         let way = self
             .exchange
             .as_ref()
@@ -195,6 +196,8 @@ impl AccessRecord {
                     "model": model,
                     "prompt_tokens": usage.map(|usage| usage.prompt),
                     "completion_tokens": usage.map(|usage| usage.completion),
+                    // Six decimals, as the text line writes them.
+                    "cost_usd": cost.and_then(json_usd),
                     "upstream": way.map(|way| way.upstream()),
                     "attempts": way.map(|way| way.attempts()),
                     "failover": way.and_then(|way| way.failover()),
@@ -226,6 +229,8 @@ impl AccessRecord {
                 push_optional_count(line, usage.map(|usage| usage.prompt));
                 line.push_str(" completion_tokens=");
                 push_optional_count(line, usage.map(|usage| usage.completion));
+                line.push_str(" cost_usd=");
+                push_usd(line, cost);
                 if let Some(way) = way {
                     push(line, &[" upstream=", way.upstream(), " attempts="]);
                     push_count(line, u64::from(way.attempts()));
@@ -271,6 +276,31 @@ fn push_optional_count(line: &mut String, count: Option<u64>) {
         Some(count) => push_count(line, count),
         None => line.push('-'),
     }
+}
+
+/// Dollars rounded to six decimals as a JSON number, the text line's value.
+fn json_usd(nanos: u64) -> Option<f64> {
+    format_usd(nanos).parse().ok()
+}
+
+/// Dollars with six decimals (as [`format_usd`] writes them), or `-`, from integers: no
+/// allocation per line.
+fn push_usd(line: &mut String, nanos: Option<u64>) {
+    let Some(nanos) = nanos else {
+        line.push('-');
+        return;
+    };
+    let micros = nanos.saturating_add(500) / 1_000;
+    push_count(line, micros / 1_000_000);
+    line.push('.');
+    let fraction = micros % 1_000_000;
+    // Zero-padded to six digits.
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(fraction);
+    for _ in digits.len()..6 {
+        line.push('0');
+    }
+    line.push_str(digits);
 }
 
 /// Milliseconds with one decimal, or `-`, from integers: float formatting was a visible share of
@@ -404,5 +434,42 @@ impl Tap for RequestTap {
         {
             self.0.fetch_add(data.len() as u64, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dollars_on_the_line_are_what_format_usd_writes() {
+        for nanos in [
+            0,
+            1,
+            499,
+            500,
+            1_234_499,
+            1_234_500,
+            4_000_000,
+            12_000_005_000,
+            u64::MAX,
+        ] {
+            let mut line = String::new();
+            push_usd(&mut line, Some(nanos));
+            assert_eq!(line, format_usd(nanos), "{nanos}");
+        }
+        let mut line = String::new();
+        push_usd(&mut line, None);
+        assert_eq!(line, "-");
+        // The JSON line's number, as the README's example shows it (7 prompt and 5 completion
+        // tokens of gpt-4o-mini: $0.00000405).
+        assert_eq!(
+            json!({ "cost_usd": json_usd(4_050) }).to_string(),
+            r#"{"cost_usd":4e-6}"#
+        );
+        assert_eq!(
+            json!({ "cost_usd": json_usd(4_000_000) }).to_string(),
+            r#"{"cost_usd":0.004}"#
+        );
     }
 }

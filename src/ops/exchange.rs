@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::vocab::Usage;
+use crate::vocab::{Nanos, Usage};
 
 /// Set on proxied and cached answers; absent on the proxy's own errors.
 #[derive(Clone, Debug)]
@@ -47,6 +47,9 @@ pub struct Answered {
     pub usage: Option<Usage>,
     /// The model the answer names, looked for when the request's body was not read.
     pub model: Option<Arc<str>>,
+    /// What the request cost: `None` when it was not priced (no usage, or no price for its
+    /// model).
+    pub cost: Option<Nanos>,
 }
 
 impl Spend {

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use prometheus_client::encoding::prometheus_text;
 use prometheus_client::encoding::{
-    EncodeLabel, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder,
+    EncodeLabel, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelSetEncoder,
+    LabelValueEncoder, MetricEncoder, NoLabelSet,
 };
 
 /// The `Content-Type` of `Metrics::encode`.
@@ -16,10 +17,12 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use warp::http::{Method, StatusCode};
 
 use crate::vocab::Route;
+use crate::vocab::price::{Nanos, usd};
 
 /// How an upstream exchange failed.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -105,6 +108,52 @@ struct FailoverLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModelLabels {
     model: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SpendLabels {
+    client: Arc<str>,
+    upstream: Arc<str>,
+    /// A name from the files (a price entry, a routed model or alias, a routing pattern) or
+    /// `other`: see `Table::price_of`.
+    model: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamModelLabels {
+    upstream: Arc<str>,
+    model: Arc<str>,
+}
+
+/// A counter kept in nano-dollars and exposed in dollars: an integer sum is exact however many
+/// requests it adds up, where a float counter would drift by a rounding per request.
+#[derive(Clone, Debug, Default)]
+struct DollarCounter(Arc<std::sync::atomic::AtomicU64>);
+
+impl DollarCounter {
+    fn add(&self, nanos: Nanos) {
+        // Saturating, not wrapping: a counter must never go down.
+        let _ = self.0.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |sum| Some(sum.saturating_add(nanos)),
+        );
+    }
+}
+
+impl TypedMetric for DollarCounter {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for DollarCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let nanos = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        encoder.encode_counter::<NoLabelSet, _, u64>(&usd(nanos), None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 /// How an attempt sent to an upstream ended, for `llm_proxy_upstream_requests_total`.
@@ -363,6 +412,8 @@ struct Families {
     breaker_state: Family<UpstreamLabels, Gauge>,
     attempts: Histogram,
     panic_routing: Family<ModelLabels, Counter>,
+    spend: Family<SpendLabels, DollarCounter>,
+    unpriced: Family<UpstreamModelLabels, Counter>,
     /// Per-route histogram handles, indexed by `Route::index`: a family lookup hashes the
     /// labels under a lock on every request; the handles share the family's storage, so the
     /// exposition is unchanged.
@@ -564,6 +615,20 @@ impl Metrics {
             "Requests sent to upstreams whose breakers were all open, by model",
             panic_routing.clone(),
         );
+        let spend = Family::<SpendLabels, DollarCounter>::default();
+        registry.register(
+            "spend_usd",
+            "US dollars the answered requests cost, by client, upstream and model, from the usage \
+             the upstream reported and the configured prices",
+            spend.clone(),
+        );
+        let unpriced = Family::<UpstreamModelLabels, Counter>::default();
+        registry.register(
+            "unpriced_requests",
+            "Requests served with usage for a model that has no price, by upstream and model: \
+             their cost is not in llm_proxy_spend_usd_total",
+            unpriced.clone(),
+        );
         let metrics = Metrics(Arc::new(Families {
             registry,
             requests,
@@ -594,6 +659,8 @@ impl Metrics {
             breaker_state,
             attempts,
             panic_routing,
+            spend,
+            unpriced,
             cached: Default::default(),
         }));
         metrics.state_mode(StateMode::Local);
@@ -851,6 +918,30 @@ impl Metrics {
             .inc();
     }
 
+    /// A request `client` made cost `nanos` at `upstream`, served as `model` (a name from the
+    /// files, never the caller's free text).
+    pub fn spend(&self, client: &Arc<str>, upstream: &Arc<str>, model: &Arc<str>, nanos: Nanos) {
+        self.0
+            .spend
+            .get_or_create(&SpendLabels {
+                client: client.clone(),
+                upstream: upstream.clone(),
+                model: model.clone(),
+            })
+            .add(nanos);
+    }
+
+    /// A request was served with usage for a model that has no price.
+    pub fn unpriced(&self, upstream: &Arc<str>, model: &Arc<str>) {
+        self.0
+            .unpriced
+            .get_or_create(&UpstreamModelLabels {
+                upstream: upstream.clone(),
+                model: model.clone(),
+            })
+            .inc();
+    }
+
     pub fn reload(&self, succeeded: bool) {
         let result = if succeeded { "ok" } else { "failed" };
         self.0.reloads.get_or_create(&ReloadLabels { result }).inc();
@@ -914,5 +1005,29 @@ mod tests {
             );
         }
         assert!(!text.contains("upstream=\"\""), "{text}");
+    }
+
+    #[test]
+    fn spend_is_summed_in_nano_dollars_and_shown_in_dollars() {
+        let metrics = Metrics::new();
+        let (client, upstream, model) =
+            (Arc::from("alice"), Arc::from("openai"), Arc::from("gpt-4o"));
+        // A thousand requests of $0.000001050 each: exactly $0.00105, which a float sum of the
+        // dollar amounts would miss in its last digits.
+        for _ in 0..1000 {
+            metrics.spend(&client, &upstream, &model, 1_050);
+        }
+        metrics.unpriced(&upstream, &model);
+        let text = metrics.encode();
+        for line in [
+            "# TYPE llm_proxy_spend_usd_total counter",
+            "llm_proxy_spend_usd_total{client=\"alice\",upstream=\"openai\",model=\"gpt-4o\"} 0.00105",
+            "llm_proxy_unpriced_requests_total{upstream=\"openai\",model=\"gpt-4o\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|found| found == line),
+                "{line} in:\n{text}"
+            );
+        }
     }
 }

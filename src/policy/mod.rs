@@ -5,6 +5,7 @@
 //! The limiter state sits behind the [`Limiter`] trait: in this process ([`MemoryLimiter`]) by
 //! default; a shared backend can take its place without the routes noticing.
 
+pub mod ledger;
 pub mod limiter;
 pub mod memory;
 pub mod redis;
@@ -19,6 +20,8 @@ use warp::http::HeaderMap;
 use crate::config::{Client, ClientLimits, Config};
 use crate::error::{ErrorFormat, ProxyError};
 use crate::ops::metrics::Metrics;
+use crate::vocab::Nanos;
+pub use ledger::Ledger;
 pub use limiter::{ClientUsage, Limiter, Reason, Refusal, Standing, TokenLimit, Window};
 pub use memory::MemoryLimiter;
 pub use redis::RedisLimiter;
@@ -30,15 +33,22 @@ pub struct Policy(Arc<Inner>);
 
 struct Inner {
     limiter: Arc<dyn Limiter>,
+    ledger: Ledger,
     metrics: Metrics,
     /// `ERROR_FORMAT`: how refusals are written.
     error_format: ErrorFormat,
 }
 
 impl Policy {
-    pub fn new(config: &Config, limiter: Arc<dyn Limiter>, metrics: Metrics) -> Policy {
+    pub fn new(
+        config: &Config,
+        limiter: Arc<dyn Limiter>,
+        ledger: Ledger,
+        metrics: Metrics,
+    ) -> Policy {
         Policy(Arc::new(Inner {
             limiter,
+            ledger,
             metrics,
             error_format: config.error_format,
         }))
@@ -46,6 +56,31 @@ impl Policy {
 
     pub fn limiter(&self) -> &Arc<dyn Limiter> {
         &self.0.limiter
+    }
+
+    /// The spend ledger, for `/admin/spend`.
+    pub fn ledger(&self) -> &Ledger {
+        &self.0.ledger
+    }
+
+    /// Where every answered request's cost arrives, once, when its body ended: `Some` with what
+    /// it cost, or `None` when it came with usage for a model without a price. Counted in the
+    /// metrics and the ledger under `model`, a name from the files (see
+    /// [`crate::proxy::router::Table::price_of`]).
+    pub fn spent(
+        &self,
+        client: &Arc<str>,
+        upstream: &Arc<str>,
+        model: &Arc<str>,
+        cost: Option<Nanos>,
+    ) {
+        match cost {
+            Some(nanos) => {
+                self.0.metrics.spend(client, upstream, model, nanos);
+                self.0.ledger.record(client, model, upstream, nanos);
+            }
+            None => self.0.metrics.unpriced(upstream, model),
+        }
     }
 
     /// `ERROR_FORMAT`, for the answers the routes write from this handle's refusals.

@@ -34,6 +34,8 @@ use crate::ops::exchange::Way;
 use crate::ops::metrics::Metrics;
 use crate::shared::Shared;
 use crate::shared::signals::{Signal, Signals};
+use crate::vocab::models::ModelPattern;
+use crate::vocab::price::{Price, PriceEntry};
 use crate::vocab::{Endpoint, PriceTable};
 use tokio::sync::broadcast;
 
@@ -336,6 +338,40 @@ impl Table {
     /// The prices of this routing's models, by the upstream that serves them.
     pub fn prices(&self) -> &Arc<PriceTable> {
         &self.prices
+    }
+
+    /// The price of `model` served by `upstream`, and the name the spend metrics and ledger
+    /// count it under: one a file wrote, never a caller's free text, so that made-up names make
+    /// no new series. That is the price entry that priced it (the model, or its `*` pattern),
+    /// else a model or alias the routing names exactly, else the routing pattern that matched
+    /// it, else `other`.
+    pub fn price_of(&self, upstream: &str, model: &str) -> (Option<Price>, Arc<str>) {
+        if let Some(priced) = self.prices.priced(upstream, model) {
+            let name = match priced.entry {
+                PriceEntry::Exact(name) => Arc::from(name),
+                pattern => Arc::from(pattern.to_string()),
+            };
+            return (Some(priced.price), name);
+        }
+        if self.plans.contains_key(model) {
+            return (None, Arc::from(model));
+        }
+        let pattern = self
+            .upstreams
+            .iter()
+            .flat_map(|upstream| upstream.models().iter())
+            // `*` alone says nothing of the model.
+            .find(|pattern| {
+                pattern.matches(model)
+                    && !matches!(pattern, ModelPattern::Prefix(prefix) if prefix.is_empty())
+            });
+        (
+            None,
+            pattern.map_or_else(
+                || Arc::from(UNNAMED_MODEL),
+                |pattern| Arc::from(pattern.to_string()),
+            ),
+        )
     }
 
     /// The upstream requests without a model go to.
@@ -684,6 +720,9 @@ const BREAKER_OPEN: i64 = 2;
 
 /// At most this many upstreams in a file: a set of them is one machine word.
 pub const MAX_UPSTREAMS: usize = 64;
+
+/// The spend metrics' and ledger's name for a model no file names.
+pub const UNNAMED_MODEL: &str = "other";
 
 /// A set of upstreams by index (a request's tried ones): a bit each, no allocation per request.
 #[derive(Default, Clone, Copy)]

@@ -5,9 +5,11 @@ use warp::{Rejection, Reply};
 
 use super::{Request, allow};
 use crate::config::ClientLimits;
-use crate::error::rfc3339_now;
+use crate::error::{ProxyError, rfc3339_now};
+use crate::policy::ledger::Group;
 use crate::proxy::breaker::BreakerState;
 use crate::state::AppState;
+use crate::vocab::price::usd;
 
 /// POST /admin/cache/clear
 pub fn clear_cache<S>(
@@ -43,6 +45,68 @@ pub async fn clients<S>(
         }));
     }
     Ok(warp::reply::json(&json!({ "clients": listed })).into_response())
+}
+
+/// GET /admin/spend?by=client|model|upstream: today's and this month's spend (UTC), grouped
+/// `by` (`client` when absent), largest month first; every replica's with Redis.
+pub async fn spend<S>(
+    request: Request<S>,
+    state: AppState,
+) -> Result<warp::reply::Response, Rejection> {
+    admitted(&request, &state)?;
+    let by = match spend_group(request.query.as_deref()) {
+        Some(by) => by,
+        None => {
+            return Err(warp::reject::custom(ProxyError::InvalidSpendGroup));
+        }
+    };
+    let report = state.policy.ledger().report(by).await;
+    let groups: Vec<serde_json::Value> = report
+        .lines
+        .iter()
+        .map(|line| {
+            json!({
+                "key": line.key,
+                "usd_today": usd(line.today.nanos),
+                "usd_this_month": usd(line.this_month.nanos),
+                "requests_today": line.today.requests,
+            })
+        })
+        .collect();
+    Ok(no_store(
+        warp::reply::json(&json!({
+            "by": by.as_str(),
+            "day": report.day,
+            "month": report.month,
+            "groups": groups,
+        }))
+        .into_response(),
+    ))
+}
+
+/// The `by` of the query: `client` when absent; `None` for anything but the three groups (or
+/// `by` given twice).
+fn spend_group(query: Option<&str>) -> Option<Group> {
+    let mut values = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .filter(|(key, _)| key == "by")
+        .map(|(_, value)| value);
+    let by = values.next();
+    if values.next().is_some() {
+        return None;
+    }
+    match by {
+        None => Some(Group::Client),
+        Some(by) => Group::parse(&by),
+    }
+}
+
+/// Spend and load change by the second: no cache may keep them.
+fn no_store(mut reply: warp::reply::Response) -> warp::reply::Response {
+    reply.headers_mut().insert(
+        warp::http::header::CACHE_CONTROL,
+        warp::http::HeaderValue::from_static("no-store"),
+    );
+    reply
 }
 
 /// GET /admin/upstreams: every upstream's tier, weight, models, breaker, load, last failure and
@@ -89,12 +153,9 @@ pub fn upstreams<S>(
             })
         })
         .collect();
-    let mut reply = warp::reply::json(&json!({ "upstreams": listed })).into_response();
-    reply.headers_mut().insert(
-        warp::http::header::CACHE_CONTROL,
-        warp::http::HeaderValue::from_static("no-store"),
-    );
-    Ok(reply)
+    Ok(no_store(
+        warp::reply::json(&json!({ "upstreams": listed })).into_response(),
+    ))
 }
 
 pub fn breaker_word(state: BreakerState) -> &'static str {

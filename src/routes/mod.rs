@@ -92,6 +92,7 @@ where
         Route::CacheClear => admin::clear_cache(&request, &state),
         Route::AdminClients => Box::pin(admin::clients(request, state)).await,
         Route::AdminUpstreams => admin::upstreams(&request, &state),
+        Route::AdminSpend => Box::pin(admin::spend(request, state)).await,
         Route::Admin | Route::Other => Err(warp::reject::not_found()),
     }
 }

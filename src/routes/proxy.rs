@@ -20,12 +20,12 @@ use crate::proxy::headers::{is_event_stream, is_json};
 use crate::proxy::rename;
 use crate::proxy::request::CallerBody;
 use crate::proxy::response::Forwarded;
-use crate::proxy::router::{ModelInBody, Outgoing, Router, Trail};
+use crate::proxy::router::{ModelInBody, Outgoing, Router, Table, Trail, UNNAMED_MODEL};
 use crate::proxy::upgrade::TunnelHold;
 use crate::proxy::usage::{Metering, Report, Seen};
 use crate::state::AppState;
 use crate::vocab::websocket::is_websocket_upgrade;
-use crate::vocab::{Endpoint, Model};
+use crate::vocab::{Endpoint, Model, Nanos, Usage};
 
 /// ANY /v1/... (POST /v1/chat/completions among them)
 pub async fn forward<S, B>(
@@ -283,6 +283,9 @@ where
             query: query.as_deref(),
             model,
         };
+        // The model a cost is priced as: the one routed (after its alias, before an upstream's
+        // own name for it), else the one the body names; else the answer's, found at its end.
+        let served: Option<Arc<str>> = plan.model().or(routed_model).map(Arc::from);
         let (result, mut trail) = table.forward(&plan, outgoing, body).await;
         let forwarded = match result {
             Ok((answer, sent)) => {
@@ -303,6 +306,13 @@ where
                         ticket,
                         inspected.map_or(0, |inspected| inspected.prompt),
                         is_event_stream(answer.headers()),
+                        Pricing {
+                            table: table.clone(),
+                            policy: policy.clone(),
+                            client: caller.label.clone(),
+                            upstream: sent.upstream().name().clone(),
+                            model: served,
+                        },
                     )),
                 });
                 let reply = sent.upstream().into_reply(answer, metering).await;
@@ -335,14 +345,43 @@ where
     Ok(response)
 }
 
-/// What happens when the answer's body ends: its usage and model are kept for the access line,
-/// and the ticket (if any) settles with the tokens used: the reported usage, else for a stream
-/// the prompt estimate plus one token per content event, else the estimate charged.
+/// What prices an answer: the routing's prices (the ones in force when the request came), who
+/// asked, the upstream that answered and the model it served.
+struct Pricing {
+    table: Arc<Table>,
+    policy: Policy,
+    client: Arc<str>,
+    upstream: Arc<str>,
+    /// `None` when the body was not read: the answer names it.
+    model: Option<Arc<str>>,
+}
+
+impl Pricing {
+    /// What the answer's usage cost, counted in the metrics and the spend ledger: `None`
+    /// without usage, or for a model without a price (counted as unpriced).
+    fn cost(self, usage: Option<Usage>, answered_model: Option<&Arc<str>>) -> Option<Nanos> {
+        let usage = usage?;
+        let model = self.model.as_ref().or(answered_model);
+        let (price, name) = match model {
+            Some(model) => self.table.price_of(&self.upstream, model),
+            None => (None, Arc::from(UNNAMED_MODEL)),
+        };
+        let cost = price.map(|price| price.cost(&usage));
+        self.policy.spent(&self.client, &self.upstream, &name, cost);
+        cost
+    }
+}
+
+/// What happens when the answer's body ends: its usage, model and cost are kept for the access
+/// line, the cost is counted, and the ticket (if any) settles with the tokens used: the
+/// reported usage, else for a stream the prompt estimate plus one token per content event,
+/// else the estimate charged.
 fn settlement(
     cell: Arc<parking_lot::Mutex<Answered>>,
     ticket: Option<Ticket>,
     prompt_estimate: u64,
     stream: bool,
+    pricing: Pricing,
 ) -> Report {
     Box::new(move |seen: Seen| {
         let Seen {
@@ -350,7 +389,8 @@ fn settlement(
             events,
             model,
         } = seen;
-        *cell.lock() = Answered { usage, model };
+        let cost = pricing.cost(usage, model.as_ref());
+        *cell.lock() = Answered { usage, model, cost };
         if let Some(mut ticket) = ticket {
             let used = match usage {
                 Some(usage) => usage.total,

@@ -49,6 +49,8 @@ routes! {
         AdminClients,
         /// `GET /admin/upstreams`: every upstream's breaker, keys and load.
         AdminUpstreams,
+        /// `GET /admin/spend`: today's and this month's spend by client, model or upstream.
+        AdminSpend,
         /// Any other `/admin/...` path: none exists, but its 404s count as admin traffic.
         Admin,
         Healthz,
@@ -74,9 +76,11 @@ impl Route {
             Route::Chat => "chat",
             Route::Models => "models",
             Route::Passthrough => "passthrough",
-            Route::CacheClear | Route::AdminClients | Route::AdminUpstreams | Route::Admin => {
-                "admin"
-            }
+            Route::CacheClear
+            | Route::AdminClients
+            | Route::AdminUpstreams
+            | Route::AdminSpend
+            | Route::Admin => "admin",
             Route::Healthz | Route::Readyz => "health",
             Route::Metrics => "metrics",
             Route::Other => "other",
@@ -103,7 +107,8 @@ impl Route {
             | Route::Readyz
             | Route::Metrics
             | Route::AdminClients
-            | Route::AdminUpstreams => Some("GET"),
+            | Route::AdminUpstreams
+            | Route::AdminSpend => Some("GET"),
             Route::CacheClear => Some("POST"),
             Route::Chat | Route::Models | Route::Passthrough | Route::Admin | Route::Other => None,
         }
@@ -249,6 +254,7 @@ const TABLE: &[Row] = &[
     row("/metrics",                               Extent::Exact, Route::Metrics,     Model::None,      false),
     row("/admin/clients",                         Extent::Exact, Route::AdminClients, Model::None,     false),
     row("/admin/upstreams",                       Extent::Exact, Route::AdminUpstreams, Model::None,   false),
+    row("/admin/spend",                           Extent::Exact, Route::AdminSpend,  Model::None,      false),
     row("/admin/cache/clear",                     Extent::Exact, Route::CacheClear,  Model::None,      false),
     row("/admin",                                 Extent::Below, Route::Admin,       Model::None,      false),
 ];
@@ -572,6 +578,7 @@ mod tests {
             ("/admin/other", Route::Admin),
             ("/admin/clients", Route::AdminClients),
             ("/admin/upstreams", Route::AdminUpstreams),
+            ("/admin/spend", Route::AdminSpend),
             ("/healthz", Route::Healthz),
             ("/readyz", Route::Readyz),
             ("/metrics", Route::Metrics),

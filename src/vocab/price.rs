@@ -125,13 +125,18 @@ impl PriceList {
     }
 
     pub fn get(&self, model: &str) -> Option<Price> {
+        self.entry(model).map(|(price, _)| price)
+    }
+
+    /// The price of `model` and, when a pattern priced it, the pattern's prefix.
+    fn entry(&self, model: &str) -> Option<(Price, Option<&str>)> {
         if let Some(price) = self.exact.get(model) {
-            return Some(*price);
+            return Some((*price, None));
         }
         self.prefixes
             .iter()
             .find(|(prefix, _)| model.starts_with(prefix.as_str()))
-            .map(|(_, price)| *price)
+            .map(|(prefix, price)| (*price, Some(prefix.as_str())))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -144,6 +149,31 @@ impl PriceList {
         self.prefixes
             .iter()
             .any(|(priced, _)| prefix.starts_with(priced.as_str()))
+    }
+}
+
+/// A price found, and the entry of the tables that gave it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Priced<'a> {
+    pub price: Price,
+    pub entry: PriceEntry<'a>,
+}
+
+/// The entry that priced a model: its exact name, or a trailing-`*` pattern (its prefix). Both
+/// are written in a file, so a metric labelled with the entry has as many series as the file has
+/// entries, whatever names callers make up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PriceEntry<'a> {
+    Exact(&'a str),
+    Pattern(&'a str),
+}
+
+impl std::fmt::Display for PriceEntry<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PriceEntry::Exact(name) => f.write_str(name),
+            PriceEntry::Pattern(prefix) => write!(f, "{prefix}*"),
+        }
     }
 }
 
@@ -161,11 +191,23 @@ impl PriceTable {
     /// The price of `model` served by `upstream`: the upstream's own wins, then `[prices]`, then
     /// the prices file.
     pub fn price(&self, upstream: &str, model: &str) -> Option<Price> {
+        self.priced(upstream, model).map(|priced| priced.price)
+    }
+
+    /// The price of `model` served by `upstream`, with the name of the entry that priced it.
+    pub fn priced<'a>(&'a self, upstream: &str, model: &'a str) -> Option<Priced<'a>> {
         self.per_upstream
             .get(upstream)
-            .and_then(|list| list.get(model))
-            .or_else(|| self.shared.get(model))
-            .or_else(|| self.file.get(model).copied())
+            .and_then(|list| list.entry(model))
+            .or_else(|| self.shared.entry(model))
+            .or_else(|| self.file.get(model).map(|price| (*price, None)))
+            .map(|(price, prefix)| Priced {
+                price,
+                entry: match prefix {
+                    Some(prefix) => PriceEntry::Pattern(prefix),
+                    None => PriceEntry::Exact(model),
+                },
+            })
     }
 
     /// Whether every model starting with `prefix` has a price at `upstream`. The prices file
@@ -320,6 +362,15 @@ mod tests {
             Some(price(3.0, None, 15.0))
         );
         assert_eq!(table.price("openai", "gpt-4o-mini"), None);
+        // The entry that priced a model names it: the model itself, or the pattern.
+        let entry = |upstream, model| {
+            table
+                .priced(upstream, model)
+                .map(|priced| priced.entry.to_string())
+        };
+        assert_eq!(entry("openai", "o3-pro-2025").as_deref(), Some("o3-pro*"));
+        assert_eq!(entry("azure-eu", "gpt-4o").as_deref(), Some("gpt-4o"));
+        assert_eq!(entry("openai", "claude-x").as_deref(), Some("claude-x"));
         assert!(!table.is_empty());
         assert!(PriceTable::default().is_empty());
     }

@@ -30,6 +30,7 @@ mod shared_limits;
 mod shared_state;
 mod shutdown;
 mod signals;
+mod spend;
 mod streaming;
 mod tls;
 mod upstream_faults;

@@ -1,0 +1,674 @@
+//! The spend ledger: today's and this month's dollars (UTC) and priced requests, by client, by
+//! model and by upstream, for `GET /admin/spend`.
+//!
+//! Every replica adds its requests to its own totals in memory (kept across restarts in
+//! `STATE_DIR/spend.json` without Redis). With `REDIS_URL` they are added to Redis hashes as
+//! well, in batches sent in the background a few milliseconds after a request settles (never a
+//! round trip on the request path), and `/admin/spend` reads Redis: every replica's spend. While
+//! Redis does not answer, batches wait for it (merged, so the wait costs no more memory than the
+//! groups they count) and `/admin/spend` answers from this replica's own totals.
+//!
+//! Redis keys: `llm-proxy:{spend}:<group>:d:<YYYY-MM-DD>` and `...:m:<YYYY-MM>`, hashes of
+//! `u:<key>` (nano-dollars) and `r:<key>` (requests); day keys expire two days after their last
+//! write, month keys 35 days after theirs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use redis::Script;
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+use crate::shared::{Mode, Shared, Unavailable};
+use crate::vocab::Nanos;
+
+/// How long a request's spend waits for others to go to Redis with it.
+pub const SEND_DELAY: Duration = Duration::from_millis(10);
+/// How long a batch Redis did not take waits before it is sent again.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+const DAY_TTL_MS: u64 = 2 * 24 * 60 * 60 * 1000;
+const MONTH_TTL_MS: u64 = 35 * 24 * 60 * 60 * 1000;
+const SECONDS_PER_DAY: u64 = 24 * 60 * 60;
+
+const ADD: &str = include_str!("ledger_add.lua");
+const READ: &str = include_str!("ledger_read.lua");
+
+/// How `/admin/spend` groups the spend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Group {
+    Client,
+    Model,
+    Upstream,
+}
+
+impl Group {
+    pub const ALL: [Group; 3] = [Group::Client, Group::Model, Group::Upstream];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Group::Client => "client",
+            Group::Model => "model",
+            Group::Upstream => "upstream",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Group> {
+        Group::ALL.into_iter().find(|group| group.as_str() == text)
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Dollars and requests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sum {
+    pub nanos: Nanos,
+    pub requests: u64,
+}
+
+impl Sum {
+    fn add(&mut self, other: Sum) {
+        self.nanos = self.nanos.saturating_add(other.nanos);
+        self.requests = self.requests.saturating_add(other.requests);
+    }
+}
+
+type Groups = [HashMap<Arc<str>, Sum>; 3];
+
+/// One group's line of `/admin/spend`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Line {
+    pub key: String,
+    pub today: Sum,
+    pub this_month: Sum,
+}
+
+/// What `/admin/spend` shows: the day and month (UTC) and the lines, largest month first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    pub day: String,
+    pub month: String,
+    pub lines: Vec<Line>,
+}
+
+/// A UTC day, as days since 1970-01-01.
+fn today() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs() / SECONDS_PER_DAY)
+}
+
+/// `YYYY-MM-DD` of a day number.
+pub fn day_text(day: u64) -> String {
+    let midnight = UNIX_EPOCH + Duration::from_secs(day.saturating_mul(SECONDS_PER_DAY));
+    humantime::format_rfc3339_seconds(midnight).to_string()[..10].to_string()
+}
+
+/// The local totals of one day and its month.
+#[derive(Default)]
+struct Totals {
+    day: u64,
+    /// `YYYY-MM-DD` and `YYYY-MM` of `day`: shared, so that what waits for Redis names its
+    /// period without a copy per request.
+    day_text: Arc<str>,
+    month_text: Arc<str>,
+    today: Groups,
+    this_month: Groups,
+}
+
+impl Totals {
+    /// Moves the totals on to `day`: today's start from zero, and the month's too in a new
+    /// month.
+    fn roll_to(&mut self, day: u64) {
+        if day == self.day && !self.day_text.is_empty() {
+            return;
+        }
+        let text = day_text(day);
+        let month = &text[..7];
+        self.today = Groups::default();
+        if month != &*self.month_text {
+            self.this_month = Groups::default();
+            self.month_text = Arc::from(month);
+        }
+        self.day = day;
+        self.day_text = Arc::from(text);
+    }
+}
+
+/// One of the ledger's Redis hashes: a group's day or month.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Period {
+    group: Group,
+    month: bool,
+    /// `YYYY-MM-DD` or `YYYY-MM`.
+    text: Arc<str>,
+}
+
+impl Period {
+    fn key(&self) -> String {
+        if self.month {
+            month_key(self.group, &self.text)
+        } else {
+            day_key(self.group, &self.text)
+        }
+    }
+}
+
+/// What waits to go to Redis: per hash, per key of the group, the sum.
+type Pending = HashMap<Period, HashMap<Arc<str>, Sum>>;
+
+/// The ledger. Cloning is shallow.
+#[derive(Clone)]
+pub struct Ledger(Arc<Inner>);
+
+struct Inner {
+    shared: Shared,
+    add: Script,
+    read: Script,
+    // Synchronous locks: held for map operations, never across an `.await`.
+    totals: Mutex<Totals>,
+    pending: Mutex<Pending>,
+    send_planned: AtomicBool,
+    /// Bumped by every change to the totals: the state writer skips a write when it did not
+    /// move.
+    generation: AtomicU64,
+}
+
+impl Ledger {
+    pub fn new(shared: Shared) -> Ledger {
+        Ledger(Arc::new(Inner {
+            shared,
+            add: Script::new(ADD),
+            read: Script::new(READ),
+            totals: Mutex::new(Totals::default()),
+            pending: Mutex::new(HashMap::new()),
+            send_planned: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+        }))
+    }
+
+    /// Adds a priced request. Called where an answer's body ends, so it never waits: with Redis,
+    /// the batch is sent by a task of its own.
+    pub fn record(&self, client: &Arc<str>, model: &Arc<str>, upstream: &Arc<str>, nanos: Nanos) {
+        let one = Sum { nanos, requests: 1 };
+        let keys = [client, model, upstream];
+        let (day, month) = {
+            let mut totals = self.0.totals.lock();
+            totals.roll_to(today());
+            for group in Group::ALL {
+                let key = keys[group.index()];
+                totals.today[group.index()]
+                    .entry(key.clone())
+                    .or_default()
+                    .add(one);
+                totals.this_month[group.index()]
+                    .entry(key.clone())
+                    .or_default()
+                    .add(one);
+            }
+            (totals.day_text.clone(), totals.month_text.clone())
+        };
+        self.0.generation.fetch_add(1, Ordering::Relaxed);
+        if !self.0.shared.is_configured() {
+            return;
+        }
+        {
+            let mut pending = self.0.pending.lock();
+            for group in Group::ALL {
+                let key = keys[group.index()];
+                for (month, text) in [(false, &day), (true, &month)] {
+                    let period = Period {
+                        group,
+                        month,
+                        text: text.clone(),
+                    };
+                    pending
+                        .entry(period)
+                        .or_default()
+                        .entry(key.clone())
+                        .or_default()
+                        .add(one);
+                }
+            }
+        }
+        self.plan_send(SEND_DELAY);
+    }
+
+    fn plan_send(&self, delay: Duration) {
+        if self.0.send_planned.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let ledger = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            ledger.send().await;
+        });
+    }
+
+    /// Sends what waits in one script call; what Redis did not take waits for the next.
+    async fn send(&self) {
+        // Cleared first: a request recorded after the batch is taken plans its own send.
+        self.0.send_planned.store(false, Ordering::Release);
+        let batch: Pending = std::mem::take(&mut *self.0.pending.lock());
+        if batch.is_empty() {
+            return;
+        }
+        let sent = if self.0.shared.mode() == Mode::Shared {
+            let mut invocation = self.0.add.prepare_invoke();
+            let mut fields = Vec::new();
+            for (index, (period, sums)) in batch.iter().enumerate() {
+                invocation.key(period.key());
+                let ttl = if period.month {
+                    MONTH_TTL_MS
+                } else {
+                    DAY_TTL_MS
+                };
+                invocation.arg(ttl);
+                for (key, sum) in sums {
+                    fields.push((index + 1, key, sum));
+                }
+            }
+            for (index, key, sum) in fields {
+                invocation
+                    .arg(index)
+                    .arg(&**key)
+                    .arg(sum.nanos)
+                    .arg(sum.requests);
+            }
+            self.0.shared.eval::<i64>(&invocation).await
+        } else {
+            Err(Unavailable)
+        };
+        if sent.is_err() {
+            // Merged back: the wait costs no more than the groups it counts. A batch whose
+            // answer timed out may have been applied all the same and is then counted twice:
+            // this view of spend errs high rather than low.
+            {
+                let mut pending = self.0.pending.lock();
+                for (hash, sums) in batch {
+                    let waiting = pending.entry(hash).or_default();
+                    for (key, sum) in sums {
+                        waiting.entry(key).or_default().add(sum);
+                    }
+                }
+            }
+            self.plan_send(RETRY_DELAY);
+        }
+    }
+
+    /// Sends what waits now; called once the server has drained.
+    pub async fn flush(&self) {
+        if self.0.shared.is_configured() {
+            self.send().await;
+        }
+    }
+
+    /// Today's and this month's spend grouped `by`: every replica's from Redis when it answers,
+    /// else this replica's own.
+    pub async fn report(&self, by: Group) -> Report {
+        let (day, month, local) = {
+            let mut totals = self.0.totals.lock();
+            totals.roll_to(today());
+            let lines = lines(&totals.today[by.index()], &totals.this_month[by.index()]);
+            (
+                totals.day_text.to_string(),
+                totals.month_text.to_string(),
+                lines,
+            )
+        };
+        let lines = match self.read_shared(by, &day, &month).await {
+            Some(lines) => lines,
+            None => local,
+        };
+        Report { day, month, lines }
+    }
+
+    async fn read_shared(&self, by: Group, day: &str, month: &str) -> Option<Vec<Line>> {
+        if !self.0.shared.is_configured() {
+            return None;
+        }
+        let mut invocation = self.0.read.prepare_invoke();
+        invocation.key(day_key(by, day)).key(month_key(by, month));
+        let (today, this_month): (Vec<String>, Vec<String>) =
+            self.0.shared.eval(&invocation).await.ok()?;
+        Some(lines(&from_hash(&today), &from_hash(&this_month)))
+    }
+
+    /// The totals as `STATE_DIR/spend.json` keeps them.
+    fn snapshot(&self) -> LedgerFile {
+        let mut totals = self.0.totals.lock();
+        totals.roll_to(today());
+        let file_groups = |groups: &Groups| {
+            Group::ALL
+                .into_iter()
+                .map(|group| {
+                    let sums = groups[group.index()]
+                        .iter()
+                        .map(|(key, sum)| (key.to_string(), *sum))
+                        .collect();
+                    (group.as_str().to_string(), sums)
+                })
+                .collect()
+        };
+        LedgerFile {
+            version: 1,
+            day: totals.day_text.to_string(),
+            month: totals.month_text.to_string(),
+            today: file_groups(&totals.today),
+            this_month: file_groups(&totals.this_month),
+        }
+    }
+
+    /// Puts totals read back at start-up in place: the month's if it is this month, the day's
+    /// if it is today.
+    fn restore(&self, file: LedgerFile) {
+        let mut totals = self.0.totals.lock();
+        totals.roll_to(today());
+        let into_groups = |from: BTreeMap<String, BTreeMap<String, Sum>>, groups: &mut Groups| {
+            for (name, sums) in from {
+                if let Some(group) = Group::parse(&name) {
+                    groups[group.index()] = sums
+                        .into_iter()
+                        .map(|(key, sum)| (Arc::from(key), sum))
+                        .collect();
+                }
+            }
+        };
+        if *file.month == *totals.month_text {
+            into_groups(file.this_month, &mut totals.this_month);
+        }
+        if *file.day == *totals.day_text {
+            into_groups(file.today, &mut totals.today);
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.0.generation.load(Ordering::Relaxed)
+    }
+}
+
+fn day_key(group: Group, day: &str) -> String {
+    format!("llm-proxy:{{spend}}:{}:d:{day}", group.as_str())
+}
+
+fn month_key(group: Group, month: &str) -> String {
+    format!("llm-proxy:{{spend}}:{}:m:{month}", group.as_str())
+}
+
+/// A hash as HGETALL gives it (field, value, field, value, ...) into sums by key.
+fn from_hash(flat: &[String]) -> HashMap<Arc<str>, Sum> {
+    let mut sums: HashMap<Arc<str>, Sum> = HashMap::new();
+    for pair in flat.chunks_exact(2) {
+        let value = pair[1].parse::<u64>().unwrap_or(0);
+        if let Some(key) = pair[0].strip_prefix("u:") {
+            sums.entry(Arc::from(key)).or_default().nanos = value;
+        } else if let Some(key) = pair[0].strip_prefix("r:") {
+            sums.entry(Arc::from(key)).or_default().requests = value;
+        }
+    }
+    sums
+}
+
+/// One line per key of the month (today's keys are among them), largest month first, then by
+/// key so that equal sums keep one order.
+fn lines(today: &HashMap<Arc<str>, Sum>, this_month: &HashMap<Arc<str>, Sum>) -> Vec<Line> {
+    let mut lines: Vec<Line> = this_month
+        .iter()
+        .map(|(key, month)| Line {
+            key: key.to_string(),
+            today: today.get(key).copied().unwrap_or_default(),
+            this_month: *month,
+        })
+        .collect();
+    lines.sort_by(|a, b| {
+        b.this_month
+            .nanos
+            .cmp(&a.this_month.nanos)
+            .then_with(|| a.key.cmp(&b.key))
+    });
+    lines
+}
+
+/// `STATE_DIR/spend.json`:
+///
+/// ```json
+/// {"version":1,"day":"2026-12-07","month":"2026-12",
+///  "today":{"client":{"alice":{"nanos":1234,"requests":2}},"model":{...},"upstream":{...}},
+///  "this_month":{...}}
+/// ```
+#[derive(Serialize, Deserialize)]
+struct LedgerFile {
+    version: u32,
+    day: String,
+    month: String,
+    today: BTreeMap<String, BTreeMap<String, Sum>>,
+    this_month: BTreeMap<String, BTreeMap<String, Sum>>,
+}
+
+const FILE: &str = "spend.json";
+pub const WRITE_EVERY: Duration = Duration::from_secs(1);
+
+/// The ledger's totals across restarts, written whole to a temporary file and renamed over the
+/// old one, every second while they move and once more at shutdown.
+pub struct LedgerStore {
+    path: PathBuf,
+    ledger: Ledger,
+    written: u64,
+}
+
+impl LedgerStore {
+    /// Reads the totals kept in `dir` into `ledger` and proves the directory writable by
+    /// writing them back.
+    pub fn open(dir: &Path, ledger: Ledger) -> Result<LedgerStore, ConfigError> {
+        let error = |what: &str, err: &dyn std::fmt::Display| ConfigError {
+            variable: "STATE_DIR".to_string(),
+            message: format!(
+                "{} {what}: {err}; the spend ledger (GET /admin/spend) is kept there across \
+                 restarts",
+                dir.display()
+            ),
+        };
+        std::fs::create_dir_all(dir).map_err(|err| error("cannot be created", &err))?;
+        let path = dir.join(FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<LedgerFile>(&bytes) {
+                Ok(file) => ledger.restore(file),
+                Err(err) => {
+                    // Kept aside rather than overwritten below: the totals in it may be all an
+                    // operator has to go on.
+                    let aside = path.with_extension(format!(
+                        "json.corrupt-{}",
+                        SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .map_or(0, |since| since.as_secs())
+                    ));
+                    std::fs::rename(&path, &aside)
+                        .map_err(|err| error("cannot be written", &err))?;
+                    log::error!(
+                        "{} cannot be parsed ({err}); kept as {} and the spend ledger starts \
+                         from zero",
+                        path.display(),
+                        aside.display()
+                    );
+                }
+            },
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(error("cannot be read", &err)),
+        }
+        let mut store = LedgerStore {
+            path,
+            ledger,
+            written: u64::MAX,
+        };
+        store
+            .write()
+            .map_err(|err| error("cannot be written", &err))?;
+        Ok(store)
+    }
+
+    /// Writes the totals if they moved since the last write.
+    pub fn write_if_changed(&mut self) {
+        if self.ledger.generation() == self.written {
+            return;
+        }
+        if let Err(err) = self.write() {
+            log::error!(
+                "cannot write {} (STATE_DIR): {err}; the spend ledger would not survive a restart",
+                self.path.display()
+            );
+        }
+    }
+
+    pub fn write(&mut self) -> std::io::Result<()> {
+        let generation = self.ledger.generation();
+        let text = serde_json::to_vec(&self.ledger.snapshot()).map_err(std::io::Error::other)?;
+        let temporary = self.path.with_extension("json.tmp");
+        {
+            let mut out = std::fs::File::create(&temporary)?;
+            out.write_all(&text)?;
+            out.sync_all()?;
+        }
+        std::fs::rename(&temporary, &self.path)?;
+        self.written = generation;
+        Ok(())
+    }
+
+    /// Writes every [`WRITE_EVERY`] until the task is dropped; the final write at shutdown is the
+    /// caller's.
+    pub async fn run(store: Arc<Mutex<LedgerStore>>) {
+        let mut tick = tokio::time::interval(WRITE_EVERY);
+        loop {
+            tick.tick().await;
+            let store = store.clone();
+            // File system calls block: off the request workers.
+            let _ = tokio::task::spawn_blocking(move || store.lock().write_if_changed()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local() -> Ledger {
+        let config = crate::config::SharedStateConfig {
+            redis: None,
+            timeout: Duration::from_millis(100),
+            fallback_replicas: 1,
+        };
+        Ledger::new(Shared::new(&config, crate::ops::metrics::Metrics::new()))
+    }
+
+    #[tokio::test]
+    async fn spend_is_grouped_three_ways_largest_month_first() {
+        let ledger = local();
+        let name = |text: &str| Arc::<str>::from(text);
+        ledger.record(&name("alice"), &name("gpt-4o"), &name("openai"), 4_000_000);
+        ledger.record(&name("bob"), &name("gpt-4o-mini"), &name("openai"), 1_050);
+        ledger.record(&name("bob"), &name("gpt-4o"), &name("azure-eu"), 5_000_000);
+        let by_client = ledger.report(Group::Client).await;
+        assert_eq!(by_client.day, day_text(today()));
+        assert_eq!(by_client.month, by_client.day[..7]);
+        let keys = |report: &Report| {
+            report
+                .lines
+                .iter()
+                .map(|line| (line.key.clone(), line.this_month.nanos, line.today.requests))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            keys(&by_client),
+            [
+                ("bob".to_string(), 5_001_050, 2),
+                ("alice".to_string(), 4_000_000, 1)
+            ]
+        );
+        assert_eq!(
+            keys(&ledger.report(Group::Model).await),
+            [
+                ("gpt-4o".to_string(), 9_000_000, 2),
+                ("gpt-4o-mini".to_string(), 1_050, 1)
+            ]
+        );
+        assert_eq!(
+            keys(&ledger.report(Group::Upstream).await),
+            [
+                ("azure-eu".to_string(), 5_000_000, 1),
+                ("openai".to_string(), 4_001_050, 2)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn totals_of_another_day_are_not_today_but_count_for_their_month() {
+        let ledger = local();
+        let file = LedgerFile {
+            version: 1,
+            day: "1999-01-01".to_string(),
+            month: day_text(today())[..7].to_string(),
+            today: BTreeMap::from([(
+                "client".to_string(),
+                BTreeMap::from([(
+                    "alice".to_string(),
+                    Sum {
+                        nanos: 7,
+                        requests: 1,
+                    },
+                )]),
+            )]),
+            this_month: BTreeMap::from([(
+                "client".to_string(),
+                BTreeMap::from([(
+                    "alice".to_string(),
+                    Sum {
+                        nanos: 9,
+                        requests: 2,
+                    },
+                )]),
+            )]),
+        };
+        ledger.restore(file);
+        let report = ledger.report(Group::Client).await;
+        assert_eq!(
+            report.lines,
+            [Line {
+                key: "alice".to_string(),
+                today: Sum::default(),
+                this_month: Sum {
+                    nanos: 9,
+                    requests: 2
+                },
+            }]
+        );
+    }
+
+    #[test]
+    fn a_hash_reads_back_into_sums() {
+        let flat: Vec<String> = ["u:gpt-4o", "12", "r:gpt-4o", "3", "u:a:b", "5"]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let sums = from_hash(&flat);
+        assert_eq!(
+            sums[&Arc::from("gpt-4o")],
+            Sum {
+                nanos: 12,
+                requests: 3
+            }
+        );
+        assert_eq!(
+            sums[&Arc::from("a:b")],
+            Sum {
+                nanos: 5,
+                requests: 0
+            }
+        );
+    }
+}
