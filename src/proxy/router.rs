@@ -783,6 +783,13 @@ impl Plan {
         self.model.as_deref()
     }
 
+    /// Every upstream (by index) the plan may send a request to, whatever the order.
+    pub fn candidates(&self) -> impl Iterator<Item = usize> + '_ {
+        self.tiers
+            .iter()
+            .flat_map(|tier| tier.members.iter().map(|(index, _)| *index))
+    }
+
     /// The first upstream this plan would try, for a tunnel (which is never failed over).
     pub fn first(&self) -> Option<usize> {
         self.tiers

@@ -15,7 +15,7 @@ use crate::auth::Caller;
 use crate::error::ProxyError;
 use crate::ops::exchange::{Answered, Exchange, Spend, loggable};
 use crate::policy::request::{Inspected, SessionModels, inspect, is_multipart, session_models};
-use crate::policy::{Asked, Policy, Ticket, write_rate_limit_headers};
+use crate::policy::{Asked, Policy, Priced, Ticket, write_rate_limit_headers};
 use crate::proxy::headers::{is_event_stream, is_json};
 use crate::proxy::rename;
 use crate::proxy::request::CallerBody;
@@ -25,7 +25,7 @@ use crate::proxy::upgrade::TunnelHold;
 use crate::proxy::usage::{Metering, Report, Seen};
 use crate::state::AppState;
 use crate::vocab::websocket::is_websocket_upgrade;
-use crate::vocab::{Endpoint, Model};
+use crate::vocab::{Endpoint, Model, PriceTable};
 
 /// ANY /v1/... (POST /v1/chat/completions among them)
 pub async fn forward<S, B>(
@@ -196,7 +196,30 @@ where
             }
             Err(error) => return refused(error.into_response(format)),
         }
-        ticket = match policy.admit(client, inspected.as_ref()).await {
+        let reservation = if client.limits.has_dollar_budget() {
+            // Priced as the model routed (after its alias), at every upstream it may go to.
+            let model = plan.as_ref().and_then(|plan| plan.model()).or(routed_model);
+            let priced = match (model, endpoint.model) {
+                (Some(model), _) => Priced::Model(model),
+                (None, Model::None) => Priced::NotGenerating,
+                (None, Model::Generates) => Priced::Unreadable { path },
+                (None, _) => Priced::NoModel,
+            };
+            let prices: Vec<_> = match (model, plan.as_ref()) {
+                (Some(model), Some(plan)) => plan
+                    .candidates()
+                    .map(|index| table.prices().price(table.upstreams()[index].name(), model))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            match policy.reserve(client, priced, inspected.as_ref(), prices) {
+                Ok(reservation) => reservation,
+                Err(error) => return refused(error.into_response(format)),
+            }
+        } else {
+            0
+        };
+        ticket = match policy.admit(client, inspected.as_ref(), reservation).await {
             Ok(ticket) => Some(ticket),
             Err(response) => return refused(response),
         };
@@ -258,7 +281,10 @@ where
             )
             .await
             .map(|mut forwarded| {
-                if let Some(ticket) = ticket.take() {
+                if let Some(mut ticket) = ticket.take() {
+                    // A tunnel's usage is not read: it keeps what it reserved.
+                    let reserved = ticket.reservation();
+                    ticket.spent(reserved);
                     forwarded
                         .response
                         .extensions_mut()
@@ -301,8 +327,13 @@ where
                     report: Some(settlement(
                         spend.answered.clone(),
                         ticket,
-                        inspected.map_or(0, |inspected| inspected.prompt),
+                        inspected.as_ref().map_or(0, |inspected| inspected.prompt),
                         is_event_stream(answer.headers()),
+                        Pricing {
+                            prices: table.prices().clone(),
+                            upstream: sent.upstream().name().clone(),
+                            model: plan.model().or(routed_model).map(Arc::from),
+                        },
                     )),
                 });
                 let reply = sent.upstream().into_reply(answer, metering).await;
@@ -335,14 +366,27 @@ where
     Ok(response)
 }
 
+/// What an answer's cost is priced by: the prices in force when the request came, the upstream
+/// that answered (after any failover) and the model routed (after its alias; `None`: the one
+/// the answer names).
+struct Pricing {
+    prices: Arc<PriceTable>,
+    upstream: Arc<str>,
+    model: Option<Arc<str>>,
+}
+
 /// What happens when the answer's body ends: its usage and model are kept for the access line,
 /// and the ticket (if any) settles with the tokens used: the reported usage, else for a stream
-/// the prompt estimate plus one token per content event, else the estimate charged.
+/// the prompt estimate plus one token per content event, else the estimate charged. Its dollars
+/// settle at what the reported usage cost at the upstream that served it; without a usage (or a
+/// price) the reservation is kept: an answer whose cost is unknown is never counted as free.
+/// (A failed or refused request never gets here: its ticket is dropped, and costs nothing.)
 fn settlement(
     cell: Arc<parking_lot::Mutex<Answered>>,
     ticket: Option<Ticket>,
     prompt_estimate: u64,
     stream: bool,
+    pricing: Pricing,
 ) -> Report {
     Box::new(move |seen: Seen| {
         let Seen {
@@ -350,8 +394,15 @@ fn settlement(
             events,
             model,
         } = seen;
+        let cost = usage.as_ref().and_then(|usage| {
+            let model = pricing.model.as_deref().or(model.as_deref())?;
+            let price = pricing.prices.price(&pricing.upstream, model)?;
+            Some(price.cost(usage))
+        });
         *cell.lock() = Answered { usage, model };
         if let Some(mut ticket) = ticket {
+            let reserved = ticket.reservation();
+            ticket.spent(cost.unwrap_or(reserved));
             let used = match usage {
                 Some(usage) => usage.total,
                 // The final `data: [DONE]` is not content.
