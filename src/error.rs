@@ -694,7 +694,11 @@ mod tests {
         ProxyError::BudgetExceeded {
             retry_after: 86_400,
             standing: Standing {
-                requests: None,
+                requests: Some(Window {
+                    limit: 60,
+                    remaining: 59,
+                    reset: Duration::from_secs(1),
+                }),
                 tokens: None,
             },
         },
@@ -753,7 +757,12 @@ mod tests {
             ConnectNotSupported | RequestTimeout => vec![("connection", "close")],
             Overloaded => vec![("retry-after", "1")],
             KeysResting { .. } => vec![("retry-after", "7")],
-            BudgetExceeded { .. } => vec![("retry-after", "86400")],
+            BudgetExceeded { .. } => vec![
+                ("retry-after", "86400"),
+                ("x-ratelimit-limit-requests", "60"),
+                ("x-ratelimit-remaining-requests", "59"),
+                ("x-ratelimit-reset-requests", "1s"),
+            ],
             RateLimited { .. } => vec![
                 ("retry-after", "12"),
                 ("x-ratelimit-limit-requests", "5"),

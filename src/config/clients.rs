@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::error::{ConfigError, invalid};
-use crate::vocab::price::{Nanos, nanos_of_usd};
 use super::{Secret, digest, is_client_name, token_label};
+use crate::vocab::price::{Nanos, nanos_of_usd};
 
 /// One `ALLOWED_TOKENS` entry: `token`, or `name:token` to give the client a readable label in
 /// metrics and logs.
@@ -149,6 +149,11 @@ impl ClientLimits {
     /// Whether the proxy needs the request's body (its `model`, its size) for this client.
     pub fn reads_body(&self) -> bool {
         self.models.is_some() || self.counts_tokens() || self.has_dollar_budget()
+    }
+
+    /// Whether the client has a budget (tokens or dollars) that must be kept across restarts.
+    pub fn has_budget(&self) -> bool {
+        self.tokens_per_day.is_some() || self.has_dollar_budget()
     }
 
     /// Whether the client has a budget in dollars: its requests are then priced before they go.
@@ -404,7 +409,9 @@ fn dollars<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Nanos>, 
     usd.and_then(nanos_of_usd)
         .filter(|nanos| *nanos > 0)
         .map(Some)
-        .ok_or_else(|| D::Error::custom("must be a number of US dollars above 0, such as 20 or 0.5"))
+        .ok_or_else(|| {
+            D::Error::custom("must be a number of US dollars above 0, such as 20 or 0.5")
+        })
 }
 
 fn boolean<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
@@ -586,12 +593,15 @@ mod tests {
             let message = limits(&format!("{field} = {value}")).expect_err(value);
             assert_eq!(
                 message,
-                format!("clients.a.{field}: must be a number of US dollars above 0, such as 20 or 0.5"),
+                format!(
+                    "clients.a.{field}: must be a number of US dollars above 0, such as 20 or 0.5"
+                ),
                 "{value}"
             );
         }
         for value in ["0", "-1", "1.5", "\"4096\""] {
-            let message = limits(&format!("default_output_reservation = {value}")).expect_err(value);
+            let message =
+                limits(&format!("default_output_reservation = {value}")).expect_err(value);
             assert_eq!(
                 message,
                 "clients.a.default_output_reservation: must be a whole number of at least 1"

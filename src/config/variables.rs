@@ -170,7 +170,7 @@ pub const VARIABLES: &[Variable] = &[
         default: Default::Value("state"),
         reload: Reload::Restart,
         ours_by_prefix: Some("STATE_"),
-        meaning: "where daily token budgets survive restarts",
+        meaning: "where the token and dollar budgets survive restarts",
     },
     Variable {
         name: "DEFAULT_AUTH_HEADER",

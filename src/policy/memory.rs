@@ -556,7 +556,9 @@ mod tests {
             limiter.acquire_at("a", &both, 200, 0, now, wall).unwrap();
         }
         // The sixth is over both: 12 s for a request, 500 tokens * 60 ms = 30 s for its tokens.
-        let refusal = limiter.acquire_at("a", &both, 500, 0, now, wall).unwrap_err();
+        let refusal = limiter
+            .acquire_at("a", &both, 500, 0, now, wall)
+            .unwrap_err();
         assert_eq!(refusal.reason, Reason::Tokens);
         assert_eq!(refusal.retry_after, Duration::from_secs(30));
         let told = now + refusal.retry_after;
@@ -571,7 +573,9 @@ mod tests {
         let (charge, _) = limiter
             .acquire_at("a", &tokens, u64::MAX, 0, now, wall)
             .unwrap();
-        let refusal = limiter.acquire_at("a", &tokens, 1, 0, now, wall).unwrap_err();
+        let refusal = limiter
+            .acquire_at("a", &tokens, 1, 0, now, wall)
+            .unwrap_err();
         assert!(refusal.retry_after <= Duration::from_secs(24 * 60 * 60));
         limiter.settle_at("a", &tokens, charge, u64::MAX, 0, now, wall);
         assert_eq!(limiter.usage_at("a", now, wall).tokens_today, u64::MAX);
@@ -606,7 +610,9 @@ mod tests {
         let small = limits(None, Some(100));
         let (now, wall) = (Instant::now(), SystemTime::now());
         assert!(limiter.acquire_at("a", &small, 500, 0, now, wall).is_ok());
-        let refusal = limiter.acquire_at("a", &small, 500, 0, now, wall).unwrap_err();
+        let refusal = limiter
+            .acquire_at("a", &small, 500, 0, now, wall)
+            .unwrap_err();
         assert_eq!(refusal.retry_after, Duration::from_secs(300));
     }
 
@@ -619,7 +625,11 @@ mod tests {
         };
         let now = Instant::now();
         let evening = humantime::parse_rfc3339("2026-12-01T23:59:00Z").unwrap();
-        assert!(limiter.acquire_at("a", &budget, 100, 0, now, evening).is_ok());
+        assert!(
+            limiter
+                .acquire_at("a", &budget, 100, 0, now, evening)
+                .is_ok()
+        );
         let refusal = limiter
             .acquire_at("a", &budget, 1, 0, now, evening)
             .unwrap_err();
@@ -682,7 +692,10 @@ mod tests {
                 .is_err()
         );
         let usage = limiter.usage_at("a", now, noon);
-        assert_eq!((usage.usd_today, usage.usd_this_month), (100_000_000, 100_000_000));
+        assert_eq!(
+            (usage.usd_today, usage.usd_this_month),
+            (100_000_000, 100_000_000)
+        );
         // A settlement above the reservation counts in full.
         limiter.settle_at("a", &ten_cents, second, 0, 90_000_000, now, noon);
         assert_eq!(limiter.usage_at("a", now, noon).usd_today, 110_000_000);
@@ -702,9 +715,7 @@ mod tests {
         let both = dollars(Some(2_000_000_000), Some(3_000_000_000));
         let now = Instant::now();
         let spend = |wall: SystemTime, nanos: Nanos| {
-            let (charge, _) = limiter
-                .acquire_at("a", &both, 0, nanos, now, wall)
-                .unwrap();
+            let (charge, _) = limiter.acquire_at("a", &both, 0, nanos, now, wall).unwrap();
             limiter.settle_at("a", &both, charge, 0, nanos, now, wall);
         };
         spend(at("2026-11-29T10:00:00Z"), 2_000_000_000);
@@ -722,7 +733,10 @@ mod tests {
         assert_eq!(refusal.reason, Reason::UsdPerMonth);
         assert_eq!(refusal.retry_after, Duration::from_secs(18 * 3600));
         let usage = limiter.usage_at("a", now, next_day);
-        assert_eq!((usage.usd_today, usage.usd_this_month), (1_000_000_000, 3_000_000_000));
+        assert_eq!(
+            (usage.usd_today, usage.usd_this_month),
+            (1_000_000_000, 3_000_000_000)
+        );
         // Over both on the month's last day, the same wait: the month is named, the budget
         // that keeps refusing however the day is spent.
         let refusal = limiter
@@ -734,7 +748,10 @@ mod tests {
         let usage = limiter.usage_at("a", now, december);
         assert_eq!((usage.usd_today, usage.usd_this_month), (0, 0));
         spend(december, 2_000_000_000);
-        assert_eq!(limiter.usage_at("a", now, december).usd_this_month, 2_000_000_000);
+        assert_eq!(
+            limiter.usage_at("a", now, december).usd_this_month,
+            2_000_000_000
+        );
     }
 
     #[test]
@@ -748,7 +765,10 @@ mod tests {
         let january = at("2027-01-01T00:00:01Z");
         limiter.settle_at("a", &month, charge, 0, 100_000_000, now, january);
         let usage = limiter.usage_at("a", now, january);
-        assert_eq!((usage.usd_today, usage.usd_this_month), (100_000_000, 100_000_000));
+        assert_eq!(
+            (usage.usd_today, usage.usd_this_month),
+            (100_000_000, 100_000_000)
+        );
     }
 
     #[test]
@@ -766,7 +786,10 @@ mod tests {
         let restarted = MemoryLimiter::new();
         restarted.restore_budgets_at(kept.clone(), second);
         let usage = restarted.usage_at("a", now, second);
-        assert_eq!((usage.tokens_today, usage.usd_today, usage.usd_this_month), (0, 0, 300));
+        assert_eq!(
+            (usage.tokens_today, usage.usd_today, usage.usd_this_month),
+            (0, 0, 300)
+        );
         let january = MemoryLimiter::new();
         january.restore_budgets_at(kept, at("2027-01-01T10:00:00Z"));
         assert_eq!(

@@ -58,8 +58,8 @@ use tokio::time::Instant;
 use super::limiter::{Budgets, Charge, ClientUsage, Limiter, Reason, Refusal, Standing, Window};
 use super::memory::MemoryLimiter;
 use crate::config::ClientLimits;
-use crate::vocab::price::Nanos;
 use crate::shared::{Mode, Shared, Unavailable};
+use crate::vocab::price::Nanos;
 
 /// How long a slot lives in Redis without a refresh.
 pub const SLOT_TTL: Duration = Duration::from_secs(30);
@@ -1074,7 +1074,14 @@ mod tests {
     #[test]
     fn every_key_of_a_client_carries_its_hash_tag() {
         let keys = keys("alice");
-        for name in [keys.rpm, keys.tpm, keys.slots, keys.day, keys.recent, keys.usd] {
+        for name in [
+            keys.rpm,
+            keys.tpm,
+            keys.slots,
+            keys.day,
+            keys.recent,
+            keys.usd,
+        ] {
             assert!(name.starts_with("llm-proxy:{client:alice}:"), "{name}");
         }
         assert_eq!(super::keys("a{b}").day, "llm-proxy:{client:a_b_}:day");

@@ -211,7 +211,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let today = day_text(crate::vocab::calendar::utc_day(SystemTime::now()));
-        let old = format!("{{\"version\":1,\"day\":\"{today}\",\"tokens_today\":{{\"alice\":39}}}}");
+        let old =
+            format!("{{\"version\":1,\"day\":\"{today}\",\"tokens_today\":{{\"alice\":39}}}}");
         std::fs::write(dir.join(FILE), old).unwrap();
         let memory = super::super::memory::MemoryLimiter::new();
         let limiter: Arc<dyn Limiter> = Arc::new(memory.clone());

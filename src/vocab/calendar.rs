@@ -109,6 +109,9 @@ mod tests {
         assert_eq!(until_next_day(evening), Duration::from_secs(60));
         assert_eq!(until_next_month(evening), Duration::from_secs(60));
         let mid_month = humantime::parse_rfc3339("2026-02-27T00:00:00Z").unwrap();
-        assert_eq!(until_next_month(mid_month), Duration::from_secs(2 * DAY_SECS));
+        assert_eq!(
+            until_next_month(mid_month),
+            Duration::from_secs(2 * DAY_SECS)
+        );
     }
 }
