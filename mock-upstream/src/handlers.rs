@@ -199,6 +199,15 @@ fn header_parse<T: std::str::FromStr>(headers: &HeaderMap, name: &str) -> Option
 
 /// Informational statuses would confuse hyper and anything above 599 is not
 /// HTTP, so those values are ignored rather than honoured.
+/// `x-mock-usage: <prompt>,<completion>,<cached>`: the usage a plain chat reports instead of the
+/// fixed one (cached prompt tokens in `prompt_tokens_details`).
+fn mock_usage(headers: &HeaderMap) -> Option<(u64, u64, u64)> {
+    let text = headers.get("x-mock-usage")?.to_str().ok()?;
+    let mut numbers = text.split(',').map(|part| part.trim().parse::<u64>().ok());
+    let usage = (numbers.next()??, numbers.next()??, numbers.next()??);
+    numbers.next().is_none().then_some(usage)
+}
+
 fn mock_status(headers: &HeaderMap) -> Option<StatusCode> {
     let code = header_parse::<u16>(headers, "x-mock-status")?;
     if !(200..=599).contains(&code) {
@@ -341,16 +350,25 @@ fn chat(headers: &HeaderMap, body: &Bytes, state: Arc<State>) -> Response {
         return sse::response(state, plan);
     }
 
+    let usage = match mock_usage(headers) {
+        Some((prompt, completion, cached)) => format!(
+            r#"{{"prompt_tokens":{prompt},"completion_tokens":{completion},"total_tokens":{},"prompt_tokens_details":{{"cached_tokens":{cached}}}}}"#,
+            prompt.saturating_add(completion)
+        ),
+        None => format!(
+            r#"{{"prompt_tokens":{PROMPT_TOKENS},"completion_tokens":6,"total_tokens":{}}}"#,
+            PROMPT_TOKENS + 6
+        ),
+    };
     let body = format!(
         concat!(
             r#"{{"id":"chatcmpl-mock","object":"chat.completion","created":{created},"model":{model},"#,
             r#""choices":[{{"index":0,"message":{{"role":"assistant","content":"Hello from the mock upstream.","refusal":null}},"logprobs":null,"finish_reason":"stop"}}],"#,
-            r#""usage":{{"prompt_tokens":{prompt},"completion_tokens":6,"total_tokens":{total}}},"system_fingerprint":null}}"#
+            r#""usage":{usage},"system_fingerprint":null}}"#
         ),
         created = CREATED,
         model = model,
-        prompt = PROMPT_TOKENS,
-        total = PROMPT_TOKENS + 6,
+        usage = usage,
     );
     let mut res = json_response(StatusCode::OK, body);
     add_headers(

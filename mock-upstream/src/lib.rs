@@ -13,6 +13,7 @@
 //! | `x-mock-delay-ms`    | wait that long before sending the response headers       |
 //! | `x-mock-chunks`      | number of content events in a streamed chat (default 5)  |
 //! | `x-mock-interval-ms` | pause between streamed events (default 10)               |
+//! | `x-mock-usage`       | `prompt,completion,cached`: a plain chat's usage         |
 //!
 //! Besides recording, it counts requests from their headers on (started,
 //! then answered or abandoned), so a test can wait for the upstream to be
