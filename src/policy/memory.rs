@@ -348,6 +348,8 @@ impl MemoryLimiter {
         ))
     }
 
+    /// `settle` at a given time, for tests: the two clocks are what makes it worth having.
+    #[allow(clippy::too_many_arguments)]
     pub fn settle_at(
         &self,
         client: &str,
