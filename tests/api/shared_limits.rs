@@ -808,3 +808,57 @@ async fn a_request_larger_than_a_shared_limit_is_refused_with_413_without_asking
         "only the small request is counted"
     );
 }
+
+/// Dollars carry over as the daily tokens do: each replica spends at most its share of what was
+/// left, and what it spent reaches Redis once Redis answers again.
+#[tokio::test]
+#[cfg_attr(
+    no_redis_server,
+    ignore = "redis-server is not installed (Debian package redis-server)"
+)]
+async fn an_outage_spends_each_replicas_share_of_the_dollars_left_and_redis_gets_them_back() {
+    use llm_proxy::config::ClientLimits;
+    use llm_proxy::policy::{Limiter, Reason};
+
+    let mut redis = RedisServer::start();
+    let limiter = redis_limiter(
+        &redis,
+        &[
+            ("REDIS_TIMEOUT_MS", "100"),
+            ("REDIS_FALLBACK_REPLICAS", "2"),
+        ],
+    )
+    .await;
+    // A tenth of a cent a day, a cent a month; 0.4 of the day spent in Redis.
+    let dollars = ClientLimits {
+        usd_per_day: Some(1_000_000),
+        usd_per_month: Some(10_000_000),
+        ..ClientLimits::default()
+    };
+    let (charge, _) = limiter.acquire("d", &dollars, 0, 700_000).await.unwrap();
+    limiter.settle("d", &dollars, charge, 0, 400_000);
+    limiter.flush().await;
+    let usage = limiter.usage("d").await;
+    assert_eq!((usage.usd_today, usage.usd_this_month), (400_000, 400_000));
+
+    redis.stop();
+    // Each of two replicas has half the day (500,000) less half of what was spent (200,000).
+    let refusal = limiter
+        .acquire("d", &dollars, 0, 300_001)
+        .await
+        .unwrap_err();
+    assert_eq!(refusal.reason, Reason::UsdPerDay);
+    let (local, _) = limiter.acquire("d", &dollars, 0, 300_000).await.unwrap();
+    limiter.settle("d", &dollars, local, 0, 100_000);
+
+    // Back (empty, as after a loss): what the outage spent is added to the day and the month.
+    redis.restart();
+    let reconciled = eventually(Duration::from_secs(10), async || {
+        let usage = limiter.usage("d").await;
+        (usage.usd_today, usage.usd_this_month) == (100_000, 100_000)
+    })
+    .await;
+    assert!(reconciled, "{:?}", limiter.usage("d").await);
+    let key = redis.command(&["HGET", "llm-proxy:{client:d}:usd", "this_month"]);
+    assert!(key.contains("100000"), "{key}");
+}
