@@ -397,6 +397,91 @@ mod tests {
     }
 
     #[test]
+    fn a_reservation_is_the_dearest_candidates_and_nothing_unpriced_is_reserved() {
+        let budget = ClientLimits {
+            usd_per_day: Some(1_000_000_000),
+            default_output_reservation: Some(100),
+            endpoints: Some(vec!["/v1/batches*".to_string()]),
+            ..ClientLimits::default()
+        };
+        // Picos per token (3 and 1 nano-dollars, 1 and 10): one upstream dearer on input, the
+        // other on output.
+        let cheap = Price {
+            input: 3_000,
+            cached_input: None,
+            output: 1_000,
+        };
+        let dear = Price {
+            input: 1_000,
+            cached_input: None,
+            output: 10_000,
+        };
+        let inspected = |output_cap| Inspected {
+            prompt: 1000,
+            output_cap,
+            ..Inspected::default()
+        };
+        let model = Priced::Model("m");
+        // 1000 in, 50 out: 3000 + 50 nanos at the first, 1000 + 500 at the second.
+        assert_eq!(
+            reservation(
+                &budget,
+                model,
+                Some(&inspected(50)),
+                [Some(cheap), Some(dear)]
+            ),
+            Ok(3_050)
+        );
+        // No cap: the client's default of 100 out (3100 and 2000).
+        assert_eq!(
+            reservation(
+                &budget,
+                model,
+                Some(&inspected(0)),
+                [Some(cheap), Some(dear)]
+            ),
+            Ok(3_100)
+        );
+        assert_eq!(
+            reservation(
+                &budget,
+                model,
+                Some(&inspected(1000)),
+                [Some(cheap), Some(dear)]
+            ),
+            Ok(11_000)
+        );
+        // One candidate without a price: refused, whatever the others cost.
+        assert_eq!(
+            reservation(&budget, model, Some(&inspected(50)), [Some(cheap), None]),
+            Err(ProxyError::ModelUnpriced)
+        );
+        assert_eq!(
+            reservation(&budget, Priced::NoModel, None, []),
+            Err(ProxyError::ModelRequired)
+        );
+        assert_eq!(reservation(&budget, Priced::NotGenerating, None, []), Ok(0));
+        let batches = Priced::Unreadable {
+            path: "/v1/batches",
+        };
+        assert_eq!(reservation(&budget, batches, None, []), Ok(0));
+        let evals = Priced::Unreadable { path: "/v1/evals" };
+        assert_eq!(
+            reservation(&budget, evals, None, []),
+            Err(ProxyError::ModelUnpriced)
+        );
+        // Without a dollar budget nothing is priced, and nothing refused.
+        let free = ClientLimits::default();
+        assert_eq!(reservation(&free, model, None, [None]), Ok(0));
+        // A reservation above a budget can never be admitted; exactly the budget fits.
+        assert_eq!(exceeded_dollars(&budget, 1_000_000_000), None);
+        assert_eq!(
+            exceeded_dollars(&budget, 1_000_000_001),
+            Some(TokenLimit::UsdPerDay)
+        );
+    }
+
+    #[test]
     fn reset_durations_are_written_the_openai_way() {
         assert_eq!(openai_duration(Duration::from_secs(12)), "12s");
         assert_eq!(openai_duration(Duration::from_millis(11_999)), "11.999s");

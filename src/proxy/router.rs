@@ -783,6 +783,11 @@ impl Plan {
         self.model.as_deref()
     }
 
+    /// [`Plan::model`], shared rather than copied, for what outlives the request's handler.
+    pub fn served(&self) -> Option<&Arc<str>> {
+        self.model.as_ref()
+    }
+
     /// Every upstream (by index) the plan may send a request to, whatever the order.
     pub fn candidates(&self) -> impl Iterator<Item = usize> + '_ {
         self.tiers

@@ -332,7 +332,10 @@ where
                         Pricing {
                             prices: table.prices().clone(),
                             upstream: sent.upstream().name().clone(),
-                            model: plan.model().or(routed_model).map(Arc::from),
+                            model: plan
+                                .served()
+                                .cloned()
+                                .or_else(|| routed_model.map(Arc::from)),
                         },
                     )),
                 });
@@ -394,7 +397,7 @@ fn settlement(
             events,
             model,
         } = seen;
-        let cost = usage.as_ref().and_then(|usage| {
+        let cost = ticket.as_ref().and(usage.as_ref()).and_then(|usage| {
             let model = pricing.model.as_deref().or(model.as_deref())?;
             let price = pricing.prices.price(&pricing.upstream, model)?;
             Some(price.cost(usage))
