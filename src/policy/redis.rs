@@ -284,7 +284,10 @@ if usd_per_day >= 0 and usd_today + reservation > usd_per_day then
   refuse(5, (day + 1) * 86400000000 - now)
 end
 if usd_per_month >= 0 and usd_month + reservation > usd_per_month then
-  refuse(6, next_month_start(day) * 86400000000 - now)
+  -- On a month's last day both budgets wait as long: the month is named, as the in-process
+  -- limiter names it (the budget that refuses however the day is spent).
+  local w = next_month_start(day) * 86400000000 - now
+  if w >= wait then reason, wait = 6, w end
 end
 
 if wait >= 0 then

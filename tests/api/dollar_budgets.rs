@@ -520,3 +520,65 @@ async fn two_replicas_sharing_redis_share_one_dollar_budget() {
     let ttl = redis.command(&["PTTL", "llm-proxy:{client:alice}:usd"]);
     assert!(ttl.starts_with(':') && !ttl.starts_with(":-"), "{ttl}");
 }
+
+/// Two upstreams serve the model, the second at twice the first's prices: a request reserves
+/// at the dearer, and costs what the one that served it charges.
+#[tokio::test]
+async fn a_reservation_covers_the_dearest_failover_and_the_upstream_that_served_prices_it() {
+    let upstream = MockUpstream::start().await;
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let dir = scratch_dir("usd-failover");
+    let (body, reserved_at_cheap) = capped_chat(20);
+    let reserved = 2 * reserved_at_cheap;
+    let cost_at_dear = 2 * CHAT_COST;
+    // Room for one answer at the dear price and one reservation at it, less a nano-dollar.
+    let budget = cost_at_dear + reserved - 1;
+    std::fs::write(
+        dir.join("clients.toml"),
+        format!(
+            "[clients.alice]\ntoken = \"tok-alice\"\nusd_per_day = {}\n",
+            dollars(budget)
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("upstreams.toml"),
+        format!(
+            "default = \"cheap\"\n\
+             [prices]\n\"gpt-mock\" = {{ input = 10.0, output = 100.0 }}\n\
+             [upstreams.cheap]\nbase_url = \"http://127.0.0.1:{closed}/v1\"\n\
+             keys_env = \"MOCK_KEYS\"\nmodels = [\"gpt-mock\"]\ntier = 0\n\
+             [upstreams.dear]\nbase_url = \"{}/v1\"\nkeys_env = \"MOCK_KEYS\"\n\
+             models = [\"gpt-mock\"]\ntier = 1\n\
+             [upstreams.dear.prices]\n\"gpt-mock\" = {{ input = 20.0, output = 200.0 }}\n",
+            upstream.base_url()
+        ),
+    )
+    .unwrap();
+    let app = Proxy::new()
+        .env(
+            "UPSTREAMS_FILE",
+            dir.join("upstreams.toml").to_str().unwrap(),
+        )
+        .env("MOCK_KEYS", UPSTREAM_KEY)
+        .env("ADMIN_TOKEN", ADMIN_TOKEN)
+        .clients_file(&dir.join("clients.toml"))
+        .owning(upstream)
+        .start_in_process()
+        .await;
+    let base = app.url("");
+    // The cheap one refuses the connection: the dear one answers, and its price is the cost.
+    let answer = post(&base, "tok-alice", body.clone(), &[]).await;
+    assert_eq!(answer.status(), 200);
+    answer.bytes().await.unwrap();
+    assert_eq!(settled_today(&base, "alice").await, cost_at_dear);
+    // At the cheap upstream's prices a second would fit; at the dear one's it does not.
+    assert!(cost_at_dear + reserved_at_cheap <= budget && cost_at_dear + reserved > budget);
+    let refused = post(&base, "tok-alice", body, &[]).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(error_code(refused).await, "budget_exceeded");
+    assert_eq!(app.upstream.requests_started(), 1);
+}
