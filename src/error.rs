@@ -82,6 +82,17 @@ pub enum ProxyError {
         retry_after: u64,
         standing: Standing,
     },
+    /// A client over its dollar budget (`usd_per_day` or `usd_per_month`): what it spent and
+    /// reserved, with this request's reservation, is more than the budget; admitted again when
+    /// the UTC day or month ends (`retry_after`, whole seconds).
+    BudgetExceeded {
+        retry_after: u64,
+        standing: Standing,
+    },
+    /// A client with a dollar budget asked for a model that an upstream the request may go to
+    /// has no price for (or an endpoint that generates without naming a model the proxy can
+    /// read): it cannot be reserved, so nothing is sent.
+    ModelUnpriced,
     /// The request names a model outside the client's `models` list.
     ModelNotAllowed,
     /// The request names a model no upstream of the upstreams file serves (nor an alias of one):
@@ -259,6 +270,23 @@ impl ProxyError {
                 "This client has used its daily token budget; it renews at midnight UTC",
                 &[],
             ),
+            // `Retry-After` is added in `into_response`: the end of the UTC day or month.
+            BudgetExceeded { .. } => row(
+                StatusCode::TOO_MANY_REQUESTS,
+                "budget_exceeded",
+                RATE_LIMIT,
+                "This client has spent its dollar budget; it renews when the UTC day or month \
+                 ends, as Retry-After says",
+                &[],
+            ),
+            ModelUnpriced => row(
+                StatusCode::FORBIDDEN,
+                "model_unpriced",
+                PERMISSION,
+                "This client has a dollar budget and the requested model has no price at an \
+                 upstream that may serve it",
+                &[],
+            ),
             ModelNotAllowed => row(
                 StatusCode::FORBIDDEN,
                 "model_not_allowed",
@@ -297,6 +325,26 @@ impl ProxyError {
                 "request_exceeds_limit",
                 INVALID_REQUEST,
                 "The request's token estimate exceeds this client's tokens_per_day; \
+                 lower max_tokens or shorten the prompt",
+                &[],
+            ),
+            RequestExceedsLimit {
+                limit: TokenLimit::UsdPerDay,
+            } => row(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_exceeds_limit",
+                INVALID_REQUEST,
+                "The request's cost reservation exceeds this client's usd_per_day; \
+                 lower max_tokens or shorten the prompt",
+                &[],
+            ),
+            RequestExceedsLimit {
+                limit: TokenLimit::UsdPerMonth,
+            } => row(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_exceeds_limit",
+                INVALID_REQUEST,
+                "The request's cost reservation exceeds this client's usd_per_month; \
                  lower max_tokens or shorten the prompt",
                 &[],
             ),
@@ -386,6 +434,10 @@ impl ProxyError {
                 }
             }
             ProxyError::QuotaExceeded {
+                retry_after,
+                standing,
+            }
+            | ProxyError::BudgetExceeded {
                 retry_after,
                 standing,
             } => {
@@ -649,6 +701,18 @@ mod tests {
         ProxyError::DuplicateModel,
         ProxyError::ModelNotFound,
         ProxyError::InvalidSpendGroup,
+        ProxyError::BudgetExceeded {
+            retry_after: 86_400,
+            standing: Standing {
+                requests: Some(Window {
+                    limit: 60,
+                    remaining: 59,
+                    reset: Duration::from_secs(1),
+                }),
+                tokens: None,
+            },
+        },
+        ProxyError::ModelUnpriced,
     ];
 
     /// No wildcard: a new variant does not compile until it has a place here, and the checks
@@ -681,6 +745,8 @@ mod tests {
             DuplicateModel => 22,
             ModelNotFound => 23,
             InvalidSpendGroup => 24,
+            BudgetExceeded { .. } => 25,
+            ModelUnpriced => 26,
         }
     }
 
@@ -702,6 +768,12 @@ mod tests {
             ConnectNotSupported | RequestTimeout => vec![("connection", "close")],
             Overloaded => vec![("retry-after", "1")],
             KeysResting { .. } => vec![("retry-after", "7")],
+            BudgetExceeded { .. } => vec![
+                ("retry-after", "86400"),
+                ("x-ratelimit-limit-requests", "60"),
+                ("x-ratelimit-remaining-requests", "59"),
+                ("x-ratelimit-reset-requests", "1s"),
+            ],
             RateLimited { .. } => vec![
                 ("retry-after", "12"),
                 ("x-ratelimit-limit-requests", "5"),
@@ -732,6 +804,7 @@ mod tests {
             | DuplicateModel
             | ModelNotFound
             | InvalidSpendGroup
+            | ModelUnpriced
             | Internal => vec![],
         }
     }
@@ -926,6 +999,8 @@ mod tests {
         for (limit, name) in [
             (TokenLimit::PerMinute, "tokens_per_minute"),
             (TokenLimit::PerDay, "tokens_per_day"),
+            (TokenLimit::UsdPerDay, "usd_per_day"),
+            (TokenLimit::UsdPerMonth, "usd_per_month"),
         ] {
             let message = ProxyError::RequestExceedsLimit { limit }.answer().message;
             assert!(

@@ -20,9 +20,10 @@
 //! 6. [`policy`]: for a client from the clients file, the model it asks for is checked against
 //!    its list (an endpoint that generates without naming one is refused unless the client's
 //!    `endpoints` allows it), and the request is charged against its limits (an estimate
-//!    first, settled from the answer's `usage` when it ends), or refused with 429 before
-//!    anything goes upstream. When the answer ends, its usage is priced (by the upstream that
-//!    served it and the model it was served as) and the cost counted in the spend ledger
+//!    first, settled from the answer's `usage` when it ends; for a dollar budget, its dearest
+//!    cost among the upstreams it may go to, settled at what it cost), or refused with 429
+//!    before anything goes upstream. When the answer ends, its usage is priced (by the upstream
+//!    that served it and the model it was served as) and the cost counted in the spend ledger
 //!    ([`policy::ledger`]) and the metrics.
 //! 7. [`proxy`]: the [`proxy::Upstream`] handle sends the request with a key from the pool
 //!    ([`proxy::keys`]) swapped in, on to the next key after a rate limit (a key answered 401 is

@@ -96,7 +96,7 @@ async fn run(config: Config, variables: HashMap<String, String>) -> ExitCode {
         && config
             .clients
             .iter()
-            .any(|client| client.limits.tokens_per_day.is_some())
+            .any(|client| client.limits.has_budget())
     {
         match BudgetStore::open(&config.state_dir, limiter.clone()) {
             Ok(store) => Some(Arc::new(parking_lot::Mutex::new(store))),

@@ -285,12 +285,12 @@ impl Reloader {
         if config
             .clients
             .iter()
-            .any(|client| client.limits.tokens_per_day.is_some())
+            .any(|client| client.limits.has_budget())
             && !self.state.budgets_kept.load(Ordering::Relaxed)
         {
             log::warn!(
-                "a tokens_per_day budget was added by a reload: it is enforced, but kept across \
-                 restarts (STATE_DIR) only after a restart"
+                "a budget (tokens_per_day, usd_per_day or usd_per_month) was added by a reload: it \
+                 is enforced, but kept across restarts (STATE_DIR) only after a restart"
             );
         }
         // Masked before accepted: a new token must never be in force while a debug log could

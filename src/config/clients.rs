@@ -12,6 +12,7 @@ use std::time::SystemTime;
 
 use super::error::{ConfigError, invalid};
 use super::{Secret, digest, is_client_name, token_label};
+use crate::vocab::price::{Nanos, nanos_of_usd};
 
 /// One `ALLOWED_TOKENS` entry: `token`, or `name:token` to give the client a readable label in
 /// metrics and logs.
@@ -125,6 +126,12 @@ pub struct ClientLimits {
     pub max_concurrent_requests: Option<u64>,
     /// The daily budget; the day is UTC.
     pub tokens_per_day: Option<u64>,
+    /// The dollar budgets, in nano-dollars: per UTC day and per UTC calendar month.
+    pub usd_per_day: Option<Nanos>,
+    pub usd_per_month: Option<Nanos>,
+    /// The output tokens reserved for a request that names no output cap; `None`:
+    /// [`DEFAULT_OUTPUT_RESERVATION`].
+    pub default_output_reservation: Option<u64>,
     /// Exact names or a prefix ending in `*`; `None`: every model.
     pub models: Option<Vec<String>>,
     /// With `models`: the endpoints that generate without naming a model where the proxy can
@@ -135,10 +142,29 @@ pub struct ClientLimits {
     pub disabled: bool,
 }
 
+/// The output tokens a request naming no `max_tokens` (nor its variants) reserves by default.
+pub const DEFAULT_OUTPUT_RESERVATION: u64 = 4096;
+
 impl ClientLimits {
     /// Whether the proxy needs the request's body (its `model`, its size) for this client.
     pub fn reads_body(&self) -> bool {
-        self.models.is_some() || self.counts_tokens()
+        self.models.is_some() || self.counts_tokens() || self.has_dollar_budget()
+    }
+
+    /// Whether the client has a budget (tokens or dollars) that must be kept across restarts.
+    pub fn has_budget(&self) -> bool {
+        self.tokens_per_day.is_some() || self.has_dollar_budget()
+    }
+
+    /// Whether the client has a budget in dollars: its requests are then priced before they go.
+    pub fn has_dollar_budget(&self) -> bool {
+        self.usd_per_day.is_some() || self.usd_per_month.is_some()
+    }
+
+    /// The output tokens reserved when the request names no cap.
+    pub fn output_reservation(&self) -> u64 {
+        self.default_output_reservation
+            .unwrap_or(DEFAULT_OUTPUT_RESERVATION)
     }
 
     pub fn counts_tokens(&self) -> bool {
@@ -151,6 +177,7 @@ impl ClientLimits {
         self.requests_per_minute.is_some()
             || self.max_concurrent_requests.is_some()
             || self.counts_tokens()
+            || self.has_dollar_budget()
     }
 
     pub fn allows_model(&self, model: &str) -> bool {
@@ -223,6 +250,12 @@ struct Entry {
     max_concurrent_requests: Option<u64>,
     #[serde(default, deserialize_with = "count")]
     tokens_per_day: Option<u64>,
+    #[serde(default, deserialize_with = "dollars")]
+    usd_per_day: Option<Nanos>,
+    #[serde(default, deserialize_with = "dollars")]
+    usd_per_month: Option<Nanos>,
+    #[serde(default, deserialize_with = "count")]
+    default_output_reservation: Option<u64>,
     #[serde(default, deserialize_with = "models")]
     models: Option<Vec<String>>,
     #[serde(default, deserialize_with = "endpoints")]
@@ -306,11 +339,14 @@ fn parse_client(name: &str, entry: toml::Value) -> Result<Client, String> {
         }
         (None, None) => return Err(format!("{at}.token: is required (or token_sha256)")),
     };
-    if entry.endpoints.is_some() && entry.models.is_none() {
-        // Without a model list every endpoint is open to the client: a list of endpoints alone
-        // would read as a restriction that is not one.
+    let dollar_budget = entry.usd_per_day.is_some() || entry.usd_per_month.is_some();
+    if entry.endpoints.is_some() && entry.models.is_none() && !dollar_budget {
+        // Without a model list (or a dollar budget, which refuses what it cannot price) every
+        // endpoint is open to the client: a list of endpoints alone would read as a restriction
+        // that is not one.
         return Err(format!(
-            "{at}.endpoints: is for a client with a models list (without one, every endpoint is open)"
+            "{at}.endpoints: is for a client with a models list or a dollar budget (without \
+             either, every endpoint is open)"
         ));
     }
     Ok(Client {
@@ -322,6 +358,9 @@ fn parse_client(name: &str, entry: toml::Value) -> Result<Client, String> {
             tokens_per_minute: entry.tokens_per_minute,
             max_concurrent_requests: entry.max_concurrent_requests,
             tokens_per_day: entry.tokens_per_day,
+            usd_per_day: entry.usd_per_day,
+            usd_per_month: entry.usd_per_month,
+            default_output_reservation: entry.default_output_reservation,
             models: entry.models,
             endpoints: entry.endpoints,
             expires_at: entry.expires_at,
@@ -357,6 +396,22 @@ pub(super) fn count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option
         Some(number) if number >= 1 => Ok(Some(number as u64)),
         _ => Err(D::Error::custom("must be a whole number of at least 1")),
     }
+}
+
+/// US dollars, a decimal number above 0 (`20`, `0.5`), kept as nano-dollars: a budget that
+/// rounds to nothing would refuse everything by accident.
+fn dollars<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Nanos>, D::Error> {
+    let usd = match value(deserializer)? {
+        toml::Value::Float(usd) => Some(usd),
+        toml::Value::Integer(usd) => Some(usd as f64),
+        _ => None,
+    };
+    usd.and_then(nanos_of_usd)
+        .filter(|nanos| *nanos > 0)
+        .map(Some)
+        .ok_or_else(|| {
+            D::Error::custom("must be a number of US dollars above 0, such as 20 or 0.5")
+        })
 }
 
 fn boolean<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
@@ -469,6 +524,9 @@ mod tests {
         tokens_per_minute = 100000
         max_concurrent_requests = 4
         tokens_per_day = 2000000
+        usd_per_day = 20
+        usd_per_month = 250.5
+        default_output_reservation = 1024
         models = ["gpt-4o-mini", "gpt-4o-*"]
         endpoints = ["/v1/batches*", "/v1/evals/eval_1/runs"]
         expires_at = 2027-01-01T00:00:00Z
@@ -490,6 +548,10 @@ mod tests {
         assert_eq!(alice.limits.tokens_per_minute, Some(100_000));
         assert_eq!(alice.limits.max_concurrent_requests, Some(4));
         assert_eq!(alice.limits.tokens_per_day, Some(2_000_000));
+        assert_eq!(alice.limits.usd_per_day, Some(20_000_000_000));
+        assert_eq!(alice.limits.usd_per_month, Some(250_500_000_000));
+        assert_eq!(alice.limits.output_reservation(), 1024);
+        assert!(alice.limits.has_dollar_budget());
         assert!(alice.limits.allows_model("gpt-4o-mini"));
         assert!(alice.limits.allows_model("gpt-4o-2024-08-06"));
         assert!(!alice.limits.allows_model("gpt-4"));
@@ -508,6 +570,45 @@ mod tests {
         assert!(bob.limits.allows_model("anything"));
         assert!(!bob.limits.allows_endpoint("/v1/batches"));
         assert!(!bob.limits.is_limited());
+        assert!(!bob.limits.has_dollar_budget());
+        assert_eq!(bob.limits.output_reservation(), DEFAULT_OUTPUT_RESERVATION);
+    }
+
+    #[test]
+    fn a_dollar_budget_is_a_positive_amount_and_makes_the_body_read() {
+        let limits = |fields: &str| parse(&format!("[clients.a]\ntoken=\"t\"\n{fields}"));
+        let cents = limits("usd_per_month = 0.01").unwrap();
+        assert_eq!(cents[0].limits.usd_per_month, Some(10_000_000));
+        assert!(cents[0].limits.reads_body() && cents[0].limits.is_limited());
+        for (field, value) in [
+            ("usd_per_day", "0"),
+            ("usd_per_day", "-5"),
+            ("usd_per_day", "\"20\""),
+            ("usd_per_day", "nan"),
+            ("usd_per_day", "inf"),
+            ("usd_per_month", "1e30"),
+            // Less than a nano-dollar rounds to nothing.
+            ("usd_per_month", "1e-12"),
+        ] {
+            let message = limits(&format!("{field} = {value}")).expect_err(value);
+            assert_eq!(
+                message,
+                format!(
+                    "clients.a.{field}: must be a number of US dollars above 0, such as 20 or 0.5"
+                ),
+                "{value}"
+            );
+        }
+        for value in ["0", "-1", "1.5", "\"4096\""] {
+            let message =
+                limits(&format!("default_output_reservation = {value}")).expect_err(value);
+            assert_eq!(
+                message,
+                "clients.a.default_output_reservation: must be a whole number of at least 1"
+            );
+        }
+        // A dollar budget refuses the endpoints it cannot price unless they are listed.
+        assert!(limits("usd_per_day = 1\nendpoints = [\"/v1/batches*\"]").is_ok());
     }
 
     #[test]
@@ -629,7 +730,9 @@ mod tests {
         }
         let alone = error("[clients.a]\ntoken=\"t\"\nendpoints=[\"/v1/batches\"]");
         assert!(
-            alone.starts_with("clients.a.endpoints: is for a client with a models list"),
+            alone.starts_with(
+                "clients.a.endpoints: is for a client with a models list or a dollar budget"
+            ),
             "{alone}"
         );
     }

@@ -178,7 +178,7 @@ pub const VARIABLES: &[Variable] = &[
         default: Default::Value("state"),
         reload: Reload::Restart,
         ours_by_prefix: Some("STATE_"),
-        meaning: "where daily token budgets and the spend ledger survive restarts",
+        meaning: "where the token and dollar budgets and the spend ledger survive restarts",
     },
     Variable {
         name: "DEFAULT_AUTH_HEADER",

@@ -1,5 +1,6 @@
-//! The in-process limiter: GCRA for the per-minute limits, a counter per UTC day for the budget,
-//! a count of requests in flight, and a one-second ring for what `/admin/clients` shows.
+//! The in-process limiter: GCRA for the per-minute limits, counters per UTC day for the token
+//! and dollar budgets and per UTC calendar month for the dollar one, a count of requests in
+//! flight, and a one-second ring for what `/admin/clients` shows.
 //!
 //! GCRA (the generic cell rate algorithm, as in redis-cell and Helicone) keeps one time per
 //! limit, the "theoretical arrival time": each request (or token) pushes it on by 60 s / limit,
@@ -10,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
@@ -20,9 +21,11 @@ use tokio::time::Instant;
 
 use super::limiter::{Budgets, Charge, ClientUsage, Limiter, Reason, Refusal, Standing, Window};
 use crate::config::ClientLimits;
+pub use crate::vocab::calendar::utc_day;
+use crate::vocab::calendar::{month_of, until_next_day, until_next_month};
+use crate::vocab::price::Nanos;
 
 pub const WINDOW: Duration = Duration::from_secs(60);
-const DAY_SECS: u64 = 24 * 60 * 60;
 /// A concurrency refusal has no time in the limiter's state: a place frees when some running
 /// request ends, which nothing can predict. One second is the shortest `Retry-After`.
 const CONCURRENCY_RETRY: Duration = Duration::from_secs(1);
@@ -45,6 +48,9 @@ struct ClientState {
     in_flight: u64,
     day: u64,
     tokens_today: u64,
+    /// Nano-dollars of `day`, and of the month `day` is in.
+    usd_today: Nanos,
+    usd_month: Nanos,
     recent: Recent,
 }
 
@@ -130,18 +136,6 @@ fn window(tat: Option<Instant>, now: Instant, limit: u64) -> Window {
     }
 }
 
-pub fn utc_day(wall: SystemTime) -> u64 {
-    wall.duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-        / DAY_SECS
-}
-
-fn until_next_day(wall: SystemTime) -> Duration {
-    let secs = wall.duration_since(UNIX_EPOCH).unwrap_or_default();
-    Duration::from_secs((utc_day(wall) + 1) * DAY_SECS).saturating_sub(secs)
-}
-
 impl ClientState {
     fn standing(&self, limits: &ClientLimits, now: Instant) -> Standing {
         Standing {
@@ -154,17 +148,87 @@ impl ClientState {
         }
     }
 
+    /// A new day empties the day's counts; a new month the month's too.
     fn roll_day(&mut self, today: u64) {
         if self.day != today {
+            if month_of(self.day) != month_of(today) {
+                self.usd_month = 0;
+            }
             self.day = today;
             self.tokens_today = 0;
+            self.usd_today = 0;
         }
     }
+}
+
+/// What one request asks of the limits: tokens and nano-dollars.
+#[derive(Clone, Copy)]
+struct Asked {
+    estimate: u64,
+    reservation: Nanos,
 }
 
 impl MemoryLimiter {
     pub fn new() -> MemoryLimiter {
         MemoryLimiter::default()
+    }
+
+    /// The counts of the day (and month) `wall` is in, for the state file.
+    pub fn budgets_at(&self, wall: SystemTime) -> Budgets {
+        let today = utc_day(wall);
+        let clients = self.0.clients.lock();
+        let mut budgets = Budgets {
+            day: today,
+            ..Budgets::default()
+        };
+        for (name, state) in clients.iter() {
+            if state.day == today && state.tokens_today > 0 {
+                budgets.tokens.push((name.to_string(), state.tokens_today));
+            }
+            if state.day == today && state.usd_today > 0 {
+                budgets.usd_today.push((name.to_string(), state.usd_today));
+            }
+            if month_of(state.day) == month_of(today) && state.usd_month > 0 {
+                budgets.usd_month.push((name.to_string(), state.usd_month));
+            }
+        }
+        budgets.tokens.sort();
+        budgets.usd_today.sort();
+        budgets.usd_month.sort();
+        budgets
+    }
+
+    /// Puts counts read back in place: the day's if `budgets.day` is today, the month's if it
+    /// is in this month (a restart on the 2nd still knows what the 1st spent).
+    pub fn restore_budgets_at(&self, budgets: Budgets, wall: SystemTime) {
+        let today = utc_day(wall);
+        let same_day = budgets.day == today;
+        let same_month = month_of(budgets.day) == month_of(today);
+        if !same_month {
+            return;
+        }
+        let mut clients = self.0.clients.lock();
+        fn state<'a>(
+            clients: &'a mut HashMap<Arc<str>, ClientState>,
+            name: &str,
+            today: u64,
+        ) -> &'a mut ClientState {
+            let state = clients.entry(Arc::from(name)).or_default();
+            state.roll_day(today);
+            state
+        }
+        if same_day {
+            for (name, tokens) in &budgets.tokens {
+                state(&mut clients, name, today).tokens_today = *tokens;
+            }
+            for (name, nanos) in &budgets.usd_today {
+                state(&mut clients, name, today).usd_today = *nanos;
+            }
+        }
+        for (name, nanos) in &budgets.usd_month {
+            state(&mut clients, name, today).usd_month = *nanos;
+        }
+        self.0.budget_generation.fetch_add(1, Ordering::Relaxed);
     }
 
     /// `acquire` at a given time, for tests.
@@ -173,16 +237,21 @@ impl MemoryLimiter {
         client: &str,
         limits: &ClientLimits,
         estimate: u64,
+        reservation: Nanos,
         now: Instant,
         wall: SystemTime,
     ) -> Result<(Charge, Standing), Refusal> {
         let mut clients = self.0.clients.lock();
+        let asked = Asked {
+            estimate,
+            reservation,
+        };
         // A lookup first: the key is allocated only for a client's first request.
         if let Some(state) = clients.get_mut(client) {
-            return self.decide(state, limits, estimate, now, wall);
+            return self.decide(state, limits, asked, now, wall);
         }
         let state = clients.entry(Arc::from(client)).or_default();
-        self.decide(state, limits, estimate, now, wall)
+        self.decide(state, limits, asked, now, wall)
     }
 
     /// Every check of `acquire`, then every charge, on one client's state.
@@ -190,10 +259,14 @@ impl MemoryLimiter {
         &self,
         state: &mut ClientState,
         limits: &ClientLimits,
-        estimate: u64,
+        asked: Asked,
         now: Instant,
         wall: SystemTime,
     ) -> Result<(Charge, Standing), Refusal> {
+        let Asked {
+            estimate,
+            reservation,
+        } = asked;
         let today = utc_day(wall);
         state.roll_day(today);
         let refuse = |reason, retry_after, state: &ClientState| Refusal {
@@ -237,6 +310,17 @@ impl MemoryLimiter {
         {
             refusals.push((Reason::Budget, until_next_day(wall)));
         }
+        // Spent and reserved so far, with this reservation, within each dollar budget.
+        if let Some(budget) = limits.usd_per_day
+            && state.usd_today.saturating_add(reservation) > budget
+        {
+            refusals.push((Reason::UsdPerDay, until_next_day(wall)));
+        }
+        if let Some(budget) = limits.usd_per_month
+            && state.usd_month.saturating_add(reservation) > budget
+        {
+            refusals.push((Reason::UsdPerMonth, until_next_month(wall)));
+        }
         if let Some((reason, retry_after)) = refusals.into_iter().max_by_key(|(_, wait)| *wait) {
             return Err(refuse(reason, retry_after, state));
         }
@@ -249,11 +333,14 @@ impl MemoryLimiter {
         }
         state.in_flight += 1;
         state.tokens_today = state.tokens_today.saturating_add(estimate);
+        state.usd_today = state.usd_today.saturating_add(reservation);
+        state.usd_month = state.usd_month.saturating_add(reservation);
         state.recent.add(second(now), 1, signed(estimate));
         self.0.budget_generation.fetch_add(1, Ordering::Relaxed);
         Ok((
             Charge {
                 tokens: estimate,
+                nanos: reservation,
                 day: today,
                 slot: 0,
             },
@@ -261,12 +348,15 @@ impl MemoryLimiter {
         ))
     }
 
+    /// `settle` at a given time, for tests: the two clocks are what makes it worth having.
+    #[allow(clippy::too_many_arguments)]
     pub fn settle_at(
         &self,
         client: &str,
         limits: &ClientLimits,
         charge: Charge,
         used: u64,
+        spent: Nanos,
         now: Instant,
         wall: SystemTime,
     ) {
@@ -288,6 +378,22 @@ impl MemoryLimiter {
             .tokens_today
             .saturating_sub(charged_today)
             .saturating_add(used);
+        // The reservation comes out of the periods it went into, if they are still running; the
+        // cost goes into the current ones.
+        let reserved_today = if charge.day == today { charge.nanos } else { 0 };
+        let reserved_this_month = if month_of(charge.day) == month_of(today) {
+            charge.nanos
+        } else {
+            0
+        };
+        state.usd_today = state
+            .usd_today
+            .saturating_sub(reserved_today)
+            .saturating_add(spent);
+        state.usd_month = state
+            .usd_month
+            .saturating_sub(reserved_this_month)
+            .saturating_add(spent);
         if let (Some(limit), Some(tat)) = (limits.tokens_per_minute, state.token_tat) {
             let period = period(limit);
             state.token_tat = Some(if used >= charge.tokens {
@@ -332,15 +438,26 @@ impl MemoryLimiter {
             return ClientUsage::default();
         };
         let (requests, tokens) = state.recent.last_minute(second(now));
+        let today = utc_day(wall);
         ClientUsage {
             requests_last_minute: requests,
             tokens_last_minute: tokens,
-            tokens_today: if state.day == utc_day(wall) {
+            tokens_today: if state.day == today {
                 state.tokens_today
             } else {
                 0
             },
             in_flight: state.in_flight,
+            usd_today: if state.day == today {
+                state.usd_today
+            } else {
+                0
+            },
+            usd_this_month: if month_of(state.day) == month_of(today) {
+                state.usd_month
+            } else {
+                0
+            },
         }
     }
 }
@@ -358,17 +475,26 @@ impl Limiter for MemoryLimiter {
         client: &'a str,
         limits: &'a ClientLimits,
         estimate: u64,
+        reservation: Nanos,
     ) -> BoxFuture<'a, Result<(Charge, Standing), Refusal>> {
-        let decided = self.acquire_at(client, limits, estimate, Instant::now(), SystemTime::now());
+        let decided = self.acquire_at(
+            client,
+            limits,
+            estimate,
+            reservation,
+            Instant::now(),
+            SystemTime::now(),
+        );
         Box::pin(std::future::ready(decided))
     }
 
-    fn settle(&self, client: &str, limits: &ClientLimits, charge: Charge, used: u64) {
+    fn settle(&self, client: &str, limits: &ClientLimits, charge: Charge, used: u64, spent: Nanos) {
         self.settle_at(
             client,
             limits,
             charge,
             used,
+            spent,
             Instant::now(),
             SystemTime::now(),
         );
@@ -380,27 +506,11 @@ impl Limiter for MemoryLimiter {
     }
 
     fn budgets(&self) -> Option<Budgets> {
-        let today = utc_day(SystemTime::now());
-        let clients = self.0.clients.lock();
-        let mut tokens: Vec<(String, u64)> = clients
-            .iter()
-            .filter(|(_, state)| state.day == today && state.tokens_today > 0)
-            .map(|(name, state)| (name.to_string(), state.tokens_today))
-            .collect();
-        tokens.sort();
-        Some(Budgets { day: today, tokens })
+        Some(self.budgets_at(SystemTime::now()))
     }
 
     fn restore_budgets(&self, budgets: Budgets) {
-        if budgets.day != utc_day(SystemTime::now()) {
-            return;
-        }
-        let mut clients = self.0.clients.lock();
-        for (name, tokens) in budgets.tokens {
-            let state = clients.entry(Arc::from(name.as_str())).or_default();
-            state.day = budgets.day;
-            state.tokens_today = tokens;
-        }
+        self.restore_budgets_at(budgets, SystemTime::now());
     }
 
     fn budget_generation(&self) -> u64 {
@@ -426,16 +536,16 @@ mod tests {
         let five = limits(Some(5), None);
         let (now, wall) = (Instant::now(), SystemTime::now());
         for remaining in (0..5).rev() {
-            let (_, standing) = limiter.acquire_at("a", &five, 0, now, wall).unwrap();
+            let (_, standing) = limiter.acquire_at("a", &five, 0, 0, now, wall).unwrap();
             assert_eq!(standing.requests.unwrap().remaining, remaining);
         }
-        let refusal = limiter.acquire_at("a", &five, 0, now, wall).unwrap_err();
+        let refusal = limiter.acquire_at("a", &five, 0, 0, now, wall).unwrap_err();
         assert_eq!(refusal.reason, Reason::Requests);
         assert_eq!(refusal.retry_after, Duration::from_secs(12));
         let early = now + Duration::from_millis(11_999);
-        assert!(limiter.acquire_at("a", &five, 0, early, wall).is_err());
+        assert!(limiter.acquire_at("a", &five, 0, 0, early, wall).is_err());
         let on_time = now + Duration::from_secs(12);
-        assert!(limiter.acquire_at("a", &five, 0, on_time, wall).is_ok());
+        assert!(limiter.acquire_at("a", &five, 0, 0, on_time, wall).is_ok());
     }
 
     #[test]
@@ -445,14 +555,16 @@ mod tests {
         let both = limits(Some(5), Some(1000));
         let (now, wall) = (Instant::now(), SystemTime::now());
         for _ in 0..5 {
-            limiter.acquire_at("a", &both, 200, now, wall).unwrap();
+            limiter.acquire_at("a", &both, 200, 0, now, wall).unwrap();
         }
         // The sixth is over both: 12 s for a request, 500 tokens * 60 ms = 30 s for its tokens.
-        let refusal = limiter.acquire_at("a", &both, 500, now, wall).unwrap_err();
+        let refusal = limiter
+            .acquire_at("a", &both, 500, 0, now, wall)
+            .unwrap_err();
         assert_eq!(refusal.reason, Reason::Tokens);
         assert_eq!(refusal.retry_after, Duration::from_secs(30));
         let told = now + refusal.retry_after;
-        assert!(limiter.acquire_at("a", &both, 500, told, wall).is_ok());
+        assert!(limiter.acquire_at("a", &both, 500, 0, told, wall).is_ok());
     }
 
     #[test]
@@ -461,11 +573,13 @@ mod tests {
         let tokens = limits(None, Some(1000));
         let (now, wall) = (Instant::now(), SystemTime::now());
         let (charge, _) = limiter
-            .acquire_at("a", &tokens, u64::MAX, now, wall)
+            .acquire_at("a", &tokens, u64::MAX, 0, now, wall)
             .unwrap();
-        let refusal = limiter.acquire_at("a", &tokens, 1, now, wall).unwrap_err();
+        let refusal = limiter
+            .acquire_at("a", &tokens, 1, 0, now, wall)
+            .unwrap_err();
         assert!(refusal.retry_after <= Duration::from_secs(24 * 60 * 60));
-        limiter.settle_at("a", &tokens, charge, u64::MAX, now, wall);
+        limiter.settle_at("a", &tokens, charge, u64::MAX, 0, now, wall);
         assert_eq!(limiter.usage_at("a", now, wall).tokens_today, u64::MAX);
     }
 
@@ -474,16 +588,16 @@ mod tests {
         let limiter = MemoryLimiter::new();
         let tokens = limits(Some(100), Some(1000));
         let (now, wall) = (Instant::now(), SystemTime::now());
-        let (charge, _) = limiter.acquire_at("a", &tokens, 800, now, wall).unwrap();
+        let (charge, _) = limiter.acquire_at("a", &tokens, 800, 0, now, wall).unwrap();
         let refusal = limiter
-            .acquire_at("a", &tokens, 300, now, wall)
+            .acquire_at("a", &tokens, 300, 0, now, wall)
             .unwrap_err();
         assert_eq!(refusal.reason, Reason::Tokens);
         // 100 tokens over: 100 * 60 ms until they are free.
         assert_eq!(refusal.retry_after, Duration::from_secs(6));
         assert_eq!(refusal.standing.requests.unwrap().remaining, 99);
-        limiter.settle_at("a", &tokens, charge, 50, now, wall);
-        let (_, standing) = limiter.acquire_at("a", &tokens, 300, now, wall).unwrap();
+        limiter.settle_at("a", &tokens, charge, 50, 0, now, wall);
+        let (_, standing) = limiter.acquire_at("a", &tokens, 300, 0, now, wall).unwrap();
         assert_eq!(standing.tokens.unwrap().remaining, 650);
         let usage = limiter.usage_at("a", now, wall);
         assert_eq!(usage.tokens_today, 350);
@@ -497,8 +611,10 @@ mod tests {
         let limiter = MemoryLimiter::new();
         let small = limits(None, Some(100));
         let (now, wall) = (Instant::now(), SystemTime::now());
-        assert!(limiter.acquire_at("a", &small, 500, now, wall).is_ok());
-        let refusal = limiter.acquire_at("a", &small, 500, now, wall).unwrap_err();
+        assert!(limiter.acquire_at("a", &small, 500, 0, now, wall).is_ok());
+        let refusal = limiter
+            .acquire_at("a", &small, 500, 0, now, wall)
+            .unwrap_err();
         assert_eq!(refusal.retry_after, Duration::from_secs(300));
     }
 
@@ -511,14 +627,18 @@ mod tests {
         };
         let now = Instant::now();
         let evening = humantime::parse_rfc3339("2026-12-01T23:59:00Z").unwrap();
-        assert!(limiter.acquire_at("a", &budget, 100, now, evening).is_ok());
+        assert!(
+            limiter
+                .acquire_at("a", &budget, 100, 0, now, evening)
+                .is_ok()
+        );
         let refusal = limiter
-            .acquire_at("a", &budget, 1, now, evening)
+            .acquire_at("a", &budget, 1, 0, now, evening)
             .unwrap_err();
         assert_eq!(refusal.reason, Reason::Budget);
         assert_eq!(refusal.retry_after, Duration::from_secs(60));
         let morning = evening + Duration::from_secs(60);
-        assert!(limiter.acquire_at("a", &budget, 1, now, morning).is_ok());
+        assert!(limiter.acquire_at("a", &budget, 1, 0, now, morning).is_ok());
     }
 
     #[test]
@@ -529,10 +649,156 @@ mod tests {
             ..ClientLimits::default()
         };
         let (now, wall) = (Instant::now(), SystemTime::now());
-        let (charge, _) = limiter.acquire_at("a", &one, 0, now, wall).unwrap();
-        let refusal = limiter.acquire_at("a", &one, 0, now, wall).unwrap_err();
+        let (charge, _) = limiter.acquire_at("a", &one, 0, 0, now, wall).unwrap();
+        let refusal = limiter.acquire_at("a", &one, 0, 0, now, wall).unwrap_err();
         assert_eq!(refusal.reason, Reason::Concurrency);
-        limiter.settle_at("a", &one, charge, 0, now, wall);
-        assert!(limiter.acquire_at("a", &one, 0, now, wall).is_ok());
+        limiter.settle_at("a", &one, charge, 0, 0, now, wall);
+        assert!(limiter.acquire_at("a", &one, 0, 0, now, wall).is_ok());
+    }
+
+    fn dollars(day: Option<Nanos>, month: Option<Nanos>) -> ClientLimits {
+        ClientLimits {
+            usd_per_day: day,
+            usd_per_month: month,
+            ..ClientLimits::default()
+        }
+    }
+
+    fn at(text: &str) -> SystemTime {
+        humantime::parse_rfc3339(text).unwrap()
+    }
+
+    #[test]
+    fn a_reservation_fits_what_is_spent_and_reserved_or_waits_for_midnight() {
+        let limiter = MemoryLimiter::new();
+        let ten_cents = dollars(Some(100_000_000), None);
+        let now = Instant::now();
+        let noon = at("2026-12-07T12:00:00Z");
+        let (first, _) = limiter
+            .acquire_at("a", &ten_cents, 0, 60_000_000, now, noon)
+            .unwrap();
+        // In flight, the reservation counts: 60 + 50 is over 100.
+        let refusal = limiter
+            .acquire_at("a", &ten_cents, 0, 50_000_000, now, noon)
+            .unwrap_err();
+        assert_eq!(refusal.reason, Reason::UsdPerDay);
+        assert_eq!(refusal.retry_after, Duration::from_secs(12 * 60 * 60));
+        // Settled at its cost, the rest is free again; exactly the budget fits.
+        limiter.settle_at("a", &ten_cents, first, 0, 20_000_000, now, noon);
+        let (second, _) = limiter
+            .acquire_at("a", &ten_cents, 0, 80_000_000, now, noon)
+            .unwrap();
+        assert!(
+            limiter
+                .acquire_at("a", &ten_cents, 0, 1, now, noon)
+                .is_err()
+        );
+        let usage = limiter.usage_at("a", now, noon);
+        assert_eq!(
+            (usage.usd_today, usage.usd_this_month),
+            (100_000_000, 100_000_000)
+        );
+        // A settlement above the reservation counts in full.
+        limiter.settle_at("a", &ten_cents, second, 0, 90_000_000, now, noon);
+        assert_eq!(limiter.usage_at("a", now, noon).usd_today, 110_000_000);
+        // A refusal charged nothing; the next day starts from zero.
+        let morning = at("2026-12-08T00:00:00Z");
+        assert!(
+            limiter
+                .acquire_at("a", &ten_cents, 0, 100_000_000, now, morning)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn the_month_budget_spans_days_and_renews_on_the_first_of_the_month() {
+        let limiter = MemoryLimiter::new();
+        // Two dollars a day, three a month.
+        let both = dollars(Some(2_000_000_000), Some(3_000_000_000));
+        let now = Instant::now();
+        let spend = |wall: SystemTime, nanos: Nanos| {
+            let (charge, _) = limiter.acquire_at("a", &both, 0, nanos, now, wall).unwrap();
+            limiter.settle_at("a", &both, charge, 0, nanos, now, wall);
+        };
+        spend(at("2026-11-29T10:00:00Z"), 2_000_000_000);
+        // The day is spent: refused until midnight.
+        let late = at("2026-11-29T23:00:00Z");
+        let refusal = limiter.acquire_at("a", &both, 0, 1, now, late).unwrap_err();
+        assert_eq!(refusal.reason, Reason::UsdPerDay);
+        assert_eq!(refusal.retry_after, Duration::from_secs(3600));
+        // A new day, but one dollar left of the month: the month refuses, until December.
+        let next_day = at("2026-11-30T06:00:00Z");
+        spend(next_day, 1_000_000_000);
+        let refusal = limiter
+            .acquire_at("a", &both, 0, 1, now, next_day)
+            .unwrap_err();
+        assert_eq!(refusal.reason, Reason::UsdPerMonth);
+        assert_eq!(refusal.retry_after, Duration::from_secs(18 * 3600));
+        let usage = limiter.usage_at("a", now, next_day);
+        assert_eq!(
+            (usage.usd_today, usage.usd_this_month),
+            (1_000_000_000, 3_000_000_000)
+        );
+        // Over both on the month's last day, the same wait: the month is named, the budget
+        // that keeps refusing however the day is spent.
+        let refusal = limiter
+            .acquire_at("a", &both, 0, 1_500_000_000, now, next_day)
+            .unwrap_err();
+        assert_eq!(refusal.reason, Reason::UsdPerMonth);
+        // December the first: both renew.
+        let december = at("2026-12-01T00:00:00Z");
+        let usage = limiter.usage_at("a", now, december);
+        assert_eq!((usage.usd_today, usage.usd_this_month), (0, 0));
+        spend(december, 2_000_000_000);
+        assert_eq!(
+            limiter.usage_at("a", now, december).usd_this_month,
+            2_000_000_000
+        );
+    }
+
+    #[test]
+    fn a_request_settled_after_its_month_ended_takes_its_reservation_out_of_nothing() {
+        let limiter = MemoryLimiter::new();
+        let month = dollars(None, Some(1_000_000_000));
+        let now = Instant::now();
+        let (charge, _) = limiter
+            .acquire_at("a", &month, 0, 400_000_000, now, at("2026-12-31T23:59:59Z"))
+            .unwrap();
+        let january = at("2027-01-01T00:00:01Z");
+        limiter.settle_at("a", &month, charge, 0, 100_000_000, now, january);
+        let usage = limiter.usage_at("a", now, january);
+        assert_eq!(
+            (usage.usd_today, usage.usd_this_month),
+            (100_000_000, 100_000_000)
+        );
+    }
+
+    #[test]
+    fn the_months_counts_come_back_after_a_restart_on_another_day() {
+        let limiter = MemoryLimiter::new();
+        let month = dollars(Some(5_000_000_000), Some(9_000_000_000));
+        let now = Instant::now();
+        let first = at("2026-12-01T10:00:00Z");
+        let (charge, _) = limiter.acquire_at("a", &month, 7, 300, now, first).unwrap();
+        limiter.settle_at("a", &month, charge, 7, 300, now, first);
+        let kept = limiter.budgets_at(first);
+        assert_eq!(kept.usd_today, vec![("a".to_string(), 300)]);
+        assert_eq!(kept.usd_month, vec![("a".to_string(), 300)]);
+        let second = at("2026-12-02T10:00:00Z");
+        let restarted = MemoryLimiter::new();
+        restarted.restore_budgets_at(kept.clone(), second);
+        let usage = restarted.usage_at("a", now, second);
+        assert_eq!(
+            (usage.tokens_today, usage.usd_today, usage.usd_this_month),
+            (0, 0, 300)
+        );
+        let january = MemoryLimiter::new();
+        january.restore_budgets_at(kept, at("2027-01-01T10:00:00Z"));
+        assert_eq!(
+            january
+                .usage_at("a", now, at("2027-01-01T10:00:00Z"))
+                .usd_this_month,
+            0
+        );
     }
 }

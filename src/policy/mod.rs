@@ -20,7 +20,7 @@ use warp::http::HeaderMap;
 use crate::config::{Client, ClientLimits, Config};
 use crate::error::{ErrorFormat, ProxyError};
 use crate::ops::metrics::Metrics;
-use crate::vocab::Nanos;
+use crate::vocab::{Nanos, Price};
 pub use ledger::Ledger;
 pub use limiter::{ClientUsage, Limiter, Reason, Refusal, Standing, TokenLimit, Window};
 pub use memory::MemoryLimiter;
@@ -113,17 +113,43 @@ impl Policy {
         Err(error)
     }
 
+    /// What a request of a client with a dollar budget reserves before it goes (0 for any other
+    /// client): see [`reservation`]. A refusal is counted and answered here.
+    pub fn reserve(
+        &self,
+        client: &Client,
+        priced: Priced<'_>,
+        inspected: Option<&Inspected>,
+        prices: impl IntoIterator<Item = Option<Price>>,
+    ) -> Result<Nanos, ProxyError> {
+        let reserved = reservation(&client.limits, priced, inspected, prices);
+        if let Err(error) = reserved {
+            let reason = match error {
+                ProxyError::ModelRequired => Reason::ModelRequired,
+                _ => Reason::Unpriced,
+            };
+            self.0.metrics.limit_refusal(&client.name, reason.as_str());
+        }
+        reserved
+    }
+
     /// Admits the request or answers the refusal. A client without limits is always admitted,
     /// and counted all the same: `/admin/clients` shows everybody's usage. `inspected` is what
-    /// was read from the body, when it was read.
+    /// was read from the body, when it was read; `reservation` the nano-dollars
+    /// [`Policy::reserve`] set aside for it.
     pub async fn admit(
         &self,
         client: &Arc<Client>,
         inspected: Option<&Inspected>,
+        reservation: Nanos,
     ) -> Result<Ticket, warp::reply::Response> {
-        if let Some(error) =
-            inspected.and_then(|inspected| refused_outright(&client.limits, inspected))
-        {
+        let refused = inspected
+            .and_then(|inspected| refused_outright(&client.limits, inspected))
+            .or_else(|| {
+                exceeded_dollars(&client.limits, reservation)
+                    .map(|limit| ProxyError::RequestExceedsLimit { limit })
+            });
+        if let Some(error) = refused {
             if let ProxyError::RequestExceedsLimit { limit } = error {
                 self.0
                     .metrics
@@ -135,7 +161,7 @@ impl Policy {
         match self
             .0
             .limiter
-            .acquire(&client.name, &client.limits, estimate)
+            .acquire(&client.name, &client.limits, estimate, reservation)
             .await
         {
             Ok((charge, standing)) => Ok(Ticket {
@@ -144,6 +170,7 @@ impl Policy {
                 charge,
                 standing,
                 used: None,
+                spent: 0,
             }),
             Err(refusal) => {
                 self.0
@@ -156,10 +183,10 @@ impl Policy {
 }
 
 /// What is refused from the request alone, before the limiter is asked: no state is read, so it
-/// is cheap and the same for every backend. Only for a client with token limits: for anybody
-/// else the upstream judges an odd `max_tokens`, and nothing is too large.
+/// is cheap and the same for every backend. Only for a client with token limits or a dollar
+/// budget: for anybody else the upstream judges an odd `max_tokens`, and nothing is too large.
 fn refused_outright(limits: &ClientLimits, inspected: &Inspected) -> Option<ProxyError> {
-    if !limits.counts_tokens() {
+    if !limits.counts_tokens() && !limits.has_dollar_budget() {
         return None;
     }
     if inspected.invalid_output_cap {
@@ -184,6 +211,80 @@ pub fn exceeded_limit(limits: &ClientLimits, estimate: u64) -> Option<TokenLimit
     .map(|(_, name)| name)
 }
 
+/// The dollar budget a reservation alone is larger than (the smaller when both): such a
+/// request can never be admitted, so it is told so rather than to wait. Exactly the budget fits.
+pub fn exceeded_dollars(limits: &ClientLimits, reservation: Nanos) -> Option<TokenLimit> {
+    [
+        (limits.usd_per_day, TokenLimit::UsdPerDay),
+        (limits.usd_per_month, TokenLimit::UsdPerMonth),
+    ]
+    .into_iter()
+    .filter_map(|(limit, name)| Some((limit?, name)))
+    .filter(|(limit, _)| reservation > *limit)
+    .min_by_key(|(limit, _)| *limit)
+    .map(|(_, name)| name)
+}
+
+/// What a request is priced as, for [`reservation`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priced<'a> {
+    /// The model routed (after its alias).
+    Model(&'a str),
+    /// The endpoint reads a model and the request names none.
+    NoModel,
+    /// The endpoint makes the upstream generate nothing (files, listings, cancellations).
+    NotGenerating,
+    /// The endpoint at this canonical path can generate without naming a model the proxy can
+    /// read.
+    Unreadable { path: &'a str },
+}
+
+/// The nano-dollars a request reserves before it goes, for a client with a dollar budget (0 for
+/// any other): the prompt estimate at `input` plus the request's output cap (or the client's
+/// `default_output_reservation`) at `output`, at the dearest of `prices`, one per upstream the
+/// request may be sent to (failing over can then never cost more than was reserved).
+///
+/// Refused (nothing is sent) when it cannot be priced: a candidate without a price for the model
+/// (`model_unpriced`), an endpoint that reads a model and was given none (`model_required`), or
+/// an endpoint that generates without naming a model the proxy can read, unless the client's
+/// `endpoints` lists it (`model_unpriced`; such a request then reserves nothing, and settles
+/// at what its answer's usage costs when its model is priced). An endpoint that generates
+/// nothing reserves nothing.
+pub fn reservation(
+    limits: &ClientLimits,
+    priced: Priced<'_>,
+    inspected: Option<&Inspected>,
+    prices: impl IntoIterator<Item = Option<Price>>,
+) -> Result<Nanos, ProxyError> {
+    if !limits.has_dollar_budget() {
+        return Ok(0);
+    }
+    match priced {
+        Priced::NotGenerating => return Ok(0),
+        Priced::NoModel => return Err(ProxyError::ModelRequired),
+        Priced::Unreadable { path } if limits.allows_endpoint(path) => return Ok(0),
+        Priced::Unreadable { .. } => return Err(ProxyError::ModelUnpriced),
+        Priced::Model(_) => {}
+    }
+    let (prompt, output) = inspected.map_or((0, limits.output_reservation()), |inspected| {
+        // A cap of 0 reads as none (the body says no more than that): the default is reserved.
+        let output = if inspected.output_cap > 0 {
+            inspected.output_cap
+        } else {
+            limits.output_reservation()
+        };
+        (inspected.prompt, output)
+    });
+    let mut dearest = None;
+    for price in prices {
+        let price = price.ok_or(ProxyError::ModelUnpriced)?;
+        let reserved = price.reservation(prompt, output);
+        dearest = Some(dearest.map_or(reserved, |dearest: Nanos| dearest.max(reserved)));
+    }
+    // A plan always has a candidate; none would leave nothing to price.
+    dearest.ok_or(ProxyError::ModelUnpriced)
+}
+
 /// What a request names for the model check, read where its endpoint names it (see
 /// [`crate::vocab::Model`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,7 +306,8 @@ pub enum Asked<'a> {
 }
 
 /// A request's charge against its client's limits, held until its answer ends. Dropped without
-/// [`Ticket::used`], it settles as having used no tokens (the upstream failed or refused).
+/// [`Ticket::used`], it settles as having used no tokens, and without [`Ticket::spent`] as
+/// having cost nothing (the upstream failed or refused).
 pub struct Ticket {
     limiter: Arc<dyn Limiter>,
     /// The client as it was when the request was admitted: a reload does not change its rules.
@@ -213,11 +315,23 @@ pub struct Ticket {
     charge: limiter::Charge,
     standing: Standing,
     used: Option<u64>,
+    spent: Nanos,
 }
 
 impl Ticket {
     pub fn estimate(&self) -> u64 {
         self.charge.tokens
+    }
+
+    /// The nano-dollars reserved before the call (0 for a client without a dollar budget).
+    pub fn reservation(&self) -> Nanos {
+        self.charge.nanos
+    }
+
+    /// Records what the request cost, in nano-dollars; the settlement happens when the ticket is
+    /// dropped.
+    pub fn spent(&mut self, nanos: Nanos) {
+        self.spent = nanos;
     }
 
     /// The client's own `x-ratelimit-*` standing, for a client with limits.
@@ -238,6 +352,7 @@ impl Drop for Ticket {
             &self.client.limits,
             self.charge,
             self.used.unwrap_or(0),
+            self.spent,
         );
     }
 }
@@ -259,6 +374,10 @@ pub fn refusal_response(
     let retry_after = retry_after_secs(refusal.retry_after);
     let error = match refusal.reason {
         Reason::Budget => ProxyError::QuotaExceeded {
+            retry_after,
+            standing: refusal.standing,
+        },
+        Reason::UsdPerDay | Reason::UsdPerMonth => ProxyError::BudgetExceeded {
             retry_after,
             standing: refusal.standing,
         },
@@ -309,6 +428,91 @@ mod tests {
             Some(TokenLimit::PerMinute)
         );
         assert_eq!(exceeded_limit(&limits(None, None), u64::MAX), None);
+    }
+
+    #[test]
+    fn a_reservation_is_the_dearest_candidates_and_nothing_unpriced_is_reserved() {
+        let budget = ClientLimits {
+            usd_per_day: Some(1_000_000_000),
+            default_output_reservation: Some(100),
+            endpoints: Some(vec!["/v1/batches*".to_string()]),
+            ..ClientLimits::default()
+        };
+        // Picos per token (3 and 1 nano-dollars, 1 and 10): one upstream dearer on input, the
+        // other on output.
+        let cheap = Price {
+            input: 3_000,
+            cached_input: None,
+            output: 1_000,
+        };
+        let dear = Price {
+            input: 1_000,
+            cached_input: None,
+            output: 10_000,
+        };
+        let inspected = |output_cap| Inspected {
+            prompt: 1000,
+            output_cap,
+            ..Inspected::default()
+        };
+        let model = Priced::Model("m");
+        // 1000 in, 50 out: 3000 + 50 nanos at the first, 1000 + 500 at the second.
+        assert_eq!(
+            reservation(
+                &budget,
+                model,
+                Some(&inspected(50)),
+                [Some(cheap), Some(dear)]
+            ),
+            Ok(3_050)
+        );
+        // No cap: the client's default of 100 out (3100 and 2000).
+        assert_eq!(
+            reservation(
+                &budget,
+                model,
+                Some(&inspected(0)),
+                [Some(cheap), Some(dear)]
+            ),
+            Ok(3_100)
+        );
+        assert_eq!(
+            reservation(
+                &budget,
+                model,
+                Some(&inspected(1000)),
+                [Some(cheap), Some(dear)]
+            ),
+            Ok(11_000)
+        );
+        // One candidate without a price: refused, whatever the others cost.
+        assert_eq!(
+            reservation(&budget, model, Some(&inspected(50)), [Some(cheap), None]),
+            Err(ProxyError::ModelUnpriced)
+        );
+        assert_eq!(
+            reservation(&budget, Priced::NoModel, None, []),
+            Err(ProxyError::ModelRequired)
+        );
+        assert_eq!(reservation(&budget, Priced::NotGenerating, None, []), Ok(0));
+        let batches = Priced::Unreadable {
+            path: "/v1/batches",
+        };
+        assert_eq!(reservation(&budget, batches, None, []), Ok(0));
+        let evals = Priced::Unreadable { path: "/v1/evals" };
+        assert_eq!(
+            reservation(&budget, evals, None, []),
+            Err(ProxyError::ModelUnpriced)
+        );
+        // Without a dollar budget nothing is priced, and nothing refused.
+        let free = ClientLimits::default();
+        assert_eq!(reservation(&free, model, None, [None]), Ok(0));
+        // A reservation above a budget can never be admitted; exactly the budget fits.
+        assert_eq!(exceeded_dollars(&budget, 1_000_000_000), None);
+        assert_eq!(
+            exceeded_dollars(&budget, 1_000_000_001),
+            Some(TokenLimit::UsdPerDay)
+        );
     }
 
     #[test]

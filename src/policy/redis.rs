@@ -59,6 +59,7 @@ use super::limiter::{Budgets, Charge, ClientUsage, Limiter, Reason, Refusal, Sta
 use super::memory::MemoryLimiter;
 use crate::config::ClientLimits;
 use crate::shared::{Mode, Shared, Unavailable};
+use crate::vocab::price::Nanos;
 
 /// How long a slot lives in Redis without a refresh.
 pub const SLOT_TTL: Duration = Duration::from_secs(30);
@@ -81,11 +82,66 @@ pub fn slot_ttl() -> Duration {
 /// Counts above this are sent as this: Lua numbers are doubles, exact up to 2^53.
 const MAX_COUNT: u64 = 1 << 50;
 
+/// The Lua of the UTC calendar and of a client's dollars, as [`crate::vocab::calendar`] counts
+/// them: `month_of(day)`, `next_month_start(day)`, and the nano-dollars of a day and of its
+/// month kept in one hash (`usd_spent`, `set_usd_spent`), which expires an hour after its month.
+macro_rules! usd_lua {
+    () => {
+        r"
+-- Howard Hinnant's civil_from_days: year, month (1-12), day of the month of a day number.
+local function civil(day)
+  local z = day + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp + 3
+  if mp >= 10 then m = mp - 9 end
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m, d
+end
+local function month_of(day)
+  local y, m = civil(day)
+  return y * 12 + m - 1
+end
+local function next_month_start(day)
+  local y, m, d = civil(day)
+  local length = 31
+  if m == 2 then
+    length = 28
+    if y % 4 == 0 and (y % 100 ~= 0 or y % 400 == 0) then length = 29 end
+  elseif m == 4 or m == 6 or m == 9 or m == 11 then
+    length = 30
+  end
+  return day - (d - 1) + length
+end
+
+local function usd_spent(key, day)
+  local stored = redis.call('HMGET', key, 'day', 'today', 'month', 'this_month')
+  local today, this_month = 0, 0
+  if tonumber(stored[1]) == day then today = tonumber(stored[2]) or 0 end
+  if tonumber(stored[3]) == month_of(day) then this_month = tonumber(stored[4]) or 0 end
+  return today, this_month
+end
+local function set_usd_spent(key, day, today, this_month)
+  redis.call('HSET', key, 'day', day, 'today', string.format('%.0f', today),
+    'month', month_of(day), 'this_month', string.format('%.0f', this_month))
+  redis.call('EXPIREAT', key, next_month_start(day) * 86400 + 3600)
+end
+"
+    };
+}
+
 /// The Lua both scripts start with: the time, today's tokens and the one-minute ring of the
 /// client's keys, and `settle_from(first)`, which applies the
-/// settlements in `ARGV[first..]`, five arguments each: tokens per minute (-1 for none), tokens
-/// charged, tokens used, the day charged, slot id. Each gives its slot back and replaces the
-/// charged tokens by the used ones. Returns the day and today's tokens after them.
+/// settlements in `ARGV[first..]`, seven arguments each: tokens per minute (-1 for none), tokens
+/// charged, tokens used, the day charged, slot id, nano-dollars reserved, nano-dollars spent.
+/// Each gives its slot back and replaces the charged tokens by the used ones and the reservation
+/// by the cost (the reservation out of the day and month it went into, if they are still
+/// running).
 macro_rules! settle_lua {
     () => {
         r"
@@ -115,7 +171,7 @@ local function recent_slot()
   return i
 end
 
-local function settle(tpm, charged, used, charged_day, slot)
+local function settle(tpm, charged, used, charged_day, slot, reserved, spent)
   redis.call('ZREM', KEYS[3], slot)
   if tpm >= 0 then
     -- A TAT that expired is in the past: the overage of a request that outlived it is
@@ -140,30 +196,41 @@ local function settle(tpm, charged, used, charged_day, slot)
   local i = recent_slot()
   redis.call('HINCRBY', KEYS[5], 't' .. i, used - charged)
   redis.call('PEXPIRE', KEYS[5], 120000)
+  if reserved > 0 or spent > 0 then
+    local usd_today, usd_month = usd_spent(KEYS[6], day)
+    if charged_day == day then usd_today = math.max(usd_today - reserved, 0) end
+    if month_of(charged_day) == month_of(day) then usd_month = math.max(usd_month - reserved, 0) end
+    set_usd_spent(KEYS[6], day, usd_today + spent, usd_month + spent)
+  end
 end
 
 local function settle_from(first)
-  for i = first, #ARGV - 4, 5 do
-    settle(tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), ARGV[i + 4])
+  for i = first, #ARGV - 6, 7 do
+    settle(tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), ARGV[i + 4],
+      tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]))
   end
 end
 "
     };
 }
 
-/// KEYS: 1 request TAT, 2 token TAT, 3 slots, 4 day, 5 recent.
+/// KEYS: 1 request TAT, 2 token TAT, 3 slots, 4 day, 5 recent, 6 dollars.
 /// ARGV: 1 requests per minute, 2 tokens per minute, 3 max concurrent, 4 tokens per day (each
-/// -1 for none), 5 estimate, 6 slot id, 7 slot TTL in µs, then the client's settlements waiting
+/// -1 for none), 5 estimate, 6 slot id, 7 slot TTL in µs, 8 nano-dollars per day, 9 per month
+/// (each -1 for none), 10 the reservation in nano-dollars, then the client's settlements waiting
 /// (see `settle_lua`), applied first.
-/// Returns {admitted (1/0), reason (1 requests, 2 tokens, 3 concurrency, 4 budget), retry after
-/// µs, day, request remaining, request reset µs, token remaining, token reset µs, tokens today}.
+/// Returns {admitted (1/0), reason (1 requests, 2 tokens, 3 concurrency, 4 budget, 5 dollars of
+/// the day, 6 dollars of the month), retry after µs, day, request remaining, request reset µs,
+/// token remaining, token reset µs, tokens today, nano-dollars today, nano-dollars this month}.
 pub const ACQUIRE: &str = concat!(
+    usd_lua!(),
     settle_lua!(),
     r"
-settle_from(8)
+settle_from(11)
 local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
 local maxc, budget = tonumber(ARGV[3]), tonumber(ARGV[4])
 local estimate, ttl = tonumber(ARGV[5]), tonumber(ARGV[7])
+local usd_per_day, usd_per_month, reservation = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 
 local function gcra(key, limit, cost)
   local tat = tonumber(redis.call('GET', key) or '0')
@@ -208,10 +275,26 @@ local day = math.floor(now / 86400000000)
 local today = tokens_today(day)
 if budget >= 0 and today + estimate > budget then refuse(4, (day + 1) * 86400000000 - now) end
 
+-- Spent and reserved so far, with this reservation, within each dollar budget.
+local usd_today, usd_month = 0, 0
+if usd_per_day >= 0 or usd_per_month >= 0 or reservation > 0 then
+  usd_today, usd_month = usd_spent(KEYS[6], day)
+end
+if usd_per_day >= 0 and usd_today + reservation > usd_per_day then
+  refuse(5, (day + 1) * 86400000000 - now)
+end
+if usd_per_month >= 0 and usd_month + reservation > usd_per_month then
+  -- On a month's last day both budgets wait as long: the month is named, as the in-process
+  -- limiter names it (the budget that refuses however the day is spent).
+  local w = next_month_start(day) * 86400000000 - now
+  if w >= wait then reason, wait = 6, w end
+end
+
 if wait >= 0 then
   local rr, rs = standing(rtat, rpm)
   local tr, ts = standing(ttat, tpm)
-  return {0, reason, wait, day, rr, rs, tr, ts, string.format('%.0f', today)}
+  return {0, reason, wait, day, rr, rs, tr, ts, string.format('%.0f', today),
+    string.format('%.0f', usd_today), string.format('%.0f', usd_month)}
 end
 
 if new_rtat then
@@ -229,21 +312,30 @@ local i = recent_slot()
 redis.call('HINCRBY', KEYS[5], 'r' .. i, 1)
 redis.call('HINCRBY', KEYS[5], 't' .. i, estimate)
 redis.call('PEXPIRE', KEYS[5], 120000)
+if reservation > 0 then
+  usd_today, usd_month = usd_today + reservation, usd_month + reservation
+  set_usd_spent(KEYS[6], day, usd_today, usd_month)
+end
 local rr, rs = standing(rtat, rpm)
 local tr, ts = standing(ttat, tpm)
-return {1, 0, 0, day, rr, rs, tr, ts, string.format('%.0f', today + estimate)}
+return {1, 0, 0, day, rr, rs, tr, ts, string.format('%.0f', today + estimate),
+  string.format('%.0f', usd_today), string.format('%.0f', usd_month)}
 "
 );
 
 /// KEYS: as [`ACQUIRE`]'s. ARGV: settlements (see `settle_lua`). Returns {day, tokens today,
-/// token TAT less now in µs (0 when in the past)}: the settlements moved it.
+/// token TAT less now in µs (0 when in the past), nano-dollars today, this month}: the
+/// settlements moved them.
 pub const SETTLE: &str = concat!(
+    usd_lua!(),
     settle_lua!(),
     r"
 settle_from(1)
 local day = math.floor(now / 86400000000)
 local ttat = tonumber(redis.call('GET', KEYS[2]) or '0')
-return {day, string.format('%.0f', tokens_today(day)), math.max(ttat - now, 0)}
+local usd_today, usd_month = usd_spent(KEYS[6], day)
+return {day, string.format('%.0f', tokens_today(day)), math.max(ttat - now, 0),
+  string.format('%.0f', usd_today), string.format('%.0f', usd_month)}
 "
 );
 
@@ -268,24 +360,38 @@ end
 return 1
 ";
 
-/// KEYS: 1 day. ARGV: 1 the day, 2 tokens to add (may be negative). Adds the tokens charged
-/// while Redis did not answer to the day's count, if that day is still today.
-pub const RECONCILE: &str = r"
+/// KEYS: 1 day, 2 dollars. ARGV: 1 the day, 2 tokens to add, 3 nano-dollars to add (either may
+/// be negative). Adds what was charged on that day while Redis did not answer: the tokens to the
+/// day's count if that day is still today, the dollars to the day's if it is today and to the
+/// month's if it is still this month.
+pub const RECONCILE: &str = concat!(
+    usd_lua!(),
+    r"
 local t = redis.call('TIME')
 local day = math.floor(tonumber(t[1]) / 86400)
-if tonumber(ARGV[1]) ~= day then return 0 end
-local stored = redis.call('HMGET', KEYS[1], 'day', 'tokens')
-local today = 0
-if tonumber(stored[1]) == day then today = tonumber(stored[2]) or 0 end
-today = math.max(today + tonumber(ARGV[2]), 0)
-redis.call('HSET', KEYS[1], 'day', day, 'tokens', string.format('%.0f', today))
-redis.call('EXPIREAT', KEYS[1], (day + 1) * 86400 + 3600)
+local charged_day, tokens, nanos = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if charged_day == day and tokens ~= 0 then
+  local stored = redis.call('HMGET', KEYS[1], 'day', 'tokens')
+  local today = 0
+  if tonumber(stored[1]) == day then today = tonumber(stored[2]) or 0 end
+  today = math.max(today + tokens, 0)
+  redis.call('HSET', KEYS[1], 'day', day, 'tokens', string.format('%.0f', today))
+  redis.call('EXPIREAT', KEYS[1], (day + 1) * 86400 + 3600)
+end
+if nanos ~= 0 and month_of(charged_day) == month_of(day) then
+  local usd_today, usd_month = usd_spent(KEYS[2], day)
+  if charged_day == day then usd_today = math.max(usd_today + nanos, 0) end
+  set_usd_spent(KEYS[2], day, usd_today, math.max(usd_month + nanos, 0))
+end
 return 1
-";
+"
+);
 
-/// KEYS: 1 slots, 2 day, 3 recent. Returns {in flight, tokens today, requests and tokens in the
-/// last minute}.
-pub const USAGE: &str = r"
+/// KEYS: 1 slots, 2 day, 3 recent, 4 dollars. Returns {in flight, tokens today, requests and
+/// tokens in the last minute, nano-dollars today, this month}.
+pub const USAGE: &str = concat!(
+    usd_lua!(),
+    r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local second = tonumber(t[1])
@@ -301,8 +407,11 @@ for i = 0, 59 do
     tokens = tokens + (tonumber(redis.call('HGET', KEYS[3], 't' .. i)) or 0)
   end
 end
-return {in_flight, string.format('%.0f', today), requests, math.max(tokens, 0)}
-";
+local usd_today, usd_month = usd_spent(KEYS[4], math.floor(second / 86400))
+return {in_flight, string.format('%.0f', today), requests, math.max(tokens, 0),
+  string.format('%.0f', usd_today), string.format('%.0f', usd_month)}
+"
+);
 
 /// The names of one client's keys.
 struct Keys {
@@ -311,6 +420,7 @@ struct Keys {
     slots: String,
     day: String,
     recent: String,
+    usd: String,
 }
 
 /// `llm-proxy:{client:<name>}:<what>`. Braces in a client's name would end the hash tag early;
@@ -328,6 +438,7 @@ fn keys(client: &str) -> Keys {
         slots: key("slots"),
         day: key("day"),
         recent: key("recent"),
+        usd: key("usd"),
     }
 }
 
@@ -351,8 +462,9 @@ struct Inner {
     // Synchronous locks: held for a map operation, never across an `.await`.
     /// The slots this replica holds in Redis, by slot number, with their client.
     held: Mutex<HashMap<u64, Arc<str>>>,
-    /// Per client, the day and the daily-budget tokens charged outside Redis, to be added to it.
-    outage: Mutex<HashMap<String, (u64, i64)>>,
+    /// Per client and day, the budget tokens and nano-dollars charged outside Redis, to be added
+    /// to it.
+    outage: Mutex<HashMap<(String, u64), (i64, i64)>>,
     /// Per client with a per-minute limit or a budget, where it stood when Redis last answered
     /// for it: a replica going local starts from its share of that, not from zero.
     known: Mutex<HashMap<Arc<str>, Seen>>,
@@ -376,9 +488,11 @@ struct Seen {
     /// How far the request and token TATs were ahead of Redis's now (zero when in the past).
     requests: Duration,
     tokens: Duration,
-    /// The UTC day and the client's tokens of it.
+    /// The UTC day and the client's tokens and nano-dollars of it, and nano-dollars of its month.
     day: u64,
     tokens_today: u64,
+    usd_today: Nanos,
+    usd_month: Nanos,
 }
 
 /// A request's end, as the settlement scripts take it.
@@ -387,6 +501,7 @@ struct Settlement {
     tpm: Option<u64>,
     charge: Charge,
     used: u64,
+    spent: Nanos,
 }
 
 /// `limit` divided by the replica count, rounded up, at least 1.
@@ -460,6 +575,8 @@ impl Inner {
             tokens_per_minute: divided(limits.tokens_per_minute, replicas),
             max_concurrent_requests: divided(limits.max_concurrent_requests, replicas),
             tokens_per_day: divided(limits.tokens_per_day, replicas),
+            usd_per_day: divided(limits.usd_per_day, replicas),
+            usd_per_month: divided(limits.usd_per_month, replicas),
             ..ClientLimits::default()
         }
     }
@@ -504,36 +621,47 @@ impl Inner {
         if in_flight > 0 || !requests.is_zero() || !tokens.is_zero() {
             self.local.seed(client, requests, tokens, in_flight);
         }
-        if let (Some(_), Some(seen)) = (limits.tokens_per_day, seen) {
-            self.seed_budget(client, seen.day, seen.tokens_today);
+        if let Some(seen) = seen {
+            self.seed_budget(client, limits, &seen);
         }
         self.seeded.lock().insert(Arc::from(client));
     }
 
-    /// The local budget count becomes the client's share of what Redis last counted, so that
-    /// the replicas together spend at most what was left of the budget (each has
-    /// `tokens_per_day / N` less `today / N`).
-    fn seed_budget(&self, client: &str, day: u64, tokens: u64) {
+    /// The local budget counts become the client's share of what Redis last counted, so that
+    /// the replicas together spend at most what was left of each budget (each has
+    /// `tokens_per_day / N` less `today / N`, and the same for the dollars of the day and of the
+    /// month).
+    fn seed_budget(&self, client: &str, limits: &ClientLimits, seen: &Seen) {
         let replicas = u64::from(self.shared.fallback_replicas()).max(1);
+        let local = self
+            .local
+            .budgets()
+            .filter(|budgets| budgets.day == seen.day)
+            .unwrap_or_default();
         // Never below what this replica already counted locally: a seed from a stale Redis
         // count must not erase local spending (a Redis that answers PING but refuses scripts
         // sends every decision here while the mode stays shared).
-        let counted = self
-            .local
-            .budgets()
-            .filter(|budgets| budgets.day == day)
-            .and_then(|budgets| {
-                budgets
-                    .tokens
-                    .into_iter()
-                    .find(|(name, _)| name == client)
-                    .map(|(_, tokens)| tokens)
-            })
-            .unwrap_or(0);
-        self.local.restore_budgets(Budgets {
-            day,
-            tokens: vec![(client.to_string(), tokens.div_ceil(replicas).max(counted))],
-        });
+        let share = |count: u64, counted: &[(String, u64)]| {
+            let counted = counted
+                .iter()
+                .find(|(name, _)| name == client)
+                .map_or(0, |(_, count)| *count);
+            vec![(client.to_string(), count.div_ceil(replicas).max(counted))]
+        };
+        let mut budgets = Budgets {
+            day: seen.day,
+            ..Budgets::default()
+        };
+        if limits.tokens_per_day.is_some() {
+            budgets.tokens = share(seen.tokens_today, &local.tokens);
+        }
+        if limits.usd_per_day.is_some() {
+            budgets.usd_today = share(seen.usd_today, &local.usd_today);
+        }
+        if limits.usd_per_month.is_some() {
+            budgets.usd_month = share(seen.usd_month, &local.usd_month);
+        }
+        self.local.restore_budgets(budgets);
     }
 
     /// A slot is no longer this replica's to refresh (its request ended, or it was never
@@ -548,28 +676,25 @@ impl Inner {
             // No tokens: only the place (the tokens are settled with Redis, or reconciled).
             let place = Charge {
                 tokens: 0,
+                nanos: 0,
                 day: 0,
                 slot: 0,
             };
             self.local
-                .settle(client, &ClientLimits::default(), place, 0);
+                .settle(client, &ClientLimits::default(), place, 0, 0);
         }
     }
 
-    fn record_outage(&self, client: &str, day: u64, tokens: i64) {
-        if tokens == 0 {
+    /// Kept by the day they were charged to: the reconciliation adds an earlier day's tokens to
+    /// nothing (that day's budget is over) but its dollars to the month, if it is still running.
+    fn record_outage(&self, client: &str, day: u64, tokens: i64, nanos: i64) {
+        if tokens == 0 && nanos == 0 {
             return;
         }
         let mut outage = self.outage.lock();
-        let entry = outage.entry(client.to_string()).or_insert((day, 0));
-        if day > entry.0 {
-            // A new day: yesterday's charges no longer count against anything.
-            *entry = (day, 0);
-        } else if day < entry.0 {
-            // An older day's charges (a re-queued reconciliation) do not replace today's.
-            return;
-        }
-        entry.1 = entry.1.saturating_add(tokens);
+        let entry = outage.entry((client.to_string(), day)).or_insert((0, 0));
+        entry.0 = entry.0.saturating_add(tokens);
+        entry.1 = entry.1.saturating_add(nanos);
     }
 
     async fn acquire_shared(
@@ -577,6 +702,7 @@ impl Inner {
         client: &str,
         limits: &ClientLimits,
         estimate: u64,
+        reservation: Nanos,
     ) -> Result<Result<(Charge, Standing), Refusal>, Unavailable> {
         let keys = keys(client);
         let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
@@ -587,13 +713,17 @@ impl Inner {
             .key(&keys.slots)
             .key(&keys.day)
             .key(&keys.recent)
+            .key(&keys.usd)
             .arg(limit_arg(limits.requests_per_minute))
             .arg(limit_arg(limits.tokens_per_minute))
             .arg(limit_arg(limits.max_concurrent_requests))
             .arg(limit_arg(limits.tokens_per_day))
             .arg(count_arg(estimate))
             .arg(self.slot_id(slot))
-            .arg(micros(self.slot_ttl));
+            .arg(micros(self.slot_ttl))
+            .arg(limit_arg(limits.usd_per_day))
+            .arg(limit_arg(limits.usd_per_month))
+            .arg(count_arg(reservation));
         let carried = self.waiting.lock().remove(client).unwrap_or_default();
         for settlement in &carried {
             self.push_settlement(&mut invocation, settlement);
@@ -612,7 +742,7 @@ impl Inner {
         };
         let answer: Result<Vec<i64>, Unavailable> = self.shared.eval(&invocation).await;
         let answer = match answer {
-            Ok(answer) if answer.len() == 9 => answer,
+            Ok(answer) if answer.len() == 11 => answer,
             // Not in Redis, or perhaps in it after all (a timeout is "no answer", not "not
             // applied"): either way the slot is no longer refreshed and expires by itself, and
             // the settlements carried wait with the outage charges, as one sent alone would.
@@ -627,6 +757,7 @@ impl Inner {
         if limits.requests_per_minute.is_some()
             || limits.tokens_per_minute.is_some()
             || limits.tokens_per_day.is_some()
+            || limits.has_dollar_budget()
         {
             self.remember(
                 client,
@@ -636,6 +767,8 @@ impl Inner {
                     tokens: Duration::from_micros(unsigned(answer[7])),
                     day: unsigned(answer[3]),
                     tokens_today: unsigned(answer[8]),
+                    usd_today: unsigned(answer[9]),
+                    usd_month: unsigned(answer[10]),
                 },
             );
         }
@@ -655,6 +788,7 @@ impl Inner {
             return Ok(Ok((
                 Charge {
                     tokens: estimate,
+                    nanos: reservation,
                     day: unsigned(answer[3]),
                     slot,
                 },
@@ -665,6 +799,8 @@ impl Inner {
             1 => Reason::Requests,
             2 => Reason::Tokens,
             3 => Reason::Concurrency,
+            5 => Reason::UsdPerDay,
+            6 => Reason::UsdPerMonth,
             _ => Reason::Budget,
         };
         Ok(Err(Refusal {
@@ -684,17 +820,20 @@ impl Inner {
             .arg(count_arg(settlement.charge.tokens))
             .arg(count_arg(settlement.used))
             .arg(settlement.charge.day)
-            .arg(self.slot_id(settlement.charge.slot));
+            .arg(self.slot_id(settlement.charge.slot))
+            .arg(count_arg(settlement.charge.nanos))
+            .arg(count_arg(settlement.spent));
     }
 
     /// Settlements that did not reach Redis: their places expire by themselves; their token
-    /// corrections are added once Redis answers again.
+    /// and dollar corrections are added once Redis answers again.
     fn settlements_lost(&self, client: &str, settlements: &[Settlement]) {
         for settlement in settlements {
             self.record_outage(
                 client,
                 settlement.charge.day,
                 signed(settlement.used).saturating_sub(signed(settlement.charge.tokens)),
+                signed(settlement.spent).saturating_sub(signed(settlement.charge.nanos)),
             );
         }
     }
@@ -733,13 +872,15 @@ impl Inner {
                 .key(&keys.tpm)
                 .key(&keys.slots)
                 .key(&keys.day)
-                .key(&keys.recent);
+                .key(&keys.recent)
+                .key(&keys.usd);
             for settlement in &settlements {
                 self.push_settlement(&mut invocation, settlement);
             }
-            let answer: Result<(u64, u64, u64), Unavailable> = self.shared.eval(&invocation).await;
+            let answer: Result<(u64, u64, u64, u64, u64), Unavailable> =
+                self.shared.eval(&invocation).await;
             match answer {
-                Ok((day, today, tokens_ahead)) => {
+                Ok((day, today, tokens_ahead, usd_today, usd_month)) => {
                     // Only the clients acquire remembers; the request window did not move.
                     if let Some(seen) = self.known.lock().get_mut(&client) {
                         let at = Instant::now();
@@ -750,6 +891,8 @@ impl Inner {
                             tokens: Duration::from_micros(tokens_ahead),
                             day,
                             tokens_today: today,
+                            usd_today,
+                            usd_month,
                         };
                     }
                 }
@@ -766,16 +909,23 @@ impl Inner {
         }
         // The next outage starts again from what Redis will have counted by then.
         self.seeded.lock().clear();
-        let pending: Vec<(String, (u64, i64))> = self.outage.lock().drain().collect();
-        for (client, (day, tokens)) in pending {
+        let pending: Vec<((String, u64), (i64, i64))> = self.outage.lock().drain().collect();
+        for ((client, day), (tokens, nanos)) in pending {
+            let keys = keys(&client);
             let mut invocation = self.reconcile.prepare_invoke();
-            invocation.key(keys(&client).day).arg(day).arg(tokens);
+            invocation
+                .key(keys.day)
+                .key(keys.usd)
+                .arg(day)
+                .arg(tokens)
+                .arg(nanos);
             if self.shared.eval::<i64>(&invocation).await.is_err() {
-                self.record_outage(&client, day, tokens);
+                self.record_outage(&client, day, tokens, nanos);
             } else {
                 log::info!(
-                    "daily budget of client {client}: {tokens} tokens charged while Redis did \
-                     not answer were added to it"
+                    "budgets of client {client}: {tokens} tokens and {} USD charged while Redis \
+                     did not answer were added to them",
+                    crate::vocab::price::format_signed_usd(nanos)
                 );
             }
         }
@@ -813,33 +963,47 @@ impl Limiter for RedisLimiter {
         client: &'a str,
         limits: &'a ClientLimits,
         estimate: u64,
+        reservation: Nanos,
     ) -> BoxFuture<'a, Result<(Charge, Standing), Refusal>> {
         Box::pin(async move {
-            if let Ok(decided) = self.0.acquire_shared(client, limits, estimate).await {
+            if let Ok(decided) = self
+                .0
+                .acquire_shared(client, limits, estimate, reservation)
+                .await
+            {
                 return decided;
             }
             // Redis does not answer: this replica decides alone, with its share of each limit.
             let local = self.0.local_limits(limits);
             self.0.seed(client, limits);
-            let decided = self.0.local.acquire(client, &local, estimate).await;
+            let decided = self
+                .0
+                .local
+                .acquire(client, &local, estimate, reservation)
+                .await;
             if let Ok((charge, _)) = &decided {
-                self.0
-                    .record_outage(client, charge.day, signed(charge.tokens));
+                self.0.record_outage(
+                    client,
+                    charge.day,
+                    signed(charge.tokens),
+                    signed(charge.nanos),
+                );
             }
             decided
         })
     }
 
-    fn settle(&self, client: &str, limits: &ClientLimits, charge: Charge, used: u64) {
+    fn settle(&self, client: &str, limits: &ClientLimits, charge: Charge, used: u64, spent: Nanos) {
         if charge.slot == 0 {
             // Decided locally: settled locally, and the correction joins the outage charges.
             self.0
                 .local
-                .settle(client, &self.0.local_limits(limits), charge, used);
+                .settle(client, &self.0.local_limits(limits), charge, used, spent);
             self.0.record_outage(
                 client,
                 charge.day,
                 signed(used).saturating_sub(signed(charge.tokens)),
+                signed(spent).saturating_sub(signed(charge.nanos)),
             );
             return;
         }
@@ -849,6 +1013,7 @@ impl Limiter for RedisLimiter {
             tpm: limits.tokens_per_minute,
             charge,
             used,
+            spent,
         };
         if tokio::runtime::Handle::try_current().is_ok() {
             self.0.settle_later(client, settlement);
@@ -867,14 +1032,20 @@ impl Limiter for RedisLimiter {
         Box::pin(async move {
             let keys = keys(client);
             let mut invocation = self.0.usage.prepare_invoke();
-            invocation.key(&keys.slots).key(&keys.day).key(&keys.recent);
+            invocation
+                .key(&keys.slots)
+                .key(&keys.day)
+                .key(&keys.recent)
+                .key(&keys.usd);
             let answer: Result<Vec<u64>, Unavailable> = self.0.shared.eval(&invocation).await;
             match answer {
-                Ok(answer) if answer.len() == 4 => ClientUsage {
+                Ok(answer) if answer.len() == 6 => ClientUsage {
                     in_flight: answer[0],
                     tokens_today: answer[1],
                     requests_last_minute: answer[2],
                     tokens_last_minute: answer[3],
+                    usd_today: answer[4],
+                    usd_this_month: answer[5],
                 },
                 // What this replica counted alone (the outage charges are part of it).
                 _ => self.0.local.usage(client).await,
@@ -906,7 +1077,14 @@ mod tests {
     #[test]
     fn every_key_of_a_client_carries_its_hash_tag() {
         let keys = keys("alice");
-        for name in [keys.rpm, keys.tpm, keys.slots, keys.day, keys.recent] {
+        for name in [
+            keys.rpm,
+            keys.tpm,
+            keys.slots,
+            keys.day,
+            keys.recent,
+            keys.usd,
+        ] {
             assert!(name.starts_with("llm-proxy:{client:alice}:"), "{name}");
         }
         assert_eq!(super::keys("a{b}").day, "llm-proxy:{client:a_b_}:day");

@@ -1,9 +1,12 @@
-//! The daily budgets across restarts: `STATE_DIR/budgets.json`, written whole to a temporary
-//! file and renamed over the old one (so a crash leaves the old or the new file, never half of
-//! one), every second while counts move and once more at shutdown.
+//! The budgets across restarts: `STATE_DIR/budgets.json`, written whole to a temporary file and
+//! renamed over the old one (so a crash leaves the old or the new file, never half of one),
+//! every second while counts move and once more at shutdown. Dollars are nano-dollars (spent,
+//! and reserved by requests in flight when it was written); a file without them (written
+//! before dollar budgets) reads as none spent.
 //!
 //! ```json
-//! {"version":1,"day":"2026-12-01","tokens_today":{"alice":1234}}
+//! {"version":1,"day":"2026-12-01","tokens_today":{"alice":1234},
+//!  "nanos_today":{"alice":1500000},"month":"2026-12","nanos_this_month":{"alice":42000000}}
 //! ```
 
 use std::collections::BTreeMap;
@@ -16,6 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use super::limiter::{Budgets, Limiter};
 use crate::config::ConfigError;
+use crate::vocab::calendar::{month_of, month_text};
+use crate::vocab::price::Nanos;
 
 const FILE: &str = "budgets.json";
 pub const WRITE_EVERY: Duration = Duration::from_secs(1);
@@ -25,6 +30,13 @@ struct StateFile {
     version: u32,
     day: String,
     tokens_today: BTreeMap<String, u64>,
+    #[serde(default)]
+    nanos_today: BTreeMap<String, Nanos>,
+    /// The month of `day`, written for the reader: the counts are `day`'s month's.
+    #[serde(default, skip_deserializing)]
+    month: String,
+    #[serde(default)]
+    nanos_this_month: BTreeMap<String, Nanos>,
 }
 
 pub struct BudgetStore {
@@ -37,7 +49,8 @@ fn state_dir_error(dir: &Path, what: &str, err: impl std::fmt::Display) -> Confi
     ConfigError {
         variable: "STATE_DIR".to_string(),
         message: format!(
-            "{} {what}: {err}; daily budgets (tokens_per_day) are kept there across restarts",
+            "{} {what}: {err}; budgets (tokens_per_day, usd_per_day, usd_per_month) are kept \
+             there across restarts",
             dir.display()
         ),
     }
@@ -66,6 +79,8 @@ impl BudgetStore {
                     Some(day) => limiter.restore_budgets(Budgets {
                         day,
                         tokens: file.tokens_today.into_iter().collect(),
+                        usd_today: file.nanos_today.into_iter().collect(),
+                        usd_month: file.nanos_this_month.into_iter().collect(),
                     }),
                     None => log::warn!("{}: unreadable day; starting from zero", path.display()),
                 },
@@ -123,6 +138,9 @@ impl BudgetStore {
             version: 1,
             day: day_text(budgets.day),
             tokens_today: budgets.tokens.into_iter().collect(),
+            nanos_today: budgets.usd_today.into_iter().collect(),
+            month: month_text(month_of(budgets.day)),
+            nanos_this_month: budgets.usd_month.into_iter().collect(),
         };
         let text = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
         let temporary = self.path.with_extension("json.tmp");
@@ -184,6 +202,37 @@ mod tests {
         let rewritten: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join(FILE)).unwrap()).unwrap();
         assert_eq!(rewritten["version"], 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_state_file_from_before_dollar_budgets_still_reads_and_dollars_are_kept() {
+        let dir = std::env::temp_dir().join(format!("llm-proxy-old-state-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let today = day_text(crate::vocab::calendar::utc_day(SystemTime::now()));
+        let old =
+            format!("{{\"version\":1,\"day\":\"{today}\",\"tokens_today\":{{\"alice\":39}}}}");
+        std::fs::write(dir.join(FILE), old).unwrap();
+        let memory = super::super::memory::MemoryLimiter::new();
+        let limiter: Arc<dyn Limiter> = Arc::new(memory.clone());
+        let mut store = BudgetStore::open(&dir, limiter.clone()).unwrap();
+        let usage = futures::executor::block_on(limiter.usage("alice"));
+        assert_eq!((usage.tokens_today, usage.usd_today), (39, 0));
+        let limits = crate::config::ClientLimits {
+            usd_per_month: Some(1_000_000_000),
+            ..crate::config::ClientLimits::default()
+        };
+        let (charge, _) =
+            futures::executor::block_on(limiter.acquire("alice", &limits, 0, 2_500)).unwrap();
+        limiter.settle("alice", &limits, charge, 0, 1_234);
+        store.write().unwrap();
+        let written: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join(FILE)).unwrap()).unwrap();
+        assert_eq!(written["tokens_today"]["alice"], 39);
+        assert_eq!(written["nanos_today"]["alice"], 1_234);
+        assert_eq!(written["nanos_this_month"]["alice"], 1_234);
+        assert_eq!(written["month"], today[..7]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

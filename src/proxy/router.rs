@@ -822,6 +822,18 @@ impl Plan {
         self.model.as_deref()
     }
 
+    /// [`Plan::model`], shared rather than copied, for what outlives the request's handler.
+    pub fn served(&self) -> Option<&Arc<str>> {
+        self.model.as_ref()
+    }
+
+    /// Every upstream (by index) the plan may send a request to, whatever the order.
+    pub fn candidates(&self) -> impl Iterator<Item = usize> + '_ {
+        self.tiers
+            .iter()
+            .flat_map(|tier| tier.members.iter().map(|(index, _)| *index))
+    }
+
     /// The first upstream this plan would try, for a tunnel (which is never failed over).
     pub fn first(&self) -> Option<usize> {
         self.tiers

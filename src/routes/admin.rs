@@ -211,6 +211,18 @@ fn limits_json(limits: &ClientLimits) -> serde_json::Value {
         limits.max_concurrent_requests.map(Into::into),
     );
     put("tokens_per_day", limits.tokens_per_day.map(Into::into));
+    put(
+        "usd_per_day",
+        limits.usd_per_day.map(|nanos| usd(nanos).into()),
+    );
+    put(
+        "usd_per_month",
+        limits.usd_per_month.map(|nanos| usd(nanos).into()),
+    );
+    put(
+        "default_output_reservation",
+        limits.default_output_reservation.map(Into::into),
+    );
     put("models", limits.models.clone().map(Into::into));
     put("endpoints", limits.endpoints.clone().map(Into::into));
     put(

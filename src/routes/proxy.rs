@@ -15,7 +15,7 @@ use crate::auth::Caller;
 use crate::error::ProxyError;
 use crate::ops::exchange::{Answered, Exchange, Spend, loggable};
 use crate::policy::request::{Inspected, SessionModels, inspect, is_multipart, session_models};
-use crate::policy::{Asked, Policy, Ticket, write_rate_limit_headers};
+use crate::policy::{Asked, Policy, Priced, Ticket, write_rate_limit_headers};
 use crate::proxy::headers::{is_event_stream, is_json};
 use crate::proxy::rename;
 use crate::proxy::request::CallerBody;
@@ -196,7 +196,30 @@ where
             }
             Err(error) => return refused(error.into_response(format)),
         }
-        ticket = match policy.admit(client, inspected.as_ref()).await {
+        let reservation = if client.limits.has_dollar_budget() {
+            // Priced as the model routed (after its alias), at every upstream it may go to.
+            let model = plan.as_ref().and_then(|plan| plan.model()).or(routed_model);
+            let priced = match (model, endpoint.model) {
+                (Some(model), _) => Priced::Model(model),
+                (None, Model::None) => Priced::NotGenerating,
+                (None, Model::Generates) => Priced::Unreadable { path },
+                (None, _) => Priced::NoModel,
+            };
+            let prices: Vec<_> = match (model, plan.as_ref()) {
+                (Some(model), Some(plan)) => plan
+                    .candidates()
+                    .map(|index| table.prices().price(table.upstreams()[index].name(), model))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            match policy.reserve(client, priced, inspected.as_ref(), prices) {
+                Ok(reservation) => reservation,
+                Err(error) => return refused(error.into_response(format)),
+            }
+        } else {
+            0
+        };
+        ticket = match policy.admit(client, inspected.as_ref(), reservation).await {
             Ok(ticket) => Some(ticket),
             Err(response) => return refused(response),
         };
@@ -258,7 +281,10 @@ where
             )
             .await
             .map(|mut forwarded| {
-                if let Some(ticket) = ticket.take() {
+                if let Some(mut ticket) = ticket.take() {
+                    // A tunnel's usage is not read: it keeps what it reserved.
+                    let reserved = ticket.reservation();
+                    ticket.spent(reserved);
                     forwarded
                         .response
                         .extensions_mut()
@@ -304,7 +330,7 @@ where
                     report: Some(settlement(
                         spend.answered.clone(),
                         ticket,
-                        inspected.map_or(0, |inspected| inspected.prompt),
+                        inspected.as_ref().map_or(0, |inspected| inspected.prompt),
                         is_event_stream(answer.headers()),
                         Pricing {
                             table: table.clone(),
@@ -358,9 +384,15 @@ struct Pricing {
 
 impl Pricing {
     /// What the answer's usage cost, counted in the metrics and the spend ledger: `None`
-    /// without usage, or for a model without a price (counted as unpriced).
+    /// without usage, without any price configured, or for a model without a price (counted
+    /// as unpriced).
     fn cost(self, usage: Option<Usage>, answered_model: Option<&Arc<str>>) -> Option<Nanos> {
         let usage = usage?;
+        // Without a price anywhere, spend is not tracked (start-up says so once): nothing is
+        // looked up, and nothing is counted as unpriced.
+        if self.table.prices().is_empty() {
+            return None;
+        }
         let model = self.model.as_ref().or(answered_model);
         let (price, name) = match model {
             Some(model) => self.table.price_of(&self.upstream, model),
@@ -375,7 +407,10 @@ impl Pricing {
 /// What happens when the answer's body ends: its usage, model and cost are kept for the access
 /// line, the cost is counted, and the ticket (if any) settles with the tokens used: the
 /// reported usage, else for a stream the prompt estimate plus one token per content event,
-/// else the estimate charged.
+/// else the estimate charged. Its dollars settle at what the reported usage cost at the
+/// upstream that served it; without a usage (or a price) the reservation is kept: an answer
+/// whose cost is unknown is never counted as free. (A failed or refused request never gets
+/// here: its ticket is dropped, and costs nothing.)
 fn settlement(
     cell: Arc<parking_lot::Mutex<Answered>>,
     ticket: Option<Ticket>,
@@ -392,6 +427,8 @@ fn settlement(
         let cost = pricing.cost(usage, model.as_ref());
         *cell.lock() = Answered { usage, model, cost };
         if let Some(mut ticket) = ticket {
+            let reserved = ticket.reservation();
+            ticket.spent(cost.unwrap_or(reserved));
             let used = match usage {
                 Some(usage) => usage.total,
                 // The final `data: [DONE]` is not content.

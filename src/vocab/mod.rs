@@ -4,6 +4,7 @@
 //! descriptors, which models an upstream serves and what their tokens cost. Nothing here names a module
 //! above it (config, auth, policy, proxy, routes, ops, server), so every floor may use it.
 
+pub mod calendar;
 pub mod descriptors;
 pub mod endpoint;
 pub mod models;

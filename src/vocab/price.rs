@@ -100,6 +100,12 @@ pub fn format_usd(nanos: Nanos) -> String {
     format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000)
 }
 
+/// A correction of nano-dollars (either sign) as dollars with six decimals, for a log line.
+pub fn format_signed_usd(nanos: i64) -> String {
+    let sign = if nanos < 0 { "-" } else { "" };
+    format!("{sign}{}", format_usd(nanos.unsigned_abs()))
+}
+
 /// Prices by model name: exact names, then the longest prefix of a trailing-`*` pattern.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PriceList {

@@ -96,10 +96,12 @@ pub fn openai_duration(duration: Duration) -> String {
     text
 }
 
-/// A token limit a single request's estimate can be larger than: such a request can never be
-/// admitted, whatever the client has used.
+/// A limit a single request's token estimate (or, for the dollar budgets, its reservation) can
+/// be larger than: such a request can never be admitted, whatever the client has used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenLimit {
     PerMinute,
     PerDay,
+    UsdPerDay,
+    UsdPerMonth,
 }

@@ -286,6 +286,9 @@ async fn admin_clients_shows_limits_and_usage_but_never_a_token() {
             "tokens_last_minute": 13,
             "tokens_today": 13,
             "in_flight": 0,
+            // Nothing is priced without prices.
+            "usd_today": 0.0,
+            "usd_this_month": 0.0,
         })
     );
     // A client without limits is counted all the same.

@@ -6,6 +6,7 @@ mod budget;
 mod classification;
 mod client_limits;
 mod clients;
+mod dollar_budgets;
 mod endpoints;
 mod error_format;
 mod filters;

@@ -419,11 +419,11 @@ async fn the_redis_limiter_decides_as_the_in_process_one_does() {
         ..ClientLimits::default()
     };
     for remaining in (0..5).rev() {
-        let (charge, standing) = limiter.acquire("a", &five, 0).await.unwrap();
+        let (charge, standing) = limiter.acquire("a", &five, 0, 0).await.unwrap();
         assert_eq!(standing.requests.unwrap().remaining, remaining);
-        limiter.settle("a", &five, charge, 0);
+        limiter.settle("a", &five, charge, 0, 0);
     }
-    let refusal = limiter.acquire("a", &five, 0).await.unwrap_err();
+    let refusal = limiter.acquire("a", &five, 0, 0).await.unwrap_err();
     assert_eq!(refusal.reason, Reason::Requests);
     assert!(
         near(refusal.retry_after, Duration::from_secs(12)),
@@ -436,8 +436,8 @@ async fn the_redis_limiter_decides_as_the_in_process_one_does() {
         tokens_per_minute: Some(1000),
         ..ClientLimits::default()
     };
-    let (charge, _) = limiter.acquire("b", &both, 800).await.unwrap();
-    let refusal = limiter.acquire("b", &both, 300).await.unwrap_err();
+    let (charge, _) = limiter.acquire("b", &both, 800, 0).await.unwrap();
+    let refusal = limiter.acquire("b", &both, 300, 0).await.unwrap_err();
     assert_eq!(refusal.reason, Reason::Tokens);
     // 100 tokens over: 100 * 60 ms until they are free.
     assert!(
@@ -446,14 +446,14 @@ async fn the_redis_limiter_decides_as_the_in_process_one_does() {
     );
     assert_eq!(refusal.standing.requests.unwrap().remaining, 99);
     // Settled at 50 tokens: the 750 refunded make room for 300 more.
-    limiter.settle("b", &both, charge, 50);
+    limiter.settle("b", &both, charge, 50, 0);
     assert!(
         eventually(Duration::from_secs(5), async || {
             limiter.usage("b").await.in_flight == 0
         })
         .await
     );
-    let (_, standing) = limiter.acquire("b", &both, 300).await.unwrap();
+    let (_, standing) = limiter.acquire("b", &both, 300, 0).await.unwrap();
     let tokens = standing.tokens.unwrap().remaining;
     assert!((649..=650).contains(&tokens), "{tokens}");
     let usage = limiter.usage("b").await;
@@ -469,15 +469,15 @@ async fn the_redis_limiter_decides_as_the_in_process_one_does() {
         ..ClientLimits::default()
     };
     let started = Instant::now();
-    let first = limiter.acquire("c", &four, 0).await;
+    let first = limiter.acquire("c", &four, 0, 0).await;
     assert!(
         started.elapsed() < Duration::from_millis(300),
         "{:?}",
         started.elapsed()
     );
     assert!(first.is_ok());
-    assert!(limiter.acquire("c", &four, 0).await.is_ok());
-    let refusal = limiter.acquire("c", &four, 0).await.unwrap_err();
+    assert!(limiter.acquire("c", &four, 0, 0).await.is_ok());
+    let refusal = limiter.acquire("c", &four, 0, 0).await.unwrap_err();
     assert_eq!(refusal.reason, Reason::Requests, "2 of 4 on this replica");
     redis.signal("-CONT");
 }
@@ -583,16 +583,16 @@ async fn a_settlement_rides_with_the_next_decision_or_follows_alone_within_the_d
         ..ClientLimits::default()
     };
     // Loaded once, so that every call below is one EVALSHA.
-    let (charge, _) = limiter.acquire("warm", &limits, 1).await.unwrap();
-    limiter.settle("warm", &limits, charge, 1);
+    let (charge, _) = limiter.acquire("warm", &limits, 1, 0).await.unwrap();
+    limiter.settle("warm", &limits, charge, 1, 0);
     limiter.flush().await;
 
     // One place only: each request is admitted because the one before gave its place back in
     // the same call, and the whole run costs one call per request plus the last settlement.
     let before = script_calls(&redis);
     for _ in 0..20 {
-        let (charge, _) = limiter.acquire("alice", &limits, 100).await.unwrap();
-        limiter.settle("alice", &limits, charge, 30);
+        let (charge, _) = limiter.acquire("alice", &limits, 100, 0).await.unwrap();
+        limiter.settle("alice", &limits, charge, 30, 0);
     }
     limiter.flush().await;
     assert_eq!(script_calls(&redis) - before, 21);
@@ -606,8 +606,8 @@ async fn a_settlement_rides_with_the_next_decision_or_follows_alone_within_the_d
     assert_eq!(usage.requests_last_minute, 20);
 
     // No next decision: the settlement goes alone once the delay has passed.
-    let (charge, _) = limiter.acquire("bob", &limits, 100).await.unwrap();
-    limiter.settle("bob", &limits, charge, 40);
+    let (charge, _) = limiter.acquire("bob", &limits, 100, 0).await.unwrap();
+    limiter.settle("bob", &limits, charge, 40, 0);
     let settled = eventually(Duration::from_secs(5), async || {
         limiter.usage("bob").await.in_flight == 0
     })
@@ -718,19 +718,19 @@ async fn an_outage_starts_the_token_window_and_the_places_where_redis_left_them(
         tokens_per_minute: Some(1000),
         ..ClientLimits::default()
     };
-    let (charge, _) = limiter.acquire("t", &tokens, 600).await.unwrap();
-    limiter.settle("t", &tokens, charge, 800);
+    let (charge, _) = limiter.acquire("t", &tokens, 600, 0).await.unwrap();
+    limiter.settle("t", &tokens, charge, 800, 0);
     limiter.flush().await;
     // Two places, one of them taken by a request Redis admitted that is still running.
     let places = ClientLimits {
         max_concurrent_requests: Some(2),
         ..ClientLimits::default()
     };
-    let (running, _) = limiter.acquire("p", &places, 0).await.unwrap();
+    let (running, _) = limiter.acquire("p", &places, 0, 0).await.unwrap();
 
     redis.stop();
     // 500 a minute here (120 ms a token), 48 s of it used: 100 tokens left.
-    let refusal = limiter.acquire("t", &tokens, 150).await.unwrap_err();
+    let refusal = limiter.acquire("t", &tokens, 150, 0).await.unwrap_err();
     assert_eq!(refusal.reason, Reason::Tokens);
     // 150 tokens need 18 s, 12 s are free: 6 s (less the moments gone by).
     assert!(
@@ -738,18 +738,18 @@ async fn an_outage_starts_the_token_window_and_the_places_where_redis_left_them(
             && refusal.retry_after > Duration::from_secs(5),
         "{refusal:?}"
     );
-    assert!(limiter.acquire("t", &tokens, 90).await.is_ok());
+    assert!(limiter.acquire("t", &tokens, 90, 0).await.is_ok());
 
     // One place here, and the request Redis admitted on this replica holds it.
-    let refusal = limiter.acquire("p", &places, 0).await.unwrap_err();
+    let refusal = limiter.acquire("p", &places, 0, 0).await.unwrap_err();
     assert_eq!(refusal.reason, Reason::Concurrency);
     assert_eq!(limiter.usage("p").await.in_flight, 1);
     // When it ends, its place is free here too.
-    limiter.settle("p", &places, running, 0);
+    limiter.settle("p", &places, running, 0, 0);
     assert_eq!(limiter.usage("p").await.in_flight, 0);
-    let (local, _) = limiter.acquire("p", &places, 0).await.unwrap();
-    assert!(limiter.acquire("p", &places, 0).await.is_err());
-    limiter.settle("p", &places, local, 0);
+    let (local, _) = limiter.acquire("p", &places, 0, 0).await.unwrap();
+    assert!(limiter.acquire("p", &places, 0, 0).await.is_err());
+    limiter.settle("p", &places, local, 0, 0);
     assert_eq!(limiter.usage("p").await.in_flight, 0);
 }
 
@@ -807,4 +807,58 @@ async fn a_request_larger_than_a_shared_limit_is_refused_with_413_without_asking
         .await,
         "only the small request is counted"
     );
+}
+
+/// Dollars carry over as the daily tokens do: each replica spends at most its share of what was
+/// left, and what it spent reaches Redis once Redis answers again.
+#[tokio::test]
+#[cfg_attr(
+    no_redis_server,
+    ignore = "redis-server is not installed (Debian package redis-server)"
+)]
+async fn an_outage_spends_each_replicas_share_of_the_dollars_left_and_redis_gets_them_back() {
+    use llm_proxy::config::ClientLimits;
+    use llm_proxy::policy::{Limiter, Reason};
+
+    let mut redis = RedisServer::start();
+    let limiter = redis_limiter(
+        &redis,
+        &[
+            ("REDIS_TIMEOUT_MS", "100"),
+            ("REDIS_FALLBACK_REPLICAS", "2"),
+        ],
+    )
+    .await;
+    // A tenth of a cent a day, a cent a month; 0.4 of the day spent in Redis.
+    let dollars = ClientLimits {
+        usd_per_day: Some(1_000_000),
+        usd_per_month: Some(10_000_000),
+        ..ClientLimits::default()
+    };
+    let (charge, _) = limiter.acquire("d", &dollars, 0, 700_000).await.unwrap();
+    limiter.settle("d", &dollars, charge, 0, 400_000);
+    limiter.flush().await;
+    let usage = limiter.usage("d").await;
+    assert_eq!((usage.usd_today, usage.usd_this_month), (400_000, 400_000));
+
+    redis.stop();
+    // Each of two replicas has half the day (500,000) less half of what was spent (200,000).
+    let refusal = limiter
+        .acquire("d", &dollars, 0, 300_001)
+        .await
+        .unwrap_err();
+    assert_eq!(refusal.reason, Reason::UsdPerDay);
+    let (local, _) = limiter.acquire("d", &dollars, 0, 300_000).await.unwrap();
+    limiter.settle("d", &dollars, local, 0, 100_000);
+
+    // Back (empty, as after a loss): what the outage spent is added to the day and the month.
+    redis.restart();
+    let reconciled = eventually(Duration::from_secs(10), async || {
+        let usage = limiter.usage("d").await;
+        (usage.usd_today, usage.usd_this_month) == (100_000, 100_000)
+    })
+    .await;
+    assert!(reconciled, "{:?}", limiter.usage("d").await);
+    let key = redis.command(&["HGET", "llm-proxy:{client:d}:usd", "this_month"]);
+    assert!(key.contains("100000"), "{key}");
 }
