@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::ConfigError;
 use crate::shared::{Mode, Shared, Unavailable};
 use crate::vocab::Nanos;
+use crate::vocab::calendar::{day_text, utc_day};
 
 /// How long a request's spend waits for others to go to Redis with it.
 pub const SEND_DELAY: Duration = Duration::from_millis(10);
@@ -33,7 +34,6 @@ pub const SEND_DELAY: Duration = Duration::from_millis(10);
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 const DAY_TTL_MS: u64 = 2 * 24 * 60 * 60 * 1000;
 const MONTH_TTL_MS: u64 = 35 * 24 * 60 * 60 * 1000;
-const SECONDS_PER_DAY: u64 = 24 * 60 * 60;
 
 const ADD: &str = include_str!("ledger_add.lua");
 const READ: &str = include_str!("ledger_read.lua");
@@ -98,17 +98,9 @@ pub struct Report {
     pub lines: Vec<Line>,
 }
 
-/// A UTC day, as days since 1970-01-01.
+/// Today, UTC, as days since 1970-01-01.
 fn today() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs() / SECONDS_PER_DAY)
-}
-
-/// `YYYY-MM-DD` of a day number.
-pub fn day_text(day: u64) -> String {
-    let midnight = UNIX_EPOCH + Duration::from_secs(day.saturating_mul(SECONDS_PER_DAY));
-    humantime::format_rfc3339_seconds(midnight).to_string()[..10].to_string()
+    utc_day(SystemTime::now())
 }
 
 /// The local totals of one day and its month.

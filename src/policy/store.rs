@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::limiter::{Budgets, Limiter};
 use crate::config::ConfigError;
-use crate::vocab::calendar::{month_of, month_text};
+use crate::vocab::calendar::{day_text, month_of, month_text};
 use crate::vocab::price::Nanos;
 
 const FILE: &str = "budgets.json";
@@ -54,11 +54,6 @@ fn state_dir_error(dir: &Path, what: &str, err: impl std::fmt::Display) -> Confi
             dir.display()
         ),
     }
-}
-
-fn day_text(day: u64) -> String {
-    let midnight = UNIX_EPOCH + Duration::from_secs(day * 24 * 60 * 60);
-    humantime::format_rfc3339_seconds(midnight).to_string()[..10].to_string()
 }
 
 fn day_number(text: &str) -> Option<u64> {

@@ -1,8 +1,10 @@
 //! The UTC calendar the budgets are kept in: days since 1970-01-01, and calendar months numbered
-//! `year * 12 + month - 1`. The limiter, its state file and the spend figures count periods the
+//! `year * 12 + month - 1` (the `time` crate knows the calendar). The limiter, its state file and the spend figures count periods the
 //! same way (the Redis scripts do this arithmetic in Lua, from Redis's own clock).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use time::{Date, Month};
 
 pub const DAY_SECS: u64 = 24 * 60 * 60;
 
@@ -14,20 +16,24 @@ pub fn utc_day(wall: SystemTime) -> u64 {
         / DAY_SECS
 }
 
-/// Year, month (1-12) and day of the month (1-31) of a day number: Howard Hinnant's
-/// `civil_from_days`, for days on or after 1970-01-01 (so every division is of a positive
-/// number).
+/// Julian day number of 1970-01-01, where the day numbers start.
+const EPOCH_JULIAN_DAY: i64 = 2_440_588;
+
+/// Year, month (1-12) and day of the month (1-31) of a day number; a day beyond the year 9999
+/// (which no clock of this process reads) is taken as the last day `time` knows.
 pub fn civil(day: u64) -> (u64, u64, u64) {
-    let z = day + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day_of_month = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month, day_of_month)
+    let julian = i64::try_from(day)
+        .ok()
+        .and_then(|day| day.checked_add(EPOCH_JULIAN_DAY))
+        .and_then(|julian| i32::try_from(julian).ok());
+    let date = julian
+        .and_then(|julian| Date::from_julian_day(julian).ok())
+        .unwrap_or(Date::MAX);
+    (
+        u64::try_from(date.year()).unwrap_or(0),
+        u64::from(u8::from(date.month())),
+        u64::from(date.day()),
+    )
 }
 
 /// The calendar month a day is in, as `year * 12 + month - 1`.
@@ -36,21 +42,13 @@ pub fn month_of(day: u64) -> u64 {
     year * 12 + month - 1
 }
 
-fn days_in_month(year: u64, month: u64) -> u64 {
-    match month {
-        2 if year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400)) => {
-            29
-        }
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
 /// The first day of the month after the one `day` is in.
 pub fn next_month_start(day: u64) -> u64 {
     let (year, month, day_of_month) = civil(day);
-    day - (day_of_month - 1) + days_in_month(year, month)
+    let length = Month::try_from(month as u8).map_or(31, |month| {
+        month.length(i32::try_from(year).unwrap_or(9999))
+    });
+    day - (day_of_month - 1) + u64::from(length)
 }
 
 /// From `wall` to the next UTC midnight.
@@ -66,6 +64,12 @@ pub fn until_next_month(wall: SystemTime) -> Duration {
 fn until(wall: SystemTime, day: u64) -> Duration {
     let since = wall.duration_since(UNIX_EPOCH).unwrap_or_default();
     Duration::from_secs(day * DAY_SECS).saturating_sub(since)
+}
+
+/// `2026-12-07`, as the state files and the spend figures write a day.
+pub fn day_text(day: u64) -> String {
+    let midnight = UNIX_EPOCH + Duration::from_secs(day.saturating_mul(DAY_SECS));
+    humantime::format_rfc3339_seconds(midnight).to_string()[..10].to_string()
 }
 
 /// `2026-12`, as the state file and the spend figures write a month.
