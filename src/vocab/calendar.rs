@@ -1,6 +1,7 @@
 //! The UTC calendar the budgets are kept in: days since 1970-01-01, and calendar months numbered
-//! `year * 12 + month - 1` (the `time` crate knows the calendar). The limiter, its state file and the spend figures count periods the
-//! same way (the Redis scripts do this arithmetic in Lua, from Redis's own clock).
+//! `year * 12 + month - 1` (the `time` crate knows the calendar). The limiter, its state file
+//! and the spend figures count periods the same way (the Redis scripts do this arithmetic in
+//! Lua, from Redis's own clock).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
