@@ -11,6 +11,7 @@
 //!   (a connection each, kept alive); the difference of the two loads over the difference in
 //!   chunks cancels the per-request cost: instructions per chunk.
 //!
+//! --priced is the bench's "priced" target: --limited with dollar budgets and PRICES_FILE.
 //! --limited gives the benchmark's client the limits of the bench's "limited" target (every
 //! limit set, none reached, and a model list). --clients N puts the token in a clients file of
 //! N clients (one is the benchmark's), to see how the token lookup grows with the number of
@@ -35,7 +36,7 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpStream;
 
-use crate::bench::{LIMITS, write_upstreams_file};
+use crate::bench::{DOLLAR_BUDGETS, LIMITS, PRICES, write_upstreams_file};
 use crate::sys;
 
 const TOKEN: &str = "bench-client-token-6f1d";
@@ -60,6 +61,10 @@ pub struct Args {
     /// Give the benchmark's client the bench's limits (implies --clients 1).
     #[arg(long)]
     limited: bool,
+    /// The bench's "priced" target: the limited client with dollar budgets, and PRICES_FILE
+    /// (implies --limited).
+    #[arg(long)]
+    priced: bool,
     /// Route by model through the bench's upstreams file (the "routed" target).
     #[arg(long)]
     routed: bool,
@@ -172,10 +177,13 @@ async fn streams(
     }
 }
 
-fn clients_file(path: &Path, count: usize, limited: bool) -> std::io::Result<()> {
+fn clients_file(path: &Path, count: usize, limited: bool, priced: bool) -> std::io::Result<()> {
     let mut text = format!("[clients.bench]\ntoken = \"{TOKEN}\"\n");
     if limited {
         text.push_str(LIMITS);
+    }
+    if priced {
+        text.push_str(DOLLAR_BUDGETS);
     }
     for n in 1..count {
         text.push_str(&format!(
@@ -323,6 +331,7 @@ struct Counts {
     workers: u32,
     clients: usize,
     limited: bool,
+    priced: bool,
     routed: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     plain_requests: Option<usize>,
@@ -371,7 +380,7 @@ fn run(args: &Args, runtime: &tokio::runtime::Runtime) -> Result<Counts, String>
         return Err("mock-upstream did not start".into());
     }
 
-    let clients = if args.limited {
+    let clients = if args.limited || args.priced {
         args.clients.max(1)
     } else {
         args.clients
@@ -416,12 +425,20 @@ fn run(args: &Args, runtime: &tokio::runtime::Runtime) -> Result<Counts, String>
         let dir = workdir.join("clients");
         let path = dir.join("clients.toml");
         std::fs::create_dir(&dir)
-            .and_then(|_| clients_file(&path, clients, args.limited))
+            .and_then(|_| clients_file(&path, clients, args.limited || args.priced, args.priced))
             .map_err(|e| format!("{}: {e}", path.display()))?;
         cmd.env("CLIENTS_FILE", &path)
             .env("STATE_DIR", workdir.join("state"));
     } else {
         cmd.env("ALLOWED_TOKENS", TOKEN);
+    }
+    if args.priced {
+        let dir = workdir.join("prices");
+        let path = dir.join("prices.toml");
+        std::fs::create_dir(&dir)
+            .and_then(|_| std::fs::write(&path, PRICES))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        cmd.env("PRICES_FILE", &path);
     }
     let log_path = workdir.join("proxy.log");
     let log =
@@ -447,6 +464,7 @@ fn run(args: &Args, runtime: &tokio::runtime::Runtime) -> Result<Counts, String>
         workers: args.workers,
         clients,
         limited: args.limited,
+        priced: args.priced,
         routed: args.routed,
         plain_requests: None,
         instructions_per_request: None,

@@ -10,7 +10,7 @@
 //!   as hdrhistogram percentiles); one JSON object on stdout.
 //! * `loadgen bench`: the benchmark of scripts/bench.sh (direct vs nginx vs llm-proxy, its
 //!   settings in BENCH_* variables); a table on stdout, the figures in target/bench/results.json.
-//! * `loadgen callgrind [--clients N] [--limited] [--routed]`: instructions per plain request and per
+//! * `loadgen callgrind [--clients N] [--limited] [--priced] [--routed]`: instructions per plain request and per
 //!   streamed chunk of the release proxy under valgrind; one JSON object on stdout.
 //! * `loadgen procinfo snapshot|settle|describe|cpu-ticks ...`: the soak's readings of the
 //!   proxy process (RSS, fds by kind, threads, CPU).

@@ -131,7 +131,7 @@ use procs::{Plan, Procs, ProxyEnv, Startup};
 use report::{Check, Figures, FootprintView, Growth, Header, PlainRow, StreamRow};
 use settings::{Paths, Settings, is_executable, is_h2, is_proxy};
 
-pub use procs::{LIMITS, write_upstreams_file};
+pub use procs::{DOLLAR_BUDGETS, LIMITS, PRICES, write_upstreams_file};
 
 #[derive(Debug)]
 pub enum BenchError {
