@@ -6,7 +6,9 @@
 //! Without an upstreams file, `PRICES_FILE` holds the same `[prices]` table (and optionally
 //! `prices_file`) for the environment's one upstream.
 
-use std::collections::HashMap;
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -54,11 +56,11 @@ fn parse_prices_file(text: &str) -> Result<(PriceTable, Option<PathBuf>), String
         .map_err(|err| at_path("", &err))?;
     let litellm = file.prices_file.map(PathBuf::from);
     let table = PriceTable {
-        per_upstream: HashMap::new(),
+        per_upstream: FxHashMap::default(),
         shared: price_list("prices", file.prices)?,
         file: match &litellm {
             Some(path) => litellm_file(path)?,
-            None => HashMap::new(),
+            None => FxHashMap::default(),
         },
     };
     Ok((table, litellm))
@@ -169,16 +171,16 @@ fn quoted(model: &str) -> String {
 /// Entries without `input_cost_per_token` (images priced per pixel, audio per second, the
 /// `sample_spec` that documents the format) price nothing and are skipped; a cost that is there
 /// but is not a price rejects the file.
-pub fn litellm_file(path: &Path) -> Result<HashMap<String, Price>, String> {
+pub fn litellm_file(path: &Path) -> Result<FxHashMap<Arc<str>, Price>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|err| format!("prices_file: {} cannot be read: {err}", path.display()))?;
     litellm_prices(&text).map_err(|err| format!("prices_file: {}: {err}", path.display()))
 }
 
-fn litellm_prices(text: &str) -> Result<HashMap<String, Price>, String> {
+fn litellm_prices(text: &str) -> Result<FxHashMap<Arc<str>, Price>, String> {
     let document: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
         .map_err(|err| format!("is not a JSON object of models: {err}"))?;
-    let mut prices = HashMap::new();
+    let mut prices = FxHashMap::default();
     for (model, entry) in document {
         if model == "sample_spec" {
             continue;
@@ -209,7 +211,7 @@ fn litellm_prices(text: &str) -> Result<HashMap<String, Price>, String> {
             continue;
         };
         prices.insert(
-            model.clone(),
+            Arc::from(model.as_str()),
             Price {
                 input,
                 cached_input: cost("cache_read_input_token_cost")?,

@@ -4,7 +4,9 @@
 //! serving every model. Read by serde with unknown fields refused; every problem names the
 //! upstream and the field (`upstreams.<name>.<field>`), and nothing here echoes a key.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -249,7 +251,7 @@ fn parse<F: Fn(&str) -> Option<String>>(
         return Err("has no upstreams (no [upstreams.<name>] table)".to_string());
     }
     let mut list = Vec::new();
-    let mut per_upstream = HashMap::new();
+    let mut per_upstream = FxHashMap::default();
     for (name, entry) in file.upstreams {
         let (upstream, prices) = parse_upstream(&name, entry, variables, defaults)?;
         if !prices.is_empty() {
@@ -263,7 +265,7 @@ fn parse<F: Fn(&str) -> Option<String>>(
         shared: price_list("prices", file.prices)?,
         file: match &litellm {
             Some(path) => litellm_file(path)?,
-            None => HashMap::new(),
+            None => FxHashMap::default(),
         },
     };
     // The document parsed above, so this parse of the same text succeeds; a failure would only

@@ -12,7 +12,7 @@
 //! `u:<key>` (nano-dollars) and `r:<key>` (requests); day keys expire two days after their last
 //! write, month keys 35 days after theirs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use redis::Script;
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ConfigError;
@@ -80,7 +81,9 @@ impl Sum {
     }
 }
 
-type Groups = [HashMap<Arc<str>, Sum>; 3];
+/// FxHash: the keys are the files' names (clients, priced models, upstreams), never a caller's,
+/// and three of these are updated per priced request.
+type Groups = [FxHashMap<Arc<str>, Sum>; 3];
 
 /// One group's line of `/admin/spend`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -154,7 +157,7 @@ impl Period {
 }
 
 /// What waits to go to Redis: per hash, per key of the group, the sum.
-type Pending = HashMap<Period, HashMap<Arc<str>, Sum>>;
+type Pending = FxHashMap<Period, FxHashMap<Arc<str>, Sum>>;
 
 /// The ledger. Cloning is shallow.
 #[derive(Clone)]
@@ -180,7 +183,7 @@ impl Ledger {
             add: Script::new(ADD),
             read: Script::new(READ),
             totals: Mutex::new(Totals::default()),
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(FxHashMap::default()),
             send_planned: AtomicBool::new(false),
             generation: AtomicU64::new(0),
         }))
@@ -395,8 +398,8 @@ fn month_key(group: Group, month: &str) -> String {
 }
 
 /// A hash as HGETALL gives it (field, value, field, value, ...) into sums by key.
-fn from_hash(flat: &[String]) -> HashMap<Arc<str>, Sum> {
-    let mut sums: HashMap<Arc<str>, Sum> = HashMap::new();
+fn from_hash(flat: &[String]) -> FxHashMap<Arc<str>, Sum> {
+    let mut sums: FxHashMap<Arc<str>, Sum> = FxHashMap::default();
     for pair in flat.chunks_exact(2) {
         let value = pair[1].parse::<u64>().unwrap_or(0);
         if let Some(key) = pair[0].strip_prefix("u:") {
@@ -410,7 +413,7 @@ fn from_hash(flat: &[String]) -> HashMap<Arc<str>, Sum> {
 
 /// One line per key of the month (today's keys are among them), largest month first, then by
 /// key so that equal sums keep one order.
-fn lines(today: &HashMap<Arc<str>, Sum>, this_month: &HashMap<Arc<str>, Sum>) -> Vec<Line> {
+fn lines(today: &FxHashMap<Arc<str>, Sum>, this_month: &FxHashMap<Arc<str>, Sum>) -> Vec<Line> {
     let mut lines: Vec<Line> = this_month
         .iter()
         .map(|(key, month)| Line {

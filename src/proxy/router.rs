@@ -11,7 +11,7 @@
 //! on any key of any upstream, comes out of one budget (`max_attempts`) and one deadline
 //! (`request_timeout_secs`), so retries never multiply.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -35,7 +35,7 @@ use crate::ops::metrics::Metrics;
 use crate::shared::Shared;
 use crate::shared::signals::{Signal, Signals};
 use crate::vocab::models::ModelPattern;
-use crate::vocab::price::{Price, PriceEntry};
+use crate::vocab::price::Price;
 use crate::vocab::{Endpoint, PriceTable};
 use tokio::sync::broadcast;
 
@@ -93,7 +93,7 @@ pub struct Table {
     default: usize,
     /// The plan of every name the file spells out (exact model names and aliases); a name that
     /// only a pattern matches gets its plan made when asked for.
-    plans: HashMap<Box<str>, Arc<Plan>>,
+    plans: FxHashMap<Box<str>, Arc<Plan>>,
     default_plan: Arc<Plan>,
     /// Whether the model decides anything: more than one upstream, an alias, a rename or a
     /// model list narrower than everything. Without, the body need not be read to route.
@@ -291,7 +291,7 @@ impl Table {
             })),
             upstreams,
             default: routing.default,
-            plans: HashMap::new(),
+            plans: FxHashMap::default(),
             by_model,
             max_attempts: routing.max_attempts,
             failover_on: routing.failover_on.clone(),
@@ -309,7 +309,7 @@ impl Table {
             metrics,
             signals: signals.clone(),
         };
-        let mut plans = HashMap::new();
+        let mut plans = FxHashMap::default();
         for upstream in &table.upstreams {
             for name in upstream.models().exact_names() {
                 if let Some(plan) = table.plan_for(name) {
@@ -347,11 +347,7 @@ impl Table {
     /// it, else `other`.
     pub fn price_of(&self, upstream: &str, model: &str) -> (Option<Price>, Arc<str>) {
         if let Some(priced) = self.prices.priced(upstream, model) {
-            let name = match priced.entry {
-                PriceEntry::Exact(name) => Arc::from(name),
-                pattern => Arc::from(pattern.to_string()),
-            };
-            return (Some(priced.price), name);
+            return (Some(priced.price), priced.entry.clone());
         }
         if self.plans.contains_key(model) {
             return (None, Arc::from(model));

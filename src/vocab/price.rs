@@ -8,8 +8,9 @@
 //! pico-dollars and rounded up to the next nano-dollar: never under-billed, and never by as much
 //! as a billionth of a dollar.
 
-use std::collections::HashMap;
 use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
 
 use super::Usage;
 use super::models::ModelPattern;
@@ -106,12 +107,17 @@ pub fn format_signed_usd(nanos: i64) -> String {
     format!("{sign}{}", format_usd(nanos.unsigned_abs()))
 }
 
-/// Prices by model name: exact names, then the longest prefix of a trailing-`*` pattern.
+/// Prices by model name: exact names, then the longest prefix of a trailing-`*` pattern. Each
+/// entry keeps the name spend is counted under (the model, or the pattern as written), so that
+/// pricing a request copies no string.
+///
+/// The maps hash with FxHash rather than the keyed SipHash: they are looked up on every priced
+/// request, and their keys are the files' own names, so a caller cannot choose colliding keys.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PriceList {
-    exact: HashMap<String, Price>,
-    /// Longest prefix first.
-    prefixes: Vec<(String, Price)>,
+    exact: FxHashMap<Arc<str>, Price>,
+    /// Longest prefix first: (prefix, the pattern as written, price).
+    prefixes: Vec<(String, Arc<str>, Price)>,
 }
 
 impl PriceList {
@@ -120,13 +126,16 @@ impl PriceList {
         for (pattern, price) in entries {
             match pattern {
                 ModelPattern::Exact(name) => {
-                    list.exact.insert(name, price);
+                    list.exact.insert(Arc::from(name), price);
                 }
-                ModelPattern::Prefix(prefix) => list.prefixes.push((prefix, price)),
+                ModelPattern::Prefix(prefix) => {
+                    let label = Arc::from(format!("{prefix}*"));
+                    list.prefixes.push((prefix, label, price));
+                }
             }
         }
         list.prefixes
-            .sort_by(|(a, _), (b, _)| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+            .sort_by(|(a, _, _), (b, _, _)| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
         list
     }
 
@@ -134,15 +143,15 @@ impl PriceList {
         self.entry(model).map(|(price, _)| price)
     }
 
-    /// The price of `model` and, when a pattern priced it, the pattern's prefix.
-    fn entry(&self, model: &str) -> Option<(Price, Option<&str>)> {
-        if let Some(price) = self.exact.get(model) {
-            return Some((*price, None));
+    /// The price of `model` and the entry that priced it: the model's name, or the pattern.
+    fn entry(&self, model: &str) -> Option<(Price, &Arc<str>)> {
+        if let Some((name, price)) = self.exact.get_key_value(model) {
+            return Some((*price, name));
         }
         self.prefixes
             .iter()
-            .find(|(prefix, _)| model.starts_with(prefix.as_str()))
-            .map(|(prefix, price)| (*price, Some(prefix.as_str())))
+            .find(|(prefix, _, _)| model.starts_with(prefix.as_str()))
+            .map(|(_, label, price)| (*price, label))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -154,43 +163,27 @@ impl PriceList {
     pub fn covers(&self, prefix: &str) -> bool {
         self.prefixes
             .iter()
-            .any(|(priced, _)| prefix.starts_with(priced.as_str()))
+            .any(|(priced, _, _)| prefix.starts_with(priced.as_str()))
     }
 }
 
-/// A price found, and the entry of the tables that gave it.
+/// A price found, and the entry of the tables that gave it: its exact name, or a trailing-`*`
+/// pattern as written. Both are written in a file, so a metric labelled with the entry has as
+/// many series as the file has entries, whatever names callers make up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Priced<'a> {
     pub price: Price,
-    pub entry: PriceEntry<'a>,
-}
-
-/// The entry that priced a model: its exact name, or a trailing-`*` pattern (its prefix). Both
-/// are written in a file, so a metric labelled with the entry has as many series as the file has
-/// entries, whatever names callers make up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PriceEntry<'a> {
-    Exact(&'a str),
-    Pattern(&'a str),
-}
-
-impl std::fmt::Display for PriceEntry<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PriceEntry::Exact(name) => f.write_str(name),
-            PriceEntry::Pattern(prefix) => write!(f, "{prefix}*"),
-        }
-    }
+    pub entry: &'a Arc<str>,
 }
 
 /// Every price the proxy knows: each upstream's own, the `[prices]` table for every upstream,
 /// and the prices file (LiteLLM's format) for what the tables do not price.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PriceTable {
-    pub per_upstream: HashMap<Arc<str>, PriceList>,
+    pub per_upstream: FxHashMap<Arc<str>, PriceList>,
     pub shared: PriceList,
     /// Exact model names only, as the file keys them.
-    pub file: HashMap<String, Price>,
+    pub file: FxHashMap<Arc<str>, Price>,
 }
 
 impl PriceTable {
@@ -201,19 +194,17 @@ impl PriceTable {
     }
 
     /// The price of `model` served by `upstream`, with the name of the entry that priced it.
-    pub fn priced<'a>(&'a self, upstream: &str, model: &'a str) -> Option<Priced<'a>> {
+    pub fn priced(&self, upstream: &str, model: &str) -> Option<Priced<'_>> {
         self.per_upstream
             .get(upstream)
             .and_then(|list| list.entry(model))
             .or_else(|| self.shared.entry(model))
-            .or_else(|| self.file.get(model).map(|price| (*price, None)))
-            .map(|(price, prefix)| Priced {
-                price,
-                entry: match prefix {
-                    Some(prefix) => PriceEntry::Pattern(prefix),
-                    None => PriceEntry::Exact(model),
-                },
+            .or_else(|| {
+                self.file
+                    .get_key_value(model)
+                    .map(|(name, price)| (*price, name))
             })
+            .map(|(price, entry)| Priced { price, entry })
     }
 
     /// Whether every model starting with `prefix` has a price at `upstream`. The prices file
@@ -342,9 +333,11 @@ mod tests {
         ]);
         let azure = PriceList::new([(pattern("gpt-4o"), price(2.75, None, 11.0))]);
         let table = PriceTable {
-            per_upstream: HashMap::from([(Arc::from("azure-eu"), azure)]),
+            per_upstream: [(Arc::from("azure-eu"), azure)].into_iter().collect(),
             shared,
-            file: HashMap::from([("claude-x".to_string(), price(3.0, None, 15.0))]),
+            file: [(Arc::from("claude-x"), price(3.0, None, 15.0))]
+                .into_iter()
+                .collect(),
         };
         assert_eq!(
             table.price("azure-eu", "gpt-4o"),
