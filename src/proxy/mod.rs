@@ -581,12 +581,13 @@ impl Upstream {
         }
         let metrics = &self.0.metrics;
         let counted = &self.0.counted;
-        let mut request = client.request(method, url).headers(headers);
-        if let Some(body) = body {
-            request = request.body(body);
-        }
+        // The request is built whole and the header map moved in: `RequestBuilder::headers`
+        // would re-insert every header, one by one, into the builder's own empty map.
+        let mut request = reqwest::Request::new(method, url);
+        *request.headers_mut() = headers;
+        *request.body_mut() = body;
         let asked = std::time::Instant::now();
-        match tokio::time::timeout(timeout, request.send()).await {
+        match tokio::time::timeout(timeout, client.execute(request)).await {
             Err(_) => {
                 log::error!(
                     "upstream {} sent no response headers within {:.1}s",
