@@ -106,6 +106,17 @@ fn today() -> u64 {
     utc_day(SystemTime::now())
 }
 
+/// Adds `sum` to `key`'s line. The line is looked up first: it is there for all but a group's
+/// first request of the period, and the entry API would clone the key for every one.
+fn add(lines: &mut FxHashMap<Arc<str>, Sum>, key: &Arc<str>, sum: Sum) {
+    match lines.get_mut(&**key) {
+        Some(line) => line.add(sum),
+        None => {
+            lines.insert(key.clone(), sum);
+        }
+    }
+}
+
 /// The local totals of one day and its month.
 #[derive(Default)]
 struct Totals {
@@ -199,14 +210,8 @@ impl Ledger {
             totals.roll_to(today());
             for group in Group::ALL {
                 let key = keys[group.index()];
-                totals.today[group.index()]
-                    .entry(key.clone())
-                    .or_default()
-                    .add(one);
-                totals.this_month[group.index()]
-                    .entry(key.clone())
-                    .or_default()
-                    .add(one);
+                add(&mut totals.today[group.index()], key, one);
+                add(&mut totals.this_month[group.index()], key, one);
             }
             (totals.day_text.clone(), totals.month_text.clone())
         };
