@@ -32,7 +32,7 @@ use crate::auth::Authenticator;
 use crate::auth::redact::Redactor;
 use crate::config::UpstreamsConfig;
 use crate::config::prices::unpriced;
-use crate::config::{Config, ConfigError};
+use crate::config::{Client, Config, ConfigError};
 use crate::ops::metrics::Metrics;
 use crate::proxy::router::Router;
 use crate::shared::Shared;
@@ -297,6 +297,7 @@ impl Reloader {
         // still print it.
         self.state.redactor.add_secrets(&config);
         self.state.auth.replace(&config);
+        report_budgets(&self.state.metrics, &config.clients);
         self.state.metrics.reload(true);
         // A keys file added or dropped by the new upstreams file is watched from now on.
         let paths = routing_paths(&config);
@@ -538,6 +539,17 @@ async fn next_hangup(hangups: &mut Hangups) {
         let () = hangups;
         std::future::pending().await
     }
+}
+
+/// The dollar budgets of `clients` as the `llm_proxy_client_budget_usd` gauge: at start-up and
+/// on every reload, so that a dashboard draws the budget the proxy enforces.
+pub(crate) fn report_budgets(metrics: &Metrics, clients: &[Client]) {
+    metrics.client_budgets(clients.iter().flat_map(|client| {
+        let limits = &client.limits;
+        [("day", limits.usd_per_day), ("month", limits.usd_per_month)]
+            .into_iter()
+            .filter_map(move |(period, budget)| Some((&client.name, period, budget?)))
+    }));
 }
 
 #[cfg(test)]

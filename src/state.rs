@@ -11,7 +11,7 @@ use crate::config::{Config, ConfigError};
 use crate::ops::metrics::Metrics;
 use crate::policy::{Ledger, Limiter, MemoryLimiter, Policy, RedisLimiter, redis};
 use crate::proxy::router::Router;
-use crate::reload::Reloadable;
+use crate::reload::{Reloadable, report_budgets};
 use crate::shared::Shared;
 use crate::shared::signals::Signals;
 
@@ -78,6 +78,7 @@ impl AppState {
         make: impl FnOnce(&Shared) -> Arc<dyn Limiter>,
     ) -> Result<AppState, ConfigError> {
         let metrics = Metrics::new();
+        report_budgets(&metrics, &config.clients);
         let redactor = Arc::new(Redactor::new(&config));
         let shared = Shared::new(&config.shared, metrics.clone());
         let signals = Signals::new(&shared);

@@ -120,6 +120,13 @@ struct SpendLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BudgetLabels {
+    client: Arc<str>,
+    /// `day` (`usd_per_day`) or `month` (`usd_per_month`).
+    period: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamModelLabels {
     upstream: Arc<str>,
     model: Arc<str>,
@@ -413,6 +420,7 @@ struct Families {
     attempts: Histogram,
     panic_routing: Family<ModelLabels, Counter>,
     spend: Family<SpendLabels, DollarCounter>,
+    budgets: Family<BudgetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     unpriced: Family<UpstreamModelLabels, Counter>,
     /// Per-route histogram handles, indexed by `Route::index`: a family lookup hashes the
     /// labels under a lock on every request; the handles share the family's storage, so the
@@ -622,6 +630,13 @@ impl Metrics {
              the upstream reported and the configured prices",
             spend.clone(),
         );
+        let budgets = Family::<BudgetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "client_budget_usd",
+            "The dollar budget of each client that has one, by client and period (day: \
+             usd_per_day, month: usd_per_month), as the clients file in force says",
+            budgets.clone(),
+        );
         let unpriced = Family::<UpstreamModelLabels, Counter>::default();
         registry.register(
             "unpriced_requests",
@@ -660,6 +675,7 @@ impl Metrics {
             attempts,
             panic_routing,
             spend,
+            budgets,
             unpriced,
             cached: Default::default(),
         }));
@@ -929,6 +945,25 @@ impl Metrics {
                 model: model.clone(),
             })
             .add(nanos);
+    }
+
+    /// The dollar budgets of the clients file in force, as (client, `day`|`month`, budget): the
+    /// series of a client or budget no longer in the file go with it.
+    pub fn client_budgets<'a>(
+        &self,
+        budgets: impl IntoIterator<Item = (&'a Arc<str>, &'static str, Nanos)>,
+    ) {
+        // Cleared and set again rather than diffed: a reload is rare and the list short.
+        self.0.budgets.clear();
+        for (client, period, nanos) in budgets {
+            self.0
+                .budgets
+                .get_or_create(&BudgetLabels {
+                    client: client.clone(),
+                    period,
+                })
+                .set(usd(nanos));
+        }
     }
 
     /// A request was served with usage for a model that has no price.

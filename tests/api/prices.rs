@@ -412,3 +412,99 @@ async fn a_reload_that_changes_only_prices_keeps_every_upstream_as_it_was() {
         "usable"
     );
 }
+
+/// `gpt-4o` with 1000 prompt and 100 completion tokens reported, through `proxy`; the cost its
+/// access line gives.
+async fn priced_chat(proxy: &mut RunningProxy) -> String {
+    let answer = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{}/v1/chat/completions",
+            proxy.port
+        ))
+        .bearer_auth(CLIENT_TOKEN)
+        .header(
+            "x-mock-usage",
+            r#"{"prompt_tokens": 1000, "completion_tokens": 100}"#,
+        )
+        .json(&chat_body("gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    answer.bytes().await.unwrap();
+    let line = line_with(proxy, &[" /v1/chat/completions", " cost_usd="]).await;
+    line.split(" cost_usd=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_string()
+}
+
+/// The price of `gpt-4o` rewritten in `file` (by `text(input price)`) while `proxy` serves:
+/// 1000 x 2.50 + 100 x 10 = $0.003500 before, 1000 x 2.00 + 100 x 10 = $0.003000 on the next
+/// request once the reload is logged, and still that after a rewrite that does not parse.
+async fn the_next_request_costs_the_new_price(
+    proxy: &mut RunningProxy,
+    file: &Path,
+    text: impl Fn(&str) -> String,
+) {
+    assert_eq!(priced_chat(proxy).await, "0.003500");
+
+    replace(file, &text("2.00"));
+    line_with(proxy, &["reloaded (upstreams or prices file changed)"]).await;
+    assert_eq!(priced_chat(proxy).await, "0.003000");
+
+    replace(
+        file,
+        &text("2.00").replace("output = 10.00", "output = \"ten\""),
+    );
+    line_with(
+        proxy,
+        &["reload (upstreams or prices file changed) rejected"],
+    )
+    .await;
+    assert_eq!(priced_chat(proxy).await, "0.003000", "the old price stays");
+}
+
+#[tokio::test]
+async fn a_rewritten_prices_file_prices_the_next_request_and_a_broken_one_does_not() {
+    let dir = scratch_dir("prices-next-request");
+    let file = dir.join("prices.toml");
+    let text = |input: &str| PRICED.replace("input = 2.50", &format!("input = {input}"));
+    std::fs::write(&file, text("2.50")).unwrap();
+    let (_upstream, mut proxy) = crate::process::start_binary_with_mock(&[
+        ("AUTH_VALIDATION", "true"),
+        ("ALLOWED_TOKENS", CLIENT_TOKEN),
+        ("PRICES_FILE", file.to_str().unwrap()),
+    ])
+    .await;
+    the_next_request_costs_the_new_price(&mut proxy, &file, text).await;
+}
+
+#[tokio::test]
+async fn a_rewritten_upstreams_file_prices_the_next_request_and_a_broken_one_does_not() {
+    let upstream = MockUpstream::start().await;
+    let dir = scratch_dir("upstreams-prices-next-request");
+    std::fs::write(dir.join("openai.keys"), format!("{UPSTREAM_KEY}\n")).unwrap();
+    let file = dir.join("upstreams.toml");
+    let head = format!(
+        "default = \"openai\"\n\
+         [upstreams.openai]\nbase_url = \"{}/v1\"\nkeys_file = {:?}\nmodels = [\"gpt-4o\"]\n",
+        upstream.base_url(),
+        dir.join("openai.keys"),
+    );
+    let text = |input: &str| {
+        format!(
+            "{head}{}",
+            PRICED.replace("input = 2.50", &format!("input = {input}"))
+        )
+    };
+    std::fs::write(&file, text("2.50")).unwrap();
+    let mut proxy = crate::process::start_binary(&[
+        ("AUTH_VALIDATION", "true"),
+        ("ALLOWED_TOKENS", CLIENT_TOKEN),
+        ("UPSTREAMS_FILE", file.to_str().unwrap()),
+    ])
+    .await;
+    the_next_request_costs_the_new_price(&mut proxy, &file, text).await;
+}

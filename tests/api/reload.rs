@@ -503,3 +503,54 @@ async fn a_file_gone_for_a_moment_is_not_reported_as_missing() {
     assert_eq!(missing_gauge(&proxy).await, 0.0);
     assert_eq!(chat_status(&proxy, "tok-alice").await, 200);
 }
+
+/// The `llm_proxy_client_budget_usd` lines of `/metrics`, sorted.
+async fn budget_series(app: &TestApp) -> Vec<String> {
+    let mut lines: Vec<String> = app
+        .metrics_text()
+        .await
+        .lines()
+        .filter(|line| line.starts_with("llm_proxy_client_budget_usd{"))
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[tokio::test]
+async fn the_budget_gauge_follows_the_clients_file_through_a_reload() {
+    let file = scratch_dir("reload-budget-gauge").join("clients.toml");
+    std::fs::write(
+        &file,
+        "[clients.alice]\ntoken = \"tok-alice\"\nusd_per_day = 20\nusd_per_month = 400.5\n\
+         [clients.bob]\ntoken = \"tok-bob\"\nusd_per_month = 100\n\
+         [clients.carol]\ntoken = \"tok-carol\"\ntokens_per_day = 1000\n",
+    )
+    .unwrap();
+    let app = spawn_reloading(&file).await;
+    assert_eq!(
+        budget_series(&app).await,
+        [
+            "llm_proxy_client_budget_usd{client=\"alice\",period=\"day\"} 20.0",
+            "llm_proxy_client_budget_usd{client=\"alice\",period=\"month\"} 400.5",
+            "llm_proxy_client_budget_usd{client=\"bob\",period=\"month\"} 100.0",
+        ]
+    );
+
+    // alice loses her monthly budget, bob leaves, carol gains a daily one.
+    std::fs::write(
+        &file,
+        "[clients.alice]\ntoken = \"tok-alice\"\nusd_per_day = 25\n\
+         [clients.carol]\ntoken = \"tok-carol\"\nusd_per_day = 0.5\n",
+    )
+    .unwrap();
+    let wanted = [
+        "llm_proxy_client_budget_usd{client=\"alice\",period=\"day\"} 25.0",
+        "llm_proxy_client_budget_usd{client=\"carol\",period=\"day\"} 0.5",
+    ];
+    let seen = eventually(Duration::from_secs(5), async || {
+        budget_series(&app).await == wanted
+    })
+    .await;
+    assert!(seen, "{:?}", budget_series(&app).await);
+}
