@@ -159,6 +159,8 @@ async fn run(config: Config, variables: HashMap<String, String>) -> ExitCode {
     }
     llm_proxy::serve(listener, state.clone(), shutdown).await;
     state.policy.limiter().flush().await;
+    // The last second's counts of the status page's hour, for the replicas that stay.
+    let _ = state.activity.flush().await;
     if let Some(writer) = writer {
         writer.abort();
     }

@@ -13,6 +13,7 @@ use crate::policy::{Limiter, MemoryLimiter, Policy, RedisLimiter, redis};
 use crate::proxy::router::Router;
 use crate::reload::Reloadable;
 use crate::shared::Shared;
+use crate::shared::activity::SharedActivity;
 use crate::shared::signals::Signals;
 
 pub use crate::proxy::MODELS_CACHE_TTL;
@@ -34,6 +35,8 @@ pub struct Inner {
     pub shared: Shared,
     /// Key rests and breaker openings told to and heard from the other replicas (Redis).
     pub signals: Signals,
+    /// The last hour minute by minute, for the status page: this replica's ring and its Redis side.
+    pub activity: SharedActivity,
     /// Set once shutdown has begun: `/readyz` then answers 503.
     draining: AtomicBool,
     /// Whether the daily budgets are written to `STATE_DIR` (set by `main` once the store opened).
@@ -81,6 +84,7 @@ impl AppState {
         let redactor = Arc::new(Redactor::new(&config));
         let shared = Shared::new(&config.shared, metrics.clone());
         let signals = Signals::new(&shared);
+        let activity = SharedActivity::new(&shared, metrics.activity().clone());
         let limiter = make(&shared);
         Ok(AppState(Arc::new(Inner {
             auth: Authenticator::new(&config),
@@ -93,6 +97,7 @@ impl AppState {
             )?,
             shared,
             signals,
+            activity,
             policy: Policy::new(&config, limiter, metrics.clone()),
             redactor,
             metrics,

@@ -19,6 +19,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use warp::http::{Method, StatusCode};
 
+use super::activity::Activity;
 use crate::vocab::Route;
 
 /// How an upstream exchange failed.
@@ -363,6 +364,8 @@ struct Families {
     breaker_state: Family<UpstreamLabels, Gauge>,
     attempts: Histogram,
     panic_routing: Family<ModelLabels, Counter>,
+    /// The last hour minute by minute, for the status page: fed where the families above are.
+    activity: Activity,
     /// Per-route histogram handles, indexed by `Route::index`: a family lookup hashes the
     /// labels under a lock on every request; the handles share the family's storage, so the
     /// exposition is unchanged.
@@ -594,6 +597,7 @@ impl Metrics {
             breaker_state,
             attempts,
             panic_routing,
+            activity: Activity::new(),
             cached: Default::default(),
         }));
         metrics.state_mode(StateMode::Local);
@@ -625,6 +629,9 @@ impl Metrics {
             status_class: status_class(status),
         };
         families.requests.get_or_create(&labels).inc();
+        if route.is_forwarded() {
+            families.activity.record_request();
+        }
         let handles = &families.cached[route.index()];
         let labels = RouteLabels {
             route: route.label(),
@@ -645,6 +652,11 @@ impl Metrics {
                 .get_or_init(|| families.overhead.get_or_create(&labels).clone())
                 .observe(overhead.as_secs_f64());
         }
+    }
+
+    /// The last hour minute by minute (requests, spend, refusals).
+    pub fn activity(&self) -> &Activity {
+        &self.0.activity
     }
 
     pub fn requests_in_flight(&self) -> &Gauge {
@@ -841,7 +853,10 @@ impl KeyCounters {
 }
 
 impl Metrics {
+    /// Every refusal by a client's limits comes through here: the metric and the last hour's
+    /// count by client and reason (`/admin/clients`) are kept together.
     pub fn limit_refusal(&self, client: &Arc<str>, reason: &'static str) {
+        self.0.activity.record_refusal(client, reason);
         self.0
             .limit_refusals
             .get_or_create(&RefusalLabels {

@@ -49,6 +49,12 @@ routes! {
         AdminClients,
         /// `GET /admin/upstreams`: every upstream's breaker, keys and load.
         AdminUpstreams,
+        /// `GET /admin/activity`: the last hour minute by minute.
+        AdminActivity,
+        /// `GET /admin/`, the status page (and `/admin`, sent there).
+        AdminPage,
+        /// `GET /admin/app.css` and `/admin/app.js`, the status page's stylesheet and script.
+        AdminAsset,
         /// Any other `/admin/...` path: none exists, but its 404s count as admin traffic.
         Admin,
         Healthz,
@@ -74,9 +80,13 @@ impl Route {
             Route::Chat => "chat",
             Route::Models => "models",
             Route::Passthrough => "passthrough",
-            Route::CacheClear | Route::AdminClients | Route::AdminUpstreams | Route::Admin => {
-                "admin"
-            }
+            Route::CacheClear
+            | Route::AdminClients
+            | Route::AdminUpstreams
+            | Route::AdminActivity
+            | Route::AdminPage
+            | Route::AdminAsset
+            | Route::Admin => "admin",
             Route::Healthz | Route::Readyz => "health",
             Route::Metrics => "metrics",
             Route::Other => "other",
@@ -103,7 +113,10 @@ impl Route {
             | Route::Readyz
             | Route::Metrics
             | Route::AdminClients
-            | Route::AdminUpstreams => Some("GET"),
+            | Route::AdminUpstreams
+            | Route::AdminActivity
+            | Route::AdminPage
+            | Route::AdminAsset => Some("GET"),
             Route::CacheClear => Some("POST"),
             Route::Chat | Route::Models | Route::Passthrough | Route::Admin | Route::Other => None,
         }
@@ -250,6 +263,11 @@ const TABLE: &[Row] = &[
     row("/admin/clients",                         Extent::Exact, Route::AdminClients, Model::None,     false),
     row("/admin/upstreams",                       Extent::Exact, Route::AdminUpstreams, Model::None,   false),
     row("/admin/cache/clear",                     Extent::Exact, Route::CacheClear,  Model::None,      false),
+    row("/admin/activity",                        Extent::Exact, Route::AdminActivity, Model::None,    false),
+    row("/admin/",                                Extent::Exact, Route::AdminPage,   Model::None,      false),
+    row("/admin",                                 Extent::Exact, Route::AdminPage,   Model::None,      false),
+    row("/admin/app.css",                         Extent::Exact, Route::AdminAsset,  Model::None,      false),
+    row("/admin/app.js",                          Extent::Exact, Route::AdminAsset,  Model::None,      false),
     row("/admin",                                 Extent::Below, Route::Admin,       Model::None,      false),
 ];
 
@@ -572,6 +590,13 @@ mod tests {
             ("/admin/other", Route::Admin),
             ("/admin/clients", Route::AdminClients),
             ("/admin/upstreams", Route::AdminUpstreams),
+            ("/admin/activity", Route::AdminActivity),
+            ("/admin/", Route::AdminPage),
+            ("/admin", Route::AdminPage),
+            ("/admin/app.js", Route::AdminAsset),
+            ("/admin/app.css", Route::AdminAsset),
+            ("/admin/app.css/", Route::Admin),
+            ("/admin//", Route::Admin),
             ("/healthz", Route::Healthz),
             ("/readyz", Route::Readyz),
             ("/metrics", Route::Metrics),

@@ -286,8 +286,10 @@ async fn admin_clients_shows_limits_and_usage_but_never_a_token() {
             "tokens_last_minute": 13,
             "tokens_today": 13,
             "in_flight": 0,
+            "refusals_last_hour": {},
         })
     );
+    assert_eq!(alice["state"], "active");
     // A client without limits is counted all the same.
     let unlimited = &listed["clients"][0];
     assert_eq!(unlimited["limits"], json!({"disabled": false}));

@@ -29,6 +29,7 @@ mod shared_limits;
 mod shared_state;
 mod shutdown;
 mod signals;
+mod status_page;
 mod streaming;
 mod tls;
 mod upstream_faults;
