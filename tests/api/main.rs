@@ -2,6 +2,7 @@
 
 mod admin;
 mod auth;
+mod browser;
 mod budget;
 mod classification;
 mod client_limits;
