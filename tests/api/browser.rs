@@ -550,6 +550,37 @@ async fn exercise(app: &TestApp, a: &MockUpstream, browser: &Client) {
         json!(60)
     );
 
+    // A hidden tab is not refreshed; shown again, it refreshes at once.
+    let refreshes = "return Number(document.getElementById('status').dataset.refreshes)";
+    run(
+        browser,
+        "Object.defineProperty(document, 'visibilityState', {value: 'hidden', configurable: true});
+         document.dispatchEvent(new Event('visibilitychange'));",
+    )
+    .await;
+    let hidden_at = run(browser, refreshes).await;
+    tokio::time::sleep(Duration::from_millis(5600)).await;
+    assert_eq!(
+        run(browser, refreshes).await,
+        hidden_at,
+        "no refresh while hidden"
+    );
+    run(
+        browser,
+        "Object.defineProperty(document, 'visibilityState', {value: 'visible', configurable: true});
+         document.dispatchEvent(new Event('visibilitychange'));",
+    )
+    .await;
+    until(
+        browser,
+        Duration::from_secs(2),
+        &format!(
+            "return Number(document.getElementById('status').dataset.refreshes) > {hidden_at}"
+        ),
+        "a refresh as the tab is shown again",
+    )
+    .await;
+
     // Sorting, by mouse and by keyboard (the counts now include the five failures).
     let clients: Value = app.admin_get("/admin/clients").await.json().await.unwrap();
     browser
