@@ -186,6 +186,8 @@ async fn run(config: Config, variables: HashMap<String, String>) -> ExitCode {
     {
         log::error!("cannot write the spend ledger to STATE_DIR at shutdown: {err}");
     }
+    // The last second's counts of the status page's hour, for the replicas that stay.
+    let _ = state.activity.flush().await;
     if let Some(writer) = writer {
         writer.abort();
     }

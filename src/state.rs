@@ -13,6 +13,7 @@ use crate::policy::{Ledger, Limiter, MemoryLimiter, Policy, RedisLimiter, redis}
 use crate::proxy::router::Router;
 use crate::reload::{Reloadable, report_budgets};
 use crate::shared::Shared;
+use crate::shared::activity::SharedActivity;
 use crate::shared::signals::Signals;
 
 pub use crate::proxy::MODELS_CACHE_TTL;
@@ -34,6 +35,8 @@ pub struct Inner {
     pub shared: Shared,
     /// Key rests and breaker openings told to and heard from the other replicas (Redis).
     pub signals: Signals,
+    /// The last hour minute by minute, for the status page: this replica's ring and its Redis side.
+    pub activity: SharedActivity,
     /// Set once shutdown has begun: `/readyz` then answers 503.
     draining: AtomicBool,
     /// Whether the daily budgets are written to `STATE_DIR` (set by `main` once the store opened).
@@ -82,6 +85,7 @@ impl AppState {
         let redactor = Arc::new(Redactor::new(&config));
         let shared = Shared::new(&config.shared, metrics.clone());
         let signals = Signals::new(&shared);
+        let activity = SharedActivity::new(&shared, metrics.activity().clone());
         let limiter = make(&shared);
         let ledger = Ledger::new(shared.clone());
         Ok(AppState(Arc::new(Inner {
@@ -95,6 +99,7 @@ impl AppState {
             )?,
             shared,
             signals,
+            activity,
             policy: Policy::new(&config, limiter, ledger, metrics.clone()),
             redactor,
             metrics,

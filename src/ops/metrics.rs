@@ -21,6 +21,7 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use warp::http::{Method, StatusCode};
 
+use super::activity::Activity;
 use crate::vocab::Route;
 use crate::vocab::price::{Nanos, usd};
 
@@ -422,6 +423,8 @@ struct Families {
     spend: Family<SpendLabels, DollarCounter>,
     budgets: Family<BudgetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     unpriced: Family<UpstreamModelLabels, Counter>,
+    /// The last hour minute by minute, for the status page: fed where the families above are.
+    activity: Activity,
     /// Per-route histogram handles, indexed by `Route::index`: a family lookup hashes the
     /// labels under a lock on every request; the handles share the family's storage, so the
     /// exposition is unchanged.
@@ -677,6 +680,7 @@ impl Metrics {
             spend,
             budgets,
             unpriced,
+            activity: Activity::new(),
             cached: Default::default(),
         }));
         metrics.state_mode(StateMode::Local);
@@ -708,6 +712,9 @@ impl Metrics {
             status_class: status_class(status),
         };
         families.requests.get_or_create(&labels).inc();
+        if route.is_forwarded() {
+            families.activity.record_request();
+        }
         let handles = &families.cached[route.index()];
         let labels = RouteLabels {
             route: route.label(),
@@ -728,6 +735,11 @@ impl Metrics {
                 .get_or_init(|| families.overhead.get_or_create(&labels).clone())
                 .observe(overhead.as_secs_f64());
         }
+    }
+
+    /// The last hour minute by minute (requests, spend, refusals).
+    pub fn activity(&self) -> &Activity {
+        &self.0.activity
     }
 
     pub fn requests_in_flight(&self) -> &Gauge {
@@ -924,7 +936,10 @@ impl KeyCounters {
 }
 
 impl Metrics {
+    /// Every refusal by a client's limits comes through here: the metric and the last hour's
+    /// count by client and reason (`/admin/clients`) are kept together.
     pub fn limit_refusal(&self, client: &Arc<str>, reason: &'static str) {
+        self.0.activity.record_refusal(client, reason);
         self.0
             .limit_refusals
             .get_or_create(&RefusalLabels {

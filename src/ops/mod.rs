@@ -2,6 +2,7 @@
 //! and the reload of what can change at run time.
 
 pub mod access;
+pub mod activity;
 pub mod exchange;
 pub mod logging;
 pub mod metrics;

@@ -77,6 +77,7 @@ impl Policy {
         match cost {
             Some(nanos) => {
                 self.0.metrics.spend(client, upstream, model, nanos);
+                self.0.metrics.activity().record_spend(nanos);
                 self.0.ledger.record(client, model, upstream, nanos);
             }
             None => self.0.metrics.unpriced(upstream, model),

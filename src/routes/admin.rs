@@ -28,23 +28,79 @@ pub fn clear_cache<S>(
     .into_response())
 }
 
-/// GET /admin/clients: every client's limits (the clients file's field names) and usage; never a
-/// token.
+/// GET /admin/clients: every client's limits (the clients file's field names), state, usage and
+/// refusals of the last hour by reason; never a token.
 pub async fn clients<S>(
     request: Request<S>,
     state: AppState,
 ) -> Result<warp::reply::Response, Rejection> {
     admitted(&request, &state)?;
+    let (_, mut hour) = state.activity.hour().await;
+    let now = std::time::SystemTime::now();
     let mut listed = Vec::new();
     for client in state.auth.clients() {
         let usage = state.policy.limiter().usage(&client.name).await;
+        let mut usage = serde_json::to_value(usage).unwrap_or_default();
+        if let Some(usage) = usage.as_object_mut() {
+            let refusals = hour.refusals.remove(&*client.name).unwrap_or_default();
+            usage.insert("refusals_last_hour".to_string(), json!(refusals));
+        }
         listed.push(json!({
             "name": &*client.name,
+            "state": client_state(&client.limits, now),
             "limits": limits_json(&client.limits),
             "usage": usage,
         }));
     }
-    Ok(warp::reply::json(&json!({ "clients": listed })).into_response())
+    Ok(no_store(
+        warp::reply::json(&json!({ "clients": listed })).into_response(),
+    ))
+}
+
+/// GET /admin/activity: the last hour minute by minute (requests, dollars, refusals), every
+/// replica's in shared mode.
+pub async fn activity<S>(
+    request: Request<S>,
+    state: AppState,
+) -> Result<warp::reply::Response, Rejection> {
+    admitted(&request, &state)?;
+    let (mode, hour) = state.activity.hour().await;
+    let minutes: Vec<serde_json::Value> = hour
+        .minutes
+        .iter()
+        .map(|(minute, counts)| {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(minute * 60);
+            json!({
+                "minute": humantime::format_rfc3339_seconds(at).to_string(),
+                "requests": counts.requests,
+                "usd": counts.nanos as f64 / 1e9,
+                "refusals": counts.refusals,
+            })
+        })
+        .collect();
+    Ok(no_store(
+        warp::reply::json(&json!({ "mode": mode.as_str(), "minutes": minutes })).into_response(),
+    ))
+}
+
+/// `disabled`, `expired` (at or past `expires_at`, refused like an unknown token) or `active`.
+fn client_state(limits: &ClientLimits, now: std::time::SystemTime) -> &'static str {
+    if limits.disabled {
+        "disabled"
+    } else if limits.expires_at.is_some_and(|expiry| now >= expiry) {
+        "expired"
+    } else {
+        "active"
+    }
+}
+
+/// What the admin JSON says changes from one moment to the next: never kept by a cache.
+fn no_store(mut reply: warp::reply::Response) -> warp::reply::Response {
+    reply.headers_mut().insert(
+        warp::http::header::CACHE_CONTROL,
+        warp::http::HeaderValue::from_static("no-store"),
+    );
+    reply
 }
 
 /// GET /admin/spend?by=client|model|upstream: today's and this month's spend (UTC), grouped
@@ -98,15 +154,6 @@ fn spend_group(query: Option<&str>) -> Option<Group> {
         None => Some(Group::Client),
         Some(by) => Group::parse(&by),
     }
-}
-
-/// Spend and load change by the second: no cache may keep them.
-fn no_store(mut reply: warp::reply::Response) -> warp::reply::Response {
-    reply.headers_mut().insert(
-        warp::http::header::CACHE_CONTROL,
-        warp::http::HeaderValue::from_static("no-store"),
-    );
-    reply
 }
 
 /// GET /admin/upstreams: every upstream's tier, weight, models, breaker, load, last failure and

@@ -8,6 +8,7 @@
 mod admin;
 mod models;
 mod ops;
+mod page;
 mod proxy;
 
 use std::convert::Infallible;
@@ -93,6 +94,8 @@ where
         Route::AdminClients => Box::pin(admin::clients(request, state)).await,
         Route::AdminUpstreams => admin::upstreams(&request, &state),
         Route::AdminSpend => Box::pin(admin::spend(request, state)).await,
+        Route::AdminActivity => Box::pin(admin::activity(request, state)).await,
+        Route::AdminPage | Route::AdminAsset => page::serve(&request, &state),
         Route::Admin | Route::Other => Err(warp::reject::not_found()),
     }
 }

@@ -1,5 +1,6 @@
 //! State shared across replicas, kept in Redis (`REDIS_URL`): the upstream key rests
-//! ([`rests`]), the per-client limits and budgets ([`crate::policy::redis`]), and the signals
+//! ([`rests`]), the per-client limits and budgets ([`crate::policy::redis`]), the status page's
+//! last hour ([`activity`]), and the signals
 //! that tell every replica of a rest or a breaker opening at once ([`signals`], which keeps a
 //! pub/sub connection of its own beside the one described here).
 //!
@@ -15,6 +16,7 @@
 //! Every key the proxy writes is named `llm-proxy:{<area>}:...`: the braces are a Redis Cluster
 //! hash tag, so the keys one script touches are in one slot; and every key has an expiry.
 
+pub mod activity;
 pub mod rests;
 pub mod signals;
 

@@ -51,6 +51,12 @@ routes! {
         AdminUpstreams,
         /// `GET /admin/spend`: today's and this month's spend by client, model or upstream.
         AdminSpend,
+        /// `GET /admin/activity`: the last hour minute by minute.
+        AdminActivity,
+        /// `GET /admin/`, the status page (and `/admin`, sent there).
+        AdminPage,
+        /// `GET /admin/app.css` and `/admin/app.js`, the status page's stylesheet and script.
+        AdminAsset,
         /// Any other `/admin/...` path: none exists, but its 404s count as admin traffic.
         Admin,
         Healthz,
@@ -80,6 +86,9 @@ impl Route {
             | Route::AdminClients
             | Route::AdminUpstreams
             | Route::AdminSpend
+            | Route::AdminActivity
+            | Route::AdminPage
+            | Route::AdminAsset
             | Route::Admin => "admin",
             Route::Healthz | Route::Readyz => "health",
             Route::Metrics => "metrics",
@@ -108,7 +117,10 @@ impl Route {
             | Route::Metrics
             | Route::AdminClients
             | Route::AdminUpstreams
-            | Route::AdminSpend => Some("GET"),
+            | Route::AdminSpend
+            | Route::AdminActivity
+            | Route::AdminPage
+            | Route::AdminAsset => Some("GET"),
             Route::CacheClear => Some("POST"),
             Route::Chat | Route::Models | Route::Passthrough | Route::Admin | Route::Other => None,
         }
@@ -256,6 +268,11 @@ const TABLE: &[Row] = &[
     row("/admin/upstreams",                       Extent::Exact, Route::AdminUpstreams, Model::None,   false),
     row("/admin/spend",                           Extent::Exact, Route::AdminSpend,  Model::None,      false),
     row("/admin/cache/clear",                     Extent::Exact, Route::CacheClear,  Model::None,      false),
+    row("/admin/activity",                        Extent::Exact, Route::AdminActivity, Model::None,    false),
+    row("/admin/",                                Extent::Exact, Route::AdminPage,   Model::None,      false),
+    row("/admin",                                 Extent::Exact, Route::AdminPage,   Model::None,      false),
+    row("/admin/app.css",                         Extent::Exact, Route::AdminAsset,  Model::None,      false),
+    row("/admin/app.js",                          Extent::Exact, Route::AdminAsset,  Model::None,      false),
     row("/admin",                                 Extent::Below, Route::Admin,       Model::None,      false),
 ];
 
@@ -579,6 +596,13 @@ mod tests {
             ("/admin/clients", Route::AdminClients),
             ("/admin/upstreams", Route::AdminUpstreams),
             ("/admin/spend", Route::AdminSpend),
+            ("/admin/activity", Route::AdminActivity),
+            ("/admin/", Route::AdminPage),
+            ("/admin", Route::AdminPage),
+            ("/admin/app.js", Route::AdminAsset),
+            ("/admin/app.css", Route::AdminAsset),
+            ("/admin/app.css/", Route::Admin),
+            ("/admin//", Route::Admin),
             ("/healthz", Route::Healthz),
             ("/readyz", Route::Readyz),
             ("/metrics", Route::Metrics),

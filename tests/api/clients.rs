@@ -289,8 +289,10 @@ async fn admin_clients_shows_limits_and_usage_but_never_a_token() {
             // Nothing is priced without prices.
             "usd_today": 0.0,
             "usd_this_month": 0.0,
+            "refusals_last_hour": {},
         })
     );
+    assert_eq!(alice["state"], "active");
     // A client without limits is counted all the same.
     let unlimited = &listed["clients"][0];
     assert_eq!(unlimited["limits"], json!({"disabled": false}));

@@ -2,6 +2,7 @@
 
 mod admin;
 mod auth;
+mod browser;
 mod budget;
 mod classification;
 mod client_limits;
@@ -32,6 +33,7 @@ mod shared_state;
 mod shutdown;
 mod signals;
 mod spend;
+mod status_page;
 mod streaming;
 mod tls;
 mod upstream_faults;
