@@ -186,6 +186,47 @@ async fn upstream_cells(browser: &Client, name: &str) -> Vec<String> {
     serde_json::from_value(cells).unwrap_or_else(|_| panic!("no row for upstream {name}"))
 }
 
+/// Dollars as the page writes them (en-US): below a dollar to the micro-dollar, with at least
+/// two decimals; cents above.
+fn dollars(value: f64) -> String {
+    assert!(
+        value.abs() < 1000.0,
+        "no thousands separator written here: {value}"
+    );
+    if value != 0.0 && value.abs() < 1.0 {
+        let text = format!("{value:.6}");
+        let trimmed = text.trim_end_matches('0');
+        let decimals = trimmed.len() - trimmed.find('.').unwrap() - 1;
+        if decimals < 2 {
+            format!("${value:.2}")
+        } else {
+            format!("${trimmed}")
+        }
+    } else {
+        format!("${value:.2}")
+    }
+}
+
+/// Waits until what the page shows (`shown`) is what the JSON says (`expected`), both read
+/// afresh each time, for at most two refreshes; then asserts they are equal.
+async fn settle_on<E, EF, S, SF>(expected: E, shown: S, what: &str)
+where
+    E: Fn() -> EF,
+    EF: std::future::Future<Output = Vec<String>>,
+    S: Fn() -> SF,
+    SF: std::future::Future<Output = Vec<String>>,
+{
+    let deadline = Instant::now() + 2 * ONE_REFRESH;
+    loop {
+        let (want, got) = (expected().await, shown().await);
+        if want == got || Instant::now() >= deadline {
+            assert_eq!(got, want, "{what}");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Every console line logged so far.
 async fn console(browser: &Client) -> Vec<String> {
     let entries = browser.issue_cmd(Chromedriver::BrowserLog).await.unwrap();
@@ -204,6 +245,7 @@ requests_per_minute = 60
 tokens_per_minute = 10000
 tokens_per_day = 100000
 max_concurrent_requests = 4
+usd_per_day = 5
 
 [clients.bob]
 token = "tok-bob-0123456789"
@@ -236,7 +278,8 @@ const SECRETS: [&str; 9] = [
     ignore = "chromium or chromedriver is not installed: apt-get install -y chromium chromium-driver"
 )]
 async fn the_status_page_shows_the_proxy_in_a_real_browser() {
-    // Two upstreams: a (tier 0, one key) serves gpt-mock, b (two keys) serves gpt-b.
+    // Two upstreams: a (tier 0, one key) serves gpt-mock, b (two keys) serves gpt-b; both
+    // models priced, so every answer the mocks give (they report usage) costs something.
     let a = MockUpstream::start().await;
     let b = MockUpstream::start().await;
     let dir = scratch_dir("status-page");
@@ -244,6 +287,8 @@ async fn the_status_page_shows_the_proxy_in_a_real_browser() {
     std::fs::write(dir.join("b.keys"), "sk-b-1\nsk-b-2\n").unwrap();
     let upstreams = format!(
         "default = \"a\"\nmax_attempts = 3\n\n\
+         [prices]\n\"gpt-mock\" = {{ input = 2.50, output = 10.00 }}\n\
+         \"gpt-b\" = {{ input = 0.50, output = 2.00 }}\n\n\
          [upstreams.a]\nbase_url = \"{}/v1\"\nkeys_file = \"{}\"\nmodels = [\"gpt-mock\"]\ntier = 0\n\n\
          [upstreams.b]\nbase_url = \"{}/v1\"\nkeys_file = \"{}\"\nmodels = [\"gpt-b\"]\nweight = 2\n",
         a.base_url(),
@@ -421,19 +466,15 @@ async fn exercise(app: &TestApp, a: &MockUpstream, browser: &Client) {
     );
     assert_eq!(row[4], format!("{tokens_today} tok of 100,000 tok"));
     assert_eq!(
-        row[5], "0 of 4",
+        row[7], "0 of 4",
         "in flight against max_concurrent_requests"
     );
-    assert_eq!(row[6], "none");
-    assert_eq!(
-        row.len(),
-        7,
-        "no dollar columns until the proxy reports dollars"
-    );
+    assert_eq!(row[8], "none");
+    assert_eq!(row.len(), 9, "the two dollar columns with the rest");
     let bob = client_row(browser, "bob").await;
     assert_eq!(bob[2], "1 req of 1 req");
     assert_eq!(
-        bob[6], "requests_per_minute: 1",
+        bob[8], "requests_per_minute: 1",
         "bob's refusal and its reason"
     );
     assert_eq!(
@@ -455,6 +496,123 @@ async fn exercise(app: &TestApp, a: &MockUpstream, browser: &Client) {
         .await,
         json!("right"),
         "numbers right-aligned"
+    );
+
+    // Dollars: alice's today against her budget, as /admin/clients says; the Spend section by
+    // model and by upstream, as /admin/spend says. Polled, as a request's cost is settled as its
+    // answer ends and the page shows it at its next refresh.
+    let expected_alice = || async {
+        let clients: Value = app.admin_get("/admin/clients").await.json().await.unwrap();
+        let alice = clients["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|client| client["name"] == "alice")
+            .unwrap()
+            .clone();
+        assert_eq!(alice["limits"]["usd_per_day"], 5.0, "{alice}");
+        let today = alice["usage"]["usd_today"].as_f64().unwrap();
+        let month = alice["usage"]["usd_this_month"].as_f64().unwrap();
+        assert!(today > 0.0, "alice's two answers cost something: {alice}");
+        vec![format!("{} of $5.00", dollars(today)), dollars(month)]
+    };
+    let shown_alice = || async { client_row(browser, "alice").await[5..7].to_vec() };
+    settle_on(expected_alice, shown_alice, "alice's dollars").await;
+    assert_eq!(
+        run(
+            browser,
+            "return getComputedStyle(document.querySelector('#spend-model td.num')).textAlign"
+        )
+        .await,
+        json!("right"),
+        "dollars right-aligned"
+    );
+    for by in ["model", "upstream"] {
+        let expected = || async {
+            let report: Value = app
+                .admin_get(&format!("/admin/spend?by={by}"))
+                .await
+                .json()
+                .await
+                .unwrap();
+            let mut lines = vec![format!(
+                "UTC day {}, month {}",
+                report["day"].as_str().unwrap(),
+                report["month"].as_str().unwrap()
+            )];
+            let groups = report["groups"].as_array().unwrap();
+            assert_eq!(groups.len(), 2, "{report}");
+            for group in groups {
+                assert!(group["usd_today"].as_f64().unwrap() > 0.0, "{report}");
+                lines.push(format!(
+                    "{} {} {} {} req",
+                    group["key"].as_str().unwrap(),
+                    dollars(group["usd_today"].as_f64().unwrap()),
+                    dollars(group["usd_this_month"].as_f64().unwrap()),
+                    group["requests_today"]
+                ));
+            }
+            lines
+        };
+        let shown = || async {
+            let lines = run(
+                browser,
+                &format!(
+                    "return [document.getElementById('spend-period').textContent,
+                      ...[...document.querySelectorAll('#spend-{by} tbody tr')].map((row) =>
+                        [...row.children].map((cell) => cell.textContent).join(' '))];"
+                ),
+            )
+            .await;
+            serde_json::from_value::<Vec<String>>(lines).unwrap()
+        };
+        settle_on(expected, shown, &format!("the spend by {by}")).await;
+    }
+    let models: Vec<String> = serde_json::from_value(
+        run(
+            browser,
+            "return [...document.querySelectorAll('#spend-model tbody tr')].map((row) => row.dataset.key)",
+        )
+        .await,
+    )
+    .unwrap();
+    let mut sorted = models.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["gpt-b", "gpt-mock"], "{models:?}");
+
+    // The dollars of the hour: the figure is the sum /admin/activity says, and not nothing.
+    let expected_hour = || async {
+        let activity: Value = app.admin_get("/admin/activity").await.json().await.unwrap();
+        let spent: f64 = activity["minutes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|minute| minute["usd"].as_f64().unwrap())
+            .sum();
+        assert!(spent > 0.0, "{activity}");
+        vec![format!("{}/h", dollars(spent))]
+    };
+    let shown_hour = || async {
+        vec![
+            browser
+                .find(Locator::Id("usd-hour"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+        ]
+    };
+    settle_on(expected_hour, shown_hour, "the dollars of the hour").await;
+    assert_ne!(shown_hour().await, ["$0.00/h"]);
+    assert_eq!(
+        run(
+            browser,
+            "return [...document.querySelectorAll('#usd-chart svg rect')].some((bar) => Number(bar.getAttribute('height')) > 0)"
+        )
+        .await,
+        json!(true),
+        "a bar for the minute that cost something"
     );
 
     // The upstreams: b's second key rests, with the exact time on hover.
@@ -724,6 +882,8 @@ async fn exercise(app: &TestApp, a: &MockUpstream, browser: &Client) {
         "/admin/app.css",
         "/admin/clients",
         "/admin/activity",
+        "/admin/spend?by=model",
+        "/admin/spend?by=upstream",
     ] {
         let url = format!("{origin}{path}");
         assert!(resources.contains(&url), "{url} in {resources:?}");

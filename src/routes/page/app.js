@@ -1,4 +1,4 @@
-// The status page: reads /admin/clients, /admin/upstreams and /admin/activity with the admin
+// The status page: reads /admin/clients, /admin/upstreams, /admin/spend and /admin/activity with the admin
 // token as a Bearer value in DEFAULT_AUTH_HEADER, every five seconds while the tab is visible.
 // The token lives in sessionStorage only: never in the page, a URL, a cookie or the console.
 // Every text goes in with textContent, so no name from the clients file can become markup.
@@ -53,6 +53,18 @@ async function get(path) {
   return response.json();
 }
 
+// A proxy without the route answers 404: the page then leaves its section out, not the rest.
+async function optional(path) {
+  try {
+    return await get(path);
+  } catch (err) {
+    if (err instanceof HttpError && err.status === 404) {
+      return null;
+    }
+    throw err;
+  }
+}
+
 function say(text) {
   message.textContent = text;
   message.hidden = !text;
@@ -82,15 +94,18 @@ async function refresh() {
     return;
   }
   try {
-    const [clientList, upstreamList, activity] = await Promise.all([
+    const [clientList, upstreamList, activity, byModel, byUpstream] = await Promise.all([
       get('clients'),
       get('upstreams'),
       get('activity'),
+      optional('spend?by=model'),
+      optional('spend?by=upstream'),
     ]);
     clients = clientList.clients || [];
     renderClients();
     renderUpstreams(upstreamList.upstreams || []);
     renderActivity(activity);
+    renderSpend(byModel, byUpstream);
     const now = new Date();
     $('updated').textContent = now.toLocaleTimeString();
     $('updated').title = now.toISOString();
@@ -115,8 +130,9 @@ async function refresh() {
 
 const integer = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
 
+// Below a dollar, to the micro-dollar the proxy counts in; cents above.
 function usd(value) {
-  const digits = value !== 0 && Math.abs(value) < 1 ? 4 : 2;
+  const digits = value !== 0 && Math.abs(value) < 1 ? 6 : 2;
   return `$${value.toLocaleString(undefined, { minimumFractionDigits: 2, maximumFractionDigits: digits })}`;
 }
 
@@ -293,6 +309,49 @@ function renderUpstreams(upstreams) {
     return row;
   });
   document.querySelector('#upstreams tbody').replaceChildren(...rows);
+}
+
+// ---- spend ----
+
+function spendRows(table, report, what) {
+  const groups = (report && report.groups) || [];
+  const rows = groups.map((group) => {
+    const row = el('tr');
+    row.dataset.key = group.key;
+    const name = el('th', '', group.key);
+    name.scope = 'row';
+    row.append(
+      name,
+      el('td', 'num', usd(group.usd_today)),
+      el('td', 'num', usd(group.usd_this_month)),
+      el('td', 'num', `${integer.format(group.requests_today)} req`),
+    );
+    return row;
+  });
+  if (rows.length === 0) {
+    const cell = el('td', 'muted', `No spend by ${what} this month.`);
+    cell.colSpan = 4;
+    const row = el('tr');
+    row.append(cell);
+    rows.push(row);
+  }
+  $(table).querySelector('tbody').replaceChildren(...rows);
+}
+
+function renderSpend(byModel, byUpstream) {
+  const section = $('spend');
+  section.hidden = !byModel && !byUpstream;
+  if (section.hidden) {
+    return;
+  }
+  const report = byModel || byUpstream;
+  const period = $('spend-period');
+  period.textContent = `UTC day ${report.day}, month ${report.month}`;
+  period.title = 'Days and months end at midnight UTC, as the budgets do.';
+  $('spend-model').closest('.scroll').hidden = !byModel;
+  $('spend-upstream').closest('.scroll').hidden = !byUpstream;
+  spendRows('spend-model', byModel, 'model');
+  spendRows('spend-upstream', byUpstream, 'upstream');
 }
 
 // ---- the hour ----
