@@ -13,17 +13,17 @@
 //! write, month keys 35 days after theirs.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 use redis::Script;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
+use super::store::{Kept, StateFile};
 use crate::config::ConfigError;
 use crate::shared::{Mode, Shared, Unavailable};
 use crate::vocab::Nanos;
@@ -388,10 +388,6 @@ impl Ledger {
             into_groups(file.today, &mut totals.today);
         }
     }
-
-    fn generation(&self) -> u64 {
-        self.0.generation.load(Ordering::Relaxed)
-    }
 }
 
 fn day_key(group: Group, day: &str) -> String {
@@ -452,104 +448,33 @@ struct LedgerFile {
     this_month: BTreeMap<String, BTreeMap<String, Sum>>,
 }
 
-const FILE: &str = "spend.json";
-pub const WRITE_EVERY: Duration = Duration::from_secs(1);
+/// The ledger's totals across restarts, in `STATE_DIR/spend.json`.
+pub type LedgerStore = StateFile<Ledger>;
 
-/// The ledger's totals across restarts, written whole to a temporary file and renamed over the
-/// old one, every second while they move and once more at shutdown.
-pub struct LedgerStore {
-    path: PathBuf,
-    ledger: Ledger,
-    written: u64,
+impl Kept for Ledger {
+    const FILE: &'static str = "spend.json";
+    const WHAT: &'static str = "spend ledger's totals (GET /admin/spend)";
+
+    fn generation(&self) -> u64 {
+        self.0.generation.load(Ordering::Relaxed)
+    }
+
+    fn contents(&self) -> serde_json::Result<Option<Vec<u8>>> {
+        serde_json::to_vec(&self.snapshot()).map(Some)
+    }
+
+    fn restore(&self, bytes: &[u8], _path: &Path) -> serde_json::Result<()> {
+        let file: LedgerFile = serde_json::from_slice(bytes)?;
+        Ledger::restore(self, file);
+        Ok(())
+    }
 }
 
 impl LedgerStore {
     /// Reads the totals kept in `dir` into `ledger` and proves the directory writable by
     /// writing them back.
     pub fn open(dir: &Path, ledger: Ledger) -> Result<LedgerStore, ConfigError> {
-        let error = |what: &str, err: &dyn std::fmt::Display| ConfigError {
-            variable: "STATE_DIR".to_string(),
-            message: format!(
-                "{} {what}: {err}; the spend ledger (GET /admin/spend) is kept there across \
-                 restarts",
-                dir.display()
-            ),
-        };
-        std::fs::create_dir_all(dir).map_err(|err| error("cannot be created", &err))?;
-        let path = dir.join(FILE);
-        match std::fs::read(&path) {
-            Ok(bytes) => match serde_json::from_slice::<LedgerFile>(&bytes) {
-                Ok(file) => ledger.restore(file),
-                Err(err) => {
-                    // Kept aside rather than overwritten below: the totals in it may be all an
-                    // operator has to go on.
-                    let aside = path.with_extension(format!(
-                        "json.corrupt-{}",
-                        SystemTime::now()
-                            .duration_since(UNIX_EPOCH)
-                            .map_or(0, |since| since.as_secs())
-                    ));
-                    std::fs::rename(&path, &aside)
-                        .map_err(|err| error("cannot be written", &err))?;
-                    log::error!(
-                        "{} cannot be parsed ({err}); kept as {} and the spend ledger starts \
-                         from zero",
-                        path.display(),
-                        aside.display()
-                    );
-                }
-            },
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => return Err(error("cannot be read", &err)),
-        }
-        let mut store = LedgerStore {
-            path,
-            ledger,
-            written: u64::MAX,
-        };
-        store
-            .write()
-            .map_err(|err| error("cannot be written", &err))?;
-        Ok(store)
-    }
-
-    /// Writes the totals if they moved since the last write.
-    pub fn write_if_changed(&mut self) {
-        if self.ledger.generation() == self.written {
-            return;
-        }
-        if let Err(err) = self.write() {
-            log::error!(
-                "cannot write {} (STATE_DIR): {err}; the spend ledger would not survive a restart",
-                self.path.display()
-            );
-        }
-    }
-
-    pub fn write(&mut self) -> std::io::Result<()> {
-        let generation = self.ledger.generation();
-        let text = serde_json::to_vec(&self.ledger.snapshot()).map_err(std::io::Error::other)?;
-        let temporary = self.path.with_extension("json.tmp");
-        {
-            let mut out = std::fs::File::create(&temporary)?;
-            out.write_all(&text)?;
-            out.sync_all()?;
-        }
-        std::fs::rename(&temporary, &self.path)?;
-        self.written = generation;
-        Ok(())
-    }
-
-    /// Writes every [`WRITE_EVERY`] until the task is dropped; the final write at shutdown is the
-    /// caller's.
-    pub async fn run(store: Arc<Mutex<LedgerStore>>) {
-        let mut tick = tokio::time::interval(WRITE_EVERY);
-        loop {
-            tick.tick().await;
-            let store = store.clone();
-            // File system calls block: off the request workers.
-            let _ = tokio::task::spawn_blocking(move || store.lock().write_if_changed()).await;
-        }
+        StateFile::open_in(dir, ledger)
     }
 }
 

@@ -26,7 +26,7 @@ const FILE: &str = "budgets.json";
 pub const WRITE_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Serialize, Deserialize)]
-struct StateFile {
+struct BudgetsFile {
     version: u32,
     day: String,
     tokens_today: BTreeMap<String, u64>,
@@ -39,18 +39,39 @@ struct StateFile {
     nanos_this_month: BTreeMap<String, Nanos>,
 }
 
-pub struct BudgetStore {
+/// What a file in `STATE_DIR` keeps: the daily budgets, the spend ledger. Each is written whole
+/// to a temporary file and renamed over the old one (so a crash leaves the old or the new file,
+/// never half of one), every second while it moves and once more at shutdown.
+pub trait Kept: Send + 'static {
+    /// The file's name in `STATE_DIR`.
+    const FILE: &'static str;
+    /// What the file is for, in errors: "... are kept there across restarts".
+    const WHAT: &'static str;
+    /// Bumped by every change: a write is skipped when it did not move.
+    fn generation(&self) -> u64;
+    /// The file's content; `None`: nothing to write.
+    fn contents(&self) -> serde_json::Result<Option<Vec<u8>>>;
+    /// Takes back what an earlier process wrote; `Err` when it does not parse.
+    fn restore(&self, bytes: &[u8], path: &Path) -> serde_json::Result<()>;
+}
+
+/// One [`Kept`] value and its file.
+pub struct StateFile<K> {
     path: PathBuf,
-    limiter: Arc<dyn Limiter>,
+    kept: K,
     written: u64,
 }
 
-fn state_dir_error(dir: &Path, what: &str, err: impl std::fmt::Display) -> ConfigError {
+pub type BudgetStore = StateFile<KeptBudgets>;
+
+/// The limiter's daily and monthly counts, as `budgets.json` keeps them.
+pub struct KeptBudgets(Arc<dyn Limiter>);
+
+fn state_dir_error(dir: &Path, what: &str, kept: &str, err: impl std::fmt::Display) -> ConfigError {
     ConfigError {
         variable: "STATE_DIR".to_string(),
         message: format!(
-            "{} {what}: {err}; budgets (tokens_per_day, usd_per_day, usd_per_month) are kept \
-             there across restarts",
+            "{} {what}: {err}; {kept} are kept there across restarts",
             dir.display()
         ),
     }
@@ -61,27 +82,64 @@ fn day_number(text: &str) -> Option<u64> {
     Some(midnight.duration_since(UNIX_EPOCH).ok()?.as_secs() / (24 * 60 * 60))
 }
 
+impl Kept for KeptBudgets {
+    const FILE: &'static str = FILE;
+    const WHAT: &'static str = "budgets (tokens_per_day, usd_per_day, usd_per_month)";
+
+    fn generation(&self) -> u64 {
+        self.0.budget_generation()
+    }
+
+    fn contents(&self) -> serde_json::Result<Option<Vec<u8>>> {
+        let Some(budgets) = self.0.budgets() else {
+            return Ok(None);
+        };
+        serde_json::to_vec(&BudgetsFile {
+            version: 1,
+            day: day_text(budgets.day),
+            tokens_today: budgets.tokens.into_iter().collect(),
+            nanos_today: budgets.usd_today.into_iter().collect(),
+            month: month_text(month_of(budgets.day)),
+            nanos_this_month: budgets.usd_month.into_iter().collect(),
+        })
+        .map(Some)
+    }
+
+    fn restore(&self, bytes: &[u8], path: &Path) -> serde_json::Result<()> {
+        let file: BudgetsFile = serde_json::from_slice(bytes)?;
+        match day_number(&file.day) {
+            Some(day) => self.0.restore_budgets(Budgets {
+                day,
+                tokens: file.tokens_today.into_iter().collect(),
+                usd_today: file.nanos_today.into_iter().collect(),
+                usd_month: file.nanos_this_month.into_iter().collect(),
+            }),
+            None => log::warn!("{}: unreadable day; starting from zero", path.display()),
+        }
+        Ok(())
+    }
+}
+
 impl BudgetStore {
     /// Reads the counts kept in `dir` into `limiter` and proves the directory writable by
     /// writing them back: a budget that cannot be kept must stop start-up, not reset silently.
     pub fn open(dir: &Path, limiter: Arc<dyn Limiter>) -> Result<BudgetStore, ConfigError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|err| state_dir_error(dir, "cannot be created", err))?;
-        let path = dir.join(FILE);
+        StateFile::open_in(dir, KeptBudgets(limiter))
+    }
+}
+
+impl<K: Kept> StateFile<K> {
+    /// Reads what `dir` keeps into `kept` and proves the directory writable by writing it back.
+    /// A file that does not parse is kept aside, not overwritten: what is in it may be all an
+    /// operator has to go on, and nothing may reset without a trace.
+    pub fn open_in(dir: &Path, kept: K) -> Result<StateFile<K>, ConfigError> {
+        let error =
+            |what: &str, err: &dyn std::fmt::Display| state_dir_error(dir, what, K::WHAT, err);
+        std::fs::create_dir_all(dir).map_err(|err| error("cannot be created", &err))?;
+        let path = dir.join(K::FILE);
         match std::fs::read(&path) {
-            Ok(bytes) => match serde_json::from_slice::<StateFile>(&bytes) {
-                Ok(file) => match day_number(&file.day) {
-                    Some(day) => limiter.restore_budgets(Budgets {
-                        day,
-                        tokens: file.tokens_today.into_iter().collect(),
-                        usd_today: file.nanos_today.into_iter().collect(),
-                        usd_month: file.nanos_this_month.into_iter().collect(),
-                    }),
-                    None => log::warn!("{}: unreadable day; starting from zero", path.display()),
-                },
-                Err(err) => {
-                    // Kept aside rather than overwritten below: the counts in it may be all an
-                    // operator has to go on, and a budget must not reset without a trace.
+            Ok(bytes) => {
+                if let Err(err) = kept.restore(&bytes, &path) {
                     let aside = path.with_extension(format!(
                         "json.corrupt-{}",
                         SystemTime::now()
@@ -89,55 +147,48 @@ impl BudgetStore {
                             .map_or(0, |since| since.as_secs())
                     ));
                     std::fs::rename(&path, &aside)
-                        .map_err(|err| state_dir_error(dir, "cannot be written", err))?;
+                        .map_err(|err| error("cannot be written", &err))?;
                     log::error!(
-                        "{} cannot be parsed ({err}); kept as {} and daily budgets start from zero",
+                        "{} cannot be parsed ({err}); kept as {} and the {} start from zero",
                         path.display(),
-                        aside.display()
+                        aside.display(),
+                        K::WHAT
                     );
                 }
-            },
+            }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => return Err(state_dir_error(dir, "cannot be read", err)),
+            Err(err) => return Err(error("cannot be read", &err)),
         }
-        let mut store = BudgetStore {
+        let mut store = StateFile {
             path,
-            limiter,
+            kept,
             written: u64::MAX,
         };
         store
             .write()
-            .map_err(|err| state_dir_error(dir, "cannot be written", err))?;
+            .map_err(|err| error("cannot be written", &err))?;
         Ok(store)
     }
 
-    /// Writes the counts if they moved since the last write.
+    /// Writes what is kept if it moved since the last write.
     pub fn write_if_changed(&mut self) {
-        if self.limiter.budget_generation() == self.written {
+        if self.kept.generation() == self.written {
             return;
         }
         if let Err(err) = self.write() {
             log::error!(
-                "cannot write {} (STATE_DIR): {err}; the daily budgets would not survive a restart",
-                self.path.display()
+                "cannot write {} (STATE_DIR): {err}; the {} would not survive a restart",
+                self.path.display(),
+                K::WHAT
             );
         }
     }
 
     pub fn write(&mut self) -> std::io::Result<()> {
-        let generation = self.limiter.budget_generation();
-        let Some(budgets) = self.limiter.budgets() else {
+        let generation = self.kept.generation();
+        let Some(text) = self.kept.contents().map_err(std::io::Error::other)? else {
             return Ok(());
         };
-        let file = StateFile {
-            version: 1,
-            day: day_text(budgets.day),
-            tokens_today: budgets.tokens.into_iter().collect(),
-            nanos_today: budgets.usd_today.into_iter().collect(),
-            month: month_text(month_of(budgets.day)),
-            nanos_this_month: budgets.usd_month.into_iter().collect(),
-        };
-        let text = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
         let temporary = self.path.with_extension("json.tmp");
         {
             let mut out = std::fs::File::create(&temporary)?;
@@ -151,7 +202,7 @@ impl BudgetStore {
 
     /// Writes every [`WRITE_EVERY`] until the task is dropped; the final write at shutdown is the
     /// caller's.
-    pub async fn run(store: Arc<parking_lot::Mutex<BudgetStore>>) {
+    pub async fn run(store: Arc<parking_lot::Mutex<StateFile<K>>>) {
         let mut tick = tokio::time::interval(WRITE_EVERY);
         loop {
             tick.tick().await;
