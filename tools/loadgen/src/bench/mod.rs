@@ -35,6 +35,14 @@
 //!   clients1   -- the token as a clients-file client without limits, alone in the file;
 //!   clients10k -- the same client among BENCH_CLIENTS - 1 others with random tokens: cost flat
 //!                 in the number of clients means clients10k = clients1.
+//!   base:X     -- with BENCH_BASE_BIN, a twin of each llm-proxy target X of BENCH_BASE_TARGETS
+//!                 (default proxy, quiet, limited, clients1, clients10k, proxy-h2: what the
+//!                 commit before issue 17's refactor can run), started from that older binary
+//!                 with X's environment and files and run right next to X in every round, first
+//!                 in turns, in every phase X is in. "Against the base binary" gives X over its
+//!                 twin, the median of the rounds' ratios and their range: CPU per request, CPU
+//!                 per chunk and peak RSS; and idle RSS and start-up of fresh instances (try i
+//!                 of one against try i of the other). INFO only: no target is set for them.
 //!
 //! Started by scripts/bench.sh once nginx, wrk and the release binaries are in place; it can be
 //! run on its own with the same environment.

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::measure::{PlainRound, StreamRound, WindowOut};
-use super::procs::Startup;
+use super::procs::{Startup, StartupRun};
 use super::settings::{Base, Settings, is_base, is_h2, twin_of};
 use super::stats::{Paired, median, median_some, paired, paired_ratio, round_to, round3};
 
@@ -930,6 +930,9 @@ pub struct AgainstBase {
     pub rows: Vec<BaseRatio>,
 }
 
+/// One figure of a start-up try.
+type TryFigure = fn(&StartupRun) -> f64;
+
 fn noisy(windows: &[&PooledWindow]) -> bool {
     windows
         .iter()
@@ -1010,10 +1013,10 @@ pub fn against_base(
         }
     }
     if let (Some(cur), Some(old)) = (startup_proxy, startup_base) {
-        let tries = |s: &Startup, f: fn(&super::procs::StartupRun) -> f64| -> Vec<Option<f64>> {
+        let tries = |s: &Startup, f: TryFigure| -> Vec<Option<f64>> {
             s.runs.iter().map(|r| Some(f(r))).collect()
         };
-        let figures: [(&'static str, fn(&super::procs::StartupRun) -> f64, f64, f64); 2] = [
+        let figures: [(&'static str, TryFigure, f64, f64); 2] = [
             (
                 "idle_rss_kb",
                 |r| r.idle_rss_kb as f64,
@@ -1130,6 +1133,13 @@ pub fn table(
         h.nginx_access_log
     );
     line!();
+    // The target column: 10 wide, wider for a twin from the base binary ("base:clients10k").
+    let tw = f
+        .plain
+        .iter()
+        .map(|e| e.target.len())
+        .chain(f.stream.iter().map(|e| e.target.len()))
+        .fold(10, usize::max);
     if !f.plain.is_empty() {
         line!(
             "Plain chat completions (wrk -t1; {} rounds of {}s per target, targets interleaved, after {}s warm-up; req/s and CPU pooled, percentiles = median of rounds)",
@@ -1138,7 +1148,7 @@ pub fn table(
             s.warmup_seconds
         );
         let hdr = format!(
-            "{:<10} {:>5} {:>9} {:>8} {:>8} {:>9} {:>9} {:>11} {:>11} {:>6} {:>7} {:>5}",
+            "{:<tw$} {:>5} {:>9} {:>8} {:>8} {:>9} {:>9} {:>11} {:>11} {:>6} {:>7} {:>5}",
             "target",
             "conc",
             "req/s",
@@ -1161,7 +1171,7 @@ pub fn table(
                     .map_or_else(|| "-".to_string(), |a| (g(a) as i64).to_string())
             };
             line!(
-                "{:<10} {:>5} {:>9.0} {:>8} {:>8} {:>9} {:>9} {:>11} {:>11} {:>6} {:>7} {:>5.2}",
+                "{:<tw$} {:>5} {:>9.0} {:>8} {:>8} {:>9} {:>9} {:>11} {:>11} {:>6} {:>7} {:>5.2}",
                 e.target,
                 e.concurrency,
                 e.rps,
@@ -1226,7 +1236,7 @@ pub fn table(
             s.many_rounds
         );
         let hdr = format!(
-            "{:<10} {:>5} {:>4} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>11} {:>9} {:>6} {:>7} {:>5} {:>5}",
+            "{:<tw$} {:>5} {:>4} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>11} {:>9} {:>6} {:>7} {:>5} {:>5}",
             "target",
             "conc",
             "ms",
@@ -1247,7 +1257,7 @@ pub fn table(
         );
         line!("{hdr}");
         line!(
-            "{:<10} {:>5} {:>4} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>11} {:>9}",
+            "{:<tw$} {:>5} {:>4} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>11} {:>9}",
             "",
             "",
             "",
@@ -1266,7 +1276,7 @@ pub fn table(
         for e in f.stream {
             let ms = |v: Option<f64>| fmt2(v.map(|v| v / 1000.0));
             line!(
-                "{:<10} {:>5} {:>4} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>11} {:>9} {:>6} {:>7} {:>5.2} {:>5.2}",
+                "{:<tw$} {:>5} {:>4} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>11} {:>9} {:>6} {:>7} {:>5.2} {:>5.2}",
                 e.target,
                 e.concurrency,
                 e.interval_ms,
