@@ -71,6 +71,13 @@
 #                                against other work on the machine; 0 leaves it alone
 #   BENCH_PROXY_ENV="K=V ..."    extra environment for llm-proxy, for experiments
 #                                (e.g. LD_PRELOAD=.../libjemalloc.so.2, MALLOC_ARENA_MAX=2)
+#   BENCH_BASE_BIN=path          an older llm-proxy to compare with (unset: none): each target of
+#                                BENCH_BASE_TARGETS in a phase's list gets a twin "base:<target>"
+#                                from it, same environment and files, run next to it in every
+#                                round; "Against the base binary" gives current/base per round
+#                                (CPU per request and per chunk, peak RSS; idle RSS, start-up)
+#   BENCH_BASE_TARGETS=proxy,quiet,limited,clients1,clients10k,proxy-h2
+#                                the targets given a twin (llm-proxy targets the older binary runs)
 # Defaults take about 7 minutes for the measurements on a 2-core machine: plain ~185 s, streams
 # at 200 and 1000 ~150 s, 5000 streams ~50 s, footprint ~10 s (tools/loadgen/src/bench/mod.rs
 # has the sum).

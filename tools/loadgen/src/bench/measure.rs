@@ -12,7 +12,7 @@ use regex::bytes::Regex;
 use serde::{Deserialize, Serialize};
 
 use super::procs::{Proc, pinned, run_captured};
-use super::settings::{CLIENT_TOKEN, Paths, Settings, is_proxy};
+use super::settings::{CLIENT_TOKEN, Paths, Settings, is_proxy, kind};
 use super::stats::round3;
 use super::{BenchError, check_interrupted};
 use crate::sse_bench;
@@ -381,7 +381,11 @@ pub fn measure_plain(
         *ctx.offset = size;
     }
     let target_pids = ctx.owner.map(Proc::pids).unwrap_or_default();
-    let redis = if target == "shared" { ctx.redis } else { None };
+    let redis = if kind(target) == "shared" {
+        ctx.redis
+    } else {
+        None
+    };
     let commands0 = redis.map(|r| redis_commands(r.port)).transpose()?;
     let window = Window::start(target_pids, ctx.upstream.pids())?;
     let summary = run_wrk(

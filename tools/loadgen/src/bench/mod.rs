@@ -35,6 +35,14 @@
 //!   clients1   -- the token as a clients-file client without limits, alone in the file;
 //!   clients10k -- the same client among BENCH_CLIENTS - 1 others with random tokens: cost flat
 //!                 in the number of clients means clients10k = clients1.
+//!   base:X     -- with BENCH_BASE_BIN, a twin of each llm-proxy target X of BENCH_BASE_TARGETS
+//!                 (default proxy, quiet, limited, clients1, clients10k, proxy-h2: what the
+//!                 commit before issue 17's refactor can run), started from that older binary
+//!                 with X's environment and files and run right next to X in every round, first
+//!                 in turns, in every phase X is in. "Against the base binary" gives X over its
+//!                 twin, the median of the rounds' ratios and their range: CPU per request, CPU
+//!                 per chunk and peak RSS; and idle RSS and start-up of fresh instances (try i
+//!                 of one against try i of the other). INFO only: no target is set for them.
 //!
 //! Started by scripts/bench.sh once nginx, wrk and the release binaries are in place; it can be
 //! run on its own with the same environment.
@@ -129,7 +137,7 @@ use serde::Serialize;
 use measure::{Ctx, PlainRound, StreamRound, measure_plain, measure_stream, run_wrk};
 use procs::{Plan, Procs, ProxyEnv, Startup};
 use report::{Check, Figures, FootprintView, Growth, Header, PlainRow, StreamRow};
-use settings::{Paths, Settings, is_executable, is_h2, is_proxy};
+use settings::{Paths, Settings, is_base, is_executable, is_h2, is_proxy, kind};
 
 pub use procs::{DOLLAR_BUDGETS, LIMITS, PRICES, write_upstreams_file};
 
@@ -282,6 +290,8 @@ struct Results {
     stream: Vec<StreamRow>,
     growth: Growth,
     targets: Vec<Check>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    against_base: Option<report::AgainstBase>,
 }
 
 fn versions(paths: &Paths) -> BTreeMap<String, serde_json::Value> {
@@ -381,12 +391,16 @@ fn run(args: &Args) -> Result<(), BenchError> {
     let sut = plan.sut.as_deref();
     let loadgen_cpus = plan.loadgen.as_deref();
     let workers = settings.workers;
+    let base_bin = settings.base.as_ref().map(|b| b.bin.clone());
     for (path, what) in [
         (&paths.proxy, "llm-proxy"),
         (&paths.mock, "mock-upstream"),
         (&paths.loadgen, "loadgen"),
         (&paths.nginx, "nginx"),
-    ] {
+    ]
+    .into_iter()
+    .chain(base_bin.as_ref().map(|b| (b, "llm-proxy (BENCH_BASE_BIN)")))
+    {
         if !is_executable(path) {
             return Err(BenchError::Failed(format!(
                 "{what} not found at {}",
@@ -484,12 +498,33 @@ fn run(args: &Args) -> Result<(), BenchError> {
             &paths,
             wd,
             kind,
+            &paths.proxy,
             &procs.0[mock_i],
             sut,
         )?);
     }
     let startup_nginx = startups.pop();
     let startup_proxy = startups.pop();
+    // The base binary's start-up and idle footprint, its tries right after the current one's.
+    let startup_base = match &base_bin {
+        Some(bin) => {
+            log(&format!(
+                "start-up x{}: base proxy ({})",
+                settings.startup_tries,
+                bin.display()
+            ));
+            Some(procs::measure_startup(
+                &settings,
+                &paths,
+                wd,
+                "proxy",
+                bin,
+                &procs.0[mock_i],
+                sut,
+            )?)
+        }
+        None => None,
+    };
 
     // -- the targets ---------------------------------------------------------------------------
     // Index into `procs` of each target's own process (None for "direct").
@@ -512,19 +547,26 @@ fn run(args: &Args) -> Result<(), BenchError> {
                 sut,
             )?)
         } else if is_proxy(target) {
-            if target == "shared" {
+            // One redis-server, shared by "shared" and its twin from the base binary.
+            if kind(target) == "shared" && redis_i.is_none() {
                 procs.0.push(procs::start_redis(&paths, wd, sut)?);
                 redis_i = Some(procs.0.len() - 1);
             }
-            let redis = redis_i.filter(|_| target == "shared").map(|i| &procs.0[i]);
+            let redis = redis_i
+                .filter(|_| kind(target) == "shared")
+                .map(|i| &procs.0[i]);
+            let binary = match &base_bin {
+                Some(bin) if is_base(target) => bin,
+                _ => &paths.proxy,
+            };
             Some(procs::start_proxy(
                 &settings,
-                &paths,
                 wd,
                 &procs.0[upstream_of(target)],
                 sut,
                 target,
                 redis,
+                binary,
             )?)
         } else {
             None
@@ -677,7 +719,7 @@ fn run(args: &Args) -> Result<(), BenchError> {
         }
         let mut rounds: BTreeMap<&str, Vec<StreamRound>> = BTreeMap::new();
         for rnd in 0..n_rounds {
-            for target in stats::rotate(targets, rnd) {
+            for target in stats::stream_order(targets, rnd) {
                 let target = static_name(&target);
                 let offset = offsets.entry(target).or_insert(0);
                 let mut c = Ctx {
@@ -764,6 +806,15 @@ fn run(args: &Args) -> Result<(), BenchError> {
         startup_nginx: Some(&startup_nginx),
     };
     let targets = report::check_targets(&figures);
+    let against_base = settings.base.as_ref().map(|base| {
+        report::against_base(
+            base,
+            &plain,
+            &stream,
+            Some(&startup_proxy),
+            startup_base.as_ref(),
+        )
+    });
     let elapsed_s = stats::round_to(T0.get_or_init(Instant::now).elapsed().as_secs_f64(), 1);
     let proxy_log = if settings.proxy_log == "file" {
         "stderr -> file in the work dir"
@@ -805,6 +856,7 @@ fn run(args: &Args) -> Result<(), BenchError> {
             startup_nginx: &startup_nginx,
         }),
         &targets,
+        against_base.as_ref(),
     );
     let out = settings.out.clone();
     let results = Results {
@@ -837,6 +889,7 @@ fn run(args: &Args) -> Result<(), BenchError> {
         stream,
         growth,
         targets,
+        against_base,
     };
     let json =
         serde_json::to_string_pretty(&results).map_err(|e| BenchError::Failed(e.to_string()))?;

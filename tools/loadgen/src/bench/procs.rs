@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use regex::Regex;
 
-use super::settings::{CLIENT_TOKEN, Paths, Settings, UPSTREAM_KEY};
+use super::settings::{CLIENT_TOKEN, Paths, Settings, UPSTREAM_KEY, is_base, kind};
 use super::{BenchError, check_interrupted};
 use crate::rng::Rng;
 use crate::sys;
@@ -518,14 +518,18 @@ pub fn clients_file_text(settings: &Settings, name: &str) -> Option<String> {
     }
 }
 
+/// The llm-proxy target `name` from `binary`. A twin from the base binary ("base:limited") is
+/// configured as its target ("limited") is, with files of its own of the same content: its
+/// target is started first and its clients file copied, so that even clients10k's random
+/// tokens are the same.
 pub fn start_proxy(
     settings: &Settings,
-    paths: &Paths,
     workdir: &Path,
     upstream: &Proc,
     cpus: Option<&[usize]>,
     name: &str,
     redis: Option<&Proc>,
+    binary: &Path,
 ) -> Result<Proc, BenchError> {
     // A port chosen here rather than PROXY_PORT=0 and the "listening on" line: works whatever
     // the log level and with the log discarded (the race for the port is harmless on loopback).
@@ -533,7 +537,18 @@ pub fn start_proxy(
     let log_path = workdir.join(format!("{name}.log"));
     let mut clients_file = None;
     let mut state_dir = None;
-    if let Some(text) = clients_file_text(settings, name) {
+    let twins_file = workdir
+        .join(format!("clients-{}", kind(name)))
+        .join("clients.toml");
+    let clients_text = if is_base(name) && twins_file.exists() {
+        Some(
+            std::fs::read_to_string(&twins_file)
+                .map_err(|e| BenchError::Failed(format!("{}: {e}", twins_file.display())))?,
+        )
+    } else {
+        clients_file_text(settings, kind(name))
+    };
+    if let Some(text) = clients_text {
         // A directory of its own, as a ConfigMap mount or /etc/llm-proxy is: the proxy watches
         // the file's directory, and with the run's logs in the same one every access line of
         // every target would wake each clients-file proxy's watcher (and charge the writer for
@@ -546,7 +561,7 @@ pub fn start_proxy(
         clients_file = Some(file);
         state_dir = Some(workdir.join(format!("{name}-state")));
     }
-    let upstreams_file = if name == "routed" {
+    let upstreams_file = if kind(name) == "routed" {
         let dir = workdir.join(format!("upstreams-{name}"));
         Some(
             write_upstreams_file(&dir, &upstream.url)
@@ -555,7 +570,7 @@ pub fn start_proxy(
     } else {
         None
     };
-    let prices_file = if name == "priced" {
+    let prices_file = if kind(name) == "priced" {
         let dir = workdir.join(format!("prices-{name}"));
         let file = dir.join("prices.toml");
         std::fs::create_dir_all(&dir)
@@ -573,13 +588,17 @@ pub fn start_proxy(
             clients_file: clients_file.as_deref(),
             state_dir: state_dir.as_deref(),
             redis_port: redis.map(|r| r.port),
-            log_level: if name == "quiet" { "error" } else { "info" },
+            log_level: if kind(name) == "quiet" {
+                "error"
+            } else {
+                "info"
+            },
             ca_file: upstream.ca_file.as_deref(),
             upstreams_file: upstreams_file.as_deref(),
             prices_file: prices_file.as_deref(),
         },
     );
-    let mut cmd = pinned(&paths.proxy, cpus);
+    let mut cmd = pinned(binary, cpus);
     cmd.env_clear()
         .envs(env)
         .current_dir(workdir.join("proxy-cwd"))
@@ -748,12 +767,14 @@ pub struct Startup {
 }
 
 /// Spawn -> first accepted connection (connect() succeeds) and -> first HTTP response, then
-/// the idle footprint of the fresh instance; `kind` is "proxy" or "nginx".
+/// the idle footprint of the fresh instance; `kind` is "proxy" (the llm-proxy at `proxy`) or
+/// "nginx".
 pub fn measure_startup(
     settings: &Settings,
     paths: &Paths,
     workdir: &Path,
     kind: &str,
+    proxy: &Path,
     upstream: &Proc,
     cpus: Option<&[usize]>,
 ) -> Result<Startup, BenchError> {
@@ -776,7 +797,7 @@ pub fn measure_startup(
                     prices_file: None,
                 },
             );
-            let mut cmd = pinned(&paths.proxy, cpus);
+            let mut cmd = pinned(proxy, cpus);
             cmd.env_clear()
                 .envs(env)
                 .current_dir(workdir.join("proxy-cwd"))

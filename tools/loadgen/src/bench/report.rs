@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::measure::{PlainRound, StreamRound, WindowOut};
-use super::procs::Startup;
-use super::settings::{Settings, is_h2};
-use super::stats::{median, median_some, paired_ratio, round_to, round3};
+use super::procs::{Startup, StartupRun};
+use super::settings::{Base, Settings, is_base, is_h2, twin_of};
+use super::stats::{Paired, median, median_some, paired, paired_ratio, round_to, round3};
 
 #[derive(Serialize, Debug, Clone)]
 pub struct PooledWindow {
@@ -898,6 +898,192 @@ pub fn check_targets(f: &Figures) -> Vec<Check> {
     checks.0
 }
 
+/// One figure of a target against its twin from the base binary (BENCH_BASE_BIN).
+#[derive(Serialize, Debug, Clone)]
+pub struct BaseRatio {
+    pub target: String,
+    /// "plain", "stream" or "footprint".
+    pub phase: &'static str,
+    /// Requests in flight (plain) or open streams; None for the footprint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+    /// "cpu_us_per_request", "cpu_us_per_event", "peak_rss_kb", "idle_rss_kb" or
+    /// "first_response_ms".
+    pub figure: &'static str,
+    /// The pooled figure of each binary's row (the median of the tries for the footprint).
+    pub current: Option<f64>,
+    pub base: Option<f64>,
+    /// Current over base: the median of the rounds' ratios, their range and each one.
+    #[serde(flatten)]
+    pub paired: Paired,
+    /// Other processes used more than NOISY_BG cores in a round of either row.
+    pub noisy: bool,
+}
+
+/// The "Against the base binary" figures: each twinned row over its twin, paired by round.
+#[derive(Serialize, Debug, Clone)]
+pub struct AgainstBase {
+    pub bin: String,
+    pub targets: Vec<String>,
+    pub rows: Vec<BaseRatio>,
+}
+
+/// One figure of a start-up try.
+type TryFigure = fn(&StartupRun) -> f64;
+
+fn noisy(windows: &[&PooledWindow]) -> bool {
+    windows
+        .iter()
+        .any(|w| w.background_cpu_util_max_round > NOISY_BG)
+}
+
+/// Every row with a twin from the base binary against that twin, round by round: CPU per
+/// request (plain), CPU per chunk and peak RSS (streams), and idle RSS and start-up time of the
+/// fresh instances (the i-th try of one against the i-th of the other).
+pub fn against_base(
+    base: &Base,
+    plain: &[PlainRow],
+    stream: &[StreamRow],
+    startup_proxy: Option<&Startup>,
+    startup_base: Option<&Startup>,
+) -> AgainstBase {
+    let mut rows = Vec::new();
+    for cur in plain.iter().filter(|r| !is_base(&r.target)) {
+        let Some(old) = twin_of(&cur.target).and_then(|t| find_plain(plain, t, cur.concurrency))
+        else {
+            continue;
+        };
+        if let Some(p) = paired(&old.round_cpu(), &cur.round_cpu()) {
+            rows.push(BaseRatio {
+                target: cur.target.clone(),
+                phase: "plain",
+                concurrency: Some(cur.concurrency),
+                interval_ms: None,
+                figure: "cpu_us_per_request",
+                current: cur.cpu_us_per_request,
+                base: old.cpu_us_per_request,
+                paired: p,
+                noisy: noisy(&[&cur.window, &old.window]),
+            });
+        }
+    }
+    for cur in stream.iter().filter(|r| !is_base(&r.target)) {
+        let Some(old) = twin_of(&cur.target).and_then(|t| find_stream(stream, t, cur.concurrency))
+        else {
+            continue;
+        };
+        let cpu = |r: &StreamRow| -> Vec<Option<f64>> {
+            r.per_round.iter().map(|x| x.cpu_us_per_event).collect()
+        };
+        let rss = |r: &StreamRow| -> Vec<Option<f64>> {
+            r.per_round
+                .iter()
+                .map(|x| Some(x.peak_rss_kb as f64))
+                .collect()
+        };
+        let figures = [
+            (
+                "cpu_us_per_event",
+                paired(&cpu(old), &cpu(cur)),
+                cur.cpu_us_per_event,
+                old.cpu_us_per_event,
+            ),
+            (
+                "peak_rss_kb",
+                paired(&rss(old), &rss(cur)),
+                Some(cur.peak_rss_kb as f64),
+                Some(old.peak_rss_kb as f64),
+            ),
+        ];
+        for (figure, p, current, base) in figures {
+            let Some(p) = p else { continue };
+            rows.push(BaseRatio {
+                target: cur.target.clone(),
+                phase: "stream",
+                concurrency: Some(cur.concurrency),
+                interval_ms: Some(cur.interval_ms),
+                figure,
+                current,
+                base,
+                paired: p,
+                noisy: noisy(&[&cur.window, &old.window]),
+            });
+        }
+    }
+    if let (Some(cur), Some(old)) = (startup_proxy, startup_base) {
+        let tries = |s: &Startup, f: TryFigure| -> Vec<Option<f64>> {
+            s.runs.iter().map(|r| Some(f(r))).collect()
+        };
+        let figures: [(&'static str, TryFigure, f64, f64); 2] = [
+            (
+                "idle_rss_kb",
+                |r| r.idle_rss_kb as f64,
+                cur.idle_rss_kb_median,
+                old.idle_rss_kb_median,
+            ),
+            (
+                "first_response_ms",
+                |r| r.first_response_ms,
+                cur.first_response_ms_median,
+                old.first_response_ms_median,
+            ),
+        ];
+        for (figure, f, current, base) in figures {
+            let Some(p) = paired(&tries(old, f), &tries(cur, f)) else {
+                continue;
+            };
+            rows.push(BaseRatio {
+                target: "proxy".into(),
+                phase: "footprint",
+                concurrency: None,
+                interval_ms: None,
+                figure,
+                current: Some(current),
+                base: Some(base),
+                paired: p,
+                noisy: false,
+            });
+        }
+    }
+    AgainstBase {
+        bin: base.bin.display().to_string(),
+        targets: base.targets.clone(),
+        rows,
+    }
+}
+
+/// The table's lines for one figure against the base binary.
+fn base_line(r: &BaseRatio) -> String {
+    let (what, unit, scale) = match r.figure {
+        "cpu_us_per_request" => ("CPU per request", "us", 1.0),
+        "cpu_us_per_event" => ("CPU per chunk", "us", 1.0),
+        "peak_rss_kb" => ("Peak RSS", "MiB", 1024.0),
+        "idle_rss_kb" => ("Idle RSS (fresh instance)", "MiB", 1024.0),
+        _ => ("Start-up, spawn -> 1st response", "ms", 1.0),
+    };
+    let at = match (r.phase, r.concurrency) {
+        ("plain", Some(c)) => format!(", c={c}"),
+        (_, Some(c)) => format!(", {c} streams"),
+        _ => String::new(),
+    };
+    let v = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |x| format!("{:.1}", x / scale));
+    format!(
+        "{:<5} {:<44} {:+6.1}%  ratio {:.3}  rounds {:.3}..{:.3} ({})  {} vs base {} {unit}{}",
+        if r.noisy { "INFO?" } else { "INFO" },
+        format!("{what}{at}: {}", r.target),
+        (r.paired.ratio - 1.0) * 100.0,
+        r.paired.ratio,
+        r.paired.min,
+        r.paired.max,
+        r.paired.rounds.len(),
+        v(r.current),
+        v(r.base),
+        if r.noisy { "  (NOISY)" } else { "" }
+    )
+}
+
 /// The parts of the results the table shows that are not rows.
 pub struct Header<'a> {
     pub started_utc: &'a str,
@@ -920,7 +1106,13 @@ pub struct FootprintView<'a> {
 }
 
 /// The table printed to stdout.
-pub fn table(h: &Header, f: &Figures, fp: Option<&FootprintView>, checks: &[Check]) -> String {
+pub fn table(
+    h: &Header,
+    f: &Figures,
+    fp: Option<&FootprintView>,
+    checks: &[Check],
+    against: Option<&AgainstBase>,
+) -> String {
     use std::fmt::Write;
     let s = f.settings;
     let mut o = String::new();
@@ -941,6 +1133,13 @@ pub fn table(h: &Header, f: &Figures, fp: Option<&FootprintView>, checks: &[Chec
         h.nginx_access_log
     );
     line!();
+    // The target column: 10 wide, wider for a twin from the base binary ("base:clients10k").
+    let tw = f
+        .plain
+        .iter()
+        .map(|e| e.target.len())
+        .chain(f.stream.iter().map(|e| e.target.len()))
+        .fold(10, usize::max);
     if !f.plain.is_empty() {
         line!(
             "Plain chat completions (wrk -t1; {} rounds of {}s per target, targets interleaved, after {}s warm-up; req/s and CPU pooled, percentiles = median of rounds)",
@@ -949,7 +1148,7 @@ pub fn table(h: &Header, f: &Figures, fp: Option<&FootprintView>, checks: &[Chec
             s.warmup_seconds
         );
         let hdr = format!(
-            "{:<10} {:>5} {:>9} {:>8} {:>8} {:>9} {:>9} {:>11} {:>11} {:>6} {:>7} {:>5}",
+            "{:<tw$} {:>5} {:>9} {:>8} {:>8} {:>9} {:>9} {:>11} {:>11} {:>6} {:>7} {:>5}",
             "target",
             "conc",
             "req/s",
@@ -972,7 +1171,7 @@ pub fn table(h: &Header, f: &Figures, fp: Option<&FootprintView>, checks: &[Chec
                     .map_or_else(|| "-".to_string(), |a| (g(a) as i64).to_string())
             };
             line!(
-                "{:<10} {:>5} {:>9.0} {:>8} {:>8} {:>9} {:>9} {:>11} {:>11} {:>6} {:>7} {:>5.2}",
+                "{:<tw$} {:>5} {:>9.0} {:>8} {:>8} {:>9} {:>9} {:>11} {:>11} {:>6} {:>7} {:>5.2}",
                 e.target,
                 e.concurrency,
                 e.rps,
@@ -1037,7 +1236,7 @@ pub fn table(h: &Header, f: &Figures, fp: Option<&FootprintView>, checks: &[Chec
             s.many_rounds
         );
         let hdr = format!(
-            "{:<10} {:>5} {:>4} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>11} {:>9} {:>6} {:>7} {:>5} {:>5}",
+            "{:<tw$} {:>5} {:>4} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>11} {:>9} {:>6} {:>7} {:>5} {:>5}",
             "target",
             "conc",
             "ms",
@@ -1058,7 +1257,7 @@ pub fn table(h: &Header, f: &Figures, fp: Option<&FootprintView>, checks: &[Chec
         );
         line!("{hdr}");
         line!(
-            "{:<10} {:>5} {:>4} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>11} {:>9}",
+            "{:<tw$} {:>5} {:>4} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>11} {:>9}",
             "",
             "",
             "",
@@ -1077,7 +1276,7 @@ pub fn table(h: &Header, f: &Figures, fp: Option<&FootprintView>, checks: &[Chec
         for e in f.stream {
             let ms = |v: Option<f64>| fmt2(v.map(|v| v / 1000.0));
             line!(
-                "{:<10} {:>5} {:>4} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>11} {:>9} {:>6} {:>7} {:>5.2} {:>5.2}",
+                "{:<tw$} {:>5} {:>4} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>11} {:>9} {:>6} {:>7} {:>5.2} {:>5.2}",
                 e.target,
                 e.concurrency,
                 e.interval_ms,
@@ -1199,6 +1398,16 @@ pub fn table(h: &Header, f: &Figures, fp: Option<&FootprintView>, checks: &[Chec
                 nrss as f64 / 1024.0,
                 npss as f64 / 1024.0
             );
+        }
+        line!();
+    }
+    if let Some(a) = against {
+        line!(
+            "Against the base binary ({}; current over base, the median of the rounds' ratios, each round's pair run back to back)",
+            a.bin
+        );
+        for r in &a.rows {
+            line!("{}", base_line(r));
         }
         line!();
     }

@@ -21,6 +21,50 @@ pub const ALL_TARGETS: [&str; 11] = [
     "clients10k",
 ];
 
+/// The twins of the llm-proxy targets run from BENCH_BASE_BIN, each configured as the target
+/// after its `base:` prefix.
+pub const BASE_TWINS: [&str; 9] = [
+    "base:proxy",
+    "base:proxy-h2",
+    "base:quiet",
+    "base:routed",
+    "base:limited",
+    "base:priced",
+    "base:shared",
+    "base:clients1",
+    "base:clients10k",
+];
+
+/// The targets BENCH_BASE_TARGETS names by default: those the base binary (the commit before
+/// issue 17's refactor) can run; it has no routing (routed) nor prices (priced).
+pub const DEFAULT_BASE_TARGETS: [&str; 6] = [
+    "proxy",
+    "quiet",
+    "limited",
+    "clients1",
+    "clients10k",
+    "proxy-h2",
+];
+
+const BASE_PREFIX: &str = "base:";
+
+/// The twin of `target` run from the base binary ("proxy" -> "base:proxy"), if it can have one.
+pub fn twin_of(target: &str) -> Option<&'static str> {
+    BASE_TWINS
+        .into_iter()
+        .find(|t| t.strip_prefix(BASE_PREFIX) == Some(target))
+}
+
+/// True for a twin run from the base binary.
+pub fn is_base(target: &str) -> bool {
+    target.starts_with(BASE_PREFIX)
+}
+
+/// The target whose configuration `target` has: itself, or for a twin the one it twins.
+pub fn kind(target: &str) -> &str {
+    target.strip_prefix(BASE_PREFIX).unwrap_or(target)
+}
+
 /// The llm-proxy instances.
 pub fn is_proxy(target: &str) -> bool {
     !matches!(target, "direct" | "nginx")
@@ -29,11 +73,33 @@ pub fn is_proxy(target: &str) -> bool {
 /// Behind the TLS HTTP/2 mock; every other target reaches (or is, for "direct") the plain one,
 /// so only those are compared with "direct".
 pub fn is_h2(target: &str) -> bool {
-    target == "proxy-h2"
+    kind(target) == "proxy-h2"
+}
+
+/// `targets` with the twin of each one in `twinned` right after it.
+pub fn with_twins(targets: &[String], twinned: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(targets.len() * 2);
+    for t in targets {
+        out.push(t.clone());
+        if twinned.contains(t)
+            && let Some(twin) = twin_of(t)
+        {
+            out.push(twin.to_string());
+        }
+    }
+    out
 }
 
 pub const CLIENT_TOKEN: &str = "bench-client-token-6f1d";
 pub const UPSTREAM_KEY: &str = "sk-bench-upstream-0c9a";
+
+/// BENCH_BASE_BIN and BENCH_BASE_TARGETS: an older llm-proxy measured next to the current one.
+#[derive(Serialize, Debug, Clone)]
+pub struct Base {
+    pub bin: PathBuf,
+    /// The targets given a twin (those of BENCH_BASE_TARGETS that are llm-proxy targets).
+    pub targets: Vec<String>,
+}
 
 #[derive(Serialize, Debug, Clone)]
 pub struct Settings {
@@ -61,6 +127,9 @@ pub struct Settings {
     pub out: PathBuf,
     pub nice: i32,
     pub keep_workdir: bool,
+    /// Unset: no twins, and nothing about them in the results.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base: Option<Base>,
 }
 
 /// A setting's value, None when unset or blank (an empty value counts as unset).
@@ -116,7 +185,7 @@ fn names(name: &str, default: &[&str]) -> Vec<String> {
 
 impl Settings {
     pub fn from_env(root: &Path) -> Result<Self, BenchError> {
-        Ok(Settings {
+        let mut settings = Settings {
             plain_seconds: number("BENCH_SECONDS", 2.0)?,
             rounds: number("BENCH_ROUNDS", 4)?.max(1),
             warmup_seconds: number("BENCH_WARMUP_SECONDS", 1.0)?,
@@ -165,7 +234,35 @@ impl Settings {
                 .unwrap_or_else(|| root.join("target").join("bench").join("results.json")),
             nice: number("BENCH_NICE", -10)?,
             keep_workdir: var("BENCH_KEEP_WORKDIR").is_some_and(|v| v != "0" && v != "false"),
-        })
+            base: None,
+        };
+        if let Some(bin) = var("BENCH_BASE_BIN") {
+            let targets = names("BENCH_BASE_TARGETS", &DEFAULT_BASE_TARGETS);
+            settings.set_base(PathBuf::from(bin), targets)?;
+        }
+        Ok(settings)
+    }
+
+    /// Gives each target of `targets` in every phase's list a twin run from `bin`, right after
+    /// it (the orders keep the two next to each other: `stats::plain_order`, `stream_order`).
+    pub fn set_base(&mut self, bin: PathBuf, targets: Vec<String>) -> Result<(), BenchError> {
+        let cannot: Vec<&str> = targets
+            .iter()
+            .map(String::as_str)
+            .filter(|t| twin_of(t).is_none())
+            .collect();
+        if !cannot.is_empty() {
+            return Err(BenchError::Failed(format!(
+                "BENCH_BASE_TARGETS: {} cannot run from the base binary (llm-proxy targets only: {})",
+                cannot.join(", "),
+                BASE_TWINS.map(kind).join(", ")
+            )));
+        }
+        self.plain_targets = with_twins(&self.plain_targets, &targets);
+        self.stream_targets = with_twins(&self.stream_targets, &targets);
+        self.many_targets = with_twins(&self.many_targets, &targets);
+        self.base = Some(Base { bin, targets });
+        Ok(())
     }
 
     /// Every target some phase measures, in ALL_TARGETS order; unknown names are an error.
@@ -176,10 +273,11 @@ impl Settings {
             .chain(&self.stream_targets)
             .chain(&self.many_targets)
             .collect();
+        let twins_allowed = self.base.is_some();
         let mut unknown: Vec<&str> = named
             .iter()
             .map(|s| s.as_str())
-            .filter(|n| !ALL_TARGETS.contains(n))
+            .filter(|n| !(ALL_TARGETS.contains(n) || (twins_allowed && BASE_TWINS.contains(n))))
             .collect();
         unknown.sort_unstable();
         unknown.dedup();
@@ -190,8 +288,11 @@ impl Settings {
                 ALL_TARGETS.join(", ")
             )));
         }
+        // Each twin right after its target: it copies that one's files (see `start_proxy`).
         Ok(ALL_TARGETS
             .into_iter()
+            .flat_map(|t| [Some(t), twin_of(t)])
+            .flatten()
             .filter(|t| named.iter().any(|n| n == t))
             .collect())
     }
@@ -311,6 +412,7 @@ pub(super) mod tests {
             out: PathBuf::from("results.json"),
             nice: -10,
             keep_workdir: false,
+            base: None,
         }
     }
 
@@ -323,6 +425,57 @@ pub(super) mod tests {
             panic!("an unknown target was accepted");
         };
         assert!(msg.starts_with("unknown target(s) proxy2 in BENCH_*_TARGETS"));
+    }
+
+    #[test]
+    fn twins_follow_their_targets_and_only_llm_proxy_targets_have_one() {
+        let mut s = settings();
+        s.plain_targets = ["direct", "proxy", "routed", "limited"]
+            .map(String::from)
+            .to_vec();
+        s.stream_targets = vec!["proxy-h2".into()];
+        let twinned = ["proxy", "limited", "proxy-h2"].map(String::from).to_vec();
+        s.set_base(PathBuf::from("/old/llm-proxy"), twinned)
+            .unwrap();
+        assert_eq!(
+            s.plain_targets,
+            [
+                "direct",
+                "proxy",
+                "base:proxy",
+                "routed",
+                "limited",
+                "base:limited"
+            ]
+        );
+        assert_eq!(s.stream_targets, ["proxy-h2", "base:proxy-h2"]);
+        assert_eq!(
+            s.wanted_targets().unwrap(),
+            [
+                "direct",
+                "proxy",
+                "base:proxy",
+                "proxy-h2",
+                "base:proxy-h2",
+                "routed",
+                "limited",
+                "base:limited"
+            ]
+        );
+        assert!(is_h2("base:proxy-h2") && !is_h2("base:proxy"));
+        assert_eq!(kind("base:clients10k"), "clients10k");
+        assert!(is_base("base:proxy") && !is_base("proxy"));
+
+        let Err(BenchError::Failed(msg)) =
+            settings().set_base(PathBuf::from("/old"), vec!["nginx".into()])
+        else {
+            panic!("nginx was given a twin");
+        };
+        assert!(msg.starts_with("BENCH_BASE_TARGETS: nginx cannot run"));
+        // Without a base binary, a twin's name is an unknown target.
+        let mut s = settings();
+        s.plain_targets = vec!["base:proxy".into()];
+        assert!(s.wanted_targets().is_err());
     }
 
     #[test]
