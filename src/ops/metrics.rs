@@ -133,6 +133,22 @@ struct UpstreamModelLabels {
     model: Arc<str>,
 }
 
+/// The spend family's handles by their labels. FxHash: the labels are names from the files (a
+/// client, an upstream, a price entry), never a caller's free text.
+type SpendHandles = hashbrown::HashMap<SpendLabels, DollarCounter, rustc_hash::FxBuildHasher>;
+
+/// [`SpendLabels`] borrowed, to look a handle up without cloning the labels. It hashes as
+/// `SpendLabels` does (the derived `Hash` hashes each field in order, and an `Arc<str>` as its
+/// `str`), which `Equivalent` requires.
+#[derive(Hash)]
+struct SpendKey<'a>(&'a str, &'a str, &'a str);
+
+impl hashbrown::Equivalent<SpendLabels> for SpendKey<'_> {
+    fn equivalent(&self, labels: &SpendLabels) -> bool {
+        *self.0 == *labels.client && *self.1 == *labels.upstream && *self.2 == *labels.model
+    }
+}
+
 /// A counter kept in nano-dollars and exposed in dollars: an integer sum is exact however many
 /// requests it adds up, where a float counter would drift by a rounding per request.
 #[derive(Clone, Debug, Default)]
@@ -421,6 +437,11 @@ struct Families {
     attempts: Histogram,
     panic_routing: Family<ModelLabels, Counter>,
     spend: Family<SpendLabels, DollarCounter>,
+    /// The spend family's handles, found without the family's SipHash of three labels under its
+    /// lock, nor a clone of each label, on every priced request (see [`SpendKey`]). A handle
+    /// shares the family's storage, and the family never drops a series, so a kept handle never
+    /// goes stale.
+    spend_handles: parking_lot::Mutex<SpendHandles>,
     budgets: Family<BudgetLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     unpriced: Family<UpstreamModelLabels, Counter>,
     /// The last hour minute by minute, for the status page: fed where the families above are.
@@ -678,6 +699,7 @@ impl Metrics {
             attempts,
             panic_routing,
             spend,
+            spend_handles: Default::default(),
             budgets,
             unpriced,
             activity: Activity::new(),
@@ -952,14 +974,20 @@ impl Metrics {
     /// A request `client` made cost `nanos` at `upstream`, served as `model` (a name from the
     /// files, never the caller's free text).
     pub fn spend(&self, client: &Arc<str>, upstream: &Arc<str>, model: &Arc<str>, nanos: Nanos) {
-        self.0
-            .spend
-            .get_or_create(&SpendLabels {
-                client: client.clone(),
-                upstream: upstream.clone(),
-                model: model.clone(),
-            })
-            .add(nanos);
+        let key = SpendKey(client, upstream, model);
+        let mut handles = self.0.spend_handles.lock();
+        if let Some(handle) = handles.get(&key) {
+            handle.add(nanos);
+            return;
+        }
+        let labels = SpendLabels {
+            client: client.clone(),
+            upstream: upstream.clone(),
+            model: model.clone(),
+        };
+        let handle = self.0.spend.get_or_create(&labels).clone();
+        handle.add(nanos);
+        handles.insert(labels, handle);
     }
 
     /// The dollar budgets of the clients file in force, as (client, `day`|`month`, budget): the
@@ -1062,16 +1090,28 @@ mod tests {
         let metrics = Metrics::new();
         let (client, upstream, model) =
             (Arc::from("alice"), Arc::from("openai"), Arc::from("gpt-4o"));
-        // A thousand requests of $0.000001050 each: exactly $0.00105, which a float sum of the
-        // dollar amounts would miss in its last digits.
+        // A thousand requests of $0.000001050 each, and one of $0.000001: exactly $0.001051,
+        // which a float sum of the dollar amounts would miss in its last digits.
         for _ in 0..1000 {
             metrics.spend(&client, &upstream, &model, 1_050);
         }
+        // The same names in other `Arc`s (a reload's), and labels that differ in one place or
+        // only in where one label ends and the next begins, each find their own series.
+        metrics.spend(
+            &Arc::from("alice"),
+            &Arc::from("openai"),
+            &Arc::from("gpt-4o"),
+            1_000,
+        );
+        metrics.spend(&client, &upstream, &Arc::from("gpt-4o-mini"), 7);
+        metrics.spend(&Arc::from("aliceo"), &Arc::from("penai"), &model, 9);
         metrics.unpriced(&upstream, &model);
         let text = metrics.encode();
         for line in [
             "# TYPE llm_proxy_spend_usd_total counter",
-            "llm_proxy_spend_usd_total{client=\"alice\",upstream=\"openai\",model=\"gpt-4o\"} 0.00105",
+            "llm_proxy_spend_usd_total{client=\"alice\",upstream=\"openai\",model=\"gpt-4o\"} 0.001051",
+            "llm_proxy_spend_usd_total{client=\"alice\",upstream=\"openai\",model=\"gpt-4o-mini\"} 7e-9",
+            "llm_proxy_spend_usd_total{client=\"aliceo\",upstream=\"penai\",model=\"gpt-4o\"} 9e-9",
             "llm_proxy_unpriced_requests_total{upstream=\"openai\",model=\"gpt-4o\"} 1",
         ] {
             assert!(
