@@ -170,8 +170,12 @@ impl Activity {
 
     /// The current minute, since 1970-01-01T00:00Z, on the wall clock.
     pub fn now() -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
+        Activity::minute(SystemTime::now())
+    }
+
+    /// The minute of `wall`, since 1970-01-01T00:00Z.
+    pub fn minute(wall: SystemTime) -> u64 {
+        wall.duration_since(UNIX_EPOCH)
             .map_or(0, |since| since.as_secs() / 60)
     }
 
@@ -186,13 +190,13 @@ impl Activity {
         );
     }
 
-    /// A request's cost, in nano-dollars, once it is known.
-    pub fn record_spend(&self, nanos: u64) {
+    /// A request's cost, in nano-dollars, known at `wall`.
+    pub fn record_spend(&self, wall: SystemTime, nanos: u64) {
         if nanos == 0 {
             return;
         }
         self.record_at(
-            Activity::now(),
+            Activity::minute(wall),
             Counts {
                 nanos,
                 ..Counts::default()
@@ -328,8 +332,8 @@ mod tests {
     #[test]
     fn spend_is_recorded_in_the_current_minute() {
         let activity = Activity::new();
-        activity.record_spend(2_500_000_000);
-        activity.record_spend(0);
+        activity.record_spend(SystemTime::now(), 2_500_000_000);
+        activity.record_spend(SystemTime::now(), 0);
         let hour = activity.hour(Activity::now());
         assert_eq!(hour.minutes[59].1.nanos, 2_500_000_000);
         assert_eq!(hour.minutes[59].1.requests, 0);

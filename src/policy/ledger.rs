@@ -81,9 +81,17 @@ impl Sum {
     }
 }
 
+/// A key's day and month, kept together so that a priced request finds each of its three
+/// lines once.
+#[derive(Clone, Copy, Debug, Default)]
+struct DayAndMonth {
+    today: Sum,
+    this_month: Sum,
+}
+
 /// FxHash: the keys are the files' names (clients, priced models, upstreams), never a caller's,
 /// and three of these are updated per priced request.
-type Groups = [FxHashMap<Arc<str>, Sum>; 3];
+type Groups = [FxHashMap<Arc<str>, DayAndMonth>; 3];
 
 /// One group's line of `/admin/spend`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,13 +114,22 @@ fn today() -> u64 {
     utc_day(SystemTime::now())
 }
 
-/// Adds `sum` to `key`'s line. The line is looked up first: it is there for all but a group's
-/// first request of the period, and the entry API would clone the key for every one.
-fn add(lines: &mut FxHashMap<Arc<str>, Sum>, key: &Arc<str>, sum: Sum) {
+/// Adds `sum` to `key`'s day and month. The line is looked up first: it is there for all but a
+/// group's first request of the month, and the entry API would clone the key for every one.
+fn add(lines: &mut FxHashMap<Arc<str>, DayAndMonth>, key: &Arc<str>, sum: Sum) {
     match lines.get_mut(&**key) {
-        Some(line) => line.add(sum),
+        Some(line) => {
+            line.today.add(sum);
+            line.this_month.add(sum);
+        }
         None => {
-            lines.insert(key.clone(), sum);
+            lines.insert(
+                key.clone(),
+                DayAndMonth {
+                    today: sum,
+                    this_month: sum,
+                },
+            );
         }
     }
 }
@@ -125,8 +142,7 @@ struct Totals {
     /// period without a copy per request.
     day_text: Arc<str>,
     month_text: Arc<str>,
-    today: Groups,
-    this_month: Groups,
+    groups: Groups,
 }
 
 impl Totals {
@@ -138,10 +154,13 @@ impl Totals {
         }
         let text = day_text(day);
         let month = &text[..7];
-        self.today = Groups::default();
         if month != &*self.month_text {
-            self.this_month = Groups::default();
+            self.groups = Groups::default();
             self.month_text = Arc::from(month);
+        } else {
+            for line in self.groups.iter_mut().flat_map(|lines| lines.values_mut()) {
+                line.today = Sum::default();
+            }
         }
         self.day = day;
         self.day_text = Arc::from(text);
@@ -202,16 +221,21 @@ impl Ledger {
 
     /// Adds a priced request. Called where an answer's body ends, so it never waits: with Redis,
     /// the batch is sent by a task of its own.
-    pub fn record(&self, client: &Arc<str>, model: &Arc<str>, upstream: &Arc<str>, nanos: Nanos) {
+    pub fn record(
+        &self,
+        wall: SystemTime,
+        client: &Arc<str>,
+        model: &Arc<str>,
+        upstream: &Arc<str>,
+        nanos: Nanos,
+    ) {
         let one = Sum { nanos, requests: 1 };
         let keys = [client, model, upstream];
         let (day, month) = {
             let mut totals = self.0.totals.lock();
-            totals.roll_to(today());
+            totals.roll_to(utc_day(wall));
             for group in Group::ALL {
-                let key = keys[group.index()];
-                add(&mut totals.today[group.index()], key, one);
-                add(&mut totals.this_month[group.index()], key, one);
+                add(&mut totals.groups[group.index()], keys[group.index()], one);
             }
             (totals.day_text.clone(), totals.month_text.clone())
         };
@@ -316,7 +340,17 @@ impl Ledger {
         let (day, month, local) = {
             let mut totals = self.0.totals.lock();
             totals.roll_to(today());
-            let lines = lines(&totals.today[by.index()], &totals.this_month[by.index()]);
+            let lines = sorted(
+                totals.groups[by.index()]
+                    .iter()
+                    .filter(|(_, line)| line.this_month != Sum::default())
+                    .map(|(key, line)| Line {
+                        key: key.to_string(),
+                        today: line.today,
+                        this_month: line.this_month,
+                    })
+                    .collect(),
+            );
             (
                 totals.day_text.to_string(),
                 totals.month_text.to_string(),
@@ -338,20 +372,31 @@ impl Ledger {
         invocation.key(day_key(by, day)).key(month_key(by, month));
         let (today, this_month): (Vec<String>, Vec<String>) =
             self.0.shared.eval(&invocation).await.ok()?;
-        Some(lines(&from_hash(&today), &from_hash(&this_month)))
+        let today = from_hash(&today);
+        Some(sorted(
+            from_hash(&this_month)
+                .into_iter()
+                .map(|(key, this_month)| Line {
+                    today: today.get(&key).copied().unwrap_or_default(),
+                    key,
+                    this_month,
+                })
+                .collect(),
+        ))
     }
 
     /// The totals as `STATE_DIR/spend.json` keeps them.
     fn snapshot(&self) -> LedgerFile {
         let mut totals = self.0.totals.lock();
         totals.roll_to(today());
-        let file_groups = |groups: &Groups| {
+        let file_groups = |period: fn(&DayAndMonth) -> Sum| {
             Group::ALL
                 .into_iter()
                 .map(|group| {
-                    let sums = groups[group.index()]
+                    let sums = totals.groups[group.index()]
                         .iter()
-                        .map(|(key, sum)| (key.to_string(), *sum))
+                        .map(|(key, line)| (key.to_string(), period(line)))
+                        .filter(|(_, sum)| *sum != Sum::default())
                         .collect();
                     (group.as_str().to_string(), sums)
                 })
@@ -361,8 +406,8 @@ impl Ledger {
             version: 1,
             day: totals.day_text.to_string(),
             month: totals.month_text.to_string(),
-            today: file_groups(&totals.today),
-            this_month: file_groups(&totals.this_month),
+            today: file_groups(|line| line.today),
+            this_month: file_groups(|line| line.this_month),
         }
     }
 
@@ -371,21 +416,29 @@ impl Ledger {
     fn restore(&self, file: LedgerFile) {
         let mut totals = self.0.totals.lock();
         totals.roll_to(today());
-        let into_groups = |from: BTreeMap<String, BTreeMap<String, Sum>>, groups: &mut Groups| {
+        // A group the file has replaces what that group had for the period.
+        let into_groups = |from: BTreeMap<String, BTreeMap<String, Sum>>,
+                           groups: &mut Groups,
+                           period: fn(&mut DayAndMonth) -> &mut Sum| {
             for (name, sums) in from {
                 if let Some(group) = Group::parse(&name) {
-                    groups[group.index()] = sums
-                        .into_iter()
-                        .map(|(key, sum)| (Arc::from(key), sum))
-                        .collect();
+                    let lines = &mut groups[group.index()];
+                    for line in lines.values_mut() {
+                        *period(line) = Sum::default();
+                    }
+                    for (key, sum) in sums {
+                        *period(lines.entry(Arc::from(key)).or_default()) = sum;
+                    }
                 }
             }
         };
         if *file.month == *totals.month_text {
-            into_groups(file.this_month, &mut totals.this_month);
+            into_groups(file.this_month, &mut totals.groups, |line| {
+                &mut line.this_month
+            });
         }
         if *file.day == *totals.day_text {
-            into_groups(file.today, &mut totals.today);
+            into_groups(file.today, &mut totals.groups, |line| &mut line.today);
         }
     }
 }
@@ -399,30 +452,22 @@ fn month_key(group: Group, month: &str) -> String {
 }
 
 /// A hash as HGETALL gives it (field, value, field, value, ...) into sums by key.
-fn from_hash(flat: &[String]) -> FxHashMap<Arc<str>, Sum> {
-    let mut sums: FxHashMap<Arc<str>, Sum> = FxHashMap::default();
+fn from_hash(flat: &[String]) -> FxHashMap<String, Sum> {
+    let mut sums: FxHashMap<String, Sum> = FxHashMap::default();
     for pair in flat.chunks_exact(2) {
         let value = pair[1].parse::<u64>().unwrap_or(0);
         if let Some(key) = pair[0].strip_prefix("u:") {
-            sums.entry(Arc::from(key)).or_default().nanos = value;
+            sums.entry(key.to_string()).or_default().nanos = value;
         } else if let Some(key) = pair[0].strip_prefix("r:") {
-            sums.entry(Arc::from(key)).or_default().requests = value;
+            sums.entry(key.to_string()).or_default().requests = value;
         }
     }
     sums
 }
 
-/// One line per key of the month (today's keys are among them), largest month first, then by
-/// key so that equal sums keep one order.
-fn lines(today: &FxHashMap<Arc<str>, Sum>, this_month: &FxHashMap<Arc<str>, Sum>) -> Vec<Line> {
-    let mut lines: Vec<Line> = this_month
-        .iter()
-        .map(|(key, month)| Line {
-            key: key.to_string(),
-            today: today.get(key).copied().unwrap_or_default(),
-            this_month: *month,
-        })
-        .collect();
+/// The lines, one per key of the month (today's keys are among them), largest month first,
+/// then by key so that equal sums keep one order.
+fn sorted(mut lines: Vec<Line>) -> Vec<Line> {
     lines.sort_by(|a, b| {
         b.this_month
             .nanos
@@ -495,9 +540,28 @@ mod tests {
     async fn spend_is_grouped_three_ways_largest_month_first() {
         let ledger = local();
         let name = |text: &str| Arc::<str>::from(text);
-        ledger.record(&name("alice"), &name("gpt-4o"), &name("openai"), 4_000_000);
-        ledger.record(&name("bob"), &name("gpt-4o-mini"), &name("openai"), 1_050);
-        ledger.record(&name("bob"), &name("gpt-4o"), &name("azure-eu"), 5_000_000);
+        let now = SystemTime::now();
+        ledger.record(
+            now,
+            &name("alice"),
+            &name("gpt-4o"),
+            &name("openai"),
+            4_000_000,
+        );
+        ledger.record(
+            now,
+            &name("bob"),
+            &name("gpt-4o-mini"),
+            &name("openai"),
+            1_050,
+        );
+        ledger.record(
+            now,
+            &name("bob"),
+            &name("gpt-4o"),
+            &name("azure-eu"),
+            5_000_000,
+        );
         let by_client = ledger.report(Group::Client).await;
         assert_eq!(by_client.day, day_text(today()));
         assert_eq!(by_client.month, by_client.day[..7]);
@@ -575,6 +639,36 @@ mod tests {
     }
 
     #[test]
+    fn a_new_day_starts_today_from_zero_and_a_new_month_the_month_too() {
+        let one = Sum {
+            nanos: 5,
+            requests: 1,
+        };
+        let key: Arc<str> = Arc::from("alice");
+        let mut totals = Totals::default();
+        // 2026-01-30, 2026-01-31, 2026-02-01.
+        let jan30 = 20_483;
+        totals.roll_to(jan30);
+        add(&mut totals.groups[0], &key, one);
+        add(&mut totals.groups[0], &key, one);
+        totals.roll_to(jan30 + 1);
+        assert_eq!(&*totals.day_text, "2026-01-31");
+        add(&mut totals.groups[0], &key, one);
+        let line = totals.groups[0][&*key];
+        assert_eq!(line.today, one);
+        assert_eq!(
+            line.this_month,
+            Sum {
+                nanos: 15,
+                requests: 3
+            }
+        );
+        totals.roll_to(jan30 + 2);
+        assert_eq!(&*totals.month_text, "2026-02");
+        assert!(totals.groups.iter().all(|lines| lines.is_empty()));
+    }
+
+    #[test]
     fn a_hash_reads_back_into_sums() {
         let flat: Vec<String> = ["u:gpt-4o", "12", "r:gpt-4o", "3", "u:a:b", "5"]
             .iter()
@@ -582,14 +676,14 @@ mod tests {
             .collect();
         let sums = from_hash(&flat);
         assert_eq!(
-            sums[&Arc::from("gpt-4o")],
+            sums["gpt-4o"],
             Sum {
                 nanos: 12,
                 requests: 3
             }
         );
         assert_eq!(
-            sums[&Arc::from("a:b")],
+            sums["a:b"],
             Sum {
                 nanos: 5,
                 requests: 0

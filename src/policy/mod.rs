@@ -76,9 +76,11 @@ impl Policy {
     ) {
         match cost {
             Some(nanos) => {
+                // One reading of the wall clock for the status page's minute and the ledger's day.
+                let wall = std::time::SystemTime::now();
                 self.0.metrics.spend(client, upstream, model, nanos);
-                self.0.metrics.activity().record_spend(nanos);
-                self.0.ledger.record(client, model, upstream, nanos);
+                self.0.metrics.activity().record_spend(wall, nanos);
+                self.0.ledger.record(wall, client, model, upstream, nanos);
             }
             None => self.0.metrics.unpriced(upstream, model),
         }

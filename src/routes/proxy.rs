@@ -205,13 +205,15 @@ where
                 (None, Model::Generates) => Priced::Unreadable { path },
                 (None, _) => Priced::NoModel,
             };
-            let prices: Vec<_> = match (model, plan.as_ref()) {
-                (Some(model), Some(plan)) => plan
-                    .candidates()
-                    .map(|index| table.prices().price(table.upstreams()[index].name(), model))
-                    .collect(),
-                _ => Vec::new(),
-            };
+            let table = &table;
+            let prices = model
+                .zip(plan.as_ref())
+                .into_iter()
+                .flat_map(|(model, plan)| {
+                    plan.candidates().map(move |index| {
+                        table.prices().price(table.upstreams()[index].name(), model)
+                    })
+                });
             match policy.reserve(client, priced, inspected.as_ref(), prices) {
                 Ok(reservation) => reservation,
                 Err(error) => return refused(error.into_response(format)),

@@ -197,7 +197,10 @@ async fn activity_counts_the_requests_of_the_last_hour_minute_by_minute() {
     assert_eq!(last["refusals"], 0);
 
     // What the spend accounting will feed, shown in dollars.
-    app.state.metrics.activity().record_spend(1_234_567_000);
+    app.state
+        .metrics
+        .activity()
+        .record_spend(std::time::SystemTime::now(), 1_234_567_000);
     let body: Value = app.admin_get("/admin/activity").await.json().await.unwrap();
     let spent: f64 = body["minutes"]
         .as_array()
@@ -313,7 +316,10 @@ async fn replicas_sharing_redis_show_one_hour() {
         two.chat("tok-alice", chat_body("gpt-mock")).await.status(),
         429
     );
-    one.state.metrics.activity().record_spend(2_000_000_000);
+    one.state
+        .metrics
+        .activity()
+        .record_spend(std::time::SystemTime::now(), 2_000_000_000);
 
     // Each replica sends its counts within a second; both then show the same hour.
     let totals = |body: &Value| {
