@@ -3,6 +3,7 @@
 //! them: warm connections and TLS sessions outlive any change of clients or tokens, and a change
 //! of their own settings is logged as taking effect after a restart.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crate::config::{ConfigError, ConnectionSettings};
@@ -13,7 +14,39 @@ pub struct UpstreamClients {
     pub pools: Vec<reqwest::Client>,
     /// HTTP/1.1 only: a WebSocket upgrade cannot ride on an HTTP/2 connection that ALPN may
     /// pick for the pools above.
-    pub tunnel: reqwest::Client,
+    pub tunnel: TunnelClient,
+}
+
+/// The HTTP/1.1 client for WebSocket tunnels, built at the first upgrade. Every client reads
+/// the machine's certificate store again and keeps its own copy of it (some 90 KiB of heap, and
+/// milliseconds of start-up), which a proxy that never opens a tunnel would carry for nothing.
+/// The pools, built at start-up from the same settings, have already shown that it can be built.
+/// Cloning is shallow: an upstream rebuilt on reload shares it with the one it replaces.
+#[derive(Clone)]
+pub struct TunnelClient(Arc<Tunnel>);
+
+struct Tunnel {
+    settings: ConnectionSettings,
+    client: OnceLock<reqwest::Client>,
+}
+
+impl TunnelClient {
+    fn new(settings: &ConnectionSettings) -> TunnelClient {
+        TunnelClient(Arc::new(Tunnel {
+            settings: settings.clone(),
+            client: OnceLock::new(),
+        }))
+    }
+
+    /// The client, built now if no upgrade has needed it yet. Two first upgrades at once may
+    /// both build one; the first stored is kept.
+    pub fn get(&self) -> Result<&reqwest::Client, ConfigError> {
+        if let Some(client) = self.0.client.get() {
+            return Ok(client);
+        }
+        let client = http_client(&self.0.settings, Protocols::Http1Only)?;
+        Ok(self.0.client.get_or_init(|| client))
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -35,7 +68,7 @@ impl UpstreamClients {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(UpstreamClients {
             pools,
-            tunnel: http_client(settings, Protocols::Http1Only)?,
+            tunnel: TunnelClient::new(settings),
         })
     }
 }

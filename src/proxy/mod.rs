@@ -76,7 +76,7 @@ struct Inner {
     /// Taken in turn (`next_client`): one HTTP/2 connection each to an upstream that offers it.
     clients: Vec<reqwest::Client>,
     next_client: std::sync::atomic::AtomicUsize,
-    tunnel_client: reqwest::Client,
+    tunnel_client: clients::TunnelClient,
     /// What the caller's `/v1` stands for upstream.
     base_url: Url,
     known_paths: request::KnownPaths,

@@ -68,16 +68,14 @@ impl Upstream {
         let mut headers = request_headers(headers, &self.0.caller_token_header, &self.0.key_header);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, upgrade);
+        let client = self.0.tunnel_client.get().map_err(|err| {
+            log::error!("upstream {}: {}", self.0.name, err.message);
+            ProxyError::BadGateway
+        })?;
         // Through the key pool like any request: an upgrade has no body, so a key answered 429
         // is rested and the next one tried.
         let mut answer = self
-            .send_alone(
-                &self.0.tunnel_client,
-                &Method::GET,
-                url,
-                headers,
-                RequestBody::None,
-            )
+            .send_alone(client, &Method::GET, url, headers, RequestBody::None)
             .await?;
         if answer.status() != StatusCode::SWITCHING_PROTOCOLS {
             return Ok(self.into_reply(answer, None).await);

@@ -110,7 +110,10 @@ impl Signals {
     /// With `REDIS_URL`, starts the subscriber in the background (so this needs a tokio runtime);
     /// it ends when the last handle is dropped.
     pub fn new(shared: &Shared) -> Signals {
-        let (sender, _) = broadcast::channel(QUEUE);
+        // The queue's slots are allocated up front (72 KiB for 1024): without Redis nothing is
+        // ever delivered, so one slot stands in for them.
+        let queue = if shared.is_configured() { QUEUE } else { 1 };
+        let (sender, _) = broadcast::channel(queue);
         let signals = Signals(Arc::new(Inner {
             shared: shared.clone(),
             replica: replica_id(),
