@@ -236,7 +236,7 @@ impl CallerBody {
         };
         let max = rules.max_bytes;
         let reading = async move {
-            let mut kept = BytesMut::new();
+            let mut kept = Gathered::Nothing;
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(|err| {
                     log::info!("the caller's request body broke off: {err}");
@@ -246,7 +246,7 @@ impl CallerBody {
                     log::info!("request body over MAX_BODY_BYTES: not sent upstream");
                     return Err(ProxyError::PayloadTooLarge);
                 }
-                kept.extend_from_slice(&chunk);
+                kept.push(chunk);
                 if kept.len() as u64 > keep {
                     return Ok(Held::Started(kept.freeze(), body));
                 }
@@ -293,6 +293,49 @@ impl CallerBody {
                 stream(Box::pin(read.chain(rest)))
             }
         })
+    }
+}
+
+/// The chunks of a body read so far. A body that came in one chunk (a small request usually
+/// does) is copied once, into an allocation of its exact size. The chunk itself is not kept:
+/// it shares the server's read buffer, which could then not be reused for the next read.
+enum Gathered {
+    Nothing,
+    One(Bytes),
+    Several(BytesMut),
+}
+
+impl Gathered {
+    fn len(&self) -> usize {
+        match self {
+            Gathered::Nothing => 0,
+            Gathered::One(bytes) => bytes.len(),
+            Gathered::Several(bytes) => bytes.len(),
+        }
+    }
+
+    fn push(&mut self, chunk: Bytes) {
+        *self = match std::mem::replace(self, Gathered::Nothing) {
+            Gathered::Nothing => Gathered::One(chunk),
+            Gathered::One(first) => {
+                let mut several = BytesMut::with_capacity(first.len() + chunk.len());
+                several.extend_from_slice(&first);
+                several.extend_from_slice(&chunk);
+                Gathered::Several(several)
+            }
+            Gathered::Several(mut several) => {
+                several.extend_from_slice(&chunk);
+                Gathered::Several(several)
+            }
+        };
+    }
+
+    fn freeze(self) -> Bytes {
+        match self {
+            Gathered::Nothing => Bytes::new(),
+            Gathered::One(bytes) => Bytes::copy_from_slice(&bytes),
+            Gathered::Several(bytes) => bytes.freeze(),
+        }
     }
 }
 
