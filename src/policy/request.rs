@@ -53,17 +53,23 @@ fn content_type(headers: &HeaderMap) -> &str {
 
 /// Whether the body is a form upload (RFC 7578), as its `Content-Type` says.
 pub fn is_multipart(headers: &HeaderMap) -> bool {
-    content_type(headers)
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .eq_ignore_ascii_case("multipart/form-data")
+    is_form_data(content_type(headers))
+}
+
+/// Whether a `Content-Type` value (read as text) names `multipart/form-data`, parameters aside.
+fn is_form_data(content_type: &str) -> bool {
+    // The type ends at the first `;`: a byte search, as short as the value, where `split`
+    // would set up a searcher for a value that is usually `application/json`.
+    let essence = match content_type.bytes().position(|byte| byte == b';') {
+        Some(end) => &content_type[..end],
+        None => content_type,
+    };
+    essence.trim().eq_ignore_ascii_case("multipart/form-data")
 }
 
 pub fn inspect(headers: &HeaderMap, body: &[u8]) -> Inspected {
     let content_type = content_type(headers);
-    if is_multipart(headers) {
+    if is_form_data(content_type) {
         let (model, model_span) = boundary(content_type)
             .and_then(|boundary| form_field(body, &boundary, "model"))
             .unzip();
