@@ -294,11 +294,10 @@ where
             })
     } else {
         let model = match (routed_model, inspected.as_ref()) {
-            (Some(name), Some(inspected)) => inspected.model_span.clone().map(|span| ModelInBody {
-                name,
-                span,
-                content_type: headers.get(warp::http::header::CONTENT_TYPE).cloned(),
-            }),
+            (Some(name), Some(inspected)) => inspected
+                .model_span
+                .clone()
+                .map(|span| ModelInBody { name, span }),
             _ => None,
         };
         let outgoing = Outgoing {
@@ -311,7 +310,11 @@ where
         };
         // The model a cost is priced as: the one routed (after its alias, before an upstream's
         // own name for it), else the one the body names; else the answer's, found at its end.
-        let served: Option<Arc<str>> = plan.model().or(routed_model).map(Arc::from);
+        // The plan's own name when it has one: shared, not copied.
+        let served: Option<Arc<str>> = match plan.served() {
+            Some(served) => Some(served.clone()),
+            None => routed_model.map(Arc::from),
+        };
         let (result, mut trail) = table.forward(&plan, outgoing, body).await;
         let forwarded = match result {
             Ok((answer, sent)) => {
