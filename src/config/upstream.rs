@@ -58,6 +58,9 @@ pub struct ConnectionSettings {
     /// Whether the process environment names an outbound proxy (where reqwest looks for one,
     /// not the `.env` files).
     pub outbound_proxy: bool,
+    /// Whether the base URL is `http://`: such a connection is HTTP/1.1 (HTTP/2 is only ever
+    /// negotiated through TLS here), which decides what the pools need to be ready for.
+    pub cleartext: bool,
 }
 
 /// The certificates of `UPSTREAM_CA_FILE` as they were read: at least one, each one rustls
@@ -112,7 +115,6 @@ impl UpstreamConfig {
             )
         })?;
         Ok(UpstreamConfig {
-            base_url,
             keys: comma_separated_keys("AUTH_BEARER", &bearer, &auth_header)?,
             auth_header,
             query: values::upstream_query("UPSTREAM_QUERY", settings.set("UPSTREAM_QUERY"))?,
@@ -130,7 +132,9 @@ impl UpstreamConfig {
                     )?,
                 )?,
                 outbound_proxy: outbound_proxy_set(),
+                cleartext: base_url.scheme() == "http",
             },
+            base_url,
         })
     }
 }
