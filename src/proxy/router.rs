@@ -19,7 +19,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use parking_lot::Mutex;
-use warp::http::{HeaderMap, Method, StatusCode};
+use warp::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
 use super::breaker::{BreakerState, Pass};
 use super::choice::Rotation;
@@ -452,7 +452,10 @@ impl Table {
         let mut last: Option<(Failed, InFlight)> = None;
         let mut unavailable: Option<ProxyError> = None;
         let mut panic = false;
+        // The caller's headers go to the first attempt as they are; when another attempt may
+        // follow, a list of them is kept to make its map from.
         let mut headers = Some(std::mem::take(&mut outgoing.headers));
+        let mut listed: Option<Vec<(HeaderName, HeaderValue)>> = None;
         loop {
             if budget.left == Some(0)
                 || budget
@@ -480,8 +483,21 @@ impl Table {
                 Err(error) => return (Err(error), trail.ended(upstream, &budget, &left)),
             };
             let last_candidate = !budget.others || !body.replayable();
-            let Some(caller_headers) = super::take_or_clone(&mut headers, last_candidate) else {
-                break;
+            let caller_headers = if let Some(first) = headers.take() {
+                if !last_candidate {
+                    listed = Some(headers::listed(&first));
+                }
+                first
+            } else if last_candidate {
+                match listed.take() {
+                    Some(kept) => headers::from_listed(kept.into_iter()),
+                    None => break,
+                }
+            } else {
+                match &listed {
+                    Some(kept) => headers::from_listed(kept.iter().cloned()),
+                    None => break,
+                }
             };
             // Read from the caller's headers as they came (a rename reads their
             // `Content-Type`), before they are made the upstream's.
