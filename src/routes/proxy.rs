@@ -13,7 +13,7 @@ use warp::{Buf, Rejection};
 use super::Request;
 use crate::auth::Caller;
 use crate::error::ProxyError;
-use crate::ops::exchange::{Answered, Exchange, Spend, loggable};
+use crate::ops::exchange::{Answered, Exchange, Spend, loggable_as};
 use crate::policy::request::{Inspected, SessionModels, inspect, is_multipart, session_models};
 use crate::policy::{Asked, Policy, Priced, Ticket, write_rate_limit_headers};
 use crate::proxy::headers::{is_event_stream, is_json};
@@ -250,7 +250,8 @@ where
         model: inspected
             .as_ref()
             .and_then(|inspected| inspected.model.as_deref())
-            .map(loggable),
+            // Usually the plan's own name (no alias): shared, not copied.
+            .map(|model| loggable_as(model, plan.served())),
         ..Spend::default()
     };
 
