@@ -297,9 +297,9 @@ impl CallerBody {
 }
 
 /// The chunks of a body read so far. A body that came in one chunk (a small request usually
-/// does) is kept as that chunk: no copy, and clones of it are counted, not allocated. It
-/// shares the connection's read buffer, which the server keeps anyway and does not read into
-/// again before the answer: the request lets go of its body once the upstream's head came.
+/// does) is copied once, into an allocation of its exact size. The chunk itself is not kept:
+/// it shares the connection's read buffer, and hyper, which may read ahead on the connection
+/// while the request waits for its upstream, would then have to allocate another.
 enum Gathered {
     Nothing,
     One(Bytes),
@@ -334,7 +334,7 @@ impl Gathered {
     fn freeze(self) -> Bytes {
         match self {
             Gathered::Nothing => Bytes::new(),
-            Gathered::One(bytes) => bytes,
+            Gathered::One(bytes) => Bytes::copy_from_slice(&bytes),
             Gathered::Several(bytes) => bytes.freeze(),
         }
     }
