@@ -254,16 +254,23 @@ impl CallerBody {
             Ok(Held::Read(kept.freeze()))
         };
         // Bounded like an upload streaming inside the upstream request: a caller that stops
-        // sending does not hold its place.
-        self.held = tokio::time::timeout(rules.deadline, reading)
-            .await
-            .map_err(|_| {
-                log::info!(
-                    "the request body did not arrive within {}s (UPSTREAM_TIMEOUT_SECS)",
-                    rules.deadline.as_secs()
-                );
-                ProxyError::RequestTimeout
-            })??;
+        // sending does not hold its place. The deadline counts from here; its timer is only
+        // set up when the body is not all there already (a small one usually is).
+        let deadline = tokio::time::Instant::now() + rules.deadline;
+        let mut reading = std::pin::pin!(reading);
+        self.held =
+            match futures::poll!(reading.as_mut()) {
+                std::task::Poll::Ready(read) => read,
+                std::task::Poll::Pending => tokio::time::timeout_at(deadline, reading)
+                    .await
+                    .map_err(|_| {
+                        log::info!(
+                            "the request body did not arrive within {}s (UPSTREAM_TIMEOUT_SECS)",
+                            rules.deadline.as_secs()
+                        );
+                        ProxyError::RequestTimeout
+                    })?,
+            }?;
         if let (Held::Read(bytes), Some(redactor)) = (&self.held, &rules.log) {
             log::debug!("request body: {}", redactor.mask_bytes(bytes));
         }
