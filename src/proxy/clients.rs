@@ -105,6 +105,19 @@ mod tests {
     }
 
     #[test]
+    fn the_configuration_line_shows_only_the_connection_settings_one_sets() {
+        let cleartext = ConnectionSettings {
+            cleartext: true,
+            ..settings(2)
+        };
+        assert_eq!(
+            format!("{cleartext:?}"),
+            "ConnectionSettings { ca_file: None, connect_timeout: 10s, pools: 2, \
+             outbound_proxy: false }"
+        );
+    }
+
+    #[test]
     fn one_pool_per_http2_connection_asked_for() {
         assert_eq!(UpstreamClients::build(&settings(3)).unwrap().pools.len(), 3);
         assert_eq!(UpstreamClients::build(&settings(1)).unwrap().pools.len(), 1);
