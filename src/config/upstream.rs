@@ -47,7 +47,7 @@ pub struct UpstreamConfig {
 
 /// Everything the upstream connection pools are built from. Two equal settings give pools that
 /// behave alike, so pools built for one serve the other.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ConnectionSettings {
     /// `UPSTREAM_CA_FILE`, read and checked.
     pub ca_file: Option<CaFile>,
@@ -58,6 +58,22 @@ pub struct ConnectionSettings {
     /// Whether the process environment names an outbound proxy (where reqwest looks for one,
     /// not the `.env` files).
     pub outbound_proxy: bool,
+    /// Whether the base URL is `http://`: such a connection is HTTP/1.1 (HTTP/2 is only ever
+    /// negotiated through TLS here), which decides what the pools need to be ready for.
+    pub cleartext: bool,
+}
+
+/// The configuration's log line shows the settings one sets; `cleartext` is the base URL's,
+/// which the line shows already.
+impl fmt::Debug for ConnectionSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionSettings")
+            .field("ca_file", &self.ca_file)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("pools", &self.pools)
+            .field("outbound_proxy", &self.outbound_proxy)
+            .finish()
+    }
 }
 
 /// The certificates of `UPSTREAM_CA_FILE` as they were read: at least one, each one rustls
@@ -112,7 +128,6 @@ impl UpstreamConfig {
             )
         })?;
         Ok(UpstreamConfig {
-            base_url,
             keys: comma_separated_keys("AUTH_BEARER", &bearer, &auth_header)?,
             auth_header,
             query: values::upstream_query("UPSTREAM_QUERY", settings.set("UPSTREAM_QUERY"))?,
@@ -130,7 +145,9 @@ impl UpstreamConfig {
                     )?,
                 )?,
                 outbound_proxy: outbound_proxy_set(),
+                cleartext: base_url.scheme() == "http",
             },
+            base_url,
         })
     }
 }

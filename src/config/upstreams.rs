@@ -424,7 +424,6 @@ fn parse_upstream<F: Fn(&str) -> Option<String>>(
     let upstream = NamedUpstream {
         name: Arc::from(name),
         settings: UpstreamConfig {
-            base_url,
             keys,
             auth_header,
             query,
@@ -435,7 +434,9 @@ fn parse_upstream<F: Fn(&str) -> Option<String>>(
                     .map_or(defaults.connect_timeout, Duration::from_secs),
                 pools,
                 outbound_proxy: defaults.outbound_proxy,
+                cleartext: base_url.scheme() == "http",
             },
+            base_url,
         },
         timeout: entry
             .timeout_secs

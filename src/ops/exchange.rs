@@ -65,14 +65,22 @@ impl Spend {
 /// answer, so only a short run of the characters model names use is kept: a newline or a quote
 /// there would forge log lines.
 pub fn loggable(model: &str) -> Arc<str> {
-    const MAX: usize = 64;
-    if model.len() <= MAX && model.bytes().all(is_loggable) {
-        // The usual name, kept whole: one allocation, no per-character rewrite.
-        return Arc::from(model);
+    loggable_as(model, None)
+}
+
+/// [`loggable`], sharing `known` (a name the configuration holds already) when the model is
+/// that very name and shown whole: no allocation.
+pub fn loggable_as(model: &str, known: Option<&Arc<str>>) -> Arc<str> {
+    if model.len() <= MAX_LOGGED && model.bytes().all(is_loggable) {
+        // The usual name, kept whole: one allocation at most, no per-character rewrite.
+        return match known {
+            Some(known) if **known == *model => known.clone(),
+            _ => Arc::from(model),
+        };
     }
     let kept: String = model
         .chars()
-        .take(MAX)
+        .take(MAX_LOGGED)
         .map(|c| {
             if u8::try_from(c).is_ok_and(is_loggable) {
                 c
@@ -84,6 +92,9 @@ pub fn loggable(model: &str) -> Arc<str> {
     Arc::from(kept)
 }
 
+/// The characters of a model name the access line shows at most.
+const MAX_LOGGED: usize = 64;
+
 fn is_loggable(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b':' | b'/' | b'-' | b'@' | b'+')
 }
@@ -91,6 +102,21 @@ fn is_loggable(byte: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_known_name_is_shared_only_when_it_is_the_model_shown_whole() {
+        let known: Arc<str> = Arc::from("gpt-4o-mini");
+        assert!(Arc::ptr_eq(
+            &loggable_as("gpt-4o-mini", Some(&known)),
+            &known
+        ));
+        let other = loggable_as("gpt-4o", Some(&known));
+        assert_eq!(&*other, "gpt-4o");
+        let odd: Arc<str> = Arc::from("m\nx");
+        let shown = loggable_as("m\nx", Some(&odd));
+        assert_eq!(&*shown, "m?x");
+        assert!(!Arc::ptr_eq(&shown, &odd));
+    }
 
     #[test]
     fn a_model_name_cannot_forge_a_log_line() {

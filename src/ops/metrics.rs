@@ -2,7 +2,7 @@
 //! failure kinds) or from the configured client list: never a raw token, path or message.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::prometheus_text;
@@ -872,6 +872,7 @@ impl Metrics {
         KeyCounters {
             metrics: self.clone(),
             upstream,
+            requests: Arc::new([]),
         }
     }
 
@@ -906,9 +907,23 @@ impl Metrics {
 pub struct KeyCounters {
     metrics: Metrics,
     upstream: Option<Arc<str>>,
+    /// Each key's request counter once it has one (see [`KeyCounters::for_keys`]).
+    requests: Arc<[OnceLock<Counter>]>,
 }
 
 impl KeyCounters {
+    /// These series for a pool of `keys` keys: each key's request counter is looked up in its
+    /// family once, at the key's first request (when its series appears, as it always did), and
+    /// counted directly from then on: the family's lookup hashes the labels, the upstream's
+    /// name among them, under a lock, for every request. A family never drops a series, so
+    /// the counter kept is the one the family shows.
+    pub fn for_keys(self, keys: usize) -> KeyCounters {
+        KeyCounters {
+            requests: (0..keys).map(|_| OnceLock::new()).collect(),
+            ..self
+        }
+    }
+
     fn labels(&self, position: usize) -> KeyLabels {
         KeyLabels {
             upstream: self.upstream.clone(),
@@ -917,11 +932,20 @@ impl KeyCounters {
     }
 
     pub fn request(&self, position: usize) {
-        let families = &self.metrics.0;
-        families
-            .key_requests
-            .get_or_create(&self.labels(position))
-            .inc();
+        let counter = || {
+            self.metrics
+                .0
+                .key_requests
+                .get_or_create(&self.labels(position))
+                .clone()
+        };
+        match position
+            .checked_sub(1)
+            .and_then(|index| self.requests.get(index))
+        {
+            Some(kept) => kept.get_or_init(counter).inc(),
+            None => counter().inc(),
+        };
     }
 
     pub fn rate_limited(&self, position: usize) {

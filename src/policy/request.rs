@@ -53,17 +53,23 @@ fn content_type(headers: &HeaderMap) -> &str {
 
 /// Whether the body is a form upload (RFC 7578), as its `Content-Type` says.
 pub fn is_multipart(headers: &HeaderMap) -> bool {
-    content_type(headers)
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .eq_ignore_ascii_case("multipart/form-data")
+    is_form_data(content_type(headers))
+}
+
+/// Whether a `Content-Type` value (read as text) names `multipart/form-data`, parameters aside.
+fn is_form_data(content_type: &str) -> bool {
+    // The type ends at the first `;`: a byte search, as short as the value, where `split`
+    // would set up a searcher for a value that is usually `application/json`.
+    let essence = match content_type.bytes().position(|byte| byte == b';') {
+        Some(end) => &content_type[..end],
+        None => content_type,
+    };
+    essence.trim().eq_ignore_ascii_case("multipart/form-data")
 }
 
 pub fn inspect(headers: &HeaderMap, body: &[u8]) -> Inspected {
     let content_type = content_type(headers);
-    if is_multipart(headers) {
+    if is_form_data(content_type) {
         let (model, model_span) = boundary(content_type)
             .and_then(|boundary| form_field(body, &boundary, "model"))
             .unzip();
@@ -92,10 +98,17 @@ fn json_model(body: &[u8], raw: &RawValue) -> Option<(String, Range<usize>)> {
     if !text.starts_with('"') {
         return None;
     }
-    // Decodes the string's escapes; the value is the string alone, so this reads a few bytes.
-    let model = serde_json::from_str::<String>(text)
-        .ok()
-        .filter(|model| !model.is_empty())?;
+    // The raw value was read as a JSON string already (valid UTF-8): without a backslash (or a
+    // control character, which no JSON string holds) there is nothing to decode, and the value
+    // is the text between its quotes. Otherwise the escapes are decoded; the value is the
+    // string alone, so that reads a few bytes.
+    let model = match text.get(1..text.len() - 1) {
+        Some(plain) if !plain.bytes().any(|byte| byte == b'\\' || byte < 0x20) => plain.to_string(),
+        _ => serde_json::from_str::<String>(text).ok()?,
+    };
+    if model.is_empty() {
+        return None;
+    }
     // The raw value is a slice of `body` itself (borrowed, never copied), so its place in the
     // body is the distance between the two; checked, not trusted.
     let start = (text.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
@@ -434,6 +447,29 @@ mod tests {
             let inspected = read(body);
             assert_eq!(inspected.model, None, "{body}");
             assert_eq!(inspected.prompt, prompt_estimate(body.len()), "{body}");
+        }
+    }
+
+    #[test]
+    fn a_model_name_is_read_as_json_decodes_it_with_or_without_escapes() {
+        for written in [
+            r#""gpt-4o-mini""#,
+            r#""meta-llama/Llama-3.1-70B-Instruct""#,
+            r#""caf\u00e9""#,
+            r#""café 日本""#,
+            r#""a\"b\\c\/d""#,
+            r#""\ud83d\ude00""#,
+            r#"" ""#,
+        ] {
+            let body = format!(r#"{{"model":{written},"n":1}}"#);
+            let inspected = inspect(&typed("application/json"), body.as_bytes());
+            let decoded: String = serde_json::from_str(written).unwrap();
+            assert_eq!(inspected.model, Some(decoded), "{written}");
+            assert_eq!(
+                inspected.model_span.map(|span| &body[span]),
+                Some(written),
+                "{written}"
+            );
         }
     }
 

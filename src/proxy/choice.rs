@@ -7,16 +7,16 @@
 //! The counters live per group (one tier's candidates for a model), so the share of one model's
 //! upstreams does not depend on what other models were asked for.
 
-use std::collections::HashMap;
-
 use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
 
 /// The round-robin state of every group. A blocking mutex: it is held for one pass over a
 /// handful of counters and never across an `.await`.
 #[derive(Debug, Default)]
 pub struct Rotation {
-    /// Group key -> each member's current weight, in the order of the group's members.
-    groups: Mutex<HashMap<u64, Vec<i64>>>,
+    /// Group key -> each member's current weight, in the order of the group's members. The
+    /// key is a hash already, and a request looks its group up every time: no SipHash.
+    groups: Mutex<FxHashMap<u64, Vec<i64>>>,
 }
 
 impl Rotation {

@@ -95,6 +95,14 @@ fn http_client(
     if protocols == Protocols::Http1Only {
         builder = builder.http1_only();
     }
+    // reqwest sends again, on a new connection, a request that an HTTP/2 connection refused
+    // unprocessed (GOAWAY, REFUSED_STREAM), and for that copies every request whose body it
+    // could send twice (its headers, URL and body) before sending it. Over HTTP/1.1 that never
+    // happens, and the copy is all that is left: a body read whole (for routing, limits or a
+    // key pool's retries) would pay for it on every request.
+    if settings.cleartext || protocols == Protocols::Http1Only {
+        builder = builder.retry(reqwest::retry::never().max_retries_per_request(0));
+    }
     // Trusted: the compiled-in Mozilla roots, the machine's store where it has one (read by
     // rustls-native-certs, which honours SSL_CERT_FILE and SSL_CERT_DIR), and UPSTREAM_CA_FILE.
     if let Some(ca_file) = &settings.ca_file {
@@ -125,7 +133,21 @@ mod tests {
             connect_timeout: Duration::from_secs(10),
             pools,
             outbound_proxy: false,
+            cleartext: false,
         }
+    }
+
+    #[test]
+    fn the_configuration_line_shows_only_the_connection_settings_one_sets() {
+        let cleartext = ConnectionSettings {
+            cleartext: true,
+            ..settings(2)
+        };
+        assert_eq!(
+            format!("{cleartext:?}"),
+            "ConnectionSettings { ca_file: None, connect_timeout: 10s, pools: 2, \
+             outbound_proxy: false }"
+        );
     }
 
     #[test]

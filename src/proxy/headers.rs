@@ -1,7 +1,7 @@
 //! Header hygiene in one table: what is dropped in both directions, what the upstream gets in
 //! place of the caller's credentials, and what the caller gets back.
 
-use warp::http::{HeaderMap, HeaderName, header};
+use warp::http::{HeaderMap, HeaderName, HeaderValue, header};
 
 use crate::auth::redact::mask_header_values;
 
@@ -78,6 +78,27 @@ pub fn request_headers(
     headers.remove(header::AUTHORIZATION);
     // A browser's token in the WebSocket subprotocol list, on whatever request it came.
     crate::vocab::websocket::drop_token_subprotocol(&mut headers);
+    headers
+}
+
+/// The headers as a list, kept for a request that may be sent again after its map went to an
+/// attempt: one allocation, where a copy of the map takes two (and copies its hash index).
+pub fn listed(headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+    let mut listed = Vec::with_capacity(headers.len());
+    for (name, value) in headers {
+        listed.push((name.clone(), value.clone()));
+    }
+    listed
+}
+
+/// The map [`listed`] was made from: the same names and values in the same order (a map keeps
+/// its names in the order they first came, and each one's values in theirs), so that what is
+/// then removed from it, and what is sent, is what the map itself would have given.
+pub fn from_listed(listed: impl ExactSizeIterator<Item = (HeaderName, HeaderValue)>) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(listed.len());
+    for (name, value) in listed {
+        headers.append(name, value);
+    }
     headers
 }
 

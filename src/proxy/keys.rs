@@ -156,6 +156,7 @@ pub enum KeyChange {
 
 impl KeyPool {
     pub fn new(keys: &[UpstreamKey], metrics: KeyCounters) -> KeyPool {
+        let metrics = metrics.for_keys(keys.len());
         for position in 1..=keys.len() {
             metrics.state(position, KeyState::Usable);
         }

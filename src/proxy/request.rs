@@ -236,7 +236,7 @@ impl CallerBody {
         };
         let max = rules.max_bytes;
         let reading = async move {
-            let mut kept = BytesMut::new();
+            let mut kept = Gathered::Nothing;
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(|err| {
                     log::info!("the caller's request body broke off: {err}");
@@ -246,7 +246,7 @@ impl CallerBody {
                     log::info!("request body over MAX_BODY_BYTES: not sent upstream");
                     return Err(ProxyError::PayloadTooLarge);
                 }
-                kept.extend_from_slice(&chunk);
+                kept.push(chunk);
                 if kept.len() as u64 > keep {
                     return Ok(Held::Started(kept.freeze(), body));
                 }
@@ -254,16 +254,23 @@ impl CallerBody {
             Ok(Held::Read(kept.freeze()))
         };
         // Bounded like an upload streaming inside the upstream request: a caller that stops
-        // sending does not hold its place.
-        self.held = tokio::time::timeout(rules.deadline, reading)
-            .await
-            .map_err(|_| {
-                log::info!(
-                    "the request body did not arrive within {}s (UPSTREAM_TIMEOUT_SECS)",
-                    rules.deadline.as_secs()
-                );
-                ProxyError::RequestTimeout
-            })??;
+        // sending does not hold its place. The deadline counts from here; its timer is only
+        // set up when the body is not all there already (a small one usually is).
+        let deadline = tokio::time::Instant::now() + rules.deadline;
+        let mut reading = std::pin::pin!(reading);
+        self.held =
+            match futures::poll!(reading.as_mut()) {
+                std::task::Poll::Ready(read) => read,
+                std::task::Poll::Pending => tokio::time::timeout_at(deadline, reading)
+                    .await
+                    .map_err(|_| {
+                        log::info!(
+                            "the request body did not arrive within {}s (UPSTREAM_TIMEOUT_SECS)",
+                            rules.deadline.as_secs()
+                        );
+                        ProxyError::RequestTimeout
+                    })?,
+            }?;
         if let (Held::Read(bytes), Some(redactor)) = (&self.held, &rules.log) {
             log::debug!("request body: {}", redactor.mask_bytes(bytes));
         }
@@ -293,6 +300,50 @@ impl CallerBody {
                 stream(Box::pin(read.chain(rest)))
             }
         })
+    }
+}
+
+/// The chunks of a body read so far. A body that came in one chunk (a small request usually
+/// does) is copied once, into an allocation of its exact size. The chunk itself is not kept:
+/// it shares the connection's read buffer, and hyper, which may read ahead on the connection
+/// while the request waits for its upstream, would then have to allocate another.
+enum Gathered {
+    Nothing,
+    One(Bytes),
+    Several(BytesMut),
+}
+
+impl Gathered {
+    fn len(&self) -> usize {
+        match self {
+            Gathered::Nothing => 0,
+            Gathered::One(bytes) => bytes.len(),
+            Gathered::Several(bytes) => bytes.len(),
+        }
+    }
+
+    fn push(&mut self, chunk: Bytes) {
+        *self = match std::mem::replace(self, Gathered::Nothing) {
+            Gathered::Nothing => Gathered::One(chunk),
+            Gathered::One(first) => {
+                let mut several = BytesMut::with_capacity(first.len() + chunk.len());
+                several.extend_from_slice(&first);
+                several.extend_from_slice(&chunk);
+                Gathered::Several(several)
+            }
+            Gathered::Several(mut several) => {
+                several.extend_from_slice(&chunk);
+                Gathered::Several(several)
+            }
+        };
+    }
+
+    fn freeze(self) -> Bytes {
+        match self {
+            Gathered::Nothing => Bytes::new(),
+            Gathered::One(bytes) => Bytes::copy_from_slice(&bytes),
+            Gathered::Several(bytes) => bytes.freeze(),
+        }
     }
 }
 

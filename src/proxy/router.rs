@@ -19,7 +19,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use parking_lot::Mutex;
-use warp::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use warp::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
 use super::breaker::{BreakerState, Pass};
 use super::choice::Rotation;
@@ -201,8 +201,6 @@ pub struct Outgoing<'a> {
 pub struct ModelInBody<'a> {
     pub name: &'a str,
     pub span: std::ops::Range<usize>,
-    /// The body's `Content-Type` (JSON or a form), for a rename to read.
-    pub content_type: Option<HeaderValue>,
 }
 
 impl Table {
@@ -454,7 +452,10 @@ impl Table {
         let mut last: Option<(Failed, InFlight)> = None;
         let mut unavailable: Option<ProxyError> = None;
         let mut panic = false;
+        // The caller's headers go to the first attempt as they are; when another attempt may
+        // follow, a list of them is kept to make its map from.
         let mut headers = Some(std::mem::take(&mut outgoing.headers));
+        let mut listed: Option<Vec<(HeaderName, HeaderValue)>> = None;
         loop {
             if budget.left == Some(0)
                 || budget
@@ -482,15 +483,30 @@ impl Table {
                 Err(error) => return (Err(error), trail.ended(upstream, &budget, &left)),
             };
             let last_candidate = !budget.others || !body.replayable();
-            let Some(caller_headers) = super::take_or_clone(&mut headers, last_candidate) else {
-                break;
+            let caller_headers = if let Some(first) = headers.take() {
+                if !last_candidate {
+                    listed = Some(headers::listed(&first));
+                }
+                first
+            } else if last_candidate {
+                match listed.take() {
+                    Some(kept) => headers::from_listed(kept.into_iter()),
+                    None => break,
+                }
+            } else {
+                match &listed {
+                    Some(kept) => headers::from_listed(kept.iter().cloned()),
+                    None => break,
+                }
             };
+            // Read from the caller's headers as they came (a rename reads their
+            // `Content-Type`), before they are made the upstream's.
+            let mut renamed = self.renamed(plan, upstream, &outgoing, &body, &caller_headers);
             let mut attempt_headers = headers::request_headers(
                 caller_headers,
                 &upstream.0.caller_token_header,
                 &upstream.0.key_header,
             );
-            let mut renamed = self.renamed(plan, upstream, &outgoing, &body);
             if renamed.is_some() {
                 // The renamed body has its own length, which the client sets from it.
                 attempt_headers.remove(warp::http::header::CONTENT_LENGTH);
@@ -576,6 +592,7 @@ impl Table {
         upstream: &Upstream,
         outgoing: &Outgoing<'_>,
         body: &RequestBody,
+        caller_headers: &HeaderMap,
     ) -> Option<RequestBody> {
         let asked = outgoing.model.as_ref()?;
         let served = plan.model.as_deref()?;
@@ -584,12 +601,8 @@ impl Table {
             return None;
         }
         let bytes: &Bytes = body.kept()?;
-        let mut content_type = HeaderMap::new();
-        if let Some(value) = &asked.content_type {
-            content_type.insert(warp::http::header::CONTENT_TYPE, value.clone());
-        }
         Some(RequestBody::Kept(rename::body(
-            &content_type,
+            caller_headers,
             bytes,
             asked.span.clone(),
             wanted,

@@ -13,7 +13,7 @@ use warp::{Buf, Rejection};
 use super::Request;
 use crate::auth::Caller;
 use crate::error::ProxyError;
-use crate::ops::exchange::{Answered, Exchange, Spend, loggable};
+use crate::ops::exchange::{Answered, Exchange, Spend, loggable_as};
 use crate::policy::request::{Inspected, SessionModels, inspect, is_multipart, session_models};
 use crate::policy::{Asked, Policy, Priced, Ticket, write_rate_limit_headers};
 use crate::proxy::headers::{is_event_stream, is_json};
@@ -252,7 +252,8 @@ where
         model: inspected
             .as_ref()
             .and_then(|inspected| inspected.model.as_deref())
-            .map(loggable),
+            // Usually the plan's own name (no alias): shared, not copied.
+            .map(|model| loggable_as(model, plan.served())),
         ..Spend::default()
     };
 
@@ -296,11 +297,10 @@ where
             })
     } else {
         let model = match (routed_model, inspected.as_ref()) {
-            (Some(name), Some(inspected)) => inspected.model_span.clone().map(|span| ModelInBody {
-                name,
-                span,
-                content_type: headers.get(warp::http::header::CONTENT_TYPE).cloned(),
-            }),
+            (Some(name), Some(inspected)) => inspected
+                .model_span
+                .clone()
+                .map(|span| ModelInBody { name, span }),
             _ => None,
         };
         let outgoing = Outgoing {
@@ -313,7 +313,11 @@ where
         };
         // The model a cost is priced as: the one routed (after its alias, before an upstream's
         // own name for it), else the one the body names; else the answer's, found at its end.
-        let served: Option<Arc<str>> = plan.model().or(routed_model).map(Arc::from);
+        // The plan's own name when it has one: shared, not copied.
+        let served: Option<Arc<str>> = match plan.served() {
+            Some(served) => Some(served.clone()),
+            None => routed_model.map(Arc::from),
+        };
         let (result, mut trail) = table.forward(&plan, outgoing, body).await;
         let forwarded = match result {
             Ok((answer, sent)) => {

@@ -618,6 +618,68 @@ async fn a_503_fails_over_to_the_next_upstream() {
 }
 
 #[tokio::test]
+async fn a_body_sent_in_several_chunks_reaches_each_upstream_whole_and_renamed_only_in_its_model() {
+    let (app, mocks) = Fleet::new("default = \"a\"\nmax_attempts = 3")
+        .mock("a", "models = [\"m\"]\ntier = 0")
+        .mock(
+            "b",
+            "models = [\"m\"]\ntier = 1\nmodel_names = { \"m\" = \"theirs/m\" }",
+        )
+        .start()
+        .await;
+    mocks.get("a").answer_key(&key("a", 1), 503, &[]);
+    let sent = r#"{"messages":[{"role":"user","content":"caf\u00e9 é 日本"}],"model":"m","n":1}"#;
+    // Cut inside the model's value and inside a multi-byte character, each piece a moment
+    // after the last, so that the proxy reads them as separate chunks.
+    let bytes = sent.as_bytes().to_vec();
+    let model_at = sent.find(r#""m""#).unwrap();
+    let cuts = [
+        0,
+        5,
+        model_at + 1,
+        bytes.len() - 4,
+        bytes.len() - 3,
+        bytes.len(),
+    ];
+    let pieces: Vec<Vec<u8>> = cuts
+        .windows(2)
+        .map(|cut| bytes[cut[0]..cut[1]].to_vec())
+        .collect();
+    let pieces = futures::stream::iter(pieces).then(|piece| async move {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok::<_, std::io::Error>(piece)
+    });
+    let response = app
+        .chat_request()
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(pieces))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (to_a, to_b) = (mocks.chats("a"), mocks.chats("b"));
+    assert_eq!((to_a.len(), to_b.len()), (1, 1), "a failed, b answered");
+    assert_eq!(
+        to_a[0].body,
+        sent.as_bytes(),
+        "a got the body as it was sent"
+    );
+    assert_eq!(
+        to_b[0].body,
+        sent.replace(r#""model":"m""#, r#""model":"theirs/m""#)
+            .as_bytes(),
+        "b got the same bytes, its own name for the model aside"
+    );
+    for received in [&to_a[0], &to_b[0]] {
+        assert_eq!(received.header("content-type"), Some("application/json"));
+        assert_eq!(
+            received.header("content-length"),
+            Some(received.body.len().to_string().as_str())
+        );
+    }
+}
+
+#[tokio::test]
 async fn no_head_within_the_upstreams_timeout_fails_over() {
     let (app, mocks) = Fleet::new("default = \"a\"\nmax_attempts = 3")
         .mock("a", "models = [\"m\"]\ntier = 0\ntimeout_secs = 1")
