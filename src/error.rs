@@ -308,44 +308,28 @@ impl ProxyError {
                 "The request body must name a model (a JSON \"model\" field or a model form field)",
                 &[],
             ),
-            RequestExceedsLimit {
-                limit: TokenLimit::PerMinute,
-            } => row(
+            RequestExceedsLimit { limit } => row(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request_exceeds_limit",
                 INVALID_REQUEST,
-                "The request's token estimate exceeds this client's tokens_per_minute; \
-                 lower max_tokens or shorten the prompt",
-                &[],
-            ),
-            RequestExceedsLimit {
-                limit: TokenLimit::PerDay,
-            } => row(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request_exceeds_limit",
-                INVALID_REQUEST,
-                "The request's token estimate exceeds this client's tokens_per_day; \
-                 lower max_tokens or shorten the prompt",
-                &[],
-            ),
-            RequestExceedsLimit {
-                limit: TokenLimit::UsdPerDay,
-            } => row(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request_exceeds_limit",
-                INVALID_REQUEST,
-                "The request's cost reservation exceeds this client's usd_per_day; \
-                 lower max_tokens or shorten the prompt",
-                &[],
-            ),
-            RequestExceedsLimit {
-                limit: TokenLimit::UsdPerMonth,
-            } => row(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request_exceeds_limit",
-                INVALID_REQUEST,
-                "The request's cost reservation exceeds this client's usd_per_month; \
-                 lower max_tokens or shorten the prompt",
+                match limit {
+                    TokenLimit::PerMinute => {
+                        "The request's token estimate exceeds this client's tokens_per_minute; \
+                         lower max_tokens or shorten the prompt"
+                    }
+                    TokenLimit::PerDay => {
+                        "The request's token estimate exceeds this client's tokens_per_day; \
+                         lower max_tokens or shorten the prompt"
+                    }
+                    TokenLimit::UsdPerDay => {
+                        "The request's cost reservation exceeds this client's usd_per_day; \
+                         lower max_tokens or shorten the prompt"
+                    }
+                    TokenLimit::UsdPerMonth => {
+                        "The request's cost reservation exceeds this client's usd_per_month; \
+                         lower max_tokens or shorten the prompt"
+                    }
+                },
                 &[],
             ),
             InvalidOutputCap => row(
