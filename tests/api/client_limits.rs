@@ -246,13 +246,9 @@ async fn a_stream_without_usage_is_charged_from_its_events() {
 }
 
 pub async fn admin_usage(app: &TestApp, name: &str) -> Value {
-    let listed: Value = app.admin_get("/admin/clients").await.json().await.unwrap();
-    listed["clients"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|client| client["name"] == name)
-        .unwrap()["usage"]
+    admin_client(&app.url(""), name)
+        .await
+        .unwrap_or_else(|| panic!("{name} is listed"))["usage"]
         .clone()
 }
 

@@ -85,22 +85,9 @@ async fn post(
 }
 
 async fn usage_at(base: &str, name: &str) -> Value {
-    let listed: Value = reqwest::Client::new()
-        .get(format!("{base}/admin/clients"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
+    admin_client(base, name)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    listed["clients"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|client| client["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("{name} in {listed}"))
+        .unwrap_or_else(|| panic!("{name} is listed"))
 }
 
 /// A JSON number of dollars back into nano-dollars (exact for these amounts).

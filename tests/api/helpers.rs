@@ -21,6 +21,26 @@ pub const UPSTREAM_KEY: &str = "sk-upstream-secret-key";
 pub const CLIENT_TOKEN: &str = "client-token-1";
 pub const ADMIN_TOKEN: &str = "admin-token-xyz";
 
+/// Client `name`'s entry in `/admin/clients` of the proxy at `base` (read with `ADMIN_TOKEN`):
+/// its usage and limits; `None` when it is not listed.
+pub async fn admin_client(base: &str, name: &str) -> Option<serde_json::Value> {
+    let listed: serde_json::Value = reqwest::Client::new()
+        .get(format!("{base}/admin/clients"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("the proxy answers /admin/clients")
+        .json()
+        .await
+        .expect("/admin/clients is JSON");
+    listed["clients"]
+        .as_array()
+        .expect("/admin/clients lists clients")
+        .iter()
+        .find(|client| client["name"] == name)
+        .cloned()
+}
+
 pub struct TestApp {
     pub addr: SocketAddr,
     /// The state the server runs with (shared: it sees the server's metrics and drain flag).

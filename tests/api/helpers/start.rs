@@ -206,20 +206,8 @@ impl RunningProxy {
     /// The `usage` of client `name` in `/admin/clients` (read with `ADMIN_TOKEN`); null when the
     /// client is not listed.
     pub async fn admin_usage(&self, name: &str) -> serde_json::Value {
-        let listed: serde_json::Value = reqwest::Client::new()
-            .get(self.url("/admin/clients"))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
+        super::admin_client(&self.url(""), name)
             .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        listed["clients"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|client| client["name"] == name)
             .map(|client| client["usage"].clone())
             .unwrap_or_default()
     }
